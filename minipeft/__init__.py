@@ -1,0 +1,4 @@
+"""minipeft: parameter-efficient fine-tuning written out by hand, in plain PyTorch."""
+from .model import KVCache, ModelConfig, Transformer
+from .peft import (METHODS, Method, apply, load_adapter, merge, register, save_adapter,
+                   trainable_state_dict, unmerge)

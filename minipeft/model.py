@@ -1,0 +1,303 @@
+"""One transformer, three flavours: GPT-2, BERT and Llama are the same stack of blocks with different
+choices for positions, normalization, activation and masking.
+
+    idx (B, T) ──tok_emb──┬─ + pos_emb (gpt2, bert) + type_emb, emb_ln (bert)
+                          │
+                ┌─────────▼─────────┐  × n_layer
+                │ attn: q k v → SDPA → o      pre-norm:  x = x + attn(ln1(x)); x = x + mlp(ln2(x))
+                │ mlp:  up (+gate) → act → down  post-norm: x = ln1(x + attn(x)); x = ln2(x + mlp(x))
+                └─────────┬─────────┘
+                        ln_f (gpt2, llama) ── head: LM logits (B, T, vocab) or class logits (B, n_classes)
+
+| flavour | positions        | norm            | activation  | attention                  | biases |
+|---------|------------------|-----------------|-------------|----------------------------|--------|
+| gpt2    | learned          | LayerNorm, pre  | GELU (tanh) | causal                     | yes    |
+| bert    | learned + types  | LayerNorm, post | GELU (erf)  | bidirectional, padding mask| yes    |
+| llama   | RoPE (rope_theta)| RMSNorm, pre    | SwiGLU      | causal, grouped-query      | no     |
+
+Module names are the same in every flavour (`blocks[i].attn.{q,k,v,o}`, `blocks[i].mlp.{up,gate,down}`,
+`blocks[i].{ln1,ln2}`, `tok_emb`, `pos_emb`, `ln_f`, `head`), so a PEFT method that targets "q" finds
+the same projection in all three. PEFT methods never edit the math here: LoRA and adapters replace
+`nn.Linear` modules by name, and the slots `Attention.prefix`, `Attention.adaption` and
+`Transformer.prompt` (all `None` by default) are where prefix tuning, LLaMA-Adapter and prompt tuning
+plug in (see their files).
+
+Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
+    V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+FLAVORS = ("gpt2", "bert", "llama")
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "gpt2"  # "gpt2" | "bert" | "llama"
+    vocab_size: int = 256
+    n_layer: int = 2
+    n_head: int = 2
+    n_kv_head: int | None = None  # grouped-query attention (llama); None = n_head
+    d_model: int = 64
+    d_ff: int | None = None  # None = 4 · d_model
+    max_seq_len: int = 512  # size of the position table (gpt2, bert) or the RoPE cache (llama)
+    type_vocab_size: int = 2  # bert token types
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # head.weight is tok_emb.weight (LM head only)
+    dropout: float = 0.0  # residual, embedding and attention dropout
+    n_classes: int | None = None  # set: forward returns class logits from a fresh linear head
+    pool: str = "mean"  # bert classifier pooling: "cls" or "mean"
+    pad_token_id: int = 0
+    extra: dict = field(default_factory=dict)  # provenance (source name) — not used by the math
+
+    def __post_init__(self):
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {self.flavor!r}; choose one of {', '.join(FLAVORS)}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.d_ff = self.d_ff or 4 * self.d_model
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_head ({self.n_head}), "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', not {self.pool!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def causal(self) -> bool:
+        return self.flavor != "bert"
+
+    @property
+    def bias(self) -> bool:
+        return self.flavor != "llama"
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, for incremental decoding.
+    `forward(idx, cache=c)` appends the new tokens' keys/values and reads the old ones."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.layers[layer] is not None:
+            past_k, past_v = self.layers[layer]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float):
+    """cos/sin tables (max_seq_len, head_dim) for rotate-half rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, hd): both halves rotate by the same angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd) rotated pairwise: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves paired."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q = nn.Linear(d, cfg.n_head * hd, bias=cfg.bias)
+        self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
+        self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.bias)
+
+    def forward(self, x, mask, rope=None, cache=None, layer_idx=0):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if rope is not None:
+            cos, sin = rope  # (T, hd) each, already offset to these tokens' positions
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T_past + T, hd)
+        is_causal = mask is None and cfg.causal and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.flavor = cfg.flavor
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        if cfg.flavor == "llama":
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):  # (B, T, d) -> (B, T, d)
+        if self.flavor == "llama":
+            return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
+        return self.down(F.gelu(self.up(x), approximate="tanh" if self.flavor == "gpt2" else "none"))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.flavor == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = cfg.flavor != "bert"
+        self.layer_idx = layer_idx
+        self.ln1, self.attn = make_norm(cfg), Attention(cfg)
+        self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, rope=None, cache=None):  # (B, T, d) -> (B, T, d)
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.ln1(x), mask, rope, cache, self.layer_idx))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, mask, rope, cache, self.layer_idx)))
+        return self.ln2(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        if cfg.flavor in ("gpt2", "bert"):
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
+        if cfg.flavor == "bert":
+            self.type_emb = nn.Embedding(cfg.type_vocab_size, d)
+            self.emb_ln = nn.LayerNorm(d, eps=cfg.norm_eps)
+        if cfg.flavor == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg) if cfg.flavor != "bert" else None
+        if cfg.n_classes:
+            self.head = nn.Linear(d, cfg.n_classes)
+        else:
+            self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.checkpointing = False  # recompute each block's activations in backward
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings and not cfg.n_classes:
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _attention_mask(self, attention_mask, T, past):
+        """Boolean (B, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal
+        path (or no mask at all) gives the same answer."""
+        cfg = self.cfg
+        if attention_mask is None and (not cfg.causal or past == 0):
+            return None
+        total = past + T
+        allowed = torch.ones(T, total, dtype=torch.bool, device=self.tok_emb.weight.device)
+        if cfg.causal:
+            allowed = allowed.tril(diagonal=past)  # query i (position past+i) sees keys <= past+i
+        allowed = allowed[None, None]  # (1, 1, T, total)
+        if attention_mask is not None:
+            keys_real = attention_mask.bool()[:, None, None, -total:]  # (B, 1, 1, total)
+            # a padding query would otherwise see no key at all (NaN); letting it see itself keeps
+            # the row finite and changes no real token's output
+            itself = torch.zeros(T, total, dtype=torch.bool, device=allowed.device)
+            itself[torch.arange(T), past + torch.arange(T)] = True
+            allowed = (allowed & keys_real) | itself
+        return allowed
+
+    def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> final hidden states (B, T, d_model)."""
+        cfg = self.cfg
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's "
+                             f"{cfg.max_seq_len}; use a shorter --max-len")
+        x = self.tok_emb(idx)  # (B, T, d)
+        positions = torch.arange(past, past + T, device=idx.device)  # (T,)
+        rope = None
+        if cfg.flavor in ("gpt2", "bert"):
+            x = x + self.pos_emb(positions)
+        if cfg.flavor == "bert":
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            x = self.emb_ln(x + self.type_emb(types))
+        if cfg.flavor == "llama":
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) each
+        x = self.drop(x)
+        mask = self._attention_mask(attention_mask, T, past)
+        for block in self.blocks:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, mask, rope, cache)
+        return self.ln_f(x) if self.ln_f is not None else x  # (B, T, d)
+
+    def pool(self, hidden, attention_mask=None):
+        """(B, T, d) -> (B, d): [CLS] or mean of real tokens (bert), last real token (causal)."""
+        B, T, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=hidden.device)
+        if not self.cfg.causal and self.cfg.pool == "cls":
+            return hidden[:, 0]
+        if not self.cfg.causal:
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        last = attention_mask.sum(1).clamp(min=1) - 1  # (B,) right padding: last real index
+        return hidden[torch.arange(B, device=hidden.device), last]
+
+    def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None):
+        """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes."""
+        hidden = self.encode(idx, attention_mask, token_type_ids, cache)
+        if self.cfg.n_classes:
+            return self.head(self.drop(self.pool(hidden, attention_mask)))
+        return self.head(hidden)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, use_cache: bool = True, eos_id: int | None = None):
+        """Greedy decoding. idx (1, T) -> (1, T + new). With the cache each step feeds one token."""
+        if not self.cfg.causal or self.cfg.n_classes:
+            raise ValueError("generate needs a causal LM (gpt2 or llama flavour, no classifier head)")
+        cache = KVCache(self.cfg.n_layer) if use_cache else None
+        step_input = idx
+        for _ in range(max_new_tokens):
+            if idx.shape[1] >= self.cfg.max_seq_len:
+                break
+            logits = self(step_input if use_cache else idx, cache=cache)  # (1, t, vocab)
+            next_id = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            step_input = next_id
+            if eos_id is not None and next_id.item() == eos_id:
+                break
+        return idx

@@ -1,0 +1,414 @@
+"""Tests for minipeft/data.py: built-in data sets, user files, batching, sharding, and every error."""
+import bz2
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from minipeft import data
+from minipeft.assets import asset_path
+
+REPO = Path(__file__).resolve().parent.parent
+MINILM_TOKENIZER = REPO / "checkpoints" / "pretrained" / "minilm" / "tokenizer.json"
+CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP]
+
+
+def minilm_tokenizer() -> Tokenizer:
+    """A fresh copy each time: the loaders reconfigure the tokenizer they are given."""
+    return Tokenizer.from_file(str(MINILM_TOKENIZER))
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE with no merges: one token per byte (ids 0..255) plus <|endoftext|> = 256."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
+
+
+def fingerprint(task: data.TaskData) -> str:
+    digest = hashlib.sha256()
+    for split in data.SPLITS:
+        digest.update(repr((task.splits[split].input_ids, task.splits[split].labels)).encode())
+    return digest.hexdigest()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[tuple]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def toy_rows(labels: list, per_label: int = 10) -> list[tuple]:
+    return [(f"example {i} of class {label}", label) for label in labels for i in range(per_label)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotten_tomatoes
+
+
+@pytest.fixture(scope="module")
+def rotten():
+    return data.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=128, seed=0)
+
+
+def test_rotten_tomatoes_counts_and_labels(rotten):
+    sizes = {split: len(rotten.splits[split]) for split in data.SPLITS}
+    assert sum(sizes.values()) == 12808  # 7403 fresh + 5405 rotten; the 1097 plot rows are dropped
+    assert 0.78 < sizes["train"] / 12808 < 0.82
+    assert 0.08 < sizes["validation"] / 12808 < 0.12 and 0.08 < sizes["test"] / 12808 < 0.12
+    assert rotten.kind == "classification" and rotten.n_classes == 2
+    assert rotten.label_names == ["negative", "positive"] and rotten.pad_id == 0
+    for split in data.SPLITS:
+        labels = rotten.splits[split].labels
+        assert set(labels) == {0, 1}
+        assert 0.45 < sum(labels) / len(labels) < 0.70  # 58% fresh overall
+
+
+def test_rotten_tomatoes_no_movie_in_two_splits():
+    split_texts, _, _ = data._rotten_tomatoes(seed=0)
+    with bz2.open(asset_path("rotten_tomatoes"), "rt", encoding="utf-8", newline="") as f:
+        records = [r for r in csv.DictReader(f) if r["category"] != "plot"]
+    movies_of_text = defaultdict(set)
+    for r in records:
+        movies_of_text[r["text"]].add(r["movie_name"])
+    movies_of_split = {
+        split: {movie for text in texts if len(movies_of_text[text]) == 1 for movie in movies_of_text[text]}
+        for split, texts in split_texts.items()
+    }
+    assert all(len(movies) > 30 for movies in movies_of_split.values())
+    assert not movies_of_split["train"] & movies_of_split["validation"]
+    assert not movies_of_split["train"] & movies_of_split["test"]
+    assert not movies_of_split["validation"] & movies_of_split["test"]
+
+
+def test_rotten_tomatoes_split_is_fixed_by_seed(rotten):
+    again = data.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=0)
+    assert fingerprint(again) == fingerprint(rotten)
+    other = data.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=1)
+    assert other.splits["test"].input_ids != rotten.splits["test"].input_ids
+
+
+def test_rotten_tomatoes_split_ignores_hash_randomization(rotten):
+    script = ("from minipeft import data; import tests.test_data as t; "
+              "print(t.fingerprint(data.load_classification('rotten_tomatoes', t.minilm_tokenizer())))")
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == fingerprint(rotten)
+
+
+def test_truncation_keeps_cls_and_sep():
+    task = data.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=16)
+    sequences = task.splits["train"].input_ids
+    assert max(len(ids) for ids in sequences) == 16
+    assert all(ids[0] == CLS and ids[-1] == SEP for ids in sequences)
+
+
+def test_classification_batches_pad_dynamically(rotten):
+    dataset = rotten.splits["validation"]
+    batch = next(dataset.batches(8))
+    lengths = [len(ids) for ids in dataset.input_ids[:8]]
+    assert batch["input_ids"].shape == (8, max(lengths)) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.long and batch["labels"].shape == (8,)
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for row, length in enumerate(lengths):
+        assert batch["input_ids"][row, :length].tolist() == dataset.input_ids[row]
+        assert (batch["input_ids"][row, length:] == rotten.pad_id).all()
+    assert batch["labels"].tolist() == dataset.labels[:8]
+
+
+# ----------------------------------------------------------------------------------------------------
+# batching and sharding, on a toy data set whose label is the example's index
+
+
+def toy_dataset(n: int) -> data.Dataset:
+    return data.Dataset("classification", [[i + 1] * (i % 3 + 1) for i in range(n)], list(range(n)), pad_id=0)
+
+
+def order_of(dataset: data.Dataset, **kwargs) -> list[int]:
+    return [i for batch in dataset.batches(**kwargs) for i in batch["labels"].tolist()]
+
+
+def test_batches_cover_every_example_once():
+    dataset = toy_dataset(10)
+    assert order_of(dataset, batch_size=4) == list(range(10))
+    assert sorted(order_of(dataset, batch_size=4, shuffle=True)) == list(range(10))
+    assert dataset.num_batches(4) == len(list(dataset.batches(4))) == 3
+    assert dataset.num_batches(4, drop_last=True) == len(list(dataset.batches(4, drop_last=True))) == 2
+
+
+def test_shuffle_is_fixed_by_seed_and_epoch():
+    dataset = toy_dataset(50)
+    first = order_of(dataset, batch_size=8, shuffle=True, seed=3, epoch=0)
+    assert first == order_of(dataset, batch_size=8, shuffle=True, seed=3, epoch=0)
+    assert first != list(range(50))
+    assert first != order_of(dataset, batch_size=8, shuffle=True, seed=3, epoch=1)
+    assert first != order_of(dataset, batch_size=8, shuffle=True, seed=4, epoch=0)
+
+
+def test_ranks_shard_each_global_batch():
+    dataset = toy_dataset(21)
+    settings = dict(shuffle=True, seed=7, epoch=2)
+    global_batches = list(dataset.batches(batch_size=8, **settings))
+    rank_batches = [list(dataset.batches(batch_size=4, rank=r, world_size=2, **settings)) for r in range(2)]
+    assert len(rank_batches[0]) == len(rank_batches[1]) == len(global_batches) == dataset.num_batches(4, 2)
+    for step, global_batch in enumerate(global_batches):
+        expected = global_batch["labels"].tolist()
+        shards = [rank_batches[r][step]["labels"].tolist() for r in range(2)]
+        assert shards == [expected[0::2], expected[1::2]]  # interleaved, disjoint, union = global
+    assert dataset.num_batches(4, world_size=2, drop_last=True) == 2
+
+
+def test_rank_with_nothing_left_gets_an_empty_batch():
+    dataset = toy_dataset(9)  # global batches of 4: 4, 4, 1
+    last = list(dataset.batches(batch_size=2, rank=1, world_size=2))[-1]
+    assert last["input_ids"].shape == (0, 0) and last["labels"].shape == (0,)
+
+
+def test_lm_labels_are_ignored_at_padding():
+    dataset = data.Dataset("lm", [[5, 6, 7], [8]], [[6, 7, 9], [4]], pad_id=0)
+    batch = next(dataset.batches(2))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[6, 7, 9], [4, -100, -100]]
+
+
+def test_bad_batch_arguments():
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        next(toy_dataset(4).batches(2, rank=2, world_size=2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# causal LM
+
+
+def test_hamlet_windows_shift_by_one_and_tile_the_text():
+    max_len = 64
+    tokenizer = minilm_tokenizer()
+    task = data.load_lm("hamlet", tokenizer, max_len=max_len)
+    assert task.kind == "lm" and task.n_classes is None and task.label_names is None
+    windows = []
+    for split in data.SPLITS:
+        dataset = task.splits[split]
+        for inputs, targets in zip(dataset.input_ids, dataset.labels):
+            assert len(inputs) == len(targets) == max_len
+            assert targets[:-1] == inputs[1:]
+            windows.append(inputs + targets[-1:])
+    # the splits are consecutive, non-overlapping windows of the text, in order: train, validation, test
+    tokens = tokenizer.encode(asset_path("hamlet").read_text(encoding="utf-8"), add_special_tokens=False).ids
+    assert sum(windows, []) == tokens[:len(windows) * (max_len + 1)]
+    assert len(tokens) - len(windows) * (max_len + 1) < max_len + 1
+    sizes = [len(task.splits[split]) for split in data.SPLITS]
+    assert sizes[1] == sizes[2] == round(0.05 * len(windows)) and CLS not in windows[0]
+
+    batch = next(task.splits["test"].batches(4))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, max_len)
+    assert batch["attention_mask"].all() and (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()
+
+
+def test_txt_file_with_byte_tokenizer(tmp_path):
+    text = "To be, or not to be, that is the question. " * 20  # 860 bytes
+    tokenizer = byte_tokenizer()
+    task = data.load_lm(write(tmp_path / "q.txt", text), tokenizer, max_len=32)
+    assert task.pad_id == 256  # <|endoftext|>
+    assert sum(len(task.splits[split]) for split in data.SPLITS) == 860 // 33
+    assert len(task.splits["validation"]) == len(task.splits["test"]) == 1
+    assert tokenizer.decode(task.splits["train"].input_ids[0]) == text[:32]
+
+
+def test_lm_text_too_short(tmp_path):
+    with pytest.raises(ValueError, match=r"short\.txt has 5 tokens, but at least 33 are needed"):
+        data.load_lm(write(tmp_path / "short.txt", "hello"), byte_tokenizer(), max_len=10)
+    with pytest.raises(ValueError, match=r"empty\.txt has 0 tokens"):
+        data.load_lm(write(tmp_path / "empty.txt", ""), byte_tokenizer())
+
+
+def test_lm_rejects_other_sources(tmp_path):
+    with pytest.raises(ValueError, match=r"not a \.txt file"):
+        data.load_lm(tmp_path / "x.csv", byte_tokenizer())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_lm(tmp_path / "missing.txt", byte_tokenizer())
+
+
+def test_lm_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("line one\nline two\nna\u00efve\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(line 3"):
+        data.load_lm(path, byte_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------
+# user classification files
+
+
+def test_csv_with_string_labels(tmp_path):
+    path = write_csv(tmp_path / "reviews.csv", toy_rows(["pos", "neg", "neutral"]))
+    task = data.load_classification(path, minilm_tokenizer(), seed=0)
+    assert task.label_names == ["neg", "neutral", "pos"] and task.n_classes == 3
+    sizes = {split: len(task.splits[split]) for split in data.SPLITS}
+    assert sizes == {"train": 24, "validation": 3, "test": 3}
+    for split in data.SPLITS:  # stratified: every class in every split here
+        assert set(task.splits[split].labels) == {0, 1, 2}
+    first = task.splits["train"].input_ids[0]
+    assert first[0] == CLS and first[-1] == SEP
+
+
+def test_single_file_split_is_fixed_by_seed(tmp_path):
+    path = write_csv(tmp_path / "reviews.csv", toy_rows([0, 1], per_label=30))
+    same = [fingerprint(data.load_classification(path, minilm_tokenizer(), seed=0)) for _ in range(2)]
+    other = fingerprint(data.load_classification(path, minilm_tokenizer(), seed=1))
+    assert same[0] == same[1] != other
+
+
+def test_jsonl_with_int_labels_and_byte_tokenizer(tmp_path):
+    records = [{"text": text, "label": label, "id": i} for i, (text, label) in enumerate(toy_rows([0, 1, 2]))]
+    lines = [json.dumps(record) for record in records]
+    write(tmp_path / "toy.jsonl", "\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n")  # blank line ok
+    tokenizer = byte_tokenizer()
+    task = data.load_task(tmp_path / "toy.jsonl", tokenizer, max_len=8)
+    assert task.kind == "classification" and task.label_names == ["0", "1", "2"] and task.pad_id == 256
+    assert sum(len(task.splits[split]) for split in data.SPLITS) == 30
+    assert max(len(ids) for ids in task.splits["train"].input_ids) == 8  # no special tokens, truncated
+    assert tokenizer.decode(task.splits["train"].input_ids[0]) == "example "
+
+
+def test_signed_labels_are_names(tmp_path):
+    path = write_jsonl(tmp_path / "signed.jsonl", [{"text": t, "label": l} for t, l in toy_rows([-1, 1])])
+    task = data.load_classification(path, byte_tokenizer())
+    assert task.label_names == ["-1", "1"] and set(task.splits["train"].labels) == {0, 1}
+
+
+def test_directory_of_split_files(tmp_path):
+    write_csv(tmp_path / "train.csv", toy_rows(["b", "a"], per_label=4))
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": "fine", "label": "a"}])
+    write_csv(tmp_path / "test.csv", [("good", "b"), ("bad", "a")])
+    task = data.load_task(tmp_path, minilm_tokenizer())
+    assert task.label_names == ["a", "b"]
+    assert [len(task.splits[split]) for split in data.SPLITS] == [8, 1, 2]
+    assert task.splits["test"].labels == [1, 0]
+
+
+def test_load_task_dispatch(tmp_path):
+    assert data.load_task("hamlet", byte_tokenizer(), max_len=512).kind == "lm"
+    with pytest.raises(ValueError, match=r"unknown data source 'imdb'; use 'rotten_tomatoes'"):
+        data.load_task("imdb", byte_tokenizer())
+    with pytest.raises(ValueError, match=r"unknown data source .*data\.parquet"):
+        data.load_task(tmp_path / "data.parquet", byte_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------
+# classification errors: each names the file (and line) and the fix
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv does not exist"):
+        data.load_classification(tmp_path / "missing.csv", byte_tokenizer())
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl"])
+def test_empty_file(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"{name} is empty"):
+        data.load_classification(write(tmp_path / name, "\n"), byte_tokenizer())
+
+
+def test_header_without_rows(tmp_path):
+    with pytest.raises(ValueError, match=r"h\.csv has a header but no rows"):
+        data.load_classification(write(tmp_path / "h.csv", "text,label\n"), byte_tokenizer())
+
+
+@pytest.mark.parametrize("header, missing", [("sentence,label", "text"), ("text,target", "label")])
+def test_csv_missing_column(tmp_path, header, missing):
+    path = write(tmp_path / "cols.csv", f"{header}\nhello,1\n")
+    with pytest.raises(ValueError, match=rf"cols\.csv has no '{missing}' column .* name the columns"):
+        data.load_classification(path, byte_tokenizer())
+
+
+def test_jsonl_missing_field(tmp_path):
+    path = write(tmp_path / "f.jsonl", '{"text": "a", "label": 0}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"f\.jsonl line 2 has no 'label' field"):
+        data.load_classification(path, byte_tokenizer())
+
+
+def test_jsonl_malformed_line(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 3 is not valid JSON"):
+        data.load_classification(path, byte_tokenizer())
+    write(tmp_path / "list.jsonl", '["a", 0]\n')
+    with pytest.raises(ValueError, match=r"list\.jsonl line 1 is not a JSON object"):
+        data.load_classification(tmp_path / "list.jsonl", byte_tokenizer())
+
+
+def test_non_utf8_csv(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ngood,1\nna\u00efve,0\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv is not UTF-8 text \(line 3 .*re-save"):
+        data.load_classification(path, byte_tokenizer())
+
+
+def test_fewer_than_two_classes(tmp_path):
+    path = write_csv(tmp_path / "one.csv", toy_rows(["pos"]))
+    with pytest.raises(ValueError, match=r"one\.csv has only one label \('pos'\).*at least 2 classes"):
+        data.load_classification(path, byte_tokenizer())
+
+
+def test_empty_text_row(tmp_path):
+    path = write(tmp_path / "blank.csv", 'text,label\ngood,1\n"  ",0\n')
+    with pytest.raises(ValueError, match=r"blank\.csv line 3 has an empty text; remove the row"):
+        data.load_classification(path, byte_tokenizer())
+    write(tmp_path / "short.csv", "text,label\ngood,1\nbad\n")
+    with pytest.raises(ValueError, match=r"short\.csv line 3 has no label"):
+        data.load_classification(tmp_path / "short.csv", byte_tokenizer())
+    write_jsonl(tmp_path / "float.jsonl", [{"text": "a", "label": 0.5}])
+    with pytest.raises(ValueError, match=r"float\.jsonl line 1 has a label of type float"):
+        data.load_classification(tmp_path / "float.jsonl", byte_tokenizer())
+
+
+def test_unknown_label_in_eval_split(tmp_path):
+    write_csv(tmp_path / "train.csv", toy_rows(["a", "b"], per_label=3))
+    write_csv(tmp_path / "validation.csv", [("x", "a")])
+    write_csv(tmp_path / "test.csv", [("x", "a"), ("y", "c")])
+    with pytest.raises(ValueError, match=r"test\.csv line 3 has label 'c', which never occurs in the "
+                                         r"training data .*train\.csv"):
+        data.load_classification(tmp_path, byte_tokenizer())
+
+
+def test_directory_missing_a_split(tmp_path):
+    write_csv(tmp_path / "train.csv", toy_rows(["a", "b"]))
+    write_csv(tmp_path / "test.csv", toy_rows(["a", "b"]))
+    with pytest.raises(ValueError, match=r"has no validation\.csv or validation\.jsonl; a data directory needs"):
+        data.load_classification(tmp_path, byte_tokenizer())
+
+
+def test_too_few_rows_to_split(tmp_path):
+    path = write_csv(tmp_path / "tiny.csv", toy_rows(["a", "b"], per_label=2))
+    with pytest.raises(ValueError, match=r"tiny\.csv has too few rows \(4\) to split"):
+        data.load_classification(path, byte_tokenizer())
+
+
+def test_max_len_too_small_for_special_tokens(tmp_path):
+    path = write_csv(tmp_path / "ok.csv", toy_rows(["a", "b"]))
+    with pytest.raises(ValueError, match="max_len=2 leaves no room"):
+        data.load_classification(path, minilm_tokenizer(), max_len=2)

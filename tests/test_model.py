@@ -1,0 +1,93 @@
+"""Behaviour of the transformer itself, independent of any PEFT method."""
+import pytest
+import torch
+
+import minipeft as mp
+from conftest import tiny_batch, tiny_model
+
+
+def test_shapes(flavor):
+    idx, mask = tiny_batch()
+    lm = tiny_model(flavor)
+    assert lm(idx).shape == (3, 12, 97)
+    assert lm.encode(idx, mask).shape == (3, 12, 32)
+    clf = tiny_model(flavor, n_classes=5)
+    assert clf(idx, attention_mask=mask).shape == (3, 5)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_causal_future_tokens_do_not_matter(flavor):
+    model = tiny_model(flavor).eval()
+    idx, _ = tiny_batch(B=1)
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 97
+    assert torch.equal(model(idx)[:, :8], model(changed)[:, :8])
+    assert not torch.allclose(model(idx)[:, 8:], model(changed)[:, 8:])
+
+
+def test_bert_is_bidirectional():
+    model = tiny_model("bert").eval()
+    idx, _ = tiny_batch(B=1)
+    changed = idx.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 97
+    assert not torch.allclose(model(idx)[:, 0], model(changed)[:, 0])
+
+
+def test_padded_batch_equals_rows_alone(flavor):
+    for n_classes in (None, 2):
+        model = tiny_model(flavor, n_classes=n_classes).eval()
+        idx, mask = tiny_batch()
+        batched = model(idx, attention_mask=mask)
+        for row in range(idx.shape[0]):
+            n = int(mask[row].sum())
+            alone = model(idx[row:row + 1, :n])
+            if n_classes:
+                torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(batched[row, :n], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_kv_cache_matches_full_forward(flavor):
+    model = tiny_model(flavor).eval()
+    idx, _ = tiny_batch(B=1)
+    full = model(idx)
+    cache = mp.KVCache(model.cfg.n_layer)
+    first = model(idx[:, :5], cache=cache)
+    rest = [model(idx[:, t:t + 1], cache=cache) for t in range(5, idx.shape[1])]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(idx[:, :4], 10), model.generate(idx[:, :4], 10, use_cache=False))
+
+
+def test_tied_head_shares_the_embedding():
+    model = tiny_model("gpt2")
+    assert model.head.weight is model.tok_emb.weight
+    assert tiny_model("llama").head.weight is not tiny_model("llama").tok_emb.weight
+
+
+def test_checkpointing_gives_the_same_gradients(flavor):
+    idx, mask = tiny_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(flavor, n_classes=2)
+        model.checkpointing = checkpointing
+        model(idx, attention_mask=mask).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="longer than the model's 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(flavor="t5"), "unknown flavor 't5'"),
+    (dict(flavor="llama", n_head=4, n_kv_head=3, d_model=32), "n_head by n_kv_head"),
+    (dict(flavor="bert", pool="max"), "pool must be"),
+])
+def test_bad_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        mp.ModelConfig(**kw)
