@@ -122,6 +122,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
         self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
         self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.bias)
+        # slots filled by PEFT methods (None = plain attention):
+        self.prefix = None  # prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
+        self.adaption = None  # llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
 
     def forward(self, x, mask, rope=None, cache=None, layer_idx=0):
         cfg = self.cfg
@@ -132,6 +135,9 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope  # (T, hd) each, already offset to these tokens' positions
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.prefix is not None and (cache is None or cache.layers[layer_idx] is None):
+            prefix_k, prefix_v = self.prefix(B)  # (B, Hkv, P, hd): keys/values of P virtual tokens
+            k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T_past + T, hd)
         is_causal = mask is None and cfg.causal and k.shape[2] == T
@@ -139,6 +145,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=cfg.dropout if self.training else 0.0,
             enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
+        if self.adaption is not None:
+            y = y + self.adaption(q, self.k, self.v)  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, d)
 
 
@@ -202,6 +210,7 @@ class Transformer(nn.Module):
             self.head = nn.Linear(d, cfg.n_classes)
         else:
             self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.prompt = None  # prompt.py: module inserting soft tokens into the embeddings (B, T, d)
         self.checkpointing = False  # recompute each block's activations in backward
         self.apply(self._init_weights)
         if cfg.tie_embeddings and not cfg.n_classes:
@@ -217,41 +226,52 @@ class Transformer(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def _prefix_length(self) -> int:
+        prefix = self.blocks[0].attn.prefix
+        return prefix.length if prefix is not None else 0
+
     def _attention_mask(self, attention_mask, T, past):
         """Boolean (B, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal
-        path (or no mask at all) gives the same answer."""
+        path (or no mask at all) gives the same answer. `past` keys (cached tokens or prefix virtual
+        tokens) come before the T current ones and are always real."""
         cfg = self.cfg
         if attention_mask is None and (not cfg.causal or past == 0):
             return None
         total = past + T
-        allowed = torch.ones(T, total, dtype=torch.bool, device=self.tok_emb.weight.device)
+        device = self.tok_emb.weight.device
+        allowed = torch.ones(T, total, dtype=torch.bool, device=device)
         if cfg.causal:
             allowed = allowed.tril(diagonal=past)  # query i (position past+i) sees keys <= past+i
         allowed = allowed[None, None]  # (1, 1, T, total)
         if attention_mask is not None:
-            keys_real = attention_mask.bool()[:, None, None, -total:]  # (B, 1, 1, total)
+            keys_real = F.pad(attention_mask.bool(), (past, 0), value=True)[:, None, None, -total:]
             # a padding query would otherwise see no key at all (NaN); letting it see itself keeps
             # the row finite and changes no real token's output
-            itself = torch.zeros(T, total, dtype=torch.bool, device=allowed.device)
+            itself = torch.zeros(T, total, dtype=torch.bool, device=device)
             itself[torch.arange(T), past + torch.arange(T)] = True
-            allowed = (allowed & keys_real) | itself
+            allowed = (allowed & keys_real) | itself  # (B, 1, T, total)
         return allowed
 
     def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None):
         """idx (B, T) token ids -> final hidden states (B, T, d_model)."""
         cfg = self.cfg
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if past + T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the model's "
-                             f"{cfg.max_seq_len}; use a shorter --max-len")
         x = self.tok_emb(idx)  # (B, T, d)
+        first_call = cache is None or cache.length == 0
+        with_prompt = self.prompt is not None and first_call
+        if with_prompt:  # soft prompt tokens join the sequence: (B, P + T, d)
+            x, attention_mask, token_type_ids = self.prompt.insert(x, attention_mask, token_type_ids)
+        B, T, _ = x.shape
+        past = self._prefix_length() if first_call else cache.length  # keys before these tokens
+        if past + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens (virtual tokens and cache included) is longer "
+                             f"than the model's {cfg.max_seq_len}; use a shorter --max-len")
         positions = torch.arange(past, past + T, device=idx.device)  # (T,)
         rope = None
         if cfg.flavor in ("gpt2", "bert"):
             x = x + self.pos_emb(positions)
         if cfg.flavor == "bert":
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            types = token_type_ids if token_type_ids is not None else torch.zeros(B, T, dtype=torch.long,
+                                                                                 device=idx.device)
             x = self.emb_ln(x + self.type_emb(types))
         if cfg.flavor == "llama":
             rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) each
@@ -262,7 +282,8 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, mask, rope, cache, use_reentrant=False)
             else:
                 x = block(x, mask, rope, cache)
-        return self.ln_f(x) if self.ln_f is not None else x  # (B, T, d)
+        x = self.ln_f(x) if self.ln_f is not None else x  # (B, T, d)
+        return self.prompt.remove(x) if with_prompt else x  # shapes never change: (B, T_in, d)
 
     def pool(self, hidden, attention_mask=None):
         """(B, T, d) -> (B, d): [CLS] or mean of real tokens (bert), last real token (causal)."""
@@ -290,9 +311,10 @@ class Transformer(nn.Module):
         if not self.cfg.causal or self.cfg.n_classes:
             raise ValueError("generate needs a causal LM (gpt2 or llama flavour, no classifier head)")
         cache = KVCache(self.cfg.n_layer) if use_cache else None
+        virtual = self._prefix_length() + (self.prompt.length if self.prompt is not None else 0)
         step_input = idx
         for _ in range(max_new_tokens):
-            if idx.shape[1] >= self.cfg.max_seq_len:
+            if virtual + idx.shape[1] >= self.cfg.max_seq_len:
                 break
             logits = self(step_input if use_cache else idx, cache=cache)  # (1, t, vocab)
             next_id = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import lora, selective
+from . import adapter, llama_adapter, lora, prefix, prompt, selective
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,6 +69,17 @@ register(Method("bitfit", selective.apply_bitfit, selective.bitfit_parameter_cou
                 "every bias term (Ben Zaken et al. 2021)", flavors=("gpt2", "bert")))
 register(Method("lora", lora.apply_lora, lora.lora_parameter_count,
                 "low-rank updates BA on the targeted linear layers (Hu et al. 2021)", mergeable=True))
+register(Method("adapter", adapter.apply_adapter, adapter.adapter_parameter_count,
+                "bottleneck MLPs after attention and FFN outputs (Houlsby 2019 / Pfeiffer 2020)"))
+register(Method("prefix", prefix.apply_prefix, prefix.prefix_parameter_count,
+                "trainable key/value prefixes in every layer (Li & Liang 2021)", lr=1e-2,
+                exact_at_init=False))
+register(Method("prompt", prompt.apply_prompt, prompt.prompt_parameter_count,
+                "soft prompt embeddings prepended to the input (Lester et al. 2021)", lr=3e-2,
+                exact_at_init=False))
+register(Method("llama_adapter", llama_adapter.apply_llama_adapter,
+                llama_adapter.llama_adapter_parameter_count,
+                "gated adaption prompts in the top layers (Zhang et al. 2023)", lr=1e-2))
 
 
 def _check_options(method: Method, options: dict) -> dict:

@@ -168,3 +168,13 @@ def test_corrupt_adapter_is_refused(tmp_path):
     (tmp_path / "a" / peft.ADAPTER_CONFIG).write_text("{not json")
     with pytest.raises(ValueError, match="is corrupt"):
         mp.load_adapter(tiny_model("gpt2"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("method, flavor, head", [c for c in CASES if c[1] != "bert" and c[2] == "lm"])
+def test_cached_generation_matches_uncached(method, flavor, head):
+    model = build(method, flavor, head).eval()
+    perturb_trainable(model)
+    idx, _ = tiny_batch(B=1, T=6)
+    cached = model.generate(idx, 12)
+    assert torch.equal(cached, model.generate(idx, 12, use_cache=False))
+    assert cached.shape == (1, 18)

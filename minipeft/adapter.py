@@ -1,0 +1,74 @@
+"""Bottleneck adapters (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751; the one-adapter
+variant of Pfeiffer et al. 2020, https://arxiv.org/abs/2005.00247).
+
+A small residual MLP is inserted after a sublayer's output projection, before the block's residual add:
+
+    h = W x + b                                     the frozen projection (attn.o or mlp.down)
+    h' = h + W_up · act(W_down · h + b_down) + b_up     W_down: (m × d), W_up: (d × m), m ≪ d
+
+        x ─► [attn.o / mlp.down] ─► h ─┬──────────────────────────────────┬─► + ─► h' ─► residual add
+                                       └─► down (d→m) ─► GELU ─► up (m→d) ─┘
+
+houlsby:  two per block, after attn.o and after mlp.down; the layer norms (ln1, ln2, and ln_f or the
+          embedding norm) train too, as in the paper.
+pfeiffer: one per block, after mlp.down only; nothing else trains.
+
+Initialization: W_down Kaiming-uniform (nn.Linear's init), W_up = 0 and b_up = 0, so every adapter
+starts as the identity and the model's output equals the base model's exactly.
+
+Trainable parameters: 2md + m + d per adapter (Houlsby's worked example: m=64, d=1024 → 132,160; two
+per layer in a 24-layer BERT-large shape → 6,343,680), plus, for houlsby, the layer norms' parameters.
+Adapters are non-linear, so they cannot be merged into the base weights.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("houlsby", "pfeiffer")
+
+
+class AdapterLinear(nn.Linear):
+    """A frozen nn.Linear (same weight/bias keys) followed by a residual bottleneck adapter."""
+
+    def __init__(self, base: nn.Linear, size: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        d = base.out_features
+        self.adapter_down = nn.Linear(d, size)  # (m, d)
+        self.adapter_up = nn.Linear(size, d)  # (d, m)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.to(base.weight.device)
+
+    def forward(self, x):  # (…, in) -> (…, out)
+        h = F.linear(x, self.weight, self.bias)
+        return h + self.adapter_up(F.gelu(self.adapter_down(h)))
+
+
+def apply_adapter(model, size: int = 64, kind: str = "houlsby"):
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if size < 1:
+        raise ValueError(f"adapter size must be >= 1, got {size}")
+    for block in model.blocks:
+        block.mlp.down = AdapterLinear(block.mlp.down, size)
+        if kind == "houlsby":
+            block.attn.o = AdapterLinear(block.attn.o, size)
+            block.ln1.requires_grad_(True)
+            block.ln2.requires_grad_(True)
+    if kind == "houlsby":
+        final_norm = model.ln_f if model.ln_f is not None else model.emb_ln
+        final_norm.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, AdapterLinear):
+            module.adapter_down.requires_grad_(True)
+            module.adapter_up.requires_grad_(True)
+
+
+def adapter_parameter_count(cfg, size: int = 64, kind: str = "houlsby", **_) -> int:
+    m, d = size, cfg.d_model
+    per_adapter = 2 * m * d + m + d
+    if kind == "pfeiffer":
+        return cfg.n_layer * per_adapter
+    norm = d if cfg.flavor == "llama" else 2 * d  # RMSNorm has no bias
+    return cfg.n_layer * (2 * per_adapter + 2 * norm) + norm

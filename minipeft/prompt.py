@@ -1,0 +1,77 @@
+"""Prompt tuning (Lester et al. 2021, https://arxiv.org/abs/2104.08691).
+
+P trainable "soft token" embeddings are put into the input sequence; the frozen model reads them like
+real tokens, and only they are trained:
+
+    x = [e(x_1) … e(x_T)]  →  [P_1 … P_P, e(x_1) … e(x_T)]         (bert: after [CLS])
+
+        causal:  [P_1 … P_P] [tok_1 … tok_T]          bert:  [CLS] [P_1 … P_P] [tok_2 … tok_T]
+
+Positions count the soft tokens, the attention mask marks them real, and the model drops them from
+its output again, so output shapes never change (model.encode / forward return T positions).
+
+Initialization (`init`): "random" ~ U(−0.5, 0.5) (the paper's random baseline); "vocab": embeddings
+of P token ids drawn at random from the vocabulary; "text": embeddings of the tokens of `init_text`,
+repeated to length P (needs the model's tokenizer: models from mp.from_pretrained carry it).
+
+Trainable parameters: P · d. Not mergeable, and not the identity at initialization.
+"""
+import torch
+import torch.nn as nn
+
+INITS = ("random", "vocab", "text")
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, init_embeddings: torch.Tensor, insert_at: int):
+        super().__init__()
+        self.embedding = nn.Parameter(init_embeddings.clone())  # (P, d)
+        self.length, self.insert_at = init_embeddings.shape[0], insert_at
+
+    def insert(self, x, attention_mask=None, token_type_ids=None):
+        """x (B, T, d) -> (B, P + T, d), with the mask and token types widened to match."""
+        B, i = x.shape[0], self.insert_at
+        prompt = self.embedding.expand(B, -1, -1)  # (B, P, d)
+        x = torch.cat([x[:, :i], prompt, x[:, i:]], dim=1)
+
+        def widen(t, value):
+            if t is None:
+                return None
+            fill = torch.full((B, self.length), value, dtype=t.dtype, device=t.device)
+            return torch.cat([t[:, :i], fill, t[:, i:]], dim=1)
+        return x, widen(attention_mask, 1), widen(token_type_ids, 0)
+
+    def remove(self, hidden):
+        """(B, P + T, d) -> (B, T, d): drop the soft tokens' outputs."""
+        i = self.insert_at
+        return torch.cat([hidden[:, :i], hidden[:, i + self.length:]], dim=1)
+
+
+def initial_embeddings(model, length: int, init: str, init_text: str | None) -> torch.Tensor:
+    table = model.tok_emb.weight.detach()  # (V, d)
+    if init == "random":
+        return torch.empty(length, table.shape[1], device=table.device).uniform_(-0.5, 0.5)
+    if init == "vocab":
+        return table[torch.randint(0, table.shape[0], (length,), device=table.device)]
+    tokenizer = getattr(model, "tokenizer", None)
+    if not init_text or tokenizer is None:
+        raise ValueError("init='text' needs init_text and a model loaded with mp.from_pretrained "
+                         "(which carries its tokenizer)")
+    ids = tokenizer.encode(init_text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError(f"init_text {init_text!r} has no tokens")
+    ids = (ids * (length // len(ids) + 1))[:length]
+    return table[torch.tensor(ids, device=table.device)]
+
+
+def apply_prompt(model, length: int = 20, init: str = "random", init_text: str | None = None):
+    if init not in INITS:
+        raise ValueError(f"unknown prompt init {init!r}; choose one of {', '.join(INITS)}")
+    if length < 1:
+        raise ValueError(f"prompt length must be >= 1, got {length}")
+    insert_at = 1 if model.cfg.flavor == "bert" else 0  # keep [CLS] first
+    model.prompt = SoftPrompt(initial_embeddings(model, length, init, init_text), insert_at)
+
+
+def prompt_parameter_count(cfg, length: int = 20, **_) -> int:
+    return length * cfg.d_model

@@ -1,0 +1,119 @@
+"""train.py / eval.py end to end on tiny models: a real (short) run, and bad input that must stop with
+one clear line, exit code 2 and no traceback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """A small sentiment CSV whose label is learnable from one word."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = ["text,label"]
+    for i in range(120):
+        good = i % 2 == 0
+        rows.append(f"\"{'great' if good else 'awful'} film number {i}\",{int(good)}")
+    path = folder / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(reviews, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    done = run("train.py", "--model", "tiny-bert", "--task", reviews, "--method", "lora", "--rank", "4",
+               "--targets", "q,v", "--steps", "30", "--batch-size", "8", "--lr", "3e-3", "--out", out)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_train_writes_summary_metrics_and_adapter(trained):
+    out, done = trained
+    assert "trainable parameters" in done.stdout and "s/step" in done.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows].count("step") == 30
+    summary = rows[-1]
+    assert summary["event"] == "summary" and summary["steps"] == 30
+    assert (out / "adapter" / "adapter.safetensors").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_eval_with_adapter_reproduces_the_training_result(trained, reviews):
+    out, done = trained
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run("eval.py", "--model", "tiny-bert", "--task", reviews, "--adapter", out / "adapter")
+    assert result.returncode == 0, result.stderr
+    assert f"accuracy {summary['test_after']['accuracy']:.4f}" in result.stdout
+
+
+def test_list_methods_and_help():
+    listed = run("train.py", "--list-methods")
+    assert listed.returncode == 0 and "lora" in listed.stdout and "rank=8" in listed.stdout
+    helped = run("train.py", "--help")
+    assert helped.returncode == 0 and "--rank" in helped.stdout and "--targets" in helped.stdout
+
+
+def test_generate_on_a_causal_model():
+    result = run("eval.py", "--model", "tiny-gpt2", "--generate", "Hello", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+
+
+def bad_inputs(reviews, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    no_label = tmp_path / "nolabel.csv"
+    no_label.write_text("text,stars\ngood,5\nbad,1\n")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "good", "label": 1}\n{"text": "bad", label: 0}\n')
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+                                                     "n_head": 2, "vocab_size": 50, "n_positions": 64}))
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    short = ["--steps", "1", "--batch-size", "4", "--out", tmp_path / "out"]
+    return [
+        (["--model", "gpt5"], "unknown model"),
+        (["--method", "lorax"], "unknown method 'lorax'"),
+        (["--model", "tiny-gpt2", "--task", reviews, "--targets", "q,x", *short], "unknown target"),
+        (["--model", "tiny-gpt2", "--task", reviews, "--rank", "0", *short], "rank must be >= 1"),
+        (["--model", "tiny-gpt2", "--task", reviews, "--method", "full", "--rank", "4", *short],
+         "unknown option"),
+        (["--model", tmp_path / "missing", "--task", reviews], "missing"),
+        (["--model", corrupt, "--task", reviews, *short], "corrupt"),
+        (["--model", "tiny-gpt2", "--task", empty, *short], "empty"),
+        (["--model", "tiny-gpt2", "--task", no_label, *short], "label"),
+        (["--model", "tiny-gpt2", "--task", bad_json, *short], "line 2"),
+        (["--model", "tiny-gpt2", "--task", tmp_path / "nothing.csv", *short], "nothing.csv"),
+    ]
+
+
+def test_bad_input_is_one_clear_error(reviews, tmp_path):
+    for args, message in bad_inputs(reviews, tmp_path):
+        result = run("train.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and message.lower() in result.stderr.lower(), \
+            (args, result.stderr)
+
+
+def test_adapter_from_another_base_is_refused(trained, reviews):
+    out, _ = trained
+    result = run("eval.py", "--model", "tiny-gpt2", "--task", reviews, "--adapter", out / "adapter")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "another base model" in result.stderr
+
+
+def test_debug_shows_the_traceback():
+    result = run("train.py", "--model", "gpt5", "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr

@@ -1,0 +1,87 @@
+"""Method-specific behaviour of adapters, prefix tuning, prompt tuning and LLaMA-Adapter (the shared
+promises are in test_methods.py)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import minipeft as mp
+from minipeft import adapter, llama_adapter, prefix, prompt
+from conftest import tiny_batch, tiny_model
+
+
+def test_houlsby_worked_example():
+    layer = adapter.AdapterLinear(nn.Linear(1024, 1024), size=64)
+    assert sum(p.numel() for n, p in layer.named_parameters() if n.startswith("adapter_")) == 132_160
+    bert_large = mp.ModelConfig(flavor="bert", n_layer=24, n_head=16, d_model=1024, vocab_size=30522)
+    layer_norms = 24 * 2 * 2048 + 2048
+    assert adapter.adapter_parameter_count(bert_large, size=64) == 6_343_680 + layer_norms
+
+
+def test_adapter_kinds():
+    houlsby = mp.apply(tiny_model("bert"), "adapter", size=8)
+    pfeiffer = mp.apply(tiny_model("bert"), "adapter", size=8, kind="pfeiffer")
+    count = lambda m: sum(isinstance(x, adapter.AdapterLinear) for x in m.modules())
+    assert count(houlsby) == 4 and count(pfeiffer) == 2
+    assert houlsby.blocks[0].ln1.weight.requires_grad and not pfeiffer.blocks[0].ln1.weight.requires_grad
+    with pytest.raises(ValueError, match="unknown adapter kind 'lowrank'"):
+        mp.apply(tiny_model("bert"), "adapter", kind="lowrank")
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "bert", "llama"])
+def test_prefix_mlp_folds_to_the_same_logits(flavor):
+    model = mp.apply(tiny_model(flavor), "prefix", length=5, mlp_hidden=16).eval()
+    idx, mask = tiny_batch()
+    before = model(idx, attention_mask=mask)
+    n_before = model.num_parameters(trainable_only=True)
+    prefix.fold(model)
+    assert not hasattr(model.prefix_tuning, "mlp_in")
+    torch.testing.assert_close(model(idx, attention_mask=mask), before, atol=1e-6, rtol=0)
+    assert model.num_parameters(trainable_only=True) < n_before
+    assert model.peft_config["options"]["mlp_hidden"] == 0
+
+
+def test_prefix_shifts_positions_like_real_tokens():
+    """A prefix of P virtual tokens behaves exactly like P real tokens whose keys/values are cached."""
+    model = tiny_model("llama").eval()
+    idx, _ = tiny_batch(B=1, T=8)
+    cache = mp.KVCache(model.cfg.n_layer)
+    model(idx[:, :3], cache=cache)  # the first 3 tokens' keys/values will become the prefix
+    first_three = [(k.clone(), v.clone()) for k, v in cache.layers]  # each (1, Hkv, 3, hd)
+    with_cache = model(idx[:, 3:], cache=cache)
+    mp.apply(model, "prefix", length=3)
+    with torch.no_grad():  # the prefix table is laid out (P, layer, {k, v}, Hkv, hd)
+        per_layer = [torch.stack([k[0], v[0]]).permute(2, 0, 1, 3).reshape(3, -1) for k, v in first_three]
+        model.prefix_tuning.prefix.copy_(torch.cat(per_layer, dim=1))
+    torch.testing.assert_close(model(idx[:, 3:]), with_cache, atol=1e-5, rtol=0)
+
+
+def test_prompt_inits():
+    model = tiny_model("gpt2")
+    model.tokenizer = None
+    mp.apply(model, "prompt", length=4, init="vocab")
+    rows = model.prompt.embedding.detach()
+    assert all((model.tok_emb.weight == r).all(dim=1).any() for r in rows)
+    with pytest.raises(ValueError, match="init='text' needs"):
+        mp.apply(tiny_model("gpt2"), "prompt", init="text", init_text="hello")
+    with pytest.raises(ValueError, match="unknown prompt init"):
+        mp.apply(tiny_model("gpt2"), "prompt", init="zeros")
+    random = mp.apply(tiny_model("gpt2"), "prompt", length=4).prompt.embedding
+    assert random.abs().max() <= 0.5
+
+
+def test_prompt_goes_after_cls_for_bert():
+    model = mp.apply(tiny_model("bert"), "prompt", length=3)
+    x = torch.zeros(1, 5, 32)
+    widened, mask, types = model.prompt.insert(x, torch.ones(1, 5, dtype=torch.long), None)
+    assert widened.shape == (1, 8, 32) and torch.equal(widened[0, 0], x[0, 0])
+    assert torch.equal(widened[0, 1:4], model.prompt.embedding.detach())
+    assert mask.sum() == 8 and types is None
+
+
+def test_llama_adapter_top_layers_only_and_gate():
+    model = mp.apply(tiny_model("llama"), "llama_adapter", length=4, layers=1)
+    assert model.blocks[0].attn.adaption is None
+    assert isinstance(model.blocks[1].attn.adaption, llama_adapter.AdaptionPrompt)
+    assert torch.count_nonzero(model.blocks[1].attn.adaption.gate) == 0
+    with pytest.raises(ValueError, match="1 <= layers <= 2"):
+        mp.apply(tiny_model("llama"), "llama_adapter", layers=3)
