@@ -21,12 +21,23 @@ never a side effect of `.eval()`.
 
 `LoRALinear` *is* an nn.Linear (it keeps the base `weight`/`bias` keys, as torchtune does), with
 `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its parent.
+
+QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314) is the same update on a base whose
+linear layers are all stored in 4 bits (quant.py) and dequantized for each matmul:
+
+    h = x dequant(W_4bit)ᵀ + b  +  (α / r) · dropout(x) Aᵀ Bᵀ          A, B in full precision
+
+`QLoRALinear` *is* a Linear4bit (same buffers) with the same A and B. Every linear layer of every
+block is quantized; LoRA goes on the targets; embeddings, norms and the head stay in full precision.
+Its trainable parameters are LoRA's. It is not mergeable: folding BA into 4-bit codes would round it.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .quant import Linear4bit
 
 # short target names -> where they live inside a block; the same in every flavour
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
@@ -85,6 +96,22 @@ class LoRALinear(LowRankUpdate, nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
+class QLoRALinear(LowRankUpdate, Linear4bit):
+    def __init__(self, base: Linear4bit, rank: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.quant_type, self.blocksize, self.double_quant = base.quant_type, base.blocksize, base.double_quant
+        for name, buffer in base.named_buffers(recurse=False):  # the same 4-bit codes, state and bias
+            self.register_buffer(name, buffer)
+        if base.bias is None:
+            self.register_buffer("bias", None)
+        self.init_lora(base.in_features, base.out_features, rank, alpha, dropout)
+        self.to(base.weight_codes.device)
+
+    def forward(self, x):  # (…, in) -> (…, out)
+        return Linear4bit.forward(self, x) + self.lora_update(x)
+
+
 def target_shape(cfg, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a target in a model of this config."""
     d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
@@ -125,3 +152,13 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, 
 def lora_parameter_count(cfg, rank: int = 8, targets=("q", "v"), **_) -> int:
     """n_layer · Σ_targets r · (in + out)."""
     return cfg.n_layer * sum(rank * sum(target_shape(cfg, t)) for t in parse_targets(cfg, targets))
+
+
+def apply_qlora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=("q", "v"),
+                quant: str = "nf4", blocksize: int = 64, double_quant: bool = True):
+    """Quantize every linear layer of every block to 4 bits, then put LoRA on the targets."""
+    lora_on = {id(getattr(parent, attr)) for parent, attr in find_targets(model, targets)}
+    for parent, attr in find_targets(model, "all"):
+        linear = getattr(parent, attr)
+        base = Linear4bit.from_linear(linear, quant, blocksize, double_quant)
+        setattr(parent, attr, QLoRALinear(base, rank, alpha, dropout) if id(linear) in lora_on else base)

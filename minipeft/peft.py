@@ -69,6 +69,9 @@ register(Method("bitfit", selective.apply_bitfit, selective.bitfit_parameter_cou
                 "every bias term (Ben Zaken et al. 2021)", flavors=("gpt2", "bert")))
 register(Method("lora", lora.apply_lora, lora.lora_parameter_count,
                 "low-rank updates BA on the targeted linear layers (Hu et al. 2021)", mergeable=True))
+register(Method("qlora", lora.apply_qlora, lora.lora_parameter_count,
+                "LoRA on a frozen base stored in 4 bits, NF4 or FP4 (Dettmers et al. 2023)",
+                exact_at_init=False))
 register(Method("adapter", adapter.apply_adapter, adapter.adapter_parameter_count,
                 "bottleneck MLPs after attention and FFN outputs (Houlsby 2019 / Pfeiffer 2020)"))
 register(Method("prefix", prefix.apply_prefix, prefix.prefix_parameter_count,

@@ -79,11 +79,12 @@ def bad_inputs(reviews, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
-                                                     "n_head": 2, "vocab_size": 50, "n_positions": 64}))
+                                                     "n_head": 2, "vocab_size": 50, "n_positions": 64,
+                                                     "layer_norm_epsilon": 1e-5}))
     (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     short = ["--steps", "1", "--batch-size", "4", "--out", tmp_path / "out"]
     return [
-        (["--model", "gpt5"], "unknown model"),
+        (["--model", "gpt5"], "is not a named model (minilm, smollm2"),
         (["--method", "lorax"], "unknown method 'lorax'"),
         (["--model", "tiny-gpt2", "--task", reviews, "--targets", "q,x", *short], "unknown target"),
         (["--model", "tiny-gpt2", "--task", reviews, "--rank", "0", *short], "rank must be >= 1"),

@@ -1,0 +1,63 @@
+"""QLoRA: LoRA on a 4-bit base (the quantizer itself is tested against bitsandbytes in test_quant.py)."""
+import pytest
+import torch
+
+import minipeft as mp
+from minipeft.lora import LoRALinear, QLoRALinear, find_targets
+from minipeft.quant import Linear4bit, bits_per_parameter, dequantize_4bit, quantize_4bit
+from conftest import tiny_batch, tiny_model
+from test_methods import perturb_trainable
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_qlora_equals_lora_on_dequantized_weights(flavor, quant):
+    qlora = tiny_model(flavor, n_classes=2)
+    lora = tiny_model(flavor, n_classes=2)
+    with torch.no_grad():  # give the LoRA model exactly the weights the 4-bit model will see
+        for parent, attr in find_targets(lora, "all"):
+            weight = getattr(parent, attr).weight
+            codes, state = quantize_4bit(weight, quant, blocksize=32)
+            weight.copy_(dequantize_4bit(codes, state))
+    torch.manual_seed(7)
+    mp.apply(qlora, "qlora", rank=4, targets="q,v,down", quant=quant, blocksize=32)
+    torch.manual_seed(7)
+    mp.apply(lora, "lora", rank=4, targets="q,v,down")
+    perturb_trainable(qlora), perturb_trainable(lora)
+    idx, mask = tiny_batch()
+    torch.testing.assert_close(qlora(idx, attention_mask=mask), lora(idx, attention_mask=mask),
+                               atol=1e-5, rtol=0)
+
+
+def test_every_block_linear_is_4bit_and_lora_only_on_targets():
+    model = mp.apply(tiny_model("llama"), "qlora", rank=2, targets="q,v")
+    block = model.blocks[0]
+    assert isinstance(block.attn.q, QLoRALinear) and isinstance(block.attn.v, QLoRALinear)
+    for name in ("k", "o"):
+        assert type(getattr(block.attn, name)) is Linear4bit
+    for name in ("up", "gate", "down"):
+        assert type(getattr(block.mlp, name)) is Linear4bit
+    assert not any(isinstance(m, (torch.nn.Linear, LoRALinear)) and m is not model.head
+                   for m in model.blocks.modules())
+    assert model.tok_emb.weight.dtype == torch.float32
+
+
+def test_bits_per_parameter_with_double_quant():
+    model = mp.apply(tiny_model("llama", d_model=256, n_head=4, n_kv_head=2), "qlora")
+    assert bits_per_parameter(model) <= 4.13
+
+
+def test_qlora_adapter_roundtrip_into_freshly_quantized_base(tmp_path):
+    model = mp.apply(tiny_model("gpt2", n_classes=2), "qlora", rank=4, targets="all")
+    perturb_trainable(model)
+    mp.save_adapter(model, tmp_path / "a")
+    fresh = mp.load_adapter(tiny_model("gpt2", n_classes=2), tmp_path / "a")
+    idx, mask = tiny_batch()
+    assert torch.equal(fresh(idx, attention_mask=mask), model(idx, attention_mask=mask))
+
+
+def test_bad_quant_options():
+    with pytest.raises(ValueError, match="int3"):
+        mp.apply(tiny_model("gpt2"), "qlora", quant="int3")
+    with pytest.raises(ValueError, match="block"):
+        mp.apply(tiny_model("gpt2"), "qlora", blocksize=48)
