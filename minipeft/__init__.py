@@ -2,3 +2,4 @@
 from .model import KVCache, ModelConfig, Transformer
 from .peft import (METHODS, Method, apply, load_adapter, merge, register, save_adapter,
                    trainable_state_dict, unmerge)
+from .pretrained import from_pretrained

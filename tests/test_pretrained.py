@@ -1,0 +1,461 @@
+"""from_pretrained: parity with transformers on tiny random checkpoints and on the real assets (minilm,
+smollm2), the GGUF path on a file we write ourselves, and the error messages.
+
+transformers is only a reference here; its models are built with a fixed seed and saved to tmp folders.
+"""
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the real assets are local files; never ask the hub
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minipeft.assets import asset_path
+from minipeft.pretrained import NAMED_MODELS, byte_tokenizer, bytes_to_unicode, from_pretrained
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+HAMLET = asset_path("hamlet").read_text(encoding="utf-8")
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Fine-tuning 22.7M parameters on a CPU? Surprisingly doable in 2024!",
+    "Café naïve résumé — 東京 and Zürich, priced at €3.50.",
+    "Short.",
+]
+# real text for tokenizer parity: Hamlet, numbers, unicode, whitespace runs and code
+TOKENIZER_TEXTS = [
+    HAMLET[20_000:21_500],
+    HAMLET[90_000:91_200],
+    "In 1603, 2 quartos and 36 plays; pi is 3.14159 and 1,000,000 is a million.",
+    "naïve café, Ελληνικά, 日本語のテキスト, emoji 😀🎉 and math ∑ x² ≤ ∞",
+    "spaces   between    words\tand\ttabs\n\n\nand blank lines   ",
+    'def add(a, b):\n    """Sum."""\n    return a + b  # x[0] != y\n\nprint(add(2, 40))\n',
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def right_padded(vocab_size: int, B: int = 3, T: int = 10, seed: int = 0):
+    """Random ids (B, T) and an attention mask (B, T) where row b has T - 3b real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row in range(1, B):
+        mask[row, T - 3 * row:] = 0
+    return idx, mask
+
+
+def max_diff_on_real(ours, theirs, mask) -> float:
+    """Largest |ours - theirs| over real (mask = 1) positions; (B, T, ...) tensors."""
+    real = mask.bool()
+    return (ours[real] - theirs[real]).abs().max().item()
+
+
+def save_hf(model, folder):
+    """save_pretrained plus a byte-level tokenizer.json (from_pretrained needs one in every folder)."""
+    model.save_pretrained(folder)
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def tiny_hf_llama(tie: bool = False):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=257,
+                                      max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=257)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    return hf, save_hf(hf, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    hf = tiny_hf_llama()
+    return hf, save_hf(hf, tmp_path_factory.mktemp("llama"))
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with transformers on tiny random checkpoints
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_lm_logits_match_transformers(family, padded, gpt2_folder, llama_folder):
+    hf, folder = {"gpt2": gpt2_folder, "llama": llama_folder}[family]
+    model, _ = from_pretrained(folder)
+    idx, mask = right_padded(257)
+    if not padded:
+        mask = torch.ones_like(mask)
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask).logits
+        ours = model(idx, attention_mask=mask if padded else None)
+    assert max_diff_on_real(ours, theirs, mask) < 1e-4
+
+
+def test_config_fields_are_read(gpt2_folder, llama_folder):
+    gpt2, _ = from_pretrained(gpt2_folder[1])
+    assert gpt2.cfg.dropout == 0.1 and gpt2.cfg.max_seq_len == 64 and gpt2.cfg.tie_embeddings
+    assert gpt2.cfg.extra["source"] == str(gpt2_folder[1])
+    llama, _ = from_pretrained(llama_folder[1], dropout=0.2)
+    assert (llama.cfg.n_kv_head, llama.cfg.rope_theta, llama.cfg.tie_embeddings) == (2, 5000.0, False)
+    assert llama.cfg.dropout == 0.2  # the argument overrides the checkpoint's 0.0
+    assert not torch.equal(llama.head.weight, llama.tok_emb.weight)
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM"])
+def test_bert_hidden_states_match_transformers(head, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=257, max_position_embeddings=64)
+    hf = getattr(transformers, head)(config).eval()
+    model, _ = from_pretrained(save_hf(hf, tmp_path))  # pooler / cls.* heads are skipped
+    assert model.cfg.pool == "cls"  # no 1_Pooling/config.json
+    encoder = hf if head == "BertModel" else hf.bert
+    idx, mask = right_padded(257)
+    types = torch.randint(0, 2, idx.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            theirs = encoder(input_ids=idx, attention_mask=attention_mask,
+                             token_type_ids=types).last_hidden_state
+            ours = model.encode(idx, attention_mask=attention_mask, token_type_ids=types)
+            real = attention_mask if attention_mask is not None else torch.ones_like(mask)
+            assert max_diff_on_real(ours, theirs, real) < 1e-4
+
+
+def test_pytorch_model_bin_loads(gpt2_folder, tmp_path):
+    hf, _ = gpt2_folder
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # includes the tied lm_head.weight
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    model, _ = from_pretrained(tmp_path)
+    idx, _ = right_padded(257)
+    with torch.no_grad():
+        assert (model(idx) - hf(input_ids=idx).logits).abs().max() < 1e-4
+
+
+def test_older_llama_config_with_top_level_rope_theta(llama_folder, tmp_path):
+    _, folder = llama_folder
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]  # transformers 4 layout
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert from_pretrained(tmp_path)[0].cfg.rope_theta == 5000.0
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
+        from_pretrained(tmp_path)
+
+
+def test_n_classes_builds_a_fresh_head_and_skips_the_lm_head(llama_folder):
+    hf, folder = llama_folder
+    model, _ = from_pretrained(folder, n_classes=3)
+    assert model.head.weight.shape == (3, 64)
+    idx, mask = right_padded(257)
+    assert model(idx, attention_mask=mask).shape == (3, 3)
+    with torch.no_grad():  # the body is still the pretrained one
+        theirs = hf.model(input_ids=idx, attention_mask=mask).last_hidden_state
+        assert max_diff_on_real(model.encode(idx, attention_mask=mask), theirs, mask) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF written from a tiny transformers Llama
+
+
+def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q/k rows: within each head, interleave the two halves."""
+    out_features, d = w.shape
+    return w.reshape(n_heads, 2, out_features // n_heads // 2, d).transpose(1, 2).reshape(out_features, d)
+
+
+def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", label_as: str | None = None):
+    """The tiny HF Llama as a llama.cpp GGUF with a byte-level vocabulary. 2-D weights are stored as
+    `tensor_type` (norms stay F32, like llama.cpp); `label_as` mislabels them with another type."""
+    c, sd = hf.config, hf.state_dict()
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
+               "output_norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    ours_to_gguf = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for theirs, name in ours_to_gguf.items():
+            tensors[f"blk.{i}.{name}.weight"] = sd[f"model.layers.{i}.{theirs}.weight"]
+        for name, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
+            tensors[f"blk.{i}.{name}.weight"] = llama_cpp_permute(tensors[f"blk.{i}.{name}.weight"], heads)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list([bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"])
+    writer.add_token_types([1] * 256 + [3])  # 3: control
+    writer.add_pad_token_id(256)
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    for name, tensor in tensors.items():
+        values = tensor.numpy()
+        if values.ndim == 1 or tensor_type == "F32":
+            writer.add_tensor(name, values)
+        else:
+            label = gguf.GGMLQuantizationType[label_as] if label_as else qtype
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=label)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, llama_folder):
+    hf, _ = llama_folder
+    return hf, write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", hf)
+
+
+def test_gguf_llama_matches_transformers(tiny_gguf):
+    hf, path = tiny_gguf
+    model, tokenizer = from_pretrained(path)
+    assert (model.cfg.n_kv_head, model.cfg.rope_theta, model.cfg.pad_token_id) == (2, 5000.0, 256)
+    assert not model.cfg.tie_embeddings  # output.weight is in the file
+    idx, mask = right_padded(257)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            theirs = hf(input_ids=idx, attention_mask=attention_mask).logits
+            ours = model(idx, attention_mask=attention_mask)
+            real = attention_mask if attention_mask is not None else torch.ones_like(mask)
+            assert max_diff_on_real(ours, theirs, real) < 1e-4
+    text = "héllo, wörld <|endoftext|>"
+    assert tokenizer.encode(text).ids == byte_tokenizer().encode(text).ids
+
+
+@pytest.mark.parametrize("tensor_type", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_tensor_types_dequantize_exactly(tensor_type, tmp_path, llama_folder):
+    hf, _ = llama_folder
+    model, _ = from_pretrained(write_gguf(tmp_path / "q.gguf", hf, tensor_type))
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+
+    def round_trip(w):  # what the file holds, back in fp32
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype)).float()
+
+    layer = hf.model.layers[1]
+    # q rows were permuted before quantizing; blocks lie within rows, so unpermuting commutes
+    assert torch.equal(model.blocks[1].attn.q.weight, round_trip(layer.self_attn.q_proj.weight.detach()))
+    assert torch.equal(model.blocks[1].attn.k.weight, round_trip(layer.self_attn.k_proj.weight.detach()))
+    assert torch.equal(model.blocks[1].mlp.down.weight, round_trip(layer.mlp.down_proj.weight.detach()))
+    assert torch.equal(model.tok_emb.weight, round_trip(hf.model.embed_tokens.weight.detach()))
+
+
+def test_gguf_unsupported_tensor_type_is_named(tmp_path, llama_folder):
+    hf, _ = llama_folder  # Q4_0 bytes labelled IQ4_NL (same block size), a type we do not dequantize
+    path = write_gguf(tmp_path / "iq.gguf", hf, "Q4_0", label_as="IQ4_NL")
+    with pytest.raises(ValueError, match="IQ4_NL.*supported: F32"):
+        from_pretrained(path)
+
+
+def test_gguf_unsupported_architecture(tmp_path, llama_folder):
+    path = write_gguf(tmp_path / "gpt2.gguf", llama_folder[0], architecture="gpt2")
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; supported: llama"):
+        from_pretrained(path)
+
+
+def test_truncated_gguf(tmp_path, tiny_gguf):
+    cut = tmp_path / "cut.gguf"
+    data = tiny_gguf[1].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated .*delete it and download again"):
+        from_pretrained(cut)
+
+
+# ---------------------------------------------------------------------------------------------
+# named tiny models
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-llama"])
+def test_tiny_models_are_deterministic_and_leave_the_rng_alone(name):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    model, tokenizer = from_pretrained(name)
+    assert torch.equal(torch.get_rng_state(), state)
+    again, _ = from_pretrained(name)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert model.cfg.vocab_size == tokenizer.get_vocab_size() == 257
+    assert tokenizer.token_to_id("<|endoftext|>") == model.cfg.pad_token_id == 256
+    text = "Ünïcode ✓ and bytes\n"
+    ids = tokenizer.encode(text).ids
+    assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text
+    assert model(torch.tensor([ids])).shape == (1, len(ids), 257)
+
+
+def test_tiny_model_overrides():
+    model, _ = from_pretrained("tiny-llama", n_layer=3, n_classes=2, pool="cls")
+    assert (len(model.blocks), model.cfg.n_kv_head, model.head.weight.shape) == (3, 2, (2, 64))
+    with pytest.raises(ValueError, match="unknown config override.*n_layers"):
+        from_pretrained("tiny-gpt2", n_layers=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# real weights: all-MiniLM-L6-v2 (HF folder) and SmolLM2-135M-Instruct (Q4_1 GGUF)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return from_pretrained("minilm")
+
+
+def test_minilm_hidden_states_and_tokens_match_transformers(minilm):
+    model, tokenizer = minilm
+    folder = asset_path("minilm")
+    hf = transformers.BertModel.from_pretrained(folder).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    encodings = tokenizer.encode_batch(SENTENCES)
+    ids = [e.ids for e in encodings]
+    assert ids == hf_tokenizer(SENTENCES)["input_ids"]
+    T = max(len(row) for row in ids)
+    idx = torch.tensor([row + [0] * (T - len(row)) for row in ids])  # (B, T), right padding
+    mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids])
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask).last_hidden_state
+        ours = model.encode(idx, attention_mask=mask)
+    assert max_diff_on_real(ours, theirs, mask) < 1e-4
+    assert model.cfg.pool == "mean"  # from 1_Pooling/config.json
+    assert from_pretrained("minilm", pool="cls", n_classes=2)[0].cfg.pool == "cls"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return from_pretrained("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_reference():
+    path = asset_path("smollm2")
+    return dict(folder=str(path.parent), gguf_file=path.name)
+
+
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2, smollm2_gguf_reference):
+    model, tokenizer = smollm2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_reference["folder"], gguf_file=smollm2_gguf_reference["gguf_file"]).eval()
+    ids = torch.tensor([tokenizer.encode(HAMLET[30_000:30_400]).ids])
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+        ours = model(ids)
+    assert (ours - theirs).abs().max() < 1e-3
+    # our q/k un-permutation gives exactly the rows transformers' GGUF loader makes (GQA: 9 q, 3 kv heads)
+    assert torch.equal(model.blocks[0].attn.q.weight, hf.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(model.blocks[29].attn.k.weight, hf.model.layers[29].self_attn.k_proj.weight)
+
+
+def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2, smollm2_gguf_reference):
+    _, tokenizer = smollm2
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(
+        smollm2_gguf_reference["folder"], gguf_file=smollm2_gguf_reference["gguf_file"])
+    for text in TOKENIZER_TEXTS:
+        assert tokenizer.encode(text).ids == hf_tokenizer(text)["input_ids"], text
+    assert tokenizer.encode(HAMLET).ids == hf_tokenizer(HAMLET)["input_ids"]
+
+
+def test_smollm2_splits_digits_like_llama_cpp(smollm2):
+    """The file's pre-tokenizer is "smollm": every digit is cut off first, then GPT-2's regex runs on
+    the rest. A whitespace run before a digit thus stays one piece ("ĠĠ", "1"), as in llama.cpp and
+    SmolLM2's own tokenizer.json. (transformers 5.23's GGUF converter has no "smollm" entry and
+    falls back to plain GPT-2 splitting here: "Ġ", "Ġ", "1".)"""
+    _, tokenizer = smollm2
+    assert tokenizer.encode("x  1").tokens == ["x", "ĠĠ", "1"]
+    assert tokenizer.encode("a\n\n12").tokens == ["a", "ĊĊ", "1", "2"]
+
+
+def test_smollm2_greedy_answer_is_paris(smollm2):
+    model, tokenizer = smollm2
+    assert model.cfg.pad_token_id == 2 and model.cfg.extra["eos_token_id"] == 2
+    ids = torch.tensor([tokenizer.encode("The capital of France is").ids])
+    out = model.generate(ids, max_new_tokens=3)
+    assert tokenizer.decode(out[0, ids.shape[1]:].tolist()).startswith(" Paris")
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_unknown_name_lists_the_named_models():
+    with pytest.raises(FileNotFoundError) as error:
+        from_pretrained("gpt-5")
+    assert all(name in str(error.value) for name in NAMED_MODELS)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        from_pretrained(tmp_path / "no-such-folder")
+
+
+def test_folder_without_tokenizer(gpt2_folder, tmp_path):
+    gpt2_folder[0].save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_truncated_weights(filename, gpt2_folder, tmp_path):
+    hf, folder = gpt2_folder
+    hf.config.save_pretrained(tmp_path)
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    if filename == "pytorch_model.bin":
+        torch.save(hf.state_dict(), tmp_path / filename)
+    else:
+        (tmp_path / filename).write_bytes((folder / filename).read_bytes())
+    data = (tmp_path / filename).read_bytes()
+    (tmp_path / filename).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{filename} is corrupt or truncated"):
+        from_pretrained(tmp_path)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="model_type 't5' is not supported; supported: gpt2, bert, llama"):
+        from_pretrained(tmp_path)
+
+
+def copy_with_weights(folder, tmp_path, weights):
+    tmp_path.mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    save_file(weights, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_unknown_and_missing_keys_are_named(gpt2_folder, tmp_path):
+    _, folder = gpt2_folder
+    weights = load_file(folder / "model.safetensors")
+    extra_key = {"transformer.h.0.attn.rotary": torch.ones(2)}
+    extra = copy_with_weights(folder, tmp_path / "extra", {**weights, **extra_key})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in the checkpoint: transformer.h.0.attn.rotary"):
+        from_pretrained(extra)
+    del weights["transformer.h.1.ln_2.bias"]
+    missing = copy_with_weights(folder, tmp_path / "missing", weights)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: h.1.ln_2.bias"):
+        from_pretrained(missing)
+
+
+def test_shape_mismatch_is_named(gpt2_folder, tmp_path):
+    _, folder = gpt2_folder
+    copy_with_weights(folder, tmp_path, load_file(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_positions": 128}))
+    with pytest.raises(ValueError, match=r"shape mismatch.*transformer.wpe.weight gives \(64, 64\) for "
+                                         r"pos_emb.weight, which needs \(128, 64\)"):
+        from_pretrained(tmp_path)
