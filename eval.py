@@ -12,19 +12,14 @@ from minipeft import cli, data, peft, trainer
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter) or generate text.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="minilm",
-                   help="named model (minilm, smollm2, tiny-gpt2, tiny-bert, tiny-llama), an HF folder or a .gguf file")
-    p.add_argument("--task", default="rotten_tomatoes",
-                   help="rotten_tomatoes, hamlet, or a .csv/.jsonl (text,label) or .txt file")
+    cli.add_model_and_task_flags(p)
     p.add_argument("--adapter", default=None, help="adapter folder saved by train.py (its <out>/adapter)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="which split to score")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
-    p.add_argument("--max-len", type=int, default=128, help="truncate (classification) or window (LM) to this many tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split (use the training run's)")
     p.add_argument("--generate", default=None, metavar="PROMPT", help="print a greedy continuation of PROMPT (causal models)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate with --generate")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first (lora)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
 
@@ -47,7 +42,7 @@ def main(argv):
         return
     task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
     if task.kind == "classification" and not n_classes:
-        model, tokenizer = mp.from_pretrained(args.model, n_classes=task.n_classes)
+        model.add_classifier(task.n_classes)
         print("note: no adapter given, so the classifier head is freshly initialized (a chance-level baseline)")
     metrics = trainer.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "

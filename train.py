@@ -14,10 +14,7 @@ from minipeft import cli, data, trainer
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="minilm",
-                   help="named model (minilm, smollm2, tiny-gpt2, tiny-bert, tiny-llama), an HF folder or a .gguf file")
-    p.add_argument("--task", default="rotten_tomatoes",
-                   help="rotten_tomatoes, hamlet, or a .csv/.jsonl (text,label) or .txt file")
+    cli.add_model_and_task_flags(p)
     p.add_argument("--method", default="lora", help="PEFT method; see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the methods and their options, then exit")
     cli.add_method_flags(p)
@@ -31,11 +28,9 @@ def build_parser():
     t.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up the learning rate")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
     t.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: four per run)")
-    t.add_argument("--max-len", type=int, default=128, help="truncate (classification) or window (LM) to this many tokens")
     t.add_argument("--model-dropout", type=float, default=None, help="override the checkpoint's dropout")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
     t.add_argument("--out", default="checkpoints/run", help="output folder: metrics.jsonl and adapter/")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 
 
@@ -49,7 +44,7 @@ def main(argv):
     model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
     task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
     if task.kind == "classification":
-        model, tokenizer = mp.from_pretrained(args.model, n_classes=task.n_classes, dropout=args.model_dropout)
+        model.add_classifier(task.n_classes)
     mp.apply(model, method.name, **options)
     config = trainer.TrainConfig(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -19,6 +19,16 @@ OPTION_HELP = {
 }
 
 
+def add_model_and_task_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", default="minilm", help="named model (minilm, smollm2, tiny-gpt2, "
+                        "tiny-bert, tiny-llama), an HF folder or a .gguf file")
+    parser.add_argument("--task", default="rotten_tomatoes",
+                        help="rotten_tomatoes, hamlet, or a .csv/.jsonl (text,label) or .txt file")
+    parser.add_argument("--max-len", type=int, default=128,
+                        help="truncate (classification) or window (LM) to this many tokens")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
 def _parse_value(text: str):
     for cast in (int, float):
         try:

@@ -216,6 +216,13 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings and not cfg.n_classes:
             self.head.weight = self.tok_emb.weight
 
+    def add_classifier(self, n_classes: int):
+        """Replace the LM head by a fresh (n_classes × d_model) classifier head."""
+        self.cfg.n_classes = n_classes
+        self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
+        self._init_weights(self.head)
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -91,3 +91,11 @@ def test_too_long_input_is_a_clear_error():
 def test_bad_config(kw, message):
     with pytest.raises(ValueError, match=message):
         mp.ModelConfig(**kw)
+
+
+def test_add_classifier_unties_and_reshapes(flavor):
+    model = tiny_model(flavor).add_classifier(3)
+    idx, mask = tiny_batch()
+    assert model(idx, attention_mask=mask).shape == (3, 3)
+    assert model.head.weight is not model.tok_emb.weight and model.head.bias is not None
+    assert set(model.state_dict()) == set(tiny_model(flavor, n_classes=3).state_dict())
