@@ -1,0 +1,107 @@
+"""4-bit quantization of one weight matrix, minipeft.quant side by side with bitsandbytes (CPU backend).
+
+For NF4 and FP4, each with and without double quantization: quantize and dequantize time (median of
+--repeats runs after warm-up, the two libraries interleaved so that load on the machine hits both alike),
+storage bits per weight, mean absolute round-trip error on w ~ N(0, 1), and whether the packed codes, state
+and dequantized matrix are identical to bitsandbytes'. A plain symmetric int4 absmax row is the baseline.
+
+    python bench/quant.py                      # 4096 x 4096 fp32, block size 64, 2 threads
+    python bench/quant.py --size 1024 --threads 1
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bitsandbytes  # noqa: E402
+import bitsandbytes.functional as bnb  # noqa: E402
+
+from minipeft import quant  # noqa: E402
+
+
+def median_ms(functions, repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall time in milliseconds of each zero-argument function, run interleaved a, b, a, b, …"""
+    for fn in functions:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for fn, fn_times in zip(functions, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(1e3 * (time.perf_counter() - start))
+    return [statistics.median(t) for t in times]
+
+
+def int4_absmax_round_trip(w: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Plain symmetric int4 per block: q = round(7 · w / absmax) in [-7, 7], w_hat = q · absmax / 7."""
+    blocks = w.reshape(-1, blocksize)  # (n/bs, bs)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (n/bs, 1)
+    return (torch.round(blocks / absmax * 7) * absmax / 7).view_as(w)
+
+
+def storage_bits_per_weight(packed: torch.Tensor, state: quant.QuantState) -> float:
+    tensors = [packed, *state.to_dict().values()]
+    return 8 * sum(t.numel() * t.element_size() for t in tensors) / state.numel
+
+
+def same_as_bnb(packed, state, ref_packed, ref_state) -> bool:
+    """Packed codes, absmax (or its 8-bit codes, scales and offset) and dequantized weights all equal."""
+    if state.double_quant:
+        absmax = [state.absmax_codes, state.absmax_scales, state.absmax_offset]
+        ref_absmax = [ref_state.absmax, ref_state.state2.absmax, ref_state.offset]
+    else:
+        absmax, ref_absmax = [state.absmax], [ref_state.absmax]
+    return (torch.equal(packed, ref_packed.view(-1)) and all(map(torch.equal, absmax, ref_absmax))
+            and torch.equal(quant.dequantize_4bit(packed, state), bnb.dequantize_4bit(ref_packed, ref_state)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096, help="the weight matrix is size x size fp32")
+    parser.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weight matrix")
+    args = parser.parse_args()
+    if args.size * args.size % args.blocksize:
+        parser.error("size² must be a multiple of --blocksize (for the int4 baseline)")
+    quant.check_format("nf4", args.blocksize)
+
+    torch.set_num_threads(args.threads)
+    w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
+    print(f"weight {args.size}x{args.size} fp32 ~ N(0, 1), block size {args.blocksize}, "
+          f"threads {torch.get_num_threads()}, median of {args.repeats} | torch {torch.__version__}, "
+          f"bitsandbytes {bitsandbytes.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| format | double quant | bits / weight | mean abs error | quantize ms minipeft | quantize ms bnb "
+          "| dequantize ms minipeft | dequantize ms bnb | identical to bnb |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for quant_type in quant.QUANT_TYPES:
+        for double_quant in (False, True):
+            packed, state = quant.quantize_4bit(w, quant_type, args.blocksize, double_quant)
+            ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=args.blocksize, quant_type=quant_type,
+                                                      compress_statistics=double_quant)
+            quantize_ms = median_ms([
+                lambda: quant.quantize_4bit(w, quant_type, args.blocksize, double_quant),
+                lambda: bnb.quantize_4bit(w, blocksize=args.blocksize, quant_type=quant_type,
+                                          compress_statistics=double_quant)], args.repeats)
+            dequantize_ms = median_ms([lambda: quant.dequantize_4bit(packed, state),
+                                       lambda: bnb.dequantize_4bit(ref_packed, ref_state)], args.repeats)
+            error = (quant.dequantize_4bit(packed, state) - w).abs().mean().item()
+            identical = same_as_bnb(packed, state, ref_packed, ref_state)
+            print(f"| {quant_type} | {'yes' if double_quant else 'no'} | "
+                  f"{storage_bits_per_weight(packed, state):.3f} | {error:.4f} | {quantize_ms[0]:.0f} | "
+                  f"{quantize_ms[1]:.0f} | {dequantize_ms[0]:.0f} | {dequantize_ms[1]:.0f} | "
+                  f"{'yes' if identical else 'NO'} |")
+    error = (int4_absmax_round_trip(w, args.blocksize) - w).abs().mean().item()
+    bits = 4 + 32 / args.blocksize
+    print(f"| int4 absmax (symmetric) | no | {bits:.3f} | {error:.4f} | – | – | – | – | – |")
+
+
+if __name__ == "__main__":
+    main()
