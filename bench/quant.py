@@ -5,8 +5,12 @@ For NF4 and FP4, each with and without double quantization: quantize and dequant
 storage bits per weight, mean absolute round-trip error on w ~ N(0, 1), and whether the packed codes, state
 and dequantized matrix are identical to bitsandbytes'. A plain symmetric int4 absmax row is the baseline.
 
+Then the QLoRA paper's perplexity comparison on our own data: SmolLM2-135M perplexity on the Hamlet
+test split with every block linear layer rounded through fp32 (no rounding), int4, fp4, nf4 and nf4 with
+double quantization. (The released SmolLM2 file is itself Q4_1, so "fp32" means its dequantized weights.)
+
     python bench/quant.py                      # 4096 x 4096 fp32, block size 64, 2 threads
-    python bench/quant.py --size 1024 --threads 1
+    python bench/quant.py --size 1024 --threads 1 --no-perplexity
 """
 import argparse
 import os
@@ -60,6 +64,31 @@ def same_as_bnb(packed, state, ref_packed, ref_state) -> bool:
             and torch.equal(quant.dequantize_4bit(packed, state), bnb.dequantize_4bit(ref_packed, ref_state)))
 
 
+def perplexity_ladder(blocksize: int, max_len: int):
+    """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
+    from minipeft import data, from_pretrained, trainer
+    from minipeft.lora import find_targets
+    model, tokenizer = from_pretrained("smollm2")
+    test = data.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
+    original = {name: t.clone() for name, t in model.state_dict().items()}
+
+    def through(quant_type, double_quant):
+        return lambda w: quant.dequantize_4bit(*quant.quantize_4bit(w, quant_type, blocksize, double_quant))
+    formats = [("fp32", lambda w: w), ("int4 absmax", lambda w: int4_absmax_round_trip(w, blocksize)),
+               ("fp4", through("fp4", False)), ("nf4", through("nf4", False)), ("nf4 + DQ", through("nf4", True))]
+    print(f"\nSmolLM2-135M on Hamlet test ({sum(len(x) for x in test.input_ids):,} tokens, windows of "
+          f"{max_len}), block linears rounded through each format, block size {blocksize}\n")
+    print("| weights | perplexity |")
+    print("|---|---|")
+    for name, round_trip in formats:
+        model.load_state_dict(original)
+        with torch.no_grad():
+            for parent, attr in find_targets(model, "all"):
+                weight = getattr(parent, attr).weight
+                weight.copy_(round_trip(weight))
+        print(f"| {name} | {trainer.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +97,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every timing")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weight matrix")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the SmolLM2 perplexity ladder")
+    parser.add_argument("--ppl-len", type=int, default=256, help="tokens per window in the perplexity ladder")
     args = parser.parse_args()
     if args.size * args.size % args.blocksize:
         parser.error("size² must be a multiple of --blocksize (for the int4 baseline)")
@@ -101,6 +132,8 @@ def main():
     error = (int4_absmax_round_trip(w, args.blocksize) - w).abs().mean().item()
     bits = 4 + 32 / args.blocksize
     print(f"| int4 absmax (symmetric) | no | {bits:.3f} | {error:.4f} | – | – | – | – | – |")
+    if not args.no_perplexity:
+        perplexity_ladder(args.blocksize, args.ppl_len)
 
 
 if __name__ == "__main__":

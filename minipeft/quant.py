@@ -406,3 +406,17 @@ def bits_per_parameter(module: nn.Module) -> float:
         raise ValueError("bits_per_parameter: the module contains no Linear4bit layers")
     bits = sum(8 * m.weight_storage_bytes() for m in layers)
     return bits / sum(m.in_features * m.out_features for m in layers)
+
+
+def frozen_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the frozen weights occupy now, bytes they would occupy in fp32): 4-bit layers count
+    their codes and state, every other frozen parameter its own size."""
+    now = fp32 = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            weights = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+            now, fp32 = now + module.storage_bytes(), fp32 + 4 * weights
+    for p in model.parameters():
+        if not p.requires_grad:
+            now, fp32 = now + p.numel() * p.element_size(), fp32 + 4 * p.numel()
+    return now, fp32

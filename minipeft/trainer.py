@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import peft
+from .quant import frozen_weight_bytes
 
 
 @dataclass
@@ -165,11 +166,13 @@ def train(model, data, cfg: TrainConfig) -> dict:
     after = evaluate(model, data.splits["test"], data.kind, cfg.eval_batch_size)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_bytes, frozen_fp32_bytes = frozen_weight_bytes(model)
     summary = {
         "method": model.peft_config["method"], "options": model.peft_config["options"],
         "steps": steps, "trainable_parameters": trainable, "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
         "adapter_bytes": (adapter_dir / peft.ADAPTER_WEIGHTS).stat().st_size,
+        "frozen_weight_bytes": frozen_bytes, "frozen_weight_fp32_bytes": frozen_fp32_bytes,
         "peak_memory_bytes": peak_memory_bytes(), "seconds_per_step": train_seconds / steps,
         "train_seconds": train_seconds, "test_before": before, "test_after": after,
         "adapter": str(adapter_dir),
@@ -185,6 +188,8 @@ def format_summary(s: dict) -> str:
         f"trainable parameters {s['trainable_parameters']:,} of {s['total_parameters']:,} "
         f"({s['trainable_percent']:.3f}%)",
         f"adapter file         {s['adapter_bytes']:,} bytes  ({s['adapter']})",
+        f"frozen weights       {s['frozen_weight_bytes'] / 2**20:,.1f} MiB in memory "
+        f"({s['frozen_weight_fp32_bytes'] / 2**20:,.1f} MiB if fp32)",
         f"peak memory (RSS)    {s['peak_memory_bytes'] / 2**20:,.0f} MiB",
         f"time                 {s['train_seconds']:.1f} s for {s['steps']} steps "
         f"({s['seconds_per_step']:.3f} s/step)",

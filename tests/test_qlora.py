@@ -61,3 +61,15 @@ def test_bad_quant_options():
         mp.apply(tiny_model("gpt2"), "qlora", quant="int3")
     with pytest.raises(ValueError, match="block"):
         mp.apply(tiny_model("gpt2"), "qlora", blocksize=48)
+
+
+def test_frozen_weight_bytes():
+    from minipeft.quant import frozen_weight_bytes
+    lora = mp.apply(tiny_model("llama", d_model=64), "lora")
+    now, fp32 = frozen_weight_bytes(lora)
+    assert now == fp32 == 4 * (lora.num_parameters() - lora.num_parameters(trainable_only=True))
+    qlora = mp.apply(tiny_model("llama", d_model=64), "qlora")
+    now_q, fp32_q = frozen_weight_bytes(qlora)
+    assert fp32_q == fp32
+    block_linears = sum(m.in_features * m.out_features for m in qlora.blocks.modules() if hasattr(m, "weight_codes"))
+    assert now_q == pytest.approx(fp32 - 4 * block_linears + block_linears * 4.127 / 8, rel=0.01)
