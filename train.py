@@ -7,6 +7,8 @@
 import argparse
 import json
 
+import torch
+
 import minipeft as mp
 from minipeft import cli, data, trainer
 
@@ -41,6 +43,7 @@ def main(argv):
         return
     method = mp.peft.get_method(args.method)
     options = cli.method_options(args)
+    torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
     model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
     task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
     if task.kind == "classification":

@@ -206,15 +206,16 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.flavor != "bert" else None
+        self.apply(self._init_weights)  # the trunk first, so its weights do not depend on the head
         if cfg.n_classes:
-            self.head = nn.Linear(d, cfg.n_classes)
+            self.add_classifier(cfg.n_classes)
         else:
             self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+            self._init_weights(self.head)
+            if cfg.tie_embeddings:
+                self.head.weight = self.tok_emb.weight
         self.prompt = None  # prompt.py: module inserting soft tokens into the embeddings (B, T, d)
         self.checkpointing = False  # recompute each block's activations in backward
-        self.apply(self._init_weights)
-        if cfg.tie_embeddings and not cfg.n_classes:
-            self.head.weight = self.tok_emb.weight
 
     def add_classifier(self, n_classes: int):
         """Replace the LM head by a fresh (n_classes × d_model) classifier head."""
