@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quant import Linear4bit
+from .quant import Linear4bit, quantize_blocks
 
 # short target names -> where they live inside a block; the same in every flavour
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
@@ -156,9 +156,8 @@ def lora_parameter_count(cfg, rank: int = 8, targets=("q", "v"), **_) -> int:
 
 def apply_qlora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=("q", "v"),
                 quant: str = "nf4", blocksize: int = 64, double_quant: bool = True):
-    """Quantize every linear layer of every block to 4 bits, then put LoRA on the targets."""
-    lora_on = {id(getattr(parent, attr)) for parent, attr in find_targets(model, targets)}
-    for parent, attr in find_targets(model, "all"):
-        linear = getattr(parent, attr)
-        base = Linear4bit.from_linear(linear, quant, blocksize, double_quant)
-        setattr(parent, attr, QLoRALinear(base, rank, alpha, dropout) if id(linear) in lora_on else base)
+    """Quantize every linear layer of every block to 4 bits (unless from_pretrained(..., quantize=)
+    did already), then put LoRA on the targets."""
+    quantize_blocks(model, quant, blocksize, double_quant)
+    for parent, attr in find_targets(model, targets):
+        setattr(parent, attr, QLoRALinear(getattr(parent, attr), rank, alpha, dropout))

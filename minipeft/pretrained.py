@@ -70,6 +70,7 @@ from tqdm import tqdm
 
 from .assets import asset_path
 from .model import ModelConfig, Transformer
+from .quant import quantize_blocks
 
 TINY_MODELS = {  # name -> config; shared by all three: 2 layers, d 64, 4 heads, byte tokenizer
     "tiny-gpt2": dict(flavor="gpt2"),
@@ -88,7 +89,8 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, dropout: float | None = None,
-                    pool: str | None = None, **config_overrides) -> tuple[Transformer, Tokenizer]:
+                    pool: str | None = None, quantize: str | None = None,
+                    **config_overrides) -> tuple[Transformer, Tokenizer]:
     """A named model, an HF folder or a .gguf file -> (Transformer in eval mode, tokenizers.Tokenizer).
 
     n_classes: replace the LM head with a fresh (n_classes × d_model) classifier; LM head weights in
@@ -96,6 +98,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     dropout: overrides the checkpoint's dropout (residual, embedding and attention).
     pool: "cls" or "mean", the BERT classifier pooling; by default a sentence-transformers folder's
         1_Pooling/config.json decides, else "cls".
+    quantize: "nf4" or "fp4": store every block linear layer in 4 bits (block 64, double quantization)
+        as soon as it is loaded, the base QLoRA trains on (mp.apply(model, "qlora") keeps it).
     config_overrides: any other ModelConfig field, e.g. max_seq_len=1024 for a smaller RoPE table.
     The source is recorded in `model.cfg.extra["source"]`.
     """
@@ -120,6 +124,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     else:
         raise FileNotFoundError(f"{source!r} is not a named model ({', '.join(NAMED_MODELS)}) "
                                 "nor an existing HF folder or .gguf file")
+    if quantize is not None:
+        quantize_blocks(model, quantize)
     model.tokenizer = tokenizer  # prompt tuning's init="text" embeds its text with it
     return model.eval(), tokenizer
 

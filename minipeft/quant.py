@@ -420,3 +420,21 @@ def frozen_weight_bytes(model: nn.Module) -> tuple[int, int]:
         if not p.requires_grad:
             now, fp32 = now + p.numel() * p.element_size(), fp32 + 4 * p.numel()
     return now, fp32
+
+
+def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True) -> nn.Module:
+    """Replace every nn.Linear inside the model's blocks (attention and MLP projections) by a frozen
+    Linear4bit; embeddings, norms and the head stay in full precision. Layers that are 4-bit already
+    are kept if their format matches, and refused (ValueError) if it does not."""
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear4bit):
+                    if (child.quant_type, child.blocksize, child.double_quant) != (quant_type, blocksize, double_quant):
+                        raise ValueError(f"the model is already quantized as {child.quant_type}, block "
+                                         f"{child.blocksize}, double_quant={child.double_quant}; ask for the "
+                                         "same format or load the model unquantized")
+                elif type(child) is nn.Linear:
+                    setattr(parent, name, Linear4bit.from_linear(child, quant_type, blocksize, double_quant))
+    return model

@@ -73,3 +73,15 @@ def test_frozen_weight_bytes():
     assert fp32_q == fp32
     block_linears = sum(m.in_features * m.out_features for m in qlora.blocks.modules() if hasattr(m, "weight_codes"))
     assert now_q == pytest.approx(fp32 - 4 * block_linears + block_linears * 4.127 / 8, rel=0.01)
+
+
+def test_from_pretrained_straight_into_4bit_then_qlora():
+    pre, _ = mp.from_pretrained("tiny-llama", quantize="nf4")
+    assert all(type(m) is not torch.nn.Linear for m in pre.blocks.modules())
+    mp.apply(pre, "qlora", rank=2)
+    late, _ = mp.from_pretrained("tiny-llama")
+    torch.manual_seed(0), mp.apply(late, "qlora", rank=2)
+    idx, mask = tiny_batch(vocab=257)
+    torch.testing.assert_close(pre.encode(idx, mask), late.encode(idx, mask), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="already quantized as nf4"):
+        mp.apply(mp.from_pretrained("tiny-llama", quantize="nf4")[0], "qlora", quant="fp4")
