@@ -25,7 +25,6 @@ plug in (see their files).
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -18,7 +18,6 @@ subset (counted below from the config, independently of the modules).
 
 A fresh classifier head is trainable under every method (peft.apply makes sure of that).
 """
-import torch.nn as nn
 
 
 def apply_full(model):

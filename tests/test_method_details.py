@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft import adapter, llama_adapter, prefix, prompt
+from minipeft import adapter, llama_adapter, prefix
 from conftest import tiny_batch, tiny_model
 
 
