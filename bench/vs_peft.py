@@ -1,0 +1,245 @@
+"""minipeft against transformers + peft on identical work: one optimizer step per configuration.
+
+    python bench/vs_peft.py                                   # every configuration, both models
+    python bench/vs_peft.py --models minilm --configs lora_qv,full --steps 10
+
+Work: one AdamW step (forward, cross-entropy, backward, optimizer step, zero_grad) on fixed random
+token ids, for
+    minilm    all-MiniLM-L6-v2 (real weights in both libraries), classification, batch 16 × 128;
+    gpt2      a GPT-2-small shape (12 layers, d 768, vocab 50,257, random weights), causal LM, 4 × 256.
+The two libraries' steps are interleaved (ours, theirs, ours, ...) after --warmup untimed steps, and
+each time is the median of --steps, so drift in the machine's speed hits both alike.
+
+Configurations: full fine-tuning; LoRA r=8 α=16 on q,v; LoRA r=8 on every linear layer of the blocks;
+prefix tuning (20 virtual tokens, no reparameterization); prompt tuning (20 soft tokens); QLoRA (NF4,
+double quantization, r=8 on q,v) against bitsandbytes 4-bit + peft where that runs on this CPU.
+
+Not quite the same work, and said so in the table's notes:
+  - GPT-2 in transformers fuses q, k, v into one `c_attn`; peft can only adapt the whole of it. LoRA on
+    q,v has the same parameter count there (r·(768 + 2304) = 2·r·(768 + 768)), LoRA on every linear
+    layer does not (peft: c_attn, c_proj, c_fc, mlp.c_proj; ours: q, k, v, o, up, down).
+  - transformers' BERT classifier adds a pooler (dense + tanh on [CLS], frozen) before the head;
+    minilm in minipeft mean-pools as sentence-transformers trained it. One 384×384 matmul per example.
+
+It also measures the machine's fp32 matmul rate (a 2048² `torch.mm`) and, for full fine-tuning, the
+fraction of it each library's step achieves, counting 6 × parameters × tokens floating-point operations
+(forward 2, backward 4 per parameter and token; attention scores not counted). Last, the inference
+cost of LoRA: a no-grad forward of the base model, of the unmerged and of the merged LoRA model.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import minipeft as mp  # noqa: E402
+from minipeft.assets import asset_path  # noqa: E402
+
+CONFIGS = ("full", "lora_qv", "lora_all", "prefix", "prompt", "qlora")
+MODELS = {"minilm": dict(batch=16, seq=128, kind="classification"),
+          "gpt2": dict(batch=4, seq=256, kind="lm")}
+GPT2_SMALL = dict(flavor="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
+                  dropout=0.1, tie_embeddings=True)
+
+
+# ---------------------------------------------------------------- the two sides of each configuration
+
+def base_model(model_name: str, quantize: str | None = None):
+    """minilm with a fresh 2-class head, or the random GPT-2-small shape; no method applied."""
+    if model_name == "minilm":
+        return mp.from_pretrained("minilm", n_classes=2, quantize=quantize)[0]
+    return mp.Transformer(mp.ModelConfig(**GPT2_SMALL))
+
+
+def ours(model_name: str, config: str):
+    """A minipeft model with `config` applied, in training mode."""
+    model = base_model(model_name, quantize="nf4" if config == "qlora" else None)
+    method, options = {
+        "full": ("full", {}),
+        "lora_qv": ("lora", dict(rank=8, alpha=16, targets=("q", "v"))),
+        "lora_all": ("lora", dict(rank=8, alpha=16, targets=("q", "k", "v", "o", "up", "down"))),
+        "prefix": ("prefix", dict(length=20, mlp_hidden=0)),
+        "prompt": ("prompt", dict(length=20)),
+        "qlora": ("qlora", dict(rank=8, alpha=16, targets=("q", "v")))}[config]
+    mp.apply(model, method, **options)
+    return model.train()
+
+
+def theirs(model_name: str, config: str):
+    """The same configuration built with transformers + peft (+ bitsandbytes for qlora)."""
+    import peft
+    import transformers
+    quantization = None
+    if config == "qlora":
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "pooler"])
+    if model_name == "minilm":
+        model = transformers.BertForSequenceClassification.from_pretrained(
+            asset_path("minilm"), num_labels=2, quantization_config=quantization)
+        task, qv, every = "SEQ_CLS", ["query", "value"], r".*encoder.*\.(query|key|value|dense)$"
+    else:
+        if quantization is not None:
+            raise RuntimeError("bitsandbytes quantizes at load time; the random GPT-2 shape has no checkpoint")
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024))
+        task, qv, every = "CAUSAL_LM", ["c_attn"], ["c_attn", "c_proj", "c_fc"]
+    if config == "full":
+        return model.train()
+    if config in ("lora_qv", "qlora", "lora_all"):
+        if config == "qlora":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        peft_config = peft.LoraConfig(task_type=task, r=8, lora_alpha=16, lora_dropout=0.0,
+                                      target_modules=every if config == "lora_all" else qv)
+    elif config == "prefix":
+        peft_config = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20)
+    else:
+        peft_config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=20)
+    return peft.get_peft_model(model, peft_config).train()
+
+
+def logits_of(model, batch, library: str):
+    if library == "ours":
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1]:] if logits.ndim == 3 else logits  # drop soft tokens
+
+
+def make_step(model, batch, library: str):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+
+    def step():
+        logits = logits_of(model, batch, library)
+        loss = F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in trainable)
+
+
+def make_batch(model_name: str, vocab_size: int):
+    shape = MODELS[model_name]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab_size, (shape["batch"], shape["seq"]), generator=g)
+    labels = torch.randint(0, 2, (shape["batch"],), generator=g) if shape["kind"] == "classification" \
+        else torch.randint(0, vocab_size, (shape["batch"], shape["seq"]), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
+    """Run each callable `warmup` times, then `repeats` rounds of one call each; median seconds per call."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, warmup=3, repeats=repeats)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+# ---------------------------------------------------------------- the tables
+
+def training_table(args, rate: float):
+    print("| model | configuration | trainable (minipeft) | trainable (peft) | minipeft s/step | peft s/step "
+          "| ratio | of matmul rate (ours / peft) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for model_name in args.models:
+        shape = MODELS[model_name]
+        tokens = shape["batch"] * shape["seq"]
+        for config in args.configs:
+            torch.manual_seed(0)
+            mine = ours(model_name, config)
+            batch = make_batch(model_name, mine.cfg.vocab_size)
+            steps, counts = {}, {}
+            steps["ours"], counts["ours"] = make_step(mine, batch, "ours")
+            reference = None
+            if not args.no_reference:
+                try:
+                    reference = theirs(model_name, config)
+                    steps["peft"], counts["peft"] = make_step(reference, batch, "peft")
+                    steps["peft"]()  # fail here, inside the try, if the reference cannot train
+                except Exception as e:  # e.g. bitsandbytes 4-bit not runnable here; reported in the row
+                    counts["peft"] = f"n/a ({type(e).__name__}: {str(e)[:60]})"
+            seconds = interleaved_medians(steps, args.warmup, args.steps)
+            row = [model_name, config, f"{counts['ours']:,}",
+                   f"{counts['peft']:,}" if isinstance(counts.get("peft"), int) else counts.get("peft", "—"),
+                   f"{seconds['ours']:.3f}", f"{seconds['peft']:.3f}" if "peft" in seconds else "—",
+                   f"{seconds['ours'] / seconds['peft']:.2f}" if "peft" in seconds else "—", ""]
+            if config == "full":
+                fractions = [6 * sum(p.numel() for p in m.parameters()) * tokens / seconds[name] / 1e9 / rate
+                             for name, m in (("ours", mine), ("peft", reference)) if name in seconds]
+                row[-1] = " / ".join(f"{f:.0%}" for f in fractions)
+            print("| " + " | ".join(row) + " |", flush=True)
+            del mine, reference, steps
+
+
+def inference_table(args):
+    """No-grad forward time of the base model vs LoRA (q,v) unmerged and merged, ours only."""
+    print("\n| model | base ms/batch | LoRA unmerged | LoRA merged |")
+    print("|---|---:|---:|---:|")
+    for model_name in args.models:
+        torch.manual_seed(0)
+        base, unmerged = base_model(model_name), ours(model_name, "lora_qv")
+        with torch.no_grad():
+            for layer in unmerged.modules():  # a random B, so the update is not zero
+                if isinstance(layer, mp.lora.LoRALinear):
+                    layer.lora_B.normal_(std=0.02)
+        merged = mp.merge(copy.deepcopy(unmerged))
+        batch = make_batch(model_name, base.cfg.vocab_size)
+
+        def forward(model):
+            model.eval()
+            return torch.no_grad()(lambda: model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+        seconds = interleaved_medians({"base": forward(base), "unmerged": forward(unmerged),
+                                       "merged": forward(merged)}, args.warmup, args.steps)
+        print(f"| {model_name} | {1e3 * seconds['base']:.1f} | {1e3 * seconds['unmerged']:.1f} "
+              f"({seconds['unmerged'] / seconds['base']:.2f}×) | {1e3 * seconds['merged']:.1f} "
+              f"({seconds['merged'] / seconds['base']:.2f}×) |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="minilm,gpt2", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per library (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per library before timing")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
+    p.add_argument("--no-reference", action="store_true", help="time minipeft only (no transformers/peft)")
+    args = p.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    args.configs = [c for c in args.configs.split(",") if c]
+    for name, valid in (("model", MODELS), ("configuration", CONFIGS)):
+        chosen = args.models if name == "model" else args.configs
+        if unknown := [c for c in chosen if c not in valid]:
+            p.error(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(valid)}")
+    torch.set_num_threads(args.threads)
+    import peft
+    import transformers
+    transformers.logging.set_verbosity_error()  # no load reports for the fresh classifier head
+    transformers.logging.disable_progress_bar()
+    rate = matmul_gflops()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"{args.threads} threads; fp32 matmul {rate:.0f} GFLOP/s; median of {args.steps} steps after "
+          f"{args.warmup} warm-up\n")
+    training_table(args, rate)
+    inference_table(args)
+
+
+if __name__ == "__main__":
+    main()
