@@ -3,9 +3,12 @@
     python bench/methods.py                      # minilm on rotten_tomatoes, 150 steps per method
     python bench/methods.py --steps 300 --methods lora,adapter
 
-Prints a Markdown table: trainable parameters (count, % of the model), adapter file bytes, peak RSS,
-seconds per optimizer step and test accuracy before/after. Each method trains with its own default
-learning rate (see `python train.py --list-methods`) and otherwise identical settings.
+Prints a Markdown table — trainable parameters (count, % of the model), adapter file bytes, peak RSS,
+seconds per optimizer step, inference milliseconds per test example (the adapter merged into the base
+where the method merges) and test accuracy before/after — and writes it to `<out>/methods.md`, with a
+plot of test accuracy against trainable parameters (log scale) in `<out>/methods.png`. Each method
+trains with its own default learning rate (see `python train.py --list-methods`) and otherwise
+identical settings; inference is timed in this process, one method at a time, batches of 64.
 """
 import argparse
 import json
@@ -14,11 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minipeft import METHODS  # noqa: E402
-from minipeft.trainer import headline  # noqa: E402
+import minipeft as mp  # noqa: E402
+from minipeft import METHODS, data  # noqa: E402
+from minipeft.trainer import evaluate, headline  # noqa: E402
 
 # options that differ from the method defaults, so each method fits the 6-layer MiniLM and a short run
 OPTIONS = {"last_k": ["--layers", "2"], "llama_adapter": ["--layers", "6"]}
@@ -41,6 +47,40 @@ def run_method(method, args) -> dict:
     return summary
 
 
+def inference_ms_per_example(args, summary) -> float:
+    """Time one pass over the test split with the trained adapter loaded (merged when it merges)."""
+    n_classes = mp.peft.read_adapter_config(summary["adapter"])["base"]["config"].get("n_classes")
+    model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes)
+    task = data.load_task(args.task, tokenizer, seed=args.seed)
+    if task.kind == "classification" and not model.cfg.n_classes:
+        model.add_classifier(task.n_classes)
+    mp.load_adapter(model, summary["adapter"])
+    if METHODS[summary["method"]].mergeable:
+        mp.merge(model)
+    test = task.splits["test"]
+    evaluate(model, test, task.kind)  # warm-up
+    start = time.perf_counter()
+    evaluate(model, test, task.kind)
+    return 1e3 * (time.perf_counter() - start) / len(test)
+
+
+def plot(rows, path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, params, accuracy in rows:
+        ax.scatter(params, accuracy)
+        ax.annotate(name, (params, accuracy), textcoords="offset points", xytext=(5, 3), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm", help="model to fine-tune")
@@ -49,18 +89,37 @@ def main():
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
     p.add_argument("--seed", type=int, default=0, help="seed shared by every run")
-    p.add_argument("--out", default=str(ROOT / "checkpoints" / "bench_methods"), help="where runs are written")
+    p.add_argument("--out", default=str(ROOT / "checkpoints" / "bench_methods"),
+                   help="where runs, methods.md and methods.png are written")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for timing inference")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    print(f"{args.model} on {args.task}: {args.steps} steps × batch {args.batch_size}, seed {args.seed}\n")
-    print("| method | trainable params | % of model | adapter bytes | peak RSS MiB | s/step | test before | test after |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    if unknown := [m for m in methods if m not in METHODS]:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(args.threads)
+    lines = [f"{args.model} on {args.task}: {args.steps} steps × batch {args.batch_size}, seed {args.seed}",
+             "",
+             "| method | trainable params | % of model | adapter bytes | peak RSS MiB | s/step "
+             "| inference ms/example | test before | test after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    points = []
     for method in methods:
         s = run_method(method, args)
+        ms = inference_ms_per_example(args, s)
+        merged = " (merged)" if METHODS[method].mergeable else ""
         options = ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in s["options"].items())
-        print(f"| {method} {options} | {s['trainable_parameters']:,} | {s['trainable_percent']:.3f} | "
-              f"{s['adapter_bytes']:,} | {s['peak_memory_bytes'] / 2**20:,.0f} | {s['seconds_per_step']:.3f} | "
-              f"{headline(s['test_before'])} | {headline(s['test_after'])} |", flush=True)
+        lines.append(f"| {method} {options} | {s['trainable_parameters']:,} | {s['trainable_percent']:.3f} | "
+                     f"{s['adapter_bytes']:,} | {s['peak_memory_bytes'] / 2**20:,.0f} | {s['seconds_per_step']:.3f} | "
+                     f"{ms:.2f}{merged} | {headline(s['test_before'])} | {headline(s['test_after'])} |")
+        print(lines[-1], flush=True)
+        if "accuracy" in s["test_after"]:
+            points.append((method, s["trainable_parameters"], s["test_after"]["accuracy"]))
+    out = Path(args.out)
+    (out / "methods.md").write_text("\n".join(lines) + "\n")
+    if points:
+        plot(points, out / "methods.png", f"{args.model} on {args.task}, {args.steps} steps")
+    print(f"\nwrote {out / 'methods.md'}" + (f" and {out / 'methods.png'}" if points else ""))
 
 
 if __name__ == "__main__":
