@@ -12,7 +12,8 @@ An adapter on disk is a folder with two files, both written atomically (temp fil
     adapter_config.json   {"method", "options", "base": {fingerprint, config}, "format_version"}
 
 Loading checks the fingerprint, so an adapter trained on one base model is never silently applied to
-another. A new method is one `register(Method(...))` away, and the conformance tests
+another. `save_adapter(..., format="peft")` writes peft's layout instead, and `load_adapter` reads
+either (peft_format.py says how the two map). A new method is one `register(Method(...))` away, and the conformance tests
 (tests/test_methods.py) then check it against what it declares.
 """
 import hashlib
@@ -27,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import adapter, llama_adapter, lora, prefix, prompt, selective
+from . import adapter, llama_adapter, lora, peft_format, prefix, prompt, selective
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -161,12 +162,15 @@ def _atomic_write(path: Path, write: Callable[[str], None]):
 
 
 def save_adapter(model, path, format: str = "minipeft"):
-    """Write the trainable parameters and the method's config to the folder `path`."""
-    if format != "minipeft":
-        raise ValueError(f"unknown adapter format {format!r}; valid formats are: minipeft")
+    """Write the trainable parameters and the method's config to the folder `path`: format "minipeft"
+    (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format.py)."""
+    if format not in ("minipeft", "peft"):
+        raise ValueError(f"unknown adapter format {format!r}; valid formats are: minipeft, peft")
     if not getattr(model, "peft_config", None):
         raise ValueError("this model has no PEFT method; call mp.apply(model, method, ...) first")
     path = Path(path)
+    if format == "peft":
+        return peft_format.save(model, path, _atomic_write)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     config = {
@@ -184,12 +188,16 @@ def save_adapter(model, path, format: str = "minipeft"):
 
 
 def read_adapter_config(path) -> dict:
+    """The config of an adapter folder of either format. Both have "method" and "base": {"source",
+    "config": {"n_classes", ...}}; a peft folder's also has "format": "peft" and peft's own config."""
     path = Path(path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not an adapter folder: {ADAPTER_CONFIG} is missing")
     try:
         config = json.loads(config_file.read_text())
+        if peft_format.is_peft_config(config):
+            return peft_format.read_config(path)
         config["method"], config["options"], config["base"]["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_file} is corrupt ({e}); save the adapter again") from None
@@ -198,9 +206,12 @@ def read_adapter_config(path) -> dict:
 
 def load_adapter(model, path):
     """Load an adapter folder into `model`: applies the saved method first if the model has none,
-    checks that it was trained on this base model, then copies the weights in."""
+    checks that it was trained on this base model, then copies the weights in. A peft folder (found by
+    its config) goes to peft_format.load, which maps peft's names and layouts onto ours."""
     path = Path(path)
     config = read_adapter_config(path)
+    if config.get("format") == "peft":
+        return peft_format.load(model, path)
     if not getattr(model, "peft_config", None):
         apply(model, config["method"], **config["options"])
     mine = model.peft_config
