@@ -3,6 +3,8 @@
     python train.py --method lora --rank 8                 # MiniLM on rotten_tomatoes
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
     python train.py --list-methods
+    python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
+    torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
 """
 import argparse
 import json
@@ -10,20 +12,28 @@ import json
 import torch
 
 import minipeft as mp
-from minipeft import cli, data, trainer
+from minipeft import checkpoint, cli, data, trainer
+
+DEFAULT_METHOD = "lora"
+DEFAULT_OUT = "checkpoints/run"
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
-    p.add_argument("--method", default="lora", help="PEFT method; see --list-methods")
+    p.add_argument("--method", default=None,
+                   help=f"PEFT method; see --list-methods (default: {DEFAULT_METHOD}, or the method "
+                        "saved with --init-adapter)")
     p.add_argument("--list-methods", action="store_true", help="print the methods and their options, then exit")
+    p.add_argument("--init-adapter", default=None, metavar="PATH",
+                   help="start from a saved adapter (its method and options unless --method is given)")
     cli.add_method_flags(p)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (unless --steps)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    t.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
+    t.add_argument("--batch-size", type=int, default=16,
+                   help="examples per micro-batch and process (a step sees batch-size × processes × grad-accum)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's own)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
@@ -32,8 +42,53 @@ def build_parser():
     t.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: four per run)")
     t.add_argument("--model-dropout", type=float, default=None, help="override the checkpoint's dropout")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
-    t.add_argument("--out", default="checkpoints/run", help="output folder: metrics.jsonl and adapter/")
+    t.add_argument("--out", default=None,
+                   help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
+                        "or the --resume folder)")
+    r = p.add_argument_group("checkpoints")
+    r.add_argument("--save-every", type=int, default=100,
+                   help="steps between checkpoints (0: only at the end, and on Ctrl-C or SIGTERM)")
+    r.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose --out folder (or checkpoint-<step> folder) is DIR; "
+                        "give the same options")
+    r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save a checkpoint and stop after this step (continue later with --resume)")
+    r.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient")
     return p
+
+
+def check_numbers(args):
+    """Flags that parse as numbers but make no sense stop here, naming the flag."""
+    rules = [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+             ("--grad-accum", args.grad_accum, args.grad_accum >= 1, ">= 1"),
+             ("--steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
+             ("--epochs", args.epochs, args.epochs > 0, "> 0"),
+             ("--lr", args.lr, args.lr is None or args.lr > 0, "> 0"),
+             ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+             ("--warmup", args.warmup, 0 <= args.warmup < 1, "in [0, 1)"),
+             ("--clip", args.clip, args.clip > 0, "> 0"),
+             ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
+             ("--model-dropout", args.model_dropout,
+              args.model_dropout is None or 0 <= args.model_dropout < 1, "in [0, 1)"),
+             ("--max-len", args.max_len, args.max_len >= 1, ">= 1"),
+             ("--save-every", args.save_every, args.save_every >= 0, ">= 0"),
+             ("--stop-at", args.stop_at, args.stop_at is None or args.stop_at >= 1, ">= 1"),
+             ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1")]
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"{flag} must be {allowed}, got {value}")
+
+
+def check_context_length(model, max_len: int, model_name: str):
+    """--max-len tokens plus the method's virtual tokens (prompt, prefix) must fit the model's positions."""
+    prompt = model.prompt.length if model.prompt is not None else 0
+    prefix = model.blocks[0].attn.prefix.length if model.blocks[0].attn.prefix is not None else 0
+    room = model.cfg.max_seq_len - prompt - prefix
+    if max_len > room:
+        virtual = f" minus {prompt + prefix} virtual tokens of the method" if prompt + prefix else ""
+        raise ValueError(f"--max-len {max_len} does not fit {model_name}: it has {model.cfg.max_seq_len} "
+                         f"positions{virtual}; use --max-len {room} or less")
 
 
 def main(argv):
@@ -41,23 +96,51 @@ def main(argv):
     if args.list_methods:
         print(cli.list_methods())
         return
-    method = mp.peft.get_method(args.method)
+    check_numbers(args)
     options = cli.method_options(args)
-    torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
-    model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
-    task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
-    if task.kind == "classification":
-        model.add_classifier(task.n_classes)
-    mp.apply(model, method.name, **options)
-    config = trainer.TrainConfig(
-        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        max_grad_norm=args.clip, eval_every=args.eval_every, seed=args.seed, out=args.out)
-    print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training examples), "
-          f"method {method.name}, lr {config.lr}")
-    summary = trainer.train(model, task, config)
-    print(trainer.format_summary(summary))
-    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
+    method = mp.peft.get_method(args.method or DEFAULT_METHOD)
+    # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
+    apply_method = not args.init_adapter or args.method is not None or bool(options)
+    out = args.out or (str(checkpoint.run_folder(args.resume)) if args.resume else DEFAULT_OUT)
+    # fail fast, before loading anything: an unwritable --out, an unreadable --resume checkpoint
+    trainer.check_output_folder(out, resume=args.resume)
+    if args.resume:
+        checkpoint.read_state(args.resume)
+
+    rank, world_size = trainer.init_distributed()
+    try:
+        torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
+        model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
+        model.to(trainer.device_for_process())
+        check_context_length(model, args.max_len, args.model)
+        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
+        if task.kind == "classification":
+            model.add_classifier(task.n_classes)
+        if apply_method:
+            mp.apply(model, method.name, **options)
+        if args.init_adapter:
+            mp.load_adapter(model, args.init_adapter)
+            method = mp.peft.get_method(model.peft_config["method"])
+        check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+        config = trainer.TrainConfig(
+            epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+            max_grad_norm=args.clip, eval_every=args.eval_every, seed=args.seed, out=out,
+            save_every=args.save_every, max_bad_steps=args.max_bad_steps, resume=args.resume,
+            stop_at=args.stop_at,
+            run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
+                 "model_dropout": args.model_dropout, "init_adapter": args.init_adapter})
+        if rank == 0:
+            print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
+                  f"examples), method {method.name}, lr {config.lr}"
+                  + (f", {world_size} processes" if world_size > 1 else ""))
+        summary = trainer.train(model, task, config)
+        if rank == 0:
+            print(trainer.format_summary(summary))
+            print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 Every method option (see peft.METHODS) becomes a flag of the same name (`targets` -> `--targets`),
 defaulting to None so that only the options a user actually typed reach `apply`; a flag that the
 chosen method does not take is an error naming the method's options.
+
+Exit codes of `run`: 0 done (or stopped at --stop-at), 2 bad input (one line, no traceback unless
+--debug), 1 training diverged (too many non-finite steps), 130 / 143 stopped by Ctrl-C / SIGTERM
+after saving a checkpoint.
 """
 import argparse
+import os
 import sys
 import traceback
 
 from .peft import METHODS
+from .trainer import Stopped
 
 OPTION_HELP = {
     "rank": "LoRA rank r (>= 1)",
@@ -62,7 +68,11 @@ def list_methods() -> str:
 
 
 def run(main, argv=None):
-    """Run main(argv); bad input prints one line and exits with code 2 (use --debug for the traceback)."""
+    """Run main(argv); bad input prints one line and exits with code 2 (use --debug for the traceback).
+
+    A training run that stops early on purpose (trainer.Stopped) prints why and exits with its code:
+    0 at --stop-at, 128 + the signal's number when interrupted (130 Ctrl-C, 143 SIGTERM), 1 when it
+    diverged."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
@@ -71,6 +81,12 @@ def run(main, argv=None):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        if "--debug" in argv:
+            traceback.print_exc()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike; rank 0 says why
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

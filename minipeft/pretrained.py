@@ -436,12 +436,20 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder} is not an HF model folder: it has no config.json")
-    config = json.loads(config_file.read_text())
-    model_type = config.get("model_type")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(_corrupt(config_file, error)) from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in HF_CONFIGS:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; "
                          f"supported: {', '.join(HF_MODEL_TYPES)}")
-    checkpoint_config = HF_CONFIGS[model_type](config, folder, source)
+    try:
+        checkpoint_config = HF_CONFIGS[model_type](config, folder, source)
+    except KeyError as error:
+        raise ValueError(f"{config_file} has no {error.args[0]!r}, which a {model_type} config needs; "
+                         "save the model's config again (transformers: model.config.save_pretrained(folder))"
+                         ) from None
     weights = _read_hf_weights(folder)
     model = _build_model(checkpoint_config, overrides, source)
     _load_weights(model, weights, HF_RULES[model_type], IGNORED[model_type], source, HF_PREFIXES[model_type])
@@ -474,7 +482,10 @@ def _read_tokenizer_json(folder: Path) -> Tokenizer:
         raise FileNotFoundError(f"{folder} has no tokenizer.json; save the model's tokenizer there "
                                 "(tokenizers: tokenizer.save(path); "
                                 "transformers: tokenizer.save_pretrained(folder))")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(_corrupt(tokenizer_file, error)) from None
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer

@@ -1,0 +1,243 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is a folder inside the run's output folder. It is written whole into a temporary folder
+and then renamed, and only then does `latest_checkpoint` (also replaced by a rename) point at it, so
+a crash at any moment leaves the previous checkpoint or the new one, never half of one:
+
+    <out>/latest_checkpoint          the name of the newest complete checkpoint folder
+    <out>/checkpoint-<step>/
+        adapter.safetensors          the trainable parameters        } an ordinary adapter folder
+        adapter_config.json          method, options, base model     } (eval.py --adapter reads it)
+        trainer_state.safetensors    every other tensor: AdamW's moments, as "optimizer.<i>.<name>"
+                                     (i = the parameter's index in the optimizer), and each process's
+                                     torch RNG states, as "rng.torch.<rank>" and "rng.cuda.<rank>"
+        trainer_state.json           the rest: step, progress (data position: epoch and next batch;
+                                     metrics so far), scheduler, the run's options, method, library
+                                     versions, the optimizer's param_groups with an index of the
+                                     tensors each parameter's state holds, and Python's RNG
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON. After a new checkpoint is in
+place the older checkpoint-<step> folders are removed, so a run keeps one (the last good one).
+"""
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import peft
+
+FORMAT_VERSION = 1
+LATEST = "latest_checkpoint"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+FOLDER = re.compile(r"checkpoint-\d+")
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the checkpoint-<step> folder
+    state: dict  # trainer_state.json
+    tensors: dict[str, torch.Tensor]  # trainer_state.safetensors
+    parameters: dict[str, torch.Tensor]  # adapter.safetensors
+
+
+# ----------------------------------------------------------------------------------------------------
+# saving
+
+
+def save(out: Path, model, optimizer, state: dict, rng: dict[str, torch.Tensor]) -> Path:
+    """Write `<out>/checkpoint-<step>` (step = state["step"]), point `latest_checkpoint` at it and
+    remove older checkpoints. `state` is the JSON-able part, `rng` the RNG states (rng_states())."""
+    name = f"checkpoint-{state['step']}"
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft.save_adapter(model, tmp)  # adapter.safetensors + adapter_config.json
+    tensors, optimizer_index = _flatten_optimizer(optimizer)
+    tensors.update(rng)
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    state = {"format_version": FORMAT_VERSION, **state, "optimizer": optimizer_index,
+             "python_rng": random.getstate()}
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+    _fsync_folder(tmp)
+
+    final = out / name
+    if final.exists():  # a checkpoint of the same step left by an earlier run in this folder
+        final.rename(out / f".{name}.old-{os.getpid()}")
+    tmp.rename(final)
+    _write_atomically(out / LATEST, name)
+    for old in out.iterdir():  # older checkpoints, and leftovers of interrupted saves
+        ours = FOLDER.fullmatch(old.name) or old.name.startswith(".checkpoint-")
+        if ours and old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors by flat name, a JSON index that rebuilds it with them)."""
+    state_dict = optimizer.state_dict()
+    tensors, index = {}, {}
+    for i, values in state_dict["state"].items():
+        index[str(i)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{i}.{key}"] = value.detach().cpu().contiguous()
+                index[str(i)][key] = {"tensor": f"optimizer.{i}.{key}"}
+            else:
+                index[str(i)][key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": index}
+
+
+def rng_states(world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG states (CPU, and its CUDA device's), by rank. With world_size > 1
+    every process must call this (it is a collective), and every process gets them all."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world_size == 1:
+        return {f"rng.{kind}.0": state for kind, state in mine.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    states = {}
+    for kind, state in mine.items():
+        gathered = [torch.empty_like(state, device=device) for _ in range(world_size)]
+        dist.all_gather(gathered, state.to(device))
+        states.update({f"rng.{kind}.{rank}": s.cpu() for rank, s in enumerate(gathered)})
+    return states
+
+
+def _write_atomically(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_folder(folder: Path):
+    """Flush the folder's files to disk, so the rename that publishes them cannot outrun them."""
+    for file in folder.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------
+# finding and loading
+
+
+def find(path) -> Path:
+    """The checkpoint folder that `path` means: a run's output folder (its latest checkpoint) or a
+    checkpoint-<step> folder itself."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        if not (path / name / STATE_JSON).is_file():
+            raise ValueError(f"{path / LATEST} names {name!r}, which is not a complete checkpoint "
+                             f"folder in {path}; resume from another checkpoint or start a new run")
+        return path / name
+    if (path / STATE_JSON).is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such folder; give the --out folder of the run "
+                                "to continue")
+    raise ValueError(f"--resume {path}: no checkpoint there (no {LATEST} or {STATE_JSON}); give the "
+                     "--out folder of a run started by train.py, or one of its checkpoint-<step> folders")
+
+
+def run_folder(path) -> Path:
+    """The output folder of the run that `path` (as given to --resume) belongs to."""
+    path = Path(path)
+    return path.parent if (path / STATE_JSON).is_file() and not (path / LATEST).is_file() else path
+
+
+def read_state(path) -> tuple[Path, dict]:
+    """(checkpoint folder, its trainer_state.json), checked to be readable; no tensors are read."""
+    folder = find(path)
+    file = folder / STATE_JSON
+    try:
+        state = json.loads(file.read_text())
+        state["step"], state["steps"], state["progress"]["epoch"], state["progress"]["batch"]
+        state["run"], state["method"], state["optimizer"]["param_groups"], state["python_rng"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file} is corrupt ({type(e).__name__}: {e}); this checkpoint cannot be "
+                         "resumed: resume from another copy or start a new run") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this minipeft "
+                         f"reads version {FORMAT_VERSION}")
+    return folder, state
+
+
+def load(path) -> Checkpoint:
+    """Read a checkpoint completely (so a corrupt file stops the run before anything is written)."""
+    folder, state = read_state(path)
+    tensors = _read_safetensors(folder / STATE_TENSORS)
+    parameters = _read_safetensors(folder / peft.ADAPTER_WEIGHTS)
+    return Checkpoint(folder, state, tensors, parameters)
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise ValueError(f"checkpoint {file.parent} is incomplete: {file.name} is missing; resume from "
+                         "another copy or start a new run")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is corrupt or truncated ({e}); this checkpoint cannot be resumed: "
+                         "resume from another copy or start a new run") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# restoring
+
+
+def restore_parameters(model, checkpoint: Checkpoint):
+    """Copy the checkpoint's trainable parameters into the model (same names and shapes, or an error)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = checkpoint.parameters
+    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    wrong = [f"{name} {tuple(saved[name].shape)} (model: {tuple(p.shape)})" for name, p in params.items()
+             if name in saved and saved[name].shape != p.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint {checkpoint.path} does not fit this model: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shapes {wrong}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def restore_optimizer(optimizer, checkpoint: Checkpoint):
+    index = checkpoint.state["optimizer"]
+    state = {}
+    missing = [v["tensor"] for values in index["state"].values() for v in values.values()
+               if isinstance(v, dict) and v["tensor"] not in checkpoint.tensors]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint.path} is incomplete: {STATE_TENSORS} lacks "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    for i, values in index["state"].items():
+        state[int(i)] = {key: checkpoint.tensors[value["tensor"]] if isinstance(value, dict) else value
+                         for key, value in values.items()}
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": index["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {checkpoint.path}: its optimizer state does not fit this run "
+                         f"({e})") from None
+
+
+def restore_rng(checkpoint: Checkpoint, rank: int = 0):
+    """Put this process's torch RNGs (CPU, and CUDA if saved and present) and Python's RNG back where
+    they were when the checkpoint was saved."""
+    if f"rng.torch.{rank}" not in checkpoint.tensors:
+        raise ValueError(f"checkpoint {checkpoint.path} has no RNG state for process {rank}")
+    torch.set_rng_state(checkpoint.tensors[f"rng.torch.{rank}"])
+    if torch.cuda.is_available() and f"rng.cuda.{rank}" in checkpoint.tensors:
+        torch.cuda.set_rng_state(checkpoint.tensors[f"rng.cuda.{rank}"])
+    version, internal, gauss = checkpoint.state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
