@@ -1,0 +1,87 @@
+"""Tests for minipeft/fewshot.py: the cached prompt scores exactly what the whole prompt scores."""
+import csv
+
+import pytest
+import torch
+
+import minipeft as mp
+from minipeft import data, fewshot
+
+
+def write_reviews(path, n=24):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            writer.writerow([f"review number {i} was {'great' if i % 2 else 'dull'}", "positive" if i % 2 else "negative"])
+    return path
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    model, tokenizer = mp.from_pretrained("tiny-llama")
+    task = data.load_task(write_reviews(tmp_path / "reviews.csv"), tokenizer, max_len=64)
+    return model, tokenizer, task
+
+
+def whole_prompt_score(model, tokenizer, prompt: str, label: str) -> float:
+    """log p(label | prompt) from one uncached forward pass over prompt + label."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    label_ids = tokenizer.encode(" " + label, add_special_tokens=False).ids
+    ids = torch.tensor([prompt_ids + label_ids])
+    log_probs = model(ids)[0].log_softmax(-1)  # (T, V)
+    return sum(log_probs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(label_ids))
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_cached_scores_equal_whole_prompt_scores(tiny_task, k):
+    model, tokenizer, task = tiny_task
+    scores, labels = fewshot.few_shot_scores(model, tokenizer, task, k=k, seed=1, batch_size=2)
+    train, test = task.splits["train"], task.splits["test"]
+    demos = "".join(fewshot.TEMPLATE.format(text=tokenizer.decode(train.input_ids[i], skip_special_tokens=True))
+                    + f" {task.label_names[train.labels[i]]}\n\n"
+                    for i in fewshot.pick_demonstrations(train, k, task.n_classes, seed=1))
+    assert scores.shape == (len(test), task.n_classes) and labels.tolist() == test.labels
+    for i in range(len(test)):
+        prompt = demos + fewshot.TEMPLATE.format(text=tokenizer.decode(test.input_ids[i], skip_special_tokens=True))
+        for c, name in enumerate(task.label_names):
+            assert scores[i, c].item() == pytest.approx(whole_prompt_score(model, tokenizer, prompt, name), abs=1e-4)
+
+
+def test_demonstrations_are_balanced_and_seeded(tiny_task):
+    _, _, task = tiny_task
+    train = task.splits["train"]
+    picked = fewshot.pick_demonstrations(train, 4, 2, seed=0)
+    assert sorted(train.labels[i] for i in picked) == [0, 0, 1, 1]
+    assert picked == fewshot.pick_demonstrations(train, 4, 2, seed=0)
+    assert picked != fewshot.pick_demonstrations(train, 4, 2, seed=5)
+    with pytest.raises(ValueError, match="too few examples"):
+        fewshot.pick_demonstrations(train, len(train) + 2, 2, seed=0)
+
+
+def test_accuracy_and_limit(tiny_task):
+    model, tokenizer, task = tiny_task
+    result = fewshot.few_shot_accuracy(model, tokenizer, task, k=2, limit=2)
+    assert result["examples"] == 2 and result["shots"] == 2 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_refuses_what_it_cannot_score(tmp_path, tiny_task):
+    model, tokenizer, task = tiny_task
+    bert, bert_tokenizer = mp.from_pretrained("tiny-bert")
+    with pytest.raises(ValueError, match="causal language model"):
+        fewshot.few_shot_scores(bert, bert_tokenizer, task)
+    lm_path = tmp_path / "text.txt"
+    lm_path.write_text("to be or not to be " * 200)
+    with pytest.raises(ValueError, match="classification task"):
+        fewshot.few_shot_scores(model, tokenizer, data.load_task(lm_path, tokenizer, max_len=16))
+    with pytest.raises(ValueError, match=">= 0"):
+        fewshot.few_shot_scores(model, tokenizer, task, k=-1)
+
+
+def test_eval_cli_few_shot(tmp_path, capsys):
+    import eval as eval_cli
+    path = write_reviews(tmp_path / "reviews.csv")
+    eval_cli.main(["--model", "tiny-llama", "--task", str(path), "--few-shot", "2", "--limit", "2"])
+    assert "tiny-llama 2-shot in context" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--limit must be >= 1"):
+        eval_cli.main(["--model", "tiny-llama", "--task", str(path), "--few-shot", "2", "--limit", "0"])
