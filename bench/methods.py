@@ -9,6 +9,10 @@ where the method merges) and test accuracy before/after — and writes it to `<o
 plot of test accuracy against trainable parameters (log scale) in `<out>/methods.png`. Each method
 trains with its own default learning rate (see `python train.py --list-methods`) and otherwise
 identical settings; inference is timed in this process, one method at a time, batches of 64.
+
+The last rows train nothing: the few-shot in-context baseline of a causal LM (`--few-shot-model`,
+default smollm2) with K labelled examples in its prompt (eval.py --few-shot; minipeft/fewshot.py),
+on the first `--few-shot-limit` test examples; `--few-shot ''` leaves them out.
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft import METHODS, data  # noqa: E402
+from minipeft import METHODS, data, fewshot  # noqa: E402
 from minipeft.trainer import evaluate, headline  # noqa: E402
 
 # options that differ from the method defaults, so each method fits the 6-layer MiniLM and a short run
@@ -64,6 +68,16 @@ def inference_ms_per_example(args, summary) -> float:
     return 1e3 * (time.perf_counter() - start) / len(test)
 
 
+def few_shot_row(args, k: int) -> str:
+    model, tokenizer = mp.from_pretrained(args.few_shot_model)
+    task = data.load_task(args.task, tokenizer, seed=args.seed)
+    start = time.perf_counter()
+    result = fewshot.few_shot_accuracy(model, tokenizer, task, k=k, seed=args.seed, limit=args.few_shot_limit)
+    ms = 1e3 * (time.perf_counter() - start) / result["examples"]
+    return (f"| no training: {args.few_shot_model} {k}-shot in context (first {result['examples']} "
+            f"test examples) | 0 | 0 | 0 | — | — | {ms:.1f} | — | accuracy {result['accuracy']:.4f} |")
+
+
 def plot(rows, path: Path, title: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -91,6 +105,10 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed shared by every run")
     p.add_argument("--out", default=str(ROOT / "checkpoints" / "bench_methods"),
                    help="where runs, methods.md and methods.png are written")
+    p.add_argument("--few-shot", default="0,4", help="comma-separated numbers of demonstrations, one "
+                   "no-training baseline row each ('' for none)")
+    p.add_argument("--few-shot-model", default="smollm2", help="causal LM for the few-shot row")
+    p.add_argument("--few-shot-limit", type=int, default=300, help="test examples the few-shot row scores")
     p.add_argument("--threads", type=int, default=2, help="torch threads for timing inference")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -115,6 +133,9 @@ def main():
         print(lines[-1], flush=True)
         if "accuracy" in s["test_after"]:
             points.append((method, s["trainable_parameters"], s["test_after"]["accuracy"]))
+    for k in (int(k) for k in args.few_shot.split(",") if k):
+        lines.append(few_shot_row(args, k))
+        print(lines[-1], flush=True)
     out = Path(args.out)
     (out / "methods.md").write_text("\n".join(lines) + "\n")
     if points:
