@@ -285,8 +285,11 @@ class Transformer(nn.Module):
         x = self.drop(x)
         mask = self._attention_mask(attention_mask, T, past)
         for block in self.blocks:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, rope, cache, use_reentrant=False)
+            if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                # keep only the block's input; backward reruns the block (non-reentrant: fine when x
+                # needs no grad) with the RNG state restored, so dropout draws the same masks again.
+                # Never with a KV cache: the rerun would append its keys/values a second time.
+                x = checkpoint(block, x, mask, rope, None, use_reentrant=False, preserve_rng_state=True)
             else:
                 x = block(x, mask, rope, cache)
         x = self.ln_f(x) if self.ln_f is not None else x  # (B, T, d)

@@ -329,8 +329,29 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
 
 # ------------------------------------------------------------------------------------------- module
 
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x W_hatᵀ + b that keeps nothing for backward but the 4-bit layer itself.
+
+    Plain `F.linear(x, dequantized_weight(), b)` would save the fp32 W_hat for backward (dx = dy W_hat):
+    one out×in fp32 copy per layer, alive until backward — 8× the 4-bit storage, and as much as LoRA's
+    frozen fp32 base. W is frozen (a buffer), so backward needs no x either: it dequantizes W_hat again
+    (the same bits) and returns dy W_hat. Memory: 4-bit codes only; time: one more dequantization."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(), layer.bias)  # W_hat freed when this returns
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (..., out) -> (..., in); no gradient for the layer
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantized_weight(), None
+
+
 class Linear4bit(nn.Module):
-    """A frozen linear layer whose weight is stored 4-bit: y = x W_hatᵀ + b, W_hat dequantized per call.
+    """A frozen linear layer whose weight is stored 4-bit: y = x W_hatᵀ + b, W_hat dequantized per call
+    (and once more in backward, instead of being kept alive: see `_Linear4bitFunction`).
 
     Everything is a buffer — packed codes `weight_codes`, the quantization state `weight_absmax`, or
     `weight_absmax_{codes,scales,offset}` under double quantization, and the fp32 `bias` — so the layer
@@ -383,7 +404,7 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight_codes, self.quant_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) fp32 -> (..., out) fp32
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return _Linear4bitFunction.apply(x, self)
 
     def storage_bytes(self) -> int:
         """Bytes held by this layer: packed codes + quantization state + bias."""
@@ -408,14 +429,18 @@ def bits_per_parameter(module: nn.Module) -> float:
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
+def values_in_4bit_layers(model: nn.Module) -> int:
+    """How many weights and biases the model's Linear4bit layers hold (buffers, so model.parameters()
+    does not count them)."""
+    return sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+               for m in model.modules() if isinstance(m, Linear4bit))
+
+
 def frozen_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes the frozen weights occupy now, bytes they would occupy in fp32): 4-bit layers count
     their codes and state, every other frozen parameter its own size."""
-    now = fp32 = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            weights = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-            now, fp32 = now + module.storage_bytes(), fp32 + 4 * weights
+    now = sum(m.storage_bytes() for m in model.modules() if isinstance(m, Linear4bit))
+    fp32 = 4 * values_in_4bit_layers(model)
     for p in model.parameters():
         if not p.requires_grad:
             now, fp32 = now + p.numel() * p.element_size(), fp32 + 4 * p.numel()

@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint, peft
-from .quant import frozen_weight_bytes
+from .quant import frozen_weight_bytes, values_in_4bit_layers
 
 
 @dataclass
@@ -332,7 +332,7 @@ def train(model, data, cfg: TrainConfig) -> dict:
 
 def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapter_dir: Path, saved,
                  world_size: int) -> dict:
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + values_in_4bit_layers(model)  # 4-bit: buffers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen_bytes, frozen_fp32_bytes = frozen_weight_bytes(model)
     adapter_file = adapter_dir / peft.ADAPTER_WEIGHTS

@@ -85,3 +85,15 @@ def test_from_pretrained_straight_into_4bit_then_qlora():
     torch.testing.assert_close(pre.encode(idx, mask), late.encode(idx, mask), atol=0, rtol=0)
     with pytest.raises(ValueError, match="already quantized as nf4"):
         mp.apply(mp.from_pretrained("tiny-llama", quantize="nf4")[0], "qlora", quant="fp4")
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_4bit_layers_still_count_as_model_weights(flavor):
+    from minipeft.quant import frozen_weight_bytes, values_in_4bit_layers
+    base = tiny_model(flavor)
+    qlora = tiny_model(flavor)
+    mp.apply(qlora, "qlora", rank=2)
+    lora_params = mp.peft.expected_trainable_parameters(qlora)
+    total = sum(p.numel() for p in qlora.parameters()) + values_in_4bit_layers(qlora)
+    assert total == sum(p.numel() for p in base.parameters()) + lora_params
+    assert frozen_weight_bytes(qlora)[1] == 4 * sum(p.numel() for p in base.parameters())

@@ -1,0 +1,407 @@
+"""Where fine-tuning memory goes: a ledger of weights, gradients, optimizer state and activations.
+
+    report = mp.memory_report(model, batch_size=4, seq_len=256)   # bytes, for the model as it is now
+    print(mp.format_report(report))
+
+Per parameter (fp32 training with AdamW, which keeps two fp32 moments per trainable parameter):
+
+    full fine-tuning   4 (weight) + 4 (gradient) + 8 (moments) = 16 bytes per parameter
+    LoRA               4 per frozen base parameter; the 16 only for the adapter's parameters
+    QLoRA              ≈ 0.52 per frozen base parameter of the blocks' linear layers (4.127 bits: 4-bit
+                       codes, an 8-bit absmax per 64, an fp32 scale per 64·256), 4 for the embeddings and
+                       norms, which stay fp32; 16 per adapter parameter
+
+Activations are what autograd keeps from the forward pass for backward: they grow with tokens, not
+parameters. N = batch · tokens (soft-prompt tokens included), S = keys per query (tokens + prefix),
+d = d_model, f = d_ff, d_kv = n_kv_head · head_dim, r = LoRA rank, V = vocab, all fp32. Each tensor counts
+once however many ops keep it, and a linear layer keeps its input only to compute its own weight's
+gradient — a frozen or 4-bit weight needs just dy·W — which is much of what PEFT saves. Per block
+(`activation_bytes` walks model.py's forward pass; tests/test_memory.py checks it against the tensors
+autograd really keeps, for every method and flavour, to 2%):
+
+    attention        flash attention (PyTorch's CPU kernel when dropout is 0) keeps q, k, v, its output
+                     (which is o's input) and one log-sum-exp per query and head: N·(2d + 2·d_kv)
+    norms            input + 2 statistics per token (LayerNorm); RMSNorm: input + 1, + its normalized
+                     input when its weight trains
+    gpt2/bert, LoRA  ln1 in, ln1 out, LoRA's r-wide A outputs, q, k, v, y, ln2 in, GELU in
+                     ≈ N·(5d + 2·d_kv + f)           GPT-2-small, N = 1024: 33 MiB per block
+    + full FT        ln2 out (up's input), GELU out (down's input): + N·(d + f)             48 MiB
+    llama            SwiGLU keeps gate, silu(gate) and up: 3f instead of f (+ f, down's input, in full FT)
+    dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention falls back
+                     to the math kernel, which keeps softmax, mask and dropped scores: 3 · B·H·T·S
+    LM head          N·V log-probabilities (cross-entropy's log_softmax output)
+
+Peak activations come at the start of backward: the log-probabilities' gradient and the logits'
+gradient join them (3·N·V in all: 590 MiB for GPT-2-small at batch 4 × 256, as much as 12 LoRA blocks),
+or inside a block's backward (the gradient arriving at its output and the two widest inside it,
+N·(d + 2·max(d, f))), whichever is larger. Activation checkpointing (model.checkpointing = True) keeps
+only each block's input, N·d, and reruns one block at a time in backward, adding that block's
+activations to the second case; the LM head's 3·N·V is outside the blocks and stays.
+
+Gradients appear during backward as the activations they come from are freed (the trainer frees them
+with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
+gradient plus two temporaries the size of the largest trainable tensor (sqrt(v), then its scaled copy).
+So the predicted peak resident size is
+
+    total = runtime + weights + optimizer state + max(activations, gradients + AdamW temporaries)
+
+with runtime = RUNTIME_BYTES, the resident size of Python, torch and minipeft themselves after a first
+training step (bench/memory.py measures it). The prediction assumes freed tensors leave the process:
+call `mmap_large_tensors()` (glibc keeps them otherwise; its docstring says why and what it costs).
+With it, bench/memory.py measures GPT-2-small and SmolLM2, full / LoRA / QLoRA with and without
+checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA caching allocator here.
+"""
+import torch.nn as nn
+
+from .adapter import AdapterLinear
+from .lora import LowRankUpdate
+from .quant import Linear4bit
+
+# Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
+# first forward, backward and AdamW step load code and modules that the imports alone do not), with
+# every tensor freed again; measured on Linux x86-64 with glibc 2.36 (bench/memory.py measures it again
+# on the machine it runs on: imports alone are ≈ 236 MiB).
+RUNTIME_BYTES = 325 * 2**20
+
+FP32 = 4
+
+
+# -------------------------------------------------------------------------------------- allocator
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+_mmap_threshold: int | None = None  # set by mmap_large_tensors()
+
+
+def mmap_large_tensors(threshold: int = 128 * 1024) -> bool:
+    """Make glibc give every allocation of `threshold` bytes or more its own memory mapping, returned to
+    the operating system as soon as it is freed, so the resident size follows the live tensors (what
+    this ledger counts). Returns False where there is no glibc (macOS, musl): nothing changes there.
+
+    Why: glibc serves large requests with mmap only until the first one is freed; from then on its
+    threshold grows with the freed size (up to 32 MiB), and activations come from the brk heap. There
+    the few small objects a training step keeps (autograd nodes, tensor headers, checkpoint records)
+    land inside the holes freed activations leave, so the next tensor of the same size no longer fits
+    them and the heap grows instead: with checkpointing, GPT-2-small at batch 4 × 256 keeps ≈ 400 MiB of
+    freed activations resident, about a block's temporaries per block. The cost of a fixed threshold is
+    a page fault per 4 KiB the first time each new tensor is written (bench/memory.py shows both)."""
+    global _mmap_threshold
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        _mmap_threshold = int(threshold)
+    return ok
+
+
+def allocator_policy() -> str:
+    """How large tensors are allocated in this process: which this ledger's total assumes."""
+    import os
+    threshold = _mmap_threshold or os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if threshold:
+        return f"glibc, every allocation of {int(threshold) // 1024:,} KiB or more mmapped and returned when freed"
+    return "glibc default (freed activations may stay resident: see memory.mmap_large_tensors)"
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's tensors: trainable parameters, frozen full-precision parameters and buffers,
+    and 4-bit layers (Linear4bit buffers: packed codes, quantization state, bias)."""
+    four_bit = {id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers(recurse=False)}
+    sizes = {"frozen": 0, "frozen_4bit": 0, "trainable": 0}
+    for p in model.parameters():  # each tensor once, even when tied (head = tok_emb)
+        sizes["trainable" if p.requires_grad else "frozen"] += p.numel() * p.element_size()
+    for b in model.buffers():
+        sizes["frozen_4bit" if id(b) in four_bit else "frozen"] += b.numel() * b.element_size()
+    return sizes
+
+
+# -------------------------------------------------------------------------------------- activations
+
+def _trains(module) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def _weight_trains(layer) -> bool:
+    """A linear layer keeps its input for backward only to compute its own weight's gradient."""
+    weight = getattr(layer, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.requires_grad
+
+
+class _Saved:
+    """The tensors autograd keeps for backward, by name, in elements (a name is counted once)."""
+
+    def __init__(self):
+        self.elements: dict[str, float] = {}
+
+    def keep(self, name: str, elements: float):
+        self.elements[name] = elements
+
+    def dropout(self, p: float, name: str, elements: float, grad: bool):
+        """nn.Dropout on CPU multiplies by an fp32 mask, kept when its input needs a gradient."""
+        if p > 0 and grad:
+            self.keep(name + ".mask", elements)
+
+    def total(self) -> float:
+        return sum(self.elements.values())
+
+
+def _linear(saved: _Saved, layer, x: str, n: int, grad: bool) -> bool:
+    """Tensors one (possibly wrapped) linear layer keeps for input `x` (n tokens, `grad`: x needs a
+    gradient); returns whether its output needs one."""
+    d_in = layer.in_features
+    out_grad = grad or _trains(layer)
+    if _weight_trains(layer):
+        saved.keep(x, n * d_in)
+    if isinstance(layer, LowRankUpdate):  # dropout(x) -> A -> B
+        p, me = layer.lora_dropout.p, f"{x}@{id(layer)}"
+        if p > 0:  # each LoRA layer draws its own mask
+            saved.dropout(p, f"{me}.lora_dropout", n * d_in, grad)
+            saved.keep(f"{me}.lora_dropout.out", n * d_in)
+        else:
+            saved.keep(x, n * d_in)
+        saved.keep(f"{me}.lora_A.out", n * layer.rank)
+    if isinstance(layer, AdapterLinear):  # h -> down -> GELU -> up, residual
+        m = layer.adapter_down.out_features
+        saved.keep(f"adapter_h@{id(layer)}", n * layer.out_features)
+        saved.keep(f"adapter_down@{id(layer)}", n * m)
+        saved.keep(f"adapter_act@{id(layer)}", n * m)
+    return out_grad
+
+
+def _norm(saved: _Saved, norm, x: str, n: int, d: int, grad: bool) -> bool:
+    """LayerNorm (one fused op) keeps its input, mean and 1/std per token if anything needs a gradient.
+    RMSNorm is x · rsqrt(mean(x²) + ε) · w in torch's CPU code: x and 1/rms when x needs a gradient,
+    the normalized x when w trains."""
+    trains = _trains(norm)
+    if isinstance(norm, nn.RMSNorm):
+        if grad:
+            saved.keep(x, n * d)
+            saved.keep(f"{x}.stats", n)
+        if trains:
+            saved.keep(f"{x}.normalized", n * d)
+    elif grad or trains:
+        saved.keep(x, n * d)
+        saved.keep(f"{x}.stats", 2 * n)
+    return grad or trains
+
+
+def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: int, masked: int,
+               grad: bool, L: str) -> bool:
+    """q, k, v projections, RoPE, prefix keys, scaled_dot_product_attention, adaption prompt, o."""
+    n, H, Hkv, hd = batch * tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q_grad = _linear(saved, attn.q, x, n, grad)
+    k_grad = _linear(saved, attn.k, x, n, grad) or attn.prefix is not None and _trains(attn.prefix.tuning)
+    v_grad = _linear(saved, attn.v, x, n, grad) or attn.prefix is not None and _trains(attn.prefix.tuning)
+    if cfg.flavor == "llama" and (q_grad or k_grad):
+        saved.keep("rope_tables", 2 * tokens * hd)  # cos, sin: (T, hd) each, shared by every block
+    if attn.adaption is not None:  # q against K prompt keys: a separate softmax, gated
+        K = attn.adaption.prompt.shape[0]
+        saved.keep(f"{L}.adaption_q", n * H * hd)  # q is a transposed view: matmul copies it
+        if q_grad:
+            saved.keep(f"{L}.adaption_keys", batch * H * K * hd)  # broadcast over the batch: a copy
+        saved.keep(f"{L}.adaption_scores", batch * H * tokens * K)
+        saved.keep(f"{L}.adaption_values", batch * H * K * hd)
+        saved.keep(f"{L}.adaption_out", n * H * hd)  # the gate's other factor
+    if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
+        return _linear(saved, attn.o, f"{L}.attn_out", n, _trains(attn.adaption))
+    if cfg.dropout == 0:  # flash attention (CPU): q, k, v, output, log-sum-exp; a mask as fp32
+        saved.keep(f"{L}.q", n * H * hd)
+        saved.keep(f"{L}.k", batch * keys * Hkv * hd)
+        saved.keep(f"{L}.v", batch * keys * Hkv * hd)
+        saved.keep(f"{L}.y", n * H * hd)
+        saved.keep(f"{L}.lse", n * H)
+        if masked:  # the boolean mask, as an additive fp32 mask
+            saved.keep(f"{L}.mask", masked * tokens * keys)
+    else:  # math kernel: scaled q and kᵀ, softmax, dropout mask, dropped scores, v (GQA: repeated to H heads)
+        scores = batch * H * tokens * keys
+        if k_grad:
+            saved.keep(f"{L}.q_scaled", n * H * hd)
+        if q_grad:
+            saved.keep(f"{L}.k_scaled", batch * keys * H * hd)
+        saved.keep(f"{L}.softmax", scores)
+        saved.keep(f"{L}.dropout_mask", scores)
+        if v_grad:
+            saved.keep(f"{L}.scores_dropped", scores)
+        saved.keep(f"{L}.v_repeated", batch * keys * H * hd)
+    # y.transpose(1, 2).reshape(B, T, H·hd) is o's input: a view of flash attention's output (which it
+    # lays out as (B, T, H, hd)), a copy of the math kernel's
+    return _linear(saved, attn.o, f"{L}.y" if cfg.dropout == 0 else f"{L}.attn_out", n, True)
+
+
+def _mlp(saved: _Saved, mlp, cfg, x: str, n: int, grad: bool, L: str) -> bool:
+    f = cfg.d_ff
+    up_grad = _linear(saved, mlp.up, x, n, grad)
+    if cfg.flavor == "llama":  # down(silu(gate(x)) * up(x))
+        gate_grad = _linear(saved, mlp.gate, x, n, grad)
+        if gate_grad:
+            saved.keep(f"{L}.gate", n * f)  # silu's input
+        if up_grad:
+            saved.keep(f"{L}.silu", n * f)  # the product's other factor
+        if gate_grad:
+            saved.keep(f"{L}.up", n * f)
+        hidden_grad = up_grad or gate_grad
+    else:  # down(gelu(up(x)))
+        if up_grad:
+            saved.keep(f"{L}.up", n * f)  # GELU's input
+        hidden_grad = up_grad
+    return _linear(saved, mlp.down, f"{L}.act", n, hidden_grad)
+
+
+def _block(saved: _Saved, block, cfg, x: str, batch: int, tokens: int, keys: int, masked: int,
+           grad: bool, L: str) -> bool:
+    """One Block.forward; returns whether its output needs a gradient."""
+    n, d, p = batch * tokens, cfg.d_model, cfg.dropout
+    if block.pre_norm:  # x = x + drop(attn(ln1(x))); x = x + drop(mlp(ln2(x)))
+        h_grad = _norm(saved, block.ln1, x, n, d, grad)  # ln1's output needs a gradient
+        a_grad = _attention(saved, block.attn, cfg, f"{L}.ln1_out", batch, tokens, keys, masked, h_grad, L)
+        saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
+        x_grad = grad or a_grad
+        _norm(saved, block.ln2, f"{L}.mid", n, d, x_grad)
+        m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln2_out", n, x_grad or _trains(block.ln2), L)
+        saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
+        return x_grad or m_grad
+    # post-norm: x = ln1(x + drop(attn(x))); x = ln2(x + drop(mlp(x)))
+    a_grad = _attention(saved, block.attn, cfg, x, batch, tokens, keys, masked, grad, L)
+    saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
+    x_grad = _norm(saved, block.ln1, f"{L}.sum1", n, d, grad or a_grad)
+    m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln1_out", n, x_grad, L)
+    saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
+    _norm(saved, block.ln2, f"{L}.sum2", n, d, x_grad or m_grad)
+    return x_grad or m_grad or _trains(block.ln2)
+
+
+def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
+                     padded: bool = False) -> dict[str, int]:
+    """Activation memory of one training step (fp32), derived from model.py's forward pass.
+
+    Returns bytes: `saved` (what autograd keeps when the forward pass ends), `block_max` (the largest
+    one block keeps), `head_backward` (what the loss adds at the start of backward) and `peak`.
+    `padded`: the batch comes with an attention mask (it is then kept, as fp32, by each attention)."""
+    cfg = model.cfg
+    checkpointing = model.checkpointing if checkpointing is None else checkpointing
+    B, d = batch_size, cfg.d_model
+    prompt_len = model.prompt.length if model.prompt is not None else 0
+    prefix_len = model._prefix_length()
+    T = seq_len + prompt_len  # tokens inside the blocks
+    S = T + prefix_len  # keys per query
+    n = B * T
+    # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
+    masked = B if padded else 1 if prefix_len > 0 and cfg.causal else 0
+    saved = _Saved()
+
+    # embeddings: token (+ position, + type and LayerNorm for bert), soft prompt, dropout
+    grad = _trains(model.tok_emb) or model.prompt is not None
+    if _trains(model.tok_emb):
+        saved.keep("idx", B * seq_len * 2)  # int64 = two fp32 slots
+    for name in ("pos_emb", "type_emb"):
+        if _trains(getattr(model, name, None)):
+            grad = True
+            saved.keep(f"{name}.idx", (T if name == "pos_emb" else n) * 2)
+    if cfg.flavor == "bert":
+        grad = _norm(saved, model.emb_ln, "emb_sum", n, d, grad)
+    saved.dropout(cfg.dropout, "emb_drop", n * d, grad)
+
+    blocks = []
+    for i, block in enumerate(model.blocks):
+        inner = _Saved()
+        grad_out = _block(inner, block, cfg, f"x{i}", B, T, S, masked, grad, f"b{i}")
+        blocks.append(inner.total())
+        if not checkpointing:
+            saved.elements.update(inner.elements)
+        elif grad_out:  # the checkpoint keeps the block's inputs (x, the mask) instead of its insides
+            saved.keep(f"x{i}", n * d)
+            if masked:
+                saved.keep("mask", masked * T * S / 4)  # bool: 1 byte
+        grad = grad or grad_out
+
+    # final norm, head, loss
+    head_grad = _trains(model.head)
+    if model.ln_f is not None:
+        grad = _norm(saved, model.ln_f, f"x{cfg.n_layer}", n, d, grad or _trains(model.ln_f))
+    if cfg.n_classes:
+        outputs = B * cfg.n_classes
+        if head_grad:
+            saved.keep("pooled", B * d)
+        saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
+        head_backward = 2 * outputs
+    else:
+        outputs = B * seq_len * cfg.vocab_size
+        if head_grad:
+            saved.keep("final_hidden", B * seq_len * d)
+        head_backward = 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
+    saved.keep("log_probs", outputs)
+    saved.keep("targets", 2 * (B if cfg.n_classes else B * seq_len))
+    total = saved.total()
+    block_max = max(blocks) if blocks else 0
+    # backward through a block: the gradient arriving at its output and the two widest ones inside it
+    block_backward = n * d + 2 * n * max(cfg.d_ff, d)
+    if checkpointing:  # backward reruns one block at a time and keeps its activations until done
+        block_backward += block_max
+    peak = total + max(head_backward, block_backward)
+    return {"saved": int(FP32 * total), "block_max": int(FP32 * block_max),
+            "head_backward": int(FP32 * head_backward), "block_backward": int(FP32 * block_backward),
+            "peak": int(FP32 * peak)}
+
+
+# --------------------------------------------------------------------------------------- the ledger
+
+def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUNTIME_BYTES,
+                  padded: bool = False) -> dict:
+    """Bytes one training step (fp32, AdamW) needs, by kind, and the predicted peak (see module doc).
+
+    Keys: runtime; weights_frozen (full-precision frozen parameters and buffers), weights_4bit
+    (Linear4bit buffers), weights_trainable, weights; gradients; optimizer (AdamW: two fp32 moments per
+    trainable parameter and a step counter per tensor); optimizer_temporaries; activations (for the
+    model's current `checkpointing`), activations_no_checkpointing, activations_checkpointing, and
+    activations_saved (what the forward pass leaves for backward); total. `padded`: batches come with
+    an attention mask."""
+    weights = weight_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(2 * p.numel() * FP32 + FP32 for p in trainable)
+    largest = max((p.numel() * FP32 for p in trainable), default=0)
+    without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded)
+    with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded)
+    current = with_ if model.checkpointing else without
+    report = {
+        "batch_size": batch_size, "seq_len": seq_len, "checkpointing": bool(model.checkpointing),
+        "allocator": allocator_policy(), "runtime": runtime_bytes,
+        "weights_frozen": weights["frozen"], "weights_4bit": weights["frozen_4bit"],
+        "weights_trainable": weights["trainable"], "weights": sum(weights.values()),
+        "gradients": gradients, "optimizer": optimizer, "optimizer_temporaries": 2 * largest,
+        "activations": current["peak"], "activations_saved": current["saved"],
+        "activations_no_checkpointing": without["peak"], "activations_checkpointing": with_["peak"],
+    }
+    report["total"] = (runtime_bytes + report["weights"] + optimizer
+                       + max(report["activations"], gradients + report["optimizer_temporaries"]))
+    return report
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:10,.1f} MiB"
+
+
+def format_report(report: dict) -> str:
+    """The ledger as aligned text lines (train.py prints it before training; bench/memory.py uses it)."""
+    r = report
+    on = r["checkpointing"]
+    other = r["activations_no_checkpointing"] if on else r["activations_checkpointing"]
+    return "\n".join([
+        f"memory ledger: batch {r['batch_size']} × {r['seq_len']} tokens, fp32, AdamW, activation "
+        f"checkpointing {'on' if on else 'off'}",
+        f"  runtime (Python, torch)        {_mib(r['runtime'])}",
+        f"  weights  frozen, full prec.    {_mib(r['weights_frozen'])}",
+        f"           frozen, 4-bit         {_mib(r['weights_4bit'])}",
+        f"           trainable             {_mib(r['weights_trainable'])}",
+        f"  gradients                      {_mib(r['gradients'])}",
+        f"  AdamW moments                  {_mib(r['optimizer'])}",
+        f"  activations (peak)             {_mib(r['activations'])}   "
+        f"({other / 2**20:,.1f} MiB with checkpointing {'off' if on else 'on'})",
+        f"  predicted peak RSS             {_mib(r['total'])}   = runtime + weights + moments + "
+        "max(activations, gradients + AdamW temporaries)",
+        f"  allocator: {r['allocator']}",
+    ])
