@@ -72,11 +72,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _batch(vocab_size: int):
     import torch
     g = torch.Generator().manual_seed(0)
@@ -220,7 +215,7 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
             print(f"[{library} {model_name} {config}] step {step}: " + ", ".join(
                 f"{k} RSS {v['VmRSS'] / 2**20:.0f} (peak {v['VmHWM'] / 2**20:.0f}) MiB" for k, v in
                 phases[-1].items()), file=sys.stderr, flush=True)
-    return {"model": model_name, "config": config, "library": library, "peak_rss": _peak_rss(),
+    return {"model": model_name, "config": config, "library": library, "peak_rss": trainer.peak_memory_bytes(),
             "peak_reset": reset, "setup_rss": setup_rss, "seconds_per_step": sum(times) / max(1, len(times)),
             "cpu_seconds_per_step": sum(cpu_times) / max(1, len(cpu_times)),
             "loss": losses[0], "trainable": trainable, "ledger": ledger, "threads": torch.get_num_threads()}

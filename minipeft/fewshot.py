@@ -104,8 +104,7 @@ def few_shot_scores(model, tokenizer, task: TaskData, k: int = 4, seed: int = 0,
     return torch.cat(scores), torch.tensor(evaluated.labels[:n])
 
 
-def few_shot_accuracy(model, tokenizer, task: TaskData, **options) -> dict:
+def few_shot_accuracy(model, tokenizer, task: TaskData, k: int = 4, **options) -> dict:
     """{"accuracy", "examples", "shots"} of the k-shot in-context classifier; options as few_shot_scores."""
-    scores, labels = few_shot_scores(model, tokenizer, task, **options)
-    return {"accuracy": (scores.argmax(1) == labels).float().mean().item(), "examples": len(labels),
-            "shots": options.get("k", 4)}
+    scores, labels = few_shot_scores(model, tokenizer, task, k=k, **options)
+    return {"accuracy": (scores.argmax(1) == labels).float().mean().item(), "examples": len(labels), "shots": k}
