@@ -45,6 +45,10 @@ def build_parser():
     t.add_argument("--out", default=None,
                    help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
                         "or the --resume folder)")
+    m = p.add_argument_group("memory")
+    m.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: keep only each block's input and recompute the block in "
+                        "backward (less memory for activations, about one more forward pass of time)")
     r = p.add_argument_group("checkpoints")
     r.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints (0: only at the end, and on Ctrl-C or SIGTERM)")
@@ -122,6 +126,10 @@ def main(argv):
             mp.load_adapter(model, args.init_adapter)
             method = mp.peft.get_method(model.peft_config["method"])
         check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+        model.checkpointing = args.grad_checkpoint
+        # the ledger for the longest training batch (batches are padded to their longest example)
+        longest = max(map(len, task.splits["train"].input_ids))
+        ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
         config = trainer.TrainConfig(
             epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup,
@@ -137,6 +145,10 @@ def main(argv):
         summary = trainer.train(model, task, config)
         if rank == 0:
             print(trainer.format_summary(summary))
+            print(mp.format_report(ledger))
+            print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
+                  f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
+                  "peak also covers loading and evaluation)")
             print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
     finally:
         if world_size > 1:

@@ -5,6 +5,7 @@ ledger's prediction (mp.memory_report) next to every minipeft measurement.
     python bench/memory.py                                    # both models, all six configurations
     python bench/memory.py --models gpt2 --configs lora,qlora-ckpt --steps 1 --no-reference
     python bench/memory.py --mmap-threshold 0                 # glibc's default allocator policy
+    python bench/memory.py --ledger --models gpt2 --configs full,lora,qlora,qlora-ckpt   # ledger only
 
 Models (batch 4 × 256 tokens, causal LM, next-token loss on a fixed random batch, dropout 0):
     gpt2     the GPT-2-small shape, random weights: 12 layers, d 768, 12 heads, vocab 50257, 1024 positions
@@ -255,6 +256,21 @@ def _worker(args: list[str], timeout: float | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def print_ledgers(models: list[str], configs: list[str]):
+    """The README's worked example: mp.memory_report's components for each configuration, in MiB."""
+    import minipeft as mp
+    print(f"batch {BATCH} × {SEQ}, fp32, AdamW; MiB\n")
+    print("| model | config | frozen fp32 | frozen 4-bit | trainable | gradients | AdamW moments "
+          "| activations | runtime | predicted peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for model_name in models:
+        for config in configs:
+            r = mp.memory_report(_minipeft_model(model_name, config), BATCH, SEQ)
+            cells = [r[k] for k in ("weights_frozen", "weights_4bit", "weights_trainable", "gradients",
+                                    "optimizer", "activations", "runtime", "total")]
+            print(f"| {model_name} | {config} | " + " | ".join(mib(c) for c in cells) + " |")
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
@@ -275,6 +291,9 @@ def main():
                         "glibc's default, whose heap keeps freed activations resident (default 131072)")
     p.add_argument("--trace", action="store_true",
                    help="print RSS and peak RSS after forward, backward and optimizer step of every step")
+    p.add_argument("--ledger", action="store_true",
+                   help="print only minipeft's ledger, component by component, for each model and "
+                        "configuration (builds the models, trains nothing)")
     p.add_argument("--run-one", nargs=3, metavar=("MODEL", "CONFIG", "LIBRARY"),
                    help="internal: run one configuration in this process and print its measurements as JSON")
     p.add_argument("--prepare", metavar="MODEL", help="internal: write the transformers checkpoint of MODEL")
@@ -300,6 +319,9 @@ def main():
     if bad:
         raise SystemExit(f"unknown model/configuration {bad}; models: {', '.join(MODELS)}; "
                          f"configurations: {', '.join(CONFIGS)}")
+    if args.ledger:
+        print_ledgers(models, configs)
+        return
     libraries = ["minipeft"] + ([] if args.no_reference else ["transformers"])
 
     runtime = _worker(["--runtime", "--mmap-threshold", str(args.mmap_threshold)])

@@ -386,7 +386,7 @@ def _mib(n: int) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The ledger as aligned text lines (train.py prints it before training; bench/memory.py uses it)."""
+    """The ledger as aligned text lines (train.py prints it at the end of a run, beside the measured peak)."""
     r = report
     on = r["checkpointing"]
     other = r["activations_no_checkpointing"] if on else r["activations_checkpointing"]

@@ -48,6 +48,28 @@ def test_train_writes_summary_metrics_and_adapter(trained):
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
+def test_train_prints_the_memory_ledger_beside_the_measured_peak(trained):
+    out, done = trained
+    assert "memory ledger: batch 8 ×" in done.stdout and "checkpointing off" in done.stdout
+    measured = next(line for line in done.stdout.splitlines() if "measured peak RSS" in line)
+    assert float(measured.split("ledger / measured")[1].split(";")[0]) > 0
+
+
+def test_grad_checkpoint_flag_keeps_the_losses(trained, reviews, tmp_path):
+    """--grad-checkpoint recomputes each block in backward: the same run, the same losses."""
+    out, _ = trained
+    done = run("train.py", "--model", "tiny-bert", "--task", reviews, "--method", "lora", "--rank", "4",
+               "--targets", "q,v", "--steps", "30", "--batch-size", "8", "--lr", "3e-3", "--out", tmp_path,
+               "--grad-checkpoint")
+    assert done.returncode == 0, done.stderr
+    assert "checkpointing on" in done.stdout
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["event"] == "step"]
+    assert losses(tmp_path) == pytest.approx(losses(out), abs=1e-6)
+
+
 def test_eval_with_adapter_reproduces_the_training_result(trained, reviews):
     out, done = trained
     summary = json.loads(done.stdout.strip().splitlines()[-1])
