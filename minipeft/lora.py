@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import Dropout
 from .quant import Linear4bit, quantize_blocks
 
 # short target names -> where they live inside a block; the same in every flavour
@@ -57,7 +58,7 @@ class LowRankUpdate:
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.merged = False
 
     def lora_update(self, x: torch.Tensor) -> torch.Tensor:

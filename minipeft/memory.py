@@ -27,8 +27,8 @@ autograd really keeps, for every method and flavour, to 2%):
                      ≈ N·(5d + 2·d_kv + f)           GPT-2-small, N = 1024: 33 MiB per block
     + full FT        ln2 out (up's input), GELU out (down's input): + N·(d + f)             48 MiB
     llama            SwiGLU keeps gate, silu(gate) and up: 3f instead of f (+ f, down's input, in full FT)
-    dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention falls back
-                     to the math kernel, which keeps softmax, mask and dropped scores: 3 · B·H·T·S
+    dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention is written
+                     out (model.attention_with_dropout) and keeps softmax, mask, dropped weights: 3 · B·H·T·S
     LM head          N·V log-probabilities (cross-entropy's log_softmax output)
 
 Peak activations come at the start of backward: the log-probabilities' gradient and the logits'
@@ -141,7 +141,7 @@ class _Saved:
         self.elements[name] = elements
 
     def dropout(self, p: float, name: str, elements: float, grad: bool):
-        """nn.Dropout on CPU multiplies by an fp32 mask, kept when its input needs a gradient."""
+        """model.Dropout multiplies by an fp32 mask, kept when its input needs a gradient."""
         if p > 0 and grad:
             self.keep(name + ".mask", elements)
 
@@ -216,7 +216,7 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
         saved.keep(f"{L}.lse", n * H)
         if masked:  # the boolean mask, as an additive fp32 mask
             saved.keep(f"{L}.mask", masked * tokens * keys)
-    else:  # math kernel: scaled q and kᵀ, softmax, dropout mask, dropped scores, v (GQA: repeated to H heads)
+    else:  # attention_with_dropout: scaled q and kᵀ, softmax, dropout mask, dropped weights, v (GQA: repeated)
         scores = batch * H * tokens * keys
         if k_grad:
             saved.keep(f"{L}.q_scaled", n * H * hd)
@@ -228,7 +228,7 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
             saved.keep(f"{L}.scores_dropped", scores)
         saved.keep(f"{L}.v_repeated", batch * keys * H * hd)
     # y.transpose(1, 2).reshape(B, T, H·hd) is o's input: a view of flash attention's output (which it
-    # lays out as (B, T, H, hd)), a copy of the math kernel's
+    # lays out as (B, T, H, hd)), a copy of attention_with_dropout's
     return _linear(saved, attn.o, f"{L}.y" if cfg.dropout == 0 else f"{L}.attn_out", n, True)
 
 

@@ -25,6 +25,7 @@ plug in (see their files).
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,58 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class Dropout(nn.Module):
+    """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale the
+    others by 1/(1 - p), so the expected value is unchanged; the identity in eval mode.
+
+    The same function as nn.Dropout, drawn faster. PyTorch's CPU dropout asks its Mersenne Twister for
+    one random number per element, which costs more than the matmuls around it (a fifth of a MiniLM
+    LoRA step). Here one 64-bit draw serves four elements: each gets 15 of its bits, a uniform integer
+    u in [0, 2^15), and is kept when u >= round(p · 2^15). So the drop rate is p rounded to a multiple
+    of 2^-15 (0.1 → 0.100006) and the scale uses that rate, keeping the expectation exact."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def dropout_mask(shape, p: float, dtype, device) -> torch.Tensor:
+    """A tensor of `shape`: 0 with probability ≈ p, else 1 / (1 - p') (see Dropout)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    # four 16-bit pieces per word; the top bit of each piece is dropped (the word's top bit is always 0)
+    bits = words.view(torch.int16)[:n].view(shape).bitwise_and_(0x7FFF)  # uniform in [0, 2^15)
+    cut = round(p * 2**15)
+    return bits.ge(cut).to(dtype).mul_(2**15 / (2**15 - cut))
+
+
+def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout) -> torch.Tensor:
+    """softmax(q kᵀ / √hd + mask) v with dropout on the attention weights, written out: what
+    F.scaled_dot_product_attention computes, whose CPU kernels have no dropout (with dropout_p > 0 it
+    falls back to these same steps, drawing its mask the slow way). q (B, H, T, hd); k, v (B, Hkv, S, hd);
+    mask: boolean (B or 1, 1, T, S), True = may attend. Returns (B, H, T, hd)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves H / Hkv query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, S)
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:  # added, not masked_fill: an addition keeps nothing for backward
+        scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(
+            ~mask, float("-inf"))
+    return drop(scores.softmax(dim=-1)) @ v  # (B, H, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -121,6 +174,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
         self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.bias)
         self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.bias)
+        self.attn_drop = Dropout(cfg.dropout)  # on the attention weights
         # slots filled by PEFT methods (None = plain attention):
         self.prefix = None  # prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
         self.adaption = None  # llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
@@ -140,10 +194,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T_past + T, hd)
         is_causal = mask is None and cfg.causal and k.shape[2] == T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
+        if self.training and cfg.dropout > 0:
+            y = attention_with_dropout(q, k, v, mask, is_causal, self.attn_drop)  # (B, H, T, hd)
+        else:  # one fused kernel (flash attention on CPU)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
         if self.adaption is not None:
             y = y + self.adaption(q, self.k, self.v)  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, d)
@@ -177,7 +232,7 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.ln1, self.attn = make_norm(cfg), Attention(cfg)
         self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, rope=None, cache=None):  # (B, T, d) -> (B, T, d)
         if self.pre_norm:
@@ -202,7 +257,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.flavor != "bert" else None
         self.apply(self._init_weights)  # the trunk first, so its weights do not depend on the head
