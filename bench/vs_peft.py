@@ -22,8 +22,9 @@ Not quite the same work, and said so in the table's notes:
     minilm in minipeft mean-pools as sentence-transformers trained it. One 384×384 matmul per example.
 
 It also measures the machine's fp32 matmul rate (a 2048² `torch.mm`) and, for full fine-tuning, the
-fraction of it each library's step achieves, counting 6 × parameters × tokens floating-point operations
-(forward 2, backward 4 per parameter and token; attention scores not counted). Last, the inference
+fraction of it each library's step achieves, counting 6 × W × tokens floating-point operations, W the
+weights that multiply activations (linear layers and the LM head; not embedding lookups, biases or
+norms): forward 2, backward 4 per weight and token; attention scores not counted. Last, the inference
 cost of LoRA: a no-grad forward of the base model, of the unmerged and of the merged LoRA model.
 """
 import argparse
@@ -147,6 +148,13 @@ def interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def matmul_weights(model) -> int:
+    """Weights of the linear layers (and LM head): each does 2 flops per token forward, 4 backward.
+    GPT-2 in transformers keeps its linear layers as Conv1D modules (a transposed nn.Linear)."""
+    from transformers.pytorch_utils import Conv1D
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, warmup=3, repeats=repeats)["mm"]
@@ -182,7 +190,7 @@ def training_table(args, rate: float):
                    f"{seconds['ours']:.3f}", f"{seconds['peft']:.3f}" if "peft" in seconds else "—",
                    f"{seconds['ours'] / seconds['peft']:.2f}" if "peft" in seconds else "—", ""]
             if config == "full":
-                fractions = [6 * sum(p.numel() for p in m.parameters()) * tokens / seconds[name] / 1e9 / rate
+                fractions = [6 * matmul_weights(m) * tokens / seconds[name] / 1e9 / rate
                              for name, m in (("ours", mine), ("peft", reference)) if name in seconds]
                 row[-1] = " / ".join(f"{f:.0%}" for f in fractions)
             print("| " + " | ".join(row) + " |", flush=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is a local folder; never ask the hub
 
 import pytest
-import torch
 
 from minipeft import data, trainer
 
