@@ -20,7 +20,8 @@ Module names are the same in every flavour (`blocks[i].attn.{q,k,v,o}`, `blocks[
 the same projection in all three. PEFT methods never edit the math here: LoRA and adapters replace
 `nn.Linear` modules by name, and the slots `Attention.prefix`, `Attention.adaption` and
 `Transformer.prompt` (all `None` by default) are where prefix tuning, LLaMA-Adapter and prompt tuning
-plug in (see their files).
+plug in (see their files). Training with dropout, attention is written out (`attention_with_dropout`)
+and every dropout is `Dropout`, which draws its masks four elements per random number.
 
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
