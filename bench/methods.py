@@ -83,9 +83,12 @@ def plot(rows, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = {}  # methods landing on the same point share one label ("lora, qlora")
     for name, params, accuracy in rows:
+        names.setdefault((params, accuracy), []).append(name)
+    for (params, accuracy), same in names.items():
         ax.scatter(params, accuracy)
-        ax.annotate(name, (params, accuracy), textcoords="offset points", xytext=(5, 3), fontsize=9)
+        ax.annotate(", ".join(same), (params, accuracy), textcoords="offset points", xytext=(5, 3), fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy")
