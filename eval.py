@@ -55,10 +55,7 @@ def main(argv):
         print(f"{args.model} {args.few_shot}-shot in context on {args.task} {args.split} "
               f"({result['examples']} examples): accuracy {result['accuracy']:.4f}")
         return
-    if args.limit is not None:
-        split = task.splits[args.split]
-        task.splits[args.split] = data.Dataset(split.kind, split.input_ids[:args.limit], split.labels[:args.limit],
-                                               split.pad_id)
+    task.splits[args.split] = task.splits[args.split].head(args.limit)
     if task.kind == "classification" and not n_classes:
         model.add_classifier(task.n_classes)
         print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "

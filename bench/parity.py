@@ -108,8 +108,7 @@ class Run:
         self.model, self.cfg = model, cfg
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # the warmup rounding of trainer.train
-            self.optimizer, trainer.warmup_cosine(max(1, int(cfg.warmup * steps)), steps))
+        self.scheduler = trainer.make_scheduler(self.optimizer, cfg.warmup, steps)
         self.rng = torch.Generator().manual_seed(cfg.seed).get_state()  # = torch.manual_seed(seed)
         self.seconds = 0.0
 
@@ -128,13 +127,6 @@ class Run:
         return loss.item()
 
 
-def first(dataset, n: int | None):
-    """The first n examples of a split (all when n is None)."""
-    if n is None:
-        return dataset
-    return data.Dataset(dataset.kind, dataset.input_ids[:n], dataset.labels[:n], dataset.pad_id)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=640, help="optimizer steps (640 = one epoch at batch 16)")
@@ -149,7 +141,7 @@ def main():
     ours, tokenizer = build_ours(args.seed)
     theirs = build_theirs(ours)
     task = data.load_task("rotten_tomatoes", tokenizer, max_len=128, seed=0)
-    test = first(task.splits["test"], args.eval_limit)
+    test = task.splits["test"].head(args.eval_limit)
     cfg = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
     delta = max_logit_difference(ours, theirs, next(test.batches(cfg.eval_batch_size)))

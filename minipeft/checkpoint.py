@@ -73,7 +73,7 @@ def save(out: Path, model, optimizer, state: dict, rng: dict[str, torch.Tensor])
     if final.exists():  # a checkpoint of the same step left by an earlier run in this folder
         final.rename(out / f".{name}.old-{os.getpid()}")
     tmp.rename(final)
-    _write_atomically(out / LATEST, name)
+    peft.atomic_write(out / LATEST, lambda tmp: Path(tmp).write_text(name))
     for old in out.iterdir():  # older checkpoints, and leftovers of interrupted saves
         ours = FOLDER.fullmatch(old.name) or old.name.startswith(".checkpoint-")
         if ours and old.is_dir() and old.name != name:
@@ -111,15 +111,6 @@ def rng_states(world_size: int = 1) -> dict[str, torch.Tensor]:
         dist.all_gather(gathered, state.to(device))
         states.update({f"rng.{kind}.{rank}": s.cpu() for rank, s in enumerate(gathered)})
     return states
-
-
-def _write_atomically(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_folder(folder: Path):

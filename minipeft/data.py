@@ -100,6 +100,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def head(self, n: int | None) -> "Dataset":
+        """The first n examples (all of them when n is None)."""
+        if n is None:
+            return self
+        return Dataset(self.kind, self.input_ids[:n], self.labels[:n], self.pad_id)
+
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
         """Number of steps `batches` yields (the same on every rank)."""
         global_batch_size = batch_size * world_size

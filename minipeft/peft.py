@@ -151,10 +151,14 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]):
+def atomic_write(path: Path, write: Callable[[str], None]):
+    """`write(tmp)` writes the file under a temporary name; it is flushed to disk and renamed to `path`,
+    so `path` is either the old file or the whole new one, never half of it (checkpoint.py uses it too)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -170,7 +174,7 @@ def save_adapter(model, path, format: str = "minipeft"):
         raise ValueError("this model has no PEFT method; call mp.apply(model, method, ...) first")
     path = Path(path)
     if format == "peft":
-        return peft_format.save(model, path, _atomic_write)
+        return peft_format.save(model, path, atomic_write)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     config = {
@@ -182,8 +186,8 @@ def save_adapter(model, path, format: str = "minipeft"):
                  "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
     }
     tensors = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
-    _atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return path
 
 

@@ -182,6 +182,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+def make_scheduler(optimizer, warmup: float, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """warmup_cosine over `steps`, warming up for a `warmup` fraction of them (at least one step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, int(warmup * steps)), steps))
+
+
 def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -235,8 +240,7 @@ def train(model, data, cfg: TrainConfig) -> dict:
     steps = cfg.steps or max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     eval_every = cfg.eval_every or max(1, steps // 4)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(max(1, int(cfg.warmup * steps)), steps))
+    scheduler = make_scheduler(optimizer, cfg.warmup, steps)
     options = run_options(cfg, world_size)
     progress, resumed = Progress(), None
     if cfg.resume:

@@ -411,3 +411,10 @@ def test_max_len_too_small_for_special_tokens(tmp_path):
     path = write_csv(tmp_path / "ok.csv", toy_rows(["a", "b"]))
     with pytest.raises(ValueError, match="max_len=2 leaves no room"):
         data.load_classification(path, minilm_tokenizer(), max_len=2)
+
+
+def test_head_keeps_the_first_examples():
+    dataset = data.Dataset("classification", [[1], [2, 3], [4]], [0, 1, 0], pad_id=0)
+    first_two = dataset.head(2)
+    assert first_two.input_ids == [[1], [2, 3]] and first_two.labels == [0, 1] and first_two.pad_id == 0
+    assert dataset.head(None) is dataset and len(dataset.head(10)) == 3
