@@ -8,13 +8,14 @@
 import argparse
 
 import minipeft as mp
-from minipeft import cli, data, fewshot, peft, trainer
+from minipeft import cli, data, fewshot, trainer
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter) or generate text.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
+    cli.add_import_flag(p)
     p.add_argument("--adapter", default=None, help="adapter folder saved by train.py (its <out>/adapter), by "
                    "mp.save_adapter in either format, or by peft (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="which split to score")
@@ -30,15 +31,16 @@ def build_parser():
 
 
 def main(argv):
+    cli.import_user_files(argv)  # a user's method must be registered before its adapter loads
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     n_classes = None
     if args.adapter:  # either format says whether it carries a classifier head, and its size
-        n_classes = peft.read_adapter_config(args.adapter)["base"]["config"].get("n_classes")
+        n_classes = mp.read_adapter_config(args.adapter)["base"]["config"].get("n_classes")
     model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes)
     if args.adapter:
-        mp.load_adapter(model, args.adapter)
+        mp.load_adapter(model, args.adapter, tokenizer=tokenizer)
         if args.merge:
             mp.merge(model)
     model.eval()

@@ -3,6 +3,7 @@
     python train.py --method lora --rank 8                 # MiniLM on rotten_tomatoes
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
     python train.py --list-methods
+    python train.py --import my_method.py --method my_method   # a method you registered yourself
     python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
     torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
 """
@@ -22,6 +23,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
+    cli.add_import_flag(p)
     p.add_argument("--method", default=None,
                    help=f"PEFT method; see --list-methods (default: {DEFAULT_METHOD}, or the method "
                         "saved with --init-adapter)")
@@ -86,23 +88,22 @@ def check_numbers(args):
 
 def check_context_length(model, max_len: int, model_name: str):
     """--max-len tokens plus the method's virtual tokens (prompt, prefix) must fit the model's positions."""
-    prompt = model.prompt.length if model.prompt is not None else 0
-    prefix = model.blocks[0].attn.prefix.length if model.blocks[0].attn.prefix is not None else 0
-    room = model.cfg.max_seq_len - prompt - prefix
+    room = model.cfg.max_seq_len - model.virtual_tokens
     if max_len > room:
-        virtual = f" minus {prompt + prefix} virtual tokens of the method" if prompt + prefix else ""
+        virtual = f" minus {model.virtual_tokens} virtual tokens of the method" if model.virtual_tokens else ""
         raise ValueError(f"--max-len {max_len} does not fit {model_name}: it has {model.cfg.max_seq_len} "
                          f"positions{virtual}; use --max-len {room} or less")
 
 
 def main(argv):
+    cli.import_user_files(argv)  # first: the methods they register get their flags
     args = build_parser().parse_args(argv)
     if args.list_methods:
         print(cli.list_methods())
         return
     check_numbers(args)
     options = cli.method_options(args)
-    method = mp.peft.get_method(args.method or DEFAULT_METHOD)
+    method = mp.get_method(args.method or DEFAULT_METHOD)
     # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
     apply_method = not args.init_adapter or args.method is not None or bool(options)
     out = args.out or (str(checkpoint.run_folder(args.resume)) if args.resume else DEFAULT_OUT)
@@ -121,10 +122,10 @@ def main(argv):
         if task.kind == "classification":
             model.add_classifier(task.n_classes)
         if apply_method:
-            mp.apply(model, method.name, **options)
+            mp.apply(model, method.name, tokenizer=tokenizer, **options)
         if args.init_adapter:
-            mp.load_adapter(model, args.init_adapter)
-            method = mp.peft.get_method(model.peft_config["method"])
+            mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
+            method = mp.get_method(model.peft_config["method"])
         check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
         model.checkpointing = args.grad_checkpoint
         # the ledger for the longest training batch (batches are padded to their longest example)

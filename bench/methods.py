@@ -53,7 +53,7 @@ def run_method(method, args) -> dict:
 
 def inference_ms_per_example(args, summary) -> float:
     """Time one pass over the test split with the trained adapter loaded (merged when it merges)."""
-    n_classes = mp.peft.read_adapter_config(summary["adapter"])["base"]["config"].get("n_classes")
+    n_classes = mp.read_adapter_config(summary["adapter"])["base"]["config"].get("n_classes")
     model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes)
     task = data.load_task(args.task, tokenizer, seed=args.seed)
     if task.kind == "classification" and not model.cfg.n_classes:

@@ -131,7 +131,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=640, help="optimizer steps (640 = one epoch at batch 16)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")
-    p.add_argument("--lr", type=float, default=mp.peft.get_method("lora").lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=mp.get_method("lora").lr, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="init, data order and dropout seed")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test examples")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")

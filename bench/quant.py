@@ -67,7 +67,7 @@ def same_as_bnb(packed, state, ref_packed, ref_state) -> bool:
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
     from minipeft import data, from_pretrained, trainer
-    from minipeft.lora import find_targets
+    from minipeft.methods.targets import find as find_targets
     model, tokenizer = from_pretrained("smollm2")
     test = data.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
     original = {name: t.clone() for name, t in model.state_dict().items()}
@@ -83,7 +83,7 @@ def perplexity_ladder(blocksize: int, max_len: int):
     for name, round_trip in formats:
         model.load_state_dict(original)
         with torch.no_grad():
-            for parent, attr in find_targets(model, "all"):
+            for parent, attr in find_targets(model, ["all"]):
                 weight = getattr(parent, attr).weight
                 weight.copy_(round_trip(weight))
         print(f"| {name} | {trainer.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)

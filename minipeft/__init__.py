@@ -1,11 +1,12 @@
 """minipeft: parameter-efficient fine-tuning written out by hand, in plain PyTorch."""
 from . import memory, quant
+from .adapter_io import load_adapter, read_adapter_config, save_adapter
 from .memory import format_report, memory_report
+from .methods import (METHODS, Method, Option, apply, get_method, merge, register, trainable_state_dict,
+                      unmerge)
 from .model import KVCache, ModelConfig, Transformer
-from .peft import (METHODS, Method, apply, load_adapter, merge, register, save_adapter,
-                   trainable_state_dict, unmerge)
 from .pretrained import from_pretrained
 
 __all__ = ["memory", "memory_report", "format_report", "quant", "KVCache", "ModelConfig", "Transformer",
-           "METHODS", "Method", "apply", "load_adapter", "merge", "register", "save_adapter",
-           "trainable_state_dict", "unmerge", "from_pretrained"]
+           "METHODS", "Method", "Option", "apply", "get_method", "load_adapter", "read_adapter_config", "merge",
+           "register", "save_adapter", "trainable_state_dict", "unmerge", "from_pretrained"]

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import peft
+from .adapter_io import ADAPTER_WEIGHTS, copy_parameters, save_adapter
+from .atomic import atomic_write
 
 FORMAT_VERSION = 1
 LATEST = "latest_checkpoint"
@@ -60,7 +61,7 @@ def save(out: Path, model, optimizer, state: dict, rng: dict[str, torch.Tensor])
     tmp = out / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    peft.save_adapter(model, tmp)  # adapter.safetensors + adapter_config.json
+    save_adapter(model, tmp)  # adapter.safetensors + adapter_config.json
     tensors, optimizer_index = _flatten_optimizer(optimizer)
     tensors.update(rng)
     save_file(tensors, str(tmp / STATE_TENSORS))
@@ -73,7 +74,7 @@ def save(out: Path, model, optimizer, state: dict, rng: dict[str, torch.Tensor])
     if final.exists():  # a checkpoint of the same step left by an earlier run in this folder
         final.rename(out / f".{name}.old-{os.getpid()}")
     tmp.rename(final)
-    peft.atomic_write(out / LATEST, lambda tmp: Path(tmp).write_text(name))
+    atomic_write(out / LATEST, lambda tmp: Path(tmp).write_text(name))
     for old in out.iterdir():  # older checkpoints, and leftovers of interrupted saves
         ours = FOLDER.fullmatch(old.name) or old.name.startswith(".checkpoint-")
         if ours and old.is_dir() and old.name != name:
@@ -170,7 +171,7 @@ def load(path) -> Checkpoint:
     """Read a checkpoint completely (so a corrupt file stops the run before anything is written)."""
     folder, state = read_state(path)
     tensors = _read_safetensors(folder / STATE_TENSORS)
-    parameters = _read_safetensors(folder / peft.ADAPTER_WEIGHTS)
+    parameters = _read_safetensors(folder / ADAPTER_WEIGHTS)
     return Checkpoint(folder, state, tensors, parameters)
 
 
@@ -191,17 +192,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def restore_parameters(model, checkpoint: Checkpoint):
     """Copy the checkpoint's trainable parameters into the model (same names and shapes, or an error)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    saved = checkpoint.parameters
-    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
-    wrong = [f"{name} {tuple(saved[name].shape)} (model: {tuple(p.shape)})" for name, p in params.items()
-             if name in saved and saved[name].shape != p.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {checkpoint.path} does not fit this model: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shapes {wrong}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
+    copy_parameters(model, checkpoint.parameters, f"checkpoint {checkpoint.path}")
 
 
 def restore_optimizer(optimizer, checkpoint: Checkpoint):

@@ -1,28 +1,25 @@
 """What train.py and eval.py share: the method-option flags and one way to report bad input.
 
-Every method option (see peft.METHODS) becomes a flag of the same name (`targets` -> `--targets`),
-defaulting to None so that only the options a user actually typed reach `apply`; a flag that the
-chosen method does not take is an error naming the method's options.
+Every method option a method declares (registry.Option) becomes a flag of the same name (`targets` ->
+`--targets`), with the option's own type and help text, defaulting to None so that only the options a
+user actually typed reach `apply`; a flag that the chosen method does not take is an error naming the
+method's options. `--import FILE` loads a user's file that registers more methods before the flags are
+built, so their options get flags too.
 
 Exit codes of `run`: 0 done (or stopped at --stop-at), 2 bad input (one line, no traceback unless
 --debug), 1 training diverged (too many non-finite steps), 130 / 143 stopped by Ctrl-C / SIGTERM
 after saving a checkpoint.
 """
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 
-from .peft import METHODS
+from .methods.registry import METHODS
 from .trainer import Stopped
-
-OPTION_HELP = {
-    "rank": "LoRA rank r (>= 1)",
-    "alpha": "LoRA scale numerator: the update is multiplied by alpha / rank",
-    "dropout": "dropout on the LoRA input path (the model's own dropout is --model-dropout)",
-    "targets": "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'",
-    "layers": "number of top blocks to train (last_k) or to adapt",
-}
 
 
 def add_model_and_task_flags(parser: argparse.ArgumentParser):
@@ -35,35 +32,65 @@ def add_model_and_task_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+def add_import_flag(parser: argparse.ArgumentParser):
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
+                        help="a Python file (or module name) to import first, e.g. one that registers your "
+                             "own method with mp.register; may be given more than once")
+
+
+def import_user_files(argv) -> None:
+    """Import every `--import FILE` in argv (before the parser is built: their methods add flags)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    add_import_flag(pre)
+    for name in pre.parse_known_args(argv)[0].imports:
+        path = Path(name)
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise FileNotFoundError(f"--import {name}: no such file")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
 
 
 def add_method_flags(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("method options (each applies to the methods that take it)")
-    names = sorted({name for m in METHODS.values() for name in m.options})
-    for name in names:
-        takers = ", ".join(m.name for m in METHODS.values() if name in m.options)
-        defaults = {repr(m.options[name]) for m in METHODS.values() if name in m.options}
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", type=_parse_value,
-                           default=None, metavar=name.upper(),
-                           help=f"{OPTION_HELP.get(name, name)} [{takers}; default {', '.join(sorted(defaults))}]")
+    declared = {}  # option name -> [(method, Option)]
+    for method in METHODS.values():
+        for option in method.options:
+            declared.setdefault(option.name, []).append((method, option))
+    for name, takers in sorted(declared.items()):
+        option = takers[0][1]  # register() made sure every method declares it with the same type
+        text = "; ".join(f"{m.name}: {o.help}, default {o.default!r}" for m, o in takers) \
+            if len({o.help for _, o in takers}) > 1 else \
+            f"{option.help} [{', '.join(m.name for m, _ in takers)}; default " \
+            f"{', '.join(sorted({repr(o.default) for _, o in takers}))}]"
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", type=_text_to(option),
+                           default=None, metavar=option.type.__name__.upper(), help=text.replace("%", "%%"))
+
+
+def _text_to(option):
+    """argparse's `type`: the option's own conversion (its name shows in argparse's error message)."""
+    def convert(text):
+        try:
+            return option.convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = option.type.__name__
+    return convert
 
 
 def method_options(args) -> dict:
-    """The method options the user typed, as keyword arguments for peft.apply."""
+    """The method options the user typed, as keyword arguments for mp.apply."""
     return {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
 
 
 def list_methods() -> str:
     width = max(len(m) for m in METHODS)
     rows = [f"{m.name:<{width}}  {m.description}\n{'':<{width}}  options: "
-            f"{', '.join(f'{k}={v!r}' for k, v in m.options.items()) or 'none'}" for m in METHODS.values()]
+            f"{', '.join(f'{k}={v!r}' for k, v in m.defaults.items()) or 'none'}" for m in METHODS.values()]
     return "\n".join(rows)
 
 

@@ -53,8 +53,6 @@ checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA cach
 """
 import torch.nn as nn
 
-from .adapter import AdapterLinear
-from .lora import LowRankUpdate
 from .quant import Linear4bit
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
@@ -156,19 +154,8 @@ def _linear(saved: _Saved, layer, x: str, n: int, grad: bool) -> bool:
     out_grad = grad or _trains(layer)
     if _weight_trains(layer):
         saved.keep(x, n * d_in)
-    if isinstance(layer, LowRankUpdate):  # dropout(x) -> A -> B
-        p, me = layer.lora_dropout.p, f"{x}@{id(layer)}"
-        if p > 0:  # each LoRA layer draws its own mask
-            saved.dropout(p, f"{me}.lora_dropout", n * d_in, grad)
-            saved.keep(f"{me}.lora_dropout.out", n * d_in)
-        else:
-            saved.keep(x, n * d_in)
-        saved.keep(f"{me}.lora_A.out", n * layer.rank)
-    if isinstance(layer, AdapterLinear):  # h -> down -> GELU -> up, residual
-        m = layer.adapter_down.out_features
-        saved.keep(f"adapter_h@{id(layer)}", n * layer.out_features)
-        saved.keep(f"adapter_down@{id(layer)}", n * m)
-        saved.keep(f"adapter_act@{id(layer)}", n * m)
+    if hasattr(layer, "saved_activations"):  # a method's wrapper (LoRA, adapters) adds its own
+        layer.saved_activations(saved, x, n, grad)
     return out_grad
 
 
@@ -194,18 +181,12 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
     """q, k, v projections, RoPE, prefix keys, scaled_dot_product_attention, adaption prompt, o."""
     n, H, Hkv, hd = batch * tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     q_grad = _linear(saved, attn.q, x, n, grad)
-    k_grad = _linear(saved, attn.k, x, n, grad) or attn.prefix is not None and _trains(attn.prefix.tuning)
-    v_grad = _linear(saved, attn.v, x, n, grad) or attn.prefix is not None and _trains(attn.prefix.tuning)
+    k_grad = _linear(saved, attn.k, x, n, grad) or _trains(attn.prefix)  # prefix keys join k, v
+    v_grad = _linear(saved, attn.v, x, n, grad) or _trains(attn.prefix)
     if cfg.flavor == "llama" and (q_grad or k_grad):
         saved.keep("rope_tables", 2 * tokens * hd)  # cos, sin: (T, hd) each, shared by every block
-    if attn.adaption is not None:  # q against K prompt keys: a separate softmax, gated
-        K = attn.adaption.prompt.shape[0]
-        saved.keep(f"{L}.adaption_q", n * H * hd)  # q is a transposed view: matmul copies it
-        if q_grad:
-            saved.keep(f"{L}.adaption_keys", batch * H * K * hd)  # broadcast over the batch: a copy
-        saved.keep(f"{L}.adaption_scores", batch * H * tokens * K)
-        saved.keep(f"{L}.adaption_values", batch * H * K * hd)
-        saved.keep(f"{L}.adaption_out", n * H * hd)  # the gate's other factor
+    if attn.adaption is not None:  # q against the adaption prompt's keys: a separate softmax, gated
+        attn.adaption.saved_activations(saved, L, batch, tokens, q_grad)
     if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
         return _linear(saved, attn.o, f"{L}.attn_out", n, _trains(attn.adaption))
     if cfg.dropout == 0:  # flash attention (CPU): q, k, v, output, log-sum-exp; a mask as fp32
@@ -284,13 +265,11 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     cfg = model.cfg
     checkpointing = model.checkpointing if checkpointing is None else checkpointing
     B, d = batch_size, cfg.d_model
-    prompt_len = model.prompt.length if model.prompt is not None else 0
-    prefix_len = model._prefix_length()
-    T = seq_len + prompt_len  # tokens inside the blocks
-    S = T + prefix_len  # keys per query
+    T = seq_len + model.prompt_length  # tokens inside the blocks
+    S = T + model.prefix_length  # keys per query
     n = B * T
     # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
-    masked = B if padded else 1 if prefix_len > 0 and cfg.causal else 0
+    masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
     saved = _Saved()
 
     # embeddings: token (+ position, + type and LayerNorm for bert), soft prompt, dropout

@@ -20,7 +20,7 @@ Module names are the same in every flavour (`blocks[i].attn.{q,k,v,o}`, `blocks[
 the same projection in all three. PEFT methods never edit the math here: LoRA and adapters replace
 `nn.Linear` modules by name, and the slots `Attention.prefix`, `Attention.adaption` and
 `Transformer.prompt` (all `None` by default) are where prefix tuning, LLaMA-Adapter and prompt tuning
-plug in (see their files). Training with dropout, attention is written out (`attention_with_dropout`)
+plug in (see their files in methods/). Training with dropout, attention is written out (`attention_with_dropout`)
 and every dropout is `Dropout`, which draws its masks four elements per random number.
 
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
@@ -177,8 +177,8 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.bias)
         self.attn_drop = Dropout(cfg.dropout)  # on the attention weights
         # slots filled by PEFT methods (None = plain attention):
-        self.prefix = None  # prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
-        self.adaption = None  # llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
+        self.prefix = None  # methods/prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
+        self.adaption = None  # methods/llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
 
     def forward(self, x, mask, rope=None, cache=None, layer_idx=0):
         cfg = self.cfg
@@ -269,8 +269,10 @@ class Transformer(nn.Module):
             self._init_weights(self.head)
             if cfg.tie_embeddings:
                 self.head.weight = self.tok_emb.weight
-        self.prompt = None  # prompt.py: module inserting soft tokens into the embeddings (B, T, d)
+        self.prompt = None  # methods/prompt.py: module inserting soft tokens into the embeddings (B, T, d)
         self.checkpointing = False  # recompute each block's activations in backward
+        # set by mp.apply: {"method", "options", "base_fingerprint"}; None for a plain base model
+        self.peft_config: dict | None = None
 
     def add_classifier(self, n_classes: int):
         """Replace the LM head by a fresh (n_classes × d_model) classifier head."""
@@ -289,9 +291,21 @@ class Transformer(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _prefix_length(self) -> int:
+    @property
+    def prompt_length(self) -> int:
+        """Soft-prompt tokens the `prompt` slot inserts into the sequence (0 without one)."""
+        return self.prompt.length if self.prompt is not None else 0
+
+    @property
+    def prefix_length(self) -> int:
+        """Virtual tokens every layer's `prefix` slot puts before the keys and values (0 without one)."""
         prefix = self.blocks[0].attn.prefix
         return prefix.length if prefix is not None else 0
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions a method's virtual tokens take from max_seq_len: soft prompt + prefix."""
+        return self.prompt_length + self.prefix_length
 
     def _attention_mask(self, attention_mask, T, past):
         """Boolean (B, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal
@@ -324,7 +338,7 @@ class Transformer(nn.Module):
         if with_prompt:  # soft prompt tokens join the sequence: (B, P + T, d)
             x, attention_mask, token_type_ids = self.prompt.insert(x, attention_mask, token_type_ids)
         B, T, _ = x.shape
-        past = self._prefix_length() if first_call else cache.length  # keys before these tokens
+        past = self.prefix_length if first_call else cache.length  # keys before these tokens
         if past + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens (virtual tokens and cache included) is longer "
                              f"than the model's {cfg.max_seq_len}; use a shorter --max-len")
@@ -377,10 +391,9 @@ class Transformer(nn.Module):
         if not self.cfg.causal or self.cfg.n_classes:
             raise ValueError("generate needs a causal LM (gpt2 or llama flavour, no classifier head)")
         cache = KVCache(self.cfg.n_layer) if use_cache else None
-        virtual = self._prefix_length() + (self.prompt.length if self.prompt is not None else 0)
         step_input = idx
         for _ in range(max_new_tokens):
-            if virtual + idx.shape[1] >= self.cfg.max_seq_len:
+            if self.virtual_tokens + idx.shape[1] >= self.cfg.max_seq_len:
                 break
             logits = self(step_input if use_cache else idx, cache=cache)  # (1, t, vocab)
             next_id = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)

@@ -79,8 +79,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import lora, pretrained
+from . import pretrained
 from .assets import asset_path
+from .atomic import atomic_write
+from .methods import targets as linear_targets
+from .methods.registry import apply
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -134,9 +137,9 @@ def is_peft_config(config: dict) -> bool:
 
 
 @torch.no_grad()
-def save(model, path: Path, atomic_write) -> Path:
+def save(model, path: Path) -> Path:
     """Write `model`'s adapter as peft lays it out for the matching transformers model (see the module
-    docstring); `atomic_write(path, write)` is peft.py's temp-file-then-rename."""
+    docstring), each file atomically."""
     cfg, method = model.cfg, model.peft_config["method"]
     if method not in OUR_METHODS:
         raise ValueError(f"format='peft' writes {', '.join(OUR_METHODS)} adapters, not {method!r}; "
@@ -205,12 +208,12 @@ def _lora_to_peft(model, body: str) -> tuple[dict, dict]:
     cfg = model.cfg
     options = model.peft_config["options"]
     rank, alpha = options["rank"], options["alpha"]
-    targets = lora.parse_targets(cfg, options["targets"])
+    targets = linear_targets.validate(cfg, options["targets"])
     modules = MODULES[cfg.flavor]
     fused = [t for t in FUSED if t in targets] if cfg.flavor == "gpt2" else []
     tensors, names = {}, []
     for i, block in enumerate(model.blocks):
-        layers = {t: block.get_submodule(lora.TARGETS[t]) for t in targets}  # LoRALinear each
+        layers = {t: block.get_submodule(linear_targets.TARGETS[t]) for t in targets}  # LoRALinear each
         updates = {modules[t][0].format(i=i): (layer.lora_A, layer.lora_B)  # module -> A (r, in), B (out, r)
                    for t, layer in layers.items() if t not in fused}
         if fused:  # the module docstring's A', B'
@@ -241,7 +244,7 @@ def _lora_to_peft(model, body: str) -> tuple[dict, dict]:
 
 
 def read_config(path) -> dict:
-    """A peft adapter folder's config, checked to be one we load, summarized the way peft.py's own
+    """A peft adapter folder's config, checked to be one we load, summarized the way adapter_io.py's own
     configs are read: {"format": "peft", "method", "base": {"source", "config": {"n_classes"}}, "peft"}."""
     path = Path(path)
     try:
@@ -280,12 +283,10 @@ def _tensor_shapes(path: Path) -> dict[str, tuple]:
 def load(model, path):
     """Apply the peft adapter in folder `path` to the fresh base `model`, mapping peft's names and
     layouts onto ours (see the module docstring). Everything is checked before the model changes."""
-    from .peft import apply  # here, not at the top: peft.py imports this module
-
     path = Path(path)
     config = read_config(path)
     raw = config["peft"]
-    if getattr(model, "peft_config", None):
+    if model.peft_config:
         raise ValueError(f"this model already has method {model.peft_config['method']!r}; "
                          "load a peft adapter into a fresh base model")
     _check_base(model, raw, path)
@@ -432,7 +433,7 @@ def _lora_from_peft(model, raw: dict, tensors: dict, path: Path) -> tuple[dict, 
         if set(pair) != {"A", "B"}:
             raise ValueError(f"adapter {path} has only lora_{''.join(pair)} of {module}; the file is incomplete")
         A, B = pair["A"], pair["B"]
-        in_features, out_features = lora.target_shape(cfg, "q" if target == "c_attn" else target)
+        in_features, out_features = linear_targets.shape(cfg, "q" if target == "c_attn" else target)
         if target == "c_attn":
             out_features = cfg.n_head * cfg.head_dim + 2 * cfg.n_kv_head * cfg.head_dim
         if A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
@@ -445,7 +446,7 @@ def _lora_from_peft(model, raw: dict, tensors: dict, path: Path) -> tuple[dict, 
         split = _split_c_attn(A, B, cfg) if target == "c_attn" else {target: (A, B)}
         for t, (A_t, B_t) in split.items():
             updates[(layer, t)] = (A_t, B_t, scale)
-    targets = [t for t in lora.TARGETS if any(t == key[1] for key in updates)]
+    targets = [t for t in linear_targets.TARGETS if any(t == key[1] for key in updates)]
     rank = max(A.shape[0] for A, _, _ in updates.values())
     first_scale = next(iter(updates.values()))[2]
     alpha = first_scale * rank
@@ -453,13 +454,13 @@ def _lora_from_peft(model, raw: dict, tensors: dict, path: Path) -> tuple[dict, 
     weights = {}
     for i in range(cfg.n_layer):
         for t in targets:
-            in_features, out_features = lora.target_shape(cfg, t)
+            in_features, out_features = linear_targets.shape(cfg, t)
             A_full, B_full = torch.zeros(rank, in_features), torch.zeros(out_features, rank)
             if (i, t) in updates:
                 A, B, scale = updates[(i, t)]
                 A_full[:A.shape[0]] = A
                 B_full[:, :B.shape[1]] = B if scale == our_scale else B * (scale / our_scale)
-            name = f"blocks.{i}.{lora.TARGETS[t]}"
+            name = f"blocks.{i}.{linear_targets.TARGETS[t]}"
             weights[f"{name}.lora_A"], weights[f"{name}.lora_B"] = A_full, B_full
     options = {"rank": rank, "alpha": alpha, "dropout": raw.get("lora_dropout", 0.0), "targets": targets}
     return options, weights

@@ -126,7 +126,6 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
                                 "nor an existing HF folder or .gguf file")
     if quantize is not None:
         quantize_blocks(model, quantize)
-    model.tokenizer = tokenizer  # prompt tuning's init="text" embeds its text with it
     return model.eval(), tokenizer
 
 

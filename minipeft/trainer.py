@@ -14,7 +14,7 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay. Metrics go to
-`<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by peft.save_adapter).
+`<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by adapter_io.save_adapter).
 
 Checkpoints (checkpoint.py: `<out>/checkpoint-<step>/`) hold the trainable parameters, AdamW's state,
 the scheduler, the RNG states and the data position (epoch, batch). The batches of an epoch are a
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoint, peft
+from . import checkpoint
+from .adapter_io import ADAPTER_WEIGHTS, save_adapter
 from .quant import frozen_weight_bytes, values_in_4bit_layers
 
 
@@ -325,7 +326,7 @@ def train(model, data, cfg: TrainConfig) -> dict:
             save()
         adapter_dir = out / "adapter"
         if rank == 0:
-            peft.save_adapter(model, adapter_dir)
+            save_adapter(model, adapter_dir)
         after = evaluate(model, data.splits["test"], data.kind, cfg.eval_batch_size, rank, world_size)
         summary = make_summary(model, cfg, progress, steps, after, adapter_dir, saved, world_size)
         log.record(event="summary", **summary)
@@ -339,7 +340,7 @@ def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapte
     total = sum(p.numel() for p in model.parameters()) + values_in_4bit_layers(model)  # 4-bit: buffers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen_bytes, frozen_fp32_bytes = frozen_weight_bytes(model)
-    adapter_file = adapter_dir / peft.ADAPTER_WEIGHTS
+    adapter_file = adapter_dir / ADAPTER_WEIGHTS
     return {
         "method": model.peft_config["method"], "options": model.peft_config["options"],
         "steps": steps, "trainable_parameters": trainable, "total_parameters": total,

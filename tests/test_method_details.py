@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft import adapter, llama_adapter, prefix
+from minipeft.methods import adapter, llama_adapter, prefix
 from conftest import tiny_batch, tiny_model
 
 
@@ -57,7 +57,6 @@ def test_prefix_shifts_positions_like_real_tokens():
 
 def test_prompt_inits():
     model = tiny_model("gpt2")
-    model.tokenizer = None
     mp.apply(model, "prompt", length=4, init="vocab")
     rows = model.prompt.embedding.detach()
     assert all((model.tok_emb.weight == r).all(dim=1).any() for r in rows)

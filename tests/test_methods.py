@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft import peft, trainer
+from minipeft import adapter_io, methods, trainer
 from conftest import FLAVORS, tiny_batch, tiny_model
 
 CASES = [(m, f, head) for m in mp.METHODS for f in FLAVORS for head in ("lm", "classifier")
@@ -66,7 +66,7 @@ def test_exactly_the_trainable_parameters_get_gradients(method, flavor, head, wa
 @pytest.mark.parametrize("method, flavor, head", CASES)
 def test_trainable_count_matches_formula(method, flavor, head):
     model = build(method, flavor, head)
-    assert model.num_parameters(trainable_only=True) == peft.expected_trainable_parameters(model)
+    assert model.num_parameters(trainable_only=True) == methods.expected_trainable_parameters(model)
     assert set(mp.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -123,7 +123,7 @@ def test_save_load_roundtrip(method, flavor, head, tmp_path):
     perturb_trainable(model)
     mp.save_adapter(model, tmp_path / "adapter")
     from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / "adapter" / peft.ADAPTER_WEIGHTS))
+    saved = load_file(str(tmp_path / "adapter" / adapter_io.ADAPTER_WEIGHTS))
     assert set(saved) == set(mp.trainable_state_dict(model))
     fresh = tiny_model(flavor, n_classes=2 if head == "classifier" else None)
     mp.load_adapter(fresh, tmp_path / "adapter")
@@ -188,11 +188,11 @@ def test_adapter_from_another_base_model_is_refused(tmp_path):
 def test_corrupt_adapter_is_refused(tmp_path):
     model = mp.apply(tiny_model("gpt2"), "lora")
     mp.save_adapter(model, tmp_path / "a")
-    weights = tmp_path / "a" / peft.ADAPTER_WEIGHTS
+    weights = tmp_path / "a" / adapter_io.ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         mp.load_adapter(tiny_model("gpt2"), tmp_path / "a")
-    (tmp_path / "a" / peft.ADAPTER_CONFIG).write_text("{not json")
+    (tmp_path / "a" / adapter_io.ADAPTER_CONFIG).write_text("{not json")
     with pytest.raises(ValueError, match="is corrupt"):
         mp.load_adapter(tiny_model("gpt2"), tmp_path / "a")
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.lora import LoRALinear, QLoRALinear, find_targets
+from minipeft.methods.lora import LoRALinear
+from minipeft.methods.qlora import QLoRALinear
+from minipeft.methods.targets import find as find_targets
 from minipeft.quant import Linear4bit, bits_per_parameter, dequantize_4bit, quantize_4bit
 from conftest import tiny_batch, tiny_model
 from test_methods import perturb_trainable
@@ -15,7 +17,7 @@ def test_qlora_equals_lora_on_dequantized_weights(flavor, quant):
     qlora = tiny_model(flavor, n_classes=2)
     lora = tiny_model(flavor, n_classes=2)
     with torch.no_grad():  # give the LoRA model exactly the weights the 4-bit model will see
-        for parent, attr in find_targets(lora, "all"):
+        for parent, attr in find_targets(lora, ["all"]):
             weight = getattr(parent, attr).weight
             codes, state = quantize_4bit(weight, quant, blocksize=32)
             weight.copy_(dequantize_4bit(codes, state))
@@ -93,7 +95,7 @@ def test_4bit_layers_still_count_as_model_weights(flavor):
     base = tiny_model(flavor)
     qlora = tiny_model(flavor)
     mp.apply(qlora, "qlora", rank=2)
-    lora_params = mp.peft.expected_trainable_parameters(qlora)
+    lora_params = mp.methods.expected_trainable_parameters(qlora)
     total = sum(p.numel() for p in qlora.parameters()) + values_in_4bit_layers(qlora)
     assert total == sum(p.numel() for p in base.parameters()) + lora_params
     assert frozen_weight_bytes(qlora)[1] == 4 * sum(p.numel() for p in base.parameters())

@@ -16,8 +16,9 @@ Equation: none of its own; the model is unchanged and h = f(x; θ) with θ split
 frozen parts. Initialization: the pretrained values. Trainable parameters: the size of the chosen
 subset (counted below from the config, independently of the modules).
 
-A fresh classifier head is trainable under every method (peft.apply makes sure of that).
+A fresh classifier head is trainable under every method (registry.apply makes sure of that).
 """
+from .registry import Method, Option, register
 
 
 def apply_full(model):
@@ -29,7 +30,7 @@ def apply_head(model):
     model.head.requires_grad_(True)
 
 
-def apply_last_k(model, layers: int = 2):
+def apply_last_k(model, layers: int):
     if not 1 <= layers <= model.cfg.n_layer:
         raise ValueError(f"last_k needs 1 <= layers <= {model.cfg.n_layer}, got {layers}")
     for block in model.blocks[-layers:]:
@@ -49,7 +50,7 @@ def apply_bitfit(model):
 
 
 # --- parameter-count formulas, from the config alone --------------------------------------------
-# Each counts what the method itself trains; a fresh classifier head is added on top by peft.apply.
+# Each counts what the method itself trains; a fresh classifier head is added on top by registry.apply.
 
 def _linear(n_in, n_out, bias):
     return n_in * n_out + (n_out if bias else 0)
@@ -92,7 +93,7 @@ def head_parameter_count(cfg, **_) -> int:
     return lm_head_parameter_count(cfg)
 
 
-def last_k_parameter_count(cfg, layers: int = 2, **_) -> int:
+def last_k_parameter_count(cfg, layers: int, **_) -> int:
     return layers * block_parameter_count(cfg) + final_norm_parameter_count(cfg) + \
         lm_head_parameter_count(cfg)
 
@@ -104,3 +105,13 @@ def bitfit_parameter_count(cfg, **_) -> int:
     embedding_norm = d if cfg.flavor == "bert" else 0
     final_norm = d if cfg.flavor == "gpt2" else 0
     return cfg.n_layer * per_block + embedding_norm + final_norm
+
+
+register(Method("full", "every parameter (the baseline)", apply_full, full_parameter_count, lr=5e-5))
+register(Method("head", "the output head only: the encoder is a frozen feature extractor",
+                apply_head, head_parameter_count))
+register(Method("last_k", "the top `layers` blocks, the final norm and the head", apply_last_k,
+                last_k_parameter_count, (Option("layers", int, 2, "how many of the top blocks to train"),),
+                lr=1e-4, examples=({}, {"layers": 1})))
+register(Method("bitfit", "every bias term (Ben Zaken et al. 2021)", apply_bitfit, bitfit_parameter_count,
+                flavors=("gpt2", "bert")))

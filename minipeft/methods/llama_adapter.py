@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .registry import Method, Option, register
+
 
 class AdaptionPrompt(nn.Module):
     def __init__(self, cfg, length: int):
@@ -41,8 +43,19 @@ class AdaptionPrompt(nn.Module):
         scores = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)  # (B, H, T, K)
         return self.gate.view(1, -1, 1, 1) * (scores @ values)
 
+    def saved_activations(self, ledger, layer: str, batch: int, tokens: int, q_grad: bool):
+        """For the memory ledger (memory.py): q (a transposed view, which the matmul copies), the prompt
+        keys broadcast over the batch (when q needs a gradient), the scores, values and the gated output."""
+        K, H, hd = self.prompt.shape[0], self.n_head, self.head_dim
+        ledger.keep(f"{layer}.adaption_q", batch * tokens * H * hd)
+        if q_grad:
+            ledger.keep(f"{layer}.adaption_keys", batch * H * K * hd)
+        ledger.keep(f"{layer}.adaption_scores", batch * H * tokens * K)
+        ledger.keep(f"{layer}.adaption_values", batch * H * K * hd)
+        ledger.keep(f"{layer}.adaption_out", batch * tokens * H * hd)
 
-def apply_llama_adapter(model, length: int = 10, layers: int | None = None):
+
+def apply_llama_adapter(model, length: int, layers: int | None):
     layers = model.cfg.n_layer if layers is None else layers
     if not 1 <= layers <= model.cfg.n_layer:
         raise ValueError(f"llama_adapter needs 1 <= layers <= {model.cfg.n_layer}, got {layers}")
@@ -52,6 +65,14 @@ def apply_llama_adapter(model, length: int = 10, layers: int | None = None):
         block.attn.adaption = AdaptionPrompt(model.cfg, length).to(model.tok_emb.weight.device)
 
 
-def llama_adapter_parameter_count(cfg, length: int = 10, layers: int | None = None, **_) -> int:
+def llama_adapter_parameter_count(cfg, length: int, layers: int | None, **_) -> int:
     layers = cfg.n_layer if layers is None else layers
     return layers * (length * cfg.d_model + cfg.n_head)
+
+
+register(Method(
+    "llama_adapter", "gated adaption prompts in the top layers (Zhang et al. 2023)", apply_llama_adapter,
+    llama_adapter_parameter_count,
+    (Option("length", int, 10, "adaption prompt vectors K per layer"),
+     Option("layers", int, None, "how many of the top blocks get an adaption prompt (default: all)")),
+    lr=1e-2, examples=({}, {"length": 3, "layers": 1})))

@@ -23,6 +23,8 @@ Adapters are non-linear, so they cannot be merged into the base weights.
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Method, Option, register
+
 KINDS = ("houlsby", "pfeiffer")
 
 
@@ -44,10 +46,15 @@ class AdapterLinear(nn.Linear):
         h = F.linear(x, self.weight, self.bias)
         return h + self.adapter_up(F.gelu(self.adapter_down(h)))
 
+    def saved_activations(self, ledger, x: str, n: int, grad: bool):
+        """For the memory ledger (memory.py): h, the bottleneck's input to GELU and GELU's output."""
+        m = self.adapter_down.out_features
+        ledger.keep(f"adapter_h@{id(self)}", n * self.out_features)
+        ledger.keep(f"adapter_down@{id(self)}", n * m)
+        ledger.keep(f"adapter_act@{id(self)}", n * m)
 
-def apply_adapter(model, size: int = 64, kind: str = "houlsby"):
-    if kind not in KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+def apply_adapter(model, size: int, kind: str):
     if size < 1:
         raise ValueError(f"adapter size must be >= 1, got {size}")
     for block in model.blocks:
@@ -65,10 +72,19 @@ def apply_adapter(model, size: int = 64, kind: str = "houlsby"):
             module.adapter_up.requires_grad_(True)
 
 
-def adapter_parameter_count(cfg, size: int = 64, kind: str = "houlsby", **_) -> int:
+def adapter_parameter_count(cfg, size: int, kind: str, **_) -> int:
     m, d = size, cfg.d_model
     per_adapter = 2 * m * d + m + d
     if kind == "pfeiffer":
         return cfg.n_layer * per_adapter
     norm = d if cfg.flavor == "llama" else 2 * d  # RMSNorm has no bias
     return cfg.n_layer * (2 * per_adapter + 2 * norm) + norm
+
+
+register(Method(
+    "adapter", "bottleneck MLPs after attention and FFN outputs (Houlsby 2019 / Pfeiffer 2020)",
+    apply_adapter, adapter_parameter_count,
+    (Option("size", int, 64, "adapter bottleneck width m"),
+     Option("kind", str, "houlsby", "houlsby: two per block + layer norms; pfeiffer: one, after the FFN",
+            choices=KINDS)),
+    examples=({}, {"size": 4, "kind": "pfeiffer"})))

@@ -12,12 +12,15 @@ its output again, so output shapes never change (model.encode / forward return T
 
 Initialization (`init`): "random" ~ U(−0.5, 0.5) (the paper's random baseline); "vocab": embeddings
 of P token ids drawn at random from the vocabulary; "text": embeddings of the tokens of `init_text`,
-repeated to length P (needs the model's tokenizer: models from mp.from_pretrained carry it).
+repeated to length P (pass the tokenizer: mp.apply(model, "prompt", init="text", init_text=...,
+tokenizer=tokenizer)).
 
 Trainable parameters: P · d. Not mergeable, and not the identity at initialization.
 """
 import torch
 import torch.nn as nn
+
+from .registry import Method, Option, register
 
 INITS = ("random", "vocab", "text")
 
@@ -47,16 +50,15 @@ class SoftPrompt(nn.Module):
         return torch.cat([hidden[:, :i], hidden[:, i + self.length:]], dim=1)
 
 
-def initial_embeddings(model, length: int, init: str, init_text: str | None) -> torch.Tensor:
+def initial_embeddings(model, length: int, init: str, init_text: str | None, tokenizer) -> torch.Tensor:
     table = model.tok_emb.weight.detach()  # (V, d)
     if init == "random":
         return torch.empty(length, table.shape[1], device=table.device).uniform_(-0.5, 0.5)
     if init == "vocab":
         return table[torch.randint(0, table.shape[0], (length,), device=table.device)]
-    tokenizer = getattr(model, "tokenizer", None)
     if not init_text or tokenizer is None:
-        raise ValueError("init='text' needs init_text and a model loaded with mp.from_pretrained "
-                         "(which carries its tokenizer)")
+        raise ValueError("init='text' needs init_text and the model's tokenizer: mp.apply(model, 'prompt', "
+                         "init='text', init_text=..., tokenizer=tokenizer)")
     ids = tokenizer.encode(init_text, add_special_tokens=False).ids
     if not ids:
         raise ValueError(f"init_text {init_text!r} has no tokens")
@@ -64,14 +66,23 @@ def initial_embeddings(model, length: int, init: str, init_text: str | None) -> 
     return table[torch.tensor(ids, device=table.device)]
 
 
-def apply_prompt(model, length: int = 20, init: str = "random", init_text: str | None = None):
-    if init not in INITS:
-        raise ValueError(f"unknown prompt init {init!r}; choose one of {', '.join(INITS)}")
+def apply_prompt(model, length: int, init: str, init_text: str | None, tokenizer=None):
     if length < 1:
         raise ValueError(f"prompt length must be >= 1, got {length}")
     insert_at = 1 if model.cfg.flavor == "bert" else 0  # keep [CLS] first
-    model.prompt = SoftPrompt(initial_embeddings(model, length, init, init_text), insert_at)
+    model.prompt = SoftPrompt(initial_embeddings(model, length, init, init_text, tokenizer), insert_at)
 
 
-def prompt_parameter_count(cfg, length: int = 20, **_) -> int:
+def prompt_parameter_count(cfg, length: int, **_) -> int:
     return length * cfg.d_model
+
+
+register(Method(
+    "prompt", "soft prompt embeddings prepended to the input (Lester et al. 2021)", apply_prompt,
+    prompt_parameter_count,
+    (Option("length", int, 20, "virtual tokens P (soft prompt length)"),
+     Option("init", str, "random", "how the soft prompt starts: random, vocab (random token embeddings) "
+            "or text (the embeddings of init_text's tokens)", choices=INITS),
+     Option("init_text", str, None, "the text whose token embeddings start the prompt (init=text)")),
+    lr=3e-2, exact_at_init=False, uses_tokenizer=True,
+    examples=({}, {"length": 3, "init": "vocab"}, {"length": 5, "init": "text", "init_text": "a review"})))

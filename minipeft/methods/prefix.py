@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .registry import Method, Option, register
+
 
 class PrefixTuning(nn.Module):
     def __init__(self, cfg, length: int, mlp_hidden: int = 0):
@@ -81,8 +83,12 @@ class LayerPrefix:
     def __call__(self, batch: int):
         return self.tuning.key_values(self.layer, batch)
 
+    def parameters(self):
+        """The shared module's parameters (the memory ledger asks whether they train)."""
+        return self.tuning.parameters()
 
-def apply_prefix(model, length: int = 20, mlp_hidden: int = 0):
+
+def apply_prefix(model, length: int, mlp_hidden: int):
     if length < 1:
         raise ValueError(f"prefix length must be >= 1, got {length}")
     model.prefix_tuning = PrefixTuning(model.cfg, length, mlp_hidden).to(model.tok_emb.weight.device)
@@ -97,8 +103,16 @@ def fold(model):
     return model
 
 
-def prefix_parameter_count(cfg, length: int = 20, mlp_hidden: int = 0, **_) -> int:
+def prefix_parameter_count(cfg, length: int, mlp_hidden: int, **_) -> int:
     total = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
     if not mlp_hidden:
         return length * total
     return length * cfg.d_model + (cfg.d_model * mlp_hidden + mlp_hidden) + (mlp_hidden * total + total)
+
+
+register(Method(
+    "prefix", "trainable key/value prefixes in every layer (Li & Liang 2021)", apply_prefix,
+    prefix_parameter_count,
+    (Option("length", int, 20, "virtual tokens P (prefix length)"),
+     Option("mlp_hidden", int, 0, "hidden width of the reparameterization MLP (0: train the prefixes directly)")),
+    lr=1e-2, exact_at_init=False, examples=({}, {"length": 3, "mlp_hidden": 16})))
