@@ -36,6 +36,9 @@ stripped first; i is the layer):
             blk.i.attn_{q,k,v,output} -> q, k, v, o;  ffn_{gate,up,down} -> gate, up, down;
             output_norm -> ln_f;  output -> head
 
+The HF rules (GPT2_RULES, BERT_RULES, LLAMA_RULES) are the one place these names are written: peft
+adapters name the same transformers modules, and peft_format.py reads them from here (hf_module_names).
+
 Every tensor is checked: a key we need and do not find, a key we do not know, or a shape that does not
 fit stops with a ValueError naming them; IGNORED lists the few keys skipped on purpose. Weights are
 converted to fp32.
@@ -287,7 +290,7 @@ IGNORED = {  # full-match regexes of keys skipped on purpose, and why
 }
 
 
-def _template_regex(template: str) -> re.Pattern:
+def template_regex(template: str) -> re.Pattern:
     """"h.{i}.ln_1.{p}" -> a regex matching "h.3.ln_1.weight" with groups i="3", p="weight"."""
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
     return re.compile(pattern)
@@ -301,7 +304,7 @@ def _rename(theirs: dict[str, torch.Tensor], rules: list[Rule], ignored: list[st
             cfg: ModelConfig):
     """Their state dict -> (ours: our name -> fp32 tensor, origin: our name -> their key, unknown:
     their keys that no rule claims). Rules and `ignored` match keys with `prefix` removed."""
-    compiled = [(_template_regex(their), _our_names(ours), transform) for their, ours, transform in rules]
+    compiled = [(template_regex(their), _our_names(ours), transform) for their, ours, transform in rules]
     ours, origin, unknown = {}, {}, []
     for key, tensor in theirs.items():
         short_key = key.removeprefix(prefix)
@@ -320,11 +323,30 @@ def _rename(theirs: dict[str, torch.Tensor], rules: list[Rule], ignored: list[st
     return ours, origin, unknown
 
 
+def hf_module_names(flavor: str) -> dict[str, str]:
+    """Our module -> the transformers module holding its weights (under HF_PREFIXES[flavor]), read off
+    the rename rules in their order, so every HF name is written once, in the rules. For gpt2:
+    {"tok_emb": "wte", ..., "blocks.{i}.attn.q": "h.{i}.attn.c_attn", "blocks.{i}.attn.k": "h.{i}.attn.c_attn",
+    "blocks.{i}.attn.v": "h.{i}.attn.c_attn", "blocks.{i}.attn.o": "h.{i}.attn.c_proj", ...}. Modules cut
+    from one fused module (q, k, v from c_attn) follow each other in the order the rule cuts them, which
+    is their row order in it. peft_format.py names the layers of peft adapters with this."""
+    names = {}
+    for theirs, ours, _ in HF_RULES[flavor]:
+        for template in _our_names(ours):
+            names.setdefault(_module_of(template), _module_of(theirs))
+    return names
+
+
+def _module_of(template: str) -> str:
+    """"h.{i}.ln_1.{p}" -> "h.{i}.ln_1": a tensor's name without its last part (weight, bias)."""
+    return template.rsplit(".", 1)[0]
+
+
 def _their_name(our_name: str, rules: list[Rule]) -> str:
     """The checkpoint key a rule would have turned into `our_name` (for messages about missing keys)."""
     for their, ours, _ in rules:
         for template in _our_names(ours):
-            if match := _template_regex(template).fullmatch(our_name):
+            if match := template_regex(template).fullmatch(our_name):
                 return their.format(**match.groupdict())
     return our_name
 

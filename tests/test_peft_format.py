@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 import minipeft as mp
 from minipeft.assets import asset_path
-from minipeft.pretrained import byte_tokenizer
+from minipeft import peft_format
+from minipeft.pretrained import HF_PREFIXES, byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -268,6 +269,26 @@ def test_peft_adapter_loads_into_minipeft(name, classifier, make_config, folders
             assert max_diff(theirs_out(again, idx, mask), theirs, mask) < ATOL
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_derived_peft_names_select_exactly_their_module_in_peft(name, folders):
+    """The target_modules name peft_format derives for each target (from pretrained.py's rules) makes
+    peft itself adapt exactly the transformers module holding that target: in every layer, or in the
+    named layer for a full path (bert's FFN output)."""
+    n_layer = 2
+    body = "" if name == "bert" else HF_PREFIXES[name]
+    expected_names = {"gpt2": {"q": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"},
+                      "bert": {"o": "attention.output.dense", "down": "encoder.layer.{i}.output.dense"},
+                      "llama": {"q": "q_proj", "gate": "gate_proj"}}[name]
+    modules = peft_format.MODULES[name]
+    assert {t: modules[t][1] for t in expected_names} == expected_names
+    for target, (module, peft_name) in modules.items():
+        config = peft.LoraConfig(target_modules=[peft_name.format(i=1)])
+        in_peft = peft.get_peft_model(theirs_base(folders, name), config)
+        adapted = {n.removeprefix(peft_format.ROOT + body) for n, m in in_peft.named_modules() if hasattr(m, "lora_A")}
+        layers = [1] if "{i}" in peft_name else range(n_layer)
+        assert adapted == {module.format(i=i) for i in layers}, (target, peft_name)
+
+
 def test_general_c_attn_lora_becomes_q_k_v_sharing_a(folders, ours_base, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
     trained = train(peft.get_peft_model(theirs_base(folders, "gpt2"), config), peft_forward)
@@ -366,7 +387,7 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
     trained_head = train(mp.apply(ours_base("gpt2", n_classes=2), "lora"), ours_out)
     with pytest.raises(ValueError, match="score layer has no bias, but this classifier head's bias is non-zero"):
         mp.save_adapter(trained_head, tmp_path / "x", format="peft")
-    with pytest.raises(ValueError, match="format='peft' writes lora, prompt, prefix adapters, not 'adapter'"):
+    with pytest.raises(ValueError, match="format='peft' writes lora, prefix, prompt adapters, not 'adapter'"):
         mp.save_adapter(mp.apply(ours_base("gpt2"), "adapter"), tmp_path / "x", format="peft")
     assert not (tmp_path / "x").exists()  # nothing half-written
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minipeft.assets import asset_path
-from minipeft.pretrained import NAMED_MODELS, byte_tokenizer, bytes_to_unicode, from_pretrained
+from minipeft.pretrained import (HF_PREFIXES, NAMED_MODELS, byte_tokenizer, bytes_to_unicode, from_pretrained,
+                                 hf_module_names)
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -110,6 +111,23 @@ def test_config_fields_are_read(gpt2_folder, llama_folder):
     assert (llama.cfg.n_kv_head, llama.cfg.rope_theta, llama.cfg.tie_embeddings) == (2, 5000.0, False)
     assert llama.cfg.dropout == 0.2  # the argument overrides the checkpoint's 0.0
     assert not torch.equal(llama.head.weight, llama.tok_emb.weight)
+
+
+def test_hf_module_names_are_transformers_modules(gpt2_folder, llama_folder):
+    """hf_module_names (which peft_format.py names peft adapters' layers with) reads the rename rules:
+    each name is a module of the real transformers model, under its body prefix or (lm_head) at the top."""
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=257))
+    for flavor, hf in (("gpt2", gpt2_folder[0]), ("bert", bert), ("llama", llama_folder[0])):
+        body = hf.get_submodule(HF_PREFIXES[flavor].rstrip("."))
+        for ours, theirs in hf_module_names(flavor).items():
+            owner = hf if ours == "head" else body  # lm_head sits beside the body
+            assert isinstance(owner.get_submodule(theirs.format(i=1)), torch.nn.Module), (flavor, ours)
+    gpt2 = hf_module_names("gpt2")
+    assert [gpt2[f"blocks.{{i}}.attn.{t}"] for t in "qkvo"] == ["h.{i}.attn.c_attn"] * 3 + ["h.{i}.attn.c_proj"]
+    assert list(gpt2).index("blocks.{i}.attn.q") + 1 == list(gpt2).index("blocks.{i}.attn.k")  # row order
+    assert hf_module_names("bert")["blocks.{i}.mlp.down"] == "encoder.layer.{i}.output.dense"
+    assert hf_module_names("llama")["blocks.{i}.mlp.gate"] == "layers.{i}.mlp.gate_proj"
 
 
 @pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM"])

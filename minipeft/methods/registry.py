@@ -117,7 +117,10 @@ class Method:
         if unknown:
             valid = ", ".join(self.defaults) or "none"
             raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; its options are: {valid}")
-        return {o.name: o.convert(options.get(o.name, o.default)) for o in self.options}
+        try:
+            return {o.name: o.convert(options.get(o.name, o.default)) for o in self.options}
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
 
 METHODS: dict[str, Method] = {}
@@ -157,8 +160,14 @@ def apply(model, method: str, tokenizer=None, **options):
                          f"(it supports {', '.join(spec.flavors)})")
     resolved = spec.resolve(options)
     fingerprint = base_fingerprint(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
-    spec.apply(model, **resolved, **({"tokenizer": tokenizer} if spec.uses_tokenizer else {}))
+    try:
+        spec.apply(model, **resolved, **({"tokenizer": tokenizer} if spec.uses_tokenizer else {}))
+    except ValueError:  # a method checks its options before it changes the model: undo the freezing
+        for p in trainable:
+            p.requires_grad_(True)
+        raise
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}

@@ -4,7 +4,7 @@
     head     the output head only                       "feature-based": the encoder is a frozen
                                                         feature extractor (Raschka, "Finetuning LLMs")
     last_k   the last `layers` blocks, ln_f and head    "fine-tuning II" in the same blog series
-    bitfit   every bias term, and the head             Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199
+    bitfit   every bias term                            Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199
 
                  ┌ head ┐  ← head, last_k, full
                  │ ln_f │  ← last_k, full
@@ -16,7 +16,8 @@ Equation: none of its own; the model is unchanged and h = f(x; θ) with θ split
 frozen parts. Initialization: the pretrained values. Trainable parameters: the size of the chosen
 subset (counted below from the config, independently of the modules).
 
-A fresh classifier head is trainable under every method (registry.apply makes sure of that).
+A fresh classifier head is trainable under every method (registry.apply makes sure of that). A tied
+LM head *is* the token embedding, so `head` and `last_k` on a tied LM train the embedding table.
 """
 from .registry import Method, Option, register
 
