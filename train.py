@@ -13,7 +13,7 @@ import json
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, trainer
+from minipeft import checkpoint, cli, data, processes, trainer
 
 DEFAULT_METHOD = "lora"
 DEFAULT_OUT = "checkpoints/run"
@@ -108,15 +108,15 @@ def main(argv):
     apply_method = not args.init_adapter or args.method is not None or bool(options)
     out = args.out or (str(checkpoint.run_folder(args.resume)) if args.resume else DEFAULT_OUT)
     # fail fast, before loading anything: an unwritable --out, an unreadable --resume checkpoint
-    trainer.check_output_folder(out, resume=args.resume)
+    checkpoint.check_output_folder(out, resume=args.resume)
     if args.resume:
         checkpoint.read_state(args.resume)
 
-    rank, world_size = trainer.init_distributed()
+    rank, world_size = processes.init_distributed()
     try:
         torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
         model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
-        model.to(trainer.device_for_process())
+        model.to(processes.device_for_process())
         check_context_length(model, args.max_len, args.model)
         task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
         if task.kind == "classification":

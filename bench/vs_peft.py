@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
 from minipeft.assets import asset_path  # noqa: E402
+from minipeft.methods.lora import LoRALinear  # noqa: E402
 
 CONFIGS = ("full", "lora_qv", "lora_all", "prefix", "prompt", "qlora")
 MODELS = {"minilm": dict(batch=16, seq=128, kind="classification"),
@@ -206,7 +207,7 @@ def inference_table(args):
         base, unmerged = base_model(model_name), ours(model_name, "lora_qv")
         with torch.no_grad():
             for layer in unmerged.modules():  # a random B, so the update is not zero
-                if isinstance(layer, mp.lora.LoRALinear):
+                if isinstance(layer, LoRALinear):
                     layer.lora_B.normal_(std=0.02)
         merged = mp.merge(copy.deepcopy(unmerged))
         batch = make_batch(model_name, base.cfg.vocab_size)

@@ -1,9 +1,39 @@
+"""Helpers every test module shares: tiny models and batches, the conformance cases (every example
+option set of every registered method × flavour × head), and the `--method-file` option that registers
+a user's own method before collection, so the conformance suite tests it too:
+
+    python -m pytest tests/test_methods.py --method-file my_method.py -k my_method
+    python -m pytest -m exhaustive            # the whole product: every example × flavour × head × case
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 import minipeft as mp
 
 FLAVORS = ("gpt2", "bert", "llama")
+HEADS = ("lm", "classifier")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--method-file", action="append", default=[], metavar="FILE",
+                     help="a Python file that registers a method with mp.register, imported before the "
+                          "conformance suite is collected")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exhaustive: the full product of every axis (deselected by default; "
+                                       "run with -m exhaustive)")
+    for file in config.getoption("method_file"):
+        path = Path(file)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
 
 
 def tiny_config(flavor: str, n_classes=None, **overrides) -> mp.ModelConfig:
@@ -31,6 +61,66 @@ def tiny_batch(vocab=97, B=3, T=12, seed=1):
         mask[row, T - 3 * row:] = 0
     idx[mask == 0] = 0
     return idx, mask
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A word-level tokenizer whose ids fit the tiny models' 97-token vocabulary (prompt init="text")."""
+    words = ["[UNK]", "a", "review", "movie", "great", "awful", "the", "is"]
+    tokenizer = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------ conformance cases
+
+def conformance_cases(exhaustive: bool = False, flavors=FLAVORS, heads=HEADS):
+    """(method, example index, flavour, head) for every registered method. By default every example
+    option set runs on every flavour with the LM head, and the defaults (example 0) with the classifier
+    head too: each axis covered in full against the defaults of the others. `exhaustive`: the product."""
+    cases = []
+    for method in mp.METHODS.values():
+        for i, _ in enumerate(method.examples):
+            for flavor in (f for f in flavors if f in method.flavors):
+                for head in heads:
+                    if exhaustive or i == 0 or head == "lm":
+                        cases.append((method.name, i, flavor, head))
+    return cases
+
+
+def case_params(exhaustive_rest: bool = True, **filters):
+    """conformance_cases as pytest params with readable ids; with `exhaustive_rest`, the cases only the
+    full product has are added under the `exhaustive` marker."""
+    default = conformance_cases(**filters)
+    params = [pytest.param(*c, id=f"{c[0]}{c[1]}-{c[2]}-{c[3]}") for c in default]
+    if exhaustive_rest:
+        params += [pytest.param(*c, id=f"{c[0]}{c[1]}-{c[2]}-{c[3]}", marks=pytest.mark.exhaustive)
+                   for c in conformance_cases(exhaustive=True, **filters) if c not in default]
+    return params
+
+
+def example_options(method: str, example: int) -> dict:
+    return dict(mp.METHODS[method].examples[example])
+
+
+def build(method, example, flavor, head, seed=0, **model_overrides):
+    """A tiny model with `method` applied with its `example`-th option set."""
+    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, seed=seed, **model_overrides)
+    return mp.apply(model, method, tokenizer=tiny_tokenizer(), **example_options(method, example))
+
+
+def loss_of(model, idx, mask):
+    out = model(idx, attention_mask=mask)
+    return out.float().pow(2).mean()
+
+
+def perturb_trainable(model, seed=3):
+    """Move every trainable parameter a little, as a few training steps would: at init some gradients
+    are exactly zero by design (LoRA's A while B = 0), which would hide a broken gradient path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(params=FLAVORS)

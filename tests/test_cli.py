@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import minipeft as mp
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,10 +81,16 @@ def test_eval_with_adapter_reproduces_the_training_result(trained, reviews):
 
 
 def test_list_methods_and_help():
+    """Every registered method is listed, and every option any method declares is a flag with help."""
     listed = run("train.py", "--list-methods")
-    assert listed.returncode == 0 and "lora" in listed.stdout and "rank=8" in listed.stdout
+    assert listed.returncode == 0 and "rank=8" in listed.stdout
     helped = run("train.py", "--help")
-    assert helped.returncode == 0 and "--rank" in helped.stdout and "--targets" in helped.stdout
+    assert helped.returncode == 0
+    for method in mp.METHODS.values():
+        assert method.name in listed.stdout
+        for option in method.options:
+            assert f"--{option.name.replace('_', '-')} {option.type.__name__.upper()}" in helped.stdout
+            assert option.help.split(":")[0] in " ".join(helped.stdout.split())
 
 
 def test_generate_on_a_causal_model():
@@ -142,16 +150,25 @@ def test_debug_shows_the_traceback():
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
-@pytest.mark.parametrize("method", ["full", "head", "last_k", "bitfit", "lora", "qlora", "adapter", "prefix",
-                                    "prompt", "llama_adapter"])
+def flags(options: dict) -> list[str]:
+    """An example option set as the command line spells it (lists comma-separated)."""
+    return [part for name, value in options.items()
+            for part in (f"--{name.replace('_', '-')}", ",".join(value) if isinstance(value, list) else str(value))]
+
+
+@pytest.mark.parametrize("method", list(mp.METHODS))
 def test_every_method_trains_on_hamlet_and_generates(method, tmp_path):
-    """train.py on the built-in LM task with a tiny model, then eval.py generating through the adapter."""
+    """train.py on the built-in LM task with a tiny model, with the method's last example option set
+    typed as flags, then eval.py generating through the adapter."""
     import eval as eval_cli
     import train as train_cli
-    model = "tiny-gpt2" if method == "bitfit" else "tiny-llama"
-    options = {"last_k": ["--layers", "1"], "llama_adapter": ["--layers", "1"]}.get(method, [])
+    spec = mp.METHODS[method]
+    model = "tiny-llama" if "llama" in spec.flavors else "tiny-gpt2"
+    options = flags(spec.examples[-1])
     train_cli.main(["--model", model, "--task", "hamlet", "--method", method, *options, "--steps", "2",
                     "--batch-size", "2", "--max-len", "32", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["options"] == spec.resolve(spec.examples[-1])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["event"] == "summary" and "perplexity" in rows[-1]["test_after"]
     eval_cli.main(["--model", model, "--adapter", str(tmp_path / "adapter"), "--generate", "To be",

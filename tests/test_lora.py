@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import minipeft as mp
 from minipeft.methods.lora import LoRALinear, lora_parameter_count
-from conftest import tiny_batch, tiny_model
+from conftest import perturb_trainable, tiny_batch, tiny_model
 
 
 def test_worked_example_1000x1000_rank_4():
@@ -66,14 +66,28 @@ def test_all_targets_and_errors():
         mp.apply(tiny_model("gpt2"), "lora", rank=33)
 
 
-def test_merge_is_explicit_not_implied_by_eval():
-    model = mp.apply(tiny_model("gpt2"), "lora")
-    model.eval()
-    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
-    mp.merge(model)
-    assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
-    mp.merge(model)  # merging twice does not add the update twice
+def test_merge_adds_the_update_once_and_unmerge_restores_the_weight():
+    """From a trained state (B != 0, so merging really changes W): .eval() merges nothing; merging twice
+    adds ΔW = (α/r) B A exactly once; unmerge gives W back."""
+    model = mp.apply(tiny_model("gpt2"), "lora", rank=4, alpha=8, targets="q,v,down")
+    perturb_trainable(model)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(torch.count_nonzero(m.lora_B) > 0 for m in layers)
+    original = [m.weight.detach().clone() for m in layers]
+    deltas = [(m.alpha / m.rank) * (m.lora_B @ m.lora_A).detach() for m in layers]
     idx, mask = tiny_batch()
-    out = model(idx, attention_mask=mask)
+    model.eval()
+    assert not any(m.merged for m in layers)
+    unmerged = model(idx, attention_mask=mask)
+    mp.merge(model)
+    mp.merge(model)  # a second merge must not add the update again
+    for layer, w, delta in zip(layers, original, deltas):
+        assert layer.merged
+        torch.testing.assert_close(layer.weight, w + delta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(idx, attention_mask=mask), unmerged, atol=1e-5, rtol=0)
     mp.unmerge(model)
-    torch.testing.assert_close(model(idx, attention_mask=mask), out, atol=1e-6, rtol=0)
+    mp.unmerge(model)  # and a second unmerge must not subtract it again
+    for layer, w in zip(layers, original):
+        assert not layer.merged
+        torch.testing.assert_close(layer.weight, w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(idx, attention_mask=mask), unmerged, atol=1e-6, rtol=0)

@@ -10,8 +10,19 @@ import torch
 import minipeft as mp
 from minipeft import memory, trainer
 from minipeft.quant import Linear4bit
-from conftest import tiny_batch, tiny_model
-from test_methods import CASES, loss_of, perturb_trainable
+from conftest import case_params, example_options, loss_of, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
+
+CASES = case_params()
+
+
+def applied(method, example, flavor, head, dropout, **overrides):
+    """A tiny model (model dropout `dropout`) with the method's example options, and its own dropout
+    set to `dropout` where it has one."""
+    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, dropout=dropout, **overrides)
+    options = example_options(method, example)
+    if "dropout" in mp.METHODS[method].defaults:
+        options["dropout"] = dropout
+    return mp.apply(model, method, tokenizer=tiny_tokenizer(), **options)
 
 
 def gradients(model, idx, mask, checkpointing: bool, seed: int = 5):
@@ -24,11 +35,9 @@ def gradients(model, idx, mask, checkpointing: bool, seed: int = 5):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_checkpointing_never_changes_gradients(method, flavor, head, dropout):
-    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, dropout=dropout)
-    options = {"dropout": dropout} if "dropout" in mp.METHODS[method].options else {}
-    mp.apply(model, method, **options)  # the base is frozen: blocks see inputs that need no grad
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_checkpointing_never_changes_gradients(method, example, flavor, head, dropout):
+    model = applied(method, example, flavor, head, dropout)  # frozen base: blocks see inputs needing no grad
     perturb_trainable(model)
     model.train()
     idx, mask = tiny_batch()
@@ -97,13 +106,12 @@ def test_checkpointing_keeps_only_block_inputs(flavor):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_activation_estimate_is_what_autograd_keeps(method, flavor, head, dropout, checkpointing):
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_activation_estimate_is_what_autograd_keeps(method, example, flavor, head, dropout, checkpointing):
     """The ledger's activation formula (derived from model.py) against the tensors autograd really
-    keeps, for every method and flavour, with and without dropout, padding and checkpointing."""
-    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, dropout=dropout, d_model=64)
-    options = {"dropout": dropout} if "dropout" in mp.METHODS[method].options else {}
-    mp.apply(model, method, **options).train()
+    keeps, for every method and example option set and flavour, with and without dropout, padding and
+    checkpointing."""
+    model = applied(method, example, flavor, head, dropout, d_model=64).train()
     model.checkpointing = checkpointing
     idx, mask = tiny_batch(B=3, T=24)
     for padded in (False, True):

@@ -1,51 +1,52 @@
-"""The conformance suite: every registered method × every flavour it supports, checked against what
-the method declares (exact at init, mergeable, its parameter-count formula). A new method is tested
-here just by registering it (DESIGN.md, "Tests that every method must pass")."""
+"""The conformance suite: every registered method, with every example option set it declares, × every
+flavour it supports × LM and classifier heads, checked against what the method declares (exact at
+init, mergeable, its parameter-count formula). A new method is tested here just by registering it
+(DESIGN.md, "Tests that every method must pass"); a method in a file of your own joins with
+`--method-file FILE` (tests/conftest.py). Which combinations run by default, and which only under
+`-m exhaustive`, conftest.conformance_cases says."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import minipeft as mp
 from minipeft import adapter_io, methods, trainer
-from conftest import FLAVORS, tiny_batch, tiny_model
+from conftest import (FLAVORS, build, case_params, conformance_cases, example_options, loss_of, perturb_trainable,
+                      tiny_batch, tiny_model, tiny_tokenizer)
 
-CASES = [(m, f, head) for m in mp.METHODS for f in FLAVORS for head in ("lm", "classifier")
-         if f in mp.METHODS[m].flavors]
-
-
-def build(method, flavor, head, seed=0):
-    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, seed=seed)
-    return mp.apply(model, method)
+CASES = case_params()
+WARMUPS = ("none", "no_grad", "eval")
 
 
-def loss_of(model, idx, mask):
-    out = model(idx, attention_mask=mask)
-    return out.float().pow(2).mean()
+def warmup_params():
+    """Every case without a warm-up pass; the two warm-ups on each method's defaults with the LM head
+    (the rest under `exhaustive`)."""
+    params = []
+    for case in conformance_cases(exhaustive=True):
+        for warmup in WARMUPS:
+            marks = () if case in conformance_cases() and (warmup == "none" or case[1] == 0 and case[3] == "lm") \
+                else (pytest.mark.exhaustive,)
+            params.append(pytest.param(*case, warmup, id=f"{case[0]}{case[1]}-{case[2]}-{case[3]}-{warmup}",
+                                       marks=marks))
+    return params
 
 
-def perturb_trainable(model, seed=3):
-    """Move every trainable parameter a little, as a few training steps would: at init some gradients
-    are exactly zero by design (LoRA's A while B = 0), which would hide a broken gradient path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
+def applied_options(model) -> dict:
+    return model.peft_config["options"]
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_output_equals_base_at_init(method, flavor, head):
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_output_equals_base_at_init(method, example, flavor, head):
     if not mp.METHODS[method].exact_at_init:
         pytest.skip(f"{method} does not promise identity at init")
     idx, mask = tiny_batch()
     base = tiny_model(flavor, n_classes=2 if head == "classifier" else None).eval()
-    adapted = build(method, flavor, head).eval()
+    adapted = build(method, example, flavor, head).eval()
     assert torch.equal(adapted(idx, attention_mask=mask), base(idx, attention_mask=mask))
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-@pytest.mark.parametrize("warmup_pass", ["none", "no_grad", "eval"])
-def test_exactly_the_trainable_parameters_get_gradients(method, flavor, head, warmup_pass):
-    model = build(method, flavor, head)
+@pytest.mark.parametrize("method, example, flavor, head, warmup_pass", warmup_params())
+def test_exactly_the_trainable_parameters_get_gradients(method, example, flavor, head, warmup_pass):
+    model = build(method, example, flavor, head)
     perturb_trainable(model)
     idx, mask = tiny_batch()
     if warmup_pass == "no_grad":
@@ -63,16 +64,27 @@ def test_exactly_the_trainable_parameters_get_gradients(method, flavor, head, wa
             assert p.grad is None, f"frozen {name} got a gradient"
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_trainable_count_matches_formula(method, flavor, head):
-    model = build(method, flavor, head)
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_trainable_count_matches_formula(method, example, flavor, head):
+    model = build(method, example, flavor, head)
     assert model.num_parameters(trainable_only=True) == methods.expected_trainable_parameters(model)
     assert set(mp.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_frozen_parameters_bit_identical_after_a_step(method, flavor, head):
-    model = build(method, flavor, head)
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_options_are_recorded_complete(method, example, flavor, head):
+    """peft_config holds every declared option (defaults filled in), typed as declared."""
+    spec = mp.METHODS[method]
+    options = applied_options(build(method, example, flavor, head))
+    assert set(options) == set(spec.defaults)
+    for option in spec.options:
+        assert options[option.name] is None or isinstance(options[option.name], option.type)
+        assert options[option.name] == example_options(method, example).get(option.name, option.default)
+
+
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_frozen_parameters_bit_identical_after_a_step(method, example, flavor, head):
+    model = build(method, example, flavor, head)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -90,14 +102,16 @@ def test_frozen_parameters_bit_identical_after_a_step(method, flavor, head):
     assert any(not torch.equal(params[n], v) for n, v in trainable.items()), "nothing trained"
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_with_dropout_only_the_trainable_parameters_learn(method, flavor, head):
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_with_dropout_only_the_trainable_parameters_learn(method, example, flavor, head):
     """Items 2 and 3 in training mode with dropout 0.1 (model.Dropout, attention written out, the
     method's own dropout where it has one): every trainable parameter gets a gradient, nothing frozen
     does, and the frozen weights stay bit-identical through AdamW steps."""
     model = tiny_model(flavor, n_classes=2 if head == "classifier" else None, dropout=0.1)
-    options = {"dropout": 0.1} if "dropout" in mp.METHODS[method].options else {}
-    mp.apply(model, method, **options)
+    options = example_options(method, example)
+    if "dropout" in mp.METHODS[method].defaults:
+        options["dropout"] = 0.1
+    mp.apply(model, method, tokenizer=tiny_tokenizer(), **options)
     perturb_trainable(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.1)
@@ -117,24 +131,24 @@ def test_with_dropout_only_the_trainable_parameters_learn(method, flavor, head):
         assert torch.equal(params[name], before), f"frozen {name} moved"
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_save_load_roundtrip(method, flavor, head, tmp_path):
-    model = build(method, flavor, head)
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_save_load_roundtrip(method, example, flavor, head, tmp_path):
+    model = build(method, example, flavor, head)
     perturb_trainable(model)
     mp.save_adapter(model, tmp_path / "adapter")
-    from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "adapter" / adapter_io.ADAPTER_WEIGHTS))
     assert set(saved) == set(mp.trainable_state_dict(model))
     fresh = tiny_model(flavor, n_classes=2 if head == "classifier" else None)
-    mp.load_adapter(fresh, tmp_path / "adapter")
+    mp.load_adapter(fresh, tmp_path / "adapter", tokenizer=tiny_tokenizer())
+    assert fresh.peft_config == model.peft_config
     idx, mask = tiny_batch()
     model.eval(), fresh.eval()
     assert torch.equal(fresh(idx, attention_mask=mask), model(idx, attention_mask=mask))
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_merge(method, flavor, head):
-    model = build(method, flavor, head).eval()
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_merge(method, example, flavor, head):
+    model = build(method, example, flavor, head).eval()
     if not mp.METHODS[method].mergeable:
         with pytest.raises(ValueError, match="cannot be merged"):
             mp.merge(model)
@@ -152,9 +166,9 @@ def test_merge(method, flavor, head):
     torch.testing.assert_close(model(idx, attention_mask=mask), unmerged, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method, flavor, head", CASES)
-def test_padded_batch_equals_rows_alone(method, flavor, head):
-    model = build(method, flavor, head).eval()
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_padded_batch_equals_rows_alone(method, example, flavor, head):
+    model = build(method, example, flavor, head).eval()
     perturb_trainable(model)
     idx, mask = tiny_batch()
     batched = model(idx, attention_mask=mask)
@@ -165,17 +179,66 @@ def test_padded_batch_equals_rows_alone(method, flavor, head):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method, example, flavor, head",
+                         case_params(flavors=("gpt2", "llama"), heads=("lm",)))
+def test_cached_generation_matches_uncached(method, example, flavor, head):
+    model = build(method, example, flavor, head).eval()
+    perturb_trainable(model)
+    idx, _ = tiny_batch(B=1, T=6)
+    cached = model.generate(idx, 12)
+    assert torch.equal(cached, model.generate(idx, 12, use_cache=False))
+    assert cached.shape == (1, 18)
+
+
+def test_every_option_has_a_type_help_and_a_valid_default():
+    for method in mp.METHODS.values():
+        assert method.examples and method.examples[0] == {}, f"{method.name}: example 0 is the defaults"
+        for option in method.options:
+            assert option.help, f"{method.name}.{option.name} has no help text"
+            assert option.convert(option.default) == option.default
+
+
 def test_registry_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="unknown method 'lorax'; valid methods are: full"):
         mp.apply(model, "lorax")
     with pytest.raises(ValueError, match="unknown option.*'rnak'.*its options are: rank, alpha"):
         mp.apply(model, "lora", rnak=4)
+    with pytest.raises(ValueError, match="option 'rank' takes an integer, not 'four'"):
+        mp.apply(model, "lora", rank="four")
+    with pytest.raises(ValueError, match="option 'rank' takes an integer, not 2.5"):
+        mp.apply(model, "lora", rank=2.5)
+    with pytest.raises(ValueError, match="unknown kind 'lowrank'; choose one of houlsby, pfeiffer"):
+        mp.apply(model, "adapter", kind="lowrank")
     with pytest.raises(ValueError, match="bitfit.*does not fit a llama model"):
         mp.apply(model, "bitfit")
     mp.apply(model, "lora")
     with pytest.raises(ValueError, match="already has method 'lora'"):
         mp.apply(model, "lora")
+
+
+def test_option_text_converts_to_the_declared_type():
+    options = {o.name: o for o in mp.METHODS["qlora"].options}
+    assert options["rank"].convert("4") == 4
+    assert options["alpha"].convert("8") == 8.0 and isinstance(options["alpha"].convert(8), float)
+    assert options["targets"].convert("q, v,down") == ["q", "v", "down"]
+    assert options["targets"].convert(("q", "v")) == ["q", "v"]
+    assert options["double_quant"].convert("false") is False
+    init_text = next(o for o in mp.METHODS["prompt"].options if o.name == "init_text")
+    assert init_text.convert("42") == "42"  # text stays text, whatever it looks like
+    with pytest.raises(ValueError, match="takes true or false"):
+        options["double_quant"].convert("maybe")
+
+
+def test_register_refuses_a_clash():
+    with pytest.raises(ValueError, match="registered already"):
+        mp.register(mp.Method("lora", "again", lambda model: None, lambda cfg: 0))
+    with pytest.raises(ValueError, match="option 'rank' of 'clash' is str, but 'lora' declares it int"):
+        mp.register(mp.Method("clash", "a rank of another type", lambda model, rank: None,
+                              lambda cfg, rank: 0, (mp.Option("rank", str, "8", "rank as text"),)))
+    assert "clash" not in mp.METHODS
+    with pytest.raises(ValueError, match="unknown option"):  # an example must use declared options
+        mp.Method("typo", "bad example", lambda model: None, lambda cfg: 0, examples=({}, {"rnak": 2}))
 
 
 def test_adapter_from_another_base_model_is_refused(tmp_path):
@@ -197,11 +260,5 @@ def test_corrupt_adapter_is_refused(tmp_path):
         mp.load_adapter(tiny_model("gpt2"), tmp_path / "a")
 
 
-@pytest.mark.parametrize("method, flavor, head", [c for c in CASES if c[1] != "bert" and c[2] == "lm"])
-def test_cached_generation_matches_uncached(method, flavor, head):
-    model = build(method, flavor, head).eval()
-    perturb_trainable(model)
-    idx, _ = tiny_batch(B=1, T=6)
-    cached = model.generate(idx, 12)
-    assert torch.equal(cached, model.generate(idx, 12, use_cache=False))
-    assert cached.shape == (1, 18)
+def test_flavors_cover_the_suite():
+    assert {c[2] for c in conformance_cases()} == set(FLAVORS)

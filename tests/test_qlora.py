@@ -7,8 +7,7 @@ from minipeft.methods.lora import LoRALinear
 from minipeft.methods.qlora import QLoRALinear
 from minipeft.methods.targets import find as find_targets
 from minipeft.quant import Linear4bit, bits_per_parameter, dequantize_4bit, quantize_4bit
-from conftest import tiny_batch, tiny_model
-from test_methods import perturb_trainable
+from conftest import perturb_trainable, tiny_batch, tiny_model
 
 
 @pytest.mark.parametrize("flavor", ["gpt2", "bert", "llama"])
@@ -65,13 +64,20 @@ def test_bad_quant_options():
         mp.apply(tiny_model("gpt2"), "qlora", blocksize=48)
 
 
+def frozen_weight_bytes(model, as_fp32=False) -> int:
+    """The summary's frozen weights: the memory ledger's frozen full-precision and 4-bit bytes."""
+    from minipeft.memory import weight_bytes
+    weights = weight_bytes(model, as_fp32=as_fp32)
+    return weights["frozen"] + weights["frozen_4bit"]
+
+
 def test_frozen_weight_bytes():
-    from minipeft.quant import frozen_weight_bytes
     lora = mp.apply(tiny_model("llama", d_model=64), "lora")
-    now, fp32 = frozen_weight_bytes(lora)
-    assert now == fp32 == 4 * (lora.num_parameters() - lora.num_parameters(trainable_only=True))
+    now, fp32 = frozen_weight_bytes(lora), frozen_weight_bytes(lora, as_fp32=True)
+    rope_tables = sum(b.nbytes for b in lora.buffers())
+    assert now == fp32 == 4 * (lora.num_parameters() - lora.num_parameters(trainable_only=True)) + rope_tables
     qlora = mp.apply(tiny_model("llama", d_model=64), "qlora")
-    now_q, fp32_q = frozen_weight_bytes(qlora)
+    now_q, fp32_q = frozen_weight_bytes(qlora), frozen_weight_bytes(qlora, as_fp32=True)
     assert fp32_q == fp32
     block_linears = sum(m.in_features * m.out_features for m in qlora.blocks.modules() if hasattr(m, "weight_codes"))
     assert now_q == pytest.approx(fp32 - 4 * block_linears + block_linears * 4.127 / 8, rel=0.01)
@@ -91,11 +97,12 @@ def test_from_pretrained_straight_into_4bit_then_qlora():
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_4bit_layers_still_count_as_model_weights(flavor):
-    from minipeft.quant import frozen_weight_bytes, values_in_4bit_layers
+    from minipeft.quant import values_in_4bit_layers
     base = tiny_model(flavor)
     qlora = tiny_model(flavor)
     mp.apply(qlora, "qlora", rank=2)
     lora_params = mp.methods.expected_trainable_parameters(qlora)
     total = sum(p.numel() for p in qlora.parameters()) + values_in_4bit_layers(qlora)
     assert total == sum(p.numel() for p in base.parameters()) + lora_params
-    assert frozen_weight_bytes(qlora)[1] == 4 * sum(p.numel() for p in base.parameters())
+    base_tensors = [*base.parameters(), *base.buffers()]  # buffers: RoPE tables (llama)
+    assert frozen_weight_bytes(qlora, as_fp32=True) == 4 * sum(t.numel() for t in base_tensors)
