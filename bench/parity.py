@@ -7,7 +7,7 @@ Both sides start from the same all-MiniLM-L6-v2 weights (minipeft's asset cache)
 q,v with minipeft's defaults (LoRA dropout, init) mirrored in peft's LoraConfig, and a fresh
 Linear(384, 2) head. minipeft's initial LoRA A (and zero B) and head are copied into the other side, and
 the bench asserts that both give the same logits before training. Then both train on the identical
-batches (minipeft's shuffle for the seed) with the loop of minipeft/trainer.py: AdamW (weight decay on
+batches (minipeft's shuffle for the seed) with minipeft/trainer.py's train_step: AdamW (weight decay on
 tensors with ndim >= 2 only), linear warmup + cosine, gradient clipping at 1.0, cross-entropy. The two
 are stepped alternately, each with its own dropout RNG stream seeded with --seed (as if it ran alone).
 The target: test accuracies within 1 point of each other.
@@ -102,7 +102,7 @@ def max_logit_difference(a, b, batch) -> float:
 
 
 class Run:
-    """One side's optimizer, schedule and dropout RNG; step() is one step of trainer.train's loop."""
+    """One side's optimizer, schedule and dropout RNG; step() is trainer.train_step, the loop's step."""
 
     def __init__(self, model, cfg: trainer.TrainConfig, steps: int):
         self.model, self.cfg = model, cfg
@@ -116,15 +116,12 @@ class Run:
         torch.set_rng_state(self.rng)  # this side's dropout stream, untouched by the other side
         start = time.perf_counter()
         self.model.train()
-        loss = trainer.loss_fn(self.model, batch, "classification")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-        self.optimizer.step()  # (trainer.train also skips non-finite steps; none occur here)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        result = trainer.train_step(self.model, self.optimizer, self.scheduler, iter([batch]), "classification",
+                                    max_grad_norm=self.cfg.max_grad_norm)
+        assert result.finite, "non-finite loss or gradient: train_step skipped the update"
         self.seconds += time.perf_counter() - start
         self.rng = torch.get_rng_state()
-        return loss.item()
+        return result.loss
 
 
 def main():

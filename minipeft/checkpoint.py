@@ -18,13 +18,20 @@ a crash at any moment leaves the previous checkpoint or the new one, never half 
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. After a new checkpoint is in
 place the older checkpoint-<step> folders are removed, so a run keeps one (the last good one).
+
+Resuming (trainer.py calls these before it writes anything): `check_output_folder` stops a new run
+from replacing an unfinished one in the same --out; `check_resumable` requires the checkpoint's base
+model (by fingerprint), method, method options and run options (`run_options`) to be this run's, where
+only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and stops) may differ;
+`restore` then puts the parameters, AdamW's state and the scheduler back and returns the `Progress`.
 """
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +48,11 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FOLDER = re.compile(r"checkpoint-\d+")
 
+# options that may change when a run is resumed: where and how often it saves, evaluates and stops
+MAY_CHANGE_ON_RESUME = ("out", "resume", "save_every", "stop_at", "max_bad_steps", "eval_every",
+                        "eval_batch_size", "init_adapter")
+FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes"}  # for messages; else --the-name
+
 
 @dataclass
 class Checkpoint:
@@ -48,6 +60,27 @@ class Checkpoint:
     state: dict  # trainer_state.json
     tensors: dict[str, torch.Tensor]  # trainer_state.safetensors
     parameters: dict[str, torch.Tensor]  # adapter.safetensors
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # the next batch of `epoch`
+    examples: int = 0
+    train_seconds: float = 0.0
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    bad_streak: int = 0  # of them, in a row up to `step`
+    test_before: dict | None = None
+    validation: list = field(default_factory=list)  # [{"step": s, **metrics}, ...]
+
+    def count(self, step: int, examples: int, seconds: float, finite: bool):
+        self.step, self.examples = step, self.examples + examples
+        self.train_seconds += seconds
+        self.bad_steps += not finite
+        self.bad_streak = 0 if finite else self.bad_streak + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,3 +256,82 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0):
         torch.cuda.set_rng_state(checkpoint.tensors[f"rng.cuda.{rank}"])
     version, internal, gauss = checkpoint.state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------------------------------
+# resuming: is the checkpoint this run's?
+
+
+def run_options(cfg, world_size: int) -> dict:
+    """What determines a run's results, as a checkpoint stores it: the training options of `cfg` (a
+    trainer.TrainConfig), cfg.run (model, task, ...) and the number of processes; not where or how
+    often it saves or evaluates."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", *MAY_CHANGE_ON_RESUME)}
+    options.update({k: v for k, v in cfg.run.items() if k not in MAY_CHANGE_ON_RESUME})
+    options["world_size"] = world_size
+    return json.loads(json.dumps(options))
+
+
+def check_resumable(ckpt: Checkpoint, model, options: dict):
+    """The checkpoint must come from the same base model, method and options as this run."""
+    saved, mine = ckpt.state["method"], model.peft_config
+    saved_run = ckpt.state["run"]
+    if saved.get("base_fingerprint") != mine["base_fingerprint"]:
+        raise ValueError(f"checkpoint {ckpt.path} was trained on another base model "
+                         f"({saved_run.get('model', 'unknown')}, fingerprint {saved.get('base_fingerprint')}) "
+                         f"than this run's ({options.get('model', 'this model')}, fingerprint "
+                         f"{mine['base_fingerprint']}); resume with the model it was trained on")
+    my_options = json.loads(json.dumps(mine["options"]))
+    if saved.get("method") != mine["method"] or saved.get("options") != my_options:
+        raise ValueError(f"checkpoint {ckpt.path} is method {saved.get('method')} {saved.get('options')}, "
+                         f"but this run is {mine['method']} {my_options}; resume with the checkpoint's "
+                         "method and options")
+    differ = [k for k in sorted(saved_run.keys() | options.keys()) if saved_run.get(k) != options.get(k)]
+    if differ:
+        listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {saved_run.get(k)} "
+                           f"(this run: {options.get(k)})" for k in differ)
+        raise ValueError(f"checkpoint {ckpt.path} was made with other options: {listed}; resume with "
+                         f"the same options, or start a new run from its weights with --init-adapter "
+                         f"{ckpt.path}")
+
+
+def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:
+    """Trainable parameters, optimizer and scheduler as saved, and the run's Progress; the RNG comes
+    back later, just before the first step (restore_rng)."""
+    restore_parameters(model, ckpt)
+    restore_optimizer(optimizer, ckpt)
+    try:
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        return Progress(**ckpt.state["progress"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {ckpt.path}: {STATE_JSON} is corrupt ({e}); resume "
+                         "from another copy or start a new run") from None
+
+
+def check_output_folder(out: Path, resume=None):
+    """Stop before any work if `out` cannot be written, or if it holds an unfinished run that this run
+    would replace (unless this run is that run, resumed)."""
+    out = Path(out)
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {existing} ({e.strerror}); choose a writable "
+                         "folder") from None
+    if not (out / LATEST).exists():
+        return
+    if resume is not None and run_folder(resume).resolve() == out.resolve():
+        return
+    try:
+        folder, state = read_state(out)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--out {out} holds a checkpoint that cannot be read ({e}); move it away or "
+                         "choose another --out") from None
+    if state["step"] < state["steps"]:
+        raise ValueError(f"--out {out} holds an unfinished run ({folder.name}, step {state['step']} of "
+                         f"{state['steps']}); continue it with --resume {out}, or choose another --out")

@@ -436,17 +436,6 @@ def values_in_4bit_layers(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, Linear4bit))
 
 
-def frozen_weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the frozen weights occupy now, bytes they would occupy in fp32): 4-bit layers count
-    their codes and state, every other frozen parameter its own size."""
-    now = sum(m.storage_bytes() for m in model.modules() if isinstance(m, Linear4bit))
-    fp32 = 4 * values_in_4bit_layers(model)
-    for p in model.parameters():
-        if not p.requires_grad:
-            now, fp32 = now + p.numel() * p.element_size(), fp32 + 4 * p.numel()
-    return now, fp32
-
-
 def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
                     double_quant: bool = True) -> nn.Module:
     """Replace every nn.Linear inside the model's blocks (attention and MLP projections) by a frozen

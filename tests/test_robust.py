@@ -3,7 +3,8 @@ before stopping, the non-finite-step guard, --init-adapter, and bad input that s
 line, exit code 2, no traceback, and no existing file changed.
 
 Everything runs train.py's / eval.py's `main` in-process through `cli.run` (so exit codes and
-messages are exactly what a user sees), except the signal tests, which need a real process."""
+messages are exactly what a user sees), except the tests that stop a run with a signal, which need a
+real process."""
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import train as train_cli
-from minipeft import cli, trainer
+from minipeft import cli, processes, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -471,17 +472,31 @@ def test_init_adapter_starts_from_the_saved_weights_and_method(tmp_path, text, c
     assert test_before["loss"] == pytest.approx(before["test_after"]["loss"], abs=1e-6)
 
 
-def test_a_repeated_signal_within_the_grace_time_is_the_same_request():
+class Clock:
+    """A clock that moves only when told (for processes.StopSignal's grace time)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_signal_within_the_grace_time_is_the_same_request(capsys):
     """Under torchrun Ctrl-C reaches a worker twice (terminal and torchrun): still one graceful stop.
-    A later signal quits at once."""
-    with trainer.StopSignal() as stop:
-        stop.GRACE = 0.2
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
+    A signal later than the grace time quits at once. Real signals and handlers; only the clock is
+    controlled (signal.raise_signal runs the Python handler before it returns)."""
+    clock = Clock()
+    with processes.StopSignal(clock=clock) as stop:
+        signal.raise_signal(signal.SIGINT)
         assert stop.signum == signal.SIGINT
-        time.sleep(0.3)
+        assert "SIGINT: saving a checkpoint after this step" in capsys.readouterr().err
+        clock.now += processes.StopSignal.GRACE  # the grace time itself still counts as the same request
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGINT
+        clock.now += 0.01
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)
+            signal.raise_signal(signal.SIGTERM)
+        # the handlers are back to what they were before, even while still inside `with`
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,116 @@
+"""Processes and signals: the process group that torchrun starts, and stopping a run on Ctrl-C / SIGTERM.
+
+Data parallel (`torchrun --nproc_per_node N train.py ...`). torchrun starts N copies of the script and
+tells each where it stands through the environment: WORLD_SIZE (N), RANK (0..N-1), LOCAL_RANK (its
+index on this machine) and MASTER_ADDR / MASTER_PORT (where rank 0 listens). `init_distributed` joins
+them into one process group, with one of torch.distributed's two backends:
+
+    nccl   CUDA present: one GPU per process (cuda:LOCAL_RANK); collectives run on the GPUs
+    gloo   CPU only: collectives go over TCP between the processes (also on one machine)
+
+Every process holds the whole model; `data_parallel` wraps it in DistributedDataParallel, which
+averages the gradients across the processes in backward, so the copies take identical steps. The
+decisions a step takes (skip a non-finite update, stop) must be the same everywhere too, so `agree`
+sums the loss and the stop requests of all processes in one all-reduce. Without torchrun, or with one
+process, nothing here starts a group: rank 0 of 1.
+
+Signals. Within `with StopSignal() as stop:` the first SIGINT (Ctrl-C) or SIGTERM only sets
+`stop.signum`; the training loop notices it after the current step, saves a checkpoint and stops.
+Another signal more than GRACE seconds after the first quits at once (KeyboardInterrupt): the way out
+of a step that takes too long. Signals within GRACE of the first count as the same request, because
+under torchrun Ctrl-C reaches each worker twice: from the terminal (the whole foreground process group
+gets it) and again from torchrun, which signals its workers when it is interrupted itself.
+"""
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    MASTER_ADDR, MASTER_PORT): nccl when CUDA is present (one GPU per process, by LOCAL_RANK), gloo
+    on CPU. Without torchrun, or with one process, nothing happens. Returns (rank, world_size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return distributed()
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) unless torch.distributed is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def device_for_process() -> torch.device:
+    """The device a process trains on: its own GPU under torchrun with CUDA, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def data_parallel(model) -> DistributedDataParallel:
+    """`model` (already on this process's device) wrapped so that backward averages the gradients
+    across the processes; every process must call this, and rank 0's parameters are copied to all."""
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=True,  # a method may own trainable parameters a batch does not use
+        forward_sync_buffers=False)  # buffers (RoPE tables, 4-bit weights) never change
+
+
+def agree(loss: float, interrupted: bool, world_size: int, device) -> tuple[float, bool]:
+    """The step's loss averaged over the processes, and whether any process was interrupted, so that
+    every process takes the same decisions (skip, stop)."""
+    if world_size == 1:
+        return loss, interrupted
+    both = torch.tensor([loss, float(interrupted)], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return both[0].item() / world_size, both[1].item() > 0
+
+
+class StopSignal:
+    """Within `with StopSignal() as stop:` the first SIGINT or SIGTERM sets stop.signum; another one
+    more than GRACE seconds after it raises KeyboardInterrupt (see the module docstring). `clock` gives
+    the time in seconds (time.monotonic; tests pass their own)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    GRACE = 1.0
+
+    def __init__(self, quiet: bool = False, clock=time.monotonic):
+        self.quiet = quiet  # say nothing (processes other than rank 0)
+        self.clock = clock
+
+    def __enter__(self):
+        self.signum, self.first, self.previous = None, None, {}
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum, self.first = signum, self.clock()
+            if not self.quiet:
+                print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+                      "(send it again to quit at once)", file=sys.stderr, flush=True)
+        elif self.clock() - self.first > self.GRACE:
+            self._restore()
+            raise KeyboardInterrupt
+
+    def _restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
