@@ -259,6 +259,43 @@ def _block(saved: _Saved, block, cfg, x: str, batch: int, tokens: int, keys: int
     return x_grad or m_grad or _trains(block.ln2)
 
 
+def _embeddings(saved: _Saved, model, B: int, seq_len: int, T: int) -> bool:
+    """Token (+ position, + type and LayerNorm for bert) embeddings, soft prompt, dropout, for B rows of
+    seq_len tokens (T inside the blocks); returns whether their output needs a gradient."""
+    cfg, n = model.cfg, B * T
+    grad = _trains(model.tok_emb) or model.prompt is not None
+    if _trains(model.tok_emb):
+        saved.keep("idx", B * seq_len * 2)  # int64 = two fp32 slots
+    for name in ("pos_emb", "type_emb"):
+        if _trains(getattr(model, name, None)):
+            grad = True
+            saved.keep(f"{name}.idx", (T if name == "pos_emb" else n) * 2)
+    if cfg.flavor == "bert":
+        grad = _norm(saved, model.emb_ln, "emb_sum", n, cfg.d_model, grad)
+    saved.dropout(cfg.dropout, "emb_drop", n * cfg.d_model, grad)
+    return grad
+
+
+def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> float:
+    """Final norm, head and loss; returns what the loss adds at the start of backward (elements)."""
+    cfg, d = model.cfg, model.cfg.d_model
+    if model.ln_f is not None:
+        grad = _norm(saved, model.ln_f, f"x{cfg.n_layer}", n, d, grad or _trains(model.ln_f))
+    head_grad = _trains(model.head)
+    if cfg.n_classes:
+        outputs = B * cfg.n_classes
+        if head_grad:
+            saved.keep("pooled", B * d)
+        saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
+    else:
+        outputs = B * seq_len * cfg.vocab_size
+        if head_grad:
+            saved.keep("final_hidden", B * seq_len * d)
+    saved.keep("log_probs", outputs)
+    saved.keep("targets", 2 * (B if cfg.n_classes else B * seq_len))
+    return 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
+
+
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
                      padded: bool = False) -> dict[str, int]:
     """Activation memory of one training step (fp32), derived from model.py's forward pass.
@@ -276,17 +313,7 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
     saved = _Saved()
 
-    # embeddings: token (+ position, + type and LayerNorm for bert), soft prompt, dropout
-    grad = _trains(model.tok_emb) or model.prompt is not None
-    if _trains(model.tok_emb):
-        saved.keep("idx", B * seq_len * 2)  # int64 = two fp32 slots
-    for name in ("pos_emb", "type_emb"):
-        if _trains(getattr(model, name, None)):
-            grad = True
-            saved.keep(f"{name}.idx", (T if name == "pos_emb" else n) * 2)
-    if cfg.flavor == "bert":
-        grad = _norm(saved, model.emb_ln, "emb_sum", n, d, grad)
-    saved.dropout(cfg.dropout, "emb_drop", n * d, grad)
+    grad = _embeddings(saved, model, B, seq_len, T)
 
     blocks = []
     for i, block in enumerate(model.blocks):
@@ -301,23 +328,7 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
                 saved.keep("mask", masked * T * S / 4)  # bool: 1 byte
         grad = grad or grad_out
 
-    # final norm, head, loss
-    head_grad = _trains(model.head)
-    if model.ln_f is not None:
-        grad = _norm(saved, model.ln_f, f"x{cfg.n_layer}", n, d, grad or _trains(model.ln_f))
-    if cfg.n_classes:
-        outputs = B * cfg.n_classes
-        if head_grad:
-            saved.keep("pooled", B * d)
-        saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
-        head_backward = 2 * outputs
-    else:
-        outputs = B * seq_len * cfg.vocab_size
-        if head_grad:
-            saved.keep("final_hidden", B * seq_len * d)
-        head_backward = 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
-    saved.keep("log_probs", outputs)
-    saved.keep("targets", 2 * (B if cfg.n_classes else B * seq_len))
+    head_backward = _head(saved, model, B, seq_len, n, grad)
     total = saved.total()
     block_max = max(blocks) if blocks else 0
     # backward through a block: the gradient arriving at its output and the two widest ones inside it
