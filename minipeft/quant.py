@@ -2,7 +2,7 @@
 
 QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers, Pagnoni, Holtzman, Zettlemoyer 2023),
 https://arxiv.org/abs/2305.14314. The base weights are stored in 4 bits and dequantized to fp32 for every
-matmul; only the LoRA matrices on top of them are trained (see lora.py and peft.py, method "qlora").
+matmul; only the LoRA matrices on top of them are trained (methods/qlora.py, method "qlora").
 
     w (out, in) ──flatten──► (n,) ──split into blocks of 64──► (n/64, 64)
         absmax_b = max |w| in block b                                        (n/64,) fp32
