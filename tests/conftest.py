@@ -15,6 +15,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import minipeft as mp
 
+# The tests' tensors are tiny: one intra-op thread avoids the thread pool's start-up and hand-off cost,
+# which on 2 cores costs more than the arithmetic (train.py runs in subprocesses keep their default).
+torch.set_num_threads(1)
+
 FLAVORS = ("gpt2", "bert", "llama")
 HEADS = ("lm", "classifier")
 
