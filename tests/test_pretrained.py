@@ -170,7 +170,10 @@ def test_older_llama_config_with_top_level_rope_theta(llama_folder, tmp_path):
     assert from_pretrained(tmp_path)[0].cfg.rope_theta == 5000.0
     config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
+    assert from_pretrained(tmp_path)[0].cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3"):
         from_pretrained(tmp_path)
 
 
@@ -210,15 +213,7 @@ def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", 
             tensors[f"blk.{i}.{name}.weight"] = sd[f"model.layers.{i}.{theirs}.weight"]
         for name, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
             tensors[f"blk.{i}.{name}.weight"] = llama_cpp_permute(tensors[f"blk.{i}.{name}.weight"], heads)
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer = gguf_writer(path, architecture, c)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt2")
     writer.add_token_list([bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"])
@@ -232,6 +227,28 @@ def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", 
         else:
             label = gguf.GGMLQuantizationType[label_as] if label_as else qtype
             writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=label)
+    return write_out(writer, path)
+
+
+def gguf_writer(path, architecture: str, c, head_dim: int | None = None):
+    """A GGUFWriter holding a transformers decoder config's sizes under llama.cpp's names."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    if head_dim is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3: per layer type
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    return writer
+
+
+def write_out(writer, path):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -287,7 +304,8 @@ def test_gguf_unsupported_tensor_type_is_named(tmp_path, llama_folder):
 
 def test_gguf_unsupported_architecture(tmp_path, llama_folder):
     path = write_gguf(tmp_path / "gpt2.gguf", llama_folder[0], architecture="gpt2")
-    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; supported: llama"):
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3, "
+                                         "gemma3"):
         from_pretrained(path)
 
 
@@ -421,10 +439,12 @@ def test_missing_folder(tmp_path):
         from_pretrained(tmp_path / "no-such-folder")
 
 
-def test_folder_without_tokenizer(gpt2_folder, tmp_path):
+def test_folder_without_tokenizer_loads_the_model_and_names_what_is_missing(gpt2_folder, tmp_path):
     gpt2_folder[0].save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        from_pretrained(tmp_path)
+    model, tokenizer = from_pretrained(tmp_path)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 257) and not tokenizer
+    with pytest.raises(ValueError, match=r"has no tokenizer \(tokenizer.json, vocab.txt, or vocab.json \+ merges.txt\)"):
+        tokenizer.encode("hello")
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
@@ -444,7 +464,7 @@ def test_truncated_weights(filename, gpt2_folder, tmp_path):
 
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(ValueError, match="model_type 't5' is not supported; supported: gpt2, bert, llama"):
+    with pytest.raises(ValueError, match="model_type 't5' is not supported; supported: gpt2, bert, roberta"):
         from_pretrained(tmp_path)
 
 

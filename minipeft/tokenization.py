@@ -1,0 +1,283 @@
+"""Tokenizers for the models pretrained.py loads, built with the `tokenizers` library:
+
+    folder_tokenizer(folder, family)   an HF folder's tokenizer.json; without one, a tokenizer rebuilt
+                                       from vocab.txt (WordPiece: BERT, DistilBERT) or vocab.json +
+                                       merges.txt (byte-level BPE: GPT-2, RoBERTa, Qwen2/3); else
+                                       NoTokenizer, which says what is missing when a command needs it
+    gguf_tokenizer(metadata, path)     rebuilt from a GGUF file's vocabulary: byte-level BPE
+                                       (tokenizer.ggml.model "gpt2", with its merges) or SentencePiece-
+                                       style BPE ("llama": tokens with scores, merges recovered from them)
+    byte_tokenizer()                   ids 0-255 are the bytes, 256 is <|endoftext|> (the tiny models)
+
+Every tokenizer comes back with padding and truncation off (data.py pads batches itself).
+
+SentencePiece BPE without merges. A SentencePiece BPE model keeps only its pieces and a score per
+piece; encoding repeatedly joins the adjacent pair whose joined piece scores highest. A BPE tokenizer
+with merges does the same when its merges are every split of a piece into two pieces of the vocabulary,
+ranked by the joined piece's score. Ties go to the longer left part, then the longer right part, and
+then to vocabulary order (the ranking transformers' GGUF converter uses, which is the reference our
+tests compare with). Gemma's files need two readings of their own: its scores are not its merge order
+but its piece order is (a piece listed earlier merges first), and its runs of spaces are stored as
+spaces where every other piece spells a space "▁".
+"""
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+END_OF_TEXT = "<|endoftext|>"
+SPIECE_SPACE = "\u2581"  # ▁, SentencePiece's spelling of a space
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
+
+# Qwen2's split before byte-level BPE: like GPT-2's, but case-insensitive contractions, one digit at a
+# time, and letters may take one leading non-letter (its tokenizer.json's Split pre-tokenizer)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a model folder that has none: the model loads and runs on token
+    ids, and anything that must turn text into ids stops with a ValueError naming the missing files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __bool__(self):
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy, pickle and friends probe for these: not a tokenizing command
+            raise AttributeError(name)
+        raise ValueError(f"{self.folder} has no tokenizer (tokenizer.json, vocab.txt, or vocab.json + "
+                         "merges.txt); save the model's tokenizer there (transformers: "
+                         "tokenizer.save_pretrained(folder))")
+
+
+def _finish(tokenizer: Tokenizer) -> Tokenizer:
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _corrupt(path: Path, error: Exception) -> str:
+    return f"{path} is corrupt or truncated ({error}); delete it and download again"
+
+
+# ---------------------------------------------------------------------------------------------
+# byte-level BPE (GPT-2's alphabet)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet: each byte 0-255 as one printable character (byte-level BPE spells
+    tokens with these). Printable Latin-1 bytes stand for themselves; the others (control codes,
+    space, ...) get the characters from U+0100 on, in byte order, so 0x20 (space) is 'Ġ'."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    spelling, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelling[byte] = chr(byte)
+        else:
+            spelling[byte] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level tokenizer without merges: id b is byte b (0-255), id 256 is <|endoftext|>."""
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
+    return tokenizer
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], split: str | None = None) -> Tokenizer:
+    """Byte-level BPE: text is cut by GPT-2's regex (or the regex `split`), each piece spelled in the
+    byte alphabet and merged."""
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# HF folders
+
+
+def folder_tokenizer(folder: Path, family: str):
+    """The folder's tokenizer: tokenizer.json, else one rebuilt from vocab.txt or vocab.json +
+    merges.txt as `family` uses them, else a NoTokenizer."""
+    tokenizer_file = folder / "tokenizer.json"
+    if tokenizer_file.exists():
+        try:
+            return _finish(Tokenizer.from_file(str(tokenizer_file)))
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(_corrupt(tokenizer_file, error)) from None
+    settings = _json(folder / "tokenizer_config.json")
+    if (folder / "vocab.txt").exists():
+        tokenizer = _wordpiece(folder / "vocab.txt", settings)
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        tokenizer = _bpe_files(folder, family)
+    else:
+        return NoTokenizer(folder)
+    _add_configured_tokens(tokenizer, settings)
+    return _finish(tokenizer)
+
+
+def _json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(_corrupt(path, error)) from None
+
+
+def _wordpiece(vocab_file: Path, settings: dict) -> Tokenizer:
+    """BERT's tokenizer from its vocab.txt (one token per line, the id is the line number)."""
+    vocab = {line.rstrip("\n"): i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token=settings.get("unk_token", "[UNK]")))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+        strip_accents=settings.get("strip_accents"), lowercase=settings.get("do_lower_case", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = settings.get("cls_token", "[CLS]"), settings.get("sep_token", "[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    specials = [settings.get(k, v) for k, v in (("pad_token", "[PAD]"), ("unk_token", "[UNK]"), ("cls_token", cls),
+                                                 ("sep_token", sep), ("mask_token", "[MASK]"))]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials if t in vocab])
+    return tokenizer
+
+
+def _bpe_files(folder: Path, family: str) -> Tokenizer:
+    """Byte-level BPE from vocab.json and merges.txt (its first line may be a "#version" comment)."""
+    vocab = _json(folder / "vocab.json")
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    qwen = family in ("qwen2", "qwen3")
+    tokenizer = byte_level_bpe(vocab, merges, QWEN2_SPLIT if qwen else None)
+    if qwen:
+        tokenizer.normalizer = normalizers.NFC()
+    if family == "roberta":  # <s> text </s>
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
+        tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")
+                                      if t in vocab])
+        tokenizer.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True)])
+    return tokenizer
+
+
+def _add_configured_tokens(tokenizer: Tokenizer, settings: dict) -> None:
+    """Tokens tokenizer_config.json adds (`added_tokens_decoder`: id -> token), e.g. Qwen's <|im_start|>."""
+    added = sorted((int(i), t) for i, t in settings.get("added_tokens_decoder", {}).items())
+    for token_id, token in added:
+        if tokenizer.token_to_id(token["content"]) is None and tokenizer.get_vocab_size() != token_id:
+            raise ValueError(f"tokenizer_config.json adds {token['content']!r} as id {token_id}, but the "
+                             f"vocabulary has {tokenizer.get_vocab_size()} tokens; save the tokenizer again")
+        new = AddedToken(token["content"], special=token.get("special", False),
+                         normalized=token.get("normalized", False), lstrip=token.get("lstrip", False),
+                         rstrip=token.get("rstrip", False), single_word=token.get("single_word", False))
+        (tokenizer.add_special_tokens if new.special else tokenizer.add_tokens)([new])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files
+
+# tokenizer.ggml.pre -> how byte-level BPE splits text (a file without the key is taken as "gpt2").
+# llama.cpp's "smollm" (like its "starcoder") first isolates every digit, then applies GPT-2's regex to
+# the rest; SmolLM2's own tokenizer.json says the same with Digits(individual_digits=True) + ByteLevel.
+# It differs from plain GPT-2 splitting only on whitespace runs before a digit: "x  1" -> x|ĠĠ|1, not
+# x|Ġ|Ġ1 (which BPE then spells x|Ġ|Ġ|1, as transformers 5.23's GGUF tokenizer does).
+GGUF_PRE_TOKENIZERS = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+}
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+
+
+def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes (see the module docstring). Control tokens
+    (<bos>, <|im_start|>, ...) become special tokens, matched whole and skipped when decoding; user-defined
+    ones (Gemma's "\\n\\n", "\\t", ...) are matched whole too."""
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [GGUF_NORMAL] * len(tokens)
+    if kind == "gpt2":
+        tokenizer = _gguf_byte_level(meta, tokens, path)
+    elif kind == "llama":
+        tokenizer, tokens = _gguf_sentencepiece(meta, tokens, types)
+    else:
+        raise ValueError(f"{path}: tokenizer {kind!r} is not supported; supported: {', '.join(GGUF_TOKENIZER_MODELS)}")
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == GGUF_CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(meta["tokenizer.ggml.tokens"], types)
+                          if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                                 special_tokens=[(bos, bos_id)])
+    return _finish(tokenizer)
+
+
+def _gguf_byte_level(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; "
+                         f"supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
+    merges = [tuple(merge.split(" ")) for merge in meta.get("tokenizer.ggml.merges", [])]
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _gguf_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tuple[Tokenizer, list[str]]:
+    """SentencePiece-style BPE with byte fallback (<0x0A> for a byte no piece covers). Returns the
+    tokenizer and the tokens as it spells them."""
+    gemma = meta["general.architecture"].startswith("gemma")
+    if gemma:  # runs of spaces: "  " -> "▁▁", as the other pieces spell spaces
+        tokens = [t.replace(" ", SPIECE_SPACE) if t and not t.strip(" ") else t for t in tokens]
+    scores = list(range(0, -len(tokens), -1)) if gemma else meta["tokenizer.ggml.scores"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if gemma and unk_id is not None else None
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores), fuse_unk=True,
+                                     byte_fallback=True, unk_token=unk))
+    space_prefix = meta.get("tokenizer.ggml.add_space_prefix", not gemma)
+    if gemma:  # spaces become ▁, nothing is prepended
+        tokenizer.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+    else:  # Llama 2 style: spaces become ▁ and the text starts with one
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SPIECE_SPACE, prepend_scheme="first" if space_prefix else "never", split=False)
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), *strip])
+    return tokenizer, tokens
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens of the vocabulary, best first: by the whole token's score,
+    then the longer left part, then the longer right part, then vocabulary order. (Walking the tokens
+    best first and each token's cuts right to left lists them in that order without a sort.)"""
+    vocab = set(tokens)
+    best_first = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))
+    merges = []
+    for i in best_first:
+        token = tokens[i]
+        for cut in range(len(token) - 1, 0, -1):
+            if token[:cut] in vocab and token[cut:] in vocab:
+                merges.append((token[:cut], token[cut:]))
+    return merges

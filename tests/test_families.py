@@ -1,0 +1,455 @@
+"""Every family against transformers (the reference, no mocks): tiny random models built with
+transformers' own classes, saved with save_pretrained, loaded with from_pretrained; LM logits (decoders)
+or hidden states (encoders) must agree within 1e-4, with and without right padding, with grouped-query
+attention, untied heads, sliding windows shorter than the batch, soft-caps and head_dim != d / heads.
+
+    python -m pytest tests/test_families.py -s -k matches_transformers    # prints each family's largest |Δ|
+
+Also: KV-cache decoding equals recomputation (sliding windows included), what each switch changes,
+the family table in model.py's docstring against FAMILIES, GGUF files of each GGUF architecture,
+classifier checkpoints, sharded and .bin weights, tokenizers rebuilt from vocabulary files, and the
+errors for bad input.
+"""
+import json
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import minipeft as mp
+from minipeft import model as model_module
+from minipeft.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
+from minipeft.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
+from conftest import tiny_batch, tiny_model
+from test_pretrained import gguf_writer, write_out
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+transformers.logging.set_verbosity_error()
+
+V, PAD = 97, 0
+SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V,
+             max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+DECODER = dict(SIZES, num_key_value_heads=2, rms_norm_eps=1e-6)
+TWO_TYPES = ["sliding_attention", "full_attention"]
+
+
+def hf_configs():
+    """family -> (transformers config, model class): every family's switches on, sliding windows (4)
+    shorter than the 12-token batch, GQA everywhere it exists, tied and untied heads both present."""
+    t = transformers
+    return {
+        "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=V, pad_token_id=PAD),
+                 t.GPT2LMHeadModel),
+        "bert": (t.BertConfig(**SIZES), t.BertModel),
+        "roberta": (t.RobertaConfig(**dict(SIZES, pad_token_id=1, max_position_embeddings=66)), t.RobertaModel),
+        "distilbert": (t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V,
+                                          max_position_embeddings=64, pad_token_id=PAD), t.DistilBertModel),
+        "llama": (t.LlamaConfig(**DECODER, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}), t.LlamaForCausalLM),
+        "mistral": (t.MistralConfig(**DECODER, sliding_window=4, tie_word_embeddings=False), t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config(**DECODER, tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+                                max_window_layers=1), t.Qwen2ForCausalLM),
+        "qwen3": (t.Qwen3Config(**DECODER, head_dim=16, tie_word_embeddings=False), t.Qwen3ForCausalLM),
+        "phi3": (t.Phi3Config(**DECODER, partial_rotary_factor=0.5, sliding_window=5, tie_word_embeddings=False),
+                 t.Phi3ForCausalLM),
+        "gemma": (t.GemmaConfig(**DECODER, head_dim=16), t.GemmaForCausalLM),
+        "gemma2": (t.Gemma2Config(**DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                  tie_word_embeddings=False), t.Gemma2ForCausalLM),
+        "gemma3": (t.Gemma3TextConfig(**DECODER, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
+                                      layer_types=TWO_TYPES, rope_parameters={
+                                          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 800.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+                   t.Gemma3ForCausalLM),
+    }
+
+
+ENCODERS = ("bert", "roberta", "distilbert")
+
+
+def perturbed(hf):
+    """Random norm weights and biases too (transformers initialises them to 1 / 0 / 0, which would hide
+    a (1 + w) or a missing bias)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> (transformers model in eval mode, its saved folder with a byte-level tokenizer.json)."""
+    out = {}
+    for family, (config, cls) in hf_configs().items():
+        torch.manual_seed(0)
+        hf = perturbed(cls(config)).eval()
+        folder = tmp_path_factory.mktemp(family)
+        hf.save_pretrained(folder)
+        byte_tokenizer().save(str(folder / "tokenizer.json"))
+        out[family] = hf, folder
+    return out
+
+
+def batch(T=12):
+    """(B, T) ids and a right-padded mask with rows of 12, 9 and 6 tokens; padding is PAD."""
+    idx, mask = tiny_batch(vocab=V, T=T)
+    return idx.clamp(min=3).masked_fill(mask == 0, PAD), mask
+
+
+def outputs(family, hf, model, idx, mask):
+    """(ours, theirs): hidden states for encoders, LM logits for decoders."""
+    with torch.no_grad():
+        if family in ENCODERS:
+            return model.encode(idx, attention_mask=mask), hf(input_ids=idx, attention_mask=mask).last_hidden_state
+        return model(idx, attention_mask=mask), hf(input_ids=idx, attention_mask=mask).logits
+
+
+def largest_difference(family, hf, model) -> float:
+    idx, mask = batch()
+    diffs = []
+    for attention_mask in (None, mask):
+        ours, theirs = outputs(family, hf, model, idx, attention_mask)
+        real = (attention_mask if attention_mask is not None else torch.ones_like(mask)).bool()
+        diffs.append((ours[real] - theirs[real]).abs().max().item())
+    return max(diffs)
+
+
+@pytest.mark.parametrize("family", list(model_module.FAMILIES))
+def test_family_matches_transformers(family, folders):
+    hf, folder = folders[family]
+    model, tokenizer = from_pretrained(folder)
+    assert model.cfg.flavor == family and tokenizer.get_vocab_size() == 257
+    diff = largest_difference(family, hf, model)
+    print(f"\n{family}: largest |difference| with and without right padding: {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_the_switches_are_read_from_each_config(folders):
+    cfg = {family: from_pretrained(folder)[0].cfg for family, (_, folder) in folders.items()}
+    assert cfg["roberta"].pos_offset == 2 and cfg["roberta"].max_seq_len == 64
+    assert cfg["llama"].rope_scaling["rope_type"] == "llama3" and not cfg["llama"].tie_embeddings
+    assert (cfg["mistral"].sliding_window, cfg["mistral"].layer_pattern) == (4, "S")
+    assert cfg["qwen2"].layer_pattern == "FS" and cfg["qwen2"].qkv_bias and not cfg["qwen2"].o_bias
+    assert cfg["qwen3"].head_dim == 16 and cfg["qwen3"].qk_norm
+    assert cfg["phi3"].rope_fraction == 0.5 and cfg["phi3"].sliding_window == 5
+    assert (cfg["gemma2"].attn_softcap, cfg["gemma2"].final_softcap, cfg["gemma2"].attn_scale) == (5.0, 3.0, 12)
+    assert (cfg["gemma3"].rope_theta, cfg["gemma3"].rope_local_theta, cfg["gemma3"].layer_pattern) == (800, 50, "SF")
+    assert cfg["gemma3"].rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_hf_module_names_are_transformers_modules(folders):
+    """The rules peft_format.py names peft's modules with name real modules of every family."""
+    for family, (hf, _) in folders.items():
+        body = hf.get_submodule(HF_PREFIXES[family].rstrip(".")) if family not in ENCODERS else hf
+        for ours, theirs in hf_module_names(family).items():
+            owner = hf if ours == "head" else body
+            assert isinstance(owner.get_submodule(theirs.format(i=1)), torch.nn.Module), (family, ours)
+    phi3 = hf_module_names("phi3")
+    assert [phi3[f"blocks.{{i}}.attn.{t}"] for t in "qkv"] == ["layers.{i}.self_attn.qkv_proj"] * 3
+    assert list(phi3).index("blocks.{i}.mlp.gate") + 1 == list(phi3).index("blocks.{i}.mlp.up")  # gate rows first
+
+
+# ---------------------------------------------------------------------------------------------
+# what the switches do
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "phi3"])
+def test_kv_cache_decoding_equals_recomputation_past_the_window(family):
+    model = tiny_model(family).eval()
+    idx, _ = tiny_batch(B=1, T=12)
+    full = model(idx)
+    cache = mp.KVCache(model.cfg.n_layer)
+    steps = [model(idx[:, :3], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(3, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(idx[:, :2], 14), model.generate(idx[:, :2], 14, use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_a_sliding_window_changes_logits_only_past_its_length(family):
+    windowed = tiny_model(family).eval()
+    full = tiny_model(family, sliding_window=64).eval()  # as long as the model: nothing falls out
+    idx, _ = tiny_batch(B=1, T=12)
+    w = windowed.cfg.sliding_window
+    torch.testing.assert_close(windowed(idx)[:, :w], full(idx)[:, :w], atol=0, rtol=0)
+    assert not torch.allclose(windowed(idx)[:, w:], full(idx)[:, w:])
+
+
+def test_soft_caps_always_change_logits():
+    capped = tiny_model("gemma2").eval()
+    plain = tiny_model("gemma2", attn_softcap=0.0, final_softcap=0.0).eval()
+    idx, _ = tiny_batch(B=1, T=3)
+    ours, theirs = capped(idx), plain(idx)
+    assert not torch.allclose(ours, theirs) and ours.abs().max() < 3.0  # final logits capped at 3
+    no_attention_cap = tiny_model("gemma2", attn_softcap=0.0).eval()
+    assert not torch.allclose(no_attention_cap(idx)[:, 1:], ours[:, 1:])  # the first token sees itself only
+
+
+def test_the_docstring_table_is_the_family_rows():
+    """model.py's docstring tables (the lesson) say exactly what FAMILIES (the data) holds."""
+    shown = {"yes": True, "-": None, "0": 0}
+    rows = {}
+    for line in model_module.__doc__.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| family"):
+            header = cells
+        elif line.startswith("| ") and cells[0] in model_module.FAMILIES:
+            rows.setdefault(cells[0], {}).update(zip(header[1:], cells[1:]))
+    assert set(rows) == set(model_module.FAMILIES)
+    for family, row in rows.items():
+        for switch, text in row.items():
+            value = model_module.FAMILIES[family][switch]
+            expected = shown.get(text, text)
+            if isinstance(value, bool) or value is None:
+                assert (value or None) == expected, (family, switch)
+            else:
+                assert str(value).removesuffix(".0") == str(expected), (family, switch)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(flavor="t5"), "unknown flavor 't5'; choose one of gpt2, bert, roberta, distilbert, llama"),
+    (dict(flavor="bert", sliding_window=4, layer_pattern="S"), "a sliding window needs causal attention"),
+    (dict(flavor="gpt2", rope_fraction=0.5), "contradict learned positions"),
+    (dict(flavor="llama", pos_offset=2), "pos_offset is for learned positions"),
+    (dict(flavor="llama", norm="batchnorm"), "norm must be one of layernorm, rmsnorm, rmsnorm"),
+    (dict(flavor="gemma3", layer_pattern="SX"), "layer_pattern is a string of S"),
+    (dict(flavor="llama", rope_scaling={"rope_type": "yarn", "factor": 2}), "rope_scaling 'yarn' is not supported"),
+    (dict(flavor="phi3", d_model=32, n_head=4, rope_fraction=0.375), "even number of rotated dimensions"),
+])
+def test_contradictory_switches_are_one_sentence(kw, message):
+    with pytest.raises(ValueError, match=message):
+        mp.ModelConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# classifier checkpoints, sharded and .bin weights
+
+
+@pytest.mark.parametrize("family, cls", [("qwen2", "Qwen2ForSequenceClassification"),
+                                         ("gemma3", "Gemma3TextForSequenceClassification"),
+                                         ("phi3", "Phi3ForSequenceClassification")])
+def test_sequence_classification_checkpoint_loads_its_classifier(family, cls, folders, tmp_path):
+    config = hf_configs()[family][0]
+    config.num_labels = 3
+    torch.manual_seed(0)
+    hf = perturbed(getattr(transformers, cls)(config)).eval()
+    hf.save_pretrained(tmp_path)
+    model, _ = from_pretrained(tmp_path)
+    assert model.cfg.n_classes == 3
+    idx, mask = batch()
+    with torch.no_grad():
+        diff = (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max()
+    print(f"\n{cls}: largest |class logit difference|, right-padded batch: {diff:.2e}")
+    assert diff < 1e-4
+    assert from_pretrained(tmp_path, n_classes=5)[0].head.weight.shape == (5, 32)  # another task: fresh
+
+
+def test_sharded_safetensors_and_a_missing_shard(folders, tmp_path):
+    hf, _ = folders["qwen3"]
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    model, tokenizer = from_pretrained(tmp_path / "sharded")
+    assert isinstance(tokenizer, NoTokenizer) and not tokenizer  # no tokenizer files: loads anyway
+    assert largest_difference("qwen3", hf, model) < 1e-4
+    (tmp_path / "sharded" / shards[-1]).unlink()
+    with pytest.raises(ValueError, match=f"names shard\\(s\\) {re.escape(shards[-1])}, which the folder does not have"):
+        from_pretrained(tmp_path / "sharded")
+
+
+def test_pytorch_model_bin(folders, tmp_path):
+    hf, _ = folders["gemma2"]
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    assert largest_difference("gemma2", hf, from_pretrained(tmp_path)[0]) < 1e-4
+
+
+def test_unknown_model_type_lists_the_families(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="model_type 't5' is not supported; supported: gpt2, bert, roberta, "
+                                         "distilbert, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text"):
+        from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files of every GGUF architecture, written here from the tiny transformers models
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+def gguf_tensors(hf, architecture):
+    """llama.cpp's names for a transformers model's weights (Gemma 3: norms as 1 + w, its four norms)."""
+    sandwich = architecture == "gemma3"
+    names = dict(GGUF_NAMES, post_attention_layernorm="post_attention_norm" if sandwich else "ffn_norm",
+                 pre_feedforward_layernorm="ffn_norm", post_feedforward_layernorm="post_ffw_norm")
+    tensors = {"token_embd.weight": hf.model.embed_tokens.weight, "output_norm.weight": hf.model.norm.weight}
+    for key, value in hf.model.layers.state_dict().items():
+        i, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        tensors[f"blk.{i}.{names[module]}.{kind}"] = value
+    if not hf.config.tie_word_embeddings:
+        tensors["output.weight"] = hf.lm_head.weight
+    return {k: (v + 1 if sandwich and "norm" in k else v).detach().float().numpy() for k, v in tensors.items()}
+
+
+def write_gguf(path, hf, architecture):
+    c = hf.config
+    writer = gguf_writer(path, architecture, c, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    if architecture == "gemma3":
+        writer.add_sliding_window(c.sliding_window)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([bytes_to_unicode()[b] for b in range(V)])
+    for name, values in gguf_tensors(hf, architecture).items():
+        writer.add_tensor(name, values)
+    return write_out(writer, path)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "gemma3"])
+def test_gguf_architectures_match_transformers(architecture, tmp_path):
+    t = transformers
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    config = {"qwen2": t.Qwen2Config(**DECODER, tie_word_embeddings=False),
+              "qwen3": t.Qwen3Config(**DECODER, head_dim=16, tie_word_embeddings=True),
+              "gemma3": t.Gemma3TextConfig(**dict(DECODER, num_hidden_layers=6), head_dim=16, sliding_window=4,
+                                           query_pre_attn_scalar=16, rope_parameters=rope)}[architecture]
+    torch.manual_seed(0)
+    cls = {"qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM, "gemma3": t.Gemma3ForCausalLM}[architecture]
+    hf = perturbed(cls(config)).eval()
+    model, _ = from_pretrained(write_gguf(tmp_path / f"{architecture}.gguf", hf, architecture))
+    assert model.cfg.flavor == architecture
+    if architecture == "gemma3":  # llama.cpp's pattern: every sixth layer full, local RoPE base 10k
+        assert (model.cfg.layer_pattern, model.cfg.rope_local_theta) == ("SSSSSF", 1e4)
+    diff = largest_difference(architecture, hf, model)
+    print(f"\n{architecture} GGUF (F32): largest |difference| with and without right padding: {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_gguf_of_an_architecture_we_do_not_have(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    write_out(writer, tmp_path / "mamba.gguf")
+    with pytest.raises(ValueError, match="architecture 'mamba' is not supported; supported: llama, qwen2, qwen3, "
+                                         "gemma3"):
+        from_pretrained(tmp_path / "mamba.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers from vocabulary files (no tokenizer.json)
+
+
+TEXTS = ["The quick brown fox, 1234 times!", "naïve café — Zürich  and  spaces\n\nnew lines",
+         "<s>special</s> tokens and ÜPPER case"]
+
+
+def trained_bpe(tmp_path):
+    """vocab.json + merges.txt of a small byte-level BPE trained on Hamlet (with RoBERTa's specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from minipeft.assets import asset_path
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([asset_path("hamlet").read_text(encoding="utf-8")[:40_000]], trainer)
+    tokenizer.model.save(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "qwen2"])
+def test_byte_level_bpe_from_vocab_files_matches_transformers(family, folders, tmp_path):
+    hf, folder = folders[family]
+    hf.save_pretrained(tmp_path)
+    trained_bpe(tmp_path)
+    _, ours = from_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], (family, text)
+
+
+def test_wordpiece_from_vocab_txt_matches_transformers(folders, tmp_path):
+    from minipeft.assets import asset_path
+    hf, _ = folders["distilbert"]
+    hf.save_pretrained(tmp_path)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((asset_path("minilm") / name).read_bytes())
+    _, ours = from_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))  # its own tokenizer.json
+    for text in TEXTS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+
+
+def test_a_folder_without_tokenizer_loads_and_says_what_is_missing(folders, tmp_path):
+    hf, _ = folders["llama"]
+    hf.save_pretrained(tmp_path)
+    model, tokenizer = from_pretrained(tmp_path)
+    assert model(torch.tensor([[5, 6, 7]])).shape == (1, 3, V)
+    with pytest.raises(ValueError, match="has no tokenizer \\(tokenizer.json, vocab.txt, or vocab.json"):
+        tokenizer.encode("text")
+
+
+# ---------------------------------------------------------------------------------------------
+# every method on every family: the conformance suite's own checks (tests/test_methods.py) on each
+# method's default options with the LM head, for the families the default suite leaves out (conftest
+# FLAVORS; the full product runs under -m exhaustive)
+
+import test_methods  # noqa: E402  (the conformance checks themselves, not copies)
+from conftest import FLAVORS  # noqa: E402
+
+CHECKS = ("test_output_equals_base_at_init", "test_trainable_count_matches_formula",
+          "test_frozen_parameters_bit_identical_after_a_step", "test_save_load_roundtrip",
+          "test_padded_batch_equals_rows_alone")
+EVERY_METHOD = [pytest.param(method, family, id=f"{method}-{family}") for method in mp.METHODS
+                for family in model_module.FAMILIES
+                if family in mp.METHODS[method].flavors and family not in FLAVORS]
+
+
+@pytest.mark.parametrize("method, family", EVERY_METHOD)
+def test_every_method_works_on_every_family(method, family, tmp_path):
+    test_methods.test_exactly_the_trainable_parameters_get_gradients(method, 0, family, "lm", "none")
+    for check in CHECKS:
+        if check == "test_save_load_roundtrip":
+            test_methods.test_save_load_roundtrip(method, 0, family, "lm", tmp_path)
+        elif check != "test_output_equals_base_at_init" or mp.METHODS[method].exact_at_init:
+            getattr(test_methods, check)(method, 0, family, "lm")
+
+
+def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
+    """A Llama 2 style GGUF vocabulary (tokenizer.ggml.model "llama": pieces with scores, <0x..> byte
+    tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from minipeft.assets import asset_path
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    learner.train_from_iterator([asset_path("hamlet").read_text(encoding="utf-8")[:30_000]],
+                                trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    pieces = sorted(learner.get_vocab().items(), key=lambda item: item[1])
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *[p for p, _ in pieces]]
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))  # unknown, control, byte, normal
+    writer.add_bos_token_id(1)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
+    write_out(writer, tmp_path / "spm.gguf")
+    from minipeft.gguf_file import GGUFFile
+    from minipeft.tokenization import gguf_tokenizer
+    ours = gguf_tokenizer(GGUFFile(tmp_path / "spm.gguf").metadata, tmp_path / "spm.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in [*TEXTS, " leading space", "Ü ✓ 😀 tab\tend"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=True) == theirs.decode(
+            theirs(text)["input_ids"], skip_special_tokens=True)
