@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import peft_format
 from .atomic import atomic_write
+from .methods import multi
 from .methods.registry import apply, trainable_state_dict
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -29,11 +30,18 @@ FORMAT_VERSION = 1
 FORMATS = ("minipeft", "peft")
 
 
-def save_adapter(model, path, format: str = "minipeft"):
+def save_adapter(model, path, format: str = "minipeft", name: str | None = None):
     """Write the trainable parameters and the method's config to the folder `path`: format "minipeft"
-    (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format.py)."""
+    (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format.py).
+    `name`: which of several adapters side by side (methods/multi.py; default: the active one), written
+    as if it were the model's only adapter."""
     if format not in FORMATS:
         raise ValueError(f"unknown adapter format {format!r}; valid formats are: {', '.join(FORMATS)}")
+    if model.adapters is not None:
+        with multi.single_view(model, name or model.adapters.active):
+            return save_adapter(model, path, format)
+    if name is not None and name not in multi.adapter_names(model):
+        raise ValueError(f"this model has no adapter named {name!r}; it has {multi.adapter_names(model) or 'none'}")
     if not model.peft_config:
         raise ValueError("this model has no PEFT method; call mp.apply(model, method, ...) first")
     path = Path(path)
@@ -72,13 +80,22 @@ def read_adapter_config(path) -> dict:
     return config
 
 
-def load_adapter(model, path, tokenizer=None):
+def load_adapter(model, path, tokenizer=None, name: str | None = None):
     """Load an adapter folder into `model`: applies the saved method first if the model has none,
     checks that it was trained on this base model, then copies the weights in. A peft folder (found by
     its config) goes to peft_format.load, which maps peft's names and layouts onto ours. `tokenizer`:
-    for methods that read text when applied (prompt tuning with init="text")."""
+    for methods that read text when applied (prompt tuning with init="text"). `name`: load it beside
+    the adapters the model has (methods/multi.py: set_adapter, adapter_names=[...] per row); without
+    it, into the model's adapter (the active one, with several)."""
     path = Path(path)
     config = read_adapter_config(path)
+    if name is not None:
+        options = config.get("options") or {}
+        return multi.add_adapter(model, name, config["method"], options,
+                                 lambda base: load_adapter(base, path, tokenizer))
+    if model.adapters is not None:
+        with multi.single_view(model, model.adapters.active):
+            return load_adapter(model, path, tokenizer)
     if config.get("format") == "peft":
         return peft_format.load(model, path)
     if not model.peft_config:

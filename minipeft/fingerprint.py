@@ -2,8 +2,9 @@
 
 `mp.apply` records it in `model.peft_config["base_fingerprint"]` before the method changes anything;
 saving writes it into the adapter's config and checkpoints, and loading or resuming compares it with
-the model at hand. It hashes the architecture (flavour and sizes) and a strided sample of 256 rows of
-the token embedding, which no PEFT method changes before apply() records it.
+the model at hand. It hashes the architecture (family, sizes, and any switch set unlike the family's row)
+and a strided sample of 256 rows of the token embedding, which no PEFT method changes before apply()
+records it.
 """
 import hashlib
 
@@ -14,6 +15,8 @@ def base_fingerprint(model) -> str:
     digest = hashlib.sha256()
     shape = (cfg.flavor, cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_ff)
     digest.update(repr(shape).encode())
+    if changed := cfg.switches_changed():  # a family's own row adds nothing: older fingerprints still hold
+        digest.update(repr(sorted(changed.items())).encode())
     sample = model.tok_emb.weight.detach()[:: max(1, cfg.vocab_size // 256)]
     if not sample.is_meta:  # a model built on the meta device (for counting) has no values yet
         digest.update(sample.float().cpu().contiguous().numpy().tobytes())

@@ -53,7 +53,10 @@ def test_same_start_same_steps(pair):
         loss_ours, loss_theirs = (run.step(batch) for run in runs)
         assert loss_ours == pytest.approx(loss_theirs, abs=1e-5)
 
+    # Adam moves an element by about lr whatever the size of its gradient, so elements whose gradient is
+    # within float rounding of zero may step differently on the two sides (up to ~lr each): compare each
+    # tensor as a whole, relative to its size, and the two functions (the logits) tightly below.
     for mine, other in lora_pairs(ours, theirs):
-        assert (mine - other).abs().max().item() < 1e-4
+        assert ((mine - other).norm() / mine.norm()).item() < 1e-3
     assert ours.blocks[0].attn.q.lora_B.abs().max() > 0  # B did move away from zero
     assert parity.max_logit_difference(ours, theirs, test_batch) < 1e-4

@@ -77,7 +77,7 @@ def adapter_parameter_count(cfg, size: int, kind: str, **_) -> int:
     per_adapter = 2 * m * d + m + d
     if kind == "pfeiffer":
         return cfg.n_layer * per_adapter
-    norm = d if cfg.flavor == "llama" else 2 * d  # RMSNorm has no bias
+    norm = 2 * d if cfg.norm == "layernorm" else d  # RMSNorm has no bias
     return cfg.n_layer * (2 * per_adapter + 2 * norm) + norm
 
 

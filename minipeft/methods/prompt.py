@@ -69,7 +69,7 @@ def initial_embeddings(model, length: int, init: str, init_text: str | None, tok
 def apply_prompt(model, length: int, init: str, init_text: str | None, tokenizer=None):
     if length < 1:
         raise ValueError(f"prompt length must be >= 1, got {length}")
-    insert_at = 1 if model.cfg.flavor == "bert" else 0  # keep [CLS] first
+    insert_at = 0 if model.cfg.causal else 1  # encoders: keep [CLS] (<s>) first
     model.prompt = SoftPrompt(initial_embeddings(model, length, init, init_text, tokenizer), insert_at)
 
 
@@ -94,8 +94,8 @@ class PromptTuningInPeft:
 
     def to_peft(self, model, layout) -> tuple[dict, dict]:
         cfg = model.cfg
-        if cfg.flavor == "bert":
-            raise ValueError("prompt tuning on bert cannot be exported to peft exactly: we insert the soft "
+        if not cfg.causal:
+            raise ValueError(f"prompt tuning on {cfg.flavor} cannot be exported to peft exactly: we insert the soft "
                              "prompt after [CLS], peft before it, which moves [CLS] from position 0 to "
                              f"{model.prompt.length} and changes every output; use prefix tuning or LoRA on bert")
         config = {"num_virtual_tokens": model.prompt.length, **layout.prompt_fields(cfg.d_model, cfg.n_head),
@@ -106,8 +106,8 @@ class PromptTuningInPeft:
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
         cfg = model.cfg
         table = layout.prompt_table(tensors)
-        if cfg.flavor == "bert":
-            raise ValueError(f"adapter {layout.path} is peft prompt tuning on bert, which puts the soft prompt "
+        if not cfg.causal:
+            raise ValueError(f"adapter {layout.path} is peft prompt tuning on {cfg.flavor}, which puts the soft prompt "
                              "before [CLS]; minipeft puts it after [CLS], so it cannot be loaded exactly")
         length = config["num_virtual_tokens"]
         layout.check_prompt_table(config, table, (length, cfg.d_model), layout.prompt_fields(cfg.d_model, cfg.n_head))

@@ -20,6 +20,11 @@
     promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
     uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
     peft                how its adapters map to peft's files, where peft has the method (peft_format.py)
+    lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
+                        factor × lr (LoRA+'s B); the trainer's optimizer gives them their own group
+    side_by_side        several adapters of it can share one base model (multi.py: load_adapter(name=...),
+                        set_adapter, one adapter per row of a batch); changes_base(**options) says whether
+                        apply rewrites the frozen base weights (PiSSA), which rules that out
 
 What the memory ledger needs to know of a method's activations, the modules it inserts say themselves
 (`saved_activations`, see memory.py). A user's method in a file of their own registers the same way
@@ -31,8 +36,8 @@ from typing import Any, Callable
 import torch
 
 from ..fingerprint import base_fingerprint
+from ..model import FLAVORS
 
-FLAVORS = ("gpt2", "bert", "llama")
 OPTION_TYPES = (int, float, str, bool, list)  # list: of strings, written "a,b,c" on the command line
 
 
@@ -101,6 +106,9 @@ class Method:
     mergeable: bool = False  # mp.merge folds it into the base weights
     uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options)
     peft: object | None = None  # its counterpart in peft's file format, if peft has one (peft_format.py)
+    lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: lr factor}
+    side_by_side: bool = False  # several adapters of it can share a base model (multi.py)
+    changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights
     defaults: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -188,8 +196,25 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def lr_factors(model) -> dict[str, float]:
+    """{parameter name: learning-rate factor} for the parameters the model's method wants trained faster or
+    slower than the rest (LoRA+'s B); {} when all learn at the same rate, or for a model that is not
+    minipeft's (bench/parity.py steps transformers + peft with the same optimizer). make_optimizer reads it."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict):
+        return {}
+    spec = get_method(config["method"])
+    if spec.lr_factors is None:
+        return {}
+    return spec.lr_factors(model, **config["options"])
+
+
 def _mergeable_layers(model):
     spec = get_method(model.peft_config["method"]) if model.peft_config else None
+    adapters = model.adapters  # methods/multi.py
+    if adapters is not None and len(adapters.configs) > 1:
+        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side ({', '.join(adapters.configs)}), "
+                         "which share its base weights; merge one adapter into a model of its own")
     if spec is None or not spec.mergeable:
         name = spec.name if spec else "no method"
         raise ValueError(f"{name} cannot be merged into the base weights; "

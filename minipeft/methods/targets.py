@@ -2,9 +2,9 @@
 
     q k v o     blocks[i].attn.{q,k,v,o}        the attention projections
     up down     blocks[i].mlp.{up,down}          the feed-forward layers
-    gate        blocks[i].mlp.gate               SwiGLU's gate (llama only)
+    gate        blocks[i].mlp.gate               the gate of a gated MLP (SwiGLU, GeGLU: cfg.gated)
 
-`targets` is a list of these names, or ["all"] for every one the flavour has. LoRA and QLoRA (and any
+`targets` is a list of these names, or ["all"] for every one the model has. LoRA and QLoRA (and any
 method that wraps linear layers by name) find their layers here.
 """
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
@@ -13,7 +13,7 @@ TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
 
 def present(cfg) -> tuple[str, ...]:
     """The targets a model of this config has."""
-    return tuple(t for t in TARGETS if t != "gate" or cfg.flavor == "llama")
+    return tuple(t for t in TARGETS if t != "gate" or cfg.gated)
 
 
 def validate(cfg, targets) -> tuple[str, ...]:

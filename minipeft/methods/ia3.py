@@ -1,0 +1,169 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022,
+https://arxiv.org/abs/2205.05638).
+
+Learned vectors rescale activations elementwise: the keys and values, and the feed-forward network's inner
+activation (the input of its down projection):
+
+    k = l_k ⊙ (W_k x + b_k)        v = l_v ⊙ (W_v x + b_v)        FFN: W_down (l_ff ⊙ act(W_up x)) + b_down
+
+For any targeted linear layer that is: output scaling h = (W x + b) ⊙ l with l: (out,), or, for a target
+listed in `feedforward`, input scaling h = W (x ⊙ l) + b with l: (in,).
+
+        x ─► W ─► + b ─► ⊙ l ─► h                    x ─► ⊙ l ─► W ─► + b ─► h     (feedforward)
+
+Initialization: l = 1, exactly the base model. Trainable parameters: n_layer · Σ_targets (in for a
+feedforward target, else out); on k, v and down of GPT-2-small (12 layers, d 768, d_ff 3072):
+12 · (768 + 768 + 3072) = 55,296, 0.04 % of its 124 M.
+
+Merging folds l into the weight: W ← diag(l) W and b ← l ⊙ b (output scaling), or W ← W diag(l) (input
+scaling); unmerging divides again (exact up to float rounding while no l is 0).
+
+In peft's files (peft_type IA3) each module has `ia3_l`, (out, 1) or, for its `feedforward_modules`,
+(1, in). GPT-2's fused c_attn scales its output rows [q | k | v]: ours are written stacked (ones for a
+target that is not adapted) and split back; scaling c_attn's input (one vector for q, k and v together)
+has no per-layer equivalent and is refused both ways.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import targets as linear_targets
+from .registry import Method, Option, register
+from .wrap import FrozenLinear, PerModuleInPeft, fitted, present_targets, wrap
+
+
+class IA3Linear(FrozenLinear):
+    def __init__(self, base: nn.Linear, scale_input: bool):
+        super().__init__(base)
+        self.scale_input = scale_input
+        size = base.in_features if scale_input else base.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device))  # l: (in,) or (out,)
+        self.merged = False
+
+    def forward(self, x):  # (…, in) -> (…, out)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if self.scale_input:
+            return F.linear(x * self.ia3_l, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) * self.ia3_l
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self._fold(self.ia3_l)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self._fold(1 / self.ia3_l)
+            self.merged = False
+
+    def _fold(self, factor):
+        if self.scale_input:
+            self.weight.mul_(factor)  # columns: W diag(l)
+        else:
+            self.weight.mul_(factor[:, None])  # rows: diag(l) W
+            if self.bias is not None:
+                self.bias.mul_(factor)
+
+    def saved_activations(self, ledger, x: str, n: int, grad: bool):
+        """For the memory ledger: l's gradient needs the input (input scaling) or the output it scales."""
+        if self.scale_input:
+            ledger.keep(x, n * self.in_features)
+        else:
+            ledger.keep(f"{x}@{id(self)}.ia3_out", n * self.out_features)
+
+
+def _check(cfg, targets, feedforward) -> tuple[tuple, tuple]:
+    targets = linear_targets.validate(cfg, targets)
+    wrong = [t for t in feedforward if t not in targets]
+    if wrong:
+        raise ValueError(f"ia3: feedforward target(s) {wrong} are not among the targets {list(targets)}; a "
+                         "feedforward target scales its input instead of its output: list only targets there "
+                         "(or none: --feedforward '')")
+    return targets, tuple(feedforward)
+
+
+def apply_ia3(model, targets: list[str], feedforward: list[str]):
+    targets, feedforward = _check(model.cfg, targets, feedforward)
+    for t in targets:
+        wrap(model, [t], lambda layer: IA3Linear(layer, scale_input=t in feedforward))
+
+
+def ia3_parameter_count(cfg, targets: list[str], feedforward: list[str], **_) -> int:
+    """n_layer · Σ_targets (in if feedforward else out)."""
+    targets, feedforward = _check(cfg, targets, feedforward)
+    return cfg.n_layer * sum(linear_targets.shape(cfg, t)[0 if t in feedforward else 1] for t in targets)
+
+
+# --- peft's file format ----------------------------------------------------------------------------
+
+
+class IA3InPeft(PerModuleInPeft):
+    """(IA)³ in peft's files (peft_type IA3), per adapted module:
+
+        base_model.model.<module>.ia3_l  (out, 1), or (1, in) if a feedforward module  <->  blocks.i.<target>.ia3_l
+
+    and in the config `target_modules` and `feedforward_modules` (fan_in_fan_out for GPT-2's Conv1D)."""
+
+    peft_type = "IA3"
+    names = ("ia3_l",)
+
+    def layer_tensors(self, layer) -> dict:
+        return {"ia3_l": layer.ia3_l[None] if layer.scale_input else layer.ia3_l[:, None]}
+
+    def fuse(self, layers: dict, held: tuple, layout) -> dict:
+        if any(layer.scale_input for layer in layers.values()):
+            self.refuse_fused(held, layout)  # one input scale for q, k and v together
+        cfg = layout.cfg
+        rows = [layers[t].ia3_l if t in layers else torch.ones(linear_targets.shape(cfg, t)[1],
+                                                                device=next(iter(layers.values())).ia3_l.device)
+                for t in held]
+        return {"ia3_l": torch.cat(rows)[:, None]}  # (Σ out, 1)
+
+    def split(self, theirs: dict, held: tuple, layout) -> dict:
+        scale = theirs["ia3_l"]
+        if scale.shape[0] == 1:  # scales the fused module's input
+            self.refuse_fused(held, layout)
+        sizes = [linear_targets.shape(layout.cfg, t)[1] for t in held]
+        return {t: {"ia3_l": part} for t, part in zip(held, scale.split(sizes))}
+
+    def to_peft(self, model, layout) -> tuple[dict, dict]:
+        options = model.peft_config["options"]
+        targets = linear_targets.validate(model.cfg, options["targets"])
+        tensors, modules = self.export(model, layout, targets)
+        feedforward = list(dict.fromkeys(layout.peft_name(t, i) for i in range(model.cfg.n_layer)
+                                         for t in options["feedforward"]))
+        return tensors, {"target_modules": modules, "feedforward_modules": feedforward,
+                         "fan_in_fan_out": model.cfg.flavor == "gpt2", "init_ia3_weights": True}
+
+    def check_config(self, config: dict, path) -> None:
+        self.refuse_features(config, path, {"exclude_modules": "excluded modules"}, "IA3")
+
+    def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
+        found = self.gather(tensors, layout)
+        modes = {}  # target -> scales its input?
+        for (layer, t), theirs in found.items():
+            scale_input = theirs["ia3_l"].shape[0] == 1
+            if modes.setdefault(t, scale_input) != scale_input:
+                raise ValueError(f"adapter {layout.path} scales the input of {t} in some layers and its output in "
+                                 "others, which minipeft's IA3 (one choice per target) cannot hold")
+        # a target that is exactly 1 everywhere (what a fused module holds for a target we did not adapt) is left out
+        kept = [t for t in present_targets(found)
+                if any(not torch.all(v["ia3_l"] == 1) for (_, u), v in found.items() if u == t)]
+        targets = kept or present_targets(found)
+        options = {"targets": targets, "feedforward": [t for t in targets if modes[t]]}
+        values = {f"blocks.{i}.{linear_targets.TARGETS[t]}.ia3_l": theirs["ia3_l"].flatten()
+                  for (i, t), theirs in found.items() if t in targets}
+        return options, fitted(model, "ia3", options, values, layout.path, fill=1.0)  # left-out layers: l = 1
+
+
+register(Method(
+    "ia3", "learned rescaling of keys, values and the FFN's inner activation (Liu et al. 2022)",
+    apply_ia3, ia3_parameter_count,
+    (Option("targets", list, ["k", "v", "down"], "linear layers to rescale: q,k,v,o,up,gate,down or 'all'"),
+     Option("feedforward", list, ["down"], "targets that scale their input (the FFN's inner activation) rather "
+            "than their output; must be among the targets")),
+    lr=1e-2, mergeable=True, side_by_side=True, peft=IA3InPeft(),
+    examples=({},)))
