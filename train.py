@@ -2,6 +2,8 @@
 
     python train.py --method lora --rank 8                 # MiniLM on rotten_tomatoes
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
+    python train.py --model smollm2 --task rotten_tomatoes_instruct --targets all --pack --max-len 256 --steps 80
+    python train.py --model smollm2 --task my_chats.jsonl --chat-template my_template.jinja   # instruction tuning
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
     python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
@@ -43,6 +45,17 @@ def build_parser():
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
     t.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: four per run)")
     t.add_argument("--model-dropout", type=float, default=None, help="override the checkpoint's dropout")
+    t.add_argument("--pack", action="store_true",
+                   help="pack each batch's examples into rows of --max-len tokens instead of padding them "
+                        "(attention stays inside each example, positions restart): the same loss, less padding")
+    t.add_argument("--train-on-prompt", action="store_true",
+                   help="instruction data: put the prompt's tokens in the loss too (default: only the answers)")
+    t.add_argument("--skip-test-before", action="store_true",
+                   help="do not score the test split before training (saves a pass over it; the base model's "
+                        "score is eval.py's)")
+    t.add_argument("--eval-generate", type=int, default=100,
+                   help="instruction data: validation examples answered and scored by exact match at each "
+                        "validation pass (0: none; the test split is always scored whole)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
     t.add_argument("--out", default=None,
                    help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
@@ -80,7 +93,8 @@ def check_numbers(args):
              ("--max-len", args.max_len, args.max_len >= 1, ">= 1"),
              ("--save-every", args.save_every, args.save_every >= 0, ">= 0"),
              ("--stop-at", args.stop_at, args.stop_at is None or args.stop_at >= 1, ">= 1"),
-             ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1")]
+             ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
+             ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0")]
     for flag, value, ok, allowed in rules:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
@@ -93,6 +107,36 @@ def check_context_length(model, max_len: int, model_name: str):
         virtual = f" minus {model.virtual_tokens} virtual tokens of the method" if model.virtual_tokens else ""
         raise ValueError(f"--max-len {max_len} does not fit {model_name}: it has {model.cfg.max_seq_len} "
                          f"positions{virtual}; use --max-len {room} or less")
+
+
+def check_task_flags(args, task):
+    """--pack needs a label per token; --train-on-prompt and --chat-template are for instruction data."""
+    if args.pack and task.kind == "classification":
+        task.splits["train"].packed(args.max_len)  # raises, saying why
+    for flag, given in (("--train-on-prompt", args.train_on_prompt), ("--chat-template", args.chat_template)):
+        if given and task.kind != "sft":
+            raise ValueError(f"{flag} is for instruction data (prompt/completion, messages or instruction rows); "
+                             f"{args.task} is a {task.kind} task")
+
+
+def pack_training_split(model, task, max_len: int):
+    """--pack: the training batches packed into rows of max_len tokens (not with prompt tuning)."""
+    if model.prompt_length:
+        raise ValueError("--pack cannot be used with prompt tuning: its soft tokens start every row, so "
+                         "examples packed into one row cannot each have their own")
+    task.splits["train"] = task.splits["train"].packed(max_len)
+
+
+def train_config(args, method, out: str) -> trainer.TrainConfig:
+    return trainer.TrainConfig(
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.clip,
+        eval_every=args.eval_every, eval_generate=args.eval_generate, test_before=not args.skip_test_before,
+        seed=args.seed, out=out, save_every=args.save_every, max_bad_steps=args.max_bad_steps, resume=args.resume,
+        stop_at=args.stop_at,
+        run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
+             "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
+             "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template})
 
 
 def main(argv):
@@ -118,7 +162,9 @@ def main(argv):
         model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
         model.to(processes.device_for_process())
         check_context_length(model, args.max_len, args.model)
-        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed)
+        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
+                              chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
+        check_task_flags(args, task)
         if task.kind == "classification":
             model.add_classifier(task.n_classes)
         if apply_method:
@@ -127,21 +173,16 @@ def main(argv):
             mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
             method = mp.get_method(model.peft_config["method"])
         check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+        if args.pack:
+            pack_training_split(model, task, args.max_len)
         model.checkpointing = args.grad_checkpoint
         # the ledger for the longest training batch (batches are padded to their longest example)
         longest = max(map(len, task.splits["train"].input_ids))
         ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
-        config = trainer.TrainConfig(
-            epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-            max_grad_norm=args.clip, eval_every=args.eval_every, seed=args.seed, out=out,
-            save_every=args.save_every, max_bad_steps=args.max_bad_steps, resume=args.resume,
-            stop_at=args.stop_at,
-            run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
-                 "model_dropout": args.model_dropout, "init_adapter": args.init_adapter})
+        config = train_config(args, method, out)
         if rank == 0:
             print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples), method {method.name}, lr {config.lr}"
+                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}"
                   + (f", {world_size} processes" if world_size > 1 else ""))
         summary = trainer.train(model, task, config)
         if rank == 0:

@@ -1,6 +1,6 @@
-"""Tokenized data sets for fine-tuning: text classification and causal language modelling.
+"""Tokenized data sets for fine-tuning: text classification, instruction tuning and causal language modelling.
 
-Two kinds of task, each loaded into a `TaskData` holding three splits (train / validation / test):
+Three kinds of task, each loaded into a `TaskData` holding three splits (train / validation / test):
 
 Classification -- `load_classification(source, tokenizer)`
     source is the built-in "rotten_tomatoes", a .csv or .jsonl file, or a directory holding
@@ -42,6 +42,34 @@ Causal LM -- `load_lm(source, tokenizer)`
     The leftover tokens after the last whole window are dropped. The first 90% of windows are
     train, the next 5% validation, the last 5% test, so no token of validation or test is in train.
 
+Instruction tuning (SFT) -- `load_instruct(source, tokenizer)`, kind "sft"
+    source is the built-in "rotten_tomatoes_instruct" (each rotten_tomatoes sentence as a question,
+    REVIEW_INSTRUCTION, answered "positive" or "negative"; split by movie, as rotten_tomatoes), a .jsonl
+    file (split 80/10/10 in a shuffle fixed by `seed`) or a directory with train/validation/test .jsonl
+    files. A file holds one of three row shapes (the conventions of transformers / trl), one per file:
+
+        {"prompt": "What is 2 + 2?", "completion": "4"}
+        {"messages": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
+                      {"role": "assistant", "content": ...}, ...]}          (multi-turn allowed)
+        {"instruction": "Add one.", "input": "41", "output": "42"}           (Alpaca; input optional)
+
+    Every row becomes a conversation (prompt/completion and Alpaca: one user turn, one assistant turn;
+    Alpaca's input follows the instruction after a blank line) and is written in the chat template
+    (chat.py: the model's own, a --chat-template file, or the plain fallback for base models). Labels
+    are -100 except on the assistant turns' tokens (their closing token, e.g. <|im_end|>, included),
+    so the loss is on the answers only (train_on_prompt: on every token); the end-of-text token closes
+    each answer (added after the last one if the template does not write it). A conversation longer
+    than max_len tokens loses tokens from its left, never from its last answer, and is counted in
+    `TaskData.info["truncated"]`. Each example also keeps its prompt (the conversation up to its last
+    answer, ending with the generation prompt) and that answer's text, for exact-match evaluation.
+    A row of another shape, a file mixing shapes, a conversation without an assistant turn or an empty
+    answer stops with the file and line number.
+
+Packing -- `Dataset.packed(max_len)`: each batch's examples share rows of max_len tokens (first fit,
+longest first) instead of being padded; `position_ids` restart at every example and `document_ids`
+keep attention inside it (a block-diagonal causal mask), so the loss and gradients are those of the
+padded batch, computed on fewer rows. Token-level tasks only (lm, sft).
+
 The tokenizer you pass is reconfigured in place: padding is switched off (batches are padded here,
 per batch) and truncation is set to max_len for classification or switched off for LM.
 
@@ -51,7 +79,8 @@ example of the batch with `pad_id`:
     input_ids       (B, T)
     attention_mask  (B, T)  1 = real token, 0 = padding
     labels          (B,)    class ids                         (classification)
-                    (B, T)  next-token ids, -100 at padding   (lm; -100 is ignored by cross_entropy)
+                    (B, T)  next-token ids, -100 at padding   (lm, sft; -100 is ignored by cross_entropy;
+                            sft also -100 on the prompt)
 
 Shuffling is a permutation fixed by (seed, epoch). With world_size > 1 every step consumes one global
 batch of batch_size * world_size examples, and rank r takes the interleaved shard
@@ -64,7 +93,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -73,6 +102,7 @@ import torch
 from tokenizers import Tokenizer
 
 from minipeft.assets import asset_path
+from minipeft.chat import chat_format, check_messages, encode_conversation
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
@@ -80,8 +110,16 @@ PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")  # looked up in this order by d
 CLASSIFICATION_SUFFIXES = (".csv", ".jsonl")
 LM_EVAL_FRACTION = 0.05  # of windows, for validation and again for test
 CLASSIFICATION_EVAL_FRACTION = 0.1  # of examples (of each label, or of sentences for rotten_tomatoes)
+# instruction rows: shape -> the fields that identify it ("input" of alpaca is optional)
+INSTRUCT_SHAPES = {"messages": ("messages",), "prompt/completion": ("prompt", "completion"),
+                   "alpaca": ("instruction", "output")}
+SHAPES_HELP = ('{"prompt": ..., "completion": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or '
+               '{"instruction": ..., "input": ..., "output": ...}')
+REVIEW_INSTRUCTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 SOURCES_HELP = ("'rotten_tomatoes', a .csv or .jsonl file, or a directory with train/validation/test "
-                "files (classification); 'hamlet' or a .txt file (causal LM)")
+                "files (classification); 'rotten_tomatoes_instruct', or a .jsonl file or directory of "
+                "prompt/completion, messages or instruction/output rows (instruction tuning); 'hamlet' or "
+                "a .txt file (causal LM)")
 
 
 @dataclass
@@ -96,6 +134,11 @@ class Dataset:
     input_ids: list[list[int]]
     labels: list
     pad_id: int
+    # kind "sft" only: each example's prompt for generation (the conversation up to its last answer,
+    # ending with the template's generation prompt) and that answer's text, for exact-match scoring
+    prompts: list[list[int]] | None = None
+    answers: list[str] | None = None
+    pack_len: int | None = None  # set (packed()): collate packs each batch into rows of this many tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -104,7 +147,15 @@ class Dataset:
         """The first n examples (all of them when n is None)."""
         if n is None:
             return self
-        return Dataset(self.kind, self.input_ids[:n], self.labels[:n], self.pad_id)
+        return replace(self, input_ids=self.input_ids[:n], labels=self.labels[:n],
+                       prompts=self.prompts and self.prompts[:n], answers=self.answers and self.answers[:n])
+
+    def packed(self, max_len: int) -> "Dataset":
+        """The same examples, batched by packing (see pack_examples); token-level tasks only."""
+        if self.kind == "classification":
+            raise ValueError("--pack needs a task with a label per token (instruction data or text); a "
+                             "classification task has one label per example, so its examples cannot share a row")
+        return replace(self, pack_len=max_len)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
         """Number of steps `batches` yields (the same on every rank)."""
@@ -136,12 +187,16 @@ class Dataset:
             yield self.collate(global_batch[rank::world_size])
 
     def collate(self, indices: list[int]) -> dict:
-        """Pad the examples at `indices` on the right to the longest one; see the module docstring."""
+        """Pad the examples at `indices` on the right to the longest one (or pack them into rows of
+        pack_len tokens); see the module docstring."""
+        if self.pack_len is not None:
+            return pack_examples([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
+                                 self.pack_len, self.pad_id)
         seq_len = max((len(self.input_ids[i]) for i in indices), default=0)
         batch_size = len(indices)
         input_ids = torch.full((batch_size, seq_len), self.pad_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)  # (B, T)
-        if self.kind == "lm":
+        if self.kind != "classification":
             labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)  # (B, T)
         else:
             labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)  # (B,)
@@ -149,7 +204,7 @@ class Dataset:
             length = len(self.input_ids[i])
             input_ids[row, :length] = torch.tensor(self.input_ids[i], dtype=torch.long)
             attention_mask[row, :length] = 1
-            if self.kind == "lm":
+            if self.kind != "classification":
                 labels[row, :length] = torch.tensor(self.labels[i], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -158,11 +213,14 @@ class Dataset:
 class TaskData:
     """A loaded task: its kind, three splits, and what a model head needs to know."""
 
-    kind: str  # "classification" | "lm"
+    kind: str  # "classification" | "lm" | "sft"
     splits: dict[str, Dataset]  # keys "train", "validation", "test"
-    n_classes: int | None  # None for lm
-    label_names: list[str] | None  # label_names[class_id]; None for lm
+    n_classes: int | None  # None for lm and sft
+    label_names: list[str] | None  # label_names[class_id]; None for lm and sft
     pad_id: int
+    # sft only: how the rows were read and cut, and what generation needs to score them
+    info: dict = field(default_factory=dict)  # shape, template, truncated (rows cut from the left), eos_id
+    tokenizer: Tokenizer | None = None  # to read generated answers (sft)
 
 
 def default_pad_id(tokenizer: Tokenizer) -> int:
@@ -179,11 +237,15 @@ def default_pad_id(tokenizer: Tokenizer) -> int:
 
 
 def load_task(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0,
-              pad_id: int | None = None) -> TaskData:
-    """Load a classification or causal-LM task, chosen by the source's name or suffix."""
+              pad_id: int | None = None, chat_template: str | Path | None = None,
+              train_on_prompt: bool = False) -> TaskData:
+    """Load a classification, instruction or causal-LM task, chosen by the source's name or suffix (a
+    .jsonl file or folder by the fields of its first row); the last two options are instruction data's."""
     path = Path(source)
     if str(source) == "hamlet" or path.suffix == ".txt":
         return load_lm(source, tokenizer, max_len, seed, pad_id)
+    if str(source) == "rotten_tomatoes_instruct" or is_instruction_file(path):
+        return load_instruct(source, tokenizer, max_len, seed, pad_id, chat_template, train_on_prompt)
     if str(source) == "rotten_tomatoes" or path.suffix in CLASSIFICATION_SUFFIXES or path.is_dir():
         return load_classification(source, tokenizer, max_len, seed, pad_id)
     raise ValueError(f"unknown data source {str(source)!r}; use {SOURCES_HELP}")
@@ -439,3 +501,218 @@ def load_lm(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: 
     splits = {split: Dataset("lm", [w[:-1] for w in ws], [w[1:] for w in ws], pad_id)
               for split, ws in split_windows.items()}
     return TaskData("lm", splits, None, None, pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# instruction tuning (SFT): prompt/completion, chat and Alpaca rows
+
+
+class Conversation(NamedTuple):
+    """One instruction example as read: where it came from, and its messages (the last answer last)."""
+
+    line: int
+    messages: list[dict]
+
+
+def row_shape(record: dict) -> str | None:
+    """Which of INSTRUCT_SHAPES a JSON object has (None: none of them)."""
+    for shape, fields in INSTRUCT_SHAPES.items():
+        if all(name in record for name in fields):
+            return shape
+    return None
+
+
+def _to_messages(shape: str, record: dict, where: str) -> list[dict]:
+    """A row of a known shape as a conversation; an empty answer or a malformed field is an error."""
+    if shape == "messages":
+        try:
+            messages = check_messages(record["messages"])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+    else:
+        prompt_key, answer_key = ("prompt", "completion") if shape == "prompt/completion" else ("instruction", "output")
+        extra = record.get("input") if shape == "alpaca" else None
+        for key in (prompt_key, answer_key) + (("input",) if extra is not None else ()):
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: '{key}' is {type(record[key]).__name__}, not a string; make it a string")
+        prompt = record[prompt_key] + (f"\n\n{extra}" if extra and extra.strip() else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record[answer_key]}]
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
+        raise ValueError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; "
+                         "add the answer as a message with role 'assistant'")
+    if any(not m["content"].strip() for m in answers):
+        raise ValueError(f"{where}: an empty completion (assistant answer); fill it in or remove the row")
+    return messages
+
+
+def read_conversations(path: Path) -> tuple[str, list[Conversation]]:
+    """The shape of a .jsonl instruction file and its rows as conversations; one shape per file."""
+    text = _read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty; it needs one JSON object per line")
+    shape, first_line, rows = None, 0, []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid JSON ({err.msg}); make each line one object") from None
+        this = row_shape(record) if isinstance(record, dict) else None
+        if this is None:
+            raise ValueError(f"{where} is not an instruction row; give each line one of {SHAPES_HELP}")
+        if shape is None:
+            shape, first_line = this, number
+        elif this != shape:
+            raise ValueError(f"{where} is a {this} row but line {first_line} is a {shape} row; "
+                             "use one shape per file")
+        rows.append(Conversation(number, _to_messages(shape, record, where)))
+    return shape, rows
+
+
+def is_instruction_file(path: Path) -> bool:
+    """Whether a .jsonl file (or a folder's train.jsonl) holds instruction rows, judged by its first row."""
+    file = path / "train.jsonl" if path.is_dir() else path
+    if file.suffix != ".jsonl" or not file.is_file():
+        return False
+    with open(file, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and row_shape(record) is not None
+
+
+def _instruct_rows(source: str | Path, seed: int) -> tuple[str, dict[str, list[Conversation]], dict]:
+    """(shape, rows per split, file per split) of rotten_tomatoes_instruct, a .jsonl file or a folder."""
+    if str(source) == "rotten_tomatoes_instruct":
+        split_texts, split_labels, names = _rotten_tomatoes(seed)
+        rows = {split: [Conversation(i + 1, [{"role": "user", "content": REVIEW_INSTRUCTION.format(text=text)},
+                                             {"role": "assistant", "content": names[label]}])
+                        for i, (text, label) in enumerate(zip(split_texts[split], split_labels[split]))]
+                for split in SPLITS}
+        return "messages", rows, {split: "rotten_tomatoes_instruct" for split in SPLITS}
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        files = {split: path / f"{split}.jsonl" for split in SPLITS}
+        for split, file in files.items():
+            if not file.is_file():
+                raise ValueError(f"{path} has no {split}.jsonl; an instruction folder needs train, "
+                                 "validation and test .jsonl files")
+        read = {split: read_conversations(file) for split, file in files.items()}
+        shapes = {shape for shape, _ in read.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"{path}: its files have different row shapes ({', '.join(sorted(shapes))}); "
+                             "use one shape for all three")
+        return shapes.pop(), {split: rows for split, (_, rows) in read.items()}, files
+    shape, rows = read_conversations(path)
+    order = np.random.default_rng(seed).permutation(len(rows)).tolist()
+    n_eval = int(CLASSIFICATION_EVAL_FRACTION * len(rows) + 0.5)
+    if n_eval == 0:
+        raise ValueError(f"{path} has too few rows ({len(rows)}) to split 80/10/10; give it at least 5, or "
+                         "use a folder with train, validation and test files")
+    parts = {"validation": order[:n_eval], "test": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
+    return shape, {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}, \
+        {split: path for split in SPLITS}
+
+
+def _sft_example(tokenizer, fmt, conversation: Conversation, where: str, max_len: int, eos_id,
+                 train_on_prompt: bool):
+    """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
+    shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
+    to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
+    messages = conversation.messages
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids, is_answer = encode_conversation(tokenizer, fmt, messages[:last + 1])
+    answer_start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # where the last answer begins
+    if eos_id is not None and eos_id not in ids[answer_start:]:  # the template did not end the answer
+        ids, is_answer = ids + [eos_id], is_answer + [True]
+    cut = max(0, len(ids) - max_len)
+    if cut >= answer_start:
+        raise ValueError(f"{where}: its last answer takes {len(ids) - answer_start} tokens, which leaves no "
+                         f"room for the prompt in --max-len {max_len}; raise --max-len")
+    ids, is_answer = ids[cut:], is_answer[cut:]
+    labels = [t if train_on_prompt or answer else IGNORE_INDEX for t, answer in zip(ids[1:], is_answer[1:])]
+    prompt = tokenizer.encode(fmt.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
+    prompt = prompt[-(max_len - (len(ids) - (answer_start - cut))):]
+    return ids[:-1], labels, prompt, messages[last]["content"], cut > 0
+
+
+def load_instruct(source: str | Path, tokenizer: Tokenizer, max_len: int = 256, seed: int = 0,
+                  pad_id: int | None = None, chat_template: str | Path | None = None,
+                  train_on_prompt: bool = False) -> TaskData:
+    """Load "rotten_tomatoes_instruct", an instruction .jsonl file or a folder of them (see the
+    module docstring) as kind "sft": each example is its conversation rendered in the chat template
+    (the model's own, `chat_template` FILE, or the plain fallback), labels only on the answers."""
+    shape, split_rows, files = _instruct_rows(source, seed)
+    fmt = chat_format(tokenizer, chat_template)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    eos = fmt.eos_token
+    eos_id = tokenizer.token_to_id(eos) if eos else None
+    pad_id = default_pad_id(tokenizer) if pad_id is None else pad_id
+    splits, truncated = {}, 0
+    for split in SPLITS:
+        if not split_rows[split]:
+            raise ValueError(f"{files[split]} gives the {split} split no rows; add some")
+        examples = []
+        for row in split_rows[split]:
+            where = f"{files[split]} line {row.line}" if str(source) != "rotten_tomatoes_instruct" \
+                else f"{source} {split} example {row.line}"
+            examples.append(_sft_example(tokenizer, fmt, row, where, max_len, eos_id, train_on_prompt))
+        truncated += sum(example[4] for example in examples)
+        input_ids, labels, prompts, answers, _ = (list(column) for column in zip(*examples))
+        splits[split] = Dataset("sft", input_ids, labels, pad_id, prompts=prompts, answers=answers)
+    info = {"shape": shape, "template": fmt.name, "truncated": truncated, "eos_id": eos_id,
+            "train_on_prompt": train_on_prompt}
+    return TaskData("sft", splits, None, None, pad_id, info=info, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_examples(input_ids: list[list[int]], labels: list[list[int]], max_len: int, pad_id: int) -> dict:
+    """Examples packed into as few rows of at most max_len tokens as first-fit-decreasing finds, each
+    example whole in one row. Besides input_ids, attention_mask and labels (B, T) as for padding, a
+    packed batch carries
+
+        position_ids  (B, T)  0, 1, 2, ... restarting at every example (padding: 0)
+        document_ids  (B, T)  which example of the row a token is (1, 2, ...; padding 0): attention
+                              stays inside an example, a block-diagonal causal mask
+        examples      ()      how many examples the batch holds
+
+    so the model computes for every example exactly what it would alone in a padded batch."""
+    rows: list[list[int]] = []  # indices of the examples in each row
+    room: list[int] = []
+    for i in sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])):
+        length = len(input_ids[i])
+        if length > max_len:
+            raise ValueError(f"an example of {length} tokens does not fit a packed row of {max_len}")
+        row = next((r for r, free in enumerate(room) if free >= length), None)
+        if row is None:
+            rows.append([]), room.append(max_len)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= length
+    width = max((max_len - free for free in room), default=0)
+    batch = {name: torch.full((len(rows), width), fill, dtype=torch.long) for name, fill in
+             (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX), ("position_ids", 0),
+              ("document_ids", 0))}
+    for r, members in enumerate(rows):
+        start = 0
+        for document, i in enumerate(members, start=1):
+            span = slice(start, start + len(input_ids[i]))
+            batch["input_ids"][r, span] = torch.tensor(input_ids[i])
+            batch["labels"][r, span] = torch.tensor(labels[i])
+            batch["position_ids"][r, span] = torch.arange(len(input_ids[i]))
+            batch["document_ids"][r, span] = document
+            batch["attention_mask"][r, span] = 1
+            start = span.stop
+    batch["examples"] = torch.tensor(len(input_ids))
+    return batch

@@ -10,8 +10,18 @@ the prediction is the class whose label word the causal LM finds most likely to 
 
 The demonstrations are drawn from the training split with the classes as balanced as K allows, in an
 order fixed by the seed, and they are the same for every test example: their keys and values are
-computed once and every batch of queries continues from that KV cache. Nothing here trains, so the
-accuracy is what the base model knows before any PEFT method touches it.
+computed once and every batch of queries continues from that KV cache. The cached tokens are exactly
+the whole prompt's: the separator "\\n\\n" after the last demonstration belongs to each query, because
+a byte-level BPE reads "\\n\\nReview" as Ċ Ċ Review while "\\n\\n" alone at the end of a text becomes the
+one token ĊĊ (which the model rarely saw before a word).
+
+Contextual calibration (Zhao et al. 2021, "Calibrate Before Use", https://arxiv.org/abs/2102.09690):
+a prompt biases the model towards some label words (the majority or the last label of the
+demonstrations, common words). Its bias is measured on content-free inputs ("N/A", "", "[MASK]") in
+place of the test text: p_cf = the mean of their label distributions. Every prediction is then divided
+by it, ŷ = argmax_c p(c | x) / p_cf(c), so a content-free input would get a uniform distribution.
+
+Nothing here trains, so the accuracy is what the base model knows before any PEFT method touches it.
 """
 import math
 
@@ -19,9 +29,12 @@ import numpy as np
 import torch
 
 from .data import Dataset, TaskData
+from .generate import shared_cache
 from .model import KVCache
 
 TEMPLATE = "Review: {text}\nSentiment:"
+SEPARATOR = "\n\n"  # between demonstrations, and between the last one and the query
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al.'s content-free inputs
 
 
 def pick_demonstrations(train: Dataset, k: int, n_classes: int, seed: int) -> list[int]:
@@ -39,25 +52,28 @@ def pick_demonstrations(train: Dataset, k: int, n_classes: int, seed: int) -> li
     return taken
 
 
-def _batch_cache(prefix: KVCache, batch_size: int) -> KVCache:
-    """A cache for batch_size rows that all start from the one-row prefix (no copy: expand)."""
-    cache = KVCache(len(prefix.layers))
-    if prefix.length:
-        cache.layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
-                        for k, v in prefix.layers]
-    return cache
+def demonstrations_text(task: TaskData, indices: list[int], text_of) -> str:
+    """The demonstrations, joined by SEPARATOR, without the separator that follows the last one."""
+    train = task.splits["train"]
+    return SEPARATOR.join(TEMPLATE.format(text=text_of(train, i)) + f" {task.label_names[train.labels[i]]}"
+                          for i in indices)
 
 
-def _continuation_log_probs(model, prefix: KVCache, queries: list[list[int]], label: list[int]) -> torch.Tensor:
-    """(B,): log p(label tokens | prefix, query) for each query, in one right-padded forward pass."""
-    rows = [query + label for query in queries]
+def _forward(model, prefix: KVCache, rows: list[list[int]]) -> torch.Tensor:
+    """Log-probabilities (B, T, V) of the next token after each position of right-padded rows that
+    continue the cached prefix."""
     width = max(len(row) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
     mask = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
     for b, row in enumerate(rows):
         ids[b, :len(row)] = torch.tensor(row)
         mask[b, :len(row)] = 1
-    log_probs = model(ids, attention_mask=mask, cache=_batch_cache(prefix, len(rows))).log_softmax(-1)
+    return model(ids, attention_mask=mask, cache=shared_cache(prefix, len(rows))).log_softmax(-1)
+
+
+def _continuation_log_probs(model, prefix: KVCache, queries: list[list[int]], label: list[int]) -> torch.Tensor:
+    """(B,): log p(label tokens | prefix, query) for each query, in one right-padded forward pass."""
+    log_probs = _forward(model, prefix, [query + label for query in queries])  # (B, T, V)
     label_ids = torch.tensor(label)  # (L,)
     scores = []
     for b, query in enumerate(queries):
@@ -66,10 +82,41 @@ def _continuation_log_probs(model, prefix: KVCache, queries: list[list[int]], la
     return torch.stack(scores)
 
 
-@torch.no_grad()
-def few_shot_scores(model, tokenizer, task: TaskData, k: int = 4, seed: int = 0, split: str = "test",
-                    limit: int | None = None, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-word log-probabilities (N, n_classes) and true labels (N,) for the first `limit` examples."""
+class InContext:
+    """A k-shot prompt for a task: the demonstrations' KV cache, and the label words' scores after it."""
+
+    def __init__(self, model, tokenizer, task: TaskData, k: int, seed: int):
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.demonstrations = demonstrations_text(task, pick_demonstrations(task.splits["train"], k, task.n_classes,
+                                                                            seed), self.text_of)
+        self.prefix = KVCache(model.cfg.n_layer)
+        if self.demonstrations:
+            model(torch.tensor([self.encode(self.demonstrations)]), cache=self.prefix)  # (1, Hkv, P, hd) per layer
+        self.labels = [self.encode(" " + name) for name in task.label_names]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def text_of(self, dataset: Dataset, i: int) -> str:
+        return self.tokenizer.decode(dataset.input_ids[i], skip_special_tokens=True)
+
+    def query(self, text: str) -> list[int]:
+        """The tokens after the cached demonstrations: separator (if any), the test text, the cue."""
+        return self.encode((SEPARATOR if self.demonstrations else "") + TEMPLATE.format(text=text))
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        """(B, n_classes): log p(label word | demonstrations, query) for each text. When every label
+        word is one token, one forward pass of the queries gives them all (at each query's last token)."""
+        queries = [self.query(text) for text in texts]
+        if all(len(label) == 1 for label in self.labels):
+            log_probs = _forward(self.model, self.prefix, queries)  # (B, T, V)
+            last = log_probs[torch.arange(len(queries)), torch.tensor([len(q) - 1 for q in queries])]  # (B, V)
+            return last[:, [label[0] for label in self.labels]]  # (B, C)
+        return torch.stack([_continuation_log_probs(self.model, self.prefix, queries, label)
+                            for label in self.labels], dim=1)
+
+
+def _check(model, task: TaskData, k: int):
     if task.kind != "classification":
         raise ValueError("few-shot evaluation needs a classification task (text with labels)")
     if not model.cfg.causal or model.cfg.n_classes:
@@ -77,34 +124,32 @@ def few_shot_scores(model, tokenizer, task: TaskData, k: int = 4, seed: int = 0,
                          "without a classifier head")
     if k < 0:
         raise ValueError(f"the number of demonstrations must be >= 0, got {k}")
+
+
+@torch.no_grad()
+def few_shot_scores(model, tokenizer, task: TaskData, k: int = 4, seed: int = 0, split: str = "test",
+                    limit: int | None = None, batch_size: int = 16,
+                    calibrate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-word log-probabilities (N, n_classes) and true labels (N,) for the first `limit` examples;
+    with calibrate, log p(c | x) - log p_cf(c) over the label words (see the module docstring)."""
+    _check(model, task, k)
     model.eval()
     tokenizer.no_truncation()  # the loader truncated each text already; prompts are longer
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    def text_of(dataset: Dataset, i: int) -> str:
-        return tokenizer.decode(dataset.input_ids[i], skip_special_tokens=True)
-
-    train, evaluated = task.splits["train"], task.splits[split]
-    demonstrations = "".join(
-        TEMPLATE.format(text=text_of(train, i)) + f" {task.label_names[train.labels[i]]}\n\n"
-        for i in pick_demonstrations(train, k, task.n_classes, seed))
-    prefix = KVCache(model.cfg.n_layer)
-    if demonstrations:
-        model(torch.tensor([encode(demonstrations)]), cache=prefix)  # fills the cache: (1, Hkv, P, hd)
-    labels = [encode(" " + name) for name in task.label_names]
+    prompt = InContext(model, tokenizer, task, k, seed)
+    evaluated = task.splits[split]
     n = len(evaluated) if limit is None else min(limit, len(evaluated))
-    scores = []
-    for start in range(0, n, batch_size):
-        batch = range(start, min(n, start + batch_size))
-        queries = [encode(TEMPLATE.format(text=text_of(evaluated, i))) for i in batch]
-        scores.append(torch.stack([_continuation_log_probs(model, prefix, queries, label) for label in labels],
-                                  dim=1))  # (B, C)
-    return torch.cat(scores), torch.tensor(evaluated.labels[:n])
+    scores = torch.cat([prompt.scores([prompt.text_of(evaluated, i) for i in range(start, min(n, start + batch_size))])
+                        for start in range(0, n, batch_size)])  # (N, C)
+    if calibrate:
+        content_free = prompt.scores(list(CONTENT_FREE)).log_softmax(-1).exp().mean(0)  # p_cf (C,)
+        scores = scores.log_softmax(-1) - content_free.log()
+    return scores, torch.tensor(evaluated.labels[:n])
 
 
 def few_shot_accuracy(model, tokenizer, task: TaskData, k: int = 4, **options) -> dict:
-    """{"accuracy", "examples", "shots"} of the k-shot in-context classifier; options as few_shot_scores."""
+    """{"accuracy", "examples", "shots", "predicted"} of the k-shot in-context classifier ("predicted":
+    how often each class was predicted); options as few_shot_scores."""
     scores, labels = few_shot_scores(model, tokenizer, task, k=k, **options)
-    return {"accuracy": (scores.argmax(1) == labels).float().mean().item(), "examples": len(labels), "shots": k}
+    predicted = scores.argmax(1)
+    return {"accuracy": (predicted == labels).float().mean().item(), "examples": len(labels), "shots": k,
+            "predicted": torch.bincount(predicted, minlength=scores.shape[1]).tolist()}

@@ -39,6 +39,7 @@ import json
 import math
 import platform
 import random
+import re
 import resource
 import signal
 import time
@@ -54,7 +55,10 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .adapter_io import ADAPTER_WEIGHTS, save_adapter
 from .checkpoint import Progress
+from .data import IGNORE_INDEX
+from .generate import complete
 from .memory import weight_bytes
+from .methods.registry import lr_factors
 from .processes import StopSignal, agree, data_parallel, distributed
 from .quant import values_in_4bit_layers
 
@@ -71,6 +75,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # steps between validation passes; 0 = four per run
     eval_batch_size: int = 64
+    eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
+    test_before: bool = True  # score the test split before training (the base model's result)
     seed: int = 0
     out: str = "checkpoints/run"
     save_every: int = 100  # steps between checkpoints; 0 = only at the end and when stopped
@@ -89,11 +95,18 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
+MODEL_INPUTS = ("attention_mask", "position_ids", "document_ids")  # batch keys the model reads (packing: all)
+
+
 def loss_fn(model, batch, kind: str) -> torch.Tensor:
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    """Cross-entropy: over the classes, or over the tokens that have a label (lm, sft: labels -100
+    elsewhere, e.g. on the prompt), whose LM logits are the only ones computed."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if kind == "classification":
-        return F.cross_entropy(logits, batch["labels"])  # logits (B, C)
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)  # (B·T, V)
+        return F.cross_entropy(model(batch["input_ids"], **inputs), batch["labels"])  # logits (B, C)
+    labelled = batch["labels"] != IGNORE_INDEX  # (B, T)
+    logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V): N labelled tokens
+    return F.cross_entropy(logits, batch["labels"][labelled])
 
 
 def to_device(batch: dict, device) -> dict:
@@ -102,8 +115,9 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
-    """Accuracy (classification) or mean token loss and perplexity (LM) over a whole split; with
-    world_size > 1 each process scores its shard and the sums are added up (every process must call)."""
+    """Accuracy (classification) or mean token loss and perplexity (lm, sft: over the labelled tokens)
+    over a whole split; with world_size > 1 each process scores its shard and the sums are added up
+    (every process must call). Exact match of generated answers is `exact_match`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -113,15 +127,16 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, wor
         if len(batch["labels"]) == 0:  # this process's shard of the last global batch is empty
             continue
         batch = to_device(batch, device)
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         if kind == "classification":
+            logits = model(batch["input_ids"], **inputs)
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             total += len(batch["labels"])
         else:
-            targets = batch["labels"].flatten()
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100,
-                                        reduction="sum").item()
-            total += (targets != -100).sum().item()
+            labelled = batch["labels"] != IGNORE_INDEX
+            logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V)
+            loss_sum += F.cross_entropy(logits, batch["labels"][labelled], reduction="sum").item()
+            total += labelled.sum().item()
     if world_size > 1:
         sums = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
@@ -133,7 +148,55 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, wor
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-def headline(metrics: dict) -> str:
+def normalize_answer(text: str) -> str:
+    """What exact match compares: lower case, spaces collapsed, no surrounding punctuation or quotes."""
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'`")
+
+
+MAX_CHOICES = 20  # a split with at most this many distinct answers is also scored as a choice among them
+
+
+def first_choice(prediction: str, choices: list[str]) -> str | None:
+    """The normalized choice the prediction names first, as a whole word ("This review is positive." ->
+    "positive"); None if it names none."""
+    text = normalize_answer(prediction)
+    found = [(m.start(), c) for c in choices if (m := re.search(rf"\b{re.escape(c)}\b", text))]
+    return min(found)[1] if found else None
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, dataset, eos_id: int | None, batch_size: int = 32, limit: int | None = None,
+                max_new_tokens: int | None = None) -> dict:
+    """Greedy answers to the prompts of an sft split (the first `limit`), compared with the reference
+    answers after normalize_answer: {"exact_match", "examples", "predictions"}, and "choice_accuracy"
+    when the split has few distinct answers (a label set): how often the answer the prediction names
+    first is the right one (a chatty "This review is positive." counts). Prompts go in batches of
+    similar length (less padding); each answer may run a few tokens past the longest reference."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(a, add_special_tokens=False).ids) for a in dataset.answers[:n]) + 3
+    order = sorted(range(n), key=lambda i: len(dataset.prompts[i]))
+    predictions = [""] * n
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        texts = complete(model, tokenizer, [dataset.prompts[i] for i in rows], max_new_tokens, eos_id=eos_id,
+                         pad_id=dataset.pad_id)
+        for i, text in zip(rows, texts):
+            predictions[i] = text
+    answers = [normalize_answer(a) for a in dataset.answers[:n]]
+    correct = sum(normalize_answer(p) == a for p, a in zip(predictions, answers))
+    result = {"exact_match": correct / max(n, 1), "examples": n, "predictions": predictions}
+    choices = sorted(set(answers))
+    if len(choices) <= MAX_CHOICES:
+        result["choice_accuracy"] = sum(first_choice(p, choices) == a for p, a in zip(predictions, answers)) / max(n, 1)
+    return result
+
+
+def headline(metrics: dict | None) -> str:
+    if metrics is None:
+        return "not scored"
+    if "exact_match" in metrics:
+        return f"exact match {metrics['exact_match']:.4f}"
     return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics \
         else f"perplexity {metrics['perplexity']:.2f}"
 
@@ -142,9 +205,12 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: no parameter has requires_grad")
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]  # biases and norm weights
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    factors = lr_factors(model)  # the method's per-parameter learning-rate factors (LoRA+: B × lr_ratio)
+    groups = []
+    for decay in (True, False):  # biases and norm weights (1-D) get no weight decay
+        for factor in sorted({factors.get(n, 1.0) for n, _ in trainable}):
+            params = [p for n, p in trainable if (p.ndim >= 2) == decay and factors.get(n, 1.0) == factor]
+            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * factor})
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -196,7 +262,8 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world
             loss = loss_fn(net, batch, kind) / grad_accum
             loss.backward()
         loss_sum += loss.item()
-        examples += len(batch["input_ids"]) * world_size
+        # a packed batch says how many examples its rows hold
+        examples += (int(batch["examples"]) if "examples" in batch else len(batch["input_ids"])) * world_size
     return loss_sum, examples
 
 
@@ -322,7 +389,7 @@ class TrainingRun:
         else:
             log.record(event="start", config=asdict(self.cfg), method=self.model.peft_config, steps=self.steps,
                        world_size=self.world_size, versions=versions())
-        if self.progress.test_before is None:
+        if self.progress.test_before is None and self.cfg.test_before:
             self.progress.test_before = self.evaluate("test")
             log.record(event="test_before", **self.progress.test_before)
         self.net = self.model if self.world_size == 1 else data_parallel(self.model)
@@ -396,7 +463,7 @@ class TrainingRun:
             save_adapter(self.model, adapter_dir)
         after = self.evaluate("test")
         summary = make_summary(self.model, self.cfg, self.progress, self.steps, after, adapter_dir, self.saved,
-                               self.world_size)
+                               self.world_size, self.data.info)
         self.log.record(event="summary", **summary)
         return summary
 
@@ -413,8 +480,20 @@ class TrainingRun:
         self.log.record(event="checkpoint", step=self.progress.step, path=str(path))
 
     def evaluate(self, split: str) -> dict:
-        return evaluate(self.model, self.data.splits[split], self.data.kind, self.cfg.eval_batch_size,
-                        self.rank, self.world_size)
+        """The split's metrics. Instruction data is scored by the exact match of greedy answers: on the
+        whole test split; on the first cfg.eval_generate validation examples, with their answer loss (every
+        validation example's loss when eval_generate is 0)."""
+        dataset, kind = self.data.splits[split], self.data.kind
+        if kind != "sft" or (split == "validation" and not self.cfg.eval_generate):
+            return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.rank, self.world_size)
+        metrics = {}
+        if split == "validation":
+            dataset = dataset.head(self.cfg.eval_generate)
+            metrics = evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.rank, self.world_size)
+        scored = exact_match(self.model, self.data.tokenizer, dataset, self.data.info["eos_id"], self.cfg.eval_batch_size)
+        scored.pop("predictions")
+        scored["exact_match_examples"] = scored.pop("examples")
+        return {**metrics, **scored}  # exact_match (and choice_accuracy)
 
     def say(self, message: str):
         """A line for the user, above the progress bar; from rank 0 only."""
@@ -443,7 +522,7 @@ def diverged_message(progress: Progress, cfg: TrainConfig, saved, saved_step) ->
 
 
 def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapter_dir: Path, saved,
-                 world_size: int) -> dict:
+                 world_size: int, data_info: dict | None = None) -> dict:
     total = sum(p.numel() for p in model.parameters()) + values_in_4bit_layers(model)  # 4-bit: buffers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights, weights_fp32 = weight_bytes(model), weight_bytes(model, as_fp32=True)  # as the memory ledger
@@ -460,6 +539,7 @@ def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapte
         "adapter": str(adapter_dir), "checkpoint": str(saved), "skipped_steps": progress.bad_steps,
         "seed": cfg.seed, "world_size": world_size,
         "examples_per_step": cfg.batch_size * world_size * cfg.grad_accum, "versions": versions(),
+        "data": data_info or {},  # instruction data: row shape, chat template, rows cut to --max-len
     }
 
 
@@ -478,6 +558,9 @@ def format_summary(s: dict) -> str:
         f"({s['seconds_per_step']:.3f} s/step), {s['examples_per_step']} examples per step on "
         f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''}",
         f"skipped steps        {s['skipped_steps']} (non-finite loss or gradient)",
+        *([f"instruction data     {d['shape']} rows, chat template {d['template']}, {d['truncated']} rows cut "
+           f"from the left to --max-len, loss on {'every token' if d['train_on_prompt'] else 'the answers'}"]
+          if (d := s.get("data")) else []),
         f"test before          {headline(s['test_before'])}",
         f"test after           {headline(s['test_after'])}",
         f"seed                 {s['seed']} (torch {v['torch']}, python {v['python']}, "

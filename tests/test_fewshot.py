@@ -40,7 +40,7 @@ def test_cached_scores_equal_whole_prompt_scores(tiny_task, k):
     train, test = task.splits["train"], task.splits["test"]
     demos = "".join(fewshot.TEMPLATE.format(text=tokenizer.decode(train.input_ids[i], skip_special_tokens=True))
                     + f" {task.label_names[train.labels[i]]}\n\n"
-                    for i in fewshot.pick_demonstrations(train, k, task.n_classes, seed=1))
+                    for i in fewshot.pick_demonstrations(train, k, task.n_classes, seed=1))  # the whole prompt's text
     assert scores.shape == (len(test), task.n_classes) and labels.tolist() == test.labels
     for i in range(len(test)):
         prompt = demos + fewshot.TEMPLATE.format(text=tokenizer.decode(test.input_ids[i], skip_special_tokens=True))
@@ -85,3 +85,47 @@ def test_eval_cli_few_shot(tmp_path, capsys):
     assert "tiny-llama 2-shot in context" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--limit must be >= 1"):
         eval_cli.main(["--model", "tiny-llama", "--task", str(path), "--few-shot", "2", "--limit", "0"])
+
+
+def test_cached_demonstrations_tokenize_as_the_whole_prompt():
+    """The defect behind the 4-shot collapse: cached demonstrations that end with "\\n\\n" tokenize it
+    as the one token ĊĊ, where the whole prompt has Ċ Ċ (BPE on SmolLM2's vocabulary)."""
+    _, tokenizer = mp.from_pretrained("smollm2")
+    demos = "Review: A fine film.\nSentiment: positive" + fewshot.SEPARATOR + "Review: Dull.\nSentiment: negative"
+    query = fewshot.SEPARATOR + fewshot.TEMPLATE.format(text="Bad movie.")
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    assert encode(demos) + encode(query) == encode(demos + query)
+    assert encode(demos + fewshot.SEPARATOR) + encode(query[2:]) != encode(demos + query)  # the old split
+
+
+def test_one_token_labels_are_read_from_one_forward_pass(tmp_path):
+    """Label words that are one token each are scored at the query's last position; the same numbers
+    as scoring each label's continuation."""
+    from tests.conftest import tiny_model, tiny_tokenizer
+    tokenizer = tiny_tokenizer()
+    (tmp_path / "words.csv").write_text("text,label\n" + "".join(
+        f"{'the movie is great' if i % 2 else 'a review is awful'},{'great' if i % 2 else 'awful'}\n" for i in range(30)))
+    task = data.load_task(tmp_path / "words.csv", tokenizer, max_len=16)
+    model = tiny_model("llama").eval()
+    prompt = fewshot.InContext(model, tokenizer, task, k=2, seed=0)
+    assert all(len(label) == 1 for label in prompt.labels)
+    texts = ["the movie is great", "a review"]
+    queries = [prompt.query(t) for t in texts]
+    with torch.no_grad():
+        fast = prompt.scores(texts)
+        slow = torch.stack([fewshot._continuation_log_probs(model, prompt.prefix, queries, label)
+                            for label in prompt.labels], dim=1)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_contextual_calibration_divides_by_the_content_free_distribution(tiny_task):
+    model, tokenizer, task = tiny_task
+    raw, labels = fewshot.few_shot_scores(model, tokenizer, task, k=2, seed=1)
+    calibrated, _ = fewshot.few_shot_scores(model, tokenizer, task, k=2, seed=1, calibrate=True)
+    with torch.no_grad():
+        prompt = fewshot.InContext(model, tokenizer, task, k=2, seed=1)
+        p_cf = prompt.scores(list(fewshot.CONTENT_FREE)).softmax(-1).mean(0)  # (C,)
+    torch.testing.assert_close(calibrated, raw.log_softmax(-1) - p_cf.log())
+    result = fewshot.few_shot_accuracy(model, tokenizer, task, k=2, seed=1, calibrate=True)
+    assert sum(result["predicted"]) == result["examples"] == len(labels)

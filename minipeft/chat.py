@@ -1,0 +1,210 @@
+"""Chat templates: a conversation -> the exact text (and tokens) a chat model was trained on.
+
+An instruct model learns one way of writing a conversation down, e.g. SmolLM2's ChatML:
+
+    <|im_start|>system\\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\\n
+    <|im_start|>user\\nIs this review positive or negative? ...<|im_end|>\\n
+    <|im_start|>assistant\\npositive<|im_end|>\\n
+
+and ships that recipe as a jinja2 template: `chat_template` in an HF folder's tokenizer_config.json (or a
+chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's metadata. The loader
+(pretrained.py) leaves it on the tokenizer as `tokenizer.chat_template`, with `tokenizer.bos_token` and
+`tokenizer.eos_token`. Prompting or fine-tuning the model in any other format wastes what it learned.
+
+    text = render(template, messages, add_generation_prompt=True, bos_token=..., eos_token=...)
+    ids  = apply_chat_template(tokenizer, messages, add_generation_prompt=True)   # mp.apply_chat_template
+
+Templates are rendered as transformers renders them (so the tokens are the same): jinja2's immutable
+sandbox (a template is code from a download: it may not touch Python objects' internals or change
+what it is given), trim_blocks and lstrip_blocks, loop controls, a `raise_exception(message)` function
+and a `tojson` filter; the text is then tokenized without adding special tokens (the template wrote
+them). A base model without a template gets PLAIN_TEMPLATE ("User: ...\\nAssistant: ...<eos>").
+
+For training, `encode_conversation` also says which tokens are the assistant's: it renders the
+conversation up to each assistant turn with the generation prompt (P_i) and through that turn (F_i);
+the characters F_i adds to P_i are that answer, closing tokens included (<|im_end|>: what teaches the
+model to stop). A template for which the full rendering does not start with each P_i and F_i cannot be
+split this way and is refused by name.
+"""
+import functools
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+# The fallback for base models: one line per turn, the answer ended by the end-of-text token.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+PLAIN_NAME = "the plain fallback template (User: / Assistant:)"
+# the tokens a tokenizer without a recorded end-of-text token is asked for, in this order
+EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+class TemplateError(ValueError):
+    """A chat template that fails to render, or cannot mark the assistant's tokens."""
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _tojson(value, indent=None):
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    return env
+
+
+_ENV = _environment()
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    return _ENV.from_string(template)  # compiling costs far more than rendering: once per template
+
+
+def render(template: str, messages: list[dict], add_generation_prompt: bool = False, name: str = "template",
+           **special_tokens) -> str:
+    """The template's text for `messages` ([{"role", "content"}, ...]); special_tokens (bos_token,
+    eos_token) are visible to the template. Any failure is a TemplateError naming the template."""
+    try:
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 **special_tokens)
+    except jinja2.TemplateError as error:
+        raise TemplateError(f"chat template {name} failed to render: {error}") from None
+    except TemplateError as error:
+        raise TemplateError(f"chat template {name} refused the conversation: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# which template, which special tokens
+
+
+class ChatFormat:
+    """A template with its name (for messages) and the special tokens it may write."""
+
+    def __init__(self, template: str, name: str, bos_token: str | None, eos_token: str | None):
+        self.template, self.name = template, name
+        self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+        self.eos_token = eos_token
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return render(self.template, messages, add_generation_prompt, self.name, **self.special)
+
+
+def tokenizer_of(tokenizer_or_model) -> Tokenizer:
+    """The tokenizers.Tokenizer given, or the one an object (a model, a pipeline) carries as `.tokenizer`."""
+    for candidate in (tokenizer_or_model, getattr(tokenizer_or_model, "tokenizer", None)):
+        if isinstance(candidate, Tokenizer):
+            return candidate
+    raise ValueError("apply_chat_template needs the tokenizer (the second value from_pretrained returns)")
+
+
+def eos_token(tokenizer) -> str | None:
+    """The end-of-text token: the one the loader recorded, else the first of EOS_CANDIDATES it has."""
+    recorded = getattr(tokenizer, "eos_token", None)
+    if recorded:
+        return recorded
+    return next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
+
+
+def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatFormat:
+    """--chat-template FILE if given, else the model's own template, else the plain fallback."""
+    if template_file is not None:
+        path = Path(template_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat-template {path}: no such file")
+        template, name = path.read_text(encoding="utf-8"), str(path)
+    elif getattr(tokenizer, "chat_template", None):
+        template, name = tokenizer.chat_template, "of the model"
+    else:
+        template, name = PLAIN_TEMPLATE, PLAIN_NAME
+    try:
+        _compiled(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise TemplateError(f"chat template {name} is not valid jinja2 (line {error.lineno}: {error.message})") \
+            from None
+    return ChatFormat(template, name, getattr(tokenizer, "bos_token", None), eos_token(tokenizer))
+
+
+def read_hf_chat_settings(folder: Path) -> dict:
+    """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
+    chat_template.jinja, which newer transformers write instead); missing ones are None."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+
+    def token(value):  # a string, or an AddedToken written as {"content": ...}
+        return value.get("content") if isinstance(value, dict) else value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates [{"name", "template"}]: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return {"chat_template": template, "bos_token": token(config.get("bos_token")),
+            "eos_token": token(config.get("eos_token"))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# conversations -> tokens
+
+
+def apply_chat_template(tokenizer_or_model, messages: list[dict], add_generation_prompt: bool = False,
+                        tokenize: bool = True, chat_template: str | Path | None = None):
+    """Token ids (or the text, tokenize=False) of `messages` in the model's chat template (or the
+    template file `chat_template`); with add_generation_prompt the text ends where the model's answer
+    begins (SmolLM2: "<|im_start|>assistant\\n")."""
+    tokenizer = tokenizer_of(tokenizer_or_model)
+    text = chat_format(tokenizer, chat_template).render(check_messages(messages), add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False).ids if tokenize else text
+
+
+def check_messages(messages) -> list[dict]:
+    """The conversation, checked: a non-empty list of {"role": system|user|assistant, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is a non-empty list of {\"role\", \"content\"} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES \
+                or not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} is not {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+    return messages
+
+
+def answer_spans(fmt: ChatFormat, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span (start, end) of every assistant turn in it."""
+    text = fmt.render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = fmt.render(messages[:i], add_generation_prompt=True) if i else ""
+        through = fmt.render(messages[:i + 1])
+        if not through.startswith(before) or not text.startswith(through):
+            raise TemplateError(f"chat template {fmt.name} does not render a conversation as the rendering "
+                                f"of its first turns plus the rest, so the answer of turn {i} cannot be "
+                                "located; give a template that does (--chat-template FILE)")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_conversation(tokenizer, fmt: ChatFormat, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """(ids, is_answer): the conversation's tokens, and for each whether it belongs to an assistant
+    turn (a token that straddles an answer's first character counts as answer)."""
+    text, spans = answer_spans(fmt, messages)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    is_answer = [any(tok_start < end and tok_end > start for start, end in spans)  # overlaps an answer
+                 for tok_start, tok_end in encoding.offsets]
+    return encoding.ids, is_answer

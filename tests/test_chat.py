@@ -1,0 +1,114 @@
+"""Tests for minipeft/chat.py: the model's own chat template, token for token as transformers renders it,
+the sandbox, template errors, the plain fallback and the answer spans that SFT labels come from."""
+import json
+
+import pytest
+
+import minipeft as mp
+from minipeft import chat
+from minipeft.assets import asset_path
+from minipeft.pretrained import byte_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Is this review positive or negative? A gorgeous, witty film."},
+     {"role": "assistant", "content": "positive"}],
+    [{"role": "user", "content": "Write a haiku about rain."},
+     {"role": "assistant", "content": "Soft rain on the roof\nthe garden drinks it slowly\nnight smells of wet stone"},
+     {"role": "user", "content": "Now one about snow — with an émoji ❄️, please."},
+     {"role": "assistant", "content": "White hush on the field ❄️"}],
+    [{"role": "user", "content": "def f(x):\n    return x * 2\n\nWhat does f(21) return?"},
+     {"role": "assistant", "content": "It returns 42."}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers():
+    """Ours (from our GGUF loader) and transformers' own tokenizer read from the same GGUF file."""
+    transformers = pytest.importorskip("transformers")
+    _, ours = mp.from_pretrained("smollm2")
+    path = asset_path("smollm2")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_smollm2_template_matches_transformers_token_for_token(smollm2_tokenizers, generation_prompt):
+    ours, theirs = smollm2_tokenizers
+    assert ours.chat_template == theirs.chat_template and ours.eos_token == theirs.eos_token == "<|im_end|>"
+    for messages in CONVERSATIONS:
+        if generation_prompt and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+        assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt, tokenize=False) == text
+        assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt) == list(expected)
+
+
+def test_answer_tokens_are_the_assistant_turns(smollm2_tokenizers):
+    tokenizer, _ = smollm2_tokenizers
+    fmt = chat.chat_format(tokenizer)
+    ids, is_answer = chat.encode_conversation(tokenizer, fmt, CONVERSATIONS[2])
+    assert ids == mp.apply_chat_template(tokenizer, CONVERSATIONS[2])
+    answers = tokenizer.decode([t for t, a in zip(ids, is_answer) if a], skip_special_tokens=False)
+    assert answers == ("Soft rain on the roof\nthe garden drinks it slowly\nnight smells of wet stone<|im_end|>\n"
+                       "White hush on the field ❄️<|im_end|>\n")
+
+
+def test_plain_fallback_for_a_model_without_a_template():
+    tokenizer = byte_tokenizer()  # no chat_template attribute: a base model
+    messages = CONVERSATIONS[1]
+    assert mp.apply_chat_template(tokenizer, messages, tokenize=False) == (
+        "You answer in one word.\n\nUser: Is this review positive or negative? A gorgeous, witty film.\n"
+        "Assistant: positive<|endoftext|>\n")
+    assert mp.apply_chat_template(tokenizer, messages[:2], add_generation_prompt=True, tokenize=False).endswith(
+        "witty film.\nAssistant:")
+    assert chat.chat_format(tokenizer).name == chat.PLAIN_NAME
+
+
+def test_template_file_overrides_and_sees_special_tokens(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{{ 'model template' }}"
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}\n{% endfor %}")
+    text = mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False, chat_template=template)
+    assert text == "[user] What is the capital of France?<|endoftext|>\n"  # trim_blocks ate the newline after %}
+    assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False) == "model template"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ messages.__class__.__mro__ }}", "failed to render"),  # sandbox: no Python internals
+    ("{% set _ = messages.append(1) %}", "failed to render"),  # immutable: the input cannot change
+    ("{{ raise_exception('only user turns') }}", "only user turns"),
+    ("{% for m in messages %}{{ m.content | upper }", "not valid jinja2"),
+])
+def test_a_template_that_fails_names_itself(tmp_path, template, message):
+    path = tmp_path / "bad.jinja"
+    path.write_text(template)
+    with pytest.raises(chat.TemplateError, match=message) as error:
+        mp.apply_chat_template(byte_tokenizer(), CONVERSATIONS[0], chat_template=path)
+    assert str(path) in str(error.value)
+
+
+def test_a_template_that_is_not_prefix_consistent_is_refused(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{{ messages | length }} turns: {% for m in messages %}{{ m.content }};{% endfor %}"
+    with pytest.raises(chat.TemplateError, match="answer of turn 1 cannot be located"):
+        chat.encode_conversation(tokenizer, chat.chat_format(tokenizer), CONVERSATIONS[1][1:])
+
+
+def test_hf_folder_settings(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ bos_token }}x", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    assert chat.read_hf_chat_settings(tmp_path) == {"chat_template": "{{ bos_token }}x", "bos_token": "<s>",
+                                                    "eos_token": "</s>"}
+    (tmp_path / "chat_template.jinja").write_text("from the file")
+    assert chat.read_hf_chat_settings(tmp_path)["chat_template"] == "from the file"
+
+
+def test_bad_messages():
+    for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hello"):
+        with pytest.raises(ValueError, match="conversation|message 0"):
+            mp.apply_chat_template(byte_tokenizer(), messages)

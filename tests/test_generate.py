@@ -1,0 +1,135 @@
+"""Tests for minipeft/generate.py: batched left-padded generation equals one-by-one, the cache changes
+nothing, sampling (temperature, top-k, top-p, seed), end-of-text and stop strings, streaming."""
+import pytest
+import torch
+
+import minipeft as mp
+from minipeft.generate import Sampling, TextStreamer, complete, generate, greedy, next_tokens
+from minipeft.pretrained import byte_tokenizer
+from tests.conftest import tiny_model
+
+PROMPTS = [[5, 17, 33, 2, 8, 40, 41], [9, 4], [5, 17, 60, 61, 3], [70]]
+
+
+def one_by_one(model, prompts, n, **options):
+    return [generate(model, [p], n, **options)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_batched_left_padded_equals_one_by_one(flavor):
+    model = tiny_model(flavor).eval()
+    assert generate(model, PROMPTS, 8) == one_by_one(model, PROMPTS, 8)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_first_step_logits_do_not_depend_on_the_padding(flavor):
+    """What the batch computes for a short row equals what the row computes alone (positions restart)."""
+    from minipeft.generate import left_pad
+    model = tiny_model(flavor).eval()
+    ids, mask, positions = left_pad(PROMPTS, pad_id=0)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, position_ids=positions)[:, -1]  # (B, V)
+        for row, prompt in enumerate(PROMPTS):
+            alone = model(torch.tensor([prompt]))[0, -1]
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_start_is_computed_once_with_the_same_result():
+    model = tiny_model("llama").eval()
+    prompts = [[11, 12, 13, 14] + p for p in PROMPTS]  # a common "system prompt"
+    assert generate(model, prompts, 6) == one_by_one(model, prompts, 6)
+    assert generate(model, prompts, 6) == generate(model, prompts, 6, use_cache=False)
+
+
+@pytest.mark.parametrize("method, options", [("prompt", {"length": 3}), ("prefix", {"length": 4}),
+                                             ("lora", {})])
+def test_batched_generation_through_a_method(method, options):
+    model = tiny_model("llama")
+    mp.apply(model, method, **options)
+    for p in model.parameters():  # a method that starts at the identity would not show a position error
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    assert generate(model, PROMPTS, 6) == one_by_one(model, PROMPTS, 6)
+
+
+def test_cache_changes_nothing_and_greedy_keeps_the_prompt():
+    model = tiny_model("gpt2").eval()
+    idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    out = greedy(model, idx, 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
+    assert torch.equal(out, greedy(model, idx, 7, use_cache=False))
+    assert out[:, 5:].tolist() == generate(model, idx.tolist(), 7)
+
+
+def test_end_of_text_stops_a_row_and_is_not_returned():
+    model = tiny_model("llama").eval()
+    free = generate(model, PROMPTS, 8)
+    eos = free[0][2]  # the third token row 0 would generate
+    stopped = generate(model, PROMPTS, 8, eos_id=eos)
+    assert stopped[0] == free[0][:2]
+    for row in range(1, len(PROMPTS)):  # other rows run on, each up to its own first eos
+        expected = free[row][:free[row].index(eos)] if eos in free[row] else free[row]
+        assert stopped[row] == expected
+
+
+def test_stop_strings_cut_the_text():
+    model, tokenizer = mp.from_pretrained("tiny-gpt2")
+    prompt = [tokenizer.encode("Hello").ids]
+    text = complete(model, tokenizer, prompt, 12)[0]
+    assert len(text) >= 6
+    stop = text[3:5]
+    cut = complete(model, tokenizer, prompt, 12, stop=[stop])[0]
+    assert cut == text.split(stop)[0]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, prompt, 3, stop=["x"])
+
+
+def test_next_token_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).log_softmax(-1)  # probabilities ≈ .61 .22 .14 .03
+    assert next_tokens(logits, Sampling()).item() == 0
+    g = torch.Generator().manual_seed(0)
+    draws = [next_tokens(logits, Sampling(temperature=1.0, top_k=2), g).item() for _ in range(200)]
+    assert set(draws) == {0, 1}
+    draws = [next_tokens(logits, Sampling(temperature=1.0, top_p=0.7), g).item() for _ in range(200)]
+    assert set(draws) == {0, 1}  # .61 < .7, so the second token is needed; .83 reaches it
+    draws = [next_tokens(logits, Sampling(temperature=1.0, top_p=0.5), g).item() for _ in range(50)]
+    assert set(draws) == {0}
+    hot = [next_tokens(logits, Sampling(temperature=100.0), g).item() for _ in range(400)]
+    assert set(hot) == {0, 1, 2, 3}  # a high temperature flattens the distribution
+
+
+def test_sampling_is_repeatable_with_a_seed():
+    model = tiny_model("gpt2").eval()
+    sampling = Sampling(temperature=1.5, top_k=20, top_p=0.95, seed=7)
+    first = generate(model, PROMPTS, 10, sampling=sampling)
+    assert first == generate(model, PROMPTS, 10, sampling=sampling)
+    assert first != generate(model, PROMPTS, 10, sampling=Sampling(temperature=1.5, seed=8))
+    assert generate(model, PROMPTS, 10, sampling=Sampling(temperature=1.0, top_k=1, seed=3)) == \
+        generate(model, PROMPTS, 10)
+
+
+def test_bad_sampling_options():
+    for options, message in [({"temperature": -1}, "temperature"), ({"top_k": 0}, "top-k"),
+                             ({"top_p": 1.5}, "top-p")]:
+        with pytest.raises(ValueError, match=message):
+            Sampling(**options)
+    with pytest.raises(ValueError, match="classifier"):
+        generate(tiny_model("gpt2", n_classes=2), PROMPTS, 2)
+
+
+def test_streamer_prints_what_is_returned(capsys):
+    model, tokenizer = mp.from_pretrained("tiny-llama")
+    streamer = TextStreamer(tokenizer)
+    out = generate(model, [tokenizer.encode("Once").ids], 10, on_token=streamer)[0]
+    assert capsys.readouterr().out == tokenizer.decode(out)
+    assert streamer.tokens == out
+
+
+def test_streamer_waits_for_a_whole_character(capsys):
+    tokenizer = byte_tokenizer()
+    streamer = TextStreamer(tokenizer)
+    for byte in "é!".encode():  # é is two bytes, two tokens of the byte tokenizer
+        streamer(0, byte)
+    streamer(1, 65)  # another row: ignored
+    assert capsys.readouterr().out == "é!"
