@@ -45,16 +45,6 @@ def saved_loras(base, n: int, folder: Path, rank: int) -> list[Path]:
     return paths
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def bench(name: str, n_adapters: int, repeats: int, rank: int) -> str:
     build, batch, tokens = SHAPES[name]
     torch.manual_seed(0)
@@ -73,9 +63,13 @@ def bench(name: str, n_adapters: int, repeats: int, rank: int) -> str:
                f"{n_adapters} adapters, one per row": lambda: run(many.eval(), adapter_names=names)}
     times = {k: [] for k in configs}
     with torch.no_grad():
+        for fn in configs.values():  # one warm-up each
+            fn()
         for _ in range(repeats):  # interleaved, so drift in the machine's speed hits every configuration alike
             for k, fn in configs.items():
-                times[k] += timed(fn, 1)
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
     median = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     reference = median["one adapter, unmerged"]
     return "\n".join(f"| {name} | {batch} × {tokens} | {k} | {ms:,.1f} | {ms / reference:.2f} |"

@@ -6,7 +6,13 @@
 Work: one AdamW step (forward, cross-entropy, backward, optimizer step, zero_grad) on fixed random
 token ids, for
     minilm    all-MiniLM-L6-v2 (real weights in both libraries), classification, batch 16 × 128;
-    gpt2      a GPT-2-small shape (12 layers, d 768, vocab 50,257, random weights), causal LM, 4 × 256.
+    gpt2      a GPT-2-small shape (12 layers, d 768, vocab 50,257, random weights), causal LM, 4 × 256;
+    smollm2   SmolLM2-135M-Instruct (the same dequantized GGUF weights in both libraries: transformers
+              loads the file with gguf_file=), instruction tuning: the first 16 rotten_tomatoes_instruct
+              training conversations in the chat template, right-padded, loss on the answers only
+              (labels -100 elsewhere). minipeft's trainer computes LM logits for the labelled tokens
+              only (loss_fn's logits_mask); transformers computes them for every token, as its
+              causal-LM models do. Only lora_qv and lora_all (every linear layer) are timed here.
 The two libraries' steps are interleaved (ours, theirs, ours, ...) after --warmup untimed steps, and
 each time is the median of --steps, so drift in the machine's speed hits both alike.
 
@@ -41,12 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
+from minipeft import data, trainer  # noqa: E402
 from minipeft.assets import asset_path  # noqa: E402
 from minipeft.methods.lora import LoRALinear  # noqa: E402
 
 CONFIGS = ("full", "lora_qv", "lora_all", "prefix", "prompt", "qlora")
 MODELS = {"minilm": dict(batch=16, seq=128, kind="classification"),
-          "gpt2": dict(batch=4, seq=256, kind="lm")}
+          "gpt2": dict(batch=4, seq=256, kind="lm"),
+          "smollm2": dict(batch=16, seq=None, kind="sft", configs=("lora_qv", "lora_all"))}
 GPT2_SMALL = dict(flavor="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
                   dropout=0.1, tie_embeddings=True)
 
@@ -55,8 +63,8 @@ GPT2_SMALL = dict(flavor="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_mode
 
 def base_model(model_name: str, quantize: str | None = None):
     """minilm with a fresh 2-class head, or the random GPT-2-small shape; no method applied."""
-    if model_name == "minilm":
-        return mp.from_pretrained("minilm", n_classes=2, quantize=quantize)[0]
+    if model_name in ("minilm", "smollm2"):
+        return mp.from_pretrained(model_name, n_classes=2 if model_name == "minilm" else None, quantize=quantize)[0]
     return mp.Transformer(mp.ModelConfig(**GPT2_SMALL))
 
 
@@ -66,7 +74,8 @@ def ours(model_name: str, config: str):
     method, options = {
         "full": ("full", {}),
         "lora_qv": ("lora", dict(rank=8, alpha=16, targets=("q", "v"))),
-        "lora_all": ("lora", dict(rank=8, alpha=16, targets=("q", "k", "v", "o", "up", "down"))),
+        "lora_all": ("lora", dict(rank=8, alpha=16, targets=("q", "k", "v", "o", "up", "down")
+                                  + (("gate",) if model.cfg.gated else ()))),
         "prefix": ("prefix", dict(length=20, mlp_hidden=0)),
         "prompt": ("prompt", dict(length=20)),
         "qlora": ("qlora", dict(rank=8, alpha=16, targets=("q", "v")))}[config]
@@ -87,6 +96,10 @@ def theirs(model_name: str, config: str):
         model = transformers.BertForSequenceClassification.from_pretrained(
             asset_path("minilm"), num_labels=2, quantization_config=quantization)
         task, qv, every = "SEQ_CLS", ["query", "value"], r".*encoder.*\.(query|key|value|dense)$"
+    elif model_name == "smollm2":
+        path = asset_path("smollm2")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        task, qv, every = "CAUSAL_LM", ["q_proj", "v_proj"], "all-linear"
     else:
         if quantization is not None:
             raise RuntimeError("bitsandbytes quantizes at load time; the random GPT-2 shape has no checkpoint")
@@ -113,13 +126,21 @@ def logits_of(model, batch, library: str):
     return logits[:, -batch["input_ids"].shape[1]:] if logits.ndim == 3 else logits  # drop soft tokens
 
 
+def loss_of(model, batch, library: str) -> torch.Tensor:
+    """Cross-entropy over every label, or (instruction data) over the labelled tokens: minipeft's trainer
+    computes LM logits for those only; transformers computes all (B, T, V) and ignores -100."""
+    if library == "ours" and batch["kind"] == "sft":
+        return trainer.loss_fn(model, batch, "sft")
+    logits = logits_of(model, batch, library)
+    return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
+
+
 def make_step(model, batch, library: str):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     def step():
-        logits = logits_of(model, batch, library)
-        loss = F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten())
+        loss = loss_of(model, batch, library)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -128,11 +149,16 @@ def make_step(model, batch, library: str):
 
 def make_batch(model_name: str, vocab_size: int):
     shape = MODELS[model_name]
+    if shape["kind"] == "sft":  # real conversations, labels on the answers (data.py)
+        tokenizer = mp.from_pretrained(model_name)[1]
+        task = data.load_task("rotten_tomatoes_instruct", tokenizer, max_len=256)
+        batch = next(task.splits["train"].batches(shape["batch"]))
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")} | {"kind": "sft"}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab_size, (shape["batch"], shape["seq"]), generator=g)
     labels = torch.randint(0, 2, (shape["batch"],), generator=g) if shape["kind"] == "classification" \
         else torch.randint(0, vocab_size, (shape["batch"], shape["seq"]), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "kind": shape["kind"]}
 
 
 def interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
@@ -170,11 +196,11 @@ def training_table(args, rate: float):
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for model_name in args.models:
         shape = MODELS[model_name]
-        tokens = shape["batch"] * shape["seq"]
-        for config in args.configs:
+        for config in [c for c in args.configs if c in shape.get("configs", CONFIGS)]:
             torch.manual_seed(0)
             mine = ours(model_name, config)
             batch = make_batch(model_name, mine.cfg.vocab_size)
+            tokens = batch["input_ids"].numel()
             steps, counts = {}, {}
             steps["ours"], counts["ours"] = make_step(mine, batch, "ours")
             reference = None
@@ -224,7 +250,8 @@ def inference_table(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="minilm,gpt2", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--models", default="minilm,gpt2", help=f"comma-separated, from {', '.join(MODELS)} "
+                   "(smollm2: instruction tuning, lora_qv and lora_all only)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per library (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per library before timing")

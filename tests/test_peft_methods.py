@@ -1,8 +1,11 @@
 """peft's format for the LoRA family and the LyCORIS-style methods (DoRA, rsLoRA, PiSSA / OLoRA, IA³,
 VeRA, LoHa, LoKr), both ways, against the real transformers + peft, with test_peft_format.py's tiny
 models and helpers: an adapter trained a few steps on one side gives the same outputs on the other (within
-1e-5 over real tokens), and comes back. `round_trip_table` (also run by bench/peft_round_trip.py) prints
-the largest differences per method and family."""
+1e-5 over real tokens), and comes back. With -s the module ends by printing the largest differences it
+measured, method × family, as a Markdown table:
+
+    python -m pytest tests/test_peft_methods.py -s -k "runs_in_peft or loads_into_minipeft"
+"""
 import json
 
 import pytest
@@ -13,6 +16,20 @@ from test_peft_format import (ATOL, batch, folders, max_diff, ours_base, ours_ou
                               theirs_base, theirs_out, train)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+FIGURES = []  # table rows the round-trip tests add: (method, family, what, minipeft -> peft, back, peft -> minipeft)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def round_trip_table():
+    """After the module's tests: the largest output differences they measured, as Markdown (seen with -s)."""
+    yield
+    if FIGURES:
+        rows = ["| method | family | options / peft config | minipeft -> peft | back | peft -> minipeft |",
+                "|---|---|---|---:|---:|---:|"]
+        rows += ["| " + " | ".join(f"{c:.1e}" if isinstance(c, float) else c for c in row) + " |" for row in FIGURES]
+        print("\n" + "\n".join(rows))
+
 
 TO_PEFT = [  # (base, method, options): trained here, run by peft, loaded back
     ("gpt2", "dora", dict(rank=4, alpha=8, targets="q,v,o")),  # the fused c_attn: block-structured, ‖W_k‖
@@ -52,6 +69,7 @@ def to_peft_and_back(name, method, options, folders, ours_base, path) -> tuple[f
                          ids=[f"{n}-{m}-" + ",".join(map(str, o.values())) for n, m, o in TO_PEFT])
 def test_minipeft_adapter_runs_in_peft_and_comes_back(name, method, options, folders, ours_base, tmp_path):
     moved, in_peft, back = to_peft_and_back(name, method, options, folders, ours_base, tmp_path / "a")
+    FIGURES.append((method, name, ", ".join(f"{k}={v}" for k, v in options.items()), in_peft, back, ""))
     assert moved > 1e-3, "the adapter should change the outputs"
     assert in_peft < ATOL and back < ATOL
 
@@ -104,8 +122,10 @@ def from_peft(name, make_config, folders, ours_base, path) -> tuple[float, float
 
 
 @pytest.mark.parametrize("name, make_config", FROM_PEFT)
-def test_peft_adapter_loads_into_minipeft(name, make_config, folders, ours_base, tmp_path):
+def test_peft_adapter_loads_into_minipeft(name, make_config, folders, ours_base, tmp_path, request):
     moved, difference = from_peft(name, make_config, folders, ours_base, tmp_path / "a")
+    config = request.node.callspec.id
+    FIGURES.append((config.split("-")[1], name, f"peft: {config}", "", "", difference))
     assert moved > 1e-3, "the adapter should change the outputs"
     assert difference < ATOL
 
@@ -164,17 +184,3 @@ def test_dora_export_writes_use_dora_and_magnitudes(ours_base, tmp_path):
     back = mp.load_adapter(ours_base("llama"), tmp_path / "a")
     assert back.peft_config["method"] == "dora"
     assert torch.equal(back.blocks[1].attn.v.magnitude, model.blocks[1].attn.v.magnitude)
-
-
-def round_trip_table(folders, ours_base, tmp_path) -> str:
-    """Markdown: method × family -> largest output difference against peft, both directions."""
-    rows = ["| method | family | options / peft config | minipeft -> peft | back | peft -> minipeft |",
-            "|---|---|---|---:|---:|---:|"]
-    for i, (name, method, options) in enumerate(TO_PEFT):
-        _, in_peft, back = to_peft_and_back(name, method, options, folders, ours_base, tmp_path / f"to{i}")
-        rows.append(f"| {method} | {name} | {options} | {in_peft:.1e} | {back:.1e} | |")
-    for i, param in enumerate(FROM_PEFT):
-        name, make_config = param.values
-        _, difference = from_peft(name, make_config, folders, ours_base, tmp_path / f"from{i}")
-        rows.append(f"| {param.id.split('-', 1)[1]} | {name} | peft {param.id} | | | {difference:.1e} |")
-    return "\n".join(rows)
