@@ -30,7 +30,7 @@ import torch
 
 from .data import Dataset, TaskData
 from .generate import shared_cache
-from .model import KVCache
+from .kv_cache import KVCache
 
 TEMPLATE = "Review: {text}\nSentiment:"
 SEPARATOR = "\n\n"  # between demonstrations, and between the last one and the query

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import KVCache
+from .kv_cache import KVCache
 
 
 @dataclass

@@ -114,6 +114,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .generate import greedy
+from .kv_cache import KVCache
+
 # Llama's row; every other family is written as what differs from it
 LLAMA = dict(positions="rope", pos_offset=0, type_vocab_size=0, emb_norm=False, emb_scale=False, norm="rmsnorm",
              norm_place="pre", act="silu", gated=True, causal=True, qkv_bias=False, o_bias=False, mlp_bias=False,
@@ -247,25 +250,6 @@ class ModelConfig:
     def switches_changed(self) -> dict:
         """The switches set to something other than the family's row (empty for a plain family)."""
         return {k: getattr(self, k) for k, v in FAMILIES[self.flavor].items() if getattr(self, k) != v}
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, for incremental decoding.
-    `forward(idx, cache=c)` appends the new tokens' keys/values and reads the old ones."""
-
-    def __init__(self, n_layer: int):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
-
-    @property
-    def length(self) -> int:
-        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.layers[layer] is not None:
-            past_k, past_v = self.layers[layer]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -665,5 +649,4 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens: int, use_cache: bool = True, eos_id: int | None = None):
         """Greedy decoding, idx (B, T) -> (B, T + new): a thin call into generate.py, where sampling,
         stop strings and batches of prompts of different lengths are (generate.generate)."""
-        from .generate import greedy  # generate.py builds on this module, so it is imported when called
         return greedy(self, idx, max_new_tokens, use_cache, eos_id)
