@@ -101,12 +101,18 @@ MODEL_INPUTS = ("attention_mask", "position_ids", "document_ids")  # batch keys 
 def loss_fn(model, batch, kind: str) -> torch.Tensor:
     """Cross-entropy: over the classes, or over the tokens that have a label (lm, sft: labels -100
     elsewhere, e.g. on the prompt), whose LM logits are the only ones computed."""
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if kind == "classification":
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         return F.cross_entropy(model(batch["input_ids"], **inputs), batch["labels"])  # logits (B, C)
+    return token_loss(model, batch)
+
+
+def token_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the tokens that have a label; only their LM logits (N, V) are computed."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     labelled = batch["labels"] != IGNORE_INDEX  # (B, T)
     logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V): N labelled tokens
-    return F.cross_entropy(logits, batch["labels"][labelled])
+    return F.cross_entropy(logits, batch["labels"][labelled], reduction=reduction)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -127,16 +133,14 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, wor
         if len(batch["labels"]) == 0:  # this process's shard of the last global batch is empty
             continue
         batch = to_device(batch, device)
-        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         if kind == "classification":
-            logits = model(batch["input_ids"], **inputs)
+            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+            logits = model(batch["input_ids"], **inputs)  # (B, C)
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             total += len(batch["labels"])
         else:
-            labelled = batch["labels"] != IGNORE_INDEX
-            logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V)
-            loss_sum += F.cross_entropy(logits, batch["labels"][labelled], reduction="sum").item()
-            total += labelled.sum().item()
+            loss_sum += token_loss(model, batch, reduction="sum").item()
+            total += (batch["labels"] != IGNORE_INDEX).sum().item()
     if world_size > 1:
         sums = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
