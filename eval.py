@@ -28,6 +28,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter), generate text or chat.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
+    cli.add_device_flags(p)
     cli.add_import_flag(p)
     p.add_argument("--adapter", default=None, help="adapter folder saved by train.py (its <out>/adapter), by "
                    "mp.save_adapter in either format, or by peft (adapter_config.json + adapter_model.safetensors)")
@@ -72,7 +73,7 @@ def load_model(args):
     n_classes = None
     if args.adapter:  # either format says whether it carries a classifier head, and its size
         n_classes = mp.read_adapter_config(args.adapter)["base"]["config"].get("n_classes")
-    model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes)
+    model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes, device=args.device, dtype=args.precision)
     if args.adapter:
         mp.load_adapter(model, args.adapter, tokenizer=tokenizer)
         if args.merge:

@@ -15,7 +15,7 @@ import json
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, processes, trainer
+from minipeft import checkpoint, cli, data, precision, processes, trainer
 
 DEFAULT_METHOD = "lora"
 DEFAULT_OUT = "checkpoints/run"
@@ -25,6 +25,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
+    cli.add_device_flags(p)
     cli.add_import_flag(p)
     p.add_argument("--method", default=None,
                    help=f"PEFT method; see --list-methods (default: {DEFAULT_METHOD}, or the method "
@@ -127,7 +128,7 @@ def pack_training_split(model, task, max_len: int):
     task.splits["train"] = task.splits["train"].packed(max_len)
 
 
-def train_config(args, method, out: str) -> trainer.TrainConfig:
+def train_config(args, method, out: str, precision: str, device: torch.device) -> trainer.TrainConfig:
     return trainer.TrainConfig(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.clip,
@@ -136,7 +137,8 @@ def train_config(args, method, out: str) -> trainer.TrainConfig:
         stop_at=args.stop_at,
         run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
-             "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template})
+             "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
+             "precision": precision, "device_type": device.type})
 
 
 def main(argv):
@@ -156,11 +158,15 @@ def main(argv):
     if args.resume:
         checkpoint.read_state(args.resume)
 
-    rank, world_size = processes.init_distributed()
+    requested = precision.resolve_device(args.device)  # a device that is not there stops here
+    rank, world_size = processes.init_distributed(requested.type)
+    device = processes.device_for_process() if world_size > 1 else requested
+    chosen = precision.resolve_precision(args.precision, device)
     try:
         torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
+        # loaded in fp32 and cast once the method is on: frozen weights to the precision's frozen dtype, the
+        # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
         model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
-        model.to(processes.device_for_process())
         check_context_length(model, args.max_len, args.model)
         task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
                               chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
@@ -176,13 +182,15 @@ def main(argv):
         if args.pack:
             pack_training_split(model, task, args.max_len)
         model.checkpointing = args.grad_checkpoint
+        mp.set_precision(model, chosen.name).to(device)
         # the ledger for the longest training batch (batches are padded to their longest example)
         longest = max(map(len, task.splits["train"].input_ids))
         ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
-        config = train_config(args, method, out)
+        config = train_config(args, method, out, chosen.name, device)
         if rank == 0:
             print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}"
+                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}, "
+                  f"{chosen.name} on {device}"
                   + (f", {world_size} processes" if world_size > 1 else ""))
         summary = trainer.train(model, task, config)
         if rank == 0:

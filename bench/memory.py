@@ -17,7 +17,11 @@ c_attn, so peft's LoRA covers q, k and v there, with the same 24,576 parameters 
 same LoRA on a base whose block linears are NF4 with double quantization, block 64; transformers:
 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True), which
 runs on CPU with bitsandbytes 0.50.2); and each with activation checkpointing ("-ckpt":
-model.checkpointing = True, resp. gradient_checkpointing_enable(use_reentrant=False)).
+model.checkpointing = True, resp. gradient_checkpointing_enable(use_reentrant=False)). A configuration may
+end in a precision, "@bf16-mixed" or "@bf16-true" (mp.set_precision after the method; transformers loads the
+same base in bf16, and peft keeps LoRA's weights in fp32 under bf16-mixed, its default
+autocast_adapter_dtype=True, or in bf16 under bf16-true); without one, fp32. The summary compares
+lora@bf16-mixed with lora and full@bf16-true with full (issue 15's targets: ≤ 0.65× and ≤ 0.6×).
 
 Each (model, configuration, library) runs in a fresh process: build the model and apply the method, then
 reset the process's peak-RSS mark (writing 5 to /proc/self/clear_refs), so loading — which briefly holds
@@ -45,7 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "checkpoints" / "bench_memory"
 MODELS = ("gpt2", "smollm2")
-CONFIGS = ("full", "lora", "qlora", "full-ckpt", "lora-ckpt", "qlora-ckpt")
+CONFIGS = ("full", "lora", "qlora", "full-ckpt", "lora-ckpt", "qlora-ckpt", "lora@bf16-mixed", "lora@bf16-true",
+           "full@bf16-true")
 LIBRARIES = ("minipeft", "transformers")
 BATCH, SEQ = 4, 256
 GPT2_SMALL = dict(n_layer=12, n_head=12, d_model=768, vocab_size=50257, max_seq_len=1024)
@@ -81,10 +86,16 @@ def _batch(vocab_size: int):
     return idx, labels
 
 
+def parse_config(config: str) -> tuple[str, bool, str]:
+    """"lora-ckpt@bf16-mixed" -> ("lora", True, "bf16-mixed"): method, checkpointing, precision."""
+    name, _, precision = config.partition("@")
+    return name.removesuffix("-ckpt"), name.endswith("-ckpt"), precision or "fp32"
+
+
 def _minipeft_model(model_name: str, config: str):
     import torch
     import minipeft as mp
-    method, checkpointing = config.removesuffix("-ckpt"), config.endswith("-ckpt")
+    method, checkpointing, precision = parse_config(config)
     if model_name == "gpt2":
         torch.manual_seed(0)
         model = mp.Transformer(mp.ModelConfig(flavor="gpt2", **GPT2_SMALL))
@@ -94,6 +105,7 @@ def _minipeft_model(model_name: str, config: str):
         model, _ = mp.from_pretrained("smollm2", quantize="nf4" if method == "qlora" else None)
     options = {} if method == "full" else dict(rank=8, alpha=16, targets=("q", "v"))
     mp.apply(model, method, **options)
+    mp.set_precision(model, precision)  # frozen weights to bf16 (bf16-*), trainable ones too under bf16-true
     model.checkpointing = checkpointing
     return model.train()
 
@@ -147,8 +159,10 @@ def _transformers_model(model_name: str, config: str):
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    method, checkpointing = config.removesuffix("-ckpt"), config.endswith("-ckpt")
-    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
+    method, checkpointing, precision = parse_config(config)
+    # the same base dtype: bf16 weights for either bf16 precision; peft keeps LoRA's weights in fp32 by default
+    # (autocast_adapter_dtype=True, the bf16-mixed recipe) and in the base's bf16 without it (bf16-true)
+    kwargs = dict(dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float32, attn_implementation="sdpa")
     if method == "qlora":
         kwargs.update(device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -160,7 +174,8 @@ def _transformers_model(model_name: str, config: str):
     if method != "full":
         targets = ["c_attn"] if model_name == "gpt2" else ["q_proj", "v_proj"]
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+                                                 target_modules=targets, task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=precision != "bf16-true")
     return model.train()
 
 
@@ -377,6 +392,12 @@ def summarize(results: list[dict], models: list[str]):
                   f"{ours['seconds_per_step'] / theirs['seconds_per_step']:.2f}× its step time "
                   f"({ours['cpu_seconds_per_step'] / theirs['cpu_seconds_per_step']:.2f}× its CPU time; "
                   "target ≤ 1.4)")
+        for low, high, target in (("lora@bf16-mixed", "lora", 0.65), ("full@bf16-true", "full", 0.6)):
+            ours_low, ours_high = find(model, low, "minipeft"), find(model, high, "minipeft")
+            if ours_low and ours_high:
+                print(f"{model}: minipeft {low} peaks at {ours_low['peak_rss'] / ours_high['peak_rss']:.2f}× the "
+                      f"RSS of {high} in fp32 (target ≤ {target}); loss {ours_low['loss']:.4f} vs "
+                      f"{ours_high['loss']:.4f}")
         ratios = [r["ledger"]["total"] / r["peak_rss"] for r in results
                   if r["model"] == model and r["library"] == "minipeft" and r.get("ledger")]
         if ratios:

@@ -51,7 +51,8 @@ FOLDER = re.compile(r"checkpoint-\d+")
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
 MAY_CHANGE_ON_RESUME = ("out", "resume", "save_every", "stop_at", "max_bad_steps", "eval_every",
                         "eval_batch_size", "init_adapter")
-FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes"}  # for messages; else --the-name
+FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
+              "device_type": "--device type"}
 
 
 @dataclass
@@ -275,7 +276,8 @@ def run_options(cfg, world_size: int) -> dict:
 def check_resumable(ckpt: Checkpoint, model, options: dict):
     """The checkpoint must come from the same base model, method and options as this run."""
     saved, mine = ckpt.state["method"], model.peft_config
-    saved_run = ckpt.state["run"]
+    # options checkpoints of older versions do not record: what those versions always did, or this run's
+    saved_run = {"precision": "fp32", "device_type": options.get("device_type"), **ckpt.state["run"]}
     if saved.get("base_fingerprint") != mine["base_fingerprint"]:
         raise ValueError(f"checkpoint {ckpt.path} was trained on another base model "
                          f"({saved_run.get('model', 'unknown')}, fingerprint {saved.get('base_fingerprint')}) "

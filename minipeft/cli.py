@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from .methods.registry import METHODS
+from .precision import PRECISIONS
 from .pretrained import NAMED_MODELS
 from .trainer import Stopped
 
@@ -38,6 +39,17 @@ def add_model_and_task_flags(parser: argparse.ArgumentParser):
                         help="a jinja2 chat template to use instead of the model's own (instruction data, --chat); "
                              "models without one get a plain 'User: / Assistant:' template")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def add_device_flags(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("device and precision")
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps; under torchrun with "
+                            "CUDA each process takes cuda:LOCAL_RANK")
+    group.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                       help="fp32; bf16-mixed: frozen weights in bf16, trainable ones and AdamW state in fp32, "
+                            "matmuls in bf16; bf16-true: everything in bf16; fp16-mixed: as bf16-mixed in fp16, "
+                            "with dynamic loss scaling. auto: bf16-mixed on a CUDA GPU with bf16, else fp32")
 
 
 def add_import_flag(parser: argparse.ArgumentParser):

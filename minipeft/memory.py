@@ -53,6 +53,8 @@ checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA cach
 """
 import torch.nn as nn
 
+from .model import OffsetRMSNorm
+from .precision import precision_of
 from .quant import Linear4bit, values_in_4bit_layers
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
@@ -62,6 +64,7 @@ from .quant import Linear4bit, values_in_4bit_layers
 RUNTIME_BYTES = 325 * 2**20
 
 FP32 = 4
+INT64 = 8
 
 
 # -------------------------------------------------------------------------------------- allocator
@@ -134,16 +137,19 @@ def _weight_trains(layer) -> bool:
 
 
 class _Saved:
-    """The tensors autograd keeps for backward, by name, in elements (a name is counted once)."""
+    """The tensors autograd keeps for backward, by name, in bytes (a name is counted once). Activations
+    take `size` bytes per element (the compute dtype's: 4 in fp32, 2 under bf16 or fp16); what stays fp32
+    whatever the precision (norm statistics, log-sum-exps, the loss) says so."""
 
-    def __init__(self):
-        self.elements: dict[str, float] = {}
+    def __init__(self, size: int = FP32):
+        self.size = size
+        self.elements: dict[str, float] = {}  # name -> bytes
 
-    def keep(self, name: str, elements: float):
-        self.elements[name] = elements
+    def keep(self, name: str, elements: float, size: int | None = None):
+        self.elements[name] = elements * (size or self.size)
 
     def dropout(self, p: float, name: str, elements: float, grad: bool):
-        """model.Dropout multiplies by an fp32 mask, kept when its input needs a gradient."""
+        """model.Dropout multiplies by a mask in its input's dtype, kept when its input needs a gradient."""
         if p > 0 and grad:
             self.keep(name + ".mask", elements)
 
@@ -158,6 +164,8 @@ def _linear(saved: _Saved, layer, x: str, n: int, grad: bool) -> bool:
     out_grad = grad or _trains(layer)
     if _weight_trains(layer):
         saved.keep(x, n * d_in)
+        if layer.weight.element_size() > saved.size:  # autocast's low-precision copy of an fp32 weight
+            saved.keep(f"{x}@{id(layer)}.weight_cast", layer.weight.numel())
     if hasattr(layer, "saved_activations"):  # a method's wrapper (LoRA, adapters) adds its own
         layer.saved_activations(saved, x, n, grad)
     return out_grad
@@ -168,15 +176,15 @@ def _norm(saved: _Saved, norm, x: str, n: int, d: int, grad: bool) -> bool:
     RMSNorm is x · rsqrt(mean(x²) + ε) · w in torch's CPU code: x and 1/rms when x needs a gradient,
     the normalized x when w trains."""
     trains = _trains(norm)
-    if isinstance(norm, nn.RMSNorm):
+    if isinstance(norm, nn.RMSNorm):  # model.RMSNorm and OffsetRMSNorm normalize an fp32 copy of x
         if grad:
-            saved.keep(x, n * d)
-            saved.keep(f"{x}.stats", n)
+            saved.keep(x if saved.size == FP32 else f"{x}.fp32", n * d, FP32)
+            saved.keep(f"{x}.stats", n, FP32)
         if trains:
-            saved.keep(f"{x}.normalized", n * d)
+            saved.keep(f"{x}.normalized", n * d, FP32 if isinstance(norm, OffsetRMSNorm) else None)
     elif grad or trains:
         saved.keep(x, n * d)
-        saved.keep(f"{x}.stats", 2 * n)
+        saved.keep(f"{x}.stats", 2 * n, FP32)
     return grad or trains
 
 
@@ -198,7 +206,7 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
         saved.keep(f"{L}.k", batch * keys * Hkv * hd)
         saved.keep(f"{L}.v", batch * keys * Hkv * hd)
         saved.keep(f"{L}.y", n * H * hd)
-        saved.keep(f"{L}.lse", n * H)
+        saved.keep(f"{L}.lse", n * H, FP32)
         if masked:  # the boolean mask, as an additive fp32 mask
             saved.keep(f"{L}.mask", masked * tokens * keys)
     else:  # attention_with_dropout: scaled q and kᵀ, softmax, dropout mask, dropped weights, v (GQA: repeated)
@@ -265,11 +273,11 @@ def _embeddings(saved: _Saved, model, B: int, seq_len: int, T: int) -> bool:
     cfg, n = model.cfg, B * T
     grad = _trains(model.tok_emb) or model.prompt is not None
     if _trains(model.tok_emb):
-        saved.keep("idx", B * seq_len * 2)  # int64 = two fp32 slots
+        saved.keep("idx", B * seq_len, INT64)
     for name in ("pos_emb", "type_emb"):
         if _trains(getattr(model, name, None)):
             grad = True
-            saved.keep(f"{name}.idx", (T if name == "pos_emb" else n) * 2)
+            saved.keep(f"{name}.idx", T if name == "pos_emb" else n, INT64)
     if cfg.emb_norm:
         grad = _norm(saved, model.emb_ln, "emb_sum", n, cfg.d_model, grad)
     saved.dropout(cfg.dropout, "emb_drop", n * cfg.d_model, grad)
@@ -291,9 +299,9 @@ def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> flo
         outputs = B * seq_len * cfg.vocab_size
         if head_grad:
             saved.keep("final_hidden", B * seq_len * d)
-    saved.keep("log_probs", outputs)
-    saved.keep("targets", 2 * (B if cfg.n_classes else B * seq_len))
-    return 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
+    saved.keep("log_probs", outputs, FP32)  # the loss runs in fp32 (trainer.loss_fn)
+    saved.keep("targets", B if cfg.n_classes else B * seq_len, INT64)
+    return 2 * outputs * FP32  # d loss/d log-probs and d loss/d logits, while the log-probs live
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
@@ -311,13 +319,14 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     n = B * T
     # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
-    saved = _Saved()
+    size = precision_of(model).compute.itemsize  # bytes per activation element
+    saved = _Saved(size)
 
     grad = _embeddings(saved, model, B, seq_len, T)
 
     blocks = []
     for i, block in enumerate(model.blocks):
-        inner = _Saved()
+        inner = _Saved(size)
         grad_out = _block(inner, block, cfg, f"x{i}", B, T, S, masked, grad, f"b{i}")
         blocks.append(inner.total())
         if not checkpointing:
@@ -325,20 +334,19 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
         elif grad_out:  # the checkpoint keeps the block's inputs (x, the mask) instead of its insides
             saved.keep(f"x{i}", n * d)
             if masked:
-                saved.keep("mask", masked * T * S / 4)  # bool: 1 byte
+                saved.keep("mask", masked * T * S, 1)  # bool: 1 byte
         grad = grad or grad_out
 
     head_backward = _head(saved, model, B, seq_len, n, grad)
     total = saved.total()
     block_max = max(blocks) if blocks else 0
     # backward through a block: the gradient arriving at its output and the two widest ones inside it
-    block_backward = n * d + 2 * n * max(cfg.d_ff, d)
+    block_backward = (n * d + 2 * n * max(cfg.d_ff, d)) * size
     if checkpointing:  # backward reruns one block at a time and keeps its activations until done
         block_backward += block_max
     peak = total + max(head_backward, block_backward)
-    return {"saved": int(FP32 * total), "block_max": int(FP32 * block_max),
-            "head_backward": int(FP32 * head_backward), "block_backward": int(FP32 * block_backward),
-            "peak": int(FP32 * peak)}
+    return {"saved": int(total), "block_max": int(block_max), "head_backward": int(head_backward),
+            "block_backward": int(block_backward), "peak": int(peak)}
 
 
 # --------------------------------------------------------------------------------------- the ledger
@@ -356,13 +364,14 @@ def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUN
     weights = weight_bytes(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
-    optimizer = sum(2 * p.numel() * FP32 + FP32 for p in trainable)
-    largest = max((p.numel() * FP32 for p in trainable), default=0)
+    optimizer = sum(2 * p.numel() * p.element_size() + FP32 for p in trainable)  # moments in p's dtype
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded)
     with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded)
     current = with_ if model.checkpointing else without
     report = {
         "batch_size": batch_size, "seq_len": seq_len, "checkpointing": bool(model.checkpointing),
+        "precision": precision_of(model).name,
         "allocator": allocator_policy(), "runtime": runtime_bytes,
         "weights_frozen": weights["frozen"], "weights_4bit": weights["frozen_4bit"],
         "weights_trainable": weights["trainable"], "weights": sum(weights.values()),
@@ -385,7 +394,7 @@ def format_report(report: dict) -> str:
     on = r["checkpointing"]
     other = r["activations_no_checkpointing"] if on else r["activations_checkpointing"]
     return "\n".join([
-        f"memory ledger: batch {r['batch_size']} × {r['seq_len']} tokens, fp32, AdamW, activation "
+        f"memory ledger: batch {r['batch_size']} × {r['seq_len']} tokens, {r['precision']}, AdamW, activation "
         f"checkpointing {'on' if on else 'off'}",
         f"  runtime (Python, torch)        {_mib(r['runtime'])}",
         f"  weights  frozen, full prec.    {_mib(r['weights_frozen'])}",

@@ -105,6 +105,7 @@ elements per random number.
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -116,6 +117,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .generate import greedy
 from .kv_cache import KVCache
+from .precision import compute, precision_of
 
 # Llama's row; every other family is written as what differs from it
 LLAMA = dict(positions="rope", pos_offset=0, type_vocab_size=0, emb_norm=False, emb_scale=False, norm="rmsnorm",
@@ -283,6 +285,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotary_dim = cos.shape[-1]
     if rotary_dim < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables are fp32; bf16 activations stay bf16
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -344,6 +347,25 @@ def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale:
     return drop(scores.softmax(dim=-1)) @ v  # (B, H, T, hd)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al. 2016) in the input's dtype, its weight and bias cast to it: under bf16-mixed a
+    trainable fp32 bias (bitfit) meets a frozen bf16 weight and bf16 activations (in fp32 the same as
+    nn.LayerNorm; the kernel accumulates its statistics in fp32 either way)."""
+
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) · w, normalized in fp32 whatever x's dtype and cast back
+    before the weight multiplies, as transformers' Llama does (in fp32 the same as nn.RMSNorm)."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, None, self.eps).type_as(x) * self.weight
+
+
 class OffsetRMSNorm(nn.RMSNorm):
     """Gemma's RMSNorm: x / rms(x) · (1 + w), with w = 0 at init, computed in fp32 whatever x's dtype."""
 
@@ -358,9 +380,9 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     """The family's norm over the last `dim` (default d_model) features."""
     dim = dim or cfg.d_model
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+        return LayerNorm(dim, eps=cfg.norm_eps)
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+        return RMSNorm(dim, eps=cfg.norm_eps)
     return OffsetRMSNorm(dim, eps=cfg.norm_eps)
 
 
@@ -437,11 +459,23 @@ class Block(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, rope=None, cache=None):  # (B, T, d) -> (B, T, d)
+        # each sub-layer's output joins the residual stream in the stream's dtype: under bf16-mixed an fp32
+        # parameter of a method (an adapter's, IA³'s) must not turn the stream into fp32
         if self.pre_norm:
-            x = x + self.drop(self.ln1_post(self.attn(self.ln1(x), mask, rope, cache, self.layer_idx)))
-            return x + self.drop(self.ln2_post(self.mlp(self.ln2(x))))
-        x = self.ln1(x + self.drop(self.attn(x, mask, rope, cache, self.layer_idx)))
-        return self.ln2(x + self.drop(self.mlp(x)))
+            x = x + self.drop(self.ln1_post(self.attn(self.ln1(x), mask, rope, cache, self.layer_idx))).to(x.dtype)
+            return x + self.drop(self.ln2_post(self.mlp(self.ln2(x)))).to(x.dtype)
+        x = self.ln1(x + self.drop(self.attn(x, mask, rope, cache, self.layer_idx)).to(x.dtype))
+        return self.ln2(x + self.drop(self.mlp(x)).to(x.dtype))
+
+
+def in_compute_dtype(forward):
+    """Run a forward method under the model's precision: autocast to its compute dtype unless it is fp32
+    (precision.compute), on the device of the token ids."""
+    @functools.wraps(forward)
+    def run(self, idx, *args, **kwargs):
+        with compute(self, idx.device):
+            return forward(self, idx, *args, **kwargs)
+    return run
 
 
 class Transformer(nn.Module):
@@ -473,6 +507,7 @@ class Transformer(nn.Module):
         self.checkpointing = False  # recompute each block's activations in backward
         # set by mp.apply: {"method", "options", "base_fingerprint"}; None for a plain base model
         self.peft_config: dict | None = None
+        self.precision = "fp32"  # a name of precision.PRECISIONS, set by precision.set_precision
 
     def reset_buffers(self):
         """Compute the buffers no checkpoint holds, the RoPE tables (max_seq_len, rotary_dim): at build
@@ -489,7 +524,8 @@ class Transformer(nn.Module):
     def add_classifier(self, n_classes: int):
         """Replace the LM head by a fresh (n_classes × d_model) classifier head."""
         self.cfg.n_classes = n_classes
-        self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
+        self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device,
+                              dtype=precision_of(self).trainable)  # it trains
         self._init_weights(self.head)
         return self
 
@@ -572,6 +608,7 @@ class Transformer(nn.Module):
                              "positions; use a shorter --max-len")
         return positions
 
+    @in_compute_dtype
     def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                position_ids=None, document_ids=None, adapter_names=None):
         """idx (B, T) token ids -> final hidden states (B, T, d_model). position_ids (B, T): each token's
@@ -630,6 +667,7 @@ class Transformer(nn.Module):
         last = attention_mask.sum(1).clamp(min=1) - 1  # (B,) right padding: last real index
         return hidden[torch.arange(B, device=hidden.device), last]
 
+    @in_compute_dtype
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                 position_ids=None, document_ids=None, logits_mask=None, adapter_names=None):
         """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.

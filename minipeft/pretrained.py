@@ -88,6 +88,7 @@ from .assets import asset_path
 from .chat import read_hf_chat_settings
 from .gguf_file import TENSOR_TYPES as GGUF_TENSOR_TYPES, GGUFFile
 from .model import ROPE_SCALINGS, ModelConfig, Transformer
+from .precision import resolve_device, resolve_precision, set_precision
 from .quant import quantize_blocks
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, gguf_tokenizer
 
@@ -109,8 +110,8 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gem
 
 
 def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, dropout: float | None = None,
-                    pool: str | None = None, quantize: str | None = None,
-                    **config_overrides) -> tuple[Transformer, Tokenizer]:
+                    pool: str | None = None, quantize: str | None = None, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, **config_overrides) -> tuple[Transformer, Tokenizer]:
     """A named model, an HF folder or a .gguf file -> (Transformer in eval mode, tokenizers.Tokenizer).
 
     n_classes: replace the LM head with a (n_classes × d_model) classifier: a checkpoint's own classifier
@@ -121,9 +122,16 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
         1_Pooling/config.json decides, else "cls".
     quantize: "nf4" or "fp4": store every block linear layer in 4 bits (block 64, double quantization)
         as soon as it is loaded, the base QLoRA trains on (mp.apply(model, "qlora") keeps it).
+    device: "auto", "cpu", "cuda", "cuda:N" or "mps" (precision.resolve_device); default: the CPU.
+    dtype: a precision ("fp32", "bf16-mixed", "bf16-true", "fp16-mixed") or the frozen weights' dtype
+        (torch.bfloat16 means bf16-mixed, torch.float16 fp16-mixed): the loaded weights are stored in its
+        frozen dtype and the model runs in it (precision.set_precision); default fp32. Methods applied
+        later give their parameters the precision's trainable dtype.
     config_overrides: any other ModelConfig field, e.g. max_seq_len=1024 for a smaller RoPE table.
     The source is recorded in `model.cfg.extra["source"]`.
     """
+    target = resolve_device(device if device is not None else "cpu")
+    precision = resolve_precision(dtype if dtype is not None else "fp32", target)  # bad input: before loading
     overrides = dict(config_overrides)
     for key, value in (("n_classes", n_classes), ("dropout", dropout), ("pool", pool)):
         if value is not None:
@@ -147,7 +155,9 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
                                 "nor an existing HF folder or .gguf file")
     if quantize is not None:
         quantize_blocks(model, quantize)
-    return model.eval(), tokenizer
+    model.requires_grad_(False)  # the loaded weights are the base: stored in the frozen dtype
+    set_precision(model, precision.name).to(target)  # cast where the fp32 weights are, then move
+    return model.requires_grad_(True).eval(), tokenizer
 
 
 def _tiny_model(name: str, overrides: dict) -> tuple[Transformer, Tokenizer]:

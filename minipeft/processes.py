@@ -32,12 +32,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(device_type: str | None = None) -> tuple[int, int]:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
-    MASTER_ADDR, MASTER_PORT): nccl when CUDA is present (one GPU per process, by LOCAL_RANK), gloo
-    on CPU. Without torchrun, or with one process, nothing happens. Returns (rank, world_size)."""
+    MASTER_ADDR, MASTER_PORT): nccl when the processes train on CUDA (`device_type` "cuda", or by
+    default whenever CUDA is present; one GPU per process, by LOCAL_RANK), else gloo. Without torchrun,
+    or with one process, nothing happens. Returns (rank, world_size)."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl")
         else:

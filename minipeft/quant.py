@@ -339,14 +339,22 @@ class _Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer):
-        ctx.layer = layer
-        return F.linear(x, layer.dequantized_weight(), layer.bias)  # W_hat freed when this returns
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        dtype = compute_dtype(x)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.dequantized_weight().to(dtype), bias)  # W_hat freed on return
 
     @staticmethod
     def backward(ctx, grad_out):  # (..., out) -> (..., in); no gradient for the layer
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out @ ctx.layer.dequantized_weight(), None
+        return (grad_out @ ctx.layer.dequantized_weight().to(grad_out.dtype)).to(ctx.x_dtype), None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's where it is on (precision.py), else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Linear4bit(nn.Module):

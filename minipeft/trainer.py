@@ -59,6 +59,7 @@ from .data import IGNORE_INDEX
 from .generate import complete
 from .memory import weight_bytes
 from .methods.registry import lr_factors
+from .precision import grad_scaler
 from .processes import StopSignal, agree, data_parallel, distributed
 from .quant import values_in_4bit_layers
 
@@ -103,7 +104,7 @@ def loss_fn(model, batch, kind: str) -> torch.Tensor:
     elsewhere, e.g. on the prompt), whose LM logits are the only ones computed."""
     if kind == "classification":
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        return F.cross_entropy(model(batch["input_ids"], **inputs), batch["labels"])  # logits (B, C)
+        return F.cross_entropy(model(batch["input_ids"], **inputs).float(), batch["labels"])  # logits (B, C)
     return token_loss(model, batch)
 
 
@@ -112,7 +113,7 @@ def token_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     labelled = batch["labels"] != IGNORE_INDEX  # (B, T)
     logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V): N labelled tokens
-    return F.cross_entropy(logits, batch["labels"][labelled], reduction=reduction)
+    return F.cross_entropy(logits.float(), batch["labels"][labelled], reduction=reduction)  # in fp32
 
 
 def to_device(batch: dict, device) -> dict:
@@ -253,10 +254,14 @@ class StepResult:
     finite: bool  # loss and grad_norm are finite; if not, the update was skipped
     examples: int  # trained on in this step, by all processes together
     interrupted: bool  # some process was asked to stop (processes.StopSignal)
+    loss_scale: float | None = None  # fp16-mixed: the loss scale this step used (None without scaling)
+    overflow: bool = False  # fp16-mixed: the scaled gradient overflowed; the scaler skipped the update
+    #                         and lowered loss_scale (expected now and then: not a divergence)
 
 
-def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world_size: int):
-    """Forward and backward over grad_accum micro-batches; returns (this process's loss, examples)."""
+def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world_size: int, scaler=None):
+    """Forward and backward over grad_accum micro-batches (the loss multiplied by the scaler's scale under
+    fp16-mixed); returns (this process's loss, examples)."""
     loss_sum, examples = 0.0, 0
     for micro in range(grad_accum):
         batch = to_device(next(batches), device)
@@ -264,7 +269,7 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world
         last = micro == grad_accum - 1
         with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
             loss = loss_fn(net, batch, kind) / grad_accum
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.item()
         # a packed batch says how many examples its rows hold
         examples += (int(batch["examples"]) if "examples" in batch else len(batch["input_ids"])) * world_size
@@ -272,25 +277,35 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world
 
 
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
-               world_size: int = 1, stop_requested: bool = False) -> StepResult:
+               world_size: int = 1, stop_requested: bool = False, scaler=None) -> StepResult:
     """One optimizer step, as train() takes it and bench/parity.py measures it: forward and backward
     over grad_accum micro-batches drawn from the iterator `batches`, the loss (and stop_requested, this
     process's) agreed across the processes, the gradient clipped to max_grad_norm, an AdamW step unless
     the loss or the gradient is not finite, the schedule advanced either way, the gradients freed.
 
     `net` is the model, in training mode, or with world_size > 1 its processes.data_parallel wrapper;
-    `kind` is the task's ("classification" or "lm", see loss_fn)."""
+    `kind` is the task's ("classification" or "lm", see loss_fn). `scaler`: a torch.amp.GradScaler
+    (fp16-mixed, precision.grad_scaler): the gradients are unscaled before clipping, and a step whose
+    scaled gradient overflowed is skipped by the scaler, which lowers the scale (StepResult.overflow)."""
     device = next(net.parameters()).device
-    loss, examples = accumulate_gradients(net, batches, kind, grad_accum, device, world_size)
+    loss_scale = None if scaler is None else scaler.get_scale()
+    loss, examples = accumulate_gradients(net, batches, kind, grad_accum, device, world_size, scaler)
     loss, interrupted = agree(loss, stop_requested, world_size, device)
     trainable = [p for p in net.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # gradients ÷ scale, in place; notes any inf / NaN
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:  # else the update is skipped; the step still counts, for the schedule
+    overflow = scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
+    if scaler is not None:
+        if math.isfinite(loss):
+            scaler.step(optimizer)  # steps unless the gradients held inf / NaN
+        scaler.update()  # halve the scale after an overflow, double it after growth_interval good steps
+    elif finite:  # else the update is skipped; the step still counts, for the schedule
         optimizer.step()
     step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, examples, interrupted)
+    return StepResult(loss, grad_norm, finite, examples, interrupted, loss_scale, overflow)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,12 +388,15 @@ class TrainingRun:
         self.eval_every = cfg.eval_every or max(1, self.steps // 4)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
+        self.scaler = grad_scaler(model, next(model.parameters()).device)  # fp16-mixed only
         self.options = checkpoint.run_options(cfg, self.world_size)
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)
             checkpoint.check_resumable(self.resumed, model, self.options)
             self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(self.resumed.state["scaler"])
         # the newest checkpoint of this run and its step: the one kept if later steps diverge
         self.saved = self.resumed.path if self.resumed else None
         self.saved_step = self.progress.step if self.resumed else None
@@ -416,8 +434,8 @@ class TrainingRun:
                 start = time.perf_counter()
                 result = train_step(self.net, self.optimizer, self.scheduler, batches, self.data.kind,
                                     cfg.grad_accum, cfg.max_grad_norm, self.world_size,
-                                    stop_requested=stop.signum is not None)
-                progress.count(step, result.examples, time.perf_counter() - start, result.finite)
+                                    stop_requested=stop.signum is not None, scaler=self.scaler)
+                progress.count(step, result.examples, time.perf_counter() - start, result.finite or result.overflow)
                 bar.set_postfix(loss=f"{result.loss:.4f}",
                                 ex_per_s=f"{progress.examples / progress.train_seconds:.1f}")
                 self.record_step(step, result)
@@ -434,6 +452,10 @@ class TrainingRun:
         checkpoint)."""
         self.log.record(**step_row(step, result, self.scheduler.get_last_lr()[0]))
         if result.finite:
+            return
+        if result.overflow:  # dynamic loss scaling at work, not a divergence
+            self.say(f"step {step}: the fp16 gradient overflowed at loss scale {result.loss_scale:g}; update "
+                     f"skipped, scale lowered to {self.scaler.get_scale():g}")
             return
         streak = self.progress.bad_streak
         self.say(f"step {step}: non-finite loss or gradient; update skipped ({streak} in a row)")
@@ -478,6 +500,7 @@ class TrainingRun:
         if self.rank == 0:
             state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
                      "scheduler": self.scheduler.state_dict(), "run": self.options,
+                     **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                      "method": self.model.peft_config, "versions": versions()}
             path = checkpoint.save(self.out, self.model, self.optimizer, state, rng)
         self.saved, self.saved_step = path, self.progress.step
@@ -510,9 +533,13 @@ class TrainingRun:
 
 
 def step_row(step: int, result: StepResult, lr: float) -> dict:
+    scale = {} if result.loss_scale is None else {"loss_scale": result.loss_scale}
     if result.finite:
-        return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr)
-    return dict(event="step", step=step, loss=None, grad_norm=None, lr=lr,
+        return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale)
+    if result.overflow:
+        return dict(event="step", step=step, loss=result.loss, grad_norm=None, lr=lr, **scale,
+                    skipped="fp16 gradient overflow: loss scale lowered")
+    return dict(event="step", step=step, loss=None, grad_norm=None, lr=lr, **scale,
                 skipped="non-finite loss or gradient")
 
 

@@ -43,9 +43,10 @@ class IA3Linear(FrozenLinear):
     def forward(self, x):  # (…, in) -> (…, out)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if self.scale_input:
-            return F.linear(x * self.ia3_l, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias) * self.ia3_l
+        if self.scale_input:  # l in the activations' dtype: an fp32 l under bf16-mixed keeps x bf16
+            return F.linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y * self.ia3_l.to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -34,7 +34,7 @@ class SoftPrompt(nn.Module):
     def insert(self, x, attention_mask=None, token_type_ids=None):
         """x (B, T, d) -> (B, P + T, d), with the mask and token types widened to match."""
         B, i = x.shape[0], self.insert_at
-        prompt = self.embedding.expand(B, -1, -1)  # (B, P, d)
+        prompt = self.embedding.to(x.dtype).expand(B, -1, -1)  # (B, P, d), in the embeddings' dtype
         x = torch.cat([x[:, :i], prompt, x[:, i:]], dim=1)
 
         def widen(t, value):

@@ -37,6 +37,7 @@ import torch
 
 from ..fingerprint import base_fingerprint
 from ..model import FLAVORS
+from ..precision import set_precision
 
 OPTION_TYPES = (int, float, str, bool, list)  # list: of strings, written "a,b,c" on the command line
 
@@ -179,6 +180,7 @@ def apply(model, method: str, tokenizer=None, **options):
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
+    set_precision(model, getattr(model, "precision", "fp32"))  # the new parameters take its dtypes
     return model
 
 

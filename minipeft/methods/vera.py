@@ -60,7 +60,8 @@ class VeRALinear(DeltaMerge, FrozenLinear):
         if self.merged:
             return y
         A, B = self.corners()
-        return y + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)
+        update = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)
+        return y + update.to(y.dtype)  # fp32 λ (bf16-mixed) must not turn the output fp32
 
     def delta_weight(self) -> torch.Tensor:
         A, B = self.corners()
