@@ -4,6 +4,7 @@
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
     python train.py --model smollm2 --task rotten_tomatoes_instruct --targets all --pack --max-len 256 --steps 80
     python train.py --model smollm2 --task my_chats.jsonl --chat-template my_template.jinja   # instruction tuning
+    python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
     python train.py ... --resume checkpoints/run           # continue a stopped run (same options)

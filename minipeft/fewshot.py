@@ -68,16 +68,19 @@ def _forward(model, prefix: KVCache, rows: list[list[int]]) -> torch.Tensor:
     for b, row in enumerate(rows):
         ids[b, :len(row)] = torch.tensor(row)
         mask[b, :len(row)] = 1
-    return model(ids, attention_mask=mask, cache=shared_cache(prefix, len(rows))).log_softmax(-1)
+    device = model.tok_emb.weight.device
+    logits = model(ids.to(device), attention_mask=mask.to(device), cache=shared_cache(prefix, len(rows)))
+    return logits.float().log_softmax(-1)  # in fp32 whatever the model's precision
 
 
 def _continuation_log_probs(model, prefix: KVCache, queries: list[list[int]], label: list[int]) -> torch.Tensor:
     """(B,): log p(label tokens | prefix, query) for each query, in one right-padded forward pass."""
     log_probs = _forward(model, prefix, [query + label for query in queries])  # (B, T, V)
-    label_ids = torch.tensor(label)  # (L,)
+    label_ids = torch.tensor(label, device=log_probs.device)  # (L,)
     scores = []
     for b, query in enumerate(queries):
-        positions = torch.arange(len(query) - 1, len(query) - 1 + len(label))  # each predicts label[j]
+        # each position predicts label[j]
+        positions = torch.arange(len(query) - 1, len(query) - 1 + len(label), device=log_probs.device)
         scores.append(log_probs[b, positions, label_ids].sum())
     return torch.stack(scores)
 
@@ -91,7 +94,8 @@ class InContext:
                                                                             seed), self.text_of)
         self.prefix = KVCache(model.cfg.n_layer)
         if self.demonstrations:
-            model(torch.tensor([self.encode(self.demonstrations)]), cache=self.prefix)  # (1, Hkv, P, hd) per layer
+            model(torch.tensor([self.encode(self.demonstrations)], device=model.tok_emb.weight.device),
+                  cache=self.prefix)  # (1, Hkv, P, hd) per layer
         self.labels = [self.encode(" " + name) for name in task.label_names]
 
     def encode(self, text: str) -> list[int]:
@@ -106,14 +110,16 @@ class InContext:
 
     def scores(self, texts: list[str]) -> torch.Tensor:
         """(B, n_classes): log p(label word | demonstrations, query) for each text. When every label
-        word is one token, one forward pass of the queries gives them all (at each query's last token)."""
+        word is one token, one forward pass of the queries gives them all (at each query's last token).
+        On the CPU, whatever device the model is on."""
         queries = [self.query(text) for text in texts]
         if all(len(label) == 1 for label in self.labels):
             log_probs = _forward(self.model, self.prefix, queries)  # (B, T, V)
-            last = log_probs[torch.arange(len(queries)), torch.tensor([len(q) - 1 for q in queries])]  # (B, V)
-            return last[:, [label[0] for label in self.labels]]  # (B, C)
+            rows = torch.arange(len(queries), device=log_probs.device)
+            last = log_probs[rows, torch.tensor([len(q) - 1 for q in queries], device=log_probs.device)]  # (B, V)
+            return last[:, [label[0] for label in self.labels]].cpu()  # (B, C)
         return torch.stack([_continuation_log_probs(self.model, self.prefix, queries, label)
-                            for label in self.labels], dim=1)
+                            for label in self.labels], dim=1).cpu()
 
 
 def _check(model, task: TaskData, k: int):

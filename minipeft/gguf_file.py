@@ -3,7 +3,7 @@
     gguf = GGUFFile(path)
     gguf.metadata["general.architecture"]       # "llama", "qwen2", "qwen3", "gemma3", ...
     gguf.tensor_names                           # ["token_embd.weight", "blk.0.attn_q.weight", ...]
-    tensors = gguf.dequantized()                # name -> fp32 torch tensor, shaped (out, in)
+    tensors = gguf.dequantized()                # name -> fp32 torch tensor, shaped (out, in), read when asked for
 
 The layout (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), all little-endian:
 
@@ -20,6 +20,7 @@ gguf-py's (`gguf.quants.dequantize`), the reference implementation of every GGML
 import mmap
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -122,21 +123,53 @@ class GGUFFile:
         block_size, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
         return int(np.prod(dims)) // block_size * block_bytes
 
-    def dequantized(self) -> dict[str, torch.Tensor]:
-        """Every tensor as fp32, shaped like PyTorch's (out, in): GGUF lists dimensions fastest-first,
-        so (in, out), and its numpy arrays come out already in (out, in) order."""
+    def dequantized(self) -> "DequantizedTensors":
+        """Every tensor as fp32, shaped like PyTorch's (out, in), dequantized one at a time when asked for
+        (a mapping: name -> tensor). GGUF lists dimensions fastest-first, so (in, out), and its numpy
+        arrays come out already in (out, in) order."""
+        return DequantizedTensors(self)
+
+    def read_dequantized(self, name: str) -> torch.Tensor:
         import gguf
 
-        tensors = {}
-        for name in tqdm(self._tensors, desc=f"dequantizing {self.path.name}", unit="tensor", file=sys.stderr):
-            kind, dims, offset = self._tensors[name]
-            type_name = self.tensor_type(name)
-            if type_name not in TENSOR_TYPES:
-                raise ValueError(f"{self.path}: tensor {name} has GGML type {type_name}, which we cannot "
-                                 f"dequantize; supported: {', '.join(TENSOR_TYPES)}")
-            start = self._data_start + offset
-            raw = np.frombuffer(self._data, np.uint8, self._nbytes(name), start).copy()  # a copy: faster
-            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
-            shape = tuple(int(n) for n in reversed(dims))
-            tensors[name] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
-        return tensors
+        kind, dims, offset = self._tensors[name]
+        type_name = self.tensor_type(name)
+        if type_name not in TENSOR_TYPES:
+            raise ValueError(f"{self.path}: tensor {name} has GGML type {type_name}, which we cannot "
+                             f"dequantize; supported: {', '.join(TENSOR_TYPES)}")
+        # a plain read, not the memory map: mapped pages stay resident, and would add the whole file to
+        # the peak while the model is being filled
+        raw = np.empty(self._nbytes(name), np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + offset)
+            f.readinto(memoryview(raw))
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
+        shape = tuple(int(n) for n in reversed(dims))
+        return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
+
+
+class DequantizedTensors(Mapping):
+    """A GGUF file's tensors by name, each read and dequantized to fp32 when asked for; iterating over
+    items() shows a progress bar."""
+
+    def __init__(self, gguf_file: GGUFFile):
+        self.file = gguf_file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.file._tensors:
+            raise KeyError(name)
+        return self.file.read_dequantized(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.file._tensors
+
+    def __iter__(self):
+        return iter(self.file._tensors)
+
+    def __len__(self) -> int:
+        return len(self.file._tensors)
+
+    def items(self):
+        for name in tqdm(self.file._tensors, desc=f"dequantizing {self.file.path.name}", unit="tensor",
+                         file=sys.stderr):
+            yield name, self[name]

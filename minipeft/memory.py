@@ -3,7 +3,7 @@
     report = mp.memory_report(model, batch_size=4, seq_len=256)   # bytes, for the model as it is now
     print(mp.format_report(report))
 
-Per parameter (fp32 training with AdamW, which keeps two fp32 moments per trainable parameter):
+Per parameter (fp32 training with AdamW, which keeps two moments per trainable parameter, in its dtype):
 
     full fine-tuning   4 (weight) + 4 (gradient) + 8 (moments) = 16 bytes per parameter
     LoRA               4 per frozen base parameter; the 16 only for the adapter's parameters
@@ -11,9 +11,17 @@ Per parameter (fp32 training with AdamW, which keeps two fp32 moments per traina
                        codes, an 8-bit absmax per 64, an fp32 scale per 64·256), 4 for the embeddings and
                        norms, which stay fp32; 16 per adapter parameter
 
+Every count reads the tensors' own dtypes (precision.py): under bf16-mixed a frozen parameter takes 2
+bytes and a trainable one still 16; under bf16-true everything halves (2 + 2 + 4 = 8 per trainable
+parameter). Activations then take the compute dtype's 2 bytes, except what stays fp32 — norm statistics,
+RMSNorm's fp32 copy of its input, attention's log-sum-exps, the loss — and autocast's bf16 copy of each
+fp32 weight that trains (full fine-tuning under bf16-mixed). Full fine-tuning under *-mixed is counted
+≈ 13% low: its residual stream stays fp32 (the embeddings train in fp32) and autocast casts it to bf16
+once per matmul that reads it.
+
 Activations are what autograd keeps from the forward pass for backward: they grow with tokens, not
 parameters. N = batch · tokens (soft-prompt tokens included), S = keys per query (tokens + prefix),
-d = d_model, f = d_ff, d_kv = n_kv_head · head_dim, r = LoRA rank, V = vocab, all fp32. Each tensor counts
+d = d_model, f = d_ff, d_kv = n_kv_head · head_dim, r = LoRA rank, V = vocab (in fp32). Each tensor counts
 once however many ops keep it, and a linear layer keeps its input only to compute its own weight's
 gradient — a frozen or 4-bit weight needs just dy·W — which is much of what PEFT saves. Per block
 (`activation_bytes` walks model.py's forward pass; tests/test_memory.py checks it against the tensors
@@ -49,7 +57,8 @@ with runtime = RUNTIME_BYTES, the resident size of Python, torch and minipeft th
 training step (bench/memory.py measures it). The prediction assumes freed tensors leave the process:
 call `mmap_large_tensors()` (glibc keeps them otherwise; its docstring says why and what it costs).
 With it, bench/memory.py measures GPT-2-small and SmolLM2, full / LoRA / QLoRA with and without
-checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA caching allocator here.
+checkpointing, within a few percent of this ledger. CPU resident memory: CUDA's caching allocator, which
+keeps freed blocks for reuse, is not modelled.
 """
 import torch.nn as nn
 

@@ -177,7 +177,7 @@ def compute(model, device: torch.device):
     """The context a forward pass of `model` runs in: autocast to the compute dtype of its precision on
     `device` (the input's device), or nothing in fp32."""
     precision = precision_of(model)
-    if not precision.mixed:
+    if not precision.mixed or not torch.amp.is_autocast_available(device.type):  # e.g. "meta": shapes only
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=precision.compute)
 

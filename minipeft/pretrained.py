@@ -75,13 +75,13 @@ differ from BertForMaskedLM's while the hidden states of `encode` match BertMode
 import json
 import pickle
 import re
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from .assets import asset_path
@@ -358,7 +358,7 @@ def _our_names(template: str | tuple[str, ...]) -> tuple[str, ...]:
     return (template,) if isinstance(template, str) else template
 
 
-def _rename(theirs: dict[str, torch.Tensor], rules: list[Rule], ignored: list[str], prefix: str,
+def _rename(theirs: Mapping[str, torch.Tensor], rules: list[Rule], ignored: list[str], prefix: str,
             cfg: ModelConfig):
     """Their state dict -> (ours: our name -> fp32 tensor, origin: our name -> their key, unknown:
     their keys that no rule claims). Rules and `ignored` match keys with `prefix` removed."""
@@ -636,7 +636,7 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
     return model, tokenizer
 
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_hf_weights(folder: Path) -> Mapping[str, torch.Tensor]:
     """model.safetensors, its shards (model.safetensors.index.json), pytorch_model.bin or its shards."""
     for single, read in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
         if (folder / single).exists():
@@ -647,7 +647,7 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has no model.safetensors, pytorch_model.bin or a sharded index of them")
 
 
-def _read_shards(index_file: Path, read) -> dict[str, torch.Tensor]:
+def _read_shards(index_file: Path, read) -> Mapping[str, torch.Tensor]:
     try:
         shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as error:
@@ -656,17 +656,64 @@ def _read_shards(index_file: Path, read) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"{index_file} names shard(s) {', '.join(missing)}, which the folder does not have; "
                          "download them again")
-    weights = {}
-    for shard in shards:
-        weights.update(read(index_file.parent / shard))
-    return weights
+    return ChainMap(*(read(index_file.parent / shard) for shard in shards))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except SafetensorError as error:
-        raise ValueError(_corrupt(path, error)) from error
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile(Mapping):
+    """A .safetensors file as a mapping whose tensors are read from disk one at a time, when asked for.
+
+    The format: 8 bytes (little-endian) giving the header's length, the header (JSON: name -> dtype, shape,
+    data_offsets into the data that follows), the data. Plain reads into a fresh buffer, not a memory map:
+    a mapped file's pages count towards the resident size for as long as it stays mapped, so loading
+    would hold the whole file besides the model. This way loading holds the model plus one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            self.start, self.header = 8 + length, header
+            end = max((info["data_offsets"][1] for info in header.values()), default=0)
+            bad = [k for k, info in header.items() if info["dtype"] not in SAFETENSORS_DTYPES]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(_corrupt(path, f"unreadable header: {error}")) from None
+        if path.stat().st_size < self.start + end:
+            raise ValueError(_corrupt(path, f"{path.stat().st_size:,} bytes, the header describes "
+                                            f"{self.start + end:,}"))
+        if bad:
+            raise ValueError(f"{path}: tensor(s) {', '.join(bad)} have a dtype minipeft does not read")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buffer)
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if not buffer:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+    def __contains__(self, name) -> bool:
+        return name in self.header
+
+    def __iter__(self):
+        return iter(self.header)
+
+    def __len__(self) -> int:
+        return len(self.header)
+
+
+def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
+    return SafetensorsFile(path)
 
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,12 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
     schedule(s) = lr · s / warmup                                   for s < warmup
                 = lr · ½ (1 + cos(π · (s − warmup) / (steps − warmup)))   afterwards
 
+Under fp16-mixed (precision.py) the loss is multiplied by a scale S before backward and the gradients
+divided by S before clipping (torch.amp.GradScaler): a step whose scaled gradient overflowed is skipped
+and S halved. Such a step is logged (`skipped`, `loss_scale`) but is not a non-finite step: only a
+non-finite loss, or a non-finite gradient without loss scaling, counts towards max_bad_steps. The loss
+is computed in fp32 whatever the precision.
+
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay. Metrics go to
 `<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by adapter_io.save_adapter).

@@ -94,6 +94,28 @@ def test_method_trains_in_precision(method, flavor, precision, tmp_path):
         torch.testing.assert_close(p.float(), mp.trainable_state_dict(model)[name].float(), rtol=0, atol=0)
 
 
+def device_cases():
+    default = {(m, home_flavor(m)) for m in mp.METHODS} | {("lora", f) for f in FAMILIES}
+    every = {(m, f) for m in mp.METHODS for f in FAMILIES if f in mp.METHODS[m].flavors}
+    return [pytest.param(*c, id="-".join(c), marks=() if c in default else pytest.mark.exhaustive)
+            for c in sorted(every)]
+
+
+@pytest.mark.parametrize("method, flavor", device_cases())
+def test_nothing_is_made_on_the_cpu_behind_the_models_back(method, flavor):
+    """The CPU's stand-in for a GPU: on the meta device (shapes, no data) any tensor a forward or backward
+    pass creates on the CPU instead of the model's device — a mask, positions, a dropout mask, a RoPE
+    slice, a 4-bit layer's dequantized weight — meets meta tensors and raises."""
+    model = tiny_model(flavor, dropout=0.1)
+    mp.apply(model, method, tokenizer=tiny_tokenizer(), **example_options(method, 0))
+    model = model.to("meta").train()
+    idx, mask = tiny_batch()
+    out = model(idx.to("meta"), attention_mask=mask.to("meta"))
+    out.float().mean().backward()
+    assert out.device.type == "meta"
+    assert all(p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
+
+
 def test_bf16_mixed_loss_tracks_fp32():
     """Twenty LoRA steps on the same batches: the bf16-mixed losses stay within 0.02 of fp32's."""
     losses = {}
