@@ -34,6 +34,7 @@ TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
 _SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
             10: np.uint64, 11: np.int64, 12: np.float64}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
+DEQUANTIZE_CHUNK_BYTES = 4 * 2**20  # quantized bytes dequantized at a time
 
 
 class GGUFFile:
@@ -137,15 +138,23 @@ class GGUFFile:
         if type_name not in TENSOR_TYPES:
             raise ValueError(f"{self.path}: tensor {name} has GGML type {type_name}, which we cannot "
                              f"dequantize; supported: {', '.join(TENSOR_TYPES)}")
-        # a plain read, not the memory map: mapped pages stay resident, and would add the whole file to
-        # the peak while the model is being filled
-        raw = np.empty(self._nbytes(name), np.uint8)
+        # rows (the fastest dimension, whole quantization blocks) a few MiB at a time, into the output: the
+        # dequantizer's temporaries stay small even for a 262,144-row embedding. Plain reads, not the
+        # memory map: mapped pages stay resident and would add the whole file to the loading peak.
+        shape = tuple(int(n) for n in reversed(dims))
+        out = torch.empty(shape, dtype=torch.float32)
+        rows = out.view(-1, shape[-1])  # (rows, row length)
+        row_bytes = self._nbytes(name) // len(rows)
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, row_bytes))
         with open(self.path, "rb") as f:
             f.seek(self._data_start + offset)
-            f.readinto(memoryview(raw))
-        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
-        shape = tuple(int(n) for n in reversed(dims))
-        return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
+            for first in range(0, len(rows), step):
+                chunk = rows[first:first + step]
+                raw = np.empty(len(chunk) * row_bytes, np.uint8)
+                f.readinto(memoryview(raw))
+                values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(kind))
+                chunk.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(chunk.shape)))
+        return out
 
 
 class DequantizedTensors(Mapping):
