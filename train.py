@@ -63,6 +63,10 @@ def build_parser():
                    help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
                         "or the --resume folder)")
     m = p.add_argument_group("memory")
+    m.add_argument("--mmap-threshold", type=int, default=128 * 1024, metavar="BYTES",
+                   help="allocations of this many bytes or more get their own memory mapping, returned to the "
+                        "system when freed, so the resident size follows the live tensors the memory ledger "
+                        "counts (glibc only; 0: glibc's default, which keeps freed activations resident)")
     m.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
@@ -96,7 +100,8 @@ def check_numbers(args):
              ("--save-every", args.save_every, args.save_every >= 0, ">= 0"),
              ("--stop-at", args.stop_at, args.stop_at is None or args.stop_at >= 1, ">= 1"),
              ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
-             ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0")]
+             ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0"),
+             ("--mmap-threshold", args.mmap_threshold, args.mmap_threshold >= 0, ">= 0")]
     for flag, value, ok, allowed in rules:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
@@ -149,6 +154,8 @@ def main(argv):
         print(cli.list_methods())
         return
     check_numbers(args)
+    if args.mmap_threshold:
+        mp.memory.mmap_large_tensors(args.mmap_threshold)
     options = cli.method_options(args)
     method = mp.get_method(args.method or DEFAULT_METHOD)
     # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
