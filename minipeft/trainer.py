@@ -60,7 +60,8 @@ from .generate import complete
 from .memory import weight_bytes
 from .methods.registry import lr_factors
 from .processes import StopSignal, agree, data_parallel, distributed
-from .quant import values_in_4bit_layers
+from .quant import tensors_of_4bit_layers, values_in_4bit_layers
+from .sharding import is_sharded, whole, whole_tensor
 
 
 @dataclass
@@ -260,9 +261,11 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world
     loss_sum, examples = 0.0, 0
     for micro in range(grad_accum):
         batch = to_device(next(batches), device)
-        # DDP averages the gradients across processes in backward; once per step is enough
+        # DDP averages the gradients across processes in backward; once per step is enough. FSDP
+        # reduce-scatters after every micro-batch instead: a sum of averages is the average of sums,
+        # and no process ever holds a whole gradient
         last = micro == grad_accum - 1
-        with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
+        with contextlib.nullcontext() if world_size == 1 or last or is_sharded(net) else net.no_sync():
             loss = loss_fn(net, batch, kind) / grad_accum
             loss.backward()
         loss_sum += loss.item()
@@ -284,7 +287,8 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     loss, examples = accumulate_gradients(net, batches, kind, grad_accum, device, world_size)
     loss, interrupted = agree(loss, stop_requested, world_size, device)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
+    # under FSDP the norm comes out as a DTensor over the shards; whole, it is the unsharded ‖g‖₂
+    grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)).item()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:  # else the update is skipped; the step still counts, for the schedule
         optimizer.step()
@@ -373,12 +377,13 @@ class TrainingRun:
         self.eval_every = cfg.eval_every or max(1, self.steps // 4)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
-        self.options = checkpoint.run_options(cfg, self.world_size)
+        self.options = checkpoint.run_options(cfg, self.world_size, sharded=is_sharded(model))
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)
             checkpoint.check_resumable(self.resumed, model, self.options)
-            self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+            with whole(model, self.optimizer):  # FSDP: every process keeps its rows of what is restored
+                self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
         # the newest checkpoint of this run and its step: the one kept if later steps diverge
         self.saved = self.resumed.path if self.resumed else None
         self.saved_step = self.progress.step if self.resumed else None
@@ -396,7 +401,7 @@ class TrainingRun:
         if self.progress.test_before is None and self.cfg.test_before:
             self.progress.test_before = self.evaluate("test")
             log.record(event="test_before", **self.progress.test_before)
-        self.net = self.model if self.world_size == 1 else data_parallel(self.model)
+        self.net = self.model if self.world_size == 1 or is_sharded(self.model) else data_parallel(self.model)
         if self.resumed:
             checkpoint.restore_rng(self.resumed, self.rank)
         else:
@@ -463,8 +468,9 @@ class TrainingRun:
         if self.saved_step != self.progress.step:
             self.save()
         adapter_dir = self.out / "adapter"
-        if self.rank == 0:
-            save_adapter(self.model, adapter_dir)
+        with whole(self.model):  # FSDP: the trainable parameters gathered (every process enters)
+            if self.rank == 0:
+                save_adapter(self.model, adapter_dir)
         after = self.evaluate("test")
         summary = make_summary(self.model, self.cfg, self.progress, self.steps, after, adapter_dir, self.saved,
                                self.world_size, self.data.info)
@@ -475,11 +481,12 @@ class TrainingRun:
         """Every process calls this (the RNG states are gathered); rank 0 writes the checkpoint."""
         rng = checkpoint.rng_states(self.world_size)
         path = self.out / f"checkpoint-{self.progress.step}"
-        if self.rank == 0:
-            state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
-                     "scheduler": self.scheduler.state_dict(), "run": self.options,
-                     "method": self.model.peft_config, "versions": versions()}
-            path = checkpoint.save(self.out, self.model, self.optimizer, state, rng)
+        with whole(self.model, self.optimizer):  # FSDP: parameters and AdamW's state gathered
+            if self.rank == 0:
+                state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
+                         "scheduler": self.scheduler.state_dict(), "run": self.options,
+                         "method": self.model.peft_config, "versions": versions()}
+                path = checkpoint.save(self.out, self.model, self.optimizer, state, rng)
         self.saved, self.saved_step = path, self.progress.step
         self.log.record(event="checkpoint", step=self.progress.step, path=str(path))
 
@@ -527,7 +534,8 @@ def diverged_message(progress: Progress, cfg: TrainConfig, saved, saved_step) ->
 
 def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapter_dir: Path, saved,
                  world_size: int, data_info: dict | None = None) -> dict:
-    total = sum(p.numel() for p in model.parameters()) + values_in_4bit_layers(model)  # 4-bit: buffers
+    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or parameters under FSDP
+    total = sum(p.numel() for p in model.parameters() if id(p) not in four_bit) + values_in_4bit_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights, weights_fp32 = weight_bytes(model), weight_bytes(model, as_fp32=True)  # as the memory ledger
     adapter_file = adapter_dir / ADAPTER_WEIGHTS

@@ -1,0 +1,170 @@
+"""Fully sharded data parallel (`torchrun --nproc_per_node N train.py ... --fsdp`): FSDP2's `fully_shard`.
+
+Data parallel (processes.py) keeps the whole model in every process. FSDP keeps 1/N of it: every
+parameter, frozen or trainable, is cut along its first dimension into N row blocks (torch.chunk; the
+last blocks may be shorter or empty) and process r keeps block r, as a DTensor whose `to_local()` is
+that block. The gradients and AdamW's moments of a parameter are sharded the same way. A layer needs
+its whole weights only while it computes, so `shard` groups the parameters by transformer block:
+
+    fully_shard(blocks[i]) for every block, then fully_shard(model)    (the root: embeddings, ln_f, head)
+
+    forward of block i:   all-gather its parameters (N blocks of rows -> whole) · compute · free them
+    backward of block i:  all-gather again · compute the gradients · reduce-scatter them: process r
+                          receives rows r of the gradient, averaged over the processes, and frees the rest
+    optimizer step:       every process updates its own rows only (AdamW is elementwise)
+
+So one step equals a single-process step on the global batch (batch_size × N), like data parallel.
+The root's parameters (embeddings, final norm, head) are gathered at the start of forward and kept
+until the end of backward. Memory per process, W = weights, G = gradients, O = optimizer state:
+
+    M ≈ (W_frozen + W_trainable + G + O) / N  +  W_root + W_block (the block being computed)  +  activations
+
+QLoRA's Linear4bit keeps its 4-bit codes and quantization state as buffers; FSDP2 would leave
+buffers whole in every process. `shard` turns each one with at least one dimension (codes, absmax, the
+double-quantized absmax codes and scales, bias) into a frozen parameter (requires_grad=False, same
+name, so state_dict keys do not change), which FSDP2 shards, all-gathers and frees like any weight;
+only the scalar `weight_absmax_offset` stays a buffer (fully_shard refuses 0-d parameters). Other
+buffers (RoPE tables) are computed, not trained, and stay whole in every process: `bytes_per_process`
+counts them as replicated.
+
+Checkpoints stay in the single-process format. `whole(model, optimizer)` (every process enters)
+swaps the trainable parameters and AdamW's moments for whole tensors: rank 0 saves the adapter and the
+optimizer state as usual inside it, and a resumed run loads into the whole tensors, each process
+keeping its own rows on leaving. A checkpoint records that it was sharded (checkpoint.run_options),
+so it resumes only under --fsdp with the same number of processes.
+
+Gradients are averaged, not summed, over gloo too: pytorch issue #162338 (2025) reported that FSDP2
+on gloo summed them (ReduceOp.AVG mishandled); in torch 2.13 the reduce-scatter averages, which
+tests/test_fsdp.py checks by comparing every gradient with a single process's, so no correction is
+applied here.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .processes import distributed
+from .quant import Linear4bit
+
+
+def check_launch():
+    """--fsdp needs several processes started by torchrun (it reads WORLD_SIZE); stop before any work
+    otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        raise ValueError("--fsdp shards the model across processes, but this is a single process "
+                         f"(WORLD_SIZE {os.environ.get('WORLD_SIZE', 'unset')}); start it with "
+                         "torchrun --nproc_per_node 2 (or more) train.py ... --fsdp")
+
+
+def shard(model) -> nn.Module:
+    """Shard `model` (a minipeft Transformer, its method applied) across the processes of the
+    torch.distributed group: each block, then the root (see the module docstring). Every process must
+    call this. Returns the model, whose parameters are now DTensors; build the optimizer after."""
+    _, world_size = distributed()
+    if world_size < 2:
+        raise ValueError("sharding needs a process group of 2 or more processes (torchrun)")
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            _buffers_to_frozen_parameters(layer)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _buffers_to_frozen_parameters(layer: Linear4bit):
+    """The 4-bit layer's codes and quantization state as frozen parameters, which FSDP2 shards."""
+    for name, tensor in list(layer._buffers.items()):
+        if tensor is not None and tensor.ndim >= 1:
+            del layer._buffers[name]
+            layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (every process must call); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, param: DTensor) -> DTensor:
+    """This process's rows of the whole `tensor`, laid out like `param` (no communication)."""
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def whole(model, optimizer=None):
+    """Inside `with whole(model, optimizer):` the model's trainable parameters and the optimizer's
+    state are whole tensors, the same in every process (checkpoint.py saves and restores them as for a
+    single process); on leaving, every process keeps its rows of whatever they hold then. Every
+    process must enter (the parameters are all-gathered). Nothing happens for an unsharded model."""
+    slots = [(module, name, p) for module in model.modules() for name, p in module._parameters.items()
+             if isinstance(p, DTensor) and p.requires_grad]
+    states = optimizer.state if optimizer is not None and slots else {}
+    with torch.no_grad():
+        gathered = {}  # id(sharded parameter) -> the whole one (tied parameters are gathered once)
+        for module, name, p in slots:
+            if id(p) not in gathered:
+                gathered[id(p)] = nn.Parameter(p.full_tensor())
+            module._parameters[name] = gathered[id(p)]
+        for state in states.values():
+            for key, value in state.items():
+                state[key] = whole_tensor(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, p in slots:
+                p.to_local().copy_(shard_like(gathered[id(p)], p).to_local())
+                module._parameters[name] = p
+            for p, state in states.items():
+                for key, value in state.items():  # AdamW's "step" is a scalar, the same everywhere
+                    if isinstance(p, DTensor) and key != "step" and value.shape == p.shape:
+                        state[key] = shard_like(value, p)
+
+
+def bytes_per_process(model) -> dict:
+    """What each process holds (every process must call): {"whole": {kind: bytes}, "processes":
+    [{kind: bytes} for each rank]}, kind = "frozen" and "trainable" (parameters; a process's shard,
+    with FSDP's padding of the last rows) and "buffers" (whole in every process)."""
+    rank, world_size = distributed()
+
+    def held(p):  # the storage FSDP allocated for this process's rows (padded to equal row blocks)
+        return p.to_local().untyped_storage().nbytes() if isinstance(p, DTensor) else p.nbytes
+
+    kinds = ("frozen", "trainable", "buffers")
+    whole_bytes = dict.fromkeys(kinds, 0)
+    mine = torch.zeros(len(kinds), dtype=torch.float64)
+    for p in model.parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        whole_bytes[kind] += p.numel() * p.element_size()
+        mine[kinds.index(kind)] += held(p)
+    for b in model.buffers():
+        whole_bytes["buffers"] += b.nbytes
+        mine[2] += b.nbytes
+    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(every, mine)
+    else:
+        every = [mine]
+    return {"whole": whole_bytes, "processes": [dict(zip(kinds, map(int, t.tolist()))) for t in every]}
+
+
+def format_bytes_per_process(measured: dict) -> str:
+    """bytes_per_process as lines for the user."""
+    whole = measured["whole"]
+    mib = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
+    rows = [f"FSDP: whole model {mib(whole['frozen'])} frozen + {mib(whole['trainable'])} trainable parameters, "
+            f"{mib(whole['buffers'])} buffers"]
+    for rank, held in enumerate(measured["processes"]):
+        rows.append(f"  process {rank} holds {mib(held['frozen'])} frozen ({held['frozen'] / max(whole['frozen'], 1):.1%}) "
+                    f"+ {mib(held['trainable'])} trainable ({held['trainable'] / max(whole['trainable'], 1):.1%}), "
+                    f"{mib(held['buffers'])} buffers (whole in every process)")
+    return "\n".join(rows)
