@@ -107,14 +107,14 @@ def whole(model, optimizer=None):
     process must enter (the parameters are all-gathered). Nothing happens for an unsharded model."""
     slots = [(module, name, p) for module in model.modules() for name, p in module._parameters.items()
              if isinstance(p, DTensor) and p.requires_grad]
-    states = optimizer.state if optimizer is not None and slots else {}
+    sharded = optimizer is not None and bool(slots)
     with torch.no_grad():
         gathered = {}  # id(sharded parameter) -> the whole one (tied parameters are gathered once)
         for module, name, p in slots:
             if id(p) not in gathered:
                 gathered[id(p)] = nn.Parameter(p.full_tensor())
             module._parameters[name] = gathered[id(p)]
-        for state in states.values():
+        for state in optimizer.state.values() if sharded else ():
             for key, value in state.items():
                 state[key] = whole_tensor(value)
     try:
@@ -124,7 +124,8 @@ def whole(model, optimizer=None):
             for module, name, p in slots:
                 p.to_local().copy_(shard_like(gathered[id(p)], p).to_local())
                 module._parameters[name] = p
-            for p, state in states.items():
+            # optimizer.state afresh: load_state_dict replaces the dict
+            for p, state in optimizer.state.items() if sharded else ():
                 for key, value in state.items():  # AdamW's "step" is a scalar, the same everywhere
                     if isinstance(p, DTensor) and key != "step" and value.shape == p.shape:
                         state[key] = shard_like(value, p)
