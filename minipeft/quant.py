@@ -438,9 +438,10 @@ def values_in_4bit_layers(model: nn.Module) -> int:
 
 def tensors_of_4bit_layers(model: nn.Module) -> list[torch.Tensor]:
     """The codes, quantization state and biases of the model's Linear4bit layers: buffers, or frozen
-    parameters once sharding.py has made them parameters for FSDP to shard."""
+    parameters once sharding.py has made them parameters for FSDP to shard (a method's trainable
+    parameters inside such a layer are not among them)."""
     return [t for m in model.modules() if isinstance(m, Linear4bit)
-            for t in [*m.buffers(recurse=False), *m.parameters(recurse=False)]]
+            for t in [*m.buffers(recurse=False), *(p for p in m.parameters(recurse=False) if not p.requires_grad)]]
 
 
 def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
