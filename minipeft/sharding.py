@@ -161,11 +161,14 @@ def bytes_per_process(model) -> dict:
 def format_bytes_per_process(measured: dict) -> str:
     """bytes_per_process as lines for the user."""
     whole = measured["whole"]
-    mib = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
+
+    def mib(n: int, of: int | None = None) -> str:
+        return f"{n / 2**20:,.2f} MiB" + (f" ({n / of:.1%})" if of else "")
+
     rows = [f"FSDP: whole model {mib(whole['frozen'])} frozen + {mib(whole['trainable'])} trainable parameters, "
             f"{mib(whole['buffers'])} buffers"]
     for rank, held in enumerate(measured["processes"]):
-        rows.append(f"  process {rank} holds {mib(held['frozen'])} frozen ({held['frozen'] / max(whole['frozen'], 1):.1%}) "
-                    f"+ {mib(held['trainable'])} trainable ({held['trainable'] / max(whole['trainable'], 1):.1%}), "
-                    f"{mib(held['buffers'])} buffers (whole in every process)")
+        rows.append(f"  process {rank} holds {mib(held['frozen'], whole['frozen'])} frozen + "
+                    f"{mib(held['trainable'], whole['trainable'])} trainable, {mib(held['buffers'])} buffers "
+                    "(whole in every process)")
     return "\n".join(rows)

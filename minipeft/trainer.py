@@ -32,7 +32,9 @@ model and trains on its own interleaved shard of every global batch of batch_siz
 (data.Dataset.batches); DistributedDataParallel averages the gradients, so a step equals one
 single-process step on the global batch (up to float rounding) and the copies stay identical.
 Validation and test are sharded the same way and their sums added up across processes. Only rank 0
-writes files and shows progress.
+writes files and shows progress. A model sharded with FSDP (sharding.py, `train.py --fsdp`) is trained
+as it is, without the DDP wrapper: fully_shard reduce-scatters the averaged gradients itself, and
+checkpoints are saved and restored inside sharding.whole, so they hold whole tensors as usual.
 """
 import contextlib
 import json
