@@ -190,6 +190,8 @@ def test_torchrun_fsdp_resume_is_bit_identical_and_equals_one_process(text, stop
     result = torchrun(*cli_args(text, straight, 4, "qlora", "--fsdp"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert step_losses(resumed) == step_losses(straight)  # bit-identical: AdamW's state resumed exactly
+    last = {run: load_file(run / "adapter" / "adapter.safetensors") for run in (resumed, straight)}
+    assert all(torch.equal(last[resumed][k], last[straight][k]) for k in last[straight])
     assert sum(r["event"] == "step" for r in rows(resumed)) == STEPS
     result = python(*cli_args(text, one, 8, "qlora"))
     assert result.returncode == 0, result.stderr[-3000:]
