@@ -33,10 +33,11 @@ optimizer state as usual inside it, and a resumed run loads into the whole tenso
 keeping its own rows on leaving. A checkpoint records that it was sharded (checkpoint.run_options),
 so it resumes only under --fsdp with the same number of processes.
 
-Gradients are averaged, not summed, over gloo too: pytorch issue #162338 (2025) reported that FSDP2
-on gloo summed them (ReduceOp.AVG mishandled); in torch 2.13 the reduce-scatter averages, which
-tests/test_fsdp.py checks by comparing every gradient with a single process's, so no correction is
-applied here.
+Gradients are averaged, not summed, over gloo too. pytorch issue #162338 ("Incorrect AVG reduction
+for GLOO", 2025, reproduced with fully_shard) reports FSDP2 gradients over gloo that are not the
+average; in torch 2.13 the reduce-scatter averages (measured: 2 processes vs 1 agree to 1e-7, a sum
+would be twice the average), and tests/test_fsdp.py compares every gradient with a single process's at
+every step, so no correction is applied here.
 """
 import contextlib
 import os
