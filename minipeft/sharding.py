@@ -28,9 +28,9 @@ buffers (RoPE tables) are computed, not trained, and stay whole in every process
 counts them as replicated.
 
 Checkpoints stay in the single-process format. `whole(model, optimizer)` (every process enters)
-swaps the trainable parameters and AdamW's moments for whole tensors: rank 0 saves the adapter and the
-optimizer state as usual inside it, and a resumed run loads into the whole tensors, each process
-keeping its own rows on leaving. A checkpoint records that it was sharded (checkpoint.run_options),
+swaps the trainable parameters and AdamW's moments for whole tensors: with only=0 they are gathered in
+rank 0 alone, which saves the adapter and the optimizer state as usual inside it; a resumed run loads
+into whole tensors in every process, each keeping its own rows on leaving. A checkpoint records that it was sharded (checkpoint.run_options),
 so it resumes only under --fsdp with the same number of processes.
 
 Gradients are averaged, not summed, over gloo too. pytorch issue #162338 ("Incorrect AVG reduction
@@ -95,41 +95,73 @@ def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def gather(tensor: torch.Tensor, to: int) -> torch.Tensor | None:
+    """A DTensor sharded by rows (FSDP's Shard(0)), whole in process `to` only; None in the others,
+    which just send their rows. Any other tensor as it is. Every process must call."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    rank, world_size = distributed()
+    rows = -(-tensor.shape[0] // world_size)  # torch.chunk's blocks: process r holds rows r·rows .. (r+1)·rows
+    local = tensor.to_local()
+    padded = local.new_zeros((rows, *tensor.shape[1:]))  # (rows, ...): the last blocks may be short or empty
+    padded[:len(local)] = local
+    blocks = [torch.empty_like(padded) for _ in range(world_size)] if rank == to else None
+    dist.gather(padded, blocks, dst=to)
+    return torch.cat(blocks)[:tensor.shape[0]] if rank == to else None
+
+
 def shard_like(tensor: torch.Tensor, param: DTensor) -> DTensor:
     """This process's rows of the whole `tensor`, laid out like `param` (no communication)."""
     return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 @contextlib.contextmanager
-def whole(model, optimizer=None):
+def whole(model, optimizer=None, only: int | None = None):
     """Inside `with whole(model, optimizer):` the model's trainable parameters and the optimizer's
-    state are whole tensors, the same in every process (checkpoint.py saves and restores them as for a
-    single process); on leaving, every process keeps its rows of whatever they hold then. Every
-    process must enter (the parameters are all-gathered). Nothing happens for an unsharded model."""
+    state are whole tensors, the same in every process (checkpoint.py restores them as for a single
+    process), and on leaving every process keeps its rows of whatever they hold then. With only=r they
+    are whole in process r alone, to be read (rank 0 saves a checkpoint): the others just send their
+    rows, and on leaving every process has its shards back as they were. Every process must enter.
+    Nothing happens for an unsharded model."""
     slots = [(module, name, p) for module in model.modules() for name, p in module._parameters.items()
              if isinstance(p, DTensor) and p.requires_grad]
-    sharded = optimizer is not None and bool(slots)
+    receives = only is None or distributed()[0] == only
+    # the optimizer's parameters in a fixed order, the same in every process (gathers must pair up)
+    params = [p for group in optimizer.param_groups for p in group["params"]] \
+        if optimizer is not None and slots else []
+    sharded_state = {}  # parameter -> its optimizer state as it was, shards
     with torch.no_grad():
         gathered = {}  # id(sharded parameter) -> the whole one (tied parameters are gathered once)
         for module, name, p in slots:
             if id(p) not in gathered:
-                gathered[id(p)] = nn.Parameter(p.full_tensor())
-            module._parameters[name] = gathered[id(p)]
-        for state in optimizer.state.values() if sharded else ():
-            for key, value in state.items():
-                state[key] = whole_tensor(value)
+                whole_p = p.full_tensor() if only is None else gather(p, only)
+                gathered[id(p)] = nn.Parameter(whole_p) if receives else None
+            if receives:
+                module._parameters[name] = gathered[id(p)]
+        for p in params:
+            if p in optimizer.state:
+                state = optimizer.state[p]
+                sharded_state[p] = dict(state)
+                whole_state = {key: whole_tensor(value) if only is None else gather(value, only)
+                               for key, value in state.items()}
+                if receives:
+                    state.update(whole_state)
     try:
         yield
     finally:
         with torch.no_grad():
             for module, name, p in slots:
-                p.to_local().copy_(shard_like(gathered[id(p)], p).to_local())
+                if only is None:
+                    p.to_local().copy_(shard_like(gathered[id(p)], p).to_local())
                 module._parameters[name] = p
-            # optimizer.state afresh: load_state_dict replaces the dict
-            for p, state in optimizer.state.items() if sharded else ():
-                for key, value in state.items():  # AdamW's "step" is a scalar, the same everywhere
-                    if isinstance(p, DTensor) and key != "step" and value.shape == p.shape:
-                        state[key] = shard_like(value, p)
+            if only is not None:  # read only: the shards as they were
+                for p, state in sharded_state.items():
+                    optimizer.state[p].update(state)
+            elif params:  # optimizer.state afresh: load_state_dict replaces the dict
+                for p, state in optimizer.state.items():
+                    for key, value in state.items():  # AdamW's "step" is a scalar, the same everywhere
+                        if isinstance(p, DTensor) and key != "step" and value.shape == p.shape:
+                            state[key] = shard_like(value, p)
 
 
 def bytes_per_process(model) -> dict:

@@ -470,7 +470,7 @@ class TrainingRun:
         if self.saved_step != self.progress.step:
             self.save()
         adapter_dir = self.out / "adapter"
-        with whole(self.model):  # FSDP: the trainable parameters gathered (every process enters)
+        with whole(self.model, only=0):  # FSDP: the trainable parameters gathered in rank 0 (all enter)
             if self.rank == 0:
                 save_adapter(self.model, adapter_dir)
         after = self.evaluate("test")
@@ -483,7 +483,7 @@ class TrainingRun:
         """Every process calls this (the RNG states are gathered); rank 0 writes the checkpoint."""
         rng = checkpoint.rng_states(self.world_size)
         path = self.out / f"checkpoint-{self.progress.step}"
-        with whole(self.model, self.optimizer):  # FSDP: parameters and AdamW's state gathered
+        with whole(self.model, self.optimizer, only=0):  # FSDP: parameters and AdamW's state, in rank 0
             if self.rank == 0:
                 state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
                          "scheduler": self.scheduler.state_dict(), "run": self.options,
