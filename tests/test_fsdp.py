@@ -122,7 +122,8 @@ def test_two_sharded_processes_equal_one_process_and_hold_half(method, text, tmp
     m = json.loads(out.read_text())
     whole, processes = m["bytes"]["whole"], m["bytes"]["processes"]
     print(f"\n{method}: 2 processes vs 1 after {STEPS} steps: max |difference| gradients {m['gradient']:.3g}, "
-          f"parameters {m['parameter']:.3g}, losses {m['loss']:.3g}, gradient norms {m['grad_norm']:.3g} (relative), update {m['update']:.3g}; "
+          f"parameters {m['parameter']:.3g}, losses {m['loss']:.3g}, gradient norms {m['grad_norm']:.3g} (relative), "
+          f"update {m['update']:.3g}; "
           f"bytes whole {whole}, per process {processes}")
     assert m["gradient"] < 1e-5 and m["parameter"] < 1e-5 and m["loss"] < 1e-5 and m["grad_norm"] < 1e-5
     assert m["update"] > 1e-3
