@@ -63,9 +63,9 @@ def build_parser():
                         "or the --resume folder)")
     m = p.add_argument_group("memory")
     m.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard every parameter (frozen ones and 4-bit codes too), its gradient "
-                        "and optimizer state across the processes (FSDP2, one group per block); each process "
-                        "holds about 1/N of the model")
+                   help="under torchrun: shard every parameter (frozen ones and 4-bit codes too), its "
+                        "gradient and optimizer state across the processes (FSDP2, one group per block); each "
+                        "process holds about 1/N of the model")
     m.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
