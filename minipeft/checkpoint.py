@@ -290,7 +290,7 @@ def check_resumable(ckpt: Checkpoint, model, options: dict):
                          "method and options")
     if saved_run.get("sharding") != options.get("sharding"):
         n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
-        made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} processes)"
+        made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
         fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
         raise ValueError(f"checkpoint {ckpt.path} was saved by a run {made}, but this run "
                          f"{'shards' if options.get('sharding') else 'does not shard'} the model; resume it "

@@ -238,13 +238,13 @@ def test_fsdp_checkpoint_resumes_only_as_it_was_made(text, stopped, tmp_path):
     assert fingerprint(stopped) == before  # nothing written, nothing removed
 
 
-def test_data_parallel_checkpoint_does_not_resume_under_fsdp(text, tmp_path):
-    out = tmp_path / "ddp"
-    result = torchrun(*cli_args(text, out, 4, "lora", "--stop-at", 2))
+def test_unsharded_checkpoint_does_not_resume_under_fsdp(text, tmp_path):
+    out = tmp_path / "one"
+    result = python(*cli_args(text, out, 8, "lora", "--stop-at", 2))
     assert result.returncode == 0, result.stderr[-3000:]
     before = fingerprint(out)
     result = torchrun(*cli_args(text, out, 4, "lora", "--fsdp", "--resume", out))
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
-    assert (f"error: checkpoint {out / 'checkpoint-2'} was saved by a run without --fsdp (2 processes), but this "
+    assert (f"error: checkpoint {out / 'checkpoint-2'} was saved by a run without --fsdp (1 process), but this "
             "run shards the model; resume it without --fsdp") in result.stderr
     assert fingerprint(out) == before
