@@ -9,6 +9,7 @@
     python train.py --import my_method.py --method my_method   # a method you registered yourself
     python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
     torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
+    torchrun --nproc_per_node 2 train.py ... --fsdp        # the same, each process holding 1/2 of the model
 """
 import argparse
 import json
@@ -16,7 +17,7 @@ import json
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, precision, processes, trainer
+from minipeft import checkpoint, cli, data, precision, processes, sharding, trainer
 
 DEFAULT_METHOD = "lora"
 DEFAULT_OUT = "checkpoints/run"
@@ -67,6 +68,10 @@ def build_parser():
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
                         "system when freed, so the resident size follows the live tensors the memory ledger "
                         "counts (glibc only; 0: glibc's default, which keeps freed activations resident)")
+    m.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard every parameter (frozen ones and 4-bit codes too), its "
+                        "gradient and optimizer state across the processes (FSDP2, one group per block); each "
+                        "process holds about 1/N of the model")
     m.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
@@ -165,6 +170,8 @@ def main(argv):
     checkpoint.check_output_folder(out, resume=args.resume)
     if args.resume:
         checkpoint.read_state(args.resume)
+    if args.fsdp:
+        sharding.check_launch()
 
     requested = precision.resolve_device(args.device)  # a device that is not there stops here
     rank, world_size = processes.init_distributed(requested.type)
@@ -195,6 +202,9 @@ def main(argv):
         longest = max(map(len, task.splits["train"].input_ids))
         ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
         config = train_config(args, method, out, chosen.name, device)
+        if args.fsdp:
+            sharding.shard(model)
+            held = sharding.bytes_per_process(model)
         if rank == 0:
             print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
                   f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}, "
@@ -207,6 +217,8 @@ def main(argv):
             print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
                   f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
                   "peak also covers loading and evaluation)")
+            if args.fsdp:
+                print(sharding.format_bytes_per_process(held))
             print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
     finally:
         if world_size > 1:

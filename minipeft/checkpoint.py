@@ -263,13 +263,15 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0):
 # resuming: is the checkpoint this run's?
 
 
-def run_options(cfg, world_size: int) -> dict:
+def run_options(cfg, world_size: int, sharded: bool = False) -> dict:
     """What determines a run's results, as a checkpoint stores it: the training options of `cfg` (a
-    trainer.TrainConfig), cfg.run (model, task, ...) and the number of processes; not where or how
-    often it saves or evaluates."""
+    trainer.TrainConfig), cfg.run (model, task, ...), the number of processes and, for a model sharded
+    with FSDP (sharding.py), "sharding": "fsdp"; not where or how often it saves or evaluates."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("run", *MAY_CHANGE_ON_RESUME)}
     options.update({k: v for k, v in cfg.run.items() if k not in MAY_CHANGE_ON_RESUME})
     options["world_size"] = world_size
+    if sharded:  # absent otherwise, as in checkpoints older than --fsdp
+        options["sharding"] = "fsdp"
     return json.loads(json.dumps(options))
 
 
@@ -288,6 +290,13 @@ def check_resumable(ckpt: Checkpoint, model, options: dict):
         raise ValueError(f"checkpoint {ckpt.path} is method {saved.get('method')} {saved.get('options')}, "
                          f"but this run is {mine['method']} {my_options}; resume with the checkpoint's "
                          "method and options")
+    if saved_run.get("sharding") != options.get("sharding"):
+        n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
+        made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
+        fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
+        raise ValueError(f"checkpoint {ckpt.path} was saved by a run {made}, but this run "
+                         f"{'shards' if options.get('sharding') else 'does not shard'} the model; resume it "
+                         f"{fix}")
     differ = [k for k in sorted(saved_run.keys() | options.keys()) if saved_run.get(k) != options.get(k)]
     if differ:
         listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {saved_run.get(k)} "

@@ -574,8 +574,8 @@ class Transformer(nn.Module):
         tokens) come before the T current ones and are always real. A sliding `window` hides keys
         window or more positions back; `document_ids` (B, T) (packed rows) hide other documents' tokens."""
         cfg = self.cfg
-        if attention_mask is not None and bool(attention_mask.all()):  # no padding: as if no mask was given,
-            attention_mask = None  # so that SDPA can take its causal (or unmasked) fast path
+        if attention_mask is not None and not attention_mask.is_meta and bool(attention_mask.all()):
+            attention_mask = None  # no padding: as if no mask was given, so SDPA takes its fast path
         total = past + T
         windowed = window is not None and total > window  # some query has a key out of its reach
         if attention_mask is None and document_ids is None and not windowed and (not cfg.causal or past == 0):

@@ -38,7 +38,9 @@ model and trains on its own interleaved shard of every global batch of batch_siz
 (data.Dataset.batches); DistributedDataParallel averages the gradients, so a step equals one
 single-process step on the global batch (up to float rounding) and the copies stay identical.
 Validation and test are sharded the same way and their sums added up across processes. Only rank 0
-writes files and shows progress.
+writes files and shows progress. A model sharded with FSDP (sharding.py, `train.py --fsdp`) is trained
+as it is, without the DDP wrapper: fully_shard reduce-scatters the averaged gradients itself, and
+checkpoints are saved and restored inside sharding.whole, so they hold whole tensors as usual.
 """
 import contextlib
 import json
@@ -67,7 +69,8 @@ from .memory import weight_bytes
 from .methods.registry import lr_factors
 from .precision import grad_scaler
 from .processes import StopSignal, agree, data_parallel, distributed
-from .quant import values_in_4bit_layers
+from .quant import tensors_of_4bit_layers, values_in_4bit_layers
+from .sharding import is_sharded, whole, whole_tensor
 
 
 @dataclass
@@ -271,9 +274,11 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world
     loss_sum, examples = 0.0, 0
     for micro in range(grad_accum):
         batch = to_device(next(batches), device)
-        # DDP averages the gradients across processes in backward; once per step is enough
+        # DDP averages the gradients across processes in backward; once per step is enough. FSDP
+        # reduce-scatters after every micro-batch instead: a sum of averages is the average of sums,
+        # and no process ever holds a whole gradient
         last = micro == grad_accum - 1
-        with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
+        with contextlib.nullcontext() if world_size == 1 or last or is_sharded(net) else net.no_sync():
             loss = loss_fn(net, batch, kind) / grad_accum
             (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.item()
@@ -300,7 +305,8 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     trainable = [p for p in net.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.unscale_(optimizer)  # gradients ÷ scale, in place; notes any inf / NaN
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm).item()
+    # under FSDP the norm comes out as a DTensor over the shards; whole, it is the unsharded ‖g‖₂
+    grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)).item()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     overflow = scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
     if scaler is not None:
@@ -395,12 +401,13 @@ class TrainingRun:
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
         self.scaler = grad_scaler(model, next(model.parameters()).device)  # fp16-mixed only
-        self.options = checkpoint.run_options(cfg, self.world_size)
+        self.options = checkpoint.run_options(cfg, self.world_size, sharded=is_sharded(model))
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)
             checkpoint.check_resumable(self.resumed, model, self.options)
-            self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+            with whole(model, self.optimizer):  # FSDP: every process keeps its rows of what is restored
+                self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
             if self.scaler is not None:
                 self.scaler.load_state_dict(self.resumed.state["scaler"])
         # the newest checkpoint of this run and its step: the one kept if later steps diverge
@@ -420,7 +427,7 @@ class TrainingRun:
         if self.progress.test_before is None and self.cfg.test_before:
             self.progress.test_before = self.evaluate("test")
             log.record(event="test_before", **self.progress.test_before)
-        self.net = self.model if self.world_size == 1 else data_parallel(self.model)
+        self.net = self.model if self.world_size == 1 or is_sharded(self.model) else data_parallel(self.model)
         if self.resumed:
             checkpoint.restore_rng(self.resumed, self.rank)
         else:
@@ -491,8 +498,9 @@ class TrainingRun:
         if self.saved_step != self.progress.step:
             self.save()
         adapter_dir = self.out / "adapter"
-        if self.rank == 0:
-            save_adapter(self.model, adapter_dir)
+        with whole(self.model, only=0):  # FSDP: the trainable parameters gathered in rank 0 (all enter)
+            if self.rank == 0:
+                save_adapter(self.model, adapter_dir)
         after = self.evaluate("test")
         summary = make_summary(self.model, self.cfg, self.progress, self.steps, after, adapter_dir, self.saved,
                                self.world_size, self.data.info)
@@ -503,12 +511,13 @@ class TrainingRun:
         """Every process calls this (the RNG states are gathered); rank 0 writes the checkpoint."""
         rng = checkpoint.rng_states(self.world_size)
         path = self.out / f"checkpoint-{self.progress.step}"
-        if self.rank == 0:
-            state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
-                     "scheduler": self.scheduler.state_dict(), "run": self.options,
-                     **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
-                     "method": self.model.peft_config, "versions": versions()}
-            path = checkpoint.save(self.out, self.model, self.optimizer, state, rng)
+        with whole(self.model, self.optimizer, only=0):  # FSDP: parameters and AdamW's state, in rank 0
+            if self.rank == 0:
+                state = {"step": self.progress.step, "steps": self.steps, "progress": asdict(self.progress),
+                         "scheduler": self.scheduler.state_dict(), "run": self.options,
+                         **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+                         "method": self.model.peft_config, "versions": versions()}
+                path = checkpoint.save(self.out, self.model, self.optimizer, state, rng)
         self.saved, self.saved_step = path, self.progress.step
         self.log.record(event="checkpoint", step=self.progress.step, path=str(path))
 
@@ -560,7 +569,8 @@ def diverged_message(progress: Progress, cfg: TrainConfig, saved, saved_step) ->
 
 def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapter_dir: Path, saved,
                  world_size: int, data_info: dict | None = None) -> dict:
-    total = sum(p.numel() for p in model.parameters()) + values_in_4bit_layers(model)  # 4-bit: buffers
+    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or parameters under FSDP
+    total = sum(p.numel() for p in model.parameters() if id(p) not in four_bit) + values_in_4bit_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights, weights_fp32 = weight_bytes(model), weight_bytes(model, as_fp32=True)  # as the memory ledger
     adapter_file = adapter_dir / ADAPTER_WEIGHTS
