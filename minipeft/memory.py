@@ -29,14 +29,17 @@ autograd really keeps, for every method and flavour, to 2%):
     llama            SwiGLU keeps gate, silu(gate) and up: 3f instead of f (+ f, down's input, in full FT)
     dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention is written
                      out (model.attention_with_dropout) and keeps softmax, mask, dropped weights: 3 · B·H·T·S
-    LM head          N·V log-probabilities (cross-entropy's log_softmax output)
+    LM head          the chunked loss (losses.py) keeps the labelled hidden states, their log-sum-exps,
+                     rows and targets: N·(d + 5) (the ledger counts every token as labelled); a
+                     classifier head keeps its B·C log-probabilities
 
-Peak activations come at the start of backward: the log-probabilities' gradient and the logits'
-gradient join them (3·N·V in all: 590 MiB for GPT-2-small at batch 4 × 256, as much as 12 LoRA blocks),
-or inside a block's backward (the gradient arriving at its output and the two widest inside it,
-N·(d + 2·max(d, f))), whichever is larger. Activation checkpointing (model.checkpointing = True) keeps
-only each block's input, N·d, and reruns one block at a time in backward, adding that block's
-activations to the second case; the LM head's 3·N·V is outside the blocks and stays.
+Peak activations come at the start of backward, where the loss adds the hidden states' gradient and
+one chunk's logits, N·d + 2·C·V (3·C·V with a soft-cap; C = losses.default_chunk_size(V), C·V ≈ 2M:
+18 MiB for GPT-2-small at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12
+LoRA blocks), + V·d when the head trains, or inside a block's backward (the gradient arriving at its
+output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
+checkpointing (model.checkpointing = True) keeps only each block's input, N·d, and reruns one block at
+a time in backward, adding that block's activations to the second case.
 
 Gradients appear during backward as the activations they come from are freed (the trainer frees them
 with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
@@ -53,6 +56,7 @@ checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA cach
 """
 import torch.nn as nn
 
+from .losses import default_chunk_size
 from .quant import Linear4bit, values_in_4bit_layers
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
@@ -287,13 +291,18 @@ def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> flo
         if head_grad:
             saved.keep("pooled", B * d)
         saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
-    else:
-        outputs = B * seq_len * cfg.vocab_size
-        if head_grad:
-            saved.keep("final_hidden", B * seq_len * d)
-    saved.keep("log_probs", outputs)
-    saved.keep("targets", 2 * (B if cfg.n_classes else B * seq_len))
-    return 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
+        saved.keep("log_probs", outputs)
+        saved.keep("targets", 2 * B)
+        return 2 * outputs  # d loss/d log-probs and d loss/d logits, while the log-probs live
+    # the chunked LM loss (losses.py), every token labelled: hidden states, log-sum-exps, rows, targets
+    labelled = B * seq_len
+    if grad or head_grad:
+        saved.keep("head_inputs", labelled * d)
+        saved.keep("logsumexp", labelled)
+        saved.keep("rows_and_targets", 4 * labelled)
+    chunk_logits = (3 if cfg.final_softcap else 2) * default_chunk_size(cfg.vocab_size) * cfg.vocab_size
+    # backward: the hidden states' gradient (B, T_in, d), one chunk's logits, the head's fp32 gradient sum
+    return n * d + chunk_logits + (cfg.vocab_size * d if head_grad else 0)
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,

@@ -116,6 +116,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .generate import greedy
 from .kv_cache import KVCache
+from .losses import lm_loss
 
 # Llama's row; every other family is written as what differs from it
 LLAMA = dict(positions="rope", pos_offset=0, type_vocab_size=0, emb_norm=False, emb_scale=False, norm="rmsnorm",
@@ -631,16 +632,21 @@ class Transformer(nn.Module):
         return hidden[torch.arange(B, device=hidden.device), last]
 
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
-                position_ids=None, document_ids=None, logits_mask=None, adapter_names=None):
+                position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
+                chunk_size=None):
         """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.
-        logits_mask (B, T) bool: the LM logits of those tokens only, (N, vocab) (a loss needs no others).
-        The other arguments are encode's."""
+        With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
+        shift_labels (B, T) (already aligned with idx): the mean LM loss instead, computed chunk_size
+        tokens at a time so the logits never exist whole (losses.py). The other arguments are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
+        if self.cfg.n_classes and (labels is not None or shift_labels is not None):
+            raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
         if self.cfg.n_classes:
             return self.head(self.drop(self.pool(hidden, attention_mask)))
-        if logits_mask is not None:
-            hidden = hidden[logits_mask]  # (N, d)
-        logits = self.head(hidden)  # (B, T, vocab) or (N, vocab)
+        if labels is not None or shift_labels is not None:
+            return lm_loss(hidden, self.head.weight, labels, shift_labels, self.cfg.final_softcap, chunk_size,
+                           causal=self.cfg.causal)
+        logits = self.head(hidden)  # (B, T, vocab)
         if self.cfg.final_softcap:  # Gemma 2: z -> tanh(z / c) · c
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
