@@ -33,10 +33,11 @@ autograd really keeps, for every method and flavour, to 2%):
                      rows and targets: N·(d + 5) (the ledger counts every token as labelled); a
                      classifier head keeps its B·C log-probabilities
 
-Peak activations come at the start of backward, where the loss adds the hidden states' gradient and
-one chunk's logits, N·d + 2·C·V (3·C·V with a soft-cap; C = losses.default_chunk_size(V), C·V ≈ 2M:
-18 MiB for GPT-2-small at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12
-LoRA blocks), + V·d when the head trains, or inside a block's backward (the gradient arriving at its
+Peak activations come at the start of backward, where the loss adds the hidden states' gradient (twice:
+the labelled rows', then the batch's) and one tile's logits, 2·N·d + 2·C·K (3·C·K with a soft-cap; a
+tile of C = 1024 tokens × K = 4096 vocabulary entries, losses.tile_elements: 38 MiB for GPT-2-small
+at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12 LoRA blocks), + V·d
+when the head trains (its gradient, summed in fp32), or inside a block's backward (the gradient arriving at its
 output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
 checkpointing (model.checkpointing = True) keeps only each block's input, N·d, and reruns one block at
 a time in backward, adding that block's activations to the second case.
@@ -56,7 +57,7 @@ checkpointing, within a few percent of this ledger. CPU, fp32 only: no CUDA cach
 """
 import torch.nn as nn
 
-from .losses import default_chunk_size
+from .losses import tile_elements
 from .quant import Linear4bit, values_in_4bit_layers
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
@@ -300,9 +301,9 @@ def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> flo
         saved.keep("head_inputs", labelled * d)
         saved.keep("logsumexp", labelled)
         saved.keep("rows_and_targets", 4 * labelled)
-    chunk_logits = (3 if cfg.final_softcap else 2) * default_chunk_size(cfg.vocab_size) * cfg.vocab_size
-    # backward: the hidden states' gradient (B, T_in, d), one chunk's logits, the head's fp32 gradient sum
-    return n * d + chunk_logits + (cfg.vocab_size * d if head_grad else 0)
+    tile_logits = (3 if cfg.final_softcap else 2) * tile_elements(cfg.vocab_size, labelled)
+    # backward: the hidden states' gradient, (N, d) then (B, T_in, d), one tile's logits, the head's gradient
+    return labelled * d + n * d + tile_logits + (cfg.vocab_size * d if head_grad else 0)
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,

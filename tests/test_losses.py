@@ -30,15 +30,16 @@ def grads_of(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, None])
+@pytest.mark.parametrize("chunk_size, vocab_block", [(1, 7), (5, 16), (None, None)])  # tiles; one tile
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_function_matches_full_logits_for_hidden_and_head(softcap, chunk_size):
+def test_function_matches_full_logits_for_hidden_and_head(softcap, chunk_size, vocab_block):
     torch.manual_seed(0)
     hidden = (0.3 * torch.randn(3, 12, 16)).requires_grad_()  # logits of a few units, as a trained LM
     weight = torch.randn(50, 16).requires_grad_()
     _, _, targets = batch_with_holes()
     targets = targets.clamp(max=49)
-    chunked = lm_loss(hidden, weight, shift_labels=targets, softcap=softcap, chunk_size=chunk_size)
+    chunked = lm_loss(hidden, weight, shift_labels=targets, softcap=softcap, chunk_size=chunk_size,
+                      vocab_block=vocab_block)
     grad_h, grad_w = torch.autograd.grad(chunked, (hidden, weight))
     logits = hidden @ weight.T
     if softcap:
@@ -59,7 +60,7 @@ def test_model_loss_and_gradients_match_full_logits(flavor, method):
     idx, mask, targets = batch_with_holes()
     full = full_logits_loss(model(idx, attention_mask=mask), targets)
     full_grads = grads_of(model, full)
-    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
     chunked_grads = grads_of(model, chunked)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
     assert chunked_grads.keys() == full_grads.keys() and chunked_grads
@@ -94,10 +95,10 @@ def test_unlabelled_tokens_never_reach_the_head():
     weight = torch.randn(50, 16)
     _, _, targets = batch_with_holes()
     targets = targets.clamp(max=49)
-    clean = lm_loss(hidden, weight, shift_labels=targets, chunk_size=4)
+    clean = lm_loss(hidden, weight, shift_labels=targets, chunk_size=4, vocab_block=10)
     poisoned = hidden.masked_fill((targets == IGNORE_INDEX)[..., None], float("nan")).requires_grad_()
     weight.requires_grad_()
-    loss = lm_loss(poisoned, weight, shift_labels=targets, chunk_size=4)
+    loss = lm_loss(poisoned, weight, shift_labels=targets, chunk_size=4, vocab_block=10)
     loss.backward()
     assert loss == clean and torch.isfinite(weight.grad).all()
 
@@ -117,7 +118,7 @@ def test_bfloat16_model_is_close_to_full_logits():
     idx, mask, targets = batch_with_holes()
     full = full_logits_loss(model(idx, attention_mask=mask), targets)
     full_grads = grads_of(model, full)
-    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
     chunked_grads = grads_of(model, chunked)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
@@ -132,7 +133,7 @@ def test_autocast_runs_the_head_in_bfloat16():
     idx, mask, targets = batch_with_holes()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = full_logits_loss(model(idx, attention_mask=mask), targets)
-        chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4)
+        chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
     fp32 = model(idx, attention_mask=mask, shift_labels=targets)
     torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
     assert chunked != fp32  # the bf16 head really ran
