@@ -32,6 +32,8 @@ states'); the log-sum-exp, the softmax, the loss and a trained head's gradient a
 """
 import torch
 
+from .quant import matmul_dtype
+
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # tokens per tile
 VOCAB_BLOCK = 4096  # rows of the head's weight (vocabulary entries) per tile
@@ -46,12 +48,6 @@ def shift(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) labels as transformers takes them (the inputs, −100 where no loss) -> next-token targets
     aligned with the inputs: targets[:, t] = labels[:, t + 1], the last position has none (−100)."""
     return torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), IGNORE_INDEX)], dim=1)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _capped_logits(h, weight, softcap):
@@ -133,5 +129,5 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_
         raise ValueError("give labels (the inputs, shifted inside) or shift_labels (already shifted), not both")
     targets = shift_labels if labels is None else shift(labels) if causal else labels  # (B, T)
     total = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), softcap,
-                                      chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, compute_dtype(hidden))
+                                      chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, matmul_dtype(hidden))
     return total / (targets != IGNORE_INDEX).sum()  # 0 / 0 = nan when nothing is labelled, as transformers
