@@ -37,10 +37,11 @@ Peak activations come at the start of backward, where the loss adds the hidden s
 the labelled rows', then the batch's) and one tile's logits, 2·N·d + 2·C·K (3·C·K with a soft-cap; a
 tile of C = 1024 tokens × K = 4096 vocabulary entries, losses.tile_elements: 38 MiB for GPT-2-small
 at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12 LoRA blocks), + V·d
-when the head trains (its gradient, summed in fp32), or inside a block's backward (the gradient arriving at its
-output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
+when the head trains (its gradient, summed in fp32), or inside a block's backward (the gradient
+arriving at its output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
 checkpointing (model.checkpointing = True) keeps only each block's input, N·d, and reruns one block at
-a time in backward, adding that block's activations to the second case.
+a time in backward, adding that block's activations to the second case (and, under QLoRA, that
+block's dequantized weights, which the rerun hands to backward).
 
 Gradients appear during backward as the activations they come from are freed (the trainer frees them
 with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
@@ -343,8 +344,10 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     block_max = max(blocks) if blocks else 0
     # backward through a block: the gradient arriving at its output and the two widest ones inside it
     block_backward = n * d + 2 * n * max(cfg.d_ff, d)
-    if checkpointing:  # backward reruns one block at a time and keeps its activations until done
-        block_backward += block_max
+    if checkpointing:  # backward reruns one block at a time and keeps its activations until done,
+        # and the rerun's dequantized 4-bit weights (quant._Linear4bitFunction), one block's at a time
+        block_backward += block_max + max((sum(m.in_features * m.out_features for m in block.modules()
+                                               if isinstance(m, Linear4bit)) for block in model.blocks), default=0)
     peak = total + max(head_backward, block_backward)
     return {"saved": int(FP32 * total), "block_max": int(FP32 * block_max),
             "head_backward": int(FP32 * head_backward), "block_backward": int(FP32 * block_backward),

@@ -343,6 +343,9 @@ class _Linear4bitFunction(torch.autograd.Function):
     one out×in fp32 copy per layer, alive until backward — 8× the 4-bit storage, and as much as LoRA's
     frozen fp32 base. W is frozen (a buffer), so backward needs no x either: it dequantizes W_hat again
     (the same bits) and returns dy W_hat. Memory: 4-bit codes only; time: one more dequantization.
+    Except under activation checkpointing: there the block's forward runs again inside backward, just
+    before the block's own backward, and that rerun hands its W_hat on (`layer.w_hat_for_backward`) —
+    one block's dequantized weights alive at a time, and two dequantizations per layer and step, not three.
     W_hat is dequantized straight into the dtype the matmul runs in (`matmul_dtype`: autocast's, else
     x's), and both matmuls run with autocast off, in that dtype; the output is in that dtype (as
     autocast's own F.linear), the input's gradient in x's dtype."""
@@ -351,16 +354,23 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, layer):
         dtype = matmul_dtype(x)
         ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
+        w_hat = layer.dequantized_weight(dtype)
+        # inside a backward pass (the autograd engine runs a graph task): checkpointing's rerun
+        if x.requires_grad and torch._C._current_graph_task_id() != -1:
+            layer.w_hat_for_backward = w_hat
         bias = None if layer.bias is None else layer.bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), layer.dequantized_weight(dtype), bias)  # W_hat freed on return
+            return F.linear(x.to(dtype), w_hat, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # (..., out) -> (..., in); no gradient for the layer
+        w_hat = ctx.layer.__dict__.pop("w_hat_for_backward", None)
         if not ctx.needs_input_grad[0]:
             return None, None
+        if w_hat is None or w_hat.dtype != ctx.dtype:
+            w_hat = ctx.layer.dequantized_weight(ctx.dtype)
         with torch.autocast(grad_out.device.type, enabled=False):
-            grad_x = grad_out.to(ctx.dtype) @ ctx.layer.dequantized_weight(ctx.dtype)
+            grad_x = grad_out.to(ctx.dtype) @ w_hat
         return grad_x.to(ctx.input_dtype), None
 
 
