@@ -287,10 +287,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     out = torch.empty(n + n % 2, dtype=dtype or state.dtype, device=packed.device)  # (n rounded up to even,)
     step = _chunk_size(blocksize)
     code_values = torch.empty(min(step, len(out)), device=packed.device)  # one chunk's code[q], reused
+    byte_index = torch.empty(len(code_values) // 2, dtype=torch.int64, device=packed.device)  # reused too
 
     def decode(first, stop):  # code[q] of elements first … stop-1 (both even), fp32
-        values = code_values[:stop - first]
-        torch.gather(byte_to_pair, 0, packed[first // 2:stop // 2].long(), out=values.view(torch.int64))
+        values, index = code_values[:stop - first], byte_index[:(stop - first) // 2]
+        index.copy_(packed[first // 2:stop // 2])  # gather wants int64 indices
+        torch.gather(byte_to_pair, 0, index, out=values.view(torch.int64))
         return values
 
     for start in range(0, n_full, step):  # complete blocks, a chunk at a time
