@@ -2,6 +2,7 @@
 
     python bench/vs_peft.py                                   # every configuration, both models
     python bench/vs_peft.py --models minilm --configs lora_qv,full --steps 10
+    python bench/vs_peft.py --models gpt2 --configs lora_qv,qlora --tables qlora   # QLoRA / LoRA step
 
 Work: one AdamW step (forward, cross-entropy, backward, optimizer step, zero_grad) on fixed random
 token ids, for
@@ -10,9 +11,9 @@ token ids, for
     smollm2   SmolLM2-135M-Instruct (the same dequantized GGUF weights in both libraries: transformers
               loads the file with gguf_file=), instruction tuning: the first 16 rotten_tomatoes_instruct
               training conversations in the chat template, right-padded, loss on the answers only
-              (labels -100 elsewhere). minipeft's trainer computes LM logits for the labelled tokens
-              only (loss_fn's logits_mask); transformers computes them for every token, as its
-              causal-LM models do. Only lora_qv and lora_all (every linear layer) are timed here.
+              (labels -100 elsewhere). Only lora_qv and lora_all (every linear layer) are timed here.
+minipeft's LM loss is the trainer's (trainer.loss_fn): the labelled tokens only, through the head in
+tiles (losses.py), recomputed in backward; transformers computes all (B, T, V) logits at once.
 The two libraries' steps are interleaved (ours, theirs, ours, ...) after --warmup untimed steps, and
 each time is the median of --steps, so drift in the machine's speed hits both alike.
 
@@ -26,6 +27,10 @@ Not quite the same work, and said so in the table's notes:
     layer does not (peft: c_attn, c_proj, c_fc, mlp.c_proj; ours: q, k, v, o, up, down).
   - transformers' BERT classifier adds a pooler (dense + tanh on [CLS], frozen) before the head;
     minilm in minipeft mean-pools as sentence-transformers trained it. One 384×384 matmul per example.
+
+QLoRA against LoRA (ours only, same run, interleaved): a LoRA q,v step and a QLoRA q,v step on the same
+model and batch, whenever both lora_qv and qlora are among the configurations; the ratio is what the
+4-bit base costs (dequantizing every block linear layer in forward and again in backward).
 
 It also measures the machine's fp32 matmul rate (a 2048² `torch.mm`) and, for full fine-tuning, the
 fraction of it each library's step achieves, counting 6 × W × tokens floating-point operations, W the
@@ -127,10 +132,10 @@ def logits_of(model, batch, library: str):
 
 
 def loss_of(model, batch, library: str) -> torch.Tensor:
-    """Cross-entropy over every label, or (instruction data) over the labelled tokens: minipeft's trainer
-    computes LM logits for those only; transformers computes all (B, T, V) and ignores -100."""
-    if library == "ours" and batch["kind"] == "sft":
-        return trainer.loss_fn(model, batch, "sft")
+    """Cross-entropy over every label, or (LM, instruction data) over the labelled tokens: minipeft's
+    trainer sends those through the head in tiles; transformers computes all (B, T, V) and ignores -100."""
+    if library == "ours" and batch["kind"] in ("lm", "sft"):
+        return trainer.loss_fn(model, batch, batch["kind"])
     logits = logits_of(model, batch, library)
     return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
 
@@ -161,18 +166,22 @@ def make_batch(model_name: str, vocab_size: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "kind": shape["kind"]}
 
 
-def interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
-    """Run each callable `warmup` times, then `repeats` rounds of one call each; median seconds per call."""
+def interleaved_medians(steps: dict, warmup: int, repeats: int, with_cpu: bool = False):
+    """Run each callable `warmup` times, then `repeats` rounds of one call each; median seconds per call
+    (and, `with_cpu`, the median CPU seconds — user + system, steadier on a shared machine — as well)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cpu_times[name].append(time.process_time() - cpu_start)
+    wall = {name: statistics.median(t) for name, t in times.items()}
+    return (wall, {name: statistics.median(t) for name, t in cpu_times.items()}) if with_cpu else wall
 
 
 def matmul_weights(model) -> int:
@@ -224,6 +233,24 @@ def training_table(args, rate: float):
             del mine, reference, steps
 
 
+def qlora_table(args):
+    """Our QLoRA step against our LoRA step (both r=8 on q,v), interleaved in one run."""
+    models = [m for m in args.models if {"lora_qv", "qlora"} <= set(MODELS[m].get("configs", CONFIGS))]
+    if not models or not {"lora_qv", "qlora"} <= set(args.configs):
+        return
+    print("\n| model | LoRA s/step | QLoRA s/step | QLoRA / LoRA | LoRA CPU s/step | QLoRA CPU s/step | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model_name in models:
+        torch.manual_seed(0)
+        lora, qlora = ours(model_name, "lora_qv"), ours(model_name, "qlora")
+        batch = make_batch(model_name, lora.cfg.vocab_size)
+        steps = {"lora": make_step(lora, batch, "ours")[0], "qlora": make_step(qlora, batch, "ours")[0]}
+        wall, cpu = interleaved_medians(steps, args.warmup, args.steps, with_cpu=True)
+        print(f"| {model_name} | {wall['lora']:.3f} | {wall['qlora']:.3f} | {wall['qlora'] / wall['lora']:.2f} "
+              f"| {cpu['lora']:.3f} | {cpu['qlora']:.3f} | {cpu['qlora'] / cpu['lora']:.2f} |", flush=True)
+        del lora, qlora, steps
+
+
 def inference_table(args):
     """No-grad forward time of the base model vs LoRA (q,v) unmerged and merged, ours only."""
     print("\n| model | base ms/batch | LoRA unmerged | LoRA merged |")
@@ -257,6 +284,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per library before timing")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
     p.add_argument("--no-reference", action="store_true", help="time minipeft only (no transformers/peft)")
+    p.add_argument("--tables", default="training,qlora,inference",
+                   help="comma-separated tables to print, from training (against peft), qlora (our QLoRA "
+                        "against our LoRA) and inference (default: all three)")
     args = p.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.configs = [c for c in args.configs.split(",") if c]
@@ -264,6 +294,10 @@ def main():
         chosen = args.models if name == "model" else args.configs
         if unknown := [c for c in chosen if c not in valid]:
             p.error(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(valid)}")
+    tables = {"training": lambda: training_table(args, rate), "qlora": lambda: qlora_table(args),
+              "inference": lambda: inference_table(args)}
+    if unknown := [t for t in args.tables.split(",") if t and t not in tables]:
+        p.error(f"unknown table {', '.join(unknown)}; choose from {', '.join(tables)}")
     torch.set_num_threads(args.threads)
     import peft
     import transformers
@@ -273,8 +307,8 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
           f"{args.threads} threads; fp32 matmul {rate:.0f} GFLOP/s; median of {args.steps} steps after "
           f"{args.warmup} warm-up\n")
-    training_table(args, rate)
-    inference_table(args)
+    for table in [t for t in args.tables.split(",") if t]:
+        tables[table]()
 
 
 if __name__ == "__main__":

@@ -37,14 +37,19 @@ autograd really keeps, for every method and flavour, to 2%):
     llama            SwiGLU keeps gate, silu(gate) and up: 3f instead of f (+ f, down's input, in full FT)
     dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention is written
                      out (model.attention_with_dropout) and keeps softmax, mask, dropped weights: 3 · B·H·T·S
-    LM head          N·V log-probabilities (cross-entropy's log_softmax output)
+    LM head          the chunked loss (losses.py) keeps the labelled hidden states, their log-sum-exps,
+                     rows and targets: N·(d + 5) (the ledger counts every token as labelled); a
+                     classifier head keeps its B·C log-probabilities
 
-Peak activations come at the start of backward: the log-probabilities' gradient and the logits'
-gradient join them (3·N·V in all: 590 MiB for GPT-2-small at batch 4 × 256, as much as 12 LoRA blocks),
-or inside a block's backward (the gradient arriving at its output and the two widest inside it,
-N·(d + 2·max(d, f))), whichever is larger. Activation checkpointing (model.checkpointing = True) keeps
-only each block's input, N·d, and reruns one block at a time in backward, adding that block's
-activations to the second case; the LM head's 3·N·V is outside the blocks and stays.
+Peak activations come at the start of backward, where the loss adds the hidden states' gradient (twice:
+the labelled rows', then the batch's) and one tile's logits, 2·N·d + 2·C·K (3·C·K with a soft-cap; a
+tile of C = 1024 tokens × K = 4096 vocabulary entries, losses.tile_elements: 38 MiB for GPT-2-small
+at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12 LoRA blocks), + V·d
+when the head trains (its gradient, summed in fp32), or inside a block's backward (the gradient
+arriving at its output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
+checkpointing (model.checkpointing = True) keeps only each block's input, N·d, and reruns one block at
+a time in backward, adding that block's activations to the second case (and, under QLoRA, that
+block's dequantized weights, which the rerun hands to backward).
 
 Gradients appear during backward as the activations they come from are freed (the trainer frees them
 with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
@@ -62,9 +67,10 @@ keeps freed blocks for reuse, is not modelled.
 """
 import torch.nn as nn
 
+from .losses import tile_elements
 from .model import OffsetRMSNorm
 from .precision import precision_of
-from .quant import tensors_of_4bit_layers, values_in_4bit_layers
+from .quant import Linear4bit, tensors_of_4bit_layers, values_in_4bit_layers
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
 # first forward, backward and AdamW step load code and modules that the imports alone do not), with
@@ -302,13 +308,20 @@ def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> flo
         if head_grad:
             saved.keep("pooled", B * d)
         saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
-    else:
-        outputs = B * seq_len * cfg.vocab_size
-        if head_grad:
-            saved.keep("final_hidden", B * seq_len * d)
-    saved.keep("log_probs", outputs, FP32)  # the loss runs in fp32 (trainer.loss_fn)
-    saved.keep("targets", B if cfg.n_classes else B * seq_len, INT64)
-    return 2 * outputs * FP32  # d loss/d log-probs and d loss/d logits, while the log-probs live
+        saved.keep("log_probs", outputs, FP32)  # the loss runs in fp32 (trainer.loss_fn)
+        saved.keep("targets", B, INT64)
+        return 2 * outputs * FP32  # d loss/d log-probs and d loss/d logits, while the log-probs live
+    # the chunked LM loss (losses.py), every token labelled: hidden states, log-sum-exps, rows, targets
+    labelled = B * seq_len
+    if grad or head_grad:
+        saved.keep("head_inputs", labelled * d)
+        saved.keep("logsumexp", labelled, FP32)
+        saved.keep("rows_and_targets", 2 * labelled, INT64)
+    tile_logits = (3 if cfg.final_softcap else 2) * tile_elements(cfg.vocab_size, labelled)
+    # backward: the hidden states' gradient, (N, d) then (B, T_in, d), one tile's logits (fp32), the head's
+    # gradient (accumulated in fp32)
+    return ((labelled * d + n * d) * saved.size + tile_logits * FP32
+            + (cfg.vocab_size * d * FP32 if head_grad else 0))
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
@@ -349,8 +362,11 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     block_max = max(blocks) if blocks else 0
     # backward through a block: the gradient arriving at its output and the two widest ones inside it
     block_backward = (n * d + 2 * n * max(cfg.d_ff, d)) * size
-    if checkpointing:  # backward reruns one block at a time and keeps its activations until done
-        block_backward += block_max
+    if checkpointing:  # backward reruns one block at a time and keeps its activations until done,
+        # and the rerun's dequantized 4-bit weights (quant._Linear4bitFunction), one block's at a time
+        block_backward += block_max + size * max((sum(m.in_features * m.out_features for m in block.modules()
+                                                      if isinstance(m, Linear4bit)) for block in model.blocks),
+                                                 default=0)
     peak = total + max(head_backward, block_backward)
     return {"saved": int(total), "block_max": int(block_max), "head_backward": int(head_backward),
             "block_backward": int(block_backward), "peak": int(peak)}

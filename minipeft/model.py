@@ -117,6 +117,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .generate import greedy
 from .kv_cache import KVCache
+from .losses import lm_loss
 from .precision import compute, precision_of
 
 # Llama's row; every other family is written as what differs from it
@@ -684,16 +685,22 @@ class Transformer(nn.Module):
 
     @in_compute_dtype
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
-                position_ids=None, document_ids=None, logits_mask=None, adapter_names=None):
+                position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
+                chunk_size=None, vocab_block=None):
         """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.
-        logits_mask (B, T) bool: the LM logits of those tokens only, (N, vocab) (a loss needs no others).
+        With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
+        shift_labels (B, T) (already aligned with idx): the mean LM loss instead, computed in tiles of
+        chunk_size tokens × vocab_block vocabulary entries, so the logits never exist whole (losses.py).
         The other arguments are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
+        if self.cfg.n_classes and (labels is not None or shift_labels is not None):
+            raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
         if self.cfg.n_classes:
             return self.head(self.drop(self.pool(hidden, attention_mask)))
-        if logits_mask is not None:
-            hidden = hidden[logits_mask]  # (N, d)
-        logits = self.head(hidden)  # (B, T, vocab) or (N, vocab)
+        if labels is not None or shift_labels is not None:
+            return lm_loss(hidden, self.head.weight, labels, shift_labels, self.cfg.final_softcap, chunk_size,
+                           vocab_block, causal=self.cfg.causal)
+        logits = self.head(hidden)  # (B, T, vocab)
         if self.cfg.final_softcap:  # Gemma 2: z -> tanh(z / c) · c
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

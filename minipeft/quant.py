@@ -269,9 +269,10 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     return packed, state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """Inverse of `quantize_4bit`: a tensor of state.shape and state.dtype (each value code · absmax is
-    computed in fp32, then cast)."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `quantize_4bit`: a tensor of state.shape in `dtype` (default state.dtype). Each value
+    code · absmax is computed in fp32 and rounded once, straight into the output (a bf16 matmul gets
+    bf16 weights without an fp32 copy of the matrix)."""
     check_format(state.quant_type, state.blocksize)
     n, blocksize = state.numel, state.blocksize
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
@@ -283,13 +284,15 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     # than index_select on (256, 2) rows, and reinterpreting the bits back gives the same two floats
     byte_to_pair = TABLES[state.quant_type].byte_to_pair.to(packed.device).view(torch.int64).view(256)
     n_full = n // blocksize * blocksize
-    out = torch.empty(n + n % 2, device=packed.device)  # (n rounded up to even,)
+    out = torch.empty(n + n % 2, dtype=dtype or state.dtype, device=packed.device)  # (n rounded up to even,)
     step = _chunk_size(blocksize)
     code_values = torch.empty(min(step, len(out)), device=packed.device)  # one chunk's code[q], reused
+    byte_index = torch.empty(len(code_values) // 2, dtype=torch.int64, device=packed.device)  # reused too
 
     def decode(first, stop):  # code[q] of elements first … stop-1 (both even), fp32
-        values = code_values[:stop - first]
-        torch.gather(byte_to_pair, 0, packed[first // 2:stop // 2].long(), out=values.view(torch.int64))
+        values, index = code_values[:stop - first], byte_index[:(stop - first) // 2]
+        index.copy_(packed[first // 2:stop // 2])  # gather wants int64 indices
+        torch.gather(byte_to_pair, 0, index, out=values.view(torch.int64))
         return values
 
     for start in range(0, n_full, step):  # complete blocks, a chunk at a time
@@ -298,7 +301,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
                   out=out[start:stop].view(-1, blocksize))
     if n_full < n:  # the partial block
         torch.mul(decode(n_full, len(out)), absmax[-1], out=out[n_full:])
-    return out[:n].view(state.shape).to(state.dtype)
+    return out[:n].view(state.shape)
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -329,33 +332,49 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
 
 # ------------------------------------------------------------------------------------------- module
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
+    return torch.get_autocast_dtype(device) if autocast else x.dtype
+
+
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x W_hatᵀ + b that keeps nothing for backward but the 4-bit layer itself.
 
     Plain `F.linear(x, dequantized_weight(), b)` would save the fp32 W_hat for backward (dx = dy W_hat):
     one out×in fp32 copy per layer, alive until backward — 8× the 4-bit storage, and as much as LoRA's
     frozen fp32 base. W is frozen (a buffer), so backward needs no x either: it dequantizes W_hat again
-    (the same bits) and returns dy W_hat. Memory: 4-bit codes only; time: one more dequantization."""
+    (the same bits) and returns dy W_hat. Memory: 4-bit codes only; time: one more dequantization.
+    Except under activation checkpointing: there the block's forward runs again inside backward, just
+    before the block's own backward, and that rerun hands its W_hat on (`layer.w_hat_for_backward`) —
+    one block's dequantized weights alive at a time, and two dequantizations per layer and step, not three.
+    W_hat is dequantized straight into the dtype the matmul runs in (`matmul_dtype`: autocast's, else
+    x's), and both matmuls run with autocast off, in that dtype; the output is in that dtype (as
+    autocast's own F.linear), the input's gradient in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, layer):
-        ctx.layer, ctx.x_dtype = layer, x.dtype
-        dtype = compute_dtype(x)
+        dtype = matmul_dtype(x)
+        ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
+        w_hat = layer.dequantized_weight(dtype)
+        # inside a backward pass (the autograd engine runs a graph task): checkpointing's rerun
+        if x.requires_grad and torch._C._current_graph_task_id() != -1:
+            layer.w_hat_for_backward = w_hat
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        return F.linear(x.to(dtype), layer.dequantized_weight().to(dtype), bias)  # W_hat freed on return
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), w_hat, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # (..., out) -> (..., in); no gradient for the layer
+        w_hat = ctx.layer.__dict__.pop("w_hat_for_backward", None)
         if not ctx.needs_input_grad[0]:
             return None, None
-        return (grad_out @ ctx.layer.dequantized_weight().to(grad_out.dtype)).to(ctx.x_dtype), None
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's where it is on (precision.py), else x's own."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return torch.get_autocast_dtype(device) if autocast else x.dtype
+        if w_hat is None or w_hat.dtype != ctx.dtype:
+            w_hat = ctx.layer.dequantized_weight(ctx.dtype)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_x = grad_out.to(ctx.dtype) @ w_hat
+        return grad_x.to(ctx.input_dtype), None
 
 
 class Linear4bit(nn.Module):
@@ -408,11 +427,11 @@ class Linear4bit(nn.Module):
         return QuantState.from_dict(tensors, (self.out_features, self.in_features), torch.float32,
                                     self.quant_type, self.blocksize)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """(out_features, in_features) fp32."""
-        return dequantize_4bit(self.weight_codes, self.quant_state)
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out_features, in_features) in dtype."""
+        return dequantize_4bit(self.weight_codes, self.quant_state, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) fp32 -> (..., out) fp32
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), in matmul_dtype(x)
         return _Linear4bitFunction.apply(x, self)
 
     def storage_bytes(self) -> int:

@@ -110,7 +110,7 @@ MODEL_INPUTS = ("attention_mask", "position_ids", "document_ids")  # batch keys 
 
 def loss_fn(model, batch, kind: str) -> torch.Tensor:
     """Cross-entropy: over the classes, or over the tokens that have a label (lm, sft: labels -100
-    elsewhere, e.g. on the prompt), whose LM logits are the only ones computed."""
+    elsewhere, e.g. on the prompt), whose LM logits are the only ones computed, a chunk at a time."""
     if kind == "classification":
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         return F.cross_entropy(model(batch["input_ids"], **inputs).float(), batch["labels"])  # logits (B, C)
@@ -118,11 +118,11 @@ def loss_fn(model, batch, kind: str) -> torch.Tensor:
 
 
 def token_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the tokens that have a label; only their LM logits (N, V) are computed."""
+    """Cross-entropy over the tokens that have a label (mean, or "sum"). The datasets' labels are
+    already the next tokens, aligned with input_ids: the model's shift_labels (losses.py)."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    labelled = batch["labels"] != IGNORE_INDEX  # (B, T)
-    logits = model(batch["input_ids"], logits_mask=labelled, **inputs)  # (N, V): N labelled tokens
-    return F.cross_entropy(logits.float(), batch["labels"][labelled], reduction=reduction)  # in fp32
+    loss = model(batch["input_ids"], shift_labels=batch["labels"], **inputs)  # mean over the labelled tokens
+    return loss if reduction == "mean" else loss * (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def to_device(batch: dict, device) -> dict:

@@ -81,12 +81,12 @@ def saved_activation_bytes(model, idx, mask=None):
         return t if t.untyped_storage().data_ptr() in own else Held(t)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t if isinstance(h, Held) else h):
-        logits = model(idx, attention_mask=mask)
-        if logits.dim() == 2:  # class logits (B, C)
+        if model.cfg.n_classes:  # class logits (B, C)
+            logits = model(idx, attention_mask=mask)
             loss = torch.nn.functional.cross_entropy(logits, idx[:, 0] % logits.shape[1])
-        else:  # LM logits (B, T, V)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    del logits
+            del logits
+        else:  # the trainer's chunked LM loss, every token labelled
+            loss = model(idx, attention_mask=mask, shift_labels=idx)
     total = sum(sizes[ptr] for ptr, count in holders.items() if count > 0)
     del loss
     return total

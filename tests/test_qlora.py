@@ -106,3 +106,28 @@ def test_4bit_layers_still_count_as_model_weights(flavor):
     assert total == sum(p.numel() for p in base.parameters()) + lora_params
     base_tensors = [*base.parameters(), *base.buffers()]  # buffers: RoPE tables (llama)
     assert frozen_weight_bytes(qlora, as_fp32=True) == 4 * sum(t.numel() for t in base_tensors)
+
+
+def test_checkpointing_rerun_hands_its_dequantized_weights_to_backward(monkeypatch):
+    """Under checkpointing a step dequantizes each 4-bit layer twice, in forward and in the rerun, whose W_hat
+    backward uses (not forward, rerun and backward again), with the same gradients; nothing is left behind."""
+    def step(checkpointing):
+        model = mp.apply(tiny_model("llama"), "qlora", rank=2, targets="all").train()
+        perturb_trainable(model)
+        model.checkpointing = checkpointing
+        calls = []
+        original = Linear4bit.dequantized_weight
+        monkeypatch.setattr(Linear4bit, "dequantized_weight",
+                            lambda layer, *args: calls.append(layer) or original(layer, *args))
+        idx, mask = tiny_batch()
+        model(idx, attention_mask=mask, shift_labels=idx).backward()
+        monkeypatch.undo()
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert not any("w_hat_for_backward" in vars(m) for m in layers)
+        return len(calls) / len(layers), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    plain_calls, plain = step(False)
+    checkpointed_calls, checkpointed = step(True)
+    assert 1 < plain_calls < 2  # forward, and backward where the input needs a gradient (not below the embeddings)
+    assert checkpointed_calls == 2
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)

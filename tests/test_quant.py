@@ -86,6 +86,7 @@ def test_bit_exact_large(shape, blocksize, quant_type, double_quant):
 
 
 @needs_bnb
+@needs_bnb
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -216,6 +217,37 @@ def test_linear4bit_forward_is_linear_with_dequantized_weight(quant_type, double
     x = randn(3, 5, 96)
     assert torch.equal(layer(x), F.linear(x, w_hat, linear.bias))
     assert (w_hat - linear.weight).abs().max() < 0.2 * linear.weight.abs().max()  # close, not equal
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_dequantize_into_a_dtype_rounds_once_as_bitsandbytes(quant_type, dtype):
+    """code · absmax in fp32, rounded once into the output dtype: what casting the fp32 result gives, and
+    bit for bit what bitsandbytes returns for a state of that dtype."""
+    w = randn(37, 64)
+    packed, state = quant.quantize_4bit(w, quant_type, 64, double_quant=True)
+    w_hat = quant.dequantize_4bit(packed, state, dtype)
+    assert w_hat.dtype == dtype and torch.equal(w_hat, quant.dequantize_4bit(packed, state).to(dtype))
+    ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    ref_state.dtype = dtype
+    assert torch.equal(w_hat.view(torch.int16), bnb.dequantize_4bit(ref_packed, ref_state).view(torch.int16))
+
+
+def test_linear4bit_runs_in_the_autocast_or_input_dtype():
+    linear = make_linear()
+    layer = quant.Linear4bit.from_linear(linear)
+    w16, b16 = layer.dequantized_weight(torch.bfloat16), linear.bias.detach().to(torch.bfloat16)
+    assert torch.equal(w16, layer.dequantized_weight().to(torch.bfloat16))
+    x = randn(3, 96).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(x.detach().to(torch.bfloat16), w16, b16))
+    y.float().sum().backward()  # backward outside autocast still runs in bf16: dy (bf16) @ W_hat (bf16)
+    assert x.grad.dtype == torch.float32
+    assert torch.equal(x.grad, (torch.ones(3, 80, dtype=torch.bfloat16) @ w16).float())
+    x16 = x.detach().to(torch.bfloat16)
+    assert torch.equal(layer(x16), F.linear(x16, w16, b16))  # a bf16 input, no autocast
 
 
 @pytest.mark.parametrize("bias", [False, True])

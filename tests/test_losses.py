@@ -1,0 +1,156 @@
+"""Chunked cross-entropy (minipeft/losses.py) against the plain loss over the full logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minipeft as mp
+from minipeft import trainer
+from minipeft.losses import IGNORE_INDEX, lm_loss, shift
+from conftest import perturb_trainable, tiny_batch, tiny_model
+
+
+def full_logits_loss(logits, targets):
+    """The reference: every token's logits (B, T, V) at once, targets aligned with them."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def batch_with_holes():
+    """Ids (3, 12), their padding mask, and next-token targets with -100 on padding, on a few tokens and
+    on the whole of row 1."""
+    idx, mask = tiny_batch()
+    targets = shift(idx.masked_fill(mask == 0, IGNORE_INDEX))
+    targets[0, 2:5] = IGNORE_INDEX
+    targets[1] = IGNORE_INDEX
+    return idx, mask, targets
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_size, vocab_block", [(1, 7), (5, 16), (None, None)])  # tiles; one tile
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_function_matches_full_logits_for_hidden_and_head(softcap, chunk_size, vocab_block):
+    torch.manual_seed(0)
+    hidden = (0.3 * torch.randn(3, 12, 16)).requires_grad_()  # logits of a few units, as a trained LM
+    weight = torch.randn(50, 16).requires_grad_()
+    _, _, targets = batch_with_holes()
+    targets = targets.clamp(max=49)
+    chunked = lm_loss(hidden, weight, shift_labels=targets, softcap=softcap, chunk_size=chunk_size,
+                      vocab_block=vocab_block)
+    grad_h, grad_w = torch.autograd.grad(chunked, (hidden, weight))
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    full = full_logits_loss(logits, targets)
+    full_h, full_w = torch.autograd.grad(full, (hidden, weight))
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_h, full_h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_w, full_w, atol=1e-6, rtol=0)
+    assert grad_h[1].abs().sum() == 0 and grad_h[0, 2:5].abs().sum() == 0  # unlabelled: no gradient
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama", "gemma2"])  # tied head; untied; untied + soft-cap
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_model_loss_and_gradients_match_full_logits(flavor, method):
+    model = mp.apply(tiny_model(flavor), method).train()
+    perturb_trainable(model)
+    idx, mask, targets = batch_with_holes()
+    full = full_logits_loss(model(idx, attention_mask=mask), targets)
+    full_grads = grads_of(model, full)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+    chunked_grads = grads_of(model, chunked)
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    assert chunked_grads.keys() == full_grads.keys() and chunked_grads
+    if method == "full":
+        assert "head.weight" in chunked_grads or model.cfg.tie_embeddings  # tied: tok_emb's gradient has both
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_labels_are_shifted_inside_as_transformers_does():
+    model = tiny_model("gpt2")
+    idx, mask = tiny_batch()
+    labels = idx.masked_fill(mask == 0, IGNORE_INDEX)
+    logits = model(idx, attention_mask=mask)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # transformers' shift
+    torch.testing.assert_close(model(idx, attention_mask=mask, labels=labels), expected, atol=1e-6, rtol=0)
+
+
+def test_masked_lm_labels_are_not_shifted():
+    model = tiny_model("bert")
+    idx, _ = tiny_batch()
+    labels = torch.full_like(idx, IGNORE_INDEX)
+    labels[:, 3] = idx[:, 3]
+    expected = F.cross_entropy(model(idx).flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(model(idx, labels=labels), expected, atol=1e-6, rtol=0)
+
+
+def test_unlabelled_tokens_never_reach_the_head():
+    """Hidden states of unlabelled tokens may be anything, even NaN: they are never multiplied by W."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 12, 16)
+    weight = torch.randn(50, 16)
+    _, _, targets = batch_with_holes()
+    targets = targets.clamp(max=49)
+    clean = lm_loss(hidden, weight, shift_labels=targets, chunk_size=4, vocab_block=10)
+    poisoned = hidden.masked_fill((targets == IGNORE_INDEX)[..., None], float("nan")).requires_grad_()
+    weight.requires_grad_()
+    loss = lm_loss(poisoned, weight, shift_labels=targets, chunk_size=4, vocab_block=10)
+    loss.backward()
+    assert loss == clean and torch.isfinite(weight.grad).all()
+
+
+def test_nothing_labelled_gives_nan_and_no_gradient():
+    """As transformers (a mean over no tokens); the trainer's non-finite guard then skips the step."""
+    model = mp.apply(tiny_model("llama"), "lora")
+    idx, _ = tiny_batch()
+    loss = model(idx, shift_labels=torch.full_like(idx, IGNORE_INDEX))
+    assert torch.isnan(loss)
+    grads = grads_of(model, loss)
+    assert all(g.abs().sum() == 0 for g in grads.values())
+
+
+def test_bfloat16_model_is_close_to_full_logits():
+    model = mp.apply(tiny_model("gemma2"), "full").to(torch.bfloat16).train()
+    idx, mask, targets = batch_with_holes()
+    full = full_logits_loss(model(idx, attention_mask=mask), targets)
+    full_grads = grads_of(model, full)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+    chunked_grads = grads_of(model, chunked)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
+    for name in full_grads:
+        g, ref = chunked_grads[name].float(), full_grads[name].float()
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
+
+
+def test_autocast_runs_the_head_in_bfloat16():
+    model = mp.apply(tiny_model("llama"), "lora").train()
+    perturb_trainable(model)
+    idx, mask, targets = batch_with_holes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = full_logits_loss(model(idx, attention_mask=mask), targets)
+        chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+    fp32 = model(idx, attention_mask=mask, shift_labels=targets)
+    torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
+    assert chunked != fp32  # the bf16 head really ran
+    full_grads, chunked_grads = grads_of(model, full), grads_of(model, chunked)
+    for name in full_grads:
+        assert (chunked_grads[name] - full_grads[name]).norm() <= 0.05 * full_grads[name].norm(), name
+
+
+def test_trainer_token_loss_is_the_labelled_tokens_cross_entropy():
+    model = mp.apply(tiny_model("qwen2"), "lora")
+    idx, mask, targets = batch_with_holes()
+    batch = {"input_ids": idx, "attention_mask": mask, "labels": targets}
+    labelled = targets != IGNORE_INDEX
+    expected = F.cross_entropy(model(idx, attention_mask=mask)[labelled], targets[labelled], reduction="sum")
+    torch.testing.assert_close(trainer.token_loss(model, batch, reduction="sum"), expected, atol=1e-5, rtol=0)
+
+
+def test_labels_on_a_classifier_are_refused():
+    with pytest.raises(ValueError, match="LM head"):
+        tiny_model("gpt2", n_classes=2)(tiny_batch()[0], labels=tiny_batch()[0])
