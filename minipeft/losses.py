@@ -32,7 +32,7 @@ states'); the log-sum-exp, the softmax, the loss and a trained head's gradient a
 """
 import torch
 
-from .quant import matmul_dtype
+from .quant import autocast_off, matmul_dtype
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # tokens per tile
@@ -71,7 +71,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_size, vocab_block, dtype):
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
             h, t = hidden[rows].to(dtype), targets[rows]  # (N, d), (N,)
             w = weight.to(dtype)  # (V, d); no copy when it is already in that dtype
@@ -95,7 +95,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_hidden else None  # (N, d)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None  # (V, d)
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device.type):
             w = weight.to(dtype)
             for part, block in _tiles(len(rows), len(w), ctx.chunk_size, ctx.vocab_block):
                 z, tanh = _capped_logits(h[part], w[block], softcap)  # (C, K)

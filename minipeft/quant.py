@@ -43,6 +43,7 @@ Bit-exact with bitsandbytes 0.50 on CPU (`bitsandbytes.functional.quantize_4bit`
 tests/test_quant.py), including its corner cases, which are kept on purpose and marked "bnb:" below.
 Everything is a pure function of tensors, plus `Linear4bit`, a module that holds the result as buffers.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -332,6 +333,14 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
 
 # ------------------------------------------------------------------------------------------- module
 
+def autocast_off(device_type: str):
+    """A context with autocast off on this device type (nothing to switch off where autocast does not exist,
+    e.g. on the meta device)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
     device = x.device.type
@@ -362,7 +371,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         if x.requires_grad and torch._C._current_graph_task_id() != -1:
             layer.w_hat_for_backward = w_hat
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return F.linear(x.to(dtype), w_hat, bias)
 
     @staticmethod
@@ -372,7 +381,7 @@ class _Linear4bitFunction(torch.autograd.Function):
             return None, None
         if w_hat is None or w_hat.dtype != ctx.dtype:
             w_hat = ctx.layer.dequantized_weight(ctx.dtype)
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with autocast_off(grad_out.device.type):
             grad_x = grad_out.to(ctx.dtype) @ w_hat
         return grad_x.to(ctx.input_dtype), None
 
