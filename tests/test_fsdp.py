@@ -125,7 +125,11 @@ def test_two_sharded_processes_equal_one_process_and_hold_half(method, text, tmp
           f"parameters {m['parameter']:.3g}, losses {m['loss']:.3g}, gradient norms {m['grad_norm']:.3g} (relative), "
           f"update {m['update']:.3g}; "
           f"bytes whole {whole}, per process {processes}")
-    assert m["gradient"] < 1e-5 and m["parameter"] < 1e-5 and m["loss"] < 1e-5 and m["grad_norm"] < 1e-5
+    assert m["gradient"] < 1e-5 and m["parameter"] < 1e-5 and m["loss"] < 1e-5
+    # the norm sums the squares of every gradient element in another order in each layout: full fine-tuning's
+    # ~10⁵ elements, each within 1e-5, move it by ~2e-5 relative (measured); a summed-instead-of-averaged
+    # gradient would move it by 100%
+    assert m["grad_norm"] < 1e-4
     assert m["update"] > 1e-3
     for kind in ("frozen", "trainable"):  # each process: half of the rows, plus at most FSDP's padding
         assert sum(p[kind] for p in processes) >= whole[kind]
