@@ -382,7 +382,13 @@ def train(model, data, cfg: TrainConfig) -> dict:
     run = TrainingRun(model, data, cfg)  # the checks; nothing has been written until here
     with MetricsLog(run.out if run.rank == 0 else None) as log:  # from now on rank 0 writes
         run.start(log)
-        run.loop()
+        try:
+            run.loop()
+        finally:
+            # the DDP wrapper goes now, also when the loop raises (Stopped), while the process group is
+            # alive: kept by a traceback until interpreter exit, its reducer would be freed after
+            # destroy_process_group, and gloo's worker thread can deadlock on the GIL there
+            run.net = None
         return run.finish()
 
 
