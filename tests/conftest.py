@@ -85,6 +85,16 @@ def tiny_batch(vocab=97, B=3, T=12, seed=1):
     return idx, mask
 
 
+def random_words_file(folder: Path) -> Path:
+    """A .txt LM task of 300 words drawn (seeded) from a small vocabulary: the multi-process tests' data."""
+    import random
+    rng = random.Random(1)
+    vocab = "to be or not to be that is the question whether tis nobler in the mind".split()
+    path = folder / "text.txt"
+    path.write_text(" ".join(rng.choice(vocab) for _ in range(300)))
+    return path
+
+
 def tiny_tokenizer() -> Tokenizer:
     """A word-level tokenizer whose ids fit the tiny models' 97-token vocabulary (prompt init="text")."""
     words = ["[UNK]", "a", "review", "movie", "great", "awful", "the", "is"]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import minipeft as mp
 import train as train_cli
 from minipeft import data, trainer
+from conftest import random_words_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -51,12 +52,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    import random
-    rng = random.Random(1)
-    vocab = "to be or not to be that is the question whether tis nobler in the mind".split()
-    path = tmp_path_factory.mktemp("ddp") / "text.txt"
-    path.write_text(" ".join(rng.choice(vocab) for _ in range(300)))
-    return path
+    return random_words_file(tmp_path_factory.mktemp("text"))
 
 
 def args(text, out, batch_size, *extra):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import minipeft as mp
 from minipeft import data, sharding, trainer
 from minipeft.checkpoint import Progress
+from conftest import random_words_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20
@@ -31,12 +32,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    import random
-    rng = random.Random(1)
-    vocab = "to be or not to be that is the question whether tis nobler in the mind".split()
-    path = tmp_path_factory.mktemp("fsdp") / "text.txt"
-    path.write_text(" ".join(rng.choice(vocab) for _ in range(300)))
-    return path
+    return random_words_file(tmp_path_factory.mktemp("text"))
 
 
 # ----------------------------------------------------------------------------------------------------
