@@ -64,10 +64,12 @@ def build_parser():
                    help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
                         "or the --resume folder)")
     m = p.add_argument_group("memory")
-    m.add_argument("--mmap-threshold", type=int, default=128 * 1024, metavar="BYTES",
+    m.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
                         "system when freed, so the resident size follows the live tensors the memory ledger "
-                        "counts (glibc only; 0: glibc's default, which keeps freed activations resident)")
+                        "counts (glibc only; e.g. 131072, what bench/memory.py uses). It costs page faults: "
+                        "MiniLM LoRA steps took 0.98 s with 131072 against 0.50 s without. 0: glibc's default, "
+                        "which keeps freed activations resident")
     m.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard every parameter (frozen ones and 4-bit codes too), its "
                         "gradient and optimizer state across the processes (FSDP2, one group per block); each "
