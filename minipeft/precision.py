@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .fingerprint import embedding_sample
-from .quant import Linear4bit
+from .quant import tensors_of_4bit_layers
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,13 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
     if embedding is not None and getattr(model, "base_sample", None) is None and not embedding.weight.is_meta \
             and embedding.weight.dtype.itemsize > chosen.frozen.itemsize:  # the fingerprint's rows, unrounded
         model.base_sample = embedding_sample(model).float().cpu().clone()
-    keep_fp32 = {id(b) for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers(recurse=False)}
+    keep_fp32 = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or frozen parameters under FSDP
     keep_fp32 |= {id(b) for name, b in model.named_buffers() if name.endswith(("rope_cos", "rope_sin",
                                                                                   "rope_local_cos", "rope_local_sin"))}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             dtype = chosen.trainable if p.requires_grad else chosen.frozen
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and id(p) not in keep_fp32 and p.dtype != dtype:
                 p.data = p.data.to(dtype)  # in place: the Parameter object (and any tie to it) stays
         for name, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point() and id(b) not in keep_fp32 and b.dtype != chosen.frozen:
