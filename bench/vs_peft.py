@@ -3,6 +3,7 @@
     python bench/vs_peft.py                                   # every configuration, both models
     python bench/vs_peft.py --models minilm --configs lora_qv,full --steps 10
     python bench/vs_peft.py --models gpt2 --configs lora_qv,qlora --tables qlora   # QLoRA / LoRA step
+    python bench/vs_peft.py --models minilm --configs lora_qv,full --dropouts 0      # dropout off only
 
 Work: one AdamW step (forward, cross-entropy, backward, optimizer step, zero_grad) on fixed random
 token ids, for
@@ -14,6 +15,10 @@ token ids, for
               (labels -100 elsewhere). Only lora_qv and lora_all (every linear layer) are timed here.
 minipeft's LM loss is the trainer's (trainer.loss_fn): the labelled tokens only, through the head in
 tiles (losses.py), recomputed in backward; transformers computes all (B, T, V) logits at once.
+Each configuration runs with the model's own dropout (MiniLM and GPT-2: 0.1 on the embeddings, the
+attention weights and each sub-layer's output; SmolLM2 has none) and with dropout off on both sides
+(--dropouts). Dropout off isolates everything else: minipeft draws its dropout masks faster than
+PyTorch's own, which helps it only while dropout is on.
 The two libraries' steps are interleaved (ours, theirs, ours, ...) after --warmup untimed steps, and
 each time is the median of --steps, so drift in the machine's speed hits both alike.
 
@@ -66,16 +71,19 @@ GPT2_SMALL = dict(flavor="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_mode
 
 # ---------------------------------------------------------------- the two sides of each configuration
 
-def base_model(model_name: str, quantize: str | None = None):
-    """minilm with a fresh 2-class head, or the random GPT-2-small shape; no method applied."""
+def base_model(model_name: str, quantize: str | None = None, dropout: float | None = None):
+    """minilm with a fresh 2-class head, or the random GPT-2-small shape; no method applied. dropout:
+    the model's own (None) or this probability everywhere."""
     if model_name in ("minilm", "smollm2"):
-        return mp.from_pretrained(model_name, n_classes=2 if model_name == "minilm" else None, quantize=quantize)[0]
-    return mp.Transformer(mp.ModelConfig(**GPT2_SMALL))
+        return mp.from_pretrained(model_name, n_classes=2 if model_name == "minilm" else None, quantize=quantize,
+                                  dropout=dropout)[0]
+    return mp.Transformer(mp.ModelConfig(**{**GPT2_SMALL, "dropout": GPT2_SMALL["dropout"] if dropout is None
+                                            else dropout}))
 
 
-def ours(model_name: str, config: str):
+def ours(model_name: str, config: str, dropout: float | None = None):
     """A minipeft model with `config` applied, in training mode."""
-    model = base_model(model_name, quantize="nf4" if config == "qlora" else None)
+    model = base_model(model_name, quantize="nf4" if config == "qlora" else None, dropout=dropout)
     method, options = {
         "full": ("full", {}),
         "lora_qv": ("lora", dict(rank=8, alpha=16, targets=("q", "v"))),
@@ -88,27 +96,31 @@ def ours(model_name: str, config: str):
     return model.train()
 
 
-def theirs(model_name: str, config: str):
+def theirs(model_name: str, config: str, dropout: float | None = None):
     """The same configuration built with transformers + peft (+ bitsandbytes for qlora)."""
     import peft
     import transformers
     quantization = None
+    no_dropout = {} if dropout is None else {  # the config names of each family's dropout
+        "minilm": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
+        "gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout),
+        "smollm2": dict(attention_dropout=dropout)}[model_name]
     if config == "qlora":
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "pooler"])
     if model_name == "minilm":
         model = transformers.BertForSequenceClassification.from_pretrained(
-            asset_path("minilm"), num_labels=2, quantization_config=quantization)
+            asset_path("minilm"), num_labels=2, quantization_config=quantization, **no_dropout)
         task, qv, every = "SEQ_CLS", ["query", "value"], r".*encoder.*\.(query|key|value|dense)$"
     elif model_name == "smollm2":
         path = asset_path("smollm2")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **no_dropout)
         task, qv, every = "CAUSAL_LM", ["q_proj", "v_proj"], "all-linear"
     else:
         if quantization is not None:
             raise RuntimeError("bitsandbytes quantizes at load time; the random GPT-2 shape has no checkpoint")
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024))
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024, **no_dropout))
         task, qv, every = "CAUSAL_LM", ["c_attn"], ["c_attn", "c_proj", "c_fc"]
     if config == "full":
         return model.train()
@@ -200,14 +212,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 # ---------------------------------------------------------------- the tables
 
 def training_table(args, rate: float):
-    print("| model | configuration | trainable (minipeft) | trainable (peft) | minipeft s/step | peft s/step "
-          "| ratio | of matmul rate (ours / peft) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("| model | configuration | dropout | trainable (minipeft) | trainable (peft) | minipeft s/step "
+          "| peft s/step | ratio | of matmul rate (ours / peft) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for model_name in args.models:
         shape = MODELS[model_name]
-        for config in [c for c in args.configs if c in shape.get("configs", CONFIGS)]:
+        runs = [(c, d) for c in args.configs if c in shape.get("configs", CONFIGS) for d in args.dropouts]
+        for config, dropout in runs:
             torch.manual_seed(0)
-            mine = ours(model_name, config)
+            mine = ours(model_name, config, dropout)
             batch = make_batch(model_name, mine.cfg.vocab_size)
             tokens = batch["input_ids"].numel()
             steps, counts = {}, {}
@@ -215,13 +228,13 @@ def training_table(args, rate: float):
             reference = None
             if not args.no_reference:
                 try:
-                    reference = theirs(model_name, config)
+                    reference = theirs(model_name, config, dropout)
                     steps["peft"], counts["peft"] = make_step(reference, batch, "peft")
                     steps["peft"]()  # fail here, inside the try, if the reference cannot train
                 except Exception as e:  # e.g. bitsandbytes 4-bit not runnable here; reported in the row
                     counts["peft"] = f"n/a ({type(e).__name__}: {str(e)[:60]})"
             seconds = interleaved_medians(steps, args.warmup, args.steps)
-            row = [model_name, config, f"{counts['ours']:,}",
+            row = [model_name, config, "model's" if dropout is None else f"{dropout:g}", f"{counts['ours']:,}",
                    f"{counts['peft']:,}" if isinstance(counts.get("peft"), int) else counts.get("peft", "—"),
                    f"{seconds['ours']:.3f}", f"{seconds['peft']:.3f}" if "peft" in seconds else "—",
                    f"{seconds['ours'] / seconds['peft']:.2f}" if "peft" in seconds else "—", ""]
@@ -280,6 +293,9 @@ def main():
     p.add_argument("--models", default="minilm,gpt2", help=f"comma-separated, from {', '.join(MODELS)} "
                    "(smollm2: instruction tuning, lora_qv and lora_all only)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--dropouts", default="model,0",
+                   help="comma-separated dropout settings for the training table: 'model' (each model's "
+                        "own) and/or probabilities applied everywhere on both sides, e.g. 0")
     p.add_argument("--steps", type=int, default=10, help="timed steps per library (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per library before timing")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
@@ -290,6 +306,10 @@ def main():
     args = p.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.configs = [c for c in args.configs.split(",") if c]
+    try:
+        args.dropouts = [None if d == "model" else float(d) for d in args.dropouts.split(",") if d]
+    except ValueError:
+        p.error(f"--dropouts takes 'model' and probabilities, got {args.dropouts!r}")
     for name, valid in (("model", MODELS), ("configuration", CONFIGS)):
         chosen = args.models if name == "model" else args.configs
         if unknown := [c for c in chosen if c not in valid]:

@@ -51,6 +51,7 @@ FOLDER = re.compile(r"checkpoint-\d+")
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
 MAY_CHANGE_ON_RESUME = ("out", "resume", "save_every", "stop_at", "max_bad_steps", "eval_every",
                         "eval_batch_size", "init_adapter")
+OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
               "device_type": "--device type"}
 
@@ -275,11 +276,18 @@ def run_options(cfg, world_size: int, sharded: bool = False) -> dict:
     return json.loads(json.dumps(options))
 
 
+def flag_value(option: str, value):
+    """A run option's value as its flag takes it (--model-dropout model: the checkpoint's own dropout)."""
+    return "model" if option == "model_dropout" and value is None else value
+
+
 def check_resumable(ckpt: Checkpoint, model, options: dict):
     """The checkpoint must come from the same base model, method and options as this run."""
     saved, mine = ckpt.state["method"], model.peft_config
-    # options checkpoints of older versions do not record: what those versions always did, or this run's
-    saved_run = {"precision": "fp32", "device_type": options.get("device_type"), **ckpt.state["run"]}
+    # options checkpoints of older versions do not record: what those versions always did (when this run
+    # records the option at all), or this run's
+    older_defaults = {k: v for k, v in OLDER_VERSIONS_DID.items() if k in options}
+    saved_run = {**older_defaults, "device_type": options.get("device_type"), **ckpt.state["run"]}
     if saved.get("base_fingerprint") != mine["base_fingerprint"]:
         raise ValueError(f"checkpoint {ckpt.path} was trained on another base model "
                          f"({saved_run.get('model', 'unknown')}, fingerprint {saved.get('base_fingerprint')}) "
@@ -299,8 +307,8 @@ def check_resumable(ckpt: Checkpoint, model, options: dict):
                          f"{fix}")
     differ = [k for k in sorted(saved_run.keys() | options.keys()) if saved_run.get(k) != options.get(k)]
     if differ:
-        listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {saved_run.get(k)} "
-                           f"(this run: {options.get(k)})" for k in differ)
+        listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {flag_value(k, saved_run.get(k))} "
+                           f"(this run: {flag_value(k, options.get(k))})" for k in differ)
         raise ValueError(f"checkpoint {ckpt.path} was made with other options: {listed}; resume with "
                          f"the same options, or start a new run from its weights with --init-adapter "
                          f"{ckpt.path}")

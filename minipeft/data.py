@@ -86,6 +86,14 @@ Shuffling is a permutation fixed by (seed, epoch). With world_size > 1 every ste
 batch of batch_size * world_size examples, and rank r takes the interleaved shard
 global_batch[r::world_size]; together the ranks' batches of a step are exactly the single-process
 global batch for the same seed and epoch.
+
+Length grouping -- `Dataset.grouped_by_length()`: padding to the longest example of a random batch
+wastes compute (Rotten Tomatoes under MiniLM's tokenizer: 1.79 tokens computed per real token at
+batch size 16). A grouped split shuffles as above, cuts the permutation into groups of
+LENGTH_GROUP global batches, sorts each group by length, cuts it into global batches and shuffles
+those batches (same generator): every batch holds examples of about one length, each batch is still a
+random draw from the split, and an epoch still sees every example once. Evaluation sorts the whole
+split by length (`batches(sort_by_length=True)`), which changes nothing but the padding.
 """
 import bz2
 import csv
@@ -109,6 +117,7 @@ IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
 PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")  # looked up in this order by default_pad_id
 CLASSIFICATION_SUFFIXES = (".csv", ".jsonl")
 LM_EVAL_FRACTION = 0.05  # of windows, for validation and again for test
+LENGTH_GROUP = 32  # global batches per group of a length-grouped epoch (see "Length grouping")
 CLASSIFICATION_EVAL_FRACTION = 0.1  # of examples (of each label, or of sentences for rotten_tomatoes)
 # instruction rows: shape -> the fields that identify it ("input" of alpaca is optional)
 INSTRUCT_SHAPES = {"messages": ("messages",), "prompt/completion": ("prompt", "completion"),
@@ -139,6 +148,7 @@ class Dataset:
     prompts: list[list[int]] | None = None
     answers: list[str] | None = None
     pack_len: int | None = None  # set (packed()): collate packs each batch into rows of this many tokens
+    group_by_length: bool = False  # set (grouped_by_length()): shuffled batches hold examples of about one length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -157,6 +167,10 @@ class Dataset:
                              "classification task has one label per example, so its examples cannot share a row")
         return replace(self, pack_len=max_len)
 
+    def grouped_by_length(self) -> "Dataset":
+        """The same examples, shuffled into batches of about one length (see "Length grouping")."""
+        return replace(self, group_by_length=True)
+
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
         """Number of steps `batches` yields (the same on every rank)."""
         global_batch_size = batch_size * world_size
@@ -165,26 +179,47 @@ class Dataset:
         return math.ceil(len(self) / global_batch_size)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[dict]:
+                rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                sort_by_length: bool = False) -> Iterator[dict]:
         """Yield this rank's padded batches, one per step.
 
-        Each step takes the next global batch of batch_size * world_size examples (in file order, or
-        in a permutation fixed by (seed, epoch) when shuffle is set) and returns its rank-th
-        interleaved shard. With drop_last=False the last global batch may be short, and a rank whose
-        shard of it is empty gets a batch with zero rows (input_ids of shape (0, 0)) so every rank takes the
-        same number of steps; use drop_last=True for training with world_size > 1 to avoid this.
+        Each step takes the next global batch of batch_size * world_size examples (in file order,
+        longest first when sort_by_length is set, or in a permutation fixed by (seed, epoch) when
+        shuffle is set, grouped by length if this split is) and returns its rank-th interleaved shard.
+        With drop_last=False the last global batch may be short, and a rank whose shard of it is empty
+        gets a batch with zero rows (input_ids of shape (0, 0)) so every rank takes the same number of
+        steps; use drop_last=True for training with world_size > 1 to avoid this.
         """
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size; "
                              f"got batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        global_batch_size = batch_size * world_size
         if shuffle:
-            order = np.random.default_rng((seed, epoch)).permutation(len(self)).tolist()
+            rng = np.random.default_rng((seed, epoch))
+            order = rng.permutation(len(self)).tolist()
+        elif sort_by_length:
+            order = sorted(range(len(self)), key=lambda i: -len(self.input_ids[i]))
         else:
             order = list(range(len(self)))
-        global_batch_size = batch_size * world_size
-        for step in range(self.num_batches(batch_size, world_size, drop_last)):
-            global_batch = order[step * global_batch_size:(step + 1) * global_batch_size]
+        global_batches = [order[start:start + global_batch_size] for start in range(0, len(order), global_batch_size)]
+        global_batches = global_batches[:self.num_batches(batch_size, world_size, drop_last)]
+        if shuffle and self.group_by_length:
+            global_batches = self._length_grouped(global_batches, rng)
+        for global_batch in global_batches:
             yield self.collate(global_batch[rank::world_size])
+
+    def _length_grouped(self, global_batches: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
+        """The same examples in batches of the same sizes, each of about one length: every
+        LENGTH_GROUP consecutive batches are pooled, sorted by length and cut again, then all batches
+        are shuffled."""
+        regrouped = []
+        for start in range(0, len(global_batches), LENGTH_GROUP):
+            group = global_batches[start:start + LENGTH_GROUP]
+            pooled = sorted((i for batch in group for i in batch), key=lambda i: len(self.input_ids[i]))
+            for batch in group:  # cut the sorted pool into batches of the group's sizes
+                regrouped.append(pooled[:len(batch)])
+                pooled = pooled[len(batch):]
+        return [regrouped[i] for i in rng.permutation(len(regrouped))]
 
     def collate(self, indices: list[int]) -> dict:
         """Pad the examples at `indices` on the right to the longest one (or pack them into rows of

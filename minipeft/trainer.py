@@ -139,7 +139,7 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, wor
     device = next(model.parameters()).device
     correct = total = 0
     loss_sum = 0.0
-    for batch in dataset.batches(batch_size, rank=rank, world_size=world_size):
+    for batch in dataset.batches(batch_size, rank=rank, world_size=world_size, sort_by_length=True):
         if len(batch["labels"]) == 0:  # this process's shard of the last global batch is empty
             continue
         batch = to_device(batch, device)

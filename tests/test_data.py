@@ -9,6 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -179,6 +180,52 @@ def test_ranks_shard_each_global_batch():
         shards = [rank_batches[r][step]["labels"].tolist() for r in range(2)]
         assert shards == [expected[0::2], expected[1::2]]  # interleaved, disjoint, union = global
     assert dataset.num_batches(4, world_size=2, drop_last=True) == 2
+
+
+def varied_lengths(n: int, seed: int = 0) -> data.Dataset:
+    """n examples of random lengths 1..40; the label is the example's index."""
+    lengths = np.random.default_rng(seed).integers(1, 41, n)
+    return data.Dataset("classification", [[i + 1] * int(k) for i, k in enumerate(lengths)], list(range(n)), pad_id=0)
+
+
+def padded_tokens(dataset: data.Dataset, **kwargs) -> int:
+    return sum(batch["input_ids"].numel() for batch in dataset.batches(**kwargs))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_length_grouped_batches(drop_last):
+    dataset = varied_lengths(1000)  # 62 batches of 16 (and 8 left over): two groups of 32 batches, one short
+    grouped = dataset.grouped_by_length()
+    settings = dict(batch_size=16, shuffle=True, seed=5, drop_last=drop_last)
+    plain, by_length = list(dataset.batches(**settings)), list(grouped.batches(**settings))
+    # the same examples in the same number of batches of the same sizes, each a random draw
+    assert len(by_length) == len(plain) == dataset.num_batches(16, drop_last=drop_last)
+    assert sorted(len(b["labels"]) for b in by_length) == sorted(len(b["labels"]) for b in plain)
+    assert sorted(order_of(grouped, **settings)) == sorted(order_of(dataset, **settings))
+    # each batch holds about one length: far less padding than random batches
+    assert padded_tokens(grouped, **settings) < 0.6 * padded_tokens(dataset, **settings)
+    first_batch = by_length[0]["input_ids"]
+    assert first_batch.shape[1] - (first_batch != 0).sum(1).min() <= 3
+    # fixed by (seed, epoch), different across epochs, and the grouping order is not the length order
+    assert order_of(grouped, **settings) == order_of(grouped, **settings)
+    assert order_of(grouped, **settings) != order_of(grouped, **settings, epoch=1)
+    widths = [b["input_ids"].shape[1] for b in by_length]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    # and sharded across ranks as any global batch
+    shards = [list(grouped.batches(batch_size=8, rank=r, world_size=2, shuffle=True, seed=5)) for r in range(2)]
+    for step, batch in enumerate(grouped.batches(batch_size=16, shuffle=True, seed=5)):
+        assert [shards[r][step]["labels"].tolist() for r in range(2)] == \
+            [batch["labels"].tolist()[0::2], batch["labels"].tolist()[1::2]]
+
+
+def test_evaluation_order_sorted_by_length():
+    dataset = varied_lengths(300)
+    ordered = list(dataset.batches(64, sort_by_length=True))
+    assert sorted(i for b in ordered for i in b["labels"].tolist()) == list(range(300))
+    widths = [b["input_ids"].shape[1] for b in ordered]
+    assert widths == sorted(widths, reverse=True)  # longest first: a batch too large fails at once
+    assert padded_tokens(dataset, batch_size=64, sort_by_length=True) < 0.7 * padded_tokens(dataset, batch_size=64)
+    assert not dataset.group_by_length and dataset.grouped_by_length().input_ids is dataset.input_ids
 
 
 def test_rank_with_nothing_left_gets_an_empty_batch():

@@ -56,5 +56,5 @@ register(Method(
         Option("quant", str, "nf4", "4-bit data type of the frozen base", choices=QUANT_TYPES),
         Option("blocksize", int, 64, "weights per absmax scale", choices=BLOCKSIZES),
         Option("double_quant", bool, True, "quantize the absmax scales too (8-bit, blocks of 256)")),
-    exact_at_init=False,
+    exact_at_init=False, lr=2e-3,  # LoRA's
     examples=({}, {"quant": "fp4", "blocksize": 32, "double_quant": False, "targets": ["all"], "rank": 2})))
