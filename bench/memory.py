@@ -201,7 +201,7 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
         ledger = None
         vocab = model.config.vocab_size
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                      weight_decay=0.01)
+                                      weight_decay=0.01, fused=True)  # transformers' Trainer's default
 
         def loss_of(idx, labels):  # transformers shifts the labels itself
             return model(input_ids=idx, labels=idx).loss

@@ -153,8 +153,13 @@ def loss_of(model, batch, library: str) -> torch.Tensor:
 
 
 def make_step(model, batch, library: str):
+    """One training step: minipeft's optimizer as its trainer makes it; for transformers + peft, the
+    AdamW their Trainer uses by default (adamw_torch_fused). Both are torch's fused AdamW."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    if library == "ours":
+        optimizer = trainer.make_optimizer(model, lr=1e-5, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
 
     def step():
         loss = loss_of(model, batch, library)

@@ -53,8 +53,9 @@ block's dequantized weights, which the rerun hands to backward).
 
 Gradients appear during backward as the activations they come from are freed (the trainer frees them
 with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
-gradient plus two temporaries the size of the largest trainable tensor (sqrt(v), then its scaled copy).
-So the predicted peak resident size is
+gradient. The trainer's AdamW is torch's fused kernel, which updates in place: no temporaries (the
+unfused fallback, on a device without that kernel, adds two the size of the largest trainable tensor,
+sqrt(v) and its scaled copy). So the predicted peak resident size is
 
     total = runtime + weights + optimizer state + max(activations, gradients + AdamW temporaries)
 
@@ -388,7 +389,6 @@ def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUN
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
     optimizer = sum(2 * p.numel() * p.element_size() + FP32 for p in trainable)  # moments in p's dtype
-    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded)
     with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded)
     current = with_ if model.checkpointing else without
@@ -398,7 +398,7 @@ def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUN
         "allocator": allocator_policy(), "runtime": runtime_bytes,
         "weights_frozen": weights["frozen"], "weights_4bit": weights["frozen_4bit"],
         "weights_trainable": weights["trainable"], "weights": sum(weights.values()),
-        "gradients": gradients, "optimizer": optimizer, "optimizer_temporaries": 2 * largest,
+        "gradients": gradients, "optimizer": optimizer, "optimizer_temporaries": 0,  # fused AdamW
         "activations": current["peak"], "activations_saved": current["saved"],
         "activations_no_checkpointing": without["peak"], "activations_checkpointing": with_["peak"],
     }
