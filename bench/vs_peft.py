@@ -37,8 +37,9 @@ QLoRA against LoRA (ours only, same run, interleaved): a LoRA q,v step and a QLo
 model and batch, whenever both lora_qv and qlora are among the configurations; the ratio is what the
 4-bit base costs (dequantizing every block linear layer in forward and again in backward).
 
-It also measures the machine's fp32 matmul rate (a 2048² `torch.mm`) and, for full fine-tuning, the
-fraction of it each library's step achieves, counting 6 × W × tokens floating-point operations, W the
+It also measures the machine's fp32 matmul rate (a 2048² `torch.mm`; for full fine-tuning once more,
+interleaved with that row's steps, since this machine's speed drifts) and, for full fine-tuning, the
+fraction of that row's rate each library's step achieves, counting 6 × W × tokens floating-point operations, W the
 weights that multiply activations (linear layers and the LM head; not embedding lookups, biases or
 norms): forward 2, backward 4 per weight and token; attention scores not counted. Last, the inference
 cost of LoRA: a no-grad forward of the base model, of the unmerged and of the merged LoRA model.
@@ -208,15 +209,23 @@ def matmul_weights(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, warmup=3, repeats=repeats)["mm"]
-    return 2 * n**3 / seconds / 1e9
+MATMUL_N = 2048  # the matmul whose rate is the machine's
+
+
+def square_matmul():
+    """A callable doing one MATMUL_N² fp32 matmul (2 · MATMUL_N³ floating-point operations)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return lambda: torch.mm(a, b)
+
+
+def matmul_gflops(repeats: int = 10) -> float:
+    seconds = interleaved_medians({"mm": square_matmul()}, warmup=3, repeats=repeats)["mm"]
+    return 2 * MATMUL_N**3 / seconds / 1e9
 
 
 # ---------------------------------------------------------------- the tables
 
-def training_table(args, rate: float):
+def training_table(args):
     print("| model | configuration | dropout | trainable (minipeft) | trainable (peft) | minipeft s/step "
           "| peft s/step | ratio | of matmul rate (ours / peft) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
@@ -238,12 +247,15 @@ def training_table(args, rate: float):
                     steps["peft"]()  # fail here, inside the try, if the reference cannot train
                 except Exception as e:  # e.g. bitsandbytes 4-bit not runnable here; reported in the row
                     counts["peft"] = f"n/a ({type(e).__name__}: {str(e)[:60]})"
+            if config == "full":  # the machine's rate while this row runs
+                steps["mm"] = square_matmul()
             seconds = interleaved_medians(steps, args.warmup, args.steps)
             row = [model_name, config, "model's" if dropout is None else f"{dropout:g}", f"{counts['ours']:,}",
                    f"{counts['peft']:,}" if isinstance(counts.get("peft"), int) else counts.get("peft", "—"),
                    f"{seconds['ours']:.3f}", f"{seconds['peft']:.3f}" if "peft" in seconds else "—",
                    f"{seconds['ours'] / seconds['peft']:.2f}" if "peft" in seconds else "—", ""]
             if config == "full":
+                rate = 2 * MATMUL_N**3 / seconds["mm"] / 1e9
                 fractions = [6 * matmul_weights(m) * tokens / seconds[name] / 1e9 / rate
                              for name, m in (("ours", mine), ("peft", reference)) if name in seconds]
                 row[-1] = " / ".join(f"{f:.0%}" for f in fractions)
@@ -319,7 +331,7 @@ def main():
         chosen = args.models if name == "model" else args.configs
         if unknown := [c for c in chosen if c not in valid]:
             p.error(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(valid)}")
-    tables = {"training": lambda: training_table(args, rate), "qlora": lambda: qlora_table(args),
+    tables = {"training": lambda: training_table(args), "qlora": lambda: qlora_table(args),
               "inference": lambda: inference_table(args)}
     if unknown := [t for t in args.tables.split(",") if t and t not in tables]:
         p.error(f"unknown table {', '.join(unknown)}; choose from {', '.join(tables)}")
