@@ -50,7 +50,7 @@ def build_parser():
     t.add_argument("--model-dropout", type=model_dropout, default=0.0, metavar="P|model",
                    help="dropout in the model's own layers (embeddings, attention weights, sub-layer outputs), "
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
-                        "as one fused kernel, and the headline run is as accurate (README); a method's own "
+                        "as one fused kernel, and the headline run is at least as accurate (README); a method's own "
                         "dropout is its --dropout")
     t.add_argument("--pack", action="store_true",
                    help="pack each batch's examples into rows of --max-len tokens instead of padding them "
