@@ -102,7 +102,7 @@ def theirs(model_name: str, config: str, dropout: float | None = None):
     import peft
     import transformers
     quantization = None
-    no_dropout = {} if dropout is None else {  # the config names of each family's dropout
+    dropout_config = {} if dropout is None else {  # the config names of each family's dropout
         "minilm": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
         "gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout),
         "smollm2": dict(attention_dropout=dropout)}[model_name]
@@ -112,16 +112,16 @@ def theirs(model_name: str, config: str, dropout: float | None = None):
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "pooler"])
     if model_name == "minilm":
         model = transformers.BertForSequenceClassification.from_pretrained(
-            asset_path("minilm"), num_labels=2, quantization_config=quantization, **no_dropout)
+            asset_path("minilm"), num_labels=2, quantization_config=quantization, **dropout_config)
         task, qv, every = "SEQ_CLS", ["query", "value"], r".*encoder.*\.(query|key|value|dense)$"
     elif model_name == "smollm2":
         path = asset_path("smollm2")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **no_dropout)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **dropout_config)
         task, qv, every = "CAUSAL_LM", ["q_proj", "v_proj"], "all-linear"
     else:
         if quantization is not None:
             raise RuntimeError("bitsandbytes quantizes at load time; the random GPT-2 shape has no checkpoint")
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024, **no_dropout))
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024, **dropout_config))
         task, qv, every = "CAUSAL_LM", ["c_attn"], ["c_attn", "c_proj", "c_fc"]
     if config == "full":
         return model.train()
