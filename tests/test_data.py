@@ -194,7 +194,7 @@ def padded_tokens(dataset: data.Dataset, **kwargs) -> int:
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_length_grouped_batches(drop_last):
-    dataset = varied_lengths(1000)  # 62 batches of 16 (and 8 left over): two groups of 32 batches, one short
+    dataset = varied_lengths(1000)  # 62 batches of 16 and one of 8: groups of 32 and 31 batches (the 8 in the second)
     grouped = dataset.grouped_by_length()
     settings = dict(batch_size=16, shuffle=True, seed=5, drop_last=drop_last)
     plain, by_length = list(dataset.batches(**settings)), list(grouped.batches(**settings))
