@@ -118,8 +118,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_size=None, vocab_block=None,
-            causal=True):
-    """Mean cross-entropy over the labelled tokens, never holding more than chunk_size × vocab_block logits.
+            causal=True, reduction="mean"):
+    """Mean (or, with reduction "sum", summed) cross-entropy over the labelled tokens, never holding more
+    than chunk_size × vocab_block logits.
 
     hidden (B, T, d) final hidden states; weight (V, d) the LM head's; labels (B, T) as transformers takes
     them (shifted inside for a causal model; a masked LM's labels are its targets), or shift_labels (B, T)
@@ -130,4 +131,8 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_
     targets = shift_labels if labels is None else shift(labels) if causal else labels  # (B, T)
     total = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), softcap,
                                       chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, matmul_dtype(hidden))
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return total / (targets != IGNORE_INDEX).sum()  # 0 / 0 = nan when nothing is labelled, as transformers

@@ -686,11 +686,12 @@ class Transformer(nn.Module):
     @in_compute_dtype
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                 position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
-                chunk_size=None, vocab_block=None):
+                chunk_size=None, vocab_block=None, reduction="mean"):
         """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.
         With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
         shift_labels (B, T) (already aligned with idx): the mean LM loss instead, computed in tiles of
-        chunk_size tokens × vocab_block vocabulary entries, so the logits never exist whole (losses.py).
+        chunk_size tokens × vocab_block vocabulary entries, so the logits never exist whole (losses.py);
+        reduction="sum" gives the summed loss of the labelled tokens instead of their mean.
         The other arguments are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):
@@ -699,7 +700,7 @@ class Transformer(nn.Module):
             return self.head(self.drop(self.pool(hidden, attention_mask)))
         if labels is not None or shift_labels is not None:
             return lm_loss(hidden, self.head.weight, labels, shift_labels, self.cfg.final_softcap, chunk_size,
-                           vocab_block, causal=self.cfg.causal)
+                           vocab_block, causal=self.cfg.causal, reduction=reduction)
         logits = self.head(hidden)  # (B, T, vocab)
         if self.cfg.final_softcap:  # Gemma 2: z -> tanh(z / c) · c
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap

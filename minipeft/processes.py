@@ -82,6 +82,21 @@ def agree(loss: float, interrupted: bool, world_size: int, device) -> tuple[floa
     return both[0].item() / world_size, both[1].item() > 0
 
 
+def check_same_options(options: dict, world_size: int):
+    """Every process must train with the same options (a step's token count and its collectives assume
+    it): a process whose options differ from rank 0's stops every process with one sentence."""
+    if world_size == 1:
+        return
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, options)
+    for rank, theirs in enumerate(gathered):
+        differ = sorted(k for k in options.keys() | theirs.keys() if gathered[0].get(k) != theirs.get(k))
+        if differ:
+            shown = ", ".join(f"{k} {gathered[0].get(k)!r} vs {theirs.get(k)!r}" for k in differ)
+            raise ValueError(f"the processes were started with different options (rank 0 vs rank {rank}: "
+                             f"{shown}); start every process with the same command")
+
+
 class StopSignal:
     """Within `with StopSignal() as stop:` the first SIGINT or SIGTERM sets stop.signum; another one
     more than GRACE seconds after it raises KeyboardInterrupt (see the module docstring). `clock` gives

@@ -3,7 +3,8 @@ evaluation on the validation split during training and on the test split before 
 that a run resumes from exactly, a guard against non-finite steps, and data parallelism with torchrun.
 
     for step in 1..steps:                                                       (train_step: one step)
-        for micro in 1..grad_accum:  loss = L(model(batch)) / grad_accum;  loss.backward()
+        N = labelled tokens (or examples) in all micro-batches of all processes       (one all-reduce)
+        for micro in 1..grad_accum:  loss = Σ_i ℓ_i(model(batch)) / N;  loss.backward()
         if loss and ‖g‖₂ are finite:  clip ‖g‖₂ ≤ max_grad_norm;  AdamW step
         else:                         skip the update (max_bad_steps in a row stop the run)
         lr ← schedule(step)
@@ -11,6 +12,17 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
 
     schedule(s) = lr · s / warmup                                   for s < warmup
                 = lr · ½ (1 + cos(π · (s − warmup) / (steps − warmup)))   afterwards
+
+The loss of a step is the mean over every labelled token of its global batch (classification: over its
+examples), however the batch is split into micro-batches, processes or packed rows:
+
+    L = 1/N · Σ_processes Σ_micro Σ_i ℓ_i        ℓ_i the cross-entropy of labelled token (or example) i
+
+Each micro-batch backpropagates its own sum divided by N, so accumulation adds up exactly ∇L. Averaging
+each micro-batch's mean instead would weigh a token of a micro-batch with few labels more than one of a
+micro-batch with many (an instruction set whose answers are 1 and 20 tokens long: 59 % apart in
+gradient norm). Data parallel (DDP, FSDP) averages the processes' gradients, so each process
+multiplies its sum by the number of processes W before backward.
 
 Under fp16-mixed (precision.py) the loss is multiplied by a scale S before backward and the gradients
 divided by S before clipping (torch.amp.GradScaler): a step whose scaled gradient overflowed is skipped
@@ -68,7 +80,7 @@ from .generate import complete
 from .memory import weight_bytes
 from .methods.registry import lr_factors
 from .precision import grad_scaler
-from .processes import StopSignal, agree, data_parallel, distributed
+from .processes import StopSignal, agree, check_same_options, data_parallel, distributed
 from .quant import tensors_of_4bit_layers, values_in_4bit_layers
 from .sharding import is_sharded, whole, whole_tensor
 
@@ -108,21 +120,22 @@ class Stopped(Exception):
 MODEL_INPUTS = ("attention_mask", "position_ids", "document_ids")  # batch keys the model reads (packing: all)
 
 
-def loss_fn(model, batch, kind: str) -> torch.Tensor:
-    """Cross-entropy: over the classes, or over the tokens that have a label (lm, sft: labels -100
-    elsewhere, e.g. on the prompt), whose LM logits are the only ones computed, a chunk at a time."""
-    if kind == "classification":
-        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        return F.cross_entropy(model(batch["input_ids"], **inputs).float(), batch["labels"])  # logits (B, C)
-    return token_loss(model, batch)
-
-
-def token_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the tokens that have a label (mean, or "sum"). The datasets' labels are
-    already the next tokens, aligned with input_ids: the model's shift_labels (losses.py)."""
+def loss_fn(model, batch, kind: str, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the classes (one term per example), or over the tokens that have a label (lm,
+    sft: labels -100 elsewhere, e.g. on the prompt; the LM logits are computed for those tokens only, a
+    tile at a time). reduction "mean" divides the summed terms by their number (loss_terms), "sum" not.
+    The datasets' labels are already the next tokens, aligned with input_ids: the model's shift_labels."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    loss = model(batch["input_ids"], shift_labels=batch["labels"], **inputs)  # mean over the labelled tokens
-    return loss if reduction == "mean" else loss * (batch["labels"] != IGNORE_INDEX).sum()
+    if kind == "classification":
+        logits = model(batch["input_ids"], **inputs).float()  # (B, C)
+        return F.cross_entropy(logits, batch["labels"], reduction=reduction)
+    return model(batch["input_ids"], shift_labels=batch["labels"], reduction=reduction, **inputs)
+
+
+def loss_terms(batch, kind: str) -> int:
+    """How many terms the batch adds to a loss: its examples (classification) or labelled tokens."""
+    labels = batch["labels"]
+    return len(labels) if kind == "classification" else int((labels != IGNORE_INDEX).sum())
 
 
 def to_device(batch: dict, device) -> dict:
@@ -149,8 +162,8 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, wor
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             total += len(batch["labels"])
         else:
-            loss_sum += token_loss(model, batch, reduction="sum").item()
-            total += (batch["labels"] != IGNORE_INDEX).sum().item()
+            loss_sum += loss_fn(model, batch, kind, reduction="sum").item()
+            total += loss_terms(batch, kind)
     if world_size > 1:
         sums = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
@@ -263,7 +276,7 @@ def peak_memory_bytes() -> int:
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the micro-batches and the processes
+    loss: float  # the mean over the labelled tokens (or examples) of the whole global batch
     grad_norm: float  # ‖g‖₂ before clipping
     finite: bool  # loss and grad_norm are finite; if not, the update was skipped
     examples: int  # trained on in this step, by all processes together
@@ -274,22 +287,35 @@ class StepResult:
 
 
 def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world_size: int, scaler=None):
-    """Forward and backward over grad_accum micro-batches (the loss multiplied by the scaler's scale under
-    fp16-mixed); returns (this process's loss, examples)."""
+    """Forward and backward over the next grad_accum micro-batches of `batches`, each scaled so that the
+    gradients add up to those of the step's loss L (the mean over the N labelled tokens, or examples, of
+    all micro-batches of all processes; module docstring), times the scaler's scale under fp16-mixed.
+    Returns (W · this process's share of L, the examples of the step on all processes): averaged over
+    the processes (agree), the first is L."""
+    micro_batches = [to_device(next(batches), device) for _ in range(grad_accum)]
+    terms = count_across_processes(sum(loss_terms(b, kind) for b in micro_batches), world_size, device)
     loss_sum, examples = 0.0, 0
-    for micro in range(grad_accum):
-        batch = to_device(next(batches), device)
+    for micro, batch in enumerate(micro_batches):
         # DDP averages the gradients across processes in backward; once per step is enough. FSDP
         # reduce-scatters after every micro-batch instead: a sum of averages is the average of sums,
         # and no process ever holds a whole gradient
         last = micro == grad_accum - 1
         with contextlib.nullcontext() if world_size == 1 or last or is_sharded(net) else net.no_sync():
-            loss = loss_fn(net, batch, kind) / grad_accum
+            loss = loss_fn(net, batch, kind, reduction="sum") * (world_size / max(terms, 1))
             (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.item()
         # a packed batch says how many examples its rows hold
         examples += (int(batch["examples"]) if "examples" in batch else len(batch["input_ids"])) * world_size
     return loss_sum, examples
+
+
+def count_across_processes(count: int, world_size: int, device) -> int:
+    """The sum of `count` over the processes (every process must call)."""
+    if world_size == 1:
+        return count
+    total = torch.tensor(count, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total)
 
 
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
@@ -350,6 +376,11 @@ def count_steps(train_split, cfg: TrainConfig, world_size: int) -> int:
         processes = f" ({cfg.batch_size} × {world_size} processes)" if world_size > 1 else ""
         raise ValueError(f"the training split has {len(train_split)} examples, fewer than one batch of "
                          f"{cfg.batch_size * world_size}{processes}; lower --batch-size")
+    if cfg.grad_accum > batches_per_epoch:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} takes {cfg.grad_accum} batches per step, but the training "
+                         f"split's {len(train_split)} examples make {batches_per_epoch} batches of "
+                         f"{cfg.batch_size * world_size}, so one step would see examples twice; lower --grad-accum "
+                         "or --batch-size")
     return cfg.steps or max(1, int(cfg.epochs * batches_per_epoch / cfg.grad_accum))
 
 
@@ -413,6 +444,7 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
         self.scaler = grad_scaler(model, next(model.parameters()).device)  # fp16-mixed only
         self.options = checkpoint.run_options(cfg, self.world_size, sharded=is_sharded(model))
+        check_same_options(self.options, self.world_size)
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)

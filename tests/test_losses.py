@@ -142,13 +142,14 @@ def test_autocast_runs_the_head_in_bfloat16():
         assert (chunked_grads[name] - full_grads[name]).norm() <= 0.05 * full_grads[name].norm(), name
 
 
-def test_trainer_token_loss_is_the_labelled_tokens_cross_entropy():
+def test_trainer_summed_loss_is_the_labelled_tokens_cross_entropy():
     model = mp.apply(tiny_model("qwen2"), "lora")
     idx, mask, targets = batch_with_holes()
     batch = {"input_ids": idx, "attention_mask": mask, "labels": targets}
     labelled = targets != IGNORE_INDEX
     expected = F.cross_entropy(model(idx, attention_mask=mask)[labelled], targets[labelled], reduction="sum")
-    torch.testing.assert_close(trainer.token_loss(model, batch, reduction="sum"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.loss_fn(model, batch, "lm", reduction="sum"), expected, atol=1e-5, rtol=0)
+    assert trainer.loss_terms(batch, "lm") == labelled.sum()
 
 
 def test_labels_on_a_classifier_are_refused():

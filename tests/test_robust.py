@@ -421,14 +421,14 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, text, signum):
 
 
 def poison(monkeypatch, bad_steps):
-    """Make loss_fn return NaN on the given (1-based) calls; with grad_accum 1, call i is step i."""
+    """Make loss_fn return NaN on the given (1-based) training calls; with grad_accum 1, call i is step i."""
     calls = {"n": 0}
     real = trainer.loss_fn
 
-    def loss_fn(model, batch, kind):
-        calls["n"] += 1
-        loss = real(model, batch, kind)
-        return loss * float("nan") if calls["n"] in bad_steps else loss
+    def loss_fn(model, batch, kind, reduction="mean"):
+        calls["n"] += model.training  # evaluation calls it too, in eval mode
+        loss = real(model, batch, kind, reduction)
+        return loss * float("nan") if model.training and calls["n"] in bad_steps else loss
     monkeypatch.setattr(trainer, "loss_fn", loss_fn)
 
 

@@ -1,0 +1,217 @@
+"""A step's loss is the mean over every labelled token of its global batch, however the batch is split
+(trainer.accumulate_gradients): one batch of 8 instruction examples whose answers are 1 to 30 tokens
+long, the same 8 as 2 micro-batches of 4 (gradient accumulation), as 2 processes × 4 (DDP and FSDP,
+torch.multiprocessing with gloo) and packed into shared rows give the same gradients and the same
+logged loss, within 1e-6 relative, and the same adapter after a few optimizer steps.
+
+The split is chosen to be as unequal as it can be: the short answers all go to the first micro-batch
+(or process), the long ones to the second. Averaging each micro-batch's own mean, as the loop once
+did, misses by tens of percent here (test_averaging_means_would_be_far_off)."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as multiprocessing
+
+import minipeft as mp
+from minipeft import data, sharding, trainer
+from minipeft.processes import check_same_options, data_parallel
+from conftest import tiny_model
+
+ANSWER_LENGTHS = (1, 2, 1, 3, 30, 20, 25, 28)  # the first four short, the last four long
+PROMPT_LENGTHS = (5, 9, 3, 7, 4, 8, 6, 2)
+STEPS = 3
+TOLERANCE = 1e-6  # relative
+
+
+def sft_examples() -> data.Dataset:
+    """8 instruction examples: a prompt (no loss) and an answer of 1 to 30 labelled tokens each."""
+    g = torch.Generator().manual_seed(0)
+    input_ids, labels = [], []
+    for prompt, answer in zip(PROMPT_LENGTHS, ANSWER_LENGTHS):
+        ids = torch.randint(1, 97, (prompt + answer + 1,), generator=g).tolist()
+        input_ids.append(ids)
+        labels.append([data.IGNORE_INDEX] * prompt + ids[prompt + 1:] + [data.IGNORE_INDEX])  # next tokens
+    return data.Dataset("sft", input_ids, labels, pad_id=0)
+
+
+def lora_model() -> mp.Transformer:
+    """Tiny Llama with LoRA on every linear layer, B moved off zero so that every gradient is non-zero."""
+    model = mp.apply(tiny_model("llama", seed=0), "lora", rank=4, targets="all")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.train()
+
+
+SPLITS = {  # how the 8 examples are fed to one process: micro-batches of example indices
+    "one batch": [list(range(8))],
+    "2 × 4 accumulation": [[0, 1, 2, 3], [4, 5, 6, 7]],
+    "4 × 2 accumulation": [[0, 4], [1, 5], [2, 6], [3, 7]],
+}
+
+
+def step_of(model, batches: list[dict], world_size: int = 1):
+    """(the step's logged loss, the gradients of the trainable parameters) for these micro-batches."""
+    loss, _ = trainer.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"),
+                                           world_size)
+    loss, _ = trainer.agree(loss, False, world_size, torch.device("cpu"))
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def trained(model, batches: list[dict], world_size: int = 1) -> dict:
+    """The trainable parameters after STEPS AdamW steps on the same micro-batches each step."""
+    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.01)
+    scheduler = trainer.make_scheduler(optimizer, warmup=0.0, steps=STEPS)
+    for _ in range(STEPS):
+        trainer.train_step(model, optimizer, scheduler, iter(batches), "sft", len(batches), 1.0, world_size)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def relative(a: dict, b: dict) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the tensors."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The whole batch of 8 as one micro-batch: loss, gradients, and the parameters after STEPS steps."""
+    examples = sft_examples()
+    batch = [examples.collate(list(range(8)))]
+    loss, grads = step_of(lora_model(), batch)
+    return loss, grads, trained(lora_model(), batch)
+
+
+@pytest.mark.parametrize("split", [s for s in SPLITS if s != "one batch"])
+def test_accumulation_equals_one_batch(split, reference):
+    examples = sft_examples()
+    batches = [examples.collate(indices) for indices in SPLITS[split]]
+    loss, grads = step_of(lora_model(), batches)
+    assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
+    assert relative(grads, reference[1]) <= TOLERANCE
+    assert relative(trained(lora_model(), batches), reference[2]) <= TOLERANCE
+
+
+def test_packed_equals_one_batch(reference):
+    examples = sft_examples().packed(max_len=64)
+    batch = examples.collate(list(range(8)))
+    assert len(batch["input_ids"]) < 8  # rows really are shared
+    loss, grads = step_of(lora_model(), [batch])
+    assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
+    assert relative(grads, reference[1]) <= TOLERANCE
+    assert relative(trained(lora_model(), [batch]), reference[2]) <= TOLERANCE
+
+
+def test_averaging_means_would_be_far_off(reference):
+    """What the loss accounting guards against: the mean of the two micro-batches' own means (each short
+    answer's token weighs as much as a long answer's whole) — far from the batch's gradient."""
+    examples = sft_examples()
+    model = lora_model()
+    for indices in SPLITS["2 × 4 accumulation"]:
+        (trainer.loss_fn(model, examples.collate(indices), "sft") / 2).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert relative(grads, reference[1]) > 0.2
+
+
+def test_the_step_loss_is_the_token_mean(reference):
+    """The logged loss is Σ ℓ_i / N over the 8 examples' labelled tokens, written out here."""
+    examples = sft_examples()
+    model = lora_model()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(8):
+            ids, labels = torch.tensor([examples.input_ids[i]]), torch.tensor(examples.labels[i])
+            logits = model(ids)[0]  # (T, vocab)
+            keep = labels != data.IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert count == sum(ANSWER_LENGTHS)
+    assert abs(reference[0] - total / count) <= 1e-5 * reference[0]
+
+
+def test_a_grad_accum_longer_than_an_epoch_stops():
+    cfg = trainer.TrainConfig(batch_size=4, grad_accum=3)
+    with pytest.raises(ValueError, match="--grad-accum 3 .* 2 batches of 4"):
+        trainer.count_steps(sft_examples(), cfg, world_size=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# two processes: rank 0 gets the four short answers, rank 1 the four long ones
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        examples = sft_examples()
+        mine = [examples.collate(SPLITS["2 × 4 accumulation"][rank])]
+        results = {}
+        for layout in ("ddp", "fsdp"):
+            model = lora_model()
+            net = data_parallel(model) if layout == "ddp" else sharding.shard(model)
+            loss, grads = step_of(net, mine, world_size)
+            params = trained(net, mine, world_size)
+            if layout == "fsdp":
+                grads = {n: sharding.whole_tensor(g) for n, g in grads.items()}
+                with sharding.whole(net):
+                    params = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+            unwrap = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731 (DDP's prefix)
+            results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params)}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "results.pt"
+    multiprocessing.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_processes_equal_one_batch(layout, two_processes, reference):
+    result = two_processes[layout]
+    assert abs(result["loss"] - reference[0]) <= TOLERANCE * reference[0]
+    assert relative(result["grads"], reference[1]) <= TOLERANCE
+    assert relative(result["trained"], reference[2]) <= TOLERANCE
+
+
+def test_processes_with_different_options_stop(tmp_path):
+    """Every process must be started with the same options: rank 1's other --grad-accum stops both."""
+    out = tmp_path / "messages.json"
+    multiprocessing.spawn(_options_worker, args=(2, free_port(), str(out)), nprocs=2)
+    messages = json.loads(Path(out).read_text())
+    assert "different options" in messages and "grad_accum 1 vs 2" in messages
+
+
+def _options_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        try:
+            check_same_options({"grad_accum": 1 + rank, "lr": 1e-3}, world_size)
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        if rank == 0:
+            Path(out).write_text(json.dumps(message))
+    finally:
+        dist.destroy_process_group()
