@@ -152,7 +152,7 @@ def encode_answer(tokenizer, fmt, prompt: list[dict], answer: str, where: str, m
 def _preference_rows(source, seed: int) -> tuple[str, dict, dict]:
     """(shape, {split: [(where, prompt messages, {"chosen": text, "rejected": text})]}, {split: file})."""
     if str(source) == BUILT_IN:
-        return "messages", _rotten_tomatoes_pairs(seed), {split: BUILT_IN for split in SPLITS}
+        return "messages", rotten_tomatoes_pairs(seed), {split: BUILT_IN for split in SPLITS}
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; check the path")
@@ -239,7 +239,7 @@ def _one_answer(messages, name: str, where: str) -> str:
     return messages[0]["content"]
 
 
-def _rotten_tomatoes_pairs(seed: int) -> dict:
+def rotten_tomatoes_pairs(seed: int) -> dict:
     """rotten_tomatoes_instruct's questions, the right label chosen and the wrong one rejected, split by movie."""
     split_texts, split_labels, names = _rotten_tomatoes(seed)
     return {split: [(f"{BUILT_IN} {split} example {i + 1}",
