@@ -18,8 +18,9 @@ from conftest import perturb_trainable, tiny_model, tiny_tokenizer
 transformers = pytest.importorskip("transformers")
 
 # (warmup fraction, steps): none, tiny runs, a fraction that is not a whole number of steps (0.06 · 640
-# = 38.4), one whose product rounds up in floating point (0.1 · 30 = 3.0000000000000004), all warmup
-SCHEDULES = [(0.0, 1), (0.0, 7), (0.06, 1), (0.06, 2), (0.5, 3), (0.1, 30), (0.25, 10), (0.06, 640), (0.9, 4)]
+# = 38.4), one whose product comes out just above a whole number in floating point (0.07 · 100 =
+# 7.000000000000001: 8 warmup steps in both libraries), and nearly all warmup
+SCHEDULES = [(0.0, 1), (0.0, 7), (0.06, 1), (0.06, 2), (0.5, 3), (0.07, 100), (0.25, 10), (0.06, 640), (0.9, 4)]
 
 
 def learning_rates(scheduler, steps: int) -> list[float]:
