@@ -14,8 +14,8 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
     warmup      = ⌈fraction · steps⌉
 
 This is transformers' get_cosine_schedule_with_warmup with warmup steps counted as its Trainer counts
-a warmup ratio, except that the warmup runs one step ahead: transformers' first step has lr 0 (s / warmup),
-an update of nothing, so a one-step run with warmup trains nothing. Without warmup the two are equal.
+a warmup ratio, except that the warmup runs one step ahead: transformers' first step has lr 0 (s / warmup)
+and moves no weight, so a one-step run with warmup trains nothing. Without warmup the two are equal.
 
 Under fp16-mixed (precision.py) the loss is multiplied by a scale S before backward and the gradients
 divided by S before clipping (torch.amp.GradScaler): a step whose scaled gradient overflowed is skipped
