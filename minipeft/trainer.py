@@ -10,8 +10,13 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
         lr ← schedule(step)
         every save_every steps, at the end, and on Ctrl-C / SIGTERM:  save a checkpoint
 
-    schedule(s) = lr · s / warmup                                   for s < warmup
+    schedule(s) = lr · (s + 1) / warmup                             for s < warmup     (s = 0, 1, ...)
                 = lr · ½ (1 + cos(π · (s − warmup) / (steps − warmup)))   afterwards
+    warmup      = ⌈fraction · steps⌉
+
+This is transformers' get_cosine_schedule_with_warmup with warmup steps counted as its Trainer counts
+a warmup ratio, except that the warmup runs one step ahead: transformers' first step has lr 0 (s / warmup)
+and moves no weight, so a one-step run with warmup trains nothing. Without warmup the two are equal.
 
 The loss of a step is the mean over every labelled token of its global batch (classification: over its
 examples), however the batch is split into micro-batches, processes or packed rows:
@@ -247,6 +252,8 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
+    """The learning rate's factor at step s = 0, 1, ...: (s + 1) / warmup_steps while warming up, then
+    half a cosine from 1 down to 0 at total_steps (the module docstring)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -256,8 +263,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def make_scheduler(optimizer, warmup: float, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """warmup_cosine over `steps`, warming up for a `warmup` fraction of them (at least one step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, int(warmup * steps)), steps))
+    """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
+    counted as transformers' TrainingArguments counts a ratio; 0: no warmup)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps))
 
 
 def step_scheduler(scheduler):
