@@ -285,6 +285,7 @@ def peak_memory_bytes() -> int:
 @dataclass
 class StepResult:
     loss: float  # the mean over the labelled tokens (or examples) of the whole global batch
+    lr: float  # the learning rate the step ran at (of the first parameter group)
     grad_norm: float  # ‖g‖₂ before clipping
     finite: bool  # loss and grad_norm are finite; if not, the update was skipped
     examples: int  # trained on in this step, by all processes together
@@ -339,6 +340,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     scaled gradient overflowed is skipped by the scaler, which lowers the scale (StepResult.overflow)."""
     device = next(net.parameters()).device
     loss_scale = None if scaler is None else scaler.get_scale()
+    lr = scheduler.get_last_lr()[0]  # before the schedule advances below
     loss, examples = accumulate_gradients(net, batches, kind, grad_accum, device, world_size, scaler)
     loss, interrupted = agree(loss, stop_requested, world_size, device)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -356,7 +358,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
         optimizer.step()
     step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, examples, interrupted, loss_scale, overflow)
+    return StepResult(loss, lr, grad_norm, finite, examples, interrupted, loss_scale, overflow)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,7 +516,7 @@ class TrainingRun:
     def record_step(self, step: int, result: StepResult):
         """Log the step; after max_bad_steps non-finite steps in a row, stop (keeping the last good
         checkpoint)."""
-        self.log.record(**step_row(step, result, self.scheduler.get_last_lr()[0]))
+        self.log.record(**step_row(step, result))
         if result.finite:
             return
         if result.overflow:  # dynamic loss scaling at work, not a divergence
@@ -598,7 +600,8 @@ class TrainingRun:
 # what a run reports
 
 
-def step_row(step: int, result: StepResult, lr: float) -> dict:
+def step_row(step: int, result: StepResult) -> dict:
+    lr = result.lr
     scale = {} if result.loss_scale is None else {"loss_scale": result.loss_scale}
     if result.finite:
         return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale)

@@ -3,6 +3,7 @@ the learning-rate schedule against transformers' get_cosine_schedule_with_warmup
 its TrainingArguments counts for a ratio), one fp16-mixed step with clipping active against the same
 step in fp32, and `eval.py --chat`'s prompt against apply_chat_template(..., add_generation_prompt=True)
 (itself checked token for token against transformers in tests/test_chat.py)."""
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are local files; never ask the hub
@@ -81,6 +82,8 @@ def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     finally:
         hook.remove()
     assert seen == pytest.approx(expected_learning_rates(0.25, 8, 1e-3, tmp_path / "hf"), rel=1e-12, abs=0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["event"] == "step"] == seen  # each step logs the rate it ran at
 
 
 # ---------------------------------------------------------------------------------------------------
