@@ -7,10 +7,17 @@ Both sides start from the same all-MiniLM-L6-v2 weights (minipeft's asset cache)
 q,v with minipeft's defaults (LoRA dropout, init) mirrored in peft's LoraConfig, and a fresh
 Linear(384, 2) head. minipeft's initial LoRA A (and zero B) and head are copied into the other side, and
 the bench asserts that both give the same logits before training. Then both train on the identical
-batches (minipeft's shuffle for the seed) with minipeft/trainer.py's train_step: AdamW (weight decay on
-tensors with ndim >= 2 only), linear warmup + cosine, gradient clipping at 1.0, cross-entropy. The two
-are stepped alternately, each with its own dropout RNG stream seeded with --seed (as if it ran alone).
-The target: test accuracies within 1 point of each other.
+batches (minipeft's shuffle for the seed), each with its own library's training loop:
+- minipeft: trainer.train_step, with make_optimizer's AdamW and make_scheduler's warmup + cosine;
+- transformers + peft: the optimizer and schedule transformers' Trainer builds
+  (Trainer.create_optimizer_and_scheduler) for TrainingArguments(learning_rate, weight_decay,
+  lr_scheduler_type="cosine", warmup_steps=the same fraction, max_grad_norm): fused AdamW, weight decay
+  on every tensor but biases and LayerNorm weights; and the Trainer's step: cross-entropy, backward,
+  clip_grad_norm_, optimizer.step, lr_scheduler.step, zero_grad.
+So a defect in minipeft's optimizer or schedule shows as a gap. One difference is by design: minipeft
+warms up one step ahead of transformers, whose first step has learning rate 0 (minipeft/trainer.py);
+without warmup the two schedules are equal. The two are stepped alternately, each with its own dropout
+RNG stream seeded with --seed (as if it ran alone). The target: test accuracies within 1 point of each other.
 
 Why the HF side is not BertForSequenceClassification: that class classifies the [CLS] token through
 BERT's pooler (dense + tanh), whereas minilm in minipeft mean-pools the last hidden states over the
@@ -18,17 +25,19 @@ attention mask, as sentence-transformers trained it. So the HF side is a small w
 peft's LoRA, masked mean pooling, dropout (the model's hidden dropout, as minipeft) and the head.
 Dropout: minipeft draws its masks with its own sampler (minipeft.model.Dropout, 15 random bits per
 element), so from the same seed the two runs drop different units — two runs of one recipe, which is
-what the target asks about. tests/test_parity.py checks with dropout off that the loops do the same
-arithmetic step by step.
+what the target asks about. tests/test_parity.py checks with dropout off and no warmup that the two loops
+do the same arithmetic step by step.
 """
 import argparse
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,13 +111,12 @@ def max_logit_difference(a, b, batch) -> float:
 
 
 class Run:
-    """One side's optimizer, schedule and dropout RNG; step() is trainer.train_step, the loop's step."""
+    """One side's model, optimizer, schedule and dropout RNG stream; step() trains on one batch."""
 
     def __init__(self, model, cfg: trainer.TrainConfig, steps: int):
         self.model, self.cfg = model, cfg
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
-        self.scheduler = trainer.make_scheduler(self.optimizer, cfg.warmup, steps)
+        self.optimizer, self.scheduler = self.optimizer_and_scheduler(steps)
         self.rng = torch.Generator().manual_seed(cfg.seed).get_state()  # = torch.manual_seed(seed)
         self.seconds = 0.0
 
@@ -116,12 +124,50 @@ class Run:
         torch.set_rng_state(self.rng)  # this side's dropout stream, untouched by the other side
         start = time.perf_counter()
         self.model.train()
+        loss = self.train_on(batch)
+        self.seconds += time.perf_counter() - start
+        self.rng = torch.get_rng_state()
+        return loss
+
+
+class Minipeft(Run):
+    """minipeft's loop: make_optimizer, make_scheduler and trainer.train_step."""
+
+    def optimizer_and_scheduler(self, steps: int):
+        optimizer = trainer.make_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
+        return optimizer, trainer.make_scheduler(optimizer, self.cfg.warmup, steps)
+
+    def train_on(self, batch) -> float:
         result = trainer.train_step(self.model, self.optimizer, self.scheduler, iter([batch]), "classification",
                                     max_grad_norm=self.cfg.max_grad_norm)
         assert result.finite, "non-finite loss or gradient: train_step skipped the update"
-        self.seconds += time.perf_counter() - start
-        self.rng = torch.get_rng_state()
         return result.loss
+
+
+class TransformersTrainer(Run):
+    """transformers' Trainer's optimizer and schedule for the same settings, and its training step."""
+
+    def optimizer_and_scheduler(self, steps: int):
+        import transformers
+        cfg = self.cfg
+        with tempfile.TemporaryDirectory() as folder:  # the Trainer wants an output folder; it writes nothing we keep
+            args = transformers.TrainingArguments(
+                output_dir=folder, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, lr_scheduler_type="cosine",
+                warmup_steps=cfg.warmup, max_grad_norm=cfg.max_grad_norm, max_steps=steps, seed=cfg.seed,
+                use_cpu=True, report_to=[], save_strategy="no")
+            hf_trainer = transformers.Trainer(model=self.model, args=args)
+            hf_trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        return hf_trainer.optimizer, hf_trainer.lr_scheduler
+
+    def train_on(self, batch) -> float:
+        logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, 2)
+        loss = F.cross_entropy(logits, batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return loss.item()
 
 
 def main():
@@ -145,7 +191,8 @@ def main():
     print(f"initial logits, max |Δ| over {min(len(test), cfg.eval_batch_size)} test examples: {delta:.2e}")
     assert delta < 1e-5, f"the two models do not start from the same function (max |Δ| {delta:.2e})"
 
-    runs = {"minipeft": Run(ours, cfg, args.steps), "transformers + peft": Run(theirs, cfg, args.steps)}
+    runs = {"minipeft": Minipeft(ours, cfg, args.steps),
+            "transformers + peft": TransformersTrainer(theirs, cfg, args.steps)}
     accuracy = {name: [trainer.evaluate(run.model, test, "classification", cfg.eval_batch_size)["accuracy"]]
                 for name, run in runs.items()}
     # the trainer's own batch stream: shuffled per (seed, epoch), drop_last, epoch after epoch

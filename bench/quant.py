@@ -2,8 +2,10 @@
 
 For NF4 and FP4, each with and without double quantization: quantize and dequantize time (median of
 --repeats runs after warm-up, the two libraries interleaved so that load on the machine hits both alike),
-storage bits per weight, mean absolute round-trip error on w ~ N(0, 1), and whether the packed codes, state
-and dequantized matrix are identical to bitsandbytes'. A plain symmetric int4 absmax row is the baseline.
+storage bits per weight, mean absolute round-trip error on w ~ N(0, 1), and whether the packed codes and
+state are identical to bitsandbytes' and the dequantized matrix is code[q]·absmax of them exactly (compared
+with that definition, not with bitsandbytes' dequantize: its CPU kernels differ by CPU, and one is noted
+below the table when it departs from the definition). A plain symmetric int4 absmax row is the baseline.
 
 Then the QLoRA paper's perplexity comparison on our own data: SmolLM2-135M perplexity on the Hamlet
 test split with every block linear layer rounded through fp32 (no rounding), int4, fp4, nf4 and nf4 with
@@ -53,15 +55,28 @@ def storage_bits_per_weight(packed: torch.Tensor, state: quant.QuantState) -> fl
     return 8 * sum(t.numel() * t.element_size() for t in tensors) / state.numel
 
 
-def same_as_bnb(packed, state, ref_packed, ref_state) -> bool:
-    """Packed codes, absmax (or its 8-bit codes, scales and offset) and dequantized weights all equal."""
+def by_definition(ref_packed, ref_state) -> torch.Tensor:
+    """code[q] · absmax of bitsandbytes' codes and state, written out: what a dequantizer must return (fp32)."""
+    n = ref_state.shape.numel()
+    packed = ref_packed.view(-1).long()
+    q = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n]  # (n,) high nibble first
+    absmax = ref_state.absmax
+    if ref_state.nested:  # double quantization: its 8-bit absmax undone first
+        absmax = bnb.dequantize_blockwise(ref_state.absmax, ref_state.state2) + ref_state.offset
+    code = bnb.get_4bit_type(ref_state.quant_type, device="cpu")
+    return (code[q] * absmax[torch.arange(n) // ref_state.blocksize]).view(ref_state.shape)
+
+
+def same_as_bnb(packed, state, ref_packed, ref_state, expected) -> bool:
+    """Packed codes and absmax (or its 8-bit codes, scales and offset) equal, and the dequantized weights
+    equal to `expected`, code[q]·absmax of those."""
     if state.double_quant:
         absmax = [state.absmax_codes, state.absmax_scales, state.absmax_offset]
         ref_absmax = [ref_state.absmax, ref_state.state2.absmax, ref_state.offset]
     else:
         absmax, ref_absmax = [state.absmax], [ref_state.absmax]
     return (torch.equal(packed, ref_packed.view(-1)) and all(map(torch.equal, absmax, ref_absmax))
-            and torch.equal(quant.dequantize_4bit(packed, state), bnb.dequantize_4bit(ref_packed, ref_state)))
+            and torch.equal(quant.dequantize_4bit(packed, state), expected))
 
 
 def perplexity_ladder(blocksize: int, max_len: int):
@@ -112,6 +127,7 @@ def main():
     print("| format | double quant | bits / weight | mean abs error | quantize ms minipeft | quantize ms bnb "
           "| dequantize ms minipeft | dequantize ms bnb | identical to bnb |")
     print("|---|---|---|---|---|---|---|---|---|")
+    departures = []
     for quant_type in quant.QUANT_TYPES:
         for double_quant in (False, True):
             packed, state = quant.quantize_4bit(w, quant_type, args.blocksize, double_quant)
@@ -124,7 +140,10 @@ def main():
             dequantize_ms = median_ms([lambda: quant.dequantize_4bit(packed, state),
                                        lambda: bnb.dequantize_4bit(ref_packed, ref_state)], args.repeats)
             error = (quant.dequantize_4bit(packed, state) - w).abs().mean().item()
-            identical = same_as_bnb(packed, state, ref_packed, ref_state)
+            expected = by_definition(ref_packed, ref_state)
+            identical = same_as_bnb(packed, state, ref_packed, ref_state, expected)
+            if not torch.equal(bnb.dequantize_4bit(ref_packed, ref_state).view(w.shape), expected):
+                departures.append(f"{quant_type}{' + DQ' if double_quant else ''}")
             print(f"| {quant_type} | {'yes' if double_quant else 'no'} | "
                   f"{storage_bits_per_weight(packed, state):.3f} | {error:.4f} | {quantize_ms[0]:.0f} | "
                   f"{quantize_ms[1]:.0f} | {dequantize_ms[0]:.0f} | {dequantize_ms[1]:.0f} | "
@@ -132,6 +151,9 @@ def main():
     error = (int4_absmax_round_trip(w, args.blocksize) - w).abs().mean().item()
     bits = 4 + 32 / args.blocksize
     print(f"| int4 absmax (symmetric) | no | {bits:.3f} | {error:.4f} | – | – | – | – | – |")
+    if departures:
+        print(f"\nbitsandbytes' own dequantize departs from code[q]·absmax on this CPU "
+              f"({torch.backends.cpu.get_cpu_capability()}) for: {', '.join(departures)}")
     if not args.no_perplexity:
         perplexity_ladder(args.blocksize, args.ppl_len)
 

@@ -5,7 +5,9 @@ One step of decoding turns the logits of the last position into the next token:
     z = logits / temperature                  temperature 0: the argmax (greedy), nothing is drawn
     top-k: keep the k largest z               top-p (nucleus, Holtzman et al. 2020): keep the smallest set
                                               of tokens, most likely first, whose probabilities reach p
-    next ~ softmax(z) over what is kept       from a torch.Generator seeded with `seed` (repeatable)
+    next ~ softmax(z) over what is kept       from a torch.Generator seeded with `seed` (repeatable), on
+                                              the logits' device: torch.multinomial draws from a generator
+                                              on its input's device (CUDA refuses a CPU one)
 
 A batch of prompts of different lengths is padded on the *left*, so every row's last prompt token sits
 in the last column and the rows generate in lockstep:
@@ -45,6 +47,14 @@ class Sampling:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator | None:
+    """A torch.Generator on `device` seeded with `seed`, or None (torch's default generator) without a seed.
+    On the CPU it draws what torch.Generator().manual_seed(seed) draws."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -147,10 +157,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     sequence (slow; a check that the cache changes nothing)."""
     _check_model(model, prompts)
     sampling = sampling or Sampling()
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # where the ids, the logits and the generator live
+    generator = seeded_generator(sampling.seed, device)
     cache, ids, mask, positions = _start(model, prompts, pad_id, use_cache, device)
     outputs, stops = [[] for _ in prompts], _Stops(len(prompts), eos_id, stop, tokenizer)
     step_ids, step_positions = ids, positions

@@ -39,8 +39,9 @@ Bits per weight (block size 64):
     without double quantization   4 + 32/64                 = 4.5
     with double quantization      4 + 8/64 + 32/(64·256)    ≈ 4.127   (+ one fp32 mean per tensor)
 
-Bit-exact with bitsandbytes 0.50 on CPU (`bitsandbytes.functional.quantize_4bit` / `dequantize_4bit`,
-tests/test_quant.py), including its corner cases, which are kept on purpose and marked "bnb:" below.
+Bit-exact with bitsandbytes 0.50's CPU `quantize_4bit` (packed codes and state; tests/test_quant.py), its
+corner cases kept on purpose and marked "bnb:" below. Dequantization returns code[q]·absmax exactly on every
+CPU (bitsandbytes' AVX-512 dequantize kernel misplaces blocks in rows that are not whole blocks).
 Everything is a pure function of tensors, plus `Linear4bit`, a module that holds the result as buffers.
 """
 import contextlib

@@ -10,8 +10,13 @@ that a run resumes from exactly, a guard against non-finite steps, and data para
         lr ← schedule(step)
         every save_every steps, at the end, and on Ctrl-C / SIGTERM:  save a checkpoint
 
-    schedule(s) = lr · s / warmup                                   for s < warmup
+    schedule(s) = lr · (s + 1) / warmup                             for s < warmup     (s = 0, 1, ...)
                 = lr · ½ (1 + cos(π · (s − warmup) / (steps − warmup)))   afterwards
+    warmup      = ⌈fraction · steps⌉
+
+This is transformers' get_cosine_schedule_with_warmup with warmup steps counted as its Trainer counts
+a warmup ratio, except that the warmup runs one step ahead: transformers' first step has lr 0 (s / warmup)
+and moves no weight, so a one-step run with warmup trains nothing. Without warmup the two are equal.
 
 The loss of a step is the mean over every labelled token of its global batch (classification: over its
 examples; preference pairs, dpo.py: over its pairs), however the batch is split into micro-batches,
@@ -258,6 +263,8 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
+    """The learning rate's factor at step s = 0, 1, ...: (s + 1) / warmup_steps while warming up, then
+    half a cosine from 1 down to 0 at total_steps (the module docstring)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -267,8 +274,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def make_scheduler(optimizer, warmup: float, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """warmup_cosine over `steps`, warming up for a `warmup` fraction of them (at least one step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, int(warmup * steps)), steps))
+    """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
+    counted as transformers' TrainingArguments counts a ratio; 0: no warmup)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps))
 
 
 def step_scheduler(scheduler):
@@ -288,6 +296,7 @@ def peak_memory_bytes() -> int:
 @dataclass
 class StepResult:
     loss: float  # the mean over the labelled tokens (or examples) of the whole global batch
+    lr: float  # the learning rate the step ran at (of the first parameter group)
     grad_norm: float  # ‖g‖₂ before clipping
     finite: bool  # loss and grad_norm are finite; if not, the update was skipped
     examples: int  # trained on in this step, by all processes together
@@ -352,6 +361,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     scaled gradient overflowed is skipped by the scaler, which lowers the scale (StepResult.overflow)."""
     device = next(net.parameters()).device
     loss_scale = None if scaler is None else scaler.get_scale()
+    lr = scheduler.get_last_lr()[0]  # before the schedule advances below
     loss, examples, sums = accumulate_gradients(net, batches, kind, grad_accum, device, world_size, scaler, dpo_loss)
     loss, interrupted = agree(loss, stop_requested, world_size, device)
     metrics = None if sums is None else dpo.step_metrics(sums, world_size)
@@ -370,7 +380,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
         optimizer.step()
     step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, examples, interrupted, loss_scale, overflow, metrics)
+    return StepResult(loss, lr, grad_norm, finite, examples, interrupted, loss_scale, overflow, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -530,7 +540,7 @@ class TrainingRun:
     def record_step(self, step: int, result: StepResult):
         """Log the step; after max_bad_steps non-finite steps in a row, stop (keeping the last good
         checkpoint)."""
-        self.log.record(**step_row(step, result, self.scheduler.get_last_lr()[0]))
+        self.log.record(**step_row(step, result))
         if result.finite:
             return
         if result.overflow:  # dynamic loss scaling at work, not a divergence
@@ -615,7 +625,8 @@ class TrainingRun:
 # what a run reports
 
 
-def step_row(step: int, result: StepResult, lr: float) -> dict:
+def step_row(step: int, result: StepResult) -> dict:
+    lr = result.lr
     scale = {} if result.loss_scale is None else {"loss_scale": result.loss_scale}
     if result.finite:
         return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale,

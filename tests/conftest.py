@@ -147,14 +147,14 @@ def loss_of(model, idx, mask):
     return out.float().pow(2).mean()
 
 
-def perturb_trainable(model, seed=3):
-    """Move every trainable parameter a little, as a few training steps would: at init some gradients
-    are exactly zero by design (LoRA's A while B = 0), which would hide a broken gradient path."""
+def perturb_trainable(model, seed=3, scale=0.02):
+    """Move every trainable parameter a little (scale · N(0, 1)), as a few training steps would: at init
+    some gradients are exactly zero by design (LoRA's A while B = 0), which would hide a broken gradient path."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(params=FLAVORS)

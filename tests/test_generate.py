@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.generate import Sampling, TextStreamer, complete, generate, greedy, next_tokens
+from minipeft.generate import Sampling, TextStreamer, complete, generate, greedy, next_tokens, seeded_generator
 from minipeft.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
@@ -107,6 +107,26 @@ def test_sampling_is_repeatable_with_a_seed():
     assert first != generate(model, PROMPTS, 10, sampling=Sampling(temperature=1.5, seed=8))
     assert generate(model, PROMPTS, 10, sampling=Sampling(temperature=1.0, top_k=1, seed=3)) == \
         generate(model, PROMPTS, 10)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_generator_lives_on_the_logits_device(device):
+    """torch.multinomial takes a generator on its input's device only (CUDA refuses a CPU one); on the CPU
+    the seeded generator draws what a plain torch.Generator seeded alike draws."""
+    probs = torch.rand(4, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    generator = seeded_generator(7, probs.device)
+    assert generator.device == probs.device
+    draws = torch.multinomial(probs, 8, replacement=True, generator=generator)
+    assert torch.equal(draws, torch.multinomial(probs, 8, replacement=True,
+                                                generator=seeded_generator(7, probs.device)))
+    if device == "cpu":
+        assert torch.equal(draws, torch.multinomial(probs, 8, replacement=True,
+                                                    generator=torch.Generator().manual_seed(7)))
+    assert seeded_generator(None, probs.device) is None  # no seed: torch's default generator
 
 
 def test_bad_sampling_options():

@@ -1,7 +1,10 @@
 """bench/parity.py builds minipeft LoRA and transformers + peft LoRA from the same minilm weights and
-trains them with the same loop. With dropout off, both must start from the same function and still
-agree after a few AdamW steps on real Rotten Tomatoes batches: then the two sides do the same work, and
-a gap in the bench's test accuracies could only come from dropout or float rounding."""
+trains each with its own library's loop: minipeft's train_step, AdamW and schedule; transformers'
+Trainer's optimizer and cosine schedule and its step. With dropout off and no warmup (where the two
+schedules are equal: minipeft warms up one step ahead, tests/test_loop_references.py), both must start
+from the same function and still agree after a few steps on real Rotten Tomatoes batches: then the two
+sides do the same work, and a gap in the bench's test accuracies could only come from dropout, the
+warmup's first step, or float rounding."""
 import os
 import sys
 from pathlib import Path
@@ -17,7 +20,7 @@ pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import parity  # noqa: E402
 
-STEPS = 3
+STEPS = 4  # learning rates lr · (1, 0.85, 0.5, 0.15): a constant or wrong schedule moves the weights elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,12 @@ def lora_pairs(ours, theirs):
     yield ours.head.bias, theirs.head.bias
 
 
+def optimizer_settings(optimizer) -> dict:
+    """id(tensor) -> (weight decay, initial learning rate) of its parameter group."""
+    return {id(p): (group["weight_decay"], group["initial_lr"]) for group in optimizer.param_groups
+            for p in group["params"]}
+
+
 def test_same_start_same_steps(pair):
     ours, theirs, task = pair
     test_batch = next(task.splits["test"].batches(32))
@@ -45,8 +54,13 @@ def test_same_start_same_steps(pair):
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
         sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
-    cfg = trainer.TrainConfig(steps=STEPS, batch_size=8, seed=0)
-    runs = [parity.Run(ours, cfg, STEPS), parity.Run(theirs, cfg, STEPS)]
+    cfg = trainer.TrainConfig(steps=STEPS, batch_size=8, seed=0, lr=2e-3, warmup=0.0)
+    runs = [parity.Minipeft(ours, cfg, STEPS), parity.TransformersTrainer(theirs, cfg, STEPS)]
+    # the weight decay and peak learning rate of every tensor, as the Trainer groups them (no decay on biases)
+    settings = [optimizer_settings(run.optimizer) for run in runs]
+    for mine, other in lora_pairs(ours, theirs):
+        assert settings[0][id(mine)] == settings[1][id(other)]
+    assert settings[0][id(ours.head.bias)] == (0.0, 2e-3) and settings[0][id(ours.head.weight)] == (0.01, 2e-3)
     batches = trainer.training_batches(task.splits["train"], cfg, trainer.Progress())
     for _ in range(STEPS):
         batch = next(batches)

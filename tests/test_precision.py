@@ -142,8 +142,9 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert result.overflow and not result.finite and result.loss_scale == 2.0 ** 40
     assert scaler.get_scale() == 2.0 ** 39
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-    row = trainer.step_row(1, result, 1e-2)
+    row = trainer.step_row(1, result)
     assert row["skipped"].startswith("fp16 gradient overflow") and row["loss"] == result.loss
+    assert row["lr"] == 1e-2  # the rate of the skipped step, not of the next one
 
 
 def test_train_py_counts_overflows_apart_from_divergence(tmp_path, monkeypatch):
