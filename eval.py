@@ -8,6 +8,7 @@
     python eval.py --model smollm2 --task rotten_tomatoes_instruct --adapter checkpoints/sft/adapter
                                                                       # exact match of greedy answers
     python eval.py --model smollm2 --few-shot 4 --limit 200 [--calibrate]   # in-context baseline, no training
+    python eval.py --model smollm2 --task pairs.jsonl --adapter checkpoints/dpo/adapter   # reward accuracy (DPO)
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minipeft as mp
-from minipeft import chat, cli, data, fewshot, trainer
+from minipeft import chat, cli, data, fewshot, preference, trainer
 from minipeft.atomic import atomic_write
 from minipeft.generate import Sampling, TextStreamer, generate
 
@@ -154,7 +155,12 @@ def main(argv):
         return print_continuation(model, tokenizer, args)
     if args.chat:
         return chat_loop(model, tokenizer, args)
-    task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed, chat_template=args.chat_template)
+    if preference.is_preference_source(args.task):  # pairs: reward accuracy against the base model (β = 0.1)
+        task = preference.load_preferences(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
+                                           chat_template=args.chat_template)
+    else:
+        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
+                              chat_template=args.chat_template)
     if args.few_shot is not None:
         result = fewshot.few_shot_accuracy(model, tokenizer, task, k=args.few_shot, seed=args.seed,
                                            split=args.split, limit=args.limit, calibrate=args.calibrate)

@@ -292,7 +292,8 @@ def main(argv):
             held = sharding.bytes_per_process(model)
         if rank == 0:
             print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}, "
+                  f"{'pairs' if task.kind == 'dpo' else 'examples'}{', packed' if args.pack else ''}), method "
+                  f"{method.name}, lr {config.lr}, "
                   f"{chosen.name} on {device}"
                   + (f", {world_size} processes" if world_size > 1 else ""))
         summary = trainer.train(model, task, config)

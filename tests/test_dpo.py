@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import minipeft as mp
+import eval as eval_cli
 import train as train_cli
 from minipeft import cli, dpo, preference, trainer
 from minipeft.chat import PLAIN_TEMPLATE, chat_format
@@ -365,6 +366,8 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     assert {"reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"} <= steps[0].keys()
     summary = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["test_after"]["reward_accuracy"] > 0.5 and summary["examples_per_step"] == 4
+    eval_cli.main(["--model", "tiny-llama", "--task", str(pairs_file), "--adapter", str(tmp_path / "a" / "adapter")])
+    assert f"reward accuracy {summary['test_after']['reward_accuracy']:.4f}" in capsys.readouterr().out
     code, out, err = run_main(dpo_args(pairs_file, tmp_path / "b", "--precompute-reference", "--grad-accum", "2",
                                        "--batch-size", "2"), capsys)  # batches of 4 random pairs, cut in two
     assert code == 0, err

@@ -101,6 +101,8 @@ def check_can_disable(model):
                          "there to switch back to; mp.unmerge(model) first")
     configs = model.adapters.configs.values() if model.adapters is not None else \
         [model.peft_config] if model.peft_config else []
+    if not configs:  # no method: the model is its own base
+        return
     for config in configs:
         spec = get_method(config["method"])
         if spec.changes_base(**config["options"]):
