@@ -20,10 +20,11 @@ So the reference model of preference tuning costs no second copy of the weights:
 once with the adapter and once without. What it cannot give back is a base that is not there any more:
 a method that trains base weights itself (full, head, last_k, bitfit, the layer norms of Houlsby
 adapters, a fresh classifier head) or rewrote them when it was applied (LoRA's PiSSA and OLoRA inits),
-and an adapter merged into the weights (mp.unmerge first). Those stop with a ValueError saying why. QLoRA's
-base is its 4-bit one, the weights it actually runs on. A model sharded with FSDP holds its weights as
-shards that only its own layers gather, so a stand-in could not read them: compute what needs the base
-before sharding (train.py's --precompute-reference does).
+and an adapter merged into the weights (mp.unmerge first). Those stop with a ValueError saying why (a
+trained base weight is told by its name: a bare model of the same config, built on the meta device, has a
+parameter of that name). QLoRA's base is its 4-bit one, the weights it actually runs on. A model sharded
+with FSDP holds its weights as shards that only its own layers gather, so a stand-in could not read them:
+compute what needs the base before sharding (train.py's --precompute-reference does).
 
 `base_view(model)` is the same swap without the checks (model.peft_config and model.adapters None inside):
 multi.py applies or loads a new adapter into it, to sit beside the ones the model has.
