@@ -356,7 +356,8 @@ def steps_of(out: Path) -> list[dict]:
 
 def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp_path, capsys):
     """train.py on preference pairs: DPO by default; per step the loss, reward margin, accuracy and rewards;
-    reward accuracy on the test pairs before (0: every reward is 0 at LoRA's init) and after; the same run
+    reward accuracy on the test pairs before (0: every reward is 0 at LoRA's init) and after, as eval.py
+    scores the adapter; from that adapter (--init-adapter) the next run starts where it ended; the first run
     with --precompute-reference and --grad-accum 2 (batches of 2) logs the same steps."""
     code, out, err = run_main(dpo_args(pairs_file, tmp_path / "a"), capsys)
     assert code == 0, err
@@ -368,6 +369,10 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     assert summary["test_after"]["reward_accuracy"] > 0.5 and summary["examples_per_step"] == 4
     eval_cli.main(["--model", "tiny-llama", "--task", str(pairs_file), "--adapter", str(tmp_path / "a" / "adapter")])
     assert f"reward accuracy {summary['test_after']['reward_accuracy']:.4f}" in capsys.readouterr().out
+    code, out, err = run_main(dpo_args(pairs_file, tmp_path / "c", "--init-adapter", tmp_path / "a" / "adapter"), capsys)
+    assert code == 0, err  # from a trained adapter the reference is still the base model: it starts where "a" ended
+    continued = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert continued["test_before"] == pytest.approx(summary["test_after"], abs=1e-6)
     code, out, err = run_main(dpo_args(pairs_file, tmp_path / "b", "--precompute-reference", "--grad-accum", "2",
                                        "--batch-size", "2"), capsys)  # batches of 4 random pairs, cut in two
     assert code == 0, err
