@@ -192,7 +192,8 @@ def test_one_step_equals_trls_dpo_trainer(variant, llama_folder, tmp_path):
     trl = pytest.importorskip("trl")
     ours, tokenizer = ours_with_lora(llama_folder)
     fmt = chat_format(tokenizer)
-    dataset = preference.load_preferences(pairs_folder(tmp_path / "pairs", ROWS), tokenizer, max_len=128).splits["train"]
+    dataset = preference.load_preferences(pairs_folder(tmp_path / "pairs", ROWS), tokenizer, max_len=128)
+    dataset = dataset.splits["train"]
     batch = dataset.collate(list(range(len(ROWS))))
     pairs = dpo.pair_losses(ours, batch, dpo.DPOLoss(beta=0.1, variant=variant))
     loss = pairs.losses.mean()
@@ -227,7 +228,8 @@ def test_one_step_equals_trls_dpo_trainer(variant, llama_folder, tmp_path):
                    "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean()}
     differences = {"loss": abs(loss.item() - their_loss.item()),
                    **{key: abs(value.item() - logged[key]) for key, value in ours_logged.items()}}
-    their_grads = {name.replace(".default", ""): p.grad for name, p in theirs.model.named_parameters() if p.requires_grad}
+    their_grads = {name.replace(".default", ""): p.grad for name, p in theirs.model.named_parameters()
+                   if p.requires_grad}
     our_grads = gradients_in_peft_names(ours, tmp_path / "grads")
     assert our_grads.keys() == their_grads.keys() and len(our_grads) == 2 * 7 * 2  # A and B, 7 layers, 2 blocks
     differences["gradients"] = max((our_grads[k] - their_grads[k]).abs().max().item() for k in our_grads)
@@ -291,7 +293,8 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     the end-of-text token closing each; a long prompt loses tokens from its left."""
     tokenizer = byte_tokenizer()
     text = [{"prompt": "Is it good?", "chosen": "yes", "rejected": "no"}] * 5
-    messages = [{"prompt": [{"role": "user", "content": "Is it good?"}], "chosen": [{"role": "assistant", "content": "yes"}],
+    messages = [{"prompt": [{"role": "user", "content": "Is it good?"}],
+                 "chosen": [{"role": "assistant", "content": "yes"}],
                  "rejected": [{"role": "assistant", "content": "no"}]}] * 5
     a = preference.load_preferences(write_jsonl(tmp_path / "text.jsonl", text), tokenizer, max_len=64)
     b = preference.load_preferences(write_jsonl(tmp_path / "messages.jsonl", messages), tokenizer, max_len=64)
@@ -310,7 +313,8 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 2: the chosen and the rejected answer are the same"),
     ({"prompt": "p", "chosen": " ", "rejected": "b"}, "line 2: the chosen answer is empty"),
     ({"prompt": "p", "chosen": "a"}, "line 2 is not a preference row"),
-    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "line 2 mixes text and messages"),
+    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+     "line 2 mixes text and messages"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "user", "content": "a"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: 'chosen' must be a list of one message"),
     ({"prompt": [{"role": "assistant", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
@@ -369,7 +373,8 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     assert summary["test_after"]["reward_accuracy"] > 0.5 and summary["examples_per_step"] == 4
     eval_cli.main(["--model", "tiny-llama", "--task", str(pairs_file), "--adapter", str(tmp_path / "a" / "adapter")])
     assert f"reward accuracy {summary['test_after']['reward_accuracy']:.4f}" in capsys.readouterr().out
-    code, out, err = run_main(dpo_args(pairs_file, tmp_path / "c", "--init-adapter", tmp_path / "a" / "adapter"), capsys)
+    code, out, err = run_main(dpo_args(pairs_file, tmp_path / "c", "--init-adapter", tmp_path / "a" / "adapter"),
+                              capsys)
     assert code == 0, err  # from a trained adapter the reference is still the base model: it starts where "a" ended
     continued = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
     assert continued["test_before"] == pytest.approx(summary["test_after"], abs=1e-6)
