@@ -1,20 +1,21 @@
 """DPO on real data: SmolLM2-135M-Instruct learns to prefer the right Rotten Tomatoes label to the wrong one.
 
     python bench/dpo.py                         # the tables of docs/dpo.md
-    python bench/dpo.py --model tiny-llama --dpo-steps 4 --sft-steps 4 --test 16 --cost-steps 2
+    python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --test 16
 
 The pairs are rotten_tomatoes_preference's (preference.py): each review sentence asked as
 rotten_tomatoes_instruct asks it ("Is this movie review positive or negative? Answer with one word."),
 the right label chosen and the wrong one rejected, split by movie. They are written to
-<out>/data/pairs/{train,validation,test}.jsonl: a random draw of --dpo-steps × --batch-size training pairs
-(one epoch), --validation and --test pairs of held-out movies. <out>/data/sft/ holds the same prompts with
+<out>/data/pairs/{train,validation,test}.jsonl: a random draw of --train-pairs training pairs, --validation
+and --test pairs of held-out movies. <out>/data/sft/ holds the same prompts with
 the chosen answers as prompt/completion rows: the instruction task SFT trains on and exact match scores.
 
   1. SFT (train.py): LoRA on every linear layer, --sft-steps of --batch-size conversations; exact match of
      the greedy answers to the test prompts before and after
-  2. DPO (train.py --precompute-reference) from the base model and from the SFT adapter (--init-adapter):
-     --dpo-steps of --batch-size pairs at --lr; reward accuracy, margin and the policy's own preference on
-     the held-out test pairs before and after, and the exact match of the DPO adapter (eval.py)
+  2. DPO (train.py --precompute-reference) from the base model (at --base-lr: its rewards start at 0) and
+     from the SFT adapter (--init-adapter, at --lr: a step as large as SFT's undoes part of the SFT):
+     --dpo-steps of --batch-size pairs; reward accuracy, margin and the policy's own preference on the
+     held-out test pairs before and after, and the exact match of the DPO adapter (eval.py)
   3. the cost of a step, each kind in a process of its own (this script with --time KIND): an SFT step on
      2 × --batch-size conversations (as many rows as a batch of pairs), a DPO step with the reference pass
      (adapter off) and one with the reference log-probabilities precomputed; the median CPU seconds (all
@@ -128,28 +129,31 @@ def main():
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="checkpoints/bench-dpo", help="where the data and the runs go")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per DPO step, conversations per SFT step")
+    p.add_argument("--train-pairs", type=int, default=160, help="training pairs drawn (SFT: their prompts)")
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--sft-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=2e-4, help="DPO's peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-4, help="DPO's peak learning rate from the SFT adapter")
+    p.add_argument("--base-lr", type=float, default=1e-3, help="DPO's peak learning rate from the base model")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--validation", type=int, default=8, help="held-out pairs scored during training")
     p.add_argument("--test", type=int, default=64, help="held-out pairs scored before and after")
-    p.add_argument("--cost-steps", type=int, default=3, help="steps timed per kind (after one warm-up)")
+    p.add_argument("--cost-steps", type=int, default=2, help="steps timed per kind (after one warm-up)")
     p.add_argument("--time", choices=("sft", "dpo", "dpo-precomputed"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.time:
         return print(json.dumps(time_steps(args.time, args)))
     out = ROOT / args.out
-    pairs, sft_rows = write_data(out / "data", args.dpo_steps * args.batch_size, args.validation, args.test)
+    pairs, sft_rows = write_data(out / "data", args.train_pairs, args.validation, args.test)
     common = ["--model", args.model, "--targets", "all", "--max-len", "256", "--save-every", "0"]
     run("train.py", *common, "--task", sft_rows, "--steps", args.sft_steps, "--batch-size", args.batch_size,
         "--eval-generate", "0", out=out / "runs/sft")
     results = {}
-    for start, extra in (("base model", []), ("SFT adapter", ["--init-adapter", out / "runs/sft/adapter"])):
+    for start, extra in (("base model", ["--lr", args.base_lr]),
+                         ("SFT adapter", ["--lr", args.lr, "--init-adapter", out / "runs/sft/adapter"])):
         folder = out / "runs" / f"dpo-{start.split()[0].lower()}"
         run("train.py", *common, "--task", pairs, "--steps", args.dpo_steps, "--batch-size", args.batch_size,
-            "--lr", args.lr, "--beta", args.beta, "--precompute-reference", "--eval-every",
-            max(1, args.dpo_steps // 4), *extra, out=folder)
+            "--beta", args.beta, "--precompute-reference", "--eval-every", max(1, args.dpo_steps // 4), *extra,
+            out=folder)
         em = exact_match(run("eval.py", "--model", args.model, "--task", sft_rows, "--adapter", folder / "adapter",
                              "--max-len", "256", label=f"eval.py {folder.name}"))
         results[start] = (summary(folder), em)
@@ -175,7 +179,8 @@ def report(args, sft: dict, results: dict, costs: list[dict]):
               f"{three(a['reward_accuracy'])} | {b['reward_margin']:.3f} → {a['reward_margin']:.3f} | "
               f"{three(b['policy_accuracy'])} → {three(a['policy_accuracy'])} | {three(em_before[start])} → "
               f"{three(em)} |")
-    print(f"\nbefore → after, on {args.test} held-out pairs; DPO at lr {args.lr:g}, β {args.beta:g}. The SFT "
+    print(f"\nbefore → after, on {args.test} held-out pairs; DPO at β {args.beta:g}, lr {args.base_lr:g} from the "
+          f"base model and {args.lr:g} from the SFT adapter, {args.train_pairs} training pairs. The SFT "
           f"adapter: {sft['steps']} steps × {args.batch_size} conversations (the chosen answers), exact match "
           f"{three(em_before['base model'])} → {three(em_before['SFT adapter'])}.")
     print(f"\nreward accuracy on the {args.validation} validation pairs during training:")
