@@ -1,6 +1,8 @@
 """DPO on real data: SmolLM2-135M-Instruct learns to prefer the right Rotten Tomatoes label to the wrong one.
 
     python bench/dpo.py                         # the tables of docs/dpo.md
+    python bench/dpo.py --costs-only            # only the cost of a step (on the data a full run wrote)
+    python bench/dpo.py --costs-only --mmap-threshold 131072   # peak RSS that follows the live tensors
     python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --test 16
 
 The pairs are rotten_tomatoes_preference's (preference.py): each review sentence asked as
@@ -20,7 +22,7 @@ the chosen answers as prompt/completion rows: the instruction task SFT trains on
      2 × --batch-size conversations (as many rows as a batch of pairs), a DPO step with the reference pass
      (adapter off) and one with the reference log-probabilities precomputed; the median CPU seconds (all
      threads: what the step costs whatever else the machine runs) and wall seconds of --cost-steps steps
-     after a warm-up, the process's peak RSS, and what precomputing the steps' pairs took
+     after a warm-up, the process's peak RSS, and what precomputing every training pair took
 """
 import argparse
 import datetime
@@ -91,11 +93,14 @@ def exact_match(printed: str) -> float:
 
 def time_steps(kind: str, args) -> dict:
     """--time KIND, in a process of its own: the median CPU and wall seconds of --cost-steps training steps
-    of one kind after a warm-up step, the peak RSS, and (dpo-precomputed) the precomputation's seconds."""
+    of one kind after a warm-up step (batches wrap round a short split), the peak RSS, and (dpo-precomputed)
+    the CPU seconds of precomputing the reference of every training pair."""
     import torch
 
     import minipeft as mp
     from minipeft import data, dpo, trainer
+    if args.mmap_threshold:
+        mp.memory.mmap_large_tensors(args.mmap_threshold)
     model, tokenizer = mp.from_pretrained(args.model)
     mp.apply(model, "lora", targets=["all"])
     folder = ROOT / args.out / "data"
@@ -104,9 +109,8 @@ def time_steps(kind: str, args) -> dict:
     else:
         split = preference.load_preferences(folder / "pairs", tokenizer, max_len=256).splits["train"]
         rows = args.batch_size
-    split = split.head((args.cost_steps + 1) * rows)  # (fewer when the split is shorter: batches wrap round)
     cpu, wall, precompute = [], [], None
-    if kind == "dpo-precomputed":
+    if kind == "dpo-precomputed":  # every training pair, as train.py --precompute-reference does
         start = time.process_time()
         split = dpo.precompute_reference(model, split)
         precompute = {"pairs": len(split), "cpu_seconds": time.process_time() - start}
@@ -137,11 +141,18 @@ def main():
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--validation", type=int, default=8, help="held-out pairs scored during training")
     p.add_argument("--test", type=int, default=64, help="held-out pairs scored before and after")
-    p.add_argument("--cost-steps", type=int, default=2, help="steps timed per kind (after one warm-up)")
+    p.add_argument("--cost-steps", type=int, default=4, help="steps timed per kind (after one warm-up)")
+    p.add_argument("--costs-only", action="store_true", help="only the cost of a step (the data must be there)")
+    p.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                   help="cost of a step: allocations this large or larger are returned to the system when freed "
+                        "(mp.memory.mmap_large_tensors; 131072: the peak RSS follows the live tensors, steps slow "
+                        "down); 0: glibc's default")
     p.add_argument("--time", choices=("sft", "dpo", "dpo-precomputed"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.time:
         return print(json.dumps(time_steps(args.time, args)))
+    if args.costs_only:
+        return report_costs(measure_costs())
     out = ROOT / args.out
     pairs, sft_rows = write_data(out / "data", args.train_pairs, args.validation, args.test)
     common = ["--model", args.model, "--targets", "all", "--max-len", "256", "--save-every", "0"]
@@ -157,17 +168,22 @@ def main():
         em = exact_match(run("eval.py", "--model", args.model, "--task", sft_rows, "--adapter", folder / "adapter",
                              "--max-len", "256", label=f"eval.py {folder.name}"))
         results[start] = (summary(folder), em)
-    costs = [json.loads(run("bench/dpo.py", *sys.argv[1:], "--time", kind, label=f"--time {kind}").splitlines()[-1])
-             for kind in ("sft", "dpo", "dpo-precomputed")]
-    report(args, summary(out / "runs/sft"), results, costs)
+    report(args, summary(out / "runs/sft"), results)
+    report_costs(measure_costs())
+
+
+def measure_costs() -> list[dict]:
+    """Each kind of step timed in a process of its own (this script with --time KIND)."""
+    return [json.loads(run("bench/dpo.py", *sys.argv[1:], "--time", kind, label=f"--time {kind}").splitlines()[-1])
+            for kind in ("sft", "dpo", "dpo-precomputed")]
 
 
 def three(x: float) -> str:
     return f"{x:.3f}"
 
 
-def report(args, sft: dict, results: dict, costs: list[dict]):
-    """The tables of docs/dpo.md, in markdown."""
+def report(args, sft: dict, results: dict):
+    """The quality table of docs/dpo.md, in markdown."""
     print(f"\n{datetime.date.today()}, torch {sft['versions']['torch']}; python bench/dpo.py "
           f"{' '.join(sys.argv[1:])}\n")
     print("| start | steps × pairs | reward accuracy | reward margin | policy prefers chosen | exact match |")
@@ -187,7 +203,12 @@ def report(args, sft: dict, results: dict, costs: list[dict]):
     for start, (run_summary, _) in results.items():
         print(f"- from the {start}: " + ", ".join(f"step {v['step']}: {v['reward_accuracy']:.3f}"
                                                    for v in run_summary["validation"]))
-    print("\n| step | rows | CPU s/step | wall s/step | peak RSS MiB |")
+
+
+def report_costs(costs: list[dict]):
+    """The cost table of docs/dpo.md, in markdown."""
+    print(f"\n{datetime.date.today()}; python bench/dpo.py {' '.join(sys.argv[1:])}\n")
+    print("| step | rows | CPU s/step | wall s/step | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|")
     names = {"sft": "SFT", "dpo": "DPO, reference pass (adapter off) every step",
              "dpo-precomputed": "DPO, reference precomputed"}
