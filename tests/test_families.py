@@ -86,7 +86,7 @@ def hf_configs():
                                       query_pre_attn_scalar=12, attn_logit_softcapping=6.0,
                                       final_logit_softcapping=4.0, attention_bias=True, hidden_activation="silu",
                                       layer_types=TWO_TYPES, tie_word_embeddings=False, rope_parameters={
-                                          "full_attention": rope(800.0, "linear", factor=2.0),
+                                          "full_attention": rope(100.0, "linear", factor=2.0),
                                           "sliding_attention": rope(50.0)}),
                    t.Gemma3ForCausalLM),
     }
@@ -100,7 +100,7 @@ QUERY_KEY = re.compile(r".*\.(q_proj|k_proj|query|key|q_lin|k_lin|c_attn|qkv_pro
 
 def perturbed(hf):
     """Random norm weights and biases too (transformers initialises them to 1 / 0 / 0, which would hide
-    a (1 + w) or a missing bias), and query and key weights 5 times larger: at transformers' init the
+    a (1 + w) or a missing bias), and query and key weights 20 times larger: at transformers' init the
     attention scores are near 0 and attention near uniform, so what acts on the scores alone (RoPE's base
     and scaling, the query scale, soft-caps) would hardly change an output."""
     g = torch.Generator().manual_seed(7)
@@ -109,7 +109,7 @@ def perturbed(hf):
             if "norm" in name.lower() or name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
             if QUERY_KEY.fullmatch(name):
-                p.mul_(5)
+                p.mul_(20)
     return hf
 
 
@@ -174,7 +174,7 @@ def test_the_switches_are_read_from_each_config(folders):
     assert (cfg["gemma"].act, cfg["gemma2"].act, cfg["gemma3"].act) == ("silu", "gelu", "silu")
     assert (cfg["gemma2"].attn_softcap, cfg["gemma2"].final_softcap, cfg["gemma2"].attn_scale) == (5.0, 3.0, 12)
     assert cfg["gemma2"].layer_pattern == "FS"
-    assert (cfg["gemma3"].rope_theta, cfg["gemma3"].rope_local_theta, cfg["gemma3"].layer_pattern) == (800, 50, "SF")
+    assert (cfg["gemma3"].rope_theta, cfg["gemma3"].rope_local_theta, cfg["gemma3"].layer_pattern) == (100, 50, "SF")
     assert cfg["gemma3"].rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert (cfg["gemma3"].attn_softcap, cfg["gemma3"].final_softcap) == (0, 4.0)  # transformers ignores the first
 
@@ -186,13 +186,13 @@ def test_older_gemma3_config_layout(folders, tmp_path):
     hf, folder = folders["gemma3"]
     config = json.loads((folder / "config.json").read_text())
     del config["rope_parameters"], config["layer_types"]
-    config.update(rope_theta=800.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=50.0,
+    config.update(rope_theta=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=50.0,
                   sliding_window_pattern=2)
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(config))
     model, _ = from_pretrained(tmp_path)
-    assert (model.cfg.rope_theta, model.cfg.rope_local_theta, model.cfg.layer_pattern) == (800, 50, "SF")
+    assert (model.cfg.rope_theta, model.cfg.rope_local_theta, model.cfg.layer_pattern) == (100, 50, "SF")
     assert model.cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     reread = transformers.Gemma3TextConfig.from_pretrained(tmp_path)  # transformers reads it so too
     assert reread.rope_parameters == hf.config.rope_parameters and reread.layer_types == hf.config.layer_types
@@ -385,7 +385,7 @@ def test_gguf_architectures_match_transformers(architecture, tmp_path):
               "gemma3": t.Gemma3TextConfig(**dict(DECODER, num_hidden_layers=3), rms_norm_eps=4e-3, head_dim=16,
                                            sliding_window=4, query_pre_attn_scalar=16,
                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                           rope_parameters={"full_attention": rope(800.0),
+                                           rope_parameters={"full_attention": rope(100.0),
                                                             "sliding_attention": rope(50.0)})}[architecture]
     torch.manual_seed(0)
     cls = {"qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM, "gemma3": t.Gemma3ForCausalLM}[architecture]
