@@ -240,6 +240,19 @@ class PeftLayout:
 def save(model, path: Path) -> Path:
     """Write `model`'s adapter as peft lays it out for the matching transformers model (see the module
     docstring), each file atomically."""
+    tensors, config = to_peft(model, path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / PEFT_CONFIG,
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """What `save` writes: (the tensors by peft's keys, adapter_config.json's fields). The tensors are
+    functions of the model's parameters, differentiable outside no_grad (the tests carry peft's gradients
+    back through them, the chain rule checking ours); `path` only names the adapter in messages."""
     cfg, method = model.cfg, model.peft_config["method"]
     hook = get_method(method).peft
     if hook is None:
@@ -254,12 +267,7 @@ def save(model, path: Path) -> Path:
     method_tensors, method_config = hook.to_peft(model, PeftLayout(cfg, path, body))
     tensors.update(method_tensors)
     config.update(method_config)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
-    atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / PEFT_CONFIG,
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return path
+    return tensors, config
 
 
 def _base_name(cfg) -> str | None:

@@ -560,10 +560,14 @@ def _layer_pattern(c: dict, family: str) -> str | None:
 
 
 def _hf_activation(c: dict, family: str) -> str:
-    """Gemma names its activation hidden_activation (transformers ignores its hidden_act; older files
-    leave it null: tanh-GELU); the others hidden_act."""
-    if family.startswith("gemma"):
+    """Gemma 2 and 3 name their activation hidden_activation (transformers ignores their hidden_act);
+    Gemma 1 hidden_act, whose legacy "gelu" transformers takes for tanh-GELU (files of transformers 4 may
+    name it hidden_activation instead); the others hidden_act."""
+    if family in ("gemma2", "gemma3"):
         return c.get("hidden_activation") or "gelu_pytorch_tanh"
+    if family == "gemma":
+        act = c.get("hidden_act") or c.get("hidden_activation") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" else act
     return c.get("hidden_act", "silu")
 
 
@@ -588,13 +592,18 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     if "mlp_bias" in c:
         config["mlp_bias"] = bool(c["mlp_bias"])
     if family in ("gemma2", "gemma3"):  # 0: no soft-cap (None would mean the family's default)
-        config.update(attn_scale=c.get("query_pre_attn_scalar"), attn_softcap=c.get("attn_logit_softcapping") or 0.0,
+        # transformers' Gemma 3 caps the final logits only, whatever its config says of attention logits
+        attn_softcap = c.get("attn_logit_softcapping") if family == "gemma2" else None
+        config.update(attn_scale=c.get("query_pre_attn_scalar"), attn_softcap=attn_softcap or 0.0,
                       final_softcap=c.get("final_logit_softcapping") or 0.0)
-    if family == "gemma3":  # the sliding layers' own RoPE
-        local = _rope_settings(c, source, "sliding_attention")
-        _require(local["rope_scaling"] is None, source, "scaled RoPE on sliding layers is not supported")
-        config["rope_local_theta"] = local["rope_theta"] if "sliding_attention" in (c.get("rope_parameters") or {}) \
-            else c.get("rope_local_base_freq", 10_000.0)
+    if family == "gemma3":  # the sliding layers' own RoPE: rope_parameters' entry, or (older files) an unscaled
+        # one of base rope_local_base_freq, rope_scaling being the full layers' only
+        if "sliding_attention" in (c.get("rope_parameters") or {}):
+            local = _rope_settings(c, source, "sliding_attention")
+            _require(local["rope_scaling"] is None, source, "scaled RoPE on sliding layers is not supported")
+            config["rope_local_theta"] = local["rope_theta"]
+        else:
+            config["rope_local_theta"] = c.get("rope_local_base_freq", 10_000.0)
     return config
 
 

@@ -45,19 +45,28 @@ def pytest_configure(config):
 
 # per family, what its tiny model sets beyond the shared sizes, so that every code path runs: GQA (4 heads
 # sharing 2 key/value heads), untied heads, head_dim != d_model / n_head, sliding windows shorter than
-# tiny_batch's rows, partial RoPE, a query scale other than head_dim, RoBERTa's position offset
-_ROPE = dict(n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+# tiny_batch's rows, partial and scaled RoPE, a query scale other than head_dim, RoBERTa's position offset.
+# A field a switch reads (norm eps, RoPE base and scaling, head_dim, window, query scale, soft-caps) is set
+# to a value that is neither transformers' default for the family nor ModelConfig's, so code that ignores
+# it changes the numbers (llama's and qwen2's head_dim stays d_model / n_head, transformers' default for
+# both, which the default suite's shapes assume)
+_EPS = dict(norm_eps=1e-4)
+_ROPE = dict(_EPS, n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
 TINY_EXTRAS = {
-    "roberta": dict(pos_offset=1),  # padding_idx + 1, with pad_token_id 0
-    "llama": _ROPE,
-    "mistral": dict(_ROPE, sliding_window=4),
+    "gpt2": _EPS,
+    "bert": _EPS,
+    "roberta": dict(_EPS, pos_offset=1),  # padding_idx + 1, with pad_token_id 0
+    "distilbert": _EPS,
+    "llama": dict(_ROPE, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "mistral": dict(_ROPE, head_dim=16, sliding_window=4),
     "qwen2": _ROPE,
     "qwen3": dict(_ROPE, head_dim=16),
-    "phi3": dict(_ROPE, sliding_window=5, rope_fraction=0.5),
+    "phi3": dict(_ROPE, head_dim=16, sliding_window=5, rope_fraction=0.5),
     "gemma": dict(_ROPE, head_dim=16, tie_embeddings=True),
-    "gemma2": dict(_ROPE, sliding_window=4, attn_scale=12.0, attn_softcap=5.0, final_softcap=3.0),
+    "gemma2": dict(_ROPE, head_dim=16, sliding_window=4, attn_scale=12.0, attn_softcap=5.0, final_softcap=3.0),
     "gemma3": dict(_ROPE, head_dim=16, sliding_window=4, attn_scale=12.0, rope_local_theta=100.0,
-                   tie_embeddings=True),
+                   rope_scaling={"rope_type": "linear", "factor": 2.0}, final_softcap=4.0, tie_embeddings=True),
 }
 
 

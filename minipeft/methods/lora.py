@@ -315,7 +315,7 @@ def _fused_update(block, adapted: tuple, held: tuple, rank: int, cfg) -> tuple[t
     layers = {t: block.get_submodule(linear_targets.TARGETS[t]) for t in adapted}
     A = torch.cat([layer.lora_A for layer in layers.values()])  # (n·r, in)
     B = torch.zeros(sum(linear_targets.shape(cfg, t)[1] for t in held), len(adapted) * rank,
-                    device=A.device)  # (Σ out, n·r): zero where a held target is not adapted
+                    dtype=A.dtype, device=A.device)  # (Σ out, n·r): zero where a held target is not adapted
     row = 0
     for t in held:
         out_features = linear_targets.shape(cfg, t)[1]
