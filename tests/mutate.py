@@ -300,7 +300,8 @@ def main(argv=None):
 
     source = (REPO / args.file).read_text()
     tree = ast.parse(source)
-    mutants = all_mutants(tree, source, set(filter(None, args.only.split(","))), set(filter(None, args.skip.split(","))))
+    names = lambda text: set(filter(None, text.split(",")))  # noqa: E731
+    mutants = all_mutants(tree, source, names(args.only), names(args.skip))
     if args.ids:
         chosen = [mutants[int(i)] for i in args.ids.split(",")]
     elif args.sample and args.sample < len(mutants):
@@ -340,8 +341,9 @@ def run_all(tree, args, chosen, repo) -> list[list]:
     for m in chosen:
         target.write_text(mutated_source(tree, m))
         verdict, seconds, last = run_tests(repo, args.tests, args.timeout)
+        test = last.removeprefix("FAILED ").removeprefix("ERROR ").split(" - ")[0].removeprefix("tests/")
         results.append([m.id, m.line, m.kind, shorten(m.before), shorten(m.after), verdict, f"{seconds:.0f}",
-                        shorten(last.removeprefix("FAILED ").removeprefix("ERROR ").split(" - ")[0].removeprefix("tests/"), 80)])
+                        shorten(test, 80)])
         print(row(results[-1]), flush=True)
     return results
 
