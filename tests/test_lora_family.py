@@ -92,6 +92,31 @@ def test_dora_is_the_equation_and_its_norm_is_a_constant():
     layer(x).sum().backward()  # with the norm detached, m's gradient is Σ_tokens (x Vᵀ)/‖V‖
     norm = direction.detach().norm(dim=1)
     torch.testing.assert_close(layer.magnitude.grad, (x @ direction.detach().T / norm).sum(0), atol=1e-5, rtol=0)
+    A, B = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B))  # and A's, B's
+    V = layer.weight + 2 * B @ A  # the same equation, its norm a constant (.detach(), as peft)
+    (x @ (layer.magnitude.detach()[:, None] * V / V.norm(dim=1, keepdim=True).detach()).T).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, atol=1e-5, rtol=0)
+
+
+def test_dora_under_dropout_is_peft_s_training_arithmetic():
+    """With dropout d drawing, the W path of the update sees d(x) too (peft's training forward):
+    h = x Wᵀ + b + (g − 1)·(d(x) Wᵀ) + g·s·(d(x) Aᵀ Bᵀ), g = m / ‖W + s·BA‖."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(12, 8), rank=2, alpha=4, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(5, 12)
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    dropped = layer.lora_dropout(x)  # the same mask
+    assert not torch.equal(dropped, x)
+    W, A, B = layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    g = layer.magnitude.detach() / (W + 2 * B @ A).norm(dim=1)
+    expected = x @ W.T + layer.bias + (g - 1) * (dropped @ W.T) + g * 2 * (dropped @ A.T @ B.T)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_dora_starts_with_the_weight_norms_and_merges_exactly():

@@ -132,6 +132,17 @@ def test_with_dropout_only_the_trainable_parameters_learn(method, example, flavo
 
 
 @pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_new_tensors_go_where_the_model_is(method, example, flavor, head):
+    """Every parameter and buffer a method adds sits on the device of the weights it adapts (on a GPU model,
+    the GPU). The meta device stands in for a second device: nothing is computed on it, and any tensor a
+    method left on the CPU shows."""
+    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None).to("meta")
+    mp.apply(model, method, tokenizer=tiny_tokenizer(), **example_options(method, example))
+    elsewhere = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not elsewhere, f"on the CPU, not with the model: {elsewhere}"
+
+
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
 def test_save_load_roundtrip(method, example, flavor, head, tmp_path):
     model = build(method, example, flavor, head)
     perturb_trainable(model)
