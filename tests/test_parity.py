@@ -45,7 +45,7 @@ def test_same_start_same_steps(pair):
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
         sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
-    cfg = trainer.TrainConfig(steps=STEPS, batch_size=8, seed=0)
+    cfg = trainer.TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, seed=0)
     runs = [parity.Run(ours, cfg, STEPS), parity.Run(theirs, cfg, STEPS)]
     batches = trainer.training_batches(task.splits["train"], cfg, trainer.Progress())
     for _ in range(STEPS):
