@@ -426,7 +426,7 @@ def test_new_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch
     assert a.is_dir() and b.is_dir()
 
 
-def test_the_python_api_trains_as_train_py(tmp_path, text, capsys):
+def test_the_python_api_trains_as_train_py(tmp_path, text, monkeypatch):
     """trainer.train with TrainConfig's defaults takes the steps train.py takes with its own defaults
     (learning rate, batching, and the rest): the same losses and adapter, bit for bit."""
     import minipeft as mp
@@ -444,6 +444,12 @@ def test_the_python_api_trains_as_train_py(tmp_path, text, capsys):
                          load_file(cli_out / "adapter" / "adapter.safetensors"))
     start = next(json.loads(line) for line in (api_out / "metrics.jsonl").read_text().splitlines())
     assert start["config"]["lr"] == mp.get_method("lora").lr  # resolved, and logged as resolved
+    # and without out, a new folder of its own under ./checkpoints, as train.py
+    monkeypatch.chdir(tmp_path)
+    summary = trainer.train(model, task, trainer.TrainConfig(steps=1, batch_size=4))
+    [folder] = (tmp_path / "checkpoints").iterdir()
+    assert re.fullmatch(r"lora-\d{8}-\d{6}", folder.name)
+    assert summary["adapter"] == str(folder.relative_to(tmp_path) / "adapter")
 
 
 # ----------------------------------------------------------------------------------------------------
