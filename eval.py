@@ -1,6 +1,6 @@
 """Evaluate a base model, or a base model plus a saved adapter, on a task's test split; generate; or chat.
 
-    python eval.py --adapter checkpoints/run/adapter                 # accuracy / perplexity on test
+    python eval.py --adapter checkpoints/<run>/adapter               # accuracy / perplexity on test
     python eval.py --model path/to/hf-folder --adapter path/to/peft-adapter   # an adapter saved by peft
     python eval.py --model smollm2 --generate "The capital of France is"
     python eval.py --model smollm2 --generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1

@@ -7,11 +7,12 @@
     python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
-    python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
+    python train.py ... --resume checkpoints/<run>         # continue a stopped run (same options)
     torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
     torchrun --nproc_per_node 2 train.py ... --fsdp        # the same, each process holding 1/2 of the model
 """
 import argparse
+import contextlib
 import json
 
 import torch
@@ -20,7 +21,6 @@ import minipeft as mp
 from minipeft import checkpoint, cli, data, precision, processes, sharding, trainer
 
 DEFAULT_METHOD = "lora"
-DEFAULT_OUT = "checkpoints/run"
 
 
 def build_parser():
@@ -55,7 +55,7 @@ def build_parser():
     t.add_argument("--pack", action="store_true",
                    help="pack each batch's examples into rows of --max-len tokens instead of padding them "
                         "(attention stays inside each example, positions restart): the same loss, less padding")
-    t.add_argument("--batching", choices=("by-length", "random"), default="by-length",
+    t.add_argument("--batching", choices=trainer.BATCHING, default="by-length",
                    help="by-length: each shuffled batch holds examples of about one length, so little of "
                         "it is padding (Rotten Tomatoes on MiniLM: 1.79x fewer tokens computed); random: "
                         "batches as drawn, padded to their longest example")
@@ -69,8 +69,12 @@ def build_parser():
                         "validation pass (0: none; the test split is always scored whole)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
     t.add_argument("--out", default=None,
-                   help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
-                        "or the --resume folder)")
+                   help="output folder: metrics.jsonl, adapter/, checkpoints (default: the --resume folder, or "
+                        "a new one, checkpoints/<model>-<task>-<method>-<date>-<time>, named on the first line). "
+                        "A folder that holds another run stops the run, unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="let --out hold another run: its metrics.jsonl, adapter/ and checkpoints are deleted "
+                        "once every check has passed, before the first step (the folder's other files stay)")
     m = p.add_argument_group("memory")
     m.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
@@ -159,17 +163,63 @@ def pack_training_split(model, task, max_len: int):
     task.splits["train"] = task.splits["train"].packed(max_len)
 
 
-def train_config(args, method, out: str, precision: str, device: torch.device) -> trainer.TrainConfig:
+def train_config(args, precision: str, device: torch.device) -> trainer.TrainConfig:
+    """The training options as TrainConfig takes them (--lr None: the method's own; --out None: the
+    --resume folder, or a new one)."""
     return trainer.TrainConfig(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.clip,
-        eval_every=args.eval_every, eval_generate=args.eval_generate, test_before=not args.skip_test_before,
-        seed=args.seed, out=out, save_every=args.save_every, max_bad_steps=args.max_bad_steps, resume=args.resume,
-        stop_at=args.stop_at,
+        batching=args.batching, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        max_grad_norm=args.clip, eval_every=args.eval_every, eval_generate=args.eval_generate,
+        test_before=not args.skip_test_before,
+        seed=args.seed, out=args.out, overwrite=args.overwrite, save_every=args.save_every,
+        max_bad_steps=args.max_bad_steps, resume=args.resume, stop_at=args.stop_at,
         run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
-             "batching": args.batching, "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
+             "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
              "precision": precision, "device_type": device.type})
+
+
+def check_before_loading(args):
+    """Fail fast, before loading anything: an --out that cannot be written or holds another run, an
+    unreadable --resume checkpoint, --fsdp without torchrun."""
+    out = args.out or (checkpoint.run_folder(args.resume) if args.resume else None)
+    if out is None:
+        checkpoint.check_writable(checkpoint.RUNS)
+    else:
+        checkpoint.check_output_folder(out, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        checkpoint.read_state(args.resume)
+    if args.fsdp:
+        sharding.check_launch()
+
+
+def prepare(args, method, device: torch.device, precision_name: str):
+    """The model with the method applied (or --init-adapter's), on its device and in its precision, and
+    the task (its training split packed with --pack): (model, task, method)."""
+    options = cli.method_options(args)
+    # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
+    apply_method = not args.init_adapter or args.method is not None or bool(options)
+    torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
+    # loaded in fp32 and cast once the method is on: frozen weights to the precision's frozen dtype, the
+    # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
+    model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
+    check_context_length(model, args.max_len, args.model)
+    task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
+                          chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
+    check_task_flags(args, task)
+    if task.kind == "classification":
+        model.add_classifier(task.n_classes)
+    if apply_method:
+        mp.apply(model, method.name, tokenizer=tokenizer, **options)
+    if args.init_adapter:
+        mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
+        method = mp.get_method(model.peft_config["method"])
+    check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+    if args.pack:
+        pack_training_split(model, task, args.max_len)
+    model.checkpointing = args.grad_checkpoint
+    mp.set_precision(model, precision_name).to(device)
+    return model, task, method
 
 
 def main(argv):
@@ -181,70 +231,58 @@ def main(argv):
     check_numbers(args)
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
-    options = cli.method_options(args)
     method = mp.get_method(args.method or DEFAULT_METHOD)
-    # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
-    apply_method = not args.init_adapter or args.method is not None or bool(options)
-    out = args.out or (str(checkpoint.run_folder(args.resume)) if args.resume else DEFAULT_OUT)
-    # fail fast, before loading anything: an unwritable --out, an unreadable --resume checkpoint
-    checkpoint.check_output_folder(out, resume=args.resume)
-    if args.resume:
-        checkpoint.read_state(args.resume)
-    if args.fsdp:
-        sharding.check_launch()
+    check_before_loading(args)
 
     requested = precision.resolve_device(args.device)  # a device that is not there stops here
     rank, world_size = processes.init_distributed(requested.type)
     device = processes.device_for_process() if world_size > 1 else requested
     chosen = precision.resolve_precision(args.precision, device)
+    new_folder = None
     try:
-        torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
-        # loaded in fp32 and cast once the method is on: frozen weights to the precision's frozen dtype, the
-        # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
-        model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
-        check_context_length(model, args.max_len, args.model)
-        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
-                              chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
-        check_task_flags(args, task)
-        if task.kind == "classification":
-            model.add_classifier(task.n_classes)
-        if apply_method:
-            mp.apply(model, method.name, tokenizer=tokenizer, **options)
-        if args.init_adapter:
-            mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
-            method = mp.get_method(model.peft_config["method"])
-        check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
-        if args.batching == "by-length":
-            task.splits["train"] = task.splits["train"].grouped_by_length()
-        if args.pack:
-            pack_training_split(model, task, args.max_len)
-        model.checkpointing = args.grad_checkpoint
-        mp.set_precision(model, chosen.name).to(device)
+        model, task, method = prepare(args, method, device, chosen.name)
         # the ledger for the longest training batch (batches are padded to their longest example)
         longest = max(map(len, task.splits["train"].input_ids))
         ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
-        config = train_config(args, method, out, chosen.name, device)
+        config = train_config(args, chosen.name, device)
+        if config.resume and not config.out:
+            config.out = str(checkpoint.run_folder(config.resume))
+        if not config.out:  # a new folder of its own, named on the first line
+            new_folder = checkpoint.new_run_folder(config.run, method.name)
+            config.out = str(new_folder)
+        held = None
         if args.fsdp:
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
             print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.lr}, "
-                  f"{chosen.name} on {device}"
-                  + (f", {world_size} processes" if world_size > 1 else ""))
+                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.peak_lr(model)}, "
+                  f"{chosen.name} on {device}" + (f", {world_size} processes" if world_size > 1 else "")
+                  + f", output in {config.out}")
         summary = trainer.train(model, task, config)
         if rank == 0:
-            print(trainer.format_summary(summary))
-            print(mp.format_report(ledger))
-            print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
-                  f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
-                  "peak also covers loading and evaluation)")
-            if args.fsdp:
-                print(sharding.format_bytes_per_process(held))
-            print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
+            print_results(summary, config.out, ledger, held)
+    except BaseException:
+        if new_folder is not None and rank == 0:
+            with contextlib.suppress(OSError):  # removed only while empty: a run that wrote nothing
+                new_folder.rmdir()
+        raise
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def print_results(summary: dict, out: str, ledger: dict, held: dict | None):
+    """The summary, the memory ledger against the measured peak, and (--fsdp) the bytes each process held."""
+    print(trainer.format_summary(summary))
+    print(f"output folder        {out}")
+    print(mp.format_report(ledger))
+    print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
+          f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
+          "peak also covers loading and evaluation)")
+    if held is not None:
+        print(sharding.format_bytes_per_process(held))
+    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
 
 
 if __name__ == "__main__":

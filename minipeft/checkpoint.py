@@ -19,18 +19,25 @@ a crash at any moment leaves the previous checkpoint or the new one, never half 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. After a new checkpoint is in
 place the older checkpoint-<step> folders are removed, so a run keeps one (the last good one).
 
-Resuming (trainer.py calls these before it writes anything): `check_output_folder` stops a new run
-from replacing an unfinished one in the same --out; `check_resumable` requires the checkpoint's base
-model (by fingerprint), method, method options and run options (`run_options`) to be this run's, where
-only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and stops) may differ;
-`restore` then puts the parameters, AdamW's state and the scheduler back and returns the `Progress`.
+One run per output folder, so nothing is lost without being asked: `check_output_folder` stops a
+run whose --out holds another run's files (metrics.jsonl, adapter/, checkpoints) unless it is that run,
+resumed, or --overwrite lets `remove_run_files` delete them once every check has passed (the folder's
+other files stay); a run given no --out gets a new folder of its own (`new_run_folder`).
+
+Resuming (trainer.py calls these before it writes anything): `check_resumable` requires the
+checkpoint's base model (by fingerprint), method, method options and run options (`run_options`) to be
+this run's, where only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and
+stops) may differ; `restore` then puts the parameters, AdamW's state and the scheduler back and returns
+the `Progress`.
 """
+import itertools
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,10 +54,12 @@ LATEST = "latest_checkpoint"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FOLDER = re.compile(r"checkpoint-\d+")
+RUN_FILES = ("metrics.jsonl", "adapter", LATEST)  # with the checkpoint folders: what a run writes in its --out
+RUNS = Path("checkpoints")  # where a run given no --out gets a folder of its own (new_run_folder)
 
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
-MAY_CHANGE_ON_RESUME = ("out", "resume", "save_every", "stop_at", "max_bad_steps", "eval_every",
-                        "eval_batch_size", "init_adapter")
+MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "max_bad_steps",
+                        "eval_every", "eval_batch_size", "init_adapter")
 OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
               "device_type": "--device type"}
@@ -327,30 +336,103 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:
                          "from another copy or start a new run") from None
 
 
-def check_output_folder(out: Path, resume=None):
-    """Stop before any work if `out` cannot be written, or if it holds an unfinished run that this run
-    would replace (unless this run is that run, resumed)."""
-    out = Path(out)
-    existing = out
+# ----------------------------------------------------------------------------------------------------
+# the output folder: one run per folder
+
+
+def check_writable(folder: Path):
+    """Stop before any work if `folder` (or, while it does not exist, its nearest existing parent)
+    cannot be written."""
+    folder = Path(folder)
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+        raise ValueError(f"--out {folder}: {existing} is a file, not a folder; choose another --out")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {existing} ({e.strerror}); choose a writable "
+        raise ValueError(f"--out {folder}: cannot write in {existing} ({e.strerror}); choose a writable "
                          "folder") from None
-    if not (out / LATEST).exists():
-        return
-    if resume is not None and run_folder(resume).resolve() == out.resolve():
+
+
+def run_files(out: Path) -> list[str]:
+    """What a run writes in its output folder (metrics.jsonl, adapter/, latest_checkpoint,
+    checkpoint-<step>/ and the temporary folders of a save) that `out` holds, by name."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    ours = [p for p in out.iterdir()
+            if p.name in RUN_FILES or FOLDER.fullmatch(p.name) or p.name.startswith(".checkpoint-")]
+    return sorted(p.name + "/" * p.is_dir() for p in ours)
+
+
+def check_output_folder(out: Path, resume=None, overwrite: bool = False):
+    """Stop before any work if `out` cannot be written, or if it holds another run's files (run_files):
+    they are kept unless this run is that run, resumed, or `overwrite` lets it replace them."""
+    out = Path(out)
+    check_writable(out)
+    same_run = resume is not None and run_folder(resume).resolve() == out.resolve()
+    if same_run and overwrite:
+        raise ValueError(f"--overwrite would delete the run that --resume {resume} continues; give one "
+                         "or the other")
+    found = run_files(out)
+    if not found or same_run or overwrite:
         return
     try:
         folder, state = read_state(out)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"--out {out} holds a checkpoint that cannot be read ({e}); move it away or "
-                         "choose another --out") from None
-    if state["step"] < state["steps"]:
+        unfinished = state["step"] < state["steps"]
+    except (ValueError, OSError):  # no checkpoint yet, or one that cannot be read: still another run's
+        unfinished = False
+    if unfinished:
         raise ValueError(f"--out {out} holds an unfinished run ({folder.name}, step {state['step']} of "
-                         f"{state['steps']}); continue it with --resume {out}, or choose another --out")
+                         f"{state['steps']}); continue it with --resume {out}, replace it with --overwrite, "
+                         "or choose another --out")
+    raise ValueError(f"--out {out} holds another run ({', '.join(found)}); replace it with --overwrite, "
+                     "choose another --out, or give none for a new folder")
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """--overwrite: delete the previous run's files in `out` (run_files; the folder's other files stay),
+    so that its metrics.jsonl, adapter and checkpoints cannot mix with this run's. Returns their names."""
+    found = run_files(out)
+    for name in found:
+        path = Path(out) / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
+def new_run_folder(run: dict, method: str, parent: Path = RUNS) -> Path:
+    """The output folder of a run given none, created now so that no other run takes it:
+    <parent>/<model>-<task>-<method>-<YYYYmmdd-HHMMSS>, with -2, -3, ... if that is taken (model and
+    task as `run` names them, when it does). Under torchrun every process must call this: rank 0
+    creates the folder and the others get its name."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        name = [str(_create_run_folder(run, method, parent)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        return Path(name[0])
+    return _create_run_folder(run, method, parent)
+
+
+def _create_run_folder(run: dict, method: str, parent: Path) -> Path:
+    words = [_short_name(run[key]) for key in ("model", "task") if run.get(key) is not None]
+    base = "-".join([*words, method, time.strftime("%Y%m%d-%H%M%S")])
+    for n in itertools.count(1):
+        folder = Path(parent) / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # a run started in the same second
+            continue
+
+
+def _short_name(source) -> str:
+    """A model or task as a folder name takes it: a file by its stem (my_chats.jsonl -> my_chats), a
+    folder by its name, a named one as it is; characters other than letters, digits, '.', '_' and '-'
+    become '_'."""
+    path = Path(str(source))
+    return re.sub(r"[^\w.-]+", "_", path.stem if path.is_file() else path.name) or "run"

@@ -69,7 +69,7 @@ import resource
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,7 +83,7 @@ from .checkpoint import Progress
 from .data import IGNORE_INDEX
 from .generate import complete
 from .memory import weight_bytes
-from .methods.registry import lr_factors
+from .methods.registry import get_method, lr_factors
 from .precision import grad_scaler
 from .processes import StopSignal, agree, check_same_options, data_parallel, distributed
 from .quant import tensors_of_4bit_layers, values_in_4bit_layers
@@ -96,7 +96,8 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 16  # per process: a step sees batch_size × processes × grad_accum examples
     grad_accum: int = 1
-    lr: float = 1e-3
+    batching: str = "by-length"  # or "random" (see BATCHING)
+    lr: float | None = None  # peak learning rate; None: the method's own (registry Method.lr), as train.py
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of the steps
     max_grad_norm: float = 1.0
@@ -105,12 +106,22 @@ class TrainConfig:
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
     test_before: bool = True  # score the test split before training (the base model's result)
     seed: int = 0
-    out: str = "checkpoints/run"
+    out: str | None = None  # None: the resume folder, or a new one (checkpoint.new_run_folder)
+    overwrite: bool = False  # out may hold another run: its files are removed once every check has passed
     save_every: int = 100  # steps between checkpoints; 0 = only at the end and when stopped
     max_bad_steps: int = 10  # non-finite steps in a row that stop the run
     resume: str | None = None  # a run's output folder (or one of its checkpoints) to continue
     stop_at: int | None = None  # save a checkpoint and stop after this step (resume later)
     run: dict = field(default_factory=dict)  # what else defines the run: model, task, max_len, ...
+
+    def peak_lr(self, model) -> float:
+        """lr, or the learning rate of the model's method when lr is None."""
+        return self.lr if self.lr is not None else get_method(model.peft_config["method"]).lr
+
+
+# how the training split is cut into batches: each shuffled batch holds examples of about one length
+# (data.Dataset.grouped_by_length: little padding), or batches as drawn, padded to their longest example
+BATCHING = ("by-length", "random")
 
 
 class Stopped(Exception):
@@ -440,14 +451,21 @@ def train(model, data, cfg: TrainConfig) -> dict:
 
 class TrainingRun:
     """One call of train(). Creating it checks everything and restores the checkpoint to resume, if
-    any, writing nothing; start() logs and prepares the first step, loop() takes the steps, finish()
-    saves the last checkpoint and the adapter and returns the summary."""
+    any, and only then creates the output folder (or, with overwrite, removes the previous run's files
+    from it); start() logs and prepares the first step, loop() takes the steps, finish() saves the last
+    checkpoint and the adapter and returns the summary."""
 
     def __init__(self, model, data, cfg: TrainConfig):
-        self.model, self.data, self.cfg = model, data, cfg
+        if cfg.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {cfg.batching!r}")
+        if cfg.batching == "by-length":
+            data = replace(data, splits={**data.splits, "train": data.splits["train"].grouped_by_length()})
+        self.model, self.data = model, data
         self.rank, self.world_size = distributed()
-        self.out = Path(cfg.out)
-        checkpoint.check_output_folder(self.out, resume=cfg.resume)
+        out = cfg.out or (checkpoint.run_folder(cfg.resume) if cfg.resume else None)
+        if out is not None:
+            checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
         self.eval_every = cfg.eval_every or max(1, self.steps // 4)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -467,6 +485,11 @@ class TrainingRun:
         self.saved = self.resumed.path if self.resumed else None
         self.saved_step = self.progress.step if self.resumed else None
         self.log, self.net = None, None  # set by start()
+        # every check has passed: only now may the output folder change
+        self.out = Path(out) if out is not None else checkpoint.new_run_folder(cfg.run, model.peft_config["method"])
+        self.cfg = replace(cfg, out=str(self.out))
+        if cfg.overwrite and self.rank == 0 and (removed := checkpoint.remove_run_files(self.out)):
+            self.say(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
 
     def start(self, log: MetricsLog):
         """Log the start (or the resume), score the test split before training (once per run), wrap

@@ -173,3 +173,35 @@ def test_every_method_trains_on_hamlet_and_generates(method, tmp_path):
     assert rows[-1]["event"] == "summary" and "perplexity" in rows[-1]["test_after"]
     eval_cli.main(["--model", model, "--adapter", str(tmp_path / "adapter"), "--generate", "To be",
                    "--max-new-tokens", "4"])
+
+
+# train.py's flags for TrainConfig's fields whose flag is not --the-field-name; test_before is the inverse
+# of --skip-test-before
+FLAG_OF_FIELD = {"max_grad_norm": "--clip", "test_before": "--skip-test-before"}
+NO_FLAG = {"eval_batch_size", "run"}  # evaluation's batch size has no flag; run holds the other flags
+
+
+def test_train_py_and_trainconfig_share_every_default():
+    """One default per setting: the parser's default of each flag equals the TrainConfig field it sets,
+    field by field, and train.py's TrainConfig from no flags at all equals TrainConfig()."""
+    import dataclasses
+
+    import torch
+
+    import train as train_cli
+    from minipeft import trainer
+    parser = train_cli.build_parser()
+    actions = {flag: action for action in parser._actions for flag in action.option_strings}
+    differ = []
+    for field in dataclasses.fields(trainer.TrainConfig):
+        if field.name in NO_FLAG:
+            continue
+        flag = FLAG_OF_FIELD.get(field.name, "--" + field.name.replace("_", "-"))
+        default = actions[flag].default
+        if field.name == "test_before":
+            default = not default
+        if default != field.default:
+            differ.append(f"{flag} {default!r} but TrainConfig.{field.name} {field.default!r}")
+    assert not differ, "; ".join(differ)
+    from_flags = train_cli.train_config(parser.parse_args([]), "fp32", torch.device("cpu"))
+    assert dataclasses.replace(from_flags, run={}) == trainer.TrainConfig()
