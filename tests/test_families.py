@@ -51,15 +51,15 @@ def hf_configs():
     t = transformers
     return {
         "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, vocab_size=V,
-                              pad_token_id=PAD, layer_norm_epsilon=1e-3, activation_function="gelu",
+                              pad_token_id=PAD, layer_norm_epsilon=1e-3, activation_function="silu",
                               tie_word_embeddings=False), t.GPT2LMHeadModel),
-        "bert": (t.BertConfig(**SIZES, layer_norm_eps=1e-3, hidden_act="gelu_pytorch_tanh", type_vocab_size=3),
+        "bert": (t.BertConfig(**SIZES, layer_norm_eps=1e-3, hidden_act="swish", type_vocab_size=3),
                  t.BertModel),
         "roberta": (t.RobertaConfig(**dict(SIZES, pad_token_id=2, max_position_embeddings=67), layer_norm_eps=2e-3,
                                     hidden_act="silu", type_vocab_size=1), t.RobertaModel),
         "distilbert": (t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V,
                                           max_position_embeddings=64, pad_token_id=PAD,
-                                          activation="gelu_pytorch_tanh"), t.DistilBertModel),
+                                          activation="silu"), t.DistilBertModel),
         "llama": (t.LlamaConfig(**DECODER, rms_norm_eps=1e-3, head_dim=16, attention_bias=True, mlp_bias=True,
                                 hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, rope_parameters=rope(
                                     500.0, "llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -164,7 +164,7 @@ def test_family_matches_transformers(family, folders):
 def test_the_switches_are_read_from_each_config(folders):
     cfg = {family: from_pretrained(folder)[0].cfg for family, (_, folder) in folders.items()}
     assert cfg["roberta"].pos_offset == 3 and cfg["roberta"].max_seq_len == 64
-    assert (cfg["gpt2"].norm_eps, cfg["gpt2"].act, cfg["gpt2"].d_ff, cfg["gpt2"].tie_embeddings) == (1e-3, "gelu", 48, False)
+    assert (cfg["gpt2"].norm_eps, cfg["gpt2"].act, cfg["gpt2"].d_ff, cfg["gpt2"].tie_embeddings) == (1e-3, "silu", 48, False)
     assert cfg["llama"].rope_scaling["rope_type"] == "llama3" and cfg["llama"].tie_embeddings
     assert (cfg["llama"].qkv_bias, cfg["llama"].o_bias, cfg["llama"].mlp_bias) == (True, True, True)
     assert (cfg["mistral"].sliding_window, cfg["mistral"].layer_pattern, cfg["mistral"].rope_theta) == (4, "S", 300)
