@@ -28,8 +28,8 @@ DEFAULT_MODEL = "minilm"  # without --model and --adapter
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter), generate text or chat.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_model_and_task_flags(p, model_default=None, model_help=" (default: the base model the --adapter "
-                                 "was trained on, as its config records it; minilm without --adapter)")
+    cli.add_model_and_task_flags(p, model_default=None, model_help="; None: the base model the --adapter was "
+                                 "trained on, as its config records it (minilm without --adapter)")
     cli.add_device_flags(p)
     cli.add_import_flag(p)
     p.add_argument("--adapter", default=None, help="adapter folder saved by train.py (its <out>/adapter), by "
@@ -41,9 +41,9 @@ def build_parser():
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first (lora)")
     p.add_argument("--limit", type=int, default=None, help="score only the first LIMIT examples of the split")
     p.add_argument("--out", "--predictions", default=None, metavar="FILE",
-                   help="instruction tasks: where to write each prompt's answer (JSON lines; default: "
-                        "predictions-<split>.jsonl in the folder that holds the adapter folder, the training run's, "
-                        "or here without --adapter)")
+                   help="instruction tasks: where to write each prompt's answer (JSON lines); None: "
+                        "predictions-<split>.jsonl in the folder that holds the adapter folder (the training run's), "
+                        "or here without --adapter")
     g = p.add_argument_group("generation")
     g.add_argument("--generate", default=None, metavar="PROMPT", help="print a continuation of PROMPT (causal models)")
     g.add_argument("--chat", action="store_true", help="talk with the model in its chat template (a line per turn; "

@@ -49,8 +49,8 @@ def build_parser():
     t.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up the learning rate")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
     t.add_argument("--eval-every", type=int, default=None,
-                   help="steps between validation passes, and after the last step (default: four per run, after "
-                        "steps ceil(k x steps / 4); 0: no validation)")
+                   help="steps between validation passes, and after the last step; None: four per run, after "
+                        "steps ceil(k x steps / 4); 0: no validation")
     t.add_argument("--model-dropout", type=model_dropout, default=0.0, metavar="P|model",
                    help="dropout in the model's own layers (embeddings, attention weights, sub-layer outputs), "
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
