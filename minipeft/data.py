@@ -289,23 +289,25 @@ def load_task(sources, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0, 
     them. The kind of each source follows from its name or suffix, or from the shape of its rows;
     chat_template and train_on_prompt are instruction data's options, columns renames files' columns."""
     parsed = parse_sources(sources)
-    several = len(parsed) > 1
-    renamed, loaded = [], []
-    for source, _ in parsed:
-        rows, kind = _read(source, columns, if_present=several)
-        renamed.append(isinstance(rows, dict) and any(table.renamed for table in rows.values()))
-        if kind == "lm":
-            loaded.append(load_lm(rows, tokenizer, max_len, seed, pad_id))
-        elif kind == "classification":
-            loaded.append(load_classification(rows, tokenizer, max_len, seed, pad_id))
-        else:
-            loaded.append(load_instruct(rows, tokenizer, max_len, seed, pad_id, chat_template, train_on_prompt))
-    if columns and not any(renamed):
+    read = [_read(source, columns, if_present=len(parsed) > 1) for source, _ in parsed]  # [(rows, kind)]
+    (first, _), (_, kind) = parsed[0], read[0]
+    for (source, _), (_, its_kind) in zip(parsed, read):
+        if its_kind != kind:
+            raise ValueError(f"--task {first} is {KIND_NAMES[kind]} but --task {source} is {KIND_NAMES[its_kind]}; "
+                             "the sources of one run must all be of one kind")
+    if columns and not any(isinstance(rows, dict) and any(t.renamed for t in rows.values()) for rows, _ in read):
         raise ValueError(f"no --task source has the columns --columns names ({', '.join(columns.values())}); "
                          "check their names, or drop --columns")
-    if not several and parsed[0][1] == 1:
+    if kind == "lm":
+        loaded = [load_lm(rows, tokenizer, max_len, seed, pad_id) for rows, _ in read]
+    elif kind == "classification":
+        loaded = [load_classification(rows, tokenizer, max_len, seed, pad_id) for rows, _ in read]
+    else:
+        loaded = [load_instruct(rows, tokenizer, max_len, seed, pad_id, chat_template, train_on_prompt)
+                  for rows, _ in read]
+    if parsed == [(first, 1.0)]:
         return loaded[0]
-    return mix(loaded, [source for source, _ in parsed], [weight for _, weight in parsed], seed)
+    return mix(loaded, [weight for _, weight in parsed], seed)
 
 
 def _read(source: str, columns: dict | None, if_present: bool) -> tuple:
@@ -355,14 +357,10 @@ def sources_text(sources) -> str:
     return " ".join(f"{source}:{weight:g}" for source, weight in parsed)
 
 
-def mix(tasks: list[TaskData], names: list[str], weights: list[float], seed: int) -> TaskData:
+def mix(tasks: list[TaskData], weights: list[float], seed: int) -> TaskData:
     """One task of several of one kind: each training split weighted (weighted_indices), the
     validation and test splits joined as they are; classification labels numbered over all sources."""
     kind = tasks[0].kind
-    for name, task in zip(names, tasks):
-        if task.kind != kind:
-            raise ValueError(f"--task {names[0]} is {KIND_NAMES[kind]} but --task {name} is {KIND_NAMES[task.kind]}; "
-                             "the sources of one run must all be of one kind")
     label_names, relabel = shared_labels(tasks) if kind == "classification" else (None, None)
     rng = np.random.default_rng(seed)
     splits = {}

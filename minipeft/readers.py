@@ -5,6 +5,7 @@ Sources (`read_source`):
 
     .jsonl    one JSON object per line (blank lines skipped)              rows named "FILE line N"
     .json     a JSON array of objects (Alpaca's own file, for one)         "FILE row N"
+              or JSON lines, as datasets' to_json writes them              "FILE line N"
     .csv      a header line naming the columns; every value is text        "FILE line N" (the row's last)
     .parquet  columns of any type, read with pyarrow (pip install pyarrow) "FILE row N"
     a folder written by Hugging Face datasets' `save_to_disk` (pip install datasets): one data set
@@ -174,13 +175,13 @@ def _json_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a JSON array of objects")
+    if not text.lstrip().startswith("["):  # JSON lines under a .json name
+        return _jsonl_rows(path)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); a .json file holds one "
-                         "array of objects (one object per line is a .jsonl file)") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path} holds a JSON {type(records).__name__}, not an array; make it [{{...}}, {{...}}]")
+                         "array of objects, or one object per line") from None
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise ValueError(f"{path} row {number} is not a JSON object; make every row an object")

@@ -509,7 +509,7 @@ def test_sharegpt_rows_are_read_as_their_messages(tmp_path):
 
 def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     """One set of rows as JSONL, a JSON array, CSV, parquet (written by pyarrow), and a data set saved
-    by datasets, with the prompt/completion or messages columns, or other columns read via --columns."""
+    (and written as JSON) by datasets, with the prompt/completion or messages columns, or other columns read via --columns."""
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     datasets = pytest.importorskip("datasets")
     rows = qa_rows()
@@ -526,7 +526,8 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     with open(tmp_path / "chats.csv", "w", encoding="utf-8", newline="") as f:  # messages as JSON text
         csv.writer(f).writerows([["messages"]] + [[json.dumps(c["messages"])] for c in chats])
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "saved"))
-    for name, columns in [("pairs.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
+    datasets.Dataset.from_list(pairs).to_json(tmp_path / "lines.json")  # JSON lines, under a .json name
+    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
                           ("qa.parquet", {"prompt": "question", "completion": "answer"}),
                           ("chats.parquet", None), ("chats.csv", None)]:
         task = data.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
