@@ -12,7 +12,10 @@ peft = pytest.importorskip("peft")
 from tests.test_peft_format import ENCODER_MODELS, TINY_CONFIGS, hf_class  # noqa: E402 (needs both imported)
 
 transformers.logging.set_verbosity_error()
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's, not ours
+pytestmark = [  # notes peft prints while it builds adapters (not about our code)
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
+]
 
 
 def adapted_by_peft(flavor: str, name: str) -> set[str]:
