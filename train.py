@@ -4,6 +4,7 @@
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
     python train.py --model smollm2 --task rotten_tomatoes_instruct --targets all --pack --max-len 256 --steps 80
     python train.py --model smollm2 --task my_chats.jsonl --chat-template my_template.jinja   # instruction tuning
+    python train.py --model smollm2 --task chats.jsonl:2 --task more.parquet --columns prompt=question,completion=answer
     python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
@@ -42,11 +43,14 @@ def build_parser():
     t.add_argument("--batch-size", type=int, default=16,
                    help="examples per micro-batch and process (a step sees batch-size × processes × grad-accum)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's own)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's own for the "
+                   "kind of task, see --list-methods)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     t.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up the learning rate")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: four per run)")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation passes, and after the last step; None: four per run, after "
+                        "steps ceil(k x steps / 4); 0: no validation")
     t.add_argument("--model-dropout", type=model_dropout, default=0.0, metavar="P|model",
                    help="dropout in the model's own layers (embeddings, attention weights, sub-layer outputs), "
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
@@ -122,7 +126,7 @@ def check_numbers(args):
              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
              ("--warmup", args.warmup, 0 <= args.warmup < 1, "in [0, 1)"),
              ("--clip", args.clip, args.clip > 0, "> 0"),
-             ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
+             ("--eval-every", args.eval_every, args.eval_every is None or args.eval_every >= 0, ">= 0"),
              ("--model-dropout", args.model_dropout,
               args.model_dropout is None or 0 <= args.model_dropout < 1, "in [0, 1)"),
              ("--max-len", args.max_len, args.max_len >= 1, ">= 1"),
@@ -152,7 +156,7 @@ def check_task_flags(args, task):
     for flag, given in (("--train-on-prompt", args.train_on_prompt), ("--chat-template", args.chat_template)):
         if given and task.kind != "sft":
             raise ValueError(f"{flag} is for instruction data (prompt/completion, messages or instruction rows); "
-                             f"{args.task} is a {task.kind} task")
+                             f"{data.sources_text(args.task)} is a {task.kind} task")
 
 
 def pack_training_split(model, task, max_len: int):
@@ -173,7 +177,8 @@ def train_config(args, precision: str, device: torch.device) -> trainer.TrainCon
         test_before=not args.skip_test_before,
         seed=args.seed, out=args.out, overwrite=args.overwrite, save_every=args.save_every,
         max_bad_steps=args.max_bad_steps, resume=args.resume, stop_at=args.stop_at,
-        run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
+        run={"model": str(args.model), "task": data.sources_text(args.task), "max_len": args.max_len,
+             **({"columns": args.columns} if args.columns else {}),  # (older checkpoints do not record it)
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
              "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
              "precision": precision, "device_type": device.type})
@@ -204,13 +209,15 @@ def prepare(args, method, device: torch.device, precision_name: str):
     # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
     model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
     check_context_length(model, args.max_len, args.model)
-    task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
+    sources, columns = cli.task_flags(args)
+    task = data.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
                           chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
     check_task_flags(args, task)
     if task.kind == "classification":
         model.add_classifier(task.n_classes)
-    if apply_method:
-        mp.apply(model, method.name, tokenizer=tokenizer, **options)
+    if apply_method:  # the options typed, else the method's defaults for this kind of task
+        kind_defaults = mp.task_defaults(method.name, task.kind)[1]
+        mp.apply(model, method.name, tokenizer=tokenizer, **{**kind_defaults, **options})
     if args.init_adapter:
         mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
         method = mp.get_method(model.peft_config["method"])
@@ -229,6 +236,7 @@ def main(argv):
         print(cli.list_methods())
         return
     check_numbers(args)
+    cli.task_flags(args)  # a bad --task weight or --columns stops before anything loads
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
     method = mp.get_method(args.method or DEFAULT_METHOD)
@@ -255,8 +263,8 @@ def main(argv):
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
-            print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.peak_lr(model)}, "
+            print(f"{args.model} on {data.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
+                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.peak_lr(model, task.kind)}, "
                   f"{chosen.name} on {device}" + (f", {world_size} processes" if world_size > 1 else "")
                   + f", output in {config.out}")
         summary = trainer.train(model, task, config)

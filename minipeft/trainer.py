@@ -83,7 +83,7 @@ from .checkpoint import Progress
 from .data import IGNORE_INDEX
 from .generate import complete
 from .memory import weight_bytes
-from .methods.registry import get_method, lr_factors
+from .methods.registry import lr_factors, task_defaults
 from .precision import grad_scaler
 from .processes import StopSignal, agree, check_same_options, data_parallel, distributed
 from .quant import tensors_of_4bit_layers, values_in_4bit_layers
@@ -101,7 +101,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of the steps
     max_grad_norm: float = 1.0
-    eval_every: int = 0  # steps between validation passes; 0 = four per run
+    eval_every: int | None = None  # steps between validation passes (and the last); None: four per run; 0: none
     eval_batch_size: int = 64
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
     test_before: bool = True  # score the test split before training (the base model's result)
@@ -114,9 +114,10 @@ class TrainConfig:
     stop_at: int | None = None  # save a checkpoint and stop after this step (resume later)
     run: dict = field(default_factory=dict)  # what else defines the run: model, task, max_len, ...
 
-    def peak_lr(self, model) -> float:
-        """lr, or the learning rate of the model's method when lr is None."""
-        return self.lr if self.lr is not None else get_method(model.peft_config["method"]).lr
+    def peak_lr(self, model, kind: str) -> float:
+        """lr, or when lr is None the learning rate of the model's method for this kind of task
+        (registry.task_defaults, as train.py)."""
+        return self.lr if self.lr is not None else task_defaults(model.peft_config["method"], kind)[0]
 
 
 # how the training split is cut into batches: each shuffled batch holds examples of about one length
@@ -431,6 +432,16 @@ class MetricsLog:
         self.close()
 
 
+def validation_steps(steps: int, eval_every: int | None) -> set[int]:
+    """The steps after which validation runs: every eval_every steps and the last; eval_every None: four
+    times, after steps ⌈k·steps/4⌉ for k = 1..4 (fewer when steps < 4); 0: never."""
+    if eval_every == 0:
+        return set()
+    if eval_every is None:
+        return {math.ceil(k * steps / 4) for k in range(1, 5)}
+    return set(range(eval_every, steps + 1, eval_every)) | {steps}
+
+
 def train(model, data, cfg: TrainConfig) -> dict:
     """Fine-tune `model` (a method already applied) on `data` (minipeft.data.TaskData); returns a summary.
 
@@ -465,9 +476,9 @@ class TrainingRun:
         out = cfg.out or (checkpoint.run_folder(cfg.resume) if cfg.resume else None)
         if out is not None:
             checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
-        self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model))
+        self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model, data.kind))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
-        self.eval_every = cfg.eval_every or max(1, self.steps // 4)
+        self.validation_steps = validation_steps(self.steps, cfg.eval_every)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
         self.scaler = grad_scaler(model, next(model.parameters()).device)  # fp16-mixed only
@@ -528,7 +539,7 @@ class TrainingRun:
                 bar.set_postfix(loss=f"{result.loss:.4f}",
                                 ex_per_s=f"{progress.examples / progress.train_seconds:.1f}")
                 self.record_step(step, result)
-                if step % self.eval_every == 0 or step == self.steps:
+                if step in self.validation_steps:
                     self.validate(step)
                 if step < self.steps and (result.interrupted or step == cfg.stop_at):
                     # the signal may have reached another process only: then stop as on SIGTERM

@@ -211,7 +211,7 @@ def test_every_option_has_a_type_help_and_a_valid_default():
 
 def test_registry_errors():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="unknown method 'lorax'; valid methods are: full"):
+    with pytest.raises(ValueError, match=r"unknown method 'lorax' \(did you mean 'lora'\?\); valid methods are: full"):
         mp.apply(model, "lorax")
     with pytest.raises(ValueError, match="unknown option.*'rnak'.*its options are: rank, alpha"):
         mp.apply(model, "lora", rnak=4)

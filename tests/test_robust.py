@@ -211,7 +211,8 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
          "config.json has no 'n_head', which a gpt2 config needs", finished),
         ("corrupt tokenizer.json", lm("--model", bad_tokenizer), "tokenizer.json is corrupt or truncated", finished),
         ("unknown task", lm("--task", "imdb"), "unknown data source 'imdb'", finished),
-        ("unknown method", lm("--method", "lorax"), "unknown method 'lorax'; valid methods are: full", finished),
+        ("unknown method", lm("--method", "lorax"), "unknown method 'lorax' (did you mean 'lora'?); valid methods are: "
+         "full", finished),
         ("option of another method", lm("--method", "prompt", "--rank", "4"),
          "unknown option(s) ['rank'] for method 'prompt'", finished),
         ("unknown flag", lm("--rnak", "4"), "unrecognized arguments: --rnak", finished),

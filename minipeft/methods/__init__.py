@@ -25,7 +25,7 @@ from . import ia3, vera, loha, lokr  # noqa: F401
 from .combine import combine_adapters
 from .multi import set_adapter
 from .registry import (METHODS, Method, Option, apply, expected_trainable_parameters, get_method, lr_factors,
-                       merge, register, trainable_state_dict, unmerge)
+                       merge, register, task_defaults, trainable_state_dict, unmerge)
 
 __all__ = ["METHODS", "Method", "Option", "apply", "combine_adapters", "expected_trainable_parameters", "get_method",
-           "lr_factors", "merge", "register", "set_adapter", "trainable_state_dict", "unmerge"]
+           "lr_factors", "merge", "register", "set_adapter", "task_defaults", "trainable_state_dict", "unmerge"]
