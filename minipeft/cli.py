@@ -27,7 +27,8 @@ from .trainer import Stopped
 
 def add_model_and_task_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="minilm", help=f"named model ({', '.join(NAMED_MODELS)}), an HF folder "
-                        "(any family of minipeft/model.py) or a .gguf file")
+                        "(any family of minipeft/model.py), a .gguf file, or a hub id (ORG/NAME) read from the "
+                        "Hugging Face cache")
     parser.add_argument("--task", default="rotten_tomatoes",
                         help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .csv/.jsonl (text,label) file, "
                              "an instruction .jsonl file (prompt/completion, messages or instruction/input/output "
