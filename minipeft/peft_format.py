@@ -250,7 +250,8 @@ def save(model, path: Path) -> Path:
     _, task_type = TRANSFORMERS_MODELS[(cfg.flavor, bool(cfg.n_classes))]
     body = "" if task_type == BARE_BODY_TASK else pretrained.HF_PREFIXES[cfg.flavor]
     config = {"peft_type": hook.peft_type, "task_type": task_type, "inference_mode": True,
-              "base_model_name_or_path": _base_name(cfg), "revision": cfg.extra.get("revision"), "modules_to_save": modules_to_save}
+              "base_model_name_or_path": _base_name(cfg), "revision": cfg.extra.get("revision"),  # a hub id's commit
+              "modules_to_save": modules_to_save}
     method_tensors, method_config = hook.to_peft(model, PeftLayout(cfg, path, body))
     tensors.update(method_tensors)
     config.update(method_config)
