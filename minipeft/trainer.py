@@ -32,7 +32,8 @@ is computed in fp32 whatever the precision.
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay. Metrics go to
-`<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by adapter_io.save_adapter).
+`<out>/metrics.jsonl` (and to train()'s writers: watch.py, runconfig.py), the adapter to `<out>/adapter/`
+(written atomically by adapter_io.save_adapter).
 `train` runs in three parts (TrainingRun): every check and the restore of a resumed checkpoint before
 anything is written, then the loop, then the last checkpoint, the adapter and the summary.
 
