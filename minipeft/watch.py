@@ -87,8 +87,8 @@ def scalars(row: dict) -> tuple[str, int, dict] | None:
 
 
 class CsvLog:
-    """<out>/metrics.csv, rebuilt from metrics.jsonl when opened (a resumed run continues it), then a row
-    per event."""
+    """<out>/metrics.csv, rebuilt from this run's rows of metrics.jsonl when opened (a resumed run
+    continues it), then a row per event."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / "metrics.csv"
@@ -98,7 +98,10 @@ class CsvLog:
         self.rewrite()
 
     def add(self, row: dict) -> bool:
-        """Keep the row's scalars; True if they brought a new column."""
+        """Keep the row's scalars; True if the file must be written anew (a new column, or a new run)."""
+        if row.get("event") == "start":  # a new run in this folder: an earlier run's rows go
+            self.rows = []
+            return True
         found = scalars(row)
         if found is None:
             return False
@@ -168,7 +171,9 @@ class WandbLog:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl file (none if there is no file; a line cut short by a crash is skipped)."""
+    """This run's rows of a metrics.jsonl file: from its last "start" row on (a folder may hold an earlier
+    run's rows before it; a resume adds no "start"). None if there is no file; a line cut short by a crash
+    is skipped."""
     if not path.is_file():
         return []
     rows = []
@@ -177,7 +182,8 @@ def read_rows(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return rows
+    starts = [i for i, row in enumerate(rows) if row.get("event") == "start"]
+    return rows[starts[-1]:] if starts else rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -148,3 +148,14 @@ def test_unknown_or_missing_logger_stops_before_writing(text, tmp_path, capsys, 
     code, err = run_main(train_cli.main, args(text, tmp_path / "b", "--log", "tensorboard"), capsys)
     assert code == 2 and "tensorboard needs the tensorboard package: pip install tensorboard" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_earlier_runs_rows_stay_out(text, tmp_path, capsys):
+    """A folder whose metrics.jsonl holds an earlier, finished run: the CSV and the plot are this run's."""
+    out = tmp_path / "run"
+    assert run_main(train_cli.main, args(text, out, "--steps", "3"), capsys)[0] == 0
+    assert run_main(train_cli.main, args(text, out, "--steps", "2"), capsys)[0] == 0
+    with open(out / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["event"] == "step"] == [1, 2]
+    plotted = watch.read_rows(out / "metrics.jsonl")  # what plot.png is drawn from
+    assert [r["step"] for r in plotted if r["event"] == "step"] == [1, 2]
