@@ -82,6 +82,8 @@ def test_command_runs_the_scripts_from_another_folder(installed, tmp_path):
     assert "--system" in run([command, "chat", "--help"], cwd=elsewhere, env=env).stdout
     assert run([command, "eval", "--help"], cwd=elsewhere, env=env).stdout.startswith("usage: minipeft eval")
     assert run([command], cwd=elsewhere, env=env, check=False).returncode == 2
+    module = run([bin_dir / "python", "-m", "minipeft", "train", "--help"], cwd=elsewhere, env=env).stdout
+    assert module == train_help
     bad = run([command, "train", "--batch-size", "0"], cwd=elsewhere, env=env, check=False)
     assert bad.returncode == 2 and "error: --batch-size must be >= 1" in bad.stderr
     # a real run of the installed package: a tiny model on a text file
