@@ -8,7 +8,9 @@
     python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
-    python train.py ... --resume checkpoints/<run>         # continue a stopped run (same options)
+    python train.py --config examples/classify-lora.yaml   # the settings in a file (flags override them)
+    python train.py --resume checkpoints/<run>             # continue a stopped run (its config.yaml)
+    python train.py --resume checkpoints/<run> --steps 400 # extend a finished run
     torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
     torchrun --nproc_per_node 2 train.py ... --fsdp        # the same, each process holding 1/2 of the model
 """
@@ -19,7 +21,7 @@ import json
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, precision, processes, sharding, trainer
+from minipeft import checkpoint, cli, data, precision, processes, runconfig, sharding, trainer, watch
 
 DEFAULT_METHOD = "lora"
 
@@ -30,6 +32,8 @@ def build_parser():
     cli.add_model_and_task_flags(p)
     cli.add_device_flags(p)
     cli.add_import_flag(p)
+    runconfig.add_config_flag(p)
+    watch.add_log_flag(p)
     p.add_argument("--method", default=None,
                    help=f"PEFT method; see --list-methods (default: {DEFAULT_METHOD}, or the method "
                         "saved with --init-adapter)")
@@ -97,8 +101,9 @@ def build_parser():
     r.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints (0: only at the end, and on Ctrl-C or SIGTERM)")
     r.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run whose --out folder (or checkpoint-<step> folder) is DIR; "
-                        "give the same options")
+                   help="continue the run whose --out folder (or checkpoint-<step> folder) is DIR, with "
+                        "the settings saved in its config.yaml (flags given override them; a larger --steps "
+                        "extends a finished run)")
     r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="save a checkpoint and stop after this step (continue later with --resume)")
     r.add_argument("--max-bad-steps", type=int, default=10,
@@ -230,8 +235,8 @@ def prepare(args, method, device: torch.device, precision_name: str):
 
 
 def main(argv):
-    cli.import_user_files(argv)  # first: the methods they register get their flags
-    args = build_parser().parse_args(argv)
+    # the resumed run's config.yaml, then --config FILE, then argv; first the --import files (their methods' flags)
+    args = runconfig.parse_args(build_parser, argv)
     if args.list_methods:
         print(cli.list_methods())
         return
@@ -258,16 +263,18 @@ def main(argv):
         if not config.out:  # a new folder of its own, named on the first line
             new_folder = checkpoint.new_run_folder(config.run, method.name)
             config.out = str(new_folder)
-        held = None
+        held, lr = None, config.peak_lr(model, task.kind)
         if args.fsdp:
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
             print(f"{args.model} on {data.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {config.peak_lr(model, task.kind)}, "
+                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {lr}, "
                   f"{chosen.name} on {device}" + (f", {world_size} processes" if world_size > 1 else "")
                   + f", output in {config.out}")
-        summary = trainer.train(model, task, config)
+        settings = runconfig.run_settings(args, method.name, model.peft_config["options"], lr)
+        records = [runconfig.SettingsFile(settings), *watch.writers(args.log, settings)]  # config.yaml, CSV, plot
+        summary = trainer.train(model, task, config, writers=records)
         if rank == 0:
             print_results(summary, config.out, ledger, held)
     except BaseException:

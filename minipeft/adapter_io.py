@@ -3,7 +3,7 @@ fresh base model.
 
 An adapter is a folder with two files, both written atomically (atomic.py: temp file, then rename):
     adapter.safetensors   exactly the trainable parameters (trainable_state_dict), saved in fp32
-    adapter_config.json   {"method", "options", "base": {fingerprint, source, config}, "format_version"}
+    adapter_config.json   {"method", "options", "base": {fingerprint, source, revision, config}, "format_version"}
                           (source: the base model's name, or its absolute path: eval.py loads it from there)
 
 Loading applies the saved method (with the saved options) to the fresh base model, checks the base
@@ -57,6 +57,7 @@ def save_adapter(model, path, format: str = "minipeft", name: str | None = None)
         "options": model.peft_config["options"],
         "base": {"fingerprint": model.peft_config["base_fingerprint"],
                  "source": recorded_source(cfg.extra.get("source")),
+                 "revision": cfg.extra.get("revision"),  # a hub id's commit (hub.py), else None
                  "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
     }
     tensors = {k: v.float().contiguous() for k, v in trainable_state_dict(model).items()}

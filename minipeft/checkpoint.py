@@ -54,7 +54,8 @@ LATEST = "latest_checkpoint"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FOLDER = re.compile(r"checkpoint-\d+")
-RUN_FILES = ("metrics.jsonl", "adapter", LATEST)  # with the checkpoint folders: what a run writes in its --out
+# with the checkpoint folders: what a run writes in its --out (train.py's config.yaml and watch.py's logs too)
+RUN_FILES = ("metrics.jsonl", "adapter", LATEST, "config.yaml", "metrics.csv", "plot.png", "tensorboard", "wandb")
 RUNS = Path("checkpoints")  # where a run given no --out gets a folder of its own (new_run_folder)
 
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
@@ -290,37 +291,66 @@ def flag_value(option: str, value):
     return "model" if option == "model_dropout" and value is None else value
 
 
-def check_resumable(ckpt: Checkpoint, model, options: dict):
-    """The checkpoint must come from the same base model, method and options as this run."""
-    saved, mine = ckpt.state["method"], model.peft_config
-    # options checkpoints of older versions do not record: what those versions always did (when this run
-    # records the option at all), or this run's
-    older_defaults = {k: v for k, v in OLDER_VERSIONS_DID.items() if k in options}
-    saved_run = {**older_defaults, "device_type": options.get("device_type"), **ckpt.state["run"]}
-    if saved.get("base_fingerprint") != mine["base_fingerprint"]:
-        raise ValueError(f"checkpoint {ckpt.path} was trained on another base model "
-                         f"({saved_run.get('model', 'unknown')}, fingerprint {saved.get('base_fingerprint')}) "
-                         f"than this run's ({options.get('model', 'this model')}, fingerprint "
-                         f"{mine['base_fingerprint']}); resume with the model it was trained on")
-    my_options = json.loads(json.dumps(mine["options"]))
-    if saved.get("method") != mine["method"] or saved.get("options") != my_options:
-        raise ValueError(f"checkpoint {ckpt.path} is method {saved.get('method')} {saved.get('options')}, "
-                         f"but this run is {mine['method']} {my_options}; resume with the checkpoint's "
-                         "method and options")
-    if saved_run.get("sharding") != options.get("sharding"):
-        n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
-        made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
-        fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
-        raise ValueError(f"checkpoint {ckpt.path} was saved by a run {made}, but this run "
-                         f"{'shards' if options.get('sharding') else 'does not shard'} the model; resume it "
-                         f"{fix}")
-    differ = [k for k in sorted(saved_run.keys() | options.keys()) if saved_run.get(k) != options.get(k)]
+def check_resumable(ckpt: Checkpoint, model, options: dict, steps: int | None = None):
+    """The checkpoint must come from the same base model, method and options as this run; every
+    difference is named in one message. `steps`: this run's step count; it may differ from the
+    checkpoint's (--steps changed: the run goes on longer, or ends sooner) if it lies past the checkpoint's step."""
+    saved_run = _saved_run_options(ckpt, options)
+    differences = [_base_model_difference(ckpt, model, saved_run, options),
+                   _method_difference(ckpt, model), _sharding_difference(saved_run, options)]
+    changes_steps = steps is not None and steps != ckpt.state["steps"]
+    if changes_steps and steps <= ckpt.state["step"]:
+        differences.append((f"is at step {ckpt.state['step']}, which this run's {steps} steps do not pass",
+                            f"give more than {ckpt.state['step']} --steps to continue it"))
+    ignored = ("steps", "epochs") if changes_steps else ()  # they set only how many steps the run takes
+    differ = [k for k in sorted(saved_run.keys() | options.keys())
+              if k not in ignored and saved_run.get(k) != options.get(k)]
     if differ:
         listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {flag_value(k, saved_run.get(k))} "
                            f"(this run: {flag_value(k, options.get(k))})" for k in differ)
-        raise ValueError(f"checkpoint {ckpt.path} was made with other options: {listed}; resume with "
-                         f"the same options, or start a new run from its weights with --init-adapter "
-                         f"{ckpt.path}")
+        differences.append((f"was made with other options: {listed}",
+                            f"resume with the same options, or start a new run from its weights with "
+                            f"--init-adapter {ckpt.path}"))
+    differences = [d for d in differences if d is not None]
+    if differences:
+        what = [d[0] for d in differences]
+        what = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+        raise ValueError(f"checkpoint {ckpt.path} {what}; {'; '.join(d[1] for d in differences)}")
+
+
+def _saved_run_options(ckpt: Checkpoint, options: dict) -> dict:
+    """The checkpoint's run options; those checkpoints of older versions do not record: what those
+    versions always did (when this run records the option at all), or this run's."""
+    older_defaults = {k: v for k, v in OLDER_VERSIONS_DID.items() if k in options}
+    return {**older_defaults, "device_type": options.get("device_type"), **ckpt.state["run"]}
+
+
+def _base_model_difference(ckpt: Checkpoint, model, saved_run: dict, options: dict):
+    saved, mine = ckpt.state["method"], model.peft_config
+    if saved.get("base_fingerprint") != mine["base_fingerprint"]:
+        return (f"was trained on another base model ({saved_run.get('model', 'unknown')}, fingerprint "
+                f"{saved.get('base_fingerprint')}) than this run's ({options.get('model', 'this model')}, "
+                f"fingerprint {mine['base_fingerprint']})", "resume with the model it was trained on")
+    return None
+
+
+def _method_difference(ckpt: Checkpoint, model):
+    saved, mine = ckpt.state["method"], model.peft_config
+    my_options = json.loads(json.dumps(mine["options"]))
+    if saved.get("method") != mine["method"] or saved.get("options") != my_options:
+        return (f"is method {saved.get('method')} {saved.get('options')}, but this run is {mine['method']} "
+                f"{my_options}", "resume with the checkpoint's method and options")
+    return None
+
+
+def _sharding_difference(saved_run: dict, options: dict):
+    if saved_run.get("sharding") == options.get("sharding"):
+        return None
+    n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
+    made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
+    fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
+    return (f"was saved by a run {made}, but this run {'shards' if options.get('sharding') else 'does not shard'} "
+            "the model", f"resume it {fix}")
 
 
 def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:

@@ -33,7 +33,8 @@ KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm
 def add_model_and_task_flags(parser: argparse.ArgumentParser, model_default: str | None = "minilm",
                              model_help: str = ""):
     parser.add_argument("--model", default=model_default, help=f"named model ({', '.join(NAMED_MODELS)}), an HF "
-                        f"folder (any family of minipeft/model.py) or a .gguf file{model_help}")
+                        f"folder (any family of minipeft/model.py), a .gguf file, or a hub id (ORG/NAME) read from the "
+                        f"Hugging Face cache{model_help}")
     parser.add_argument("--task", action=AppendSource, default="rotten_tomatoes", metavar="SOURCE[:WEIGHT]",
                         help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .txt file (causal LM), a .jsonl, "
                              ".json, .csv or .parquet file, a folder of train/validation/test files, or a folder "

@@ -263,7 +263,8 @@ def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     _, task_type = TRANSFORMERS_MODELS[(cfg.flavor, bool(cfg.n_classes))]
     body = "" if task_type == BARE_BODY_TASK else pretrained.HF_PREFIXES[cfg.flavor]
     config = {"peft_type": hook.peft_type, "task_type": task_type, "inference_mode": True,
-              "base_model_name_or_path": _base_name(cfg), "revision": None, "modules_to_save": modules_to_save}
+              "base_model_name_or_path": _base_name(cfg), "revision": cfg.extra.get("revision"),  # a hub id's commit
+              "modules_to_save": modules_to_save}
     method_tensors, method_config = hook.to_peft(model, PeftLayout(cfg, path, body))
     tensors.update(method_tensors)
     config.update(method_config)
@@ -272,7 +273,7 @@ def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _base_name(cfg) -> str | None:
     """base_model_name_or_path: the HF folder the model came from (so transformers can load it),
-    else its source as we named it (tiny-gpt2, a .gguf path), else None."""
+    else its source as we named it (a hub id, tiny-gpt2, a .gguf path), else None."""
     source = cfg.extra.get("source")
     if source is None:
         return None

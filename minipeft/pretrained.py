@@ -84,6 +84,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from . import hub
 from .assets import asset_path
 from .chat import read_hf_chat_settings
 from .gguf_file import TENSOR_TYPES as GGUF_TENSOR_TYPES, GGUFFile
@@ -112,7 +113,8 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gem
 def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, dropout: float | None = None,
                     pool: str | None = None, quantize: str | None = None, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, **config_overrides) -> tuple[Transformer, Tokenizer]:
-    """A named model, an HF folder or a .gguf file -> (Transformer in eval mode, tokenizers.Tokenizer).
+    """A named model, an HF folder, a .gguf file or a hub id (ORG/NAME, from the local Hugging Face cache:
+    hub.py) -> (Transformer in eval mode, tokenizers.Tokenizer).
 
     n_classes: replace the LM head with a (n_classes × d_model) classifier: a checkpoint's own classifier
         (`score`, …ForSequenceClassification) when it has that shape, else a fresh one; LM head weights
@@ -128,7 +130,7 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
         frozen dtype and the model runs in it (precision.set_precision); default fp32. Methods applied
         later give their parameters the precision's trainable dtype.
     config_overrides: any other ModelConfig field, e.g. max_seq_len=1024 for a smaller RoPE table.
-    The source is recorded in `model.cfg.extra["source"]`.
+    The source is recorded in `model.cfg.extra["source"]` (a hub id's commit in `extra["revision"]`).
     """
     target = resolve_device(device if device is not None else "cpu")
     precision = resolve_precision(dtype if dtype is not None else "fp32", target)  # bad input: before loading
@@ -142,6 +144,10 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
                          f"valid: {', '.join(sorted(valid))}")
     source = str(name_or_path)
     path = asset_path(source) if source in ASSET_MODELS else Path(name_or_path)
+    revision = None
+    if source not in TINY_MODELS and hub.is_hub_id(source):  # ORG/NAME: from the Hugging Face cache
+        path = hub.model_path(source)
+        revision = (path if path.is_dir() else path.parent).name  # the snapshot's commit
     if source in TINY_MODELS:
         model, tokenizer = _tiny_model(source, overrides)
     elif path.is_dir():
@@ -153,6 +159,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     else:
         raise FileNotFoundError(f"{source!r} is not a named model ({', '.join(NAMED_MODELS)}) "
                                 "nor an existing HF folder or .gguf file")
+    if revision is not None:
+        model.cfg.extra["revision"] = revision
     if quantize is not None:
         quantize_blocks(model, quantize)
     model.requires_grad_(False)  # the loaded weights are the base: stored in the frozen dtype

@@ -37,7 +37,8 @@ is computed in fp32 whatever the precision.
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay. Metrics go to
-`<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by adapter_io.save_adapter).
+`<out>/metrics.jsonl` (and to train()'s writers: watch.py, runconfig.py), the adapter to `<out>/adapter/`
+(written atomically by adapter_io.save_adapter).
 `train` runs in three parts (TrainingRun): every check and the restore of a resumed checkpoint before
 anything is written, then the loop, then the last checkpoint, the adapter and the summary.
 
@@ -274,10 +275,19 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_scheduler(optimizer, warmup: float, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer, warmup: float, steps: int, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
-    counted as transformers' TrainingArguments counts a ratio; 0: no warmup)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps))
+    counted as transformers' TrainingArguments counts a ratio; 0: no warmup); `done` steps already taken (a
+    resumed optimizer, whose param_groups hold their initial_lr)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps),
+                                             last_epoch=done - 1)
+
+
+def steps_changed(before: int, steps: int, step: int, lr: float) -> str:
+    """The line a resumed run says when --steps changed its length."""
+    what = "extending the finished run" if step == before else "changing the run's length"
+    return (f"{what} from {before} to {steps} steps: AdamW's state carries on, and the warmup-cosine "
+            f"learning-rate schedule now spans {steps} steps (lr {lr:.3g} at step {step + 1})")
 
 
 def step_scheduler(scheduler):
@@ -407,23 +417,30 @@ def count_steps(train_split, cfg: TrainConfig, world_size: int) -> int:
 
 
 class MetricsLog:
-    """Rows of JSON appended to <out>/metrics.jsonl; a no-op where folder is None (ranks other than 0).
-    A context manager: the file closes on leaving `with`."""
+    """Rows of JSON appended to <out>/metrics.jsonl, each also handed to the writers (watch.py: CSV,
+    TensorBoard, W&B, the plot; runconfig.py: config.yaml); a no-op where folder is None (ranks other
+    than 0). `writers`: callables that take the folder and return an object with record(row) and close().
+    A context manager: the file and the writers close on leaving `with`, also when the run stops early."""
 
-    def __init__(self, folder: Path | None):
-        self.file = None
+    def __init__(self, folder: Path | None, writers=()):
+        self.file, self.writers = None, []
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             self.file = open(folder / "metrics.jsonl", "a")
+            self.writers = [open_writer(folder) for open_writer in writers]
 
     def record(self, **row):
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        for writer in self.writers:
+            writer.record(row)
 
     def close(self):
         if self.file:
             self.file.close()
+        for writer in self.writers:
+            writer.close()
 
     def __enter__(self):
         return self
@@ -442,13 +459,14 @@ def validation_steps(steps: int, eval_every: int | None) -> set[int]:
     return set(range(eval_every, steps + 1, eval_every)) | {steps}
 
 
-def train(model, data, cfg: TrainConfig) -> dict:
+def train(model, data, cfg: TrainConfig, writers=()) -> dict:
     """Fine-tune `model` (a method already applied) on `data` (minipeft.data.TaskData); returns a summary.
 
     Every check (output folder, batch size, the checkpoint to resume) runs before anything is written.
-    Raises Stopped when the run ends early on purpose (see the class)."""
+    Raises Stopped when the run ends early on purpose (see the class). `writers`: more records of the
+    run beside metrics.jsonl (MetricsLog), opened once the checks have passed."""
     run = TrainingRun(model, data, cfg)  # the checks; nothing has been written until here
-    with MetricsLog(run.out if run.rank == 0 else None) as log:  # from now on rank 0 writes
+    with MetricsLog(run.out if run.rank == 0 else None, writers) as log:  # from now on rank 0 writes
         run.start(log)
         try:
             run.loop()
@@ -487,9 +505,11 @@ class TrainingRun:
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)
-            checkpoint.check_resumable(self.resumed, model, self.options)
+            checkpoint.check_resumable(self.resumed, model, self.options, self.steps)
             with whole(model, self.optimizer):  # FSDP: every process keeps its rows of what is restored
                 self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+            if self.steps != self.resumed.state["steps"]:  # --steps changed: the schedule spans the new count
+                self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps, done=self.progress.step)
             if self.scaler is not None:
                 self.scaler.load_state_dict(self.resumed.state["scaler"])
         # the newest checkpoint of this run and its step: the one kept if later steps diverge
@@ -507,7 +527,10 @@ class TrainingRun:
         the model for data parallelism, and seed the RNGs (or put back the checkpoint's)."""
         self.log = log
         if self.resumed:
-            log.record(event="resume", step=self.progress.step, checkpoint=str(self.resumed.path))
+            log.record(event="resume", step=self.progress.step, checkpoint=str(self.resumed.path), steps=self.steps)
+            if self.steps != self.resumed.state["steps"]:
+                self.say(steps_changed(self.resumed.state["steps"], self.steps, self.progress.step,
+                                       self.scheduler.get_last_lr()[0]))
         else:
             log.record(event="start", config=asdict(self.cfg), method=self.model.peft_config, steps=self.steps,
                        world_size=self.world_size, versions=versions())
@@ -527,8 +550,11 @@ class TrainingRun:
         cfg, progress = self.cfg, self.progress
         self.model.train()
         batches = training_batches(self.data.splits["train"], cfg, progress, self.rank, self.world_size)
+        # the bar's s/step is the summary's: the time in train_step only (tqdm's own rate would count
+        # validation and checkpoints too); its time left is by the wall clock
         bar = tqdm(range(progress.step + 1, self.steps + 1), initial=progress.step, total=self.steps,
-                   desc="train", unit="step", dynamic_ncols=True, disable=self.rank != 0)
+                   desc="train", unit="step", dynamic_ncols=True, disable=self.rank != 0,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         with bar, StopSignal(quiet=self.rank != 0) as stop:
             for step in bar:
                 start = time.perf_counter()
@@ -536,8 +562,8 @@ class TrainingRun:
                                     cfg.grad_accum, cfg.max_grad_norm, self.world_size,
                                     stop_requested=stop.signum is not None, scaler=self.scaler)
                 progress.count(step, result.examples, time.perf_counter() - start, result.finite or result.overflow)
-                bar.set_postfix(loss=f"{result.loss:.4f}",
-                                ex_per_s=f"{progress.examples / progress.train_seconds:.1f}")
+                bar.set_postfix_str(f"loss {result.loss:.4f}, {progress.train_seconds / progress.step:.3f} s/step, "
+                                    f"{progress.examples / progress.train_seconds:.1f} examples/s")
                 self.record_step(step, result)
                 if step in self.validation_steps:
                     self.validate(step)
@@ -576,7 +602,7 @@ class TrainingRun:
         self.log.record(event="stopped", step=step, reason="interrupted" if signum else "stop_at")
         why = "interrupted" if signum else "reached --stop-at"
         raise Stopped(f"{why}: stopped after step {step} of {self.steps}; checkpoint saved to {self.saved}. "
-                      f"Continue with the same options and --resume {self.out}",
+                      f"Continue with --resume {self.out} (train.py reads the run's settings from its config.yaml)",
                       exit_code=128 + signum if signum else 0)
 
     def finish(self) -> dict:
