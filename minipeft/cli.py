@@ -55,12 +55,13 @@ def add_model_and_task_flags(parser: argparse.ArgumentParser, model_default: str
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-class AppendSource(argparse.Action):
-    """--task given once or more: the list of sources typed (the default, a single source, is replaced)."""
+class AppendSource(argparse._AppendAction):
+    """--task given once or more: the list of sources typed (the default, a single source, is replaced;
+    an append action, so that a config file's list of sources is read as one)."""
 
     def __call__(self, parser, namespace, value, option_string=None):
-        given = getattr(namespace, self.dest)
-        setattr(namespace, self.dest, (given if isinstance(given, list) else []) + [value])
+        given = getattr(namespace, self.dest)  # the default (perhaps a config file's list) until a --task
+        setattr(namespace, self.dest, (given if isinstance(given, list) and given is not self.default else []) + [value])
 
 
 def task_flags(args) -> tuple[list[tuple[str, float]], dict]:

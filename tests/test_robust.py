@@ -242,7 +242,8 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
          f"holds an unfinished run (checkpoint-4, step 4 of 8); continue it with --resume {unfinished}, replace "
          "it with --overwrite, or choose another --out", unfinished),
         ("output folder holds a finished run", lm("--out", finished),
-         "holds another run (adapter/, checkpoint-8/, latest_checkpoint, metrics.jsonl); replace it with "
+         "holds another run (adapter/, checkpoint-8/, config.yaml, latest_checkpoint, metrics.csv, metrics.jsonl, "
+         "plot.png); replace it with "
          "--overwrite, choose another --out, or give none for a new folder", finished),
         ("output folder holds a run stopped before its first checkpoint", lm("--out", crashed),
          "holds another run (metrics.jsonl)", crashed),
@@ -382,11 +383,11 @@ def test_overwrite_replaces_another_run_and_keeps_other_files(tmp_path, text, fi
     old_adapter = hashes(old / "adapter")
     code, printed = run_printing(lm_args(text, old, "--steps", "2", "--overwrite"), capsys)
     assert code == 0, printed
-    assert (f"--overwrite: removed the previous run's adapter/, checkpoint-8/, latest_checkpoint, metrics.jsonl "
-            f"from {old}") in printed
+    assert (f"--overwrite: removed the previous run's adapter/, checkpoint-8/, config.yaml, latest_checkpoint, "
+            f"metrics.csv, metrics.jsonl, plot.png from {old}") in printed
     assert events(old).count("start") == 1 and step_losses(old).keys() == {1, 2}  # no row of the old run
-    assert sorted(p.name for p in old.iterdir()) == ["adapter", "checkpoint-2", "latest_checkpoint",
-                                                     "metrics.jsonl", "notes.txt"]
+    assert sorted(p.name for p in old.iterdir()) == ["adapter", "checkpoint-2", "config.yaml", "latest_checkpoint",
+                                                     "metrics.csv", "metrics.jsonl", "notes.txt", "plot.png"]
     assert (old / "notes.txt").read_text() == "the user's own file"
     assert hashes(old / "adapter") != old_adapter
 

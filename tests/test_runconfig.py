@@ -3,6 +3,7 @@ saved in the run's folder and read back by --resume (no flags needed), every dif
 checkpoint named at once, --steps extending a finished run, and bad keys or values stopping with one
 line before anything is written."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,8 @@ def test_steps_extends_a_finished_run(text, tmp_path, capsys):
                                                    "spans 9 steps")
     steps = logged(out, "step")
     assert [r["step"] for r in steps] == list(range(1, 10))
-    schedule = trainer.warmup_cosine(max(1, int(0.06 * 9)), 9)
-    assert [r["lr"] for r in steps[6:]] == pytest.approx([1e-3 * schedule(s) for s in (7, 8, 9)])
+    schedule = trainer.warmup_cosine(math.ceil(0.06 * 9), 9)  # step s runs at the schedule's factor(s - 1)
+    assert [r["lr"] for r in steps[6:]] == pytest.approx([1e-3 * schedule(s - 1) for s in (7, 8, 9)])
     # AdamW's moments went on from step 6: its step count is the run's, not 3 of a fresh optimizer
     state = load_file(str(out / "checkpoint-9" / "trainer_state.safetensors"))
     assert {float(v) for k, v in state.items() if k.endswith(".step")} == {9.0}

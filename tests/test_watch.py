@@ -154,7 +154,7 @@ def test_an_earlier_runs_rows_stay_out(text, tmp_path, capsys):
     """A folder whose metrics.jsonl holds an earlier, finished run: the CSV and the plot are this run's."""
     out = tmp_path / "run"
     assert run_main(train_cli.main, args(text, out, "--steps", "3"), capsys)[0] == 0
-    assert run_main(train_cli.main, args(text, out, "--steps", "2"), capsys)[0] == 0
+    assert run_main(train_cli.main, args(text, out, "--steps", "2", "--overwrite"), capsys)[0] == 0
     with open(out / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f) if r["event"] == "step"] == [1, 2]
     plotted = watch.read_rows(out / "metrics.jsonl")  # what plot.png is drawn from
