@@ -17,6 +17,18 @@ def test_houlsby_worked_example():
     assert adapter.adapter_parameter_count(bert_large, size=64, kind="houlsby") == 6_343_680 + layer_norms
 
 
+def test_adapter_is_the_residual_bottleneck():
+    """h' = h + W_up · GELU(W_down · h + b_down) + b_up, h the frozen projection's output (Houlsby 2019)."""
+    torch.manual_seed(0)
+    layer = adapter.AdapterLinear(nn.Linear(12, 10), size=3)
+    nn.init.normal_(layer.adapter_up.weight), nn.init.normal_(layer.adapter_up.bias)
+    x = torch.randn(4, 12)
+    h = x @ layer.weight.T + layer.bias
+    down, up = layer.adapter_down, layer.adapter_up
+    expected = h + nn.functional.gelu(h @ down.weight.T + down.bias) @ up.weight.T + up.bias
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_adapter_kinds():
     houlsby = mp.apply(tiny_model("bert"), "adapter", size=8)
     pfeiffer = mp.apply(tiny_model("bert"), "adapter", size=8, kind="pfeiffer")
@@ -84,3 +96,34 @@ def test_llama_adapter_top_layers_only_and_gate():
     assert torch.count_nonzero(model.blocks[1].attn.adaption.gate) == 0
     with pytest.raises(ValueError, match="1 <= layers <= 2"):
         mp.apply(tiny_model("llama"), "llama_adapter", layers=3)
+
+
+def test_llama_adapter_attends_to_its_prompts_through_the_gate():
+    """Per query head h (its key/value head h // (H / H_kv), as transformers' repeat_kv shares them):
+    g_h · softmax(q_h K_pᵀ / √d_h) V_p, with K_p, V_p the prompts through the layer's own W_k, W_v."""
+    torch.manual_seed(0)
+    cfg = tiny_model("llama").cfg  # 4 query heads sharing 2 key/value heads of 8
+    adaption = llama_adapter.AdaptionPrompt(cfg, length=3)
+    nn.init.normal_(adaption.gate)
+    hd, group = cfg.head_dim, cfg.n_head // cfg.n_kv_head
+    k_proj, v_proj = (nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False) for _ in range(2))
+    q = torch.randn(2, cfg.n_head, 5, hd)
+    out = adaption(q, k_proj, v_proj)
+    prompt = adaption.prompt.detach()
+    for h in range(cfg.n_head):
+        kv = slice(h // group * hd, (h // group + 1) * hd)
+        keys, values = k_proj(prompt)[:, kv], v_proj(prompt)[:, kv]  # (K, hd)
+        weights = torch.softmax(q[:, h] @ keys.T / hd ** 0.5, dim=-1)  # (B, T, K)
+        torch.testing.assert_close(out[:, h], adaption.gate[h] * weights @ values, msg=f"head {h}")
+
+
+def test_llama_adapter_and_prefix_tables_start_at_std_0_02():
+    """The docstrings' inits: the adaption prompts, the direct prefixes and the MLP's embedding ~ N(0, 0.02²)."""
+    torch.manual_seed(0)
+    cfg = tiny_model("llama").cfg
+    tables = {"adaption prompt": llama_adapter.AdaptionPrompt(cfg, length=100).prompt,  # 3,200 draws each
+              "prefix": prefix.PrefixTuning(cfg, length=50).prefix,
+              "prefix embedding": prefix.PrefixTuning(cfg, length=100, mlp_hidden=8).embedding}
+    for name, table in tables.items():
+        assert table.numel() >= 3000 and table.mean().abs() < 0.002, name
+        assert table.std().item() == pytest.approx(0.02, rel=0.05), name
