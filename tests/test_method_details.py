@@ -3,10 +3,11 @@ promises are in test_methods.py)."""
 import pytest
 import torch
 import torch.nn as nn
+from tokenizers import processors
 
 import minipeft as mp
 from minipeft.methods import adapter, llama_adapter, prefix
-from conftest import tiny_batch, tiny_model
+from conftest import tiny_batch, tiny_model, tiny_tokenizer
 
 
 def test_houlsby_worked_example():
@@ -68,16 +69,33 @@ def test_prefix_shifts_positions_like_real_tokens():
 
 
 def test_prompt_inits():
+    """random ~ U(−0.5, 0.5); vocab: rows of the whole vocabulary (peft's SAMPLE_VOCAB, randint(0, V)); text:
+    init_text's own tokens, repeated, without the special tokens the tokenizer's template would add."""
+    torch.manual_seed(0)
     model = tiny_model("gpt2")
-    mp.apply(model, "prompt", length=4, init="vocab")
-    rows = model.prompt.embedding.detach()
-    assert all((model.tok_emb.weight == r).all(dim=1).any() for r in rows)
+    mp.apply(model, "prompt", length=2000, init="vocab")
+    drawn = (model.prompt.embedding.detach()[:, None] == model.tok_emb.weight[None]).all(dim=2)  # (2000, V)
+    assert (drawn.sum(dim=1) == 1).all() and drawn.any(dim=0).all()  # every draw a row, every row drawn
+    random = mp.apply(tiny_model("gpt2"), "prompt", length=100).prompt.embedding.detach()  # 3,200 draws
+    assert -0.5 <= random.min() < -0.49 and 0.49 < random.max() <= 0.5
+    assert random.std().item() == pytest.approx(12 ** -0.5, rel=0.05)
+    tokenizer = tiny_tokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[UNK] $A", special_tokens=[("[UNK]", 1)])
+    text = mp.apply(tiny_model("gpt2"), "prompt", length=5, init="text", init_text="great movie", tokenizer=tokenizer)
+    ids = [tokenizer.token_to_id(w) for w in ("great", "movie", "great", "movie", "great")]
+    assert torch.equal(text.prompt.embedding.detach(), text.tok_emb.weight[ids])
     with pytest.raises(ValueError, match="init='text' needs init_text and the model's tokenizer"):
         mp.apply(tiny_model("gpt2"), "prompt", init="text", init_text="hello")
     with pytest.raises(ValueError, match="prompt: unknown init 'zeros'"):
         mp.apply(tiny_model("gpt2"), "prompt", init="zeros")
-    random = mp.apply(tiny_model("gpt2"), "prompt", length=4).prompt.embedding
-    assert random.abs().max() <= 0.5
+
+
+def test_prompt_goes_first_on_a_causal_model():
+    """As peft prepends its virtual tokens."""
+    model = mp.apply(tiny_model("gpt2"), "prompt", length=3)
+    x = torch.randn(1, 5, 32)
+    widened, _, _ = model.prompt.insert(x)
+    assert torch.equal(widened[0, :3], model.prompt.embedding.detach()) and torch.equal(widened[0, 3:], x[0])
 
 
 def test_prompt_goes_after_cls_for_bert():
@@ -87,6 +105,9 @@ def test_prompt_goes_after_cls_for_bert():
     assert widened.shape == (1, 8, 32) and torch.equal(widened[0, 0], x[0, 0])
     assert torch.equal(widened[0, 1:4], model.prompt.embedding.detach())
     assert mask.sum() == 8 and types is None
+    idx, _ = tiny_batch()  # the soft tokens have token type 0 (as peft's), what a sequence without types has
+    model.eval()
+    torch.testing.assert_close(model(idx, token_type_ids=torch.zeros_like(idx)), model(idx), atol=0, rtol=0)
 
 
 def test_llama_adapter_top_layers_only_and_gate():
