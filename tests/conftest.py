@@ -95,6 +95,49 @@ def random_words_file(folder: Path) -> Path:
     return path
 
 
+def spawn_gloo_group(worker, folder, *args, nprocs: int = 2):
+    """Run worker(rank, nprocs, str(folder), *args) in `nprocs` new processes (torch.multiprocessing's
+    spawn); the worker joins the group with join_gloo_group(rank, world_size, folder) and destroys it.
+
+    A process whose worker returned leaves at once with os._exit(0), skipping the interpreter's
+    finalization. Once a process has used DTensor (FSDP2 does), destroy_process_group no longer ends
+    the gloo process group (torch keeps references to it), so its worker threads still run while the
+    interpreter finalizes; a worker thread that is just releasing a finished collective then needs the
+    GIL to free the collective's tensors, Python ends that thread (it may not take the GIL during
+    finalization), the unwinding crosses C++ code that must not throw, and the process aborts:
+    "terminate called without an active exception", "process 0 terminated with signal SIGABRT", after
+    the test's work was done and written (seen in 1 of 20 to 40 short runs under load; a core dump
+    shows ProcessGroupGloo::runLoop destroying an AsyncAllgatherCoalescedWork while the main thread is
+    in Py_FinalizeEx). A worker that raised still leaves the usual way, with its traceback."""
+    import torch.multiprocessing as multiprocessing
+    multiprocessing.spawn(_work_then_leave, args=(worker, (nprocs, str(folder), *args)), nprocs=nprocs)
+
+
+def _work_then_leave(rank: int, worker, args: tuple):
+    import os
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def join_gloo_group(rank: int, world_size: int, folder: str):
+    """Join the gloo process group of `world_size` processes that meet through the file
+    <folder>/gloo-rendezvous (a new folder for each group, e.g. the test's tmp_path).
+
+    A file (torch.distributed's FileStore), not a TCP port found free beforehand: until rank 0
+    listens on that port, another process group on this machine (a test session running at the same
+    time) may take it, and two groups that share one rendezvous pair their ranks across the groups,
+    where gloo aborts the first process that receives a message of the wrong size."""
+    import faulthandler
+
+    import torch.distributed as dist
+    faulthandler.enable()  # a crash in native code prints every thread's Python stack to the test's stderr
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(folder) / 'gloo-rendezvous'}", rank=rank,
+                            world_size=world_size)
+
+
 def tiny_tokenizer() -> Tokenizer:
     """A word-level tokenizer whose ids fit the tiny models' 97-token vocabulary (prompt init="text")."""
     words = ["[UNK]", "a", "review", "movie", "great", "awful", "the", "is"]
