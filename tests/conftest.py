@@ -109,11 +109,15 @@ def spawn_gloo_group(worker, folder, *args, nprocs: int = 2):
     spawn); the worker joins the group with join_gloo_group(rank, world_size, folder) and destroys it.
 
     A process whose worker returned leaves at once with os._exit(0), skipping the interpreter's
-    teardown. Once a process has used DTensor (FSDP2 does), destroy_process_group no longer ends the
-    gloo process group: references torch keeps alive hold it, with its worker and transport threads,
-    until the interpreter's teardown, which then now and then aborts the process ("terminate called
-    without an active exception", "process 0 terminated with signal SIGABRT") after the test's work
-    is done and written. A worker that raised still leaves the usual way, with its traceback."""
+    finalization. Once a process has used DTensor (FSDP2 does), destroy_process_group no longer ends
+    the gloo process group (torch keeps references to it), so its worker threads still run while the
+    interpreter finalizes; a worker thread that is just releasing a finished collective then needs the
+    GIL to free the collective's tensors, Python ends that thread (it may not take the GIL during
+    finalization), the unwinding crosses C++ code that must not throw, and the process aborts:
+    "terminate called without an active exception", "process 0 terminated with signal SIGABRT", after
+    the test's work was done and written (seen in 1 of 20 to 40 short runs under load; a core dump
+    shows ProcessGroupGloo::runLoop destroying an AsyncAllgatherCoalescedWork while the main thread is
+    in Py_FinalizeEx). A worker that raised still leaves the usual way, with its traceback."""
     import torch.multiprocessing as multiprocessing
     multiprocessing.spawn(_work_then_leave, args=(worker, (nprocs, str(folder), *args)), nprocs=nprocs)
 
