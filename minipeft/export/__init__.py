@@ -51,7 +51,7 @@ class ExportReport:
                 f"{size / 2**20:.1f} MiB, in {self.seconds:.1f} s\nchecked: {self.check}")
 
 
-def _check_request(path: Path, fmt: str, dtype: str) -> None:
+def check_request(path: Path, fmt: str, dtype: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in FORMATS[fmt]:
@@ -79,7 +79,7 @@ def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None,
     model's own template (the one it was tuned with). `name`: which of several adapters side by side
     (default: the active one). `max_shard_bytes`: hf's largest safetensors file."""
     path = Path(path)
-    _check_request(path, format, dtype)
+    check_request(path, format, dtype)
     if model.adapters is not None:
         with multi.single_view(model, name or model.adapters.active):
             return export(model, path, format, dtype, tokenizer, chat_template, None, max_shard_bytes)
