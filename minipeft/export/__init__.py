@@ -26,11 +26,12 @@ import torch
 
 from ..adapter_io import save_adapter
 from ..methods import multi
-from . import check, hf
+from . import check, gguf, gguf_lora, hf
 from .merged import base_weights, merged_weights
 
 FORMATS = {"hf": ("fp32", "bf16", "fp16"), "gguf": ("fp32", "bf16", "fp16", "q8_0"),
            "gguf-lora": ("fp32", "bf16", "fp16", "q8_0"), "peft": ("fp32",)}
+GGUF_FILE, GGUF_LORA_FILE = "model.gguf", "adapter.gguf"
 # what the named models are called where their users find them (peft's base_model_name_or_path)
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2",
            "gemma3-270m": "google/gemma-3-270m"}
@@ -150,4 +151,27 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
                          getattr(model, "precision", "fp32"))
 
 
-WRITERS = {"hf": _write_merged_hf, "peft": _write_peft}
+def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
+    from ..pretrained import from_pretrained
+    weights = merged_weights(model, "gguf")
+    gguf.write_gguf(model, weights, folder / GGUF_FILE, request.dtype, request.tokenizer, request.chat_template)
+    del weights
+    (folder / "Modelfile").write_text(f"FROM ./{GGUF_FILE}\n")  # Ollama: ollama create NAME -f Modelfile
+    reloaded, _ = from_pretrained(folder / GGUF_FILE)
+    return _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+
+
+def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
+    gguf_lora.write_gguf_lora(model, folder / GGUF_LORA_FILE, request.dtype)
+    base_file = gguf.source_gguf(model.cfg)
+    base_line = f"FROM {base_file.resolve()}" if base_file else "FROM ./base.gguf  # the base model's GGUF file"
+    (folder / "Modelfile").write_text(f"{base_line}\nADAPTER ./{GGUF_LORA_FILE}\n")
+    batch, names, memory = _model_inputs(model, request.tokenizer)
+    reloaded = check.plain_model(model.cfg, base_weights(model))
+    base_logits = check.logits_on(reloaded, batch)
+    gguf_lora.read_gguf_lora(reloaded, folder / GGUF_LORA_FILE)
+    return check.compare(names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
+                         getattr(model, "precision", "fp32"))
+
+
+WRITERS = {"hf": _write_merged_hf, "gguf": _write_merged_gguf, "gguf-lora": _write_gguf_lora, "peft": _write_peft}
