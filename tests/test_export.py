@@ -202,3 +202,24 @@ def test_gemma3_270m_with_lora_exports_to_transformers(tmp_path):
     diff = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
     print(f"\nGemma 3 270M + LoRA, hf export in transformers: largest |difference| {diff:.2e}; check: {report.check}")
     assert diff < 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])  # GPT-2's and Phi-3's fused q, k, v too
+def test_the_peft_export_runs_in_peft_on_the_hf_export_of_its_base(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(family)
+    mp.export(base, tmp_path / "base", format="hf")  # the base alone: nothing to merge
+    model = tuned(family)  # the same base (same seed) with a LoRA
+    report = mp.export(model, tmp_path / "peft", format="peft")
+    assert report.check.largest_difference < 1e-5
+    hf = peft.PeftModel.from_pretrained(transformers_model(tmp_path / "base"), tmp_path / "peft").eval()
+    diff = largest_difference(model, hf, family)
+    print(f"\n{family}: peft on transformers' model of the hf export, largest |difference| {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_the_peft_export_of_a_named_model_names_its_hub_id(smollm2_lora, tmp_path):
+    model, tokenizer = smollm2_lora
+    mp.export(model, tmp_path / "out", format="peft", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
