@@ -14,6 +14,7 @@ from pathlib import Path
 import minipeft as mp
 from minipeft import cli
 from minipeft.export import FORMATS, check_request
+from minipeft.export.merged import requantization_report
 
 DTYPES = tuple(dict.fromkeys(d for dtypes in FORMATS.values() for d in dtypes))
 
@@ -34,6 +35,9 @@ def build_parser():
                    help="the weights' type: " + "; ".join(f"{f}: {', '.join(d)}" for f, d in FORMATS.items()))
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja2 chat template to ship instead of the model's own (the one it was tuned with)")
+    p.add_argument("--nf4-report", action="store_true",
+                   help="also print, per adapted layer, how much of the update a 4-bit (NF4) copy of the merged model "
+                        "keeps: |Q(W + dW) - Q(W)| / |dW|")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="hf: the largest safetensors file, in GiB")
     cli.add_import_flag(p)
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -74,6 +78,18 @@ def main(argv):
     report = mp.export(model, args.out, format=args.format, dtype=args.dtype, tokenizer=tokenizer,
                        chat_template=args.chat_template, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(report)
+    if args.nf4_report:
+        print_requantization_report(model)
+
+
+def print_requantization_report(model):
+    rows = requantization_report(model)
+    survival = sorted(r for _, r in rows)
+    print("how much of each layer's update a 4-bit NF4 copy keeps, |Q(W + dW) - Q(W)| / |dW| (1 = all of it):")
+    for layer, ratio in rows:
+        print(f"  {layer:<28} {ratio:.3f}")
+    print(f"  {len(rows)} layers: median {survival[len(survival) // 2]:.3f}, lowest {survival[0]:.3f}, "
+          f"highest {survival[-1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -223,3 +223,23 @@ def test_the_peft_export_of_a_named_model_names_its_hub_id(smollm2_lora, tmp_pat
     mp.export(model, tmp_path / "out", format="peft", tokenizer=tokenizer)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_qlora_model_exports_merged_in_full_precision(tmp_path):
+    model = tuned("llama", method="qlora", rank=2, targets=["all"])  # LoRA on an NF4 base
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert report.check.largest_difference < 1e-5  # dequantize(W) + ΔW, written in fp32
+    assert largest_difference(model, transformers_model(tmp_path / "out"), "llama") < 1e-4
+
+
+def test_the_requantization_report_shows_how_much_of_the_update_survives_4_bits():
+    from minipeft.export.merged import requantization_report
+    model = tuned("llama", method="qlora", rank=2, targets=["q", "v"])
+    large = dict(requantization_report(model))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.mul_(1e-3)  # an update far below one step of the 4-bit grid
+    small = dict(requantization_report(model))
+    assert sorted(large) == [f"blocks.{i}.attn.{t}" for i in (0, 1) for t in "qv"]
+    assert all(0.8 < r < 1.2 for r in large.values()) and all(r < 0.5 for r in small.values())

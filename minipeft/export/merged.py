@@ -13,6 +13,16 @@ memory is never touched and no second model is held):
                                         add modules of their own that no weight of the base can hold: refused
 
 Every tensor comes out fp32 (a bf16 base is widened before the merge, so ΔW is added unrounded).
+
+What a 4-bit merge would lose. Serving the merged model in 4 bits again rounds W + ΔW to the 4-bit grid,
+and a small update can fall inside one step of it. `requantization_report` measures, layer by layer,
+
+    survival = ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖          Q: quantize to NF4 (blocks of 64, double quantization)
+                                                  and back (quant.py, bitsandbytes' format)
+
+1 means the 4-bit model moves by the whole update; near 0, the rounding swallowed it; above 1, rounding
+noise of the size of the update came with it. W is the base as it was trained on: for QLoRA the
+dequantized NF4 base, which Q maps onto itself, so only the update's own rounding shows.
 """
 import copy
 
@@ -22,7 +32,7 @@ import torch.nn as nn
 from ..methods import multi
 from ..methods.registry import get_method
 from ..model import Transformer
-from ..quant import Linear4bit
+from ..quant import Linear4bit, dequantize_4bit, quantize_4bit
 
 
 def plain_names(model) -> set[str]:
@@ -108,3 +118,23 @@ def base_weights(model) -> dict[str, torch.Tensor] | None:
            for name, p in model.named_parameters()):
         return None
     return _weights(model, False, "")
+
+
+def _requantized(w: torch.Tensor, quant_type: str) -> torch.Tensor:
+    return dequantize_4bit(*quantize_4bit(w, quant_type, blocksize=64, double_quant=True))
+
+
+@torch.no_grad()
+def requantization_report(model, quant_type: str = "nf4") -> list[tuple[str, float]]:
+    """[(layer, ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖)] for every layer the model's method changes (module docstring)."""
+    merged, base = merged_weights(model, "hf"), base_weights(model)
+    if base is None:
+        raise ValueError("the requantization report compares the merged weights with the base's, which this "
+                         "model does not keep (no method, or one that trained the base in place)")
+    report = []
+    for name in sorted(merged, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")]):
+        if name.startswith("blocks.") and name.endswith(".weight") and not torch.equal(merged[name], base[name]):
+            delta = merged[name] - base[name]
+            moved = _requantized(merged[name], quant_type) - _requantized(base[name], quant_type)
+            report.append((name.removesuffix(".weight"), (moved.norm() / delta.norm()).item()))
+    return report
