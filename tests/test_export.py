@@ -9,6 +9,12 @@
 """
 import json
 import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -243,3 +249,66 @@ def test_the_requantization_report_shows_how_much_of_the_update_survives_4_bits(
     small = dict(requantization_report(model))
     assert sorted(large) == [f"blocks.{i}.attn.{t}" for i in (0, 1) for t in "qv"]
     assert all(0.8 < r < 1.2 for r in large.values()) and all(r < 0.5 for r in small.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# export.py
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_py(*args, cwd, limit_file_size=None):
+    def limited():  # a disk that fills: writes past the limit fail with "File too large"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, preexec_fn=limited if limit_file_size else None)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny-llama LoRA saved as a training run saves it (run/adapter), and a tiny-gpt2 one."""
+    folder = tmp_path_factory.mktemp("adapters")
+    for name, run in (("tiny-llama", folder / "run" / "adapter"), ("tiny-gpt2", folder / "gpt2")):
+        model, _ = mp.from_pretrained(name)
+        mp.apply(model, "lora", targets=["all"])
+        perturb_trainable(model)
+        mp.save_adapter(model, run)
+    return folder
+
+
+def test_export_py_exports_a_run_folder_against_the_base_its_adapter_records(adapters, tmp_path):
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exported hf (fp32)" in result.stdout and "checked: largest |logit difference|" in result.stdout
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-llama", "--adapter", "gpt2"], "was trained on another base model"),
+    (["--model", "tiny-gpt2", "--adapter", "gpt2", "--format", "gguf"],
+     "format 'gguf' holds llama, qwen2, qwen3, gemma3 models .* not gpt2; export it with format 'hf'"),
+    (["--adapter", "run", "--format", "peft", "--dtype", "bf16"], "format 'peft' takes dtype fp32, not 'bf16'"),
+    (["--adapter", "run", "--format", "gguf-lora", "--dtype", "q4_0"], "invalid choice: 'q4_0'"),
+])
+def test_export_py_refuses_bad_input_in_one_sentence(adapters, args, message, tmp_path):
+    result = export_py(*args, "--out", tmp_path / "out", cwd=adapters)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_py_refuses_an_existing_out_before_loading(adapters, tmp_path):
+    (tmp_path / "out").mkdir()
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'out'} exists; give a new " \
+                                                                  "folder (an export never overwrites)"
+
+
+def test_a_disk_that_fills_during_the_write_leaves_nothing_behind(adapters, tmp_path):
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path,
+                       limit_file_size=100_000)  # the weights take 0.5 MB
+    assert result.returncode == 2, result.stderr
+    assert "failed" in result.stderr and "File too large" in result.stderr and "nothing was kept" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -16,16 +16,19 @@ on a few sentences against the model in memory, and against its base), and only 
 `path`: a failed check, a refused model or a full disk leave nothing behind, and `path` must not exist.
 Merging never touches the model in memory (merged.py folds one copied layer at a time).
 """
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from safetensors import SafetensorError
 
-from ..adapter_io import save_adapter
+from ..adapter_io import load_adapter, save_adapter
 from ..methods import multi
+from ..peft_format import PEFT_CONFIG
+from ..pretrained import from_pretrained
 from . import check, gguf, gguf_lora, hf
 from .merged import base_weights, merged_weights
 
@@ -93,21 +96,22 @@ def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None,
         result = WRITERS[format](model, tmp, request)
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         tmp.rename(path)
-    except OSError as error:  # a full disk, a folder we may not write: nothing is kept
-        raise ValueError(f"writing {path} failed ({error.strerror or error}); nothing was kept, free the space "
-                         "(or pick another folder) and export again") from None
+    except (OSError, SafetensorError) as error:  # a full disk, a folder we may not write: nothing is kept
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(f"writing {path} failed ({reason}); nothing was kept: free the space (or pick another "
+                         "folder) and export again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(path, format, dtype, result, time.perf_counter() - start, files)
 
 
-def _model_inputs(model, tokenizer):
+def _probe(model, tokenizer) -> tuple[check.Probes, list]:
+    """The probe batch and the model's own logits on it."""
     batch = check.probes(model, tokenizer)
-    return batch, batch.names, check.logits_on(model, batch)
+    return batch, check.logits_on(model, batch)
 
 
 def _write_merged_hf(model, folder: Path, request: Request) -> check.Check:
-    from ..pretrained import from_pretrained
     weights = merged_weights(model, "hf")
     hf.write_hf(model, weights, folder, request.dtype, request.tokenizer, request.max_shard_bytes,
                 request.chat_template)
@@ -118,20 +122,18 @@ def _write_merged_hf(model, folder: Path, request: Request) -> check.Check:
 
 def _compare_with_memory(model, reloaded, tokenizer, dtype: str) -> check.Check:
     """Check a merged export (`reloaded`, read from the files) against the model and its base."""
-    batch, names, memory = _model_inputs(model, tokenizer)
+    batch, memory = _probe(model, tokenizer)
     ours = check.logits_on(reloaded, batch)
     base = base_weights(model)
-    base_logits = None
-    if base is not None:  # the reloaded model's own tensors make room for the base
-        base_logits = check.logits_on(check.plain_model(model.cfg, base), batch)
-    return check.compare(names, ours, memory, base_logits, dtype, getattr(model, "precision", "fp32"))
+    base_logits = None if base is None else check.logits_on(check.plain_model(model.cfg, base), batch)
+    return check.compare(batch.names, ours, memory, base_logits, dtype, getattr(model, "precision", "fp32"))
 
 
 def _write_peft(model, folder: Path, request: Request) -> check.Check:
-    import json
-
-    from ..adapter_io import load_adapter
-    from ..peft_format import PEFT_CONFIG
+    base = base_weights(model)
+    if base is None and model.peft_config:
+        raise ValueError(f"{model.peft_config['method']} trains the base model's own parameters, which a peft "
+                         "adapter does not hold; export the merged model (format 'hf' or 'gguf')")
     save_adapter(model, folder, format="peft")
     config_file = folder / PEFT_CONFIG
     config = json.loads(config_file.read_text())
@@ -139,20 +141,15 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
     if source in HUB_IDS:  # as its users name it, not the local cache path
         config["base_model_name_or_path"] = HUB_IDS[source]
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    base = base_weights(model)
-    if base is None:
-        raise ValueError(f"{model.peft_config['method']} trains the base model's own parameters, which a peft "
-                         "adapter does not hold; export the merged model (format 'hf' or 'gguf')")
-    batch, names, memory = _model_inputs(model, request.tokenizer)
+    batch, memory = _probe(model, request.tokenizer)
     reloaded = check.plain_model(model.cfg, base)
     base_logits = check.logits_on(reloaded, batch)
     load_adapter(reloaded, folder)
-    return check.compare(names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
+    return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
                          getattr(model, "precision", "fp32"))
 
 
 def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
-    from ..pretrained import from_pretrained
     weights = merged_weights(model, "gguf")
     gguf.write_gguf(model, weights, folder / GGUF_FILE, request.dtype, request.tokenizer, request.chat_template)
     del weights
@@ -166,11 +163,11 @@ def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
     base_file = gguf.source_gguf(model.cfg)
     base_line = f"FROM {base_file.resolve()}" if base_file else "FROM ./base.gguf  # the base model's GGUF file"
     (folder / "Modelfile").write_text(f"{base_line}\nADAPTER ./{GGUF_LORA_FILE}\n")
-    batch, names, memory = _model_inputs(model, request.tokenizer)
+    batch, memory = _probe(model, request.tokenizer)
     reloaded = check.plain_model(model.cfg, base_weights(model))
     base_logits = check.logits_on(reloaded, batch)
     gguf_lora.read_gguf_lora(reloaded, folder / GGUF_LORA_FILE)
-    return check.compare(names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
+    return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
                          getattr(model, "precision", "fp32"))
 
 
