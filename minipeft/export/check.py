@@ -20,8 +20,7 @@ import torch
 
 from ..model import Transformer
 
-PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the question:",
-          "I loved this film; the acting was superb and the story moved me.")
+PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the question:", "I loved this film!")
 # largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'
 # order (merged W + ΔW against x Wᵀ + x ΔWᵀ); the others, their own rounding of every weight
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "q8_0": 1e-1}
