@@ -173,7 +173,9 @@ def smollm2_lora():
     return model.eval(), tokenizer
 
 
-def real_model_parity(model, tokenizer, folder, text):
+def real_model_parity(model, tokenizer, folder, text) -> tuple[float, float]:
+    """transformers on the export against (minipeft's merged model, the model in memory, unmerged): the
+    largest |logit difference| from each; and its tokenizer and chat template give ours."""
     hf = transformers_model(folder)
     theirs_tok = transformers.AutoTokenizer.from_pretrained(folder)
     messages = [{"role": "user", "content": "Is this review positive? 'A delight.'"}]
@@ -181,8 +183,10 @@ def real_model_parity(model, tokenizer, folder, text):
     assert theirs_tok(text)["input_ids"] == ids
     assert theirs_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         mp.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
+    merged, _ = mp.from_pretrained(folder)  # minipeft's merged model: the export read back
     with torch.no_grad():
-        return (model(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item()
+        theirs = hf(torch.tensor([ids])).logits
+        return tuple((ours(torch.tensor([ids])) - theirs).abs().max().item() for ours in (merged, model))
 
 
 HAMLET_LINE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
@@ -193,9 +197,10 @@ def test_smollm2_with_lora_exports_to_transformers(smollm2_lora, tmp_path):
     report = mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 2
-    diff = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
-    print(f"\nSmolLM2 + LoRA, hf export in transformers: largest |difference| {diff:.2e}; check: {report.check}")
-    assert diff < 1e-3
+    merged, memory = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
+    print(f"\nSmolLM2 + LoRA, hf export in transformers: largest |difference| from minipeft's merged model "
+          f"{merged:.2e}, from the unmerged one in memory {memory:.2e}; check: {report.check}")
+    assert merged < 1e-4 and memory < 1e-3
 
 
 def test_gemma3_270m_with_lora_exports_to_transformers(tmp_path):
@@ -205,9 +210,10 @@ def test_gemma3_270m_with_lora_exports_to_transformers(tmp_path):
     report = mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
-    diff = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
-    print(f"\nGemma 3 270M + LoRA, hf export in transformers: largest |difference| {diff:.2e}; check: {report.check}")
-    assert diff < 1e-3
+    merged, memory = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
+    print(f"\nGemma 3 270M + LoRA, hf export in transformers: largest |difference| from minipeft's merged model "
+          f"{merged:.2e}, from the unmerged one in memory {memory:.2e}; check: {report.check}")
+    assert merged < 1e-4 and memory < 1e-3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])  # GPT-2's and Phi-3's fused q, k, v too
