@@ -8,8 +8,10 @@ from .methods import (METHODS, Method, Option, apply, combine_adapters, get_meth
 from .model import KVCache, ModelConfig, Transformer
 from .precision import PRECISIONS, resolve_device, set_precision
 from .pretrained import from_pretrained
+from .export import export  # the function; its modules stay importable as minipeft.export.hf, ...
 
 __all__ = ["memory", "memory_report", "format_report", "quant", "KVCache", "ModelConfig", "Transformer",
            "METHODS", "Method", "Option", "apply", "get_method", "load_adapter", "read_adapter_config", "merge",
-           "register", "save_adapter", "task_defaults", "trainable_state_dict", "unmerge", "from_pretrained", "set_adapter",
-           "combine_adapters", "apply_chat_template", "precision", "PRECISIONS", "resolve_device", "set_precision"]
+           "register", "save_adapter", "task_defaults", "trainable_state_dict", "unmerge", "from_pretrained",
+           "set_adapter", "combine_adapters", "apply_chat_template", "precision", "PRECISIONS", "resolve_device",
+           "set_precision", "export"]
