@@ -8,6 +8,7 @@
     python eval.py --task rotten_tomatoes_instruct --adapter checkpoints/sft/adapter   # exact match of greedy answers
     python eval.py --task questions.jsonl --split all --adapter checkpoints/sft/adapter --out answers.jsonl
     python eval.py --model smollm2 --few-shot 4 --limit 200 [--calibrate]   # in-context baseline, no training
+    python eval.py --model smollm2 --task pairs.jsonl --adapter checkpoints/dpo/adapter   # reward accuracy (DPO)
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minipeft as mp
-from minipeft import chat, cli, data, fewshot, trainer
+from minipeft import chat, cli, data, fewshot, preference, trainer
 from minipeft.atomic import atomic_write
 from minipeft.generate import Sampling, TextStreamer, generate
 
@@ -176,8 +177,12 @@ def main(argv):
         return print_continuation(model, tokenizer, args)
     if args.chat:
         return chat_loop(model, tokenizer, args)
-    task = data.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len, seed=args.seed,
-                          chat_template=args.chat_template, columns=columns)  # (weights are for training)
+    if len(sources) == 1 and preference.is_preference_source(sources[0][0]):  # pairs: reward accuracy vs the base
+        task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
+                                           chat_template=args.chat_template)  # (β = 0.1)
+    else:
+        task = data.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
+                              seed=args.seed, chat_template=args.chat_template, columns=columns)  # (weights: training)
     args.task = data.sources_text(args.task)  # for the reports
     if args.split == "all":
         task.splits["all"] = data.Dataset.concat([task.splits[split] for split in data.SPLITS])

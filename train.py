@@ -5,6 +5,8 @@
     python train.py --model smollm2 --task rotten_tomatoes_instruct --targets all --pack --max-len 256 --steps 80
     python train.py --model smollm2 --task my_chats.jsonl --chat-template my_template.jinja   # instruction tuning
     python train.py --model smollm2 --task chats.jsonl:2 --task more.parquet --columns prompt=question,completion=answer
+    python train.py --model smollm2 --task rotten_tomatoes_preference --steps 100 --batch-size 8   # DPO on pairs
+    python train.py --model smollm2 --task pairs.jsonl --init-adapter checkpoints/sft/adapter --dpo-loss ipo
     python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
@@ -17,11 +19,13 @@
 import argparse
 import contextlib
 import json
+import time
 
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, precision, processes, runconfig, sharding, trainer, watch
+from minipeft import checkpoint, cli, data, dpo, precision, preference, processes, runconfig, sharding, trainer, watch
+from minipeft.methods.disable import check_can_disable
 
 DEFAULT_METHOD = "lora"
 
@@ -97,6 +101,19 @@ def build_parser():
     m.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
+    d = p.add_argument_group("preference tuning (DPO): the reference model is this model with its adapter off")
+    d.add_argument("--objective", choices=("sft", "dpo"), default=None,
+                   help="dpo: train on preference pairs ({prompt, chosen, rejected} rows, or "
+                        "rotten_tomatoes_preference); sft: the task's own loss. Not given: dpo for preference "
+                        "pairs, the task's own loss for any other task")
+    d.add_argument("--beta", type=float, default=None,
+                   help="DPO's β, how far the policy may move from the reference; 0.1 if not given")
+    d.add_argument("--dpo-loss", choices=dpo.VARIANTS, default=None,
+                   help="sigmoid: DPO's −log σ(β·margin); ipo: IPO's (margin per token − 1/(2β))²; sigmoid if "
+                        "not given")
+    d.add_argument("--precompute-reference", action="store_true",
+                   help="compute every pair's reference log-probabilities once before training, instead of a "
+                        "forward pass with the adapter off at every step")
     r = p.add_argument_group("checkpoints")
     r.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints (0: only at the end, and on Ctrl-C or SIGTERM)")
@@ -139,7 +156,8 @@ def check_numbers(args):
              ("--stop-at", args.stop_at, args.stop_at is None or args.stop_at >= 1, ">= 1"),
              ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
              ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0"),
-             ("--mmap-threshold", args.mmap_threshold, args.mmap_threshold >= 0, ">= 0")]
+             ("--mmap-threshold", args.mmap_threshold, args.mmap_threshold >= 0, ">= 0"),
+             ("--beta", args.beta, args.beta is None or args.beta > 0, "> 0")]
     for flag, value, ok, allowed in rules:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
@@ -155,13 +173,42 @@ def check_context_length(model, max_len: int, model_name: str):
 
 
 def check_task_flags(args, task):
-    """--pack needs a label per token; --train-on-prompt and --chat-template are for instruction data."""
-    if args.pack and task.kind == "classification":
+    """--pack needs a label per token; --train-on-prompt and --chat-template are for instruction data
+    (the chat template also for preference pairs)."""
+    if args.pack and task.kind in ("classification", "dpo"):
         task.splits["train"].packed(args.max_len)  # raises, saying why
-    for flag, given in (("--train-on-prompt", args.train_on_prompt), ("--chat-template", args.chat_template)):
-        if given and task.kind != "sft":
+    for flag, given, kinds in (("--train-on-prompt", args.train_on_prompt, ("sft",)),
+                               ("--chat-template", args.chat_template, ("sft", "dpo"))):
+        if given and task.kind not in kinds:
             raise ValueError(f"{flag} is for instruction data (prompt/completion, messages or instruction rows); "
                              f"{data.sources_text(args.task)} is a {task.kind} task")
+
+
+def resolve_objective(args) -> str | None:
+    """The objective: "dpo" for preference pairs (or --objective dpo), else None (the task's own loss). Checked
+    before anything loads: the objective must fit the data, and the DPO flags need it."""
+    sources, task = [source for source, _ in data.parse_sources(args.task)], data.sources_text(args.task)
+    pairs = any(preference.is_preference_source(source) for source in sources)
+    objective = args.objective or ("dpo" if pairs else None)
+    if objective == "dpo" and not pairs:
+        raise ValueError(f"--objective dpo trains on preference pairs ({preference.ROW_HELP}; or "
+                         f"{preference.BUILT_IN}), and --task {task} holds none")
+    if objective == "sft" and pairs:
+        raise ValueError(f"--task {task} holds preference pairs, which --objective sft cannot train on; "
+                         "use --objective dpo (their default)")
+    if objective == "dpo" and len(sources) > 1:
+        raise ValueError(f"preference tuning reads one --task source, got {task}; mixing sources is for "
+                         "instruction and classification data")
+    given = [flag for flag, value in (("--beta", args.beta), ("--dpo-loss", args.dpo_loss),
+                                      ("--precompute-reference", args.precompute_reference))
+             if value not in (None, False)]
+    if given and objective != "dpo":
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for preference tuning "
+                         "(--objective dpo on preference pairs)")
+    if objective == "dpo" and args.fsdp and not args.precompute_reference:
+        raise ValueError("--fsdp with --objective dpo needs --precompute-reference: the reference pass switches "
+                         "the adapter's layers off, which a sharded model cannot, so it runs once before sharding")
+    return objective
 
 
 def pack_training_split(model, task, max_len: int):
@@ -172,9 +219,9 @@ def pack_training_split(model, task, max_len: int):
     task.splits["train"] = task.splits["train"].packed(max_len)
 
 
-def train_config(args, precision: str, device: torch.device) -> trainer.TrainConfig:
+def train_config(args, precision: str, device: torch.device, objective: str | None = None) -> trainer.TrainConfig:
     """The training options as TrainConfig takes them (--lr None: the method's own; --out None: the
-    --resume folder, or a new one)."""
+    --resume folder, or a new one; DPO's loss for preference pairs)."""
     return trainer.TrainConfig(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         batching=args.batching, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
@@ -186,7 +233,9 @@ def train_config(args, precision: str, device: torch.device) -> trainer.TrainCon
              **({"columns": args.columns} if args.columns else {}),  # (older checkpoints do not record it)
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
              "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
-             "precision": precision, "device_type": device.type})
+             "precision": precision, "device_type": device.type,
+             **({"precompute_reference": args.precompute_reference} if objective == "dpo" else {})},
+        dpo=dpo.DPOLoss(args.beta or 0.1, args.dpo_loss or "sigmoid") if objective == "dpo" else None)
 
 
 def check_before_loading(args):
@@ -203,9 +252,9 @@ def check_before_loading(args):
         sharding.check_launch()
 
 
-def prepare(args, method, device: torch.device, precision_name: str):
+def prepare(args, method, device: torch.device, precision_name: str, objective: str | None = None):
     """The model with the method applied (or --init-adapter's), on its device and in its precision, and
-    the task (its training split packed with --pack): (model, task, method)."""
+    the task (preference pairs under DPO; its training split packed with --pack): (model, task, method)."""
     options = cli.method_options(args)
     # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
     apply_method = not args.init_adapter or args.method is not None or bool(options)
@@ -215,8 +264,12 @@ def prepare(args, method, device: torch.device, precision_name: str):
     model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
     check_context_length(model, args.max_len, args.model)
     sources, columns = cli.task_flags(args)
-    task = data.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
-                          chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
+    if objective == "dpo":  # one source (resolve_objective)
+        task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
+                                           chat_template=args.chat_template)
+    else:
+        task = data.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
+                              chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
     check_task_flags(args, task)
     if task.kind == "classification":
         model.add_classifier(task.n_classes)
@@ -227,6 +280,8 @@ def prepare(args, method, device: torch.device, precision_name: str):
         mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
         method = mp.get_method(model.peft_config["method"])
     check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+    if objective == "dpo":  # the reference model is this one with its adapter switched off
+        check_can_disable(model)
     if args.pack:
         pack_training_split(model, task, args.max_len)
     model.checkpointing = args.grad_checkpoint
@@ -246,6 +301,7 @@ def main(argv):
         mp.memory.mmap_large_tensors(args.mmap_threshold)
     method = mp.get_method(args.method or DEFAULT_METHOD)
     check_before_loading(args)
+    objective = resolve_objective(args)
 
     requested = precision.resolve_device(args.device)  # a device that is not there stops here
     rank, world_size = processes.init_distributed(requested.type)
@@ -253,25 +309,34 @@ def main(argv):
     chosen = precision.resolve_precision(args.precision, device)
     new_folder = None
     try:
-        model, task, method = prepare(args, method, device, chosen.name)
+        model, task, method = prepare(args, method, device, chosen.name, objective)
         # the ledger for the longest training batch (batches are padded to their longest example)
-        longest = max(map(len, task.splits["train"].input_ids))
-        ledger = mp.memory_report(model, args.batch_size, longest, padded=True)
-        config = train_config(args, chosen.name, device)
+        longest, rows = max(map(len, task.splits["train"].input_ids)), args.batch_size
+        if objective == "dpo":  # a batch of pairs has a chosen and a rejected row per pair
+            longest, rows = max(longest, *map(len, task.splits["train"].rejected_ids)), 2 * args.batch_size
+        ledger = mp.memory_report(model, rows, longest, padded=True)
+        config = train_config(args, chosen.name, device, objective)
         if config.resume and not config.out:
             config.out = str(checkpoint.run_folder(config.resume))
         if not config.out:  # a new folder of its own, named on the first line
             new_folder = checkpoint.new_run_folder(config.run, method.name)
             config.out = str(new_folder)
         held, lr = None, config.peak_lr(model, task.kind)
+        if args.precompute_reference:  # once, before training (and before sharding: it switches the adapter off)
+            start = time.perf_counter()
+            task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size)
+                           for name, split in task.splits.items()}
+            if rank == 0:
+                print(f"reference log-probabilities of {sum(map(len, task.splits.values())):,} pairs "
+                      f"precomputed in {time.perf_counter() - start:.1f} s")
         if args.fsdp:
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
             print(f"{args.model} on {data.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
-                  f"examples{', packed' if args.pack else ''}), method {method.name}, lr {lr}, "
-                  f"{chosen.name} on {device}" + (f", {world_size} processes" if world_size > 1 else "")
-                  + f", output in {config.out}")
+                  f"{'pairs' if task.kind == 'dpo' else 'examples'}{', packed' if args.pack else ''}), method "
+                  f"{method.name}, lr {lr}, {chosen.name} on {device}"
+                  + (f", {world_size} processes" if world_size > 1 else "") + f", output in {config.out}")
         settings = runconfig.run_settings(args, method.name, model.peft_config["options"], lr)
         records = [runconfig.SettingsFile(settings), *watch.writers(args.log, settings)]  # config.yaml, CSV, plot
         summary = trainer.train(model, task, config, writers=records)

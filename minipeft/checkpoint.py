@@ -63,7 +63,7 @@ MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "
                         "eval_every", "eval_batch_size", "init_adapter")
 OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
-              "device_type": "--device type"}
+              "device_type": "--device type", "dpo": "--beta and --dpo-loss"}
 
 
 @dataclass

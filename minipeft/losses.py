@@ -67,10 +67,11 @@ def _tiles(n_tokens: int, vocab_size: int, chunk_size: int, vocab_block: int):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """hidden (M, d), weight (V, d), targets (M,) -> the summed cross-entropy of the labelled rows."""
+    """hidden (M, d), weight (V, d), targets (M,) -> the summed cross-entropy of the labelled rows, or with
+    per_token each row's own (M,), 0 where unlabelled."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_size, vocab_block, dtype):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, vocab_block, dtype, per_token=False):
         with autocast_off(hidden.device.type):
             rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
             h, t = hidden[rows].to(dtype), targets[rows]  # (N, d), (N,)
@@ -82,10 +83,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             target_logits = (h * w[t]).sum(1, dtype=torch.float32)  # (N,) h_i · W[t_i]
             if softcap:
                 target_logits = torch.tanh(target_logits / softcap) * softcap
-            total = (lse - target_logits).sum()
+            losses = lse - target_logits  # (N,)
+            total = losses.new_zeros(len(targets)).index_copy_(0, rows, losses) if per_token else losses.sum()
         ctx.save_for_backward(h, rows, t, lse, weight)
         ctx.softcap, ctx.chunk_size, ctx.vocab_block, ctx.dtype = softcap, chunk_size, vocab_block, dtype
-        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        ctx.hidden_shape, ctx.hidden_dtype, ctx.per_token = hidden.shape, hidden.dtype, per_token
         return total
 
     @staticmethod
@@ -93,6 +95,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         h, rows, t, lse, weight = ctx.saved_tensors
         softcap, dtype = ctx.softcap, ctx.dtype
         want_hidden, want_weight = ctx.needs_input_grad[:2]
+        if ctx.per_token:  # (M,) -> the labelled rows' (N, 1), one factor per row of a tile
+            grad_total = grad_total[rows, None]
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_hidden else None  # (N, d)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None  # (V, d)
         with autocast_off(h.device.type):
@@ -103,7 +107,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 local = t[part] - block.start  # (C,) the target's column in this block, if it is there
                 hit = (local >= 0) & (local < grad_z.shape[1])
                 grad_z[hit.nonzero().squeeze(1), local[hit]] -= 1
-                grad_z.mul_(grad_total)
+                grad_z.mul_(grad_total[part] if ctx.per_token else grad_total)
                 if softcap:  # d(c · tanh(z / c))/dz = 1 − tanh²
                     grad_z.mul_(tanh.square_().neg_().add_(1))
                 if want_hidden:
@@ -114,13 +118,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if want_hidden:
             grad_hidden = h.new_zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype)  # (M, d)
             grad_hidden[rows] = grad_h.to(ctx.hidden_dtype)
-        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None, None, None, None
 
 
 def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_size=None, vocab_block=None,
             causal=True, reduction="mean"):
     """Mean (or, with reduction "sum", summed) cross-entropy over the labelled tokens, never holding more
-    than chunk_size × vocab_block logits.
+    than chunk_size × vocab_block logits; reduction "none" gives each token's own (B, T), 0 where unlabelled
+    (−log p of the target: a row's sum is minus its labelled tokens' log-probability, what DPO needs).
 
     hidden (B, T, d) final hidden states; weight (V, d) the LM head's; labels (B, T) as transformers takes
     them (shifted inside for a causal model; a masked LM's labels are its targets), or shift_labels (B, T)
@@ -129,10 +134,13 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_
     if (labels is None) == (shift_labels is None):
         raise ValueError("give labels (the inputs, shifted inside) or shift_labels (already shifted), not both")
     targets = shift_labels if labels is None else shift(labels) if causal else labels  # (B, T)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     total = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), softcap,
-                                      chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, matmul_dtype(hidden))
+                                      chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, matmul_dtype(hidden),
+                                      reduction == "none")
+    if reduction == "none":
+        return total.view(targets.shape)  # (B, T)
     if reduction == "sum":
         return total
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return total / (targets != IGNORE_INDEX).sum()  # 0 / 0 = nan when nothing is labelled, as transformers

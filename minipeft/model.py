@@ -691,7 +691,8 @@ class Transformer(nn.Module):
         With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
         shift_labels (B, T) (already aligned with idx): the mean LM loss instead, computed in tiles of
         chunk_size tokens × vocab_block vocabulary entries, so the logits never exist whole (losses.py);
-        reduction="sum" gives the summed loss of the labelled tokens instead of their mean.
+        reduction="sum" gives the summed loss of the labelled tokens instead of their mean, "none" each
+        token's (B, T), 0 where unlabelled.
         The other arguments are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):

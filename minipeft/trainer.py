@@ -19,7 +19,8 @@ a warmup ratio, except that the warmup runs one step ahead: transformers' first 
 and moves no weight, so a one-step run with warmup trains nothing. Without warmup the two are equal.
 
 The loss of a step is the mean over every labelled token of its global batch (classification: over its
-examples), however the batch is split into micro-batches, processes or packed rows:
+examples; preference pairs, dpo.py: over its pairs), however the batch is split into micro-batches,
+processes or packed rows:
 
     L = 1/N · Σ_processes Σ_micro Σ_i ℓ_i        ℓ_i the cross-entropy of labelled token (or example) i
 
@@ -78,10 +79,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, dpo
 from .adapter_io import ADAPTER_WEIGHTS, save_adapter
 from .checkpoint import Progress
 from .data import IGNORE_INDEX
+from .dpo import DPOLoss
 from .generate import complete
 from .memory import weight_bytes
 from .methods.registry import lr_factors, task_defaults
@@ -114,6 +116,7 @@ class TrainConfig:
     resume: str | None = None  # a run's output folder (or one of its checkpoints) to continue
     stop_at: int | None = None  # save a checkpoint and stop after this step (resume later)
     run: dict = field(default_factory=dict)  # what else defines the run: model, task, max_len, ...
+    dpo: DPOLoss | None = None  # preference pairs: β and the loss variant (None: DPOLoss's defaults)
 
     def peak_lr(self, model, kind: str) -> float:
         """lr, or when lr is None the learning rate of the model's method for this kind of task
@@ -151,8 +154,10 @@ def loss_fn(model, batch, kind: str, reduction: str = "mean") -> torch.Tensor:
 
 
 def loss_terms(batch, kind: str) -> int:
-    """How many terms the batch adds to a loss: its examples (classification) or labelled tokens."""
+    """How many terms the batch adds to a loss: its examples (classification), pairs (dpo) or labelled tokens."""
     labels = batch["labels"]
+    if kind == "dpo":
+        return int(batch["examples"])
     return len(labels) if kind == "classification" else int((labels != IGNORE_INDEX).sum())
 
 
@@ -161,10 +166,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, dataset, kind: str, batch_size: int = 64, rank: int = 0, world_size: int = 1,
+             dpo_loss: DPOLoss | None = None) -> dict:
     """Accuracy (classification) or mean token loss and perplexity (lm, sft: over the labelled tokens)
     over a whole split; with world_size > 1 each process scores its shard and the sums are added up
-    (every process must call). Exact match of generated answers is `exact_match`."""
+    (every process must call). Exact match of generated answers is `exact_match`. Preference pairs:
+    dpo.evaluate's reward accuracy, margin and loss (dpo_loss: β and the variant)."""
+    if kind == "dpo":
+        return dpo.evaluate(model, dataset, dpo_loss or DPOLoss(), batch_size, rank, world_size)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -240,6 +249,8 @@ def exact_match(model, tokenizer, dataset, eos_id: int | None, batch_size: int =
 def headline(metrics: dict | None) -> str:
     if metrics is None:
         return "not scored"
+    if "reward_accuracy" in metrics:
+        return f"reward accuracy {metrics['reward_accuracy']:.4f}, margin {metrics['reward_margin']:.4f}"
     if "exact_match" in metrics:
         return f"exact match {metrics['exact_match']:.4f}"
     return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics \
@@ -315,29 +326,37 @@ class StepResult:
     loss_scale: float | None = None  # fp16-mixed: the loss scale this step used (None without scaling)
     overflow: bool = False  # fp16-mixed: the scaled gradient overflowed; the scaler skipped the update
     #                         and lowered loss_scale (expected now and then: not a divergence)
+    metrics: dict | None = None  # preference pairs: dpo.step_metrics (reward margin, accuracy, rewards)
 
 
-def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world_size: int, scaler=None):
+def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, world_size: int, scaler=None,
+                         dpo_loss: DPOLoss | None = None):
     """Forward and backward over the next grad_accum micro-batches of `batches`, each scaled so that the
-    gradients add up to those of the step's loss L (the mean over the N labelled tokens, or examples, of
-    all micro-batches of all processes; module docstring), times the scaler's scale under fp16-mixed.
-    Returns (W · this process's share of L, the examples of the step on all processes): averaged over
-    the processes (agree), the first is L."""
+    gradients add up to those of the step's loss L (the mean over the N labelled tokens, examples or pairs
+    of all micro-batches of all processes; module docstring), times the scaler's scale under fp16-mixed.
+    Returns (W · this process's share of L, the examples of the step on all processes, and for preference
+    pairs this process's dpo sums, else None): averaged over the processes (agree), the first is L."""
     micro_batches = [to_device(next(batches), device) for _ in range(grad_accum)]
     terms = count_across_processes(sum(loss_terms(b, kind) for b in micro_batches), world_size, device)
-    loss_sum, examples = 0.0, 0
+    loss_sum, examples, sums = 0.0, 0, None
     for micro, batch in enumerate(micro_batches):
         # DDP averages the gradients across processes in backward; once per step is enough. FSDP
         # reduce-scatters after every micro-batch instead: a sum of averages is the average of sums,
         # and no process ever holds a whole gradient
         last = micro == grad_accum - 1
         with contextlib.nullcontext() if world_size == 1 or last or is_sharded(net) else net.no_sync():
-            loss = loss_fn(net, batch, kind, reduction="sum") * (world_size / max(terms, 1))
+            if kind == "dpo":  # preference pairs: the reference pass, the policy's, and the pairs' losses
+                pairs = dpo.pair_losses(net, batch, dpo_loss or DPOLoss())
+                summed = pairs.losses.sum()
+                sums = pairs.sums() if sums is None else sums + pairs.sums()
+            else:
+                summed = loss_fn(net, batch, kind, reduction="sum")
+            loss = summed * (world_size / max(terms, 1))
             (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.item()
-        # a packed batch says how many examples its rows hold
+        # a packed batch says how many examples its rows hold (a batch of pairs: how many pairs)
         examples += (int(batch["examples"]) if "examples" in batch else len(batch["input_ids"])) * world_size
-    return loss_sum, examples
+    return loss_sum, examples, sums
 
 
 def count_across_processes(count: int, world_size: int, device) -> int:
@@ -350,21 +369,24 @@ def count_across_processes(count: int, world_size: int, device) -> int:
 
 
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
-               world_size: int = 1, stop_requested: bool = False, scaler=None) -> StepResult:
+               world_size: int = 1, stop_requested: bool = False, scaler=None,
+               dpo_loss: DPOLoss | None = None) -> StepResult:
     """One optimizer step, as train() takes it and bench/parity.py measures it: forward and backward
     over grad_accum micro-batches drawn from the iterator `batches`, the loss (and stop_requested, this
     process's) agreed across the processes, the gradient clipped to max_grad_norm, an AdamW step unless
     the loss or the gradient is not finite, the schedule advanced either way, the gradients freed.
 
     `net` is the model, in training mode, or with world_size > 1 its processes.data_parallel wrapper;
-    `kind` is the task's ("classification" or "lm", see loss_fn). `scaler`: a torch.amp.GradScaler
+    `kind` is the task's ("classification", "lm", "sft" or "dpo"; dpo_loss: β and the variant of the
+    preference loss, dpo.py). `scaler`: a torch.amp.GradScaler
     (fp16-mixed, precision.grad_scaler): the gradients are unscaled before clipping, and a step whose
     scaled gradient overflowed is skipped by the scaler, which lowers the scale (StepResult.overflow)."""
     device = next(net.parameters()).device
     loss_scale = None if scaler is None else scaler.get_scale()
     lr = scheduler.get_last_lr()[0]  # before the schedule advances below
-    loss, examples = accumulate_gradients(net, batches, kind, grad_accum, device, world_size, scaler)
+    loss, examples, sums = accumulate_gradients(net, batches, kind, grad_accum, device, world_size, scaler, dpo_loss)
     loss, interrupted = agree(loss, stop_requested, world_size, device)
+    metrics = None if sums is None else dpo.step_metrics(sums, world_size)
     trainable = [p for p in net.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.unscale_(optimizer)  # gradients ÷ scale, in place; notes any inf / NaN
@@ -380,7 +402,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
         optimizer.step()
     step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, lr, grad_norm, finite, examples, interrupted, loss_scale, overflow)
+    return StepResult(loss, lr, grad_norm, finite, examples, interrupted, loss_scale, overflow, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -496,6 +518,7 @@ class TrainingRun:
             checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model, data.kind))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
+        self.dpo_loss = cfg.dpo or DPOLoss()  # read for preference pairs only
         self.validation_steps = validation_steps(self.steps, cfg.eval_every)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
@@ -560,7 +583,8 @@ class TrainingRun:
                 start = time.perf_counter()
                 result = train_step(self.net, self.optimizer, self.scheduler, batches, self.data.kind,
                                     cfg.grad_accum, cfg.max_grad_norm, self.world_size,
-                                    stop_requested=stop.signum is not None, scaler=self.scaler)
+                                    stop_requested=stop.signum is not None, scaler=self.scaler,
+                                    dpo_loss=self.dpo_loss)
                 progress.count(step, result.examples, time.perf_counter() - start, result.finite or result.overflow)
                 bar.set_postfix_str(f"loss {result.loss:.4f}, {progress.train_seconds / progress.step:.3f} s/step, "
                                     f"{progress.examples / progress.train_seconds:.1f} examples/s")
@@ -640,7 +664,8 @@ class TrainingRun:
         validation example's loss when eval_generate is 0)."""
         dataset, kind = self.data.splits[split], self.data.kind
         if kind != "sft" or (split == "validation" and not self.cfg.eval_generate):
-            return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.rank, self.world_size)
+            return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.rank, self.world_size,
+                            self.dpo_loss)
         metrics = {}
         if split == "validation":
             dataset = dataset.head(self.cfg.eval_generate)
@@ -664,7 +689,8 @@ def step_row(step: int, result: StepResult) -> dict:
     lr = result.lr
     scale = {} if result.loss_scale is None else {"loss_scale": result.loss_scale}
     if result.finite:
-        return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale)
+        return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale,
+                    **{k: v for k, v in (result.metrics or {}).items() if k != "loss"})
     if result.overflow:
         return dict(event="step", step=step, loss=result.loss, grad_norm=None, lr=lr, **scale,
                     skipped="fp16 gradient overflow: loss scale lowered")

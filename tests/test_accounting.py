@@ -56,8 +56,8 @@ SPLITS = {  # how the 8 examples are fed to one process: micro-batches of exampl
 
 def step_of(model, batches: list[dict], world_size: int = 1):
     """(the step's logged loss, the gradients of the trainable parameters) for these micro-batches."""
-    loss, _ = trainer.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"),
-                                           world_size)
+    loss, _, _ = trainer.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"),
+                                              world_size)
     loss, _ = trainer.agree(loss, False, world_size, torch.device("cpu"))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ exactly as a user's own method would (`register(Method(...))`, see registry.py a
     vera.py            VeRA: frozen shared random low-rank matrices, trained scaling vectors
     loha.py, lokr.py   LyCORIS' LoHa (Hadamard product) and LoKr (Kronecker product) updates
     multi.py           several adapters side by side on one base: set_adapter, one adapter per row
+    disable.py         adapters_disabled: the base model's outputs under any method (DPO's reference)
     combine.py         combine_adapters: new LoRA adapters from loaded ones (peft's add_weighted_adapter)
 """
 # importing a method's file registers it; METHODS keeps this order (train.py --list-methods)
@@ -23,9 +24,11 @@ from . import lora, qlora, dora  # noqa: F401
 from . import adapter, prefix, prompt, llama_adapter  # noqa: F401
 from . import ia3, vera, loha, lokr  # noqa: F401
 from .combine import combine_adapters
+from .disable import adapters_disabled
 from .multi import set_adapter
 from .registry import (METHODS, Method, Option, apply, expected_trainable_parameters, get_method, lr_factors,
                        merge, register, task_defaults, trainable_state_dict, unmerge)
 
-__all__ = ["METHODS", "Method", "Option", "apply", "combine_adapters", "expected_trainable_parameters", "get_method",
-           "lr_factors", "merge", "register", "set_adapter", "task_defaults", "trainable_state_dict", "unmerge"]
+__all__ = ["METHODS", "Method", "Option", "adapters_disabled", "apply", "combine_adapters",
+           "expected_trainable_parameters", "get_method", "lr_factors", "merge", "register", "set_adapter",
+           "task_defaults", "trainable_state_dict", "unmerge"]

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import Method, Option, register
+from .wrap import FrozenLinear
 
 KINDS = ("houlsby", "pfeiffer")
 
@@ -45,6 +46,10 @@ class AdapterLinear(nn.Linear):
     def forward(self, x):  # (…, in) -> (…, out)
         h = F.linear(x, self.weight, self.bias)
         return h + self.adapter_up(F.gelu(self.adapter_down(h)))
+
+    def base_layer(self) -> FrozenLinear:
+        """The frozen projection alone, over the same weight and bias (disable.py)."""
+        return FrozenLinear(self)
 
     def saved_activations(self, ledger, x: str, n: int, grad: bool):
         """For the memory ledger (memory.py): h, the bottleneck's input to GELU and GELU's output."""

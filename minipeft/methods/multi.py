@@ -25,8 +25,8 @@ the next forward pass, so activation checkpointing recomputes a block with the s
 Only the active adapter trains (requires_grad) and `model.peft_config` is its config, so everything
 written for one adapter (training, the memory ledger, merging, peft's format) sees the model as if the
 active adapter were its only one. `single_view(model, name)` does the same for any adapter (save_adapter
-uses it); `base_view(model)` shows the bare base, into which `add_adapter` applies or loads a new adapter
-before moving its layers into the routers. Only methods that wrap linear layers can share a base
+uses it); `base_view(model)` (disable.py) shows the bare base, into which `add_adapter` applies or loads a
+new adapter before moving its layers into the routers. Only methods that wrap linear layers can share a base
 (`Method.side_by_side`); not an adapter that rewrote the base weights (PiSSA, OLoRA init), nor a model with
 a classifier head (each adapter would need its own).
 """
@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import targets as linear_targets
+from .disable import base_view
 from .registry import METHODS, get_method
 from .wrap import FrozenLinear
 
@@ -115,28 +116,6 @@ def _wrapped(model, skip=frozenset()) -> dict[tuple, nn.Module]:
         if isinstance(layer, FrozenLinear) and id(layer) not in skip:
             found[(parent, attr)] = layer
     return found
-
-
-@contextmanager
-def base_view(model):
-    """The bare base model: every adapter's layers replaced by plain layers over the same base weights,
-    model.peft_config None; all back as they were on exit (requires_grad too). Yields the ids of the
-    plain stand-ins, so what a method puts in their place can be told apart."""
-    saved = _wrapped(model)
-    config, adapters = model.peft_config, model.adapters
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    stand_ins = {position: FrozenLinear(layer) for position, layer in saved.items()}
-    for (parent, attr), plain in stand_ins.items():
-        setattr(parent, attr, plain)
-    model.peft_config, model.adapters = None, None
-    try:
-        yield {id(plain) for plain in stand_ins.values()}
-    finally:
-        for (parent, attr), layer in saved.items():
-            setattr(parent, attr, layer)
-        model.peft_config, model.adapters = config, adapters
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager

@@ -25,20 +25,32 @@ from .lora import LORA_OPTIONS, LowRankUpdate, lora_parameter_count
 from .registry import Method, Option, register
 
 
+def share_4bit(layer: nn.Module, base: Linear4bit) -> nn.Module:
+    """Give `layer` (a bare nn.Module) base's format and its very buffers: the 4-bit codes, state and bias."""
+    layer.in_features, layer.out_features = base.in_features, base.out_features
+    layer.quant_type, layer.blocksize, layer.double_quant = base.quant_type, base.blocksize, base.double_quant
+    for name, buffer in base.named_buffers(recurse=False):
+        layer.register_buffer(name, buffer)
+    if base.bias is None:
+        layer.register_buffer("bias", None)
+    return layer
+
+
 class QLoRALinear(LowRankUpdate, Linear4bit):
     def __init__(self, base: Linear4bit, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.quant_type, self.blocksize, self.double_quant = base.quant_type, base.blocksize, base.double_quant
-        for name, buffer in base.named_buffers(recurse=False):  # the same 4-bit codes, state and bias
-            self.register_buffer(name, buffer)
-        if base.bias is None:
-            self.register_buffer("bias", None)
+        share_4bit(self, base)
         self.init_lora(base.in_features, base.out_features, rank, alpha, dropout)
         self.to(base.weight_codes.device)
 
     def forward(self, x):  # (…, in) -> (…, out)
         return Linear4bit.forward(self, x) + self.lora_update(x)
+
+    def base_layer(self) -> Linear4bit:
+        """The frozen 4-bit layer alone, over the same codes, state and bias (disable.py)."""
+        plain = Linear4bit.__new__(Linear4bit)
+        nn.Module.__init__(plain)
+        return share_4bit(plain, self)
 
 
 def apply_qlora(model, rank: int, alpha: float, dropout: float, targets: list[str], quant: str,

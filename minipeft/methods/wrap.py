@@ -35,6 +35,10 @@ class FrozenLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
 
+    def base_layer(self) -> "FrozenLinear":
+        """This layer without the method: a plain FrozenLinear over the same weight and bias (disable.py)."""
+        return FrozenLinear(self)
+
 
 def wrap(model, targets, make) -> None:
     """setattr(parent, name, make(layer)) for every targeted linear layer of every block."""
