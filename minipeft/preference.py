@@ -33,7 +33,8 @@ import torch
 
 from .chat import chat_format, check_messages, encode_conversation
 from .data import (CLASSIFICATION_EVAL_FRACTION, IGNORE_INDEX, REVIEW_INSTRUCTION, SPLITS, Dataset, TaskData,
-                   _read_utf8, _rotten_tomatoes, default_pad_id)
+                   _rotten_tomatoes, default_pad_id)
+from .readers import read_utf8
 
 BUILT_IN = "rotten_tomatoes_preference"
 ROW_HELP = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the same with "prompt" a list of messages '
@@ -181,7 +182,7 @@ def _preference_rows(source, seed: int) -> tuple[str, dict, dict]:
 
 def read_pairs(path: Path) -> tuple[str, list]:
     """The shape ("text" or "messages") of a .jsonl preference file and its rows, checked."""
-    text = _read_utf8(path)
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs one JSON object per line, {ROW_HELP}")
     shape, first_line, rows = None, 0, []
