@@ -318,3 +318,19 @@ def test_a_disk_that_fills_during_the_write_leaves_nothing_behind(adapters, tmp_
     assert result.returncode == 2, result.stderr
     assert "failed" in result.stderr and "File too large" in result.stderr and "nothing was kept" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_minilm_from_its_hf_folder_exports_to_transformers(tmp_path):
+    model, tokenizer = mp.from_pretrained("minilm")
+    mp.apply(model, "lora", rank=4, targets=["q", "v", "up"])
+    perturb_trainable(model, seed=5)
+    mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
+    hf = transformers_model(tmp_path / "out")
+    text = "A gripping, beautifully shot film; the ending falls flat."
+    encoded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text, return_tensors="pt")
+    assert encoded["input_ids"][0].tolist() == tokenizer.encode(text).ids
+    with torch.no_grad():
+        diff = (model.encode(encoded["input_ids"]) - hf(**encoded).last_hidden_state).abs().max().item()
+    print(f"\nMiniLM + LoRA, hf export in BertModel: largest |hidden-state difference| {diff:.2e}")
+    assert type(hf).__name__ == "BertModel" and diff < 1e-4

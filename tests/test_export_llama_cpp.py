@@ -49,6 +49,15 @@ def llama_logits(path, ids, lora=None) -> torch.Tensor:
         llm.close()
 
 
+def llama_vocabulary(path, text: str) -> tuple[list[int], dict]:
+    """llama.cpp's token ids for `text` (no <bos> added) and the file's metadata, from the vocabulary alone."""
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=True), dict(llm.metadata)
+    finally:
+        llm.close()
+
+
 def llama_greedy(path, ids, n: int) -> list[int]:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False, type_k=F32,
                           type_v=F32)
@@ -67,6 +76,7 @@ def llama_greedy(path, ids, n: int) -> list[int]:
 def smollm2_lora():
     """SmolLM2 with a LoRA whose B moved well off zero (as training moves it: an effect of several logits)."""
     model, tokenizer = mp.from_pretrained("smollm2")
+    torch.manual_seed(0)  # A's init
     mp.apply(model, "lora", rank=8, alpha=16, targets=["all"])
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -96,13 +106,18 @@ def test_merged_gguf_export_agrees_with_minipeft_in_llama_cpp(smollm2_lora, pass
     with torch.no_grad():
         ours = model(torch.tensor([passage]))[0]
         greedy = model.generate(torch.tensor([passage[:32]]), 16)[0, 32:].tolist()
-    agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    agree = theirs.argmax(-1) == ours.argmax(-1)
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1  # fp16 moves logits by up to ~0.09: closer calls may flip
     llama_greedy_tokens = llama_greedy(path, passage[:32], 16)
     same = next((i for i, (a, b) in enumerate(zip(greedy, llama_greedy_tokens)) if a != b), 16)
     print(f"\nSmolLM2 + LoRA, gguf {dtype} ({sum(report.files.values()) / 2**20:.0f} MiB) in llama.cpp: argmax agrees "
-          f"at {agree:.1%} of {len(passage)} positions, largest |logit difference| {(theirs - ours).abs().max():.3g}, "
-          f"{same} of 16 greedy tokens the same")
-    assert agree == 1.0 and same == 16
+          f"at {int(agree.sum())} of {len(passage)} positions ({int((~clear).sum())} with a top-2 gap under 0.1), "
+          f"largest |logit difference| {(theirs - ours).abs().max():.3g}, {same} of 16 greedy tokens the same")
+    assert same == 16 and (agree.all() if dtype == "fp32" else agree[clear].all())
+    text = HAMLET[40_000:40_400] + "\n<|im_start|>user\nHi 2024!<|im_end|>"
+    ids, metadata = llama_vocabulary(path, text)
+    assert ids == tokenizer.encode(text).ids and metadata["tokenizer.chat_template"] == tokenizer.chat_template
 
 
 def test_gguf_lora_on_the_quantized_base_does_what_the_adapter_does(smollm2_lora, passage, lora_file):
@@ -181,4 +196,5 @@ def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, override
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     print(f"\ntiny {flavor} in llama.cpp: largest |logit difference| {(theirs - ours).abs().max():.2e}")
-    assert (theirs - ours).abs().max() < 1e-3
+    assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
+    assert llama_vocabulary(tmp_path / "out" / "model.gguf", HAMLET[:300])[0] == tokenizer.encode(HAMLET[:300]).ids

@@ -176,13 +176,15 @@ def byte_level_vocabulary(tokenizer, cfg) -> dict:
                          "needs; format 'gguf' cannot hold it, format 'hf' can")
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec.get("pre_tokenizer")),
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.padding_token_id": cfg.pad_token_id, "tokenizer.ggml.add_bos_token": False}
+            "tokenizer.ggml.padding_token_id": cfg.pad_token_id}
     for name in ("bos", "eos"):
         token_id = cfg.extra.get(f"{name}_token_id")
         token = getattr(tokenizer, f"{name}_token", None) if name == "bos" else chat.eos_token(tokenizer)
         token_id = token_id if token_id is not None else tokenizer.token_to_id(token) if token else None
         if token_id is not None:
             meta[f"tokenizer.ggml.{name}_token_id"] = token_id
+    first = tokenizer.encode("a").ids[:1]  # a post-processor that puts <bos> first (Llama 3) asks llama.cpp to
+    meta["tokenizer.ggml.add_bos_token"] = first == [meta.get("tokenizer.ggml.bos_token_id")]
     return meta
 
 
