@@ -605,15 +605,19 @@ def _instruct_rows(source, seed: int) -> tuple[str, dict[str, list[Conversation]
             for split, t in tables.items()}
     if "all" not in rows:
         return table.shape, rows, {split: tables[split].name for split in SPLITS}
-    rows = rows["all"]
+    return table.shape, split_80_10_10(rows["all"], seed, table.name, "rows"), {split: table.name for split in SPLITS}
+
+
+def split_80_10_10(rows: list, seed: int, name, what: str) -> dict[str, list]:
+    """A single file's rows as train / validation / test (80 / 10 / 10 %, a permutation fixed by seed, each
+    split in file order); `name` and `what` ("rows", "pairs") for the message when there are too few."""
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
     n_eval = int(CLASSIFICATION_EVAL_FRACTION * len(rows) + 0.5)
     if n_eval == 0:
-        raise ValueError(f"{table.name} has too few rows ({len(rows)}) to split 80/10/10; give it at least 5, or "
+        raise ValueError(f"{name} has too few {what} ({len(rows)}) to split 80/10/10; give it at least 5, or "
                          "use a folder with train, validation and test files")
     parts = {"validation": order[:n_eval], "test": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
-    return table.shape, {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}, \
-        {split: table.name for split in SPLITS}
+    return {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}
 
 
 def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool):

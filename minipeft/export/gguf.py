@@ -27,7 +27,6 @@ architecture cannot express stops the export with its name.
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import chat
@@ -205,6 +204,17 @@ def check_metadata_holds(cfg, arch: str, meta: dict, tensor_names: list[str], pa
 # tensors and the file
 
 
+def write_tensors(writer, tensors: dict[str, torch.Tensor], dtype: str):
+    """Add the tensors to a gguf.GGUFWriter in `dtype`, then write the file (header, metadata, tensors)."""
+    for name, w in tensors.items():
+        data, qtype = gguf_tensor(name, w, dtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def gguf_tensor(name: str, w: torch.Tensor, dtype: str):
     """(data, its GGML type) of one tensor: matrices in `dtype`, vectors in fp32."""
     import gguf
@@ -244,11 +254,5 @@ def write_gguf(model, weights: dict[str, torch.Tensor], path: Path, dtype: str, 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in meta.items():
         writer.add_key_value(key, value, *_value_type(value))
-    for name, w in tensors.items():
-        data, qtype = gguf_tensor(name, w, dtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors(writer, tensors, dtype)
 

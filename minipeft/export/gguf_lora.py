@@ -26,7 +26,7 @@ from ..gguf_file import GGUFFile
 from ..methods import targets as linear_targets
 from ..methods.lora import RESIDUAL_INITS
 from ..methods.registry import apply
-from .gguf import architecture, gguf_names, gguf_tensor, to_gguf
+from .gguf import architecture, gguf_names, to_gguf, write_tensors
 
 LORA_METHODS = ("lora", "qlora")
 
@@ -66,13 +66,7 @@ def write_gguf_lora(model, path: Path, dtype: str) -> None:
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for name, w in tensors.items():
-        data, qtype = gguf_tensor(name, w, dtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors(writer, tensors, dtype)
 
 
 def read_gguf_lora(model, path: Path) -> None:
