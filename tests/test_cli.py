@@ -215,7 +215,8 @@ def test_every_method_trains_on_hamlet_and_generates(method, tmp_path):
 # train.py's flags for TrainConfig's fields whose flag is not --the-field-name; test_before is the inverse
 # of --skip-test-before
 FLAG_OF_FIELD = {"max_grad_norm": "--clip", "test_before": "--skip-test-before"}
-NO_FLAG = {"eval_batch_size", "run"}  # evaluation's batch size has no flag; run holds the other flags
+NO_FLAG = {"eval_batch_size", "run", "dpo"}  # evaluation's batch size has no flag; run holds the other flags;
+# dpo (None unless preference pairs) is built from --beta and --dpo-loss
 
 
 def test_train_py_and_trainconfig_share_every_default():
