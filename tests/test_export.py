@@ -29,7 +29,9 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 ENCODERS = ("bert", "roberta", "distilbert")
-FAMILY_OVERRIDES = {"distilbert": dict(norm_eps=1e-12)}  # DistilBERT's epsilon is fixed in transformers
+# what transformers' config of the family cannot hold: DistilBERT's epsilon is fixed, and Phi-3's head_dim is
+# d_model / n_head (conftest's tiny phi3 sets 16 to test minipeft's own switches)
+FAMILY_OVERRIDES = {"distilbert": dict(norm_eps=1e-12), "phi3": dict(head_dim=8)}
 
 
 def tuned(flavor, n_classes=None, method="lora", **options):
@@ -219,7 +221,7 @@ def test_gemma3_270m_with_lora_exports_to_transformers(tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])  # GPT-2's and Phi-3's fused q, k, v too
 def test_the_peft_export_runs_in_peft_on_the_hf_export_of_its_base(family, tmp_path):
     peft = pytest.importorskip("peft")
-    base = tiny_model(family)
+    base = tiny_model(family, **FAMILY_OVERRIDES.get(family, {}))
     mp.export(base, tmp_path / "base", format="hf")  # the base alone: nothing to merge
     model = tuned(family)  # the same base (same seed) with a LoRA
     report = mp.export(model, tmp_path / "peft", format="peft")
