@@ -131,6 +131,15 @@ def test_parameter_counts_on_real_shapes(shape):
                 assert real == total
 
 
+def test_counts_follow_the_switches_not_the_families():
+    """A gated MLP with biases everywhere, which no family here combines: bitfit's and full's formulas still
+    equal what the model builds."""
+    model = tiny_model("llama", qkv_bias=True, o_bias=True, mlp_bias=True)
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+    assert selective.bitfit_parameter_count(model.cfg) == biases
+    assert selective.full_parameter_count(model.cfg) == model.num_parameters()
+
+
 def test_gpt2_small_worked_examples():
     """The formulas' numbers, worked out by hand for GPT-2 small (d 768, d_ff 3072, 12 layers)."""
     cfg = meta_model("gpt2-small").cfg
