@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train as train_cli
-from minipeft import cli, runconfig, trainer
+from minipeft import cli, data, runconfig, trainer
 from minipeft.methods.registry import METHODS
 from test_robust import hashes, run_main, words
 
@@ -66,8 +66,10 @@ def test_every_flag_and_every_method_option_reads_back(tmp_path):
         again = runconfig.parse_args(train_cli.build_parser, ["--config", str(file)])
         given = {k: v for k, v in method.defaults.items() if v is not None}  # None: the option's default
         assert json.loads(json.dumps(cli.method_options(again))) == json.loads(json.dumps(given))
-        assert {k: v for k, v in vars(again).items() if not k.startswith("opt_") and k not in ("config", "lr")} == \
-            {k: v for k, v in vars(args).items() if not k.startswith("opt_") and k not in ("config", "lr")}
+        def plain(namespace):  # the flags but method options, --config and --lr; --task as its parsed sources
+            return {k: data.parse_sources(v) if k == "task" else v for k, v in vars(namespace).items()
+                    if not k.startswith("opt_") and k not in ("config", "lr")}
+        assert plain(again) == plain(args)
         assert again.lr == 3e-4
 
 
