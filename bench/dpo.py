@@ -1,25 +1,25 @@
 """DPO on real data: SmolLM2-135M-Instruct learns to prefer the right Rotten Tomatoes label to the wrong one.
 
-    python bench/dpo.py                         # the tables of docs/dpo.md (about 30 CPU minutes)
-    python bench/dpo.py --model tiny-llama --dpo-steps 4 --sft-steps 4 --test 16
+    python bench/dpo.py                         # the tables of docs/dpo.md
+    python bench/dpo.py --model tiny-llama --dpo-steps 4 --sft-steps 4 --test 16 --cost-steps 2
 
 The pairs are rotten_tomatoes_preference's (preference.py): each review sentence asked as
 rotten_tomatoes_instruct asks it ("Is this movie review positive or negative? Answer with one word."),
 the right label chosen and the wrong one rejected, split by movie. They are written to
-<out>/pairs/{train,validation,test}.jsonl: a random draw of --dpo-steps × --batch-size training pairs
-(one epoch), --validation and --test pairs of the held-out movies. <out>/sft/ holds the same prompts with the
-chosen answers as prompt/completion rows, the instruction task the exact match is scored on.
+<out>/data/pairs/{train,validation,test}.jsonl: a random draw of --dpo-steps × --batch-size training pairs
+(one epoch), --validation and --test pairs of held-out movies. <out>/data/sft/ holds the same prompts with
+the chosen answers as prompt/completion rows: the instruction task SFT trains on and exact match scores.
 
-Every number comes from a train.py or eval.py run (subprocesses; their metrics.jsonl and printed
-summaries are read back):
-
-  1. SFT: LoRA on every linear layer trained on <out>/sft (--sft-steps), exact match before and after
-  2. DPO from the base model and from the SFT adapter (--init-adapter): --dpo-steps of --batch-size pairs;
-     reward accuracy, margin and the policy's own preference on the held-out test pairs before and after
-  3. the exact match of each DPO adapter (eval.py on <out>/sft's test split)
-  4. the cost, from the same runs: seconds per step and peak RSS of the SFT run and of the two DPO runs,
-     the one from the base model with --precompute-reference (and the precomputation's time), the one from
-     the SFT adapter with the reference pass (adapter off) at every step
+  1. SFT (train.py): LoRA on every linear layer, --sft-steps of --batch-size conversations; exact match of
+     the greedy answers to the test prompts before and after
+  2. DPO (train.py --precompute-reference) from the base model and from the SFT adapter (--init-adapter):
+     --dpo-steps of --batch-size pairs at --lr; reward accuracy, margin and the policy's own preference on
+     the held-out test pairs before and after, and the exact match of the DPO adapter (eval.py)
+  3. the cost of a step, each kind in a process of its own (this script with --time KIND): an SFT step on
+     2 × --batch-size conversations (as many rows as a batch of pairs), a DPO step with the reference pass
+     (adapter off) and one with the reference log-probabilities precomputed; the median CPU seconds (all
+     threads: what the step costs whatever else the machine runs) and wall seconds of --cost-steps steps
+     after a warm-up, the process's peak RSS, and what precomputing the steps' pairs took
 """
 import argparse
 import datetime
@@ -27,8 +27,10 @@ import json
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +59,9 @@ def write_data(out: Path, n_train: int, n_validation: int, n_test: int, seed: in
     return out / "pairs", out / "sft"
 
 
-def run(script: str, *args, out: Path | None = None) -> str:
+def run(script: str, *args, out: Path | None = None, label: str | None = None) -> str:
     """Run a script of the repository (into a fresh `out` folder); its stdout (stops the benchmark with its
-    stderr if it fails)."""
+    stderr if it fails). Its CPU seconds go to CPU_SECONDS[label or the out folder's name]."""
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
         args = (*args, "--out", out)
@@ -72,7 +74,7 @@ def run(script: str, *args, out: Path | None = None) -> str:
         sys.exit(f"{script} failed:\n{done.stderr[-3000:]}")
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     print(f"  {cpu:.0f} CPU seconds", flush=True)
-    CPU_SECONDS[str(out or script)] = cpu
+    CPU_SECONDS[label or Path(out or script).name] = cpu
     return done.stdout
 
 
@@ -86,76 +88,110 @@ def exact_match(printed: str) -> float:
     return float(re.search(r"exact match (\d\.\d+)", printed).group(1))
 
 
+def time_steps(kind: str, args) -> dict:
+    """--time KIND, in a process of its own: the median CPU and wall seconds of --cost-steps training steps
+    of one kind after a warm-up step, the peak RSS, and (dpo-precomputed) the precomputation's seconds."""
+    import torch
+
+    import minipeft as mp
+    from minipeft import data, dpo, trainer
+    model, tokenizer = mp.from_pretrained(args.model)
+    mp.apply(model, "lora", targets=["all"])
+    folder = ROOT / args.out / "data"
+    if kind == "sft":
+        split, rows = data.load_task(folder / "sft", tokenizer, max_len=256).splits["train"], 2 * args.batch_size
+    else:
+        split = preference.load_preferences(folder / "pairs", tokenizer, max_len=256).splits["train"]
+        rows = args.batch_size
+    split = split.head((args.cost_steps + 1) * rows)  # (fewer when the split is shorter: batches wrap round)
+    cpu, wall, precompute = [], [], None
+    if kind == "dpo-precomputed":
+        start = time.process_time()
+        split = dpo.precompute_reference(model, split)
+        precompute = {"pairs": len(split), "cpu_seconds": time.process_time() - start}
+    optimizer = trainer.make_optimizer(model, 2e-4, 0.0)
+    scheduler = trainer.make_scheduler(optimizer, 0.0, args.cost_steps + 1)
+    model.train()
+    for step in range(args.cost_steps + 1):
+        batch = split.collate([(step * rows + i) % len(split) for i in range(rows)])
+        started, started_cpu = time.perf_counter(), time.process_time()
+        trainer.train_step(model, optimizer, scheduler, iter([batch]), "sft" if kind == "sft" else "dpo")
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return {"kind": kind, "rows": 2 * args.batch_size, "cpu": statistics.median(cpu[1:]),
+            "wall": statistics.median(wall[1:]), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "precompute": precompute, "threads": torch.get_num_threads()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="checkpoints/bench-dpo", help="where the data and the runs go")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per DPO step")
-    p.add_argument("--dpo-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per DPO step, conversations per SFT step")
+    p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--sft-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=2e-4, help="DPO's peak learning rate")
+    p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--validation", type=int, default=8, help="held-out pairs scored during training")
     p.add_argument("--test", type=int, default=64, help="held-out pairs scored before and after")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--cost-steps", type=int, default=3, help="steps timed per kind (after one warm-up)")
+    p.add_argument("--time", choices=("sft", "dpo", "dpo-precomputed"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.time:
+        return print(json.dumps(time_steps(args.time, args)))
     out = ROOT / args.out
     pairs, sft_rows = write_data(out / "data", args.dpo_steps * args.batch_size, args.validation, args.test)
     common = ["--model", args.model, "--targets", "all", "--max-len", "256", "--save-every", "0"]
-
     run("train.py", *common, "--task", sft_rows, "--steps", args.sft_steps, "--batch-size", args.batch_size,
         "--eval-generate", "0", out=out / "runs/sft")
-    sft = summary(out / "runs/sft")
-    dpo = {}
-    # from the base model with the reference precomputed, from the SFT adapter with the reference pass at every
-    # step: the two ways' costs come from the same kind of step
-    for start, extra in (("base model", ["--precompute-reference"]),
-                         ("SFT adapter", ["--init-adapter", out / "runs/sft/adapter"])):
+    results = {}
+    for start, extra in (("base model", []), ("SFT adapter", ["--init-adapter", out / "runs/sft/adapter"])):
         folder = out / "runs" / f"dpo-{start.split()[0].lower()}"
-        printed = run("train.py", *common, "--task", pairs, "--steps", args.dpo_steps, "--batch-size", args.batch_size,
-                      "--beta", args.beta, "--eval-every", max(1, args.dpo_steps // 2), *extra, out=folder)
+        run("train.py", *common, "--task", pairs, "--steps", args.dpo_steps, "--batch-size", args.batch_size,
+            "--lr", args.lr, "--beta", args.beta, "--precompute-reference", "--eval-every",
+            max(1, args.dpo_steps // 4), *extra, out=folder)
         em = exact_match(run("eval.py", "--model", args.model, "--task", sft_rows, "--adapter", folder / "adapter",
-                             "--max-len", "256"))
-        dpo[start] = (summary(folder), em, printed)
-
-    report(args, sft, dpo)
+                             "--max-len", "256", label=f"eval.py {folder.name}"))
+        results[start] = (summary(folder), em)
+    costs = [json.loads(run("bench/dpo.py", *sys.argv[1:], "--time", kind, label=f"--time {kind}").splitlines()[-1])
+             for kind in ("sft", "dpo", "dpo-precomputed")]
+    report(args, summary(out / "runs/sft"), results, costs)
 
 
 def three(x: float) -> str:
     return f"{x:.3f}"
 
 
-def report(args, sft: dict, dpo: dict):
+def report(args, sft: dict, results: dict, costs: list[dict]):
     """The tables of docs/dpo.md, in markdown."""
-    print(f"\n{datetime.date.today()}, torch {sft['versions']['torch']}, minipeft {sft['versions']['minipeft']}; "
-          f"python bench/dpo.py {' '.join(sys.argv[1:])}\n")
+    print(f"\n{datetime.date.today()}, torch {sft['versions']['torch']}; python bench/dpo.py "
+          f"{' '.join(sys.argv[1:])}\n")
     print("| start | steps × pairs | reward accuracy | reward margin | policy prefers chosen | exact match |")
     print("|---|---:|---|---|---|---|")
     em_before = {"base model": sft["test_before"]["exact_match"], "SFT adapter": sft["test_after"]["exact_match"]}
-    for start, (run_summary, em, _) in dpo.items():
+    for start, (run_summary, em) in results.items():
         b, a = run_summary["test_before"], run_summary["test_after"]
         print(f"| {start} | {run_summary['steps']} × {args.batch_size} | {three(b['reward_accuracy'])} → "
               f"{three(a['reward_accuracy'])} | {b['reward_margin']:.3f} → {a['reward_margin']:.3f} | "
               f"{three(b['policy_accuracy'])} → {three(a['policy_accuracy'])} | {three(em_before[start])} → "
               f"{three(em)} |")
-    print(f"\nbefore → after training, on {args.test} held-out pairs (exact match: of the greedy answers to their "
-          f"prompts). The SFT adapter: {sft['steps']} steps × {args.batch_size} conversations (the chosen answers), "
-          f"exact match {three(em_before['base model'])} → {three(em_before['SFT adapter'])}.")
+    print(f"\nbefore → after, on {args.test} held-out pairs; DPO at lr {args.lr:g}, β {args.beta:g}. The SFT "
+          f"adapter: {sft['steps']} steps × {args.batch_size} conversations (the chosen answers), exact match "
+          f"{three(em_before['base model'])} → {three(em_before['SFT adapter'])}.")
     print(f"\nreward accuracy on the {args.validation} validation pairs during training:")
-    for start, (run_summary, _, _) in dpo.items():
+    for start, (run_summary, _) in results.items():
         print(f"- from the {start}: " + ", ".join(f"step {v['step']}: {v['reward_accuracy']:.3f}"
                                                    for v in run_summary["validation"]))
-    print("\n| run | rows per step | s/step | peak RSS MiB | CPU s (whole run) | reference log-probabilities |")
-    print("|---|---:|---:|---:|---:|---|")
-    runs = [("SFT", sft, args.batch_size, "—", "runs/sft")]
-    for start, (run_summary, _, printed) in dpo.items():
-        found = re.search(r"of ([\d,]+) pairs precomputed in ([\d.]+) s", printed)
-        how = f"precomputed once before training: {found.group(1)} pairs in {found.group(2)} s" if found else \
-            f"a forward pass of {2 * args.batch_size} rows with the adapter off, every step"
-        runs.append((f"DPO from the {start}", run_summary, 2 * args.batch_size, how,
-                     f"runs/dpo-{start.split()[0].lower()}"))
-    for name, run_summary, rows, how, folder in runs:
-        cpu = next(v for k, v in CPU_SECONDS.items() if k.endswith(folder))
-        print(f"| {name} | {rows} | {run_summary['seconds_per_step']:.2f} | "
-              f"{run_summary['peak_memory_bytes'] / 2**20:,.0f} | {cpu:,.0f} | {how} |")
+    print("\n| step | rows | CPU s/step | wall s/step | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    names = {"sft": "SFT", "dpo": "DPO, reference pass (adapter off) every step",
+             "dpo-precomputed": "DPO, reference precomputed"}
+    for c in costs:
+        print(f"| {names[c['kind']]} | {c['rows']} | {c['cpu']:.2f} | {c['wall']:.2f} | {c['peak_rss'] / 2**20:,.0f} |")
+    pre = costs[-1]["precompute"]
+    print(f"\nprecomputing the reference of {pre['pairs']} pairs: {pre['cpu_seconds']:.1f} CPU s "
+          f"({pre['cpu_seconds'] / pre['pairs']:.2f} per pair); {costs[0]['threads']} threads. CPU seconds of "
+          "each run: " + ", ".join(f"{k} {v:,.0f}" for k, v in CPU_SECONDS.items()))
 
 
 if __name__ == "__main__":
