@@ -208,14 +208,17 @@ def all_mutants(tree, source: str, only: set, skip: set) -> list[Mutant]:
 
 def shown(source: str, node, new) -> tuple[str, str]:
     """The mutated line before and after, cut to the part around the edit (a block: its first line; a
-    with's body: its first statement)."""
+    with's body: its first statement; an expression over several lines: unparsed on one)."""
     line = source.splitlines()[node.lineno - 1]
     if isinstance(new, list):
         return line.strip(), "(its body, no with) " + ast.unparse(new[0]).splitlines()[0]
-    if node.lineno != node.end_lineno or isinstance(node, ast.stmt) and not isinstance(new, ast.Pass):
+    if isinstance(node, ast.stmt) and not isinstance(new, ast.Pass):
         return line.strip(), ast.unparse(new).splitlines()[0]
-    start = len(line.encode()[:node.col_offset].decode())  # col offsets count UTF-8 bytes
-    end = len(line.encode()[:node.end_col_offset].decode())
+    if node.lineno != node.end_lineno:
+        line, start, end = ast.unparse(node), 0, len(ast.unparse(node))
+    else:
+        start = len(line.encode()[:node.col_offset].decode())  # col offsets count UTF-8 bytes
+        end = len(line.encode()[:node.end_col_offset].decode())
     after = line[:start] + ast.unparse(new) + line[end:]
     first = next((i for i, (a, b) in enumerate(zip(line, after)) if a != b), min(len(line), len(after)))
     same_tail = next((i for i, (a, b) in enumerate(zip(line[::-1], after[::-1])) if a != b), 0)

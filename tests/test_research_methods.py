@@ -22,9 +22,12 @@ def test_ia3_scales_outputs_or_inputs_and_merges_into_w_and_b():
     torch.testing.assert_close(out_scaled(x), (x @ out_scaled.weight.T + out_scaled.bias) * out_scaled.ia3_l)
     torch.testing.assert_close(in_scaled(x), (x * in_scaled.ia3_l) @ in_scaled.weight.T + in_scaled.bias)
     for layer in (out_scaled, in_scaled):
-        before = layer(x)
+        before, weight, bias = layer(x), layer.weight.detach().clone(), layer.bias.detach().clone()
         layer.merge()
         torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+        l = layer.ia3_l.detach()  # merged: W diag(l) (input scaling), or diag(l) W and l ⊙ b
+        torch.testing.assert_close(layer.weight, weight * l if layer.scale_input else l[:, None] * weight)
+        torch.testing.assert_close(layer.bias, bias if layer.scale_input else l * bias)
     assert ia3.ia3_parameter_count(GPT2_SMALL, ["k", "v", "down"], ["down"]) == 55_296
     with pytest.raises(ValueError, match=r"feedforward target\(s\) \['down'\] are not among the targets"):
         mp.apply(tiny_model("gpt2"), "ia3", targets="q,v")

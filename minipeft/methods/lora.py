@@ -117,7 +117,8 @@ class LoRALinear(LowRankUpdate, DeltaMerge, FrozenLinear):
                 A, B = residual_init(self.weight, rank, self.scale, init)
                 self.lora_A.copy_(A)
                 self.lora_B.copy_(B)
-                self.weight -= self.delta_weight().to(self.weight.dtype)  # W keeps the residual
+                residual = self.weight.float() - self.delta_weight()  # W keeps the residual, rounded once (peft's)
+                self.weight.copy_(residual.to(self.weight.dtype))
         self.to(base.weight.device)
 
     def forward(self, x):  # (…, in) -> (…, out)
