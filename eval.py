@@ -1,12 +1,12 @@
 """Evaluate a base model, or a base model plus a saved adapter, on a task's test split; generate; or chat.
 
-    python eval.py --adapter checkpoints/run/adapter                 # accuracy / perplexity on test
+    python eval.py --adapter checkpoints/<run>/adapter               # accuracy / perplexity on test (its base model)
     python eval.py --model path/to/hf-folder --adapter path/to/peft-adapter   # an adapter saved by peft
     python eval.py --model smollm2 --generate "The capital of France is"
     python eval.py --model smollm2 --generate "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
-    python eval.py --model smollm2 --chat --adapter checkpoints/sft/adapter   # talk to it (Ctrl-D ends)
-    python eval.py --model smollm2 --task rotten_tomatoes_instruct --adapter checkpoints/sft/adapter
-                                                                      # exact match of greedy answers
+    python eval.py --chat --adapter checkpoints/sft/adapter           # talk to it (Ctrl-D ends)
+    python eval.py --task rotten_tomatoes_instruct --adapter checkpoints/sft/adapter   # exact match of greedy answers
+    python eval.py --task questions.jsonl --split all --adapter checkpoints/sft/adapter --out answers.jsonl
     python eval.py --model smollm2 --few-shot 4 --limit 200 [--calibrate]   # in-context baseline, no training
     python eval.py --model smollm2 --task pairs.jsonl --adapter checkpoints/dpo/adapter   # reward accuracy (DPO)
 """
@@ -23,23 +23,28 @@ from minipeft.atomic import atomic_write
 from minipeft.generate import Sampling, TextStreamer, generate
 
 DEFAULT_NEW_TOKENS = 128  # --generate and --chat
+DEFAULT_MODEL = "minilm"  # without --model and --adapter
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter), generate text or chat.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_model_and_task_flags(p)
+    cli.add_model_and_task_flags(p, model_default=None, model_help="; None: the base model the --adapter was "
+                                 "trained on, as its config records it (minilm without --adapter)")
     cli.add_device_flags(p)
     cli.add_import_flag(p)
     p.add_argument("--adapter", default=None, help="adapter folder saved by train.py (its <out>/adapter), by "
                    "mp.save_adapter in either format, or by peft (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="which split to score")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test", "all"),
+                   help="which split to score; all: every row of the sources (a single file whole), once each")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split (use the training run's) and of sampling")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first (lora)")
     p.add_argument("--limit", type=int, default=None, help="score only the first LIMIT examples of the split")
-    p.add_argument("--predictions", default=None, metavar="FILE", help="instruction tasks: where to write each "
-                   "prompt's answer (JSON lines; default: predictions-<split>.jsonl beside the adapter, or here)")
+    p.add_argument("--out", "--predictions", default=None, metavar="FILE",
+                   help="instruction tasks: where to write each prompt's answer (JSON lines); None: "
+                        "predictions-<split>.jsonl in the folder that holds the adapter folder (the training run's), "
+                        "or here without --adapter")
     g = p.add_argument_group("generation")
     g.add_argument("--generate", default=None, metavar="PROMPT", help="print a continuation of PROMPT (causal models)")
     g.add_argument("--chat", action="store_true", help="talk with the model in its chat template (a line per turn; "
@@ -62,6 +67,9 @@ def build_parser():
 
 
 def check_numbers(args):
+    if args.few_shot is not None and args.split == "all":
+        raise ValueError("--few-shot takes its examples from the training split, so it cannot score --split all; "
+                         "use --split test or validation")
     for flag, value, ok, allowed in [("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
                                      ("--max-new-tokens", args.max_new_tokens,
                                       args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
@@ -71,10 +79,23 @@ def check_numbers(args):
 
 
 def load_model(args):
-    n_classes = None
-    if args.adapter:  # either format says whether it carries a classifier head, and its size
-        n_classes = mp.read_adapter_config(args.adapter)["base"]["config"].get("n_classes")
-    model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes, device=args.device, dtype=args.precision)
+    """The base model (--model, else the adapter's own base, else minilm) with the adapter, if any."""
+    n_classes, base = None, None
+    if args.adapter:  # either format says whether it carries a classifier head, and its size, and its base
+        config = mp.read_adapter_config(args.adapter)
+        n_classes, base = config["base"]["config"].get("n_classes"), config["base"].get("source")
+    from_adapter = args.model is None and args.adapter is not None
+    if from_adapter and base is None:
+        raise ValueError(f"adapter {args.adapter} does not record its base model; give it with --model")
+    args.model = args.model or base or DEFAULT_MODEL
+    try:
+        model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes, device=args.device,
+                                              dtype=args.precision)
+    except FileNotFoundError as error:
+        if not from_adapter:
+            raise
+        raise FileNotFoundError(f"{error} (the base model adapter {args.adapter} records); give the base model "
+                                "with --model") from None
     if args.adapter:
         mp.load_adapter(model, args.adapter, tokenizer=tokenizer)
         if args.merge:
@@ -132,8 +153,8 @@ def score_instructions(model, tokenizer, task, args):
     dataset = task.splits[args.split]
     result = trainer.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
                                  args.max_new_tokens)
-    default = (Path(args.adapter) if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
-    path = Path(args.predictions) if args.predictions else default
+    default = (Path(args.adapter).resolve().parent if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
+    path = Path(args.out) if args.out else default
     rows = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "answer": answer, "prediction": pred,
              "correct": trainer.normalize_answer(pred) == trainer.normalize_answer(answer)}
             for prompt, answer, pred in zip(dataset.prompts, dataset.answers, result["predictions"])]
@@ -150,17 +171,21 @@ def main(argv):
     args = build_parser().parse_args(argv)
     check_numbers(args)
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad sampling flags stop before loading
+    sources, columns = cli.task_flags(args)  # and bad --task weights or --columns
     model, tokenizer, n_classes = load_model(args)
     if args.generate is not None:
         return print_continuation(model, tokenizer, args)
     if args.chat:
         return chat_loop(model, tokenizer, args)
-    if preference.is_preference_source(args.task):  # pairs: reward accuracy against the base model (β = 0.1)
-        task = preference.load_preferences(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
-                                           chat_template=args.chat_template)
+    if len(sources) == 1 and preference.is_preference_source(sources[0][0]):  # pairs: reward accuracy vs the base
+        task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
+                                           chat_template=args.chat_template)  # (β = 0.1)
     else:
-        task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
-                              chat_template=args.chat_template)
+        task = data.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
+                              seed=args.seed, chat_template=args.chat_template, columns=columns)  # (weights: training)
+    args.task = data.sources_text(args.task)  # for the reports
+    if args.split == "all":
+        task.splits["all"] = data.Dataset.concat([task.splits[split] for split in data.SPLITS])
     if args.few_shot is not None:
         result = fewshot.few_shot_accuracy(model, tokenizer, task, k=args.few_shot, seed=args.seed,
                                            split=args.split, limit=args.limit, calibrate=args.calibrate)

@@ -4,27 +4,30 @@
     python train.py --model smollm2 --task hamlet --method lora --targets q,v --steps 100
     python train.py --model smollm2 --task rotten_tomatoes_instruct --targets all --pack --max-len 256 --steps 80
     python train.py --model smollm2 --task my_chats.jsonl --chat-template my_template.jinja   # instruction tuning
+    python train.py --model smollm2 --task chats.jsonl:2 --task more.parquet --columns prompt=question,completion=answer
     python train.py --model smollm2 --task rotten_tomatoes_preference --steps 100 --batch-size 8   # DPO on pairs
     python train.py --model smollm2 --task pairs.jsonl --init-adapter checkpoints/sft/adapter --dpo-loss ipo
     python train.py --model smollm2 --task hamlet --device cuda --precision bf16-mixed   # on a GPU (auto: the same)
     python train.py --list-methods
     python train.py --import my_method.py --method my_method   # a method you registered yourself
-    python train.py ... --resume checkpoints/run           # continue a stopped run (same options)
+    python train.py --config examples/classify-lora.yaml   # the settings in a file (flags override them)
+    python train.py --resume checkpoints/<run>             # continue a stopped run (its config.yaml)
+    python train.py --resume checkpoints/<run> --steps 400 # extend a finished run
     torchrun --nproc_per_node 2 train.py ...               # data parallel: --batch-size per process
     torchrun --nproc_per_node 2 train.py ... --fsdp        # the same, each process holding 1/2 of the model
 """
 import argparse
+import contextlib
 import json
 import time
 
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, dpo, precision, preference, processes, sharding, trainer
+from minipeft import checkpoint, cli, data, dpo, precision, preference, processes, runconfig, sharding, trainer, watch
 from minipeft.methods.disable import check_can_disable
 
 DEFAULT_METHOD = "lora"
-DEFAULT_OUT = "checkpoints/run"
 
 
 def build_parser():
@@ -33,6 +36,8 @@ def build_parser():
     cli.add_model_and_task_flags(p)
     cli.add_device_flags(p)
     cli.add_import_flag(p)
+    runconfig.add_config_flag(p)
+    watch.add_log_flag(p)
     p.add_argument("--method", default=None,
                    help=f"PEFT method; see --list-methods (default: {DEFAULT_METHOD}, or the method "
                         "saved with --init-adapter)")
@@ -46,11 +51,14 @@ def build_parser():
     t.add_argument("--batch-size", type=int, default=16,
                    help="examples per micro-batch and process (a step sees batch-size × processes × grad-accum)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's own)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's own for the "
+                   "kind of task, see --list-methods)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     t.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up the learning rate")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: four per run)")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation passes, and after the last step; None: four per run, after "
+                        "steps ceil(k x steps / 4); 0: no validation")
     t.add_argument("--model-dropout", type=model_dropout, default=0.0, metavar="P|model",
                    help="dropout in the model's own layers (embeddings, attention weights, sub-layer outputs), "
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
@@ -59,7 +67,7 @@ def build_parser():
     t.add_argument("--pack", action="store_true",
                    help="pack each batch's examples into rows of --max-len tokens instead of padding them "
                         "(attention stays inside each example, positions restart): the same loss, less padding")
-    t.add_argument("--batching", choices=("by-length", "random"), default="by-length",
+    t.add_argument("--batching", choices=trainer.BATCHING, default="by-length",
                    help="by-length: each shuffled batch holds examples of about one length, so little of "
                         "it is padding (Rotten Tomatoes on MiniLM: 1.79x fewer tokens computed); random: "
                         "batches as drawn, padded to their longest example")
@@ -73,8 +81,12 @@ def build_parser():
                         "validation pass (0: none; the test split is always scored whole)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
     t.add_argument("--out", default=None,
-                   help=f"output folder: metrics.jsonl, adapter/, checkpoints (default: {DEFAULT_OUT}, "
-                        "or the --resume folder)")
+                   help="output folder: metrics.jsonl, adapter/, checkpoints (default: the --resume folder, or "
+                        "a new one, checkpoints/<model>-<task>-<method>-<date>-<time>, named on the first line). "
+                        "A folder that holds another run stops the run, unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="let --out hold another run: its metrics.jsonl, adapter/ and checkpoints are deleted "
+                        "once every check has passed, before the first step (the folder's other files stay)")
     m = p.add_argument_group("memory")
     m.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
@@ -106,8 +118,9 @@ def build_parser():
     r.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints (0: only at the end, and on Ctrl-C or SIGTERM)")
     r.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run whose --out folder (or checkpoint-<step> folder) is DIR; "
-                        "give the same options")
+                   help="continue the run whose --out folder (or checkpoint-<step> folder) is DIR, with "
+                        "the settings saved in its config.yaml (flags given override them; a larger --steps "
+                        "extends a finished run)")
     r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="save a checkpoint and stop after this step (continue later with --resume)")
     r.add_argument("--max-bad-steps", type=int, default=10,
@@ -135,7 +148,7 @@ def check_numbers(args):
              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
              ("--warmup", args.warmup, 0 <= args.warmup < 1, "in [0, 1)"),
              ("--clip", args.clip, args.clip > 0, "> 0"),
-             ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
+             ("--eval-every", args.eval_every, args.eval_every is None or args.eval_every >= 0, ">= 0"),
              ("--model-dropout", args.model_dropout,
               args.model_dropout is None or 0 <= args.model_dropout < 1, "in [0, 1)"),
              ("--max-len", args.max_len, args.max_len >= 1, ">= 1"),
@@ -168,20 +181,24 @@ def check_task_flags(args, task):
                                ("--chat-template", args.chat_template, ("sft", "dpo"))):
         if given and task.kind not in kinds:
             raise ValueError(f"{flag} is for instruction data (prompt/completion, messages or instruction rows); "
-                             f"{args.task} is a {task.kind} task")
+                             f"{data.sources_text(args.task)} is a {task.kind} task")
 
 
 def resolve_objective(args) -> str | None:
     """The objective: "dpo" for preference pairs (or --objective dpo), else None (the task's own loss). Checked
     before anything loads: the objective must fit the data, and the DPO flags need it."""
-    pairs = preference.is_preference_source(args.task)
+    sources, task = [source for source, _ in data.parse_sources(args.task)], data.sources_text(args.task)
+    pairs = any(preference.is_preference_source(source) for source in sources)
     objective = args.objective or ("dpo" if pairs else None)
     if objective == "dpo" and not pairs:
         raise ValueError(f"--objective dpo trains on preference pairs ({preference.ROW_HELP}; or "
-                         f"{preference.BUILT_IN}), and --task {args.task} holds none")
+                         f"{preference.BUILT_IN}), and --task {task} holds none")
     if objective == "sft" and pairs:
-        raise ValueError(f"--task {args.task} holds preference pairs, which --objective sft cannot train on; "
+        raise ValueError(f"--task {task} holds preference pairs, which --objective sft cannot train on; "
                          "use --objective dpo (their default)")
+    if objective == "dpo" and len(sources) > 1:
+        raise ValueError(f"preference tuning reads one --task source, got {task}; mixing sources is for "
+                         "instruction and classification data")
     given = [flag for flag, value in (("--beta", args.beta), ("--dpo-loss", args.dpo_loss),
                                       ("--precompute-reference", args.precompute_reference))
              if value not in (None, False)]
@@ -202,84 +219,109 @@ def pack_training_split(model, task, max_len: int):
     task.splits["train"] = task.splits["train"].packed(max_len)
 
 
-def train_config(args, method, out: str, precision: str, device: torch.device,
-                 objective: str | None = None) -> trainer.TrainConfig:
+def train_config(args, precision: str, device: torch.device, objective: str | None = None) -> trainer.TrainConfig:
+    """The training options as TrainConfig takes them (--lr None: the method's own; --out None: the
+    --resume folder, or a new one; DPO's loss for preference pairs)."""
     return trainer.TrainConfig(
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr or method.lr, weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.clip,
-        eval_every=args.eval_every, eval_generate=args.eval_generate, test_before=not args.skip_test_before,
-        seed=args.seed, out=out, save_every=args.save_every, max_bad_steps=args.max_bad_steps, resume=args.resume,
-        stop_at=args.stop_at,
-        run={"model": str(args.model), "task": str(args.task), "max_len": args.max_len,
+        batching=args.batching, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        max_grad_norm=args.clip, eval_every=args.eval_every, eval_generate=args.eval_generate,
+        test_before=not args.skip_test_before,
+        seed=args.seed, out=args.out, overwrite=args.overwrite, save_every=args.save_every,
+        max_bad_steps=args.max_bad_steps, resume=args.resume, stop_at=args.stop_at,
+        run={"model": str(args.model), "task": data.sources_text(args.task), "max_len": args.max_len,
+             **({"columns": args.columns} if args.columns else {}),  # (older checkpoints do not record it)
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
-             "batching": args.batching, "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
+             "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
              "precision": precision, "device_type": device.type,
              **({"precompute_reference": args.precompute_reference} if objective == "dpo" else {})},
         dpo=dpo.DPOLoss(args.beta or 0.1, args.dpo_loss or "sigmoid") if objective == "dpo" else None)
 
 
-def main(argv):
-    cli.import_user_files(argv)  # first: the methods they register get their flags
-    args = build_parser().parse_args(argv)
-    if args.list_methods:
-        print(cli.list_methods())
-        return
-    check_numbers(args)
-    if args.mmap_threshold:
-        mp.memory.mmap_large_tensors(args.mmap_threshold)
-    options = cli.method_options(args)
-    method = mp.get_method(args.method or DEFAULT_METHOD)
-    # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
-    apply_method = not args.init_adapter or args.method is not None or bool(options)
-    out = args.out or (str(checkpoint.run_folder(args.resume)) if args.resume else DEFAULT_OUT)
-    # fail fast, before loading anything: an unwritable --out, an unreadable --resume checkpoint
-    checkpoint.check_output_folder(out, resume=args.resume)
+def check_before_loading(args):
+    """Fail fast, before loading anything: an --out that cannot be written or holds another run, an
+    unreadable --resume checkpoint, --fsdp without torchrun."""
+    out = args.out or (checkpoint.run_folder(args.resume) if args.resume else None)
+    if out is None:
+        checkpoint.check_writable(checkpoint.RUNS)
+    else:
+        checkpoint.check_output_folder(out, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         checkpoint.read_state(args.resume)
     if args.fsdp:
         sharding.check_launch()
+
+
+def prepare(args, method, device: torch.device, precision_name: str, objective: str | None = None):
+    """The model with the method applied (or --init-adapter's), on its device and in its precision, and
+    the task (preference pairs under DPO; its training split packed with --pack): (model, task, method)."""
+    options = cli.method_options(args)
+    # the adapter's own method, unless the user chose one (then load_adapter checks they agree)
+    apply_method = not args.init_adapter or args.method is not None or bool(options)
+    torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
+    # loaded in fp32 and cast once the method is on: frozen weights to the precision's frozen dtype, the
+    # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
+    model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
+    check_context_length(model, args.max_len, args.model)
+    sources, columns = cli.task_flags(args)
+    if objective == "dpo":  # one source (resolve_objective)
+        task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
+                                           chat_template=args.chat_template)
+    else:
+        task = data.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
+                              chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
+    check_task_flags(args, task)
+    if task.kind == "classification":
+        model.add_classifier(task.n_classes)
+    if apply_method:  # the options typed, else the method's defaults for this kind of task
+        kind_defaults = mp.task_defaults(method.name, task.kind)[1]
+        mp.apply(model, method.name, tokenizer=tokenizer, **{**kind_defaults, **options})
+    if args.init_adapter:
+        mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
+        method = mp.get_method(model.peft_config["method"])
+    check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
+    if objective == "dpo":  # the reference model is this one with its adapter switched off
+        check_can_disable(model)
+    if args.pack:
+        pack_training_split(model, task, args.max_len)
+    model.checkpointing = args.grad_checkpoint
+    mp.set_precision(model, precision_name).to(device)
+    return model, task, method
+
+
+def main(argv):
+    # the resumed run's config.yaml, then --config FILE, then argv; first the --import files (their methods' flags)
+    args = runconfig.parse_args(build_parser, argv)
+    if args.list_methods:
+        print(cli.list_methods())
+        return
+    check_numbers(args)
+    cli.task_flags(args)  # a bad --task weight or --columns stops before anything loads
+    if args.mmap_threshold:
+        mp.memory.mmap_large_tensors(args.mmap_threshold)
+    method = mp.get_method(args.method or DEFAULT_METHOD)
+    check_before_loading(args)
     objective = resolve_objective(args)
 
     requested = precision.resolve_device(args.device)  # a device that is not there stops here
     rank, world_size = processes.init_distributed(requested.type)
     device = processes.device_for_process() if world_size > 1 else requested
     chosen = precision.resolve_precision(args.precision, device)
+    new_folder = None
     try:
-        torch.manual_seed(args.seed)  # the classifier head's and the method's initialization
-        # loaded in fp32 and cast once the method is on: frozen weights to the precision's frozen dtype, the
-        # trainable ones (all of them in full fine-tuning) to its trainable dtype, from the checkpoint's values
-        model, tokenizer = mp.from_pretrained(args.model, dropout=args.model_dropout)
-        check_context_length(model, args.max_len, args.model)
-        if objective == "dpo":
-            task = preference.load_preferences(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
-                                               chat_template=args.chat_template)
-        else:
-            task = data.load_task(args.task, tokenizer, max_len=args.max_len, seed=args.seed,
-                                  chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
-        check_task_flags(args, task)
-        if task.kind == "classification":
-            model.add_classifier(task.n_classes)
-        if apply_method:
-            mp.apply(model, method.name, tokenizer=tokenizer, **options)
-        if args.init_adapter:
-            mp.load_adapter(model, args.init_adapter, tokenizer=tokenizer)
-            method = mp.get_method(model.peft_config["method"])
-        check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
-        if objective == "dpo":  # the reference model is this one with its adapter switched off
-            check_can_disable(model)
-        if args.batching == "by-length":
-            task.splits["train"] = task.splits["train"].grouped_by_length()
-        if args.pack:
-            pack_training_split(model, task, args.max_len)
-        model.checkpointing = args.grad_checkpoint
-        mp.set_precision(model, chosen.name).to(device)
+        model, task, method = prepare(args, method, device, chosen.name, objective)
         # the ledger for the longest training batch (batches are padded to their longest example)
-        longest = max(map(len, task.splits["train"].input_ids))
-        rows = args.batch_size
+        longest, rows = max(map(len, task.splits["train"].input_ids)), args.batch_size
         if objective == "dpo":  # a batch of pairs has a chosen and a rejected row per pair
             longest, rows = max(longest, *map(len, task.splits["train"].rejected_ids)), 2 * args.batch_size
         ledger = mp.memory_report(model, rows, longest, padded=True)
-        config = train_config(args, method, out, chosen.name, device, objective)
+        config = train_config(args, chosen.name, device, objective)
+        if config.resume and not config.out:
+            config.out = str(checkpoint.run_folder(config.resume))
+        if not config.out:  # a new folder of its own, named on the first line
+            new_folder = checkpoint.new_run_folder(config.run, method.name)
+            config.out = str(new_folder)
+        held, lr = None, config.peak_lr(model, task.kind)
         if args.precompute_reference:  # once, before training (and before sharding: it switches the adapter off)
             start = time.perf_counter()
             task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size)
@@ -291,24 +333,36 @@ def main(argv):
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
-            print(f"{args.model} on {args.task} ({task.kind}, {len(task.splits['train']):,} training "
+            print(f"{args.model} on {data.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
                   f"{'pairs' if task.kind == 'dpo' else 'examples'}{', packed' if args.pack else ''}), method "
-                  f"{method.name}, lr {config.lr}, "
-                  f"{chosen.name} on {device}"
-                  + (f", {world_size} processes" if world_size > 1 else ""))
-        summary = trainer.train(model, task, config)
+                  f"{method.name}, lr {lr}, {chosen.name} on {device}"
+                  + (f", {world_size} processes" if world_size > 1 else "") + f", output in {config.out}")
+        settings = runconfig.run_settings(args, method.name, model.peft_config["options"], lr)
+        records = [runconfig.SettingsFile(settings), *watch.writers(args.log, settings)]  # config.yaml, CSV, plot
+        summary = trainer.train(model, task, config, writers=records)
         if rank == 0:
-            print(trainer.format_summary(summary))
-            print(mp.format_report(ledger))
-            print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
-                  f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
-                  "peak also covers loading and evaluation)")
-            if args.fsdp:
-                print(sharding.format_bytes_per_process(held))
-            print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
+            print_results(summary, config.out, ledger, held)
+    except BaseException:
+        if new_folder is not None and rank == 0:
+            with contextlib.suppress(OSError):  # removed only while empty: a run that wrote nothing
+                new_folder.rmdir()
+        raise
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def print_results(summary: dict, out: str, ledger: dict, held: dict | None):
+    """The summary, the memory ledger against the measured peak, and (--fsdp) the bytes each process held."""
+    print(trainer.format_summary(summary))
+    print(f"output folder        {out}")
+    print(mp.format_report(ledger))
+    print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
+          f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
+          "peak also covers loading and evaluation)")
+    if held is not None:
+        print(sharding.format_bytes_per_process(held))
+    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
 
 
 if __name__ == "__main__":

@@ -46,11 +46,9 @@ OPTIONS = {"last_k": ["--layers", "2"], "llama_adapter": ["--layers", "6"]}
 
 def run_method(method, args) -> dict:
     out = Path(args.out) / method
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--task", args.task,
            "--method", method, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--seed", str(args.seed), "--out", str(out), *OPTIONS.get(method, [])]
+           "--seed", str(args.seed), "--out", str(out), "--overwrite", *OPTIONS.get(method, [])]
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -99,11 +97,9 @@ def sft_runs(args) -> list[tuple[str, list[dict]]]:
     runs = []
     for i, method in enumerate(m for m in args.sft.split(",") if m):
         out = Path(args.out) / f"sft_{method}"
-        if (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
         cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.sft_model, "--task", args.sft_task,
                "--method", method, "--steps", str(args.sft_steps), "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed), "--out", str(out), *args.sft_flags.split(),
+               "--seed", str(args.seed), "--out", str(out), "--overwrite", *args.sft_flags.split(),
                *(["--skip-test-before"] if i else [])]  # the base model's score once
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

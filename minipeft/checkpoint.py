@@ -19,18 +19,25 @@ a crash at any moment leaves the previous checkpoint or the new one, never half 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. After a new checkpoint is in
 place the older checkpoint-<step> folders are removed, so a run keeps one (the last good one).
 
-Resuming (trainer.py calls these before it writes anything): `check_output_folder` stops a new run
-from replacing an unfinished one in the same --out; `check_resumable` requires the checkpoint's base
-model (by fingerprint), method, method options and run options (`run_options`) to be this run's, where
-only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and stops) may differ;
-`restore` then puts the parameters, AdamW's state and the scheduler back and returns the `Progress`.
+One run per output folder, so nothing is lost without being asked: `check_output_folder` stops a
+run whose --out holds another run's files (metrics.jsonl, adapter/, checkpoints) unless it is that run,
+resumed, or --overwrite lets `remove_run_files` delete them once every check has passed (the folder's
+other files stay); a run given no --out gets a new folder of its own (`new_run_folder`).
+
+Resuming (trainer.py calls these before it writes anything): `check_resumable` requires the
+checkpoint's base model (by fingerprint), method, method options and run options (`run_options`) to be
+this run's, where only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and
+stops) may differ; `restore` then puts the parameters, AdamW's state and the scheduler back and returns
+the `Progress`.
 """
+import itertools
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,10 +54,13 @@ LATEST = "latest_checkpoint"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 FOLDER = re.compile(r"checkpoint-\d+")
+# with the checkpoint folders: what a run writes in its --out (train.py's config.yaml and watch.py's logs too)
+RUN_FILES = ("metrics.jsonl", "adapter", LATEST, "config.yaml", "metrics.csv", "plot.png", "tensorboard", "wandb")
+RUNS = Path("checkpoints")  # where a run given no --out gets a folder of its own (new_run_folder)
 
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
-MAY_CHANGE_ON_RESUME = ("out", "resume", "save_every", "stop_at", "max_bad_steps", "eval_every",
-                        "eval_batch_size", "init_adapter")
+MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "max_bad_steps",
+                        "eval_every", "eval_batch_size", "init_adapter")
 OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
               "device_type": "--device type", "dpo": "--beta and --dpo-loss"}
@@ -281,37 +291,66 @@ def flag_value(option: str, value):
     return "model" if option == "model_dropout" and value is None else value
 
 
-def check_resumable(ckpt: Checkpoint, model, options: dict):
-    """The checkpoint must come from the same base model, method and options as this run."""
-    saved, mine = ckpt.state["method"], model.peft_config
-    # options checkpoints of older versions do not record: what those versions always did (when this run
-    # records the option at all), or this run's
-    older_defaults = {k: v for k, v in OLDER_VERSIONS_DID.items() if k in options}
-    saved_run = {**older_defaults, "device_type": options.get("device_type"), **ckpt.state["run"]}
-    if saved.get("base_fingerprint") != mine["base_fingerprint"]:
-        raise ValueError(f"checkpoint {ckpt.path} was trained on another base model "
-                         f"({saved_run.get('model', 'unknown')}, fingerprint {saved.get('base_fingerprint')}) "
-                         f"than this run's ({options.get('model', 'this model')}, fingerprint "
-                         f"{mine['base_fingerprint']}); resume with the model it was trained on")
-    my_options = json.loads(json.dumps(mine["options"]))
-    if saved.get("method") != mine["method"] or saved.get("options") != my_options:
-        raise ValueError(f"checkpoint {ckpt.path} is method {saved.get('method')} {saved.get('options')}, "
-                         f"but this run is {mine['method']} {my_options}; resume with the checkpoint's "
-                         "method and options")
-    if saved_run.get("sharding") != options.get("sharding"):
-        n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
-        made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
-        fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
-        raise ValueError(f"checkpoint {ckpt.path} was saved by a run {made}, but this run "
-                         f"{'shards' if options.get('sharding') else 'does not shard'} the model; resume it "
-                         f"{fix}")
-    differ = [k for k in sorted(saved_run.keys() | options.keys()) if saved_run.get(k) != options.get(k)]
+def check_resumable(ckpt: Checkpoint, model, options: dict, steps: int | None = None):
+    """The checkpoint must come from the same base model, method and options as this run; every
+    difference is named in one message. `steps`: this run's step count; it may differ from the
+    checkpoint's (--steps changed: the run goes on longer, or ends sooner) if it lies past the checkpoint's step."""
+    saved_run = _saved_run_options(ckpt, options)
+    differences = [_base_model_difference(ckpt, model, saved_run, options),
+                   _method_difference(ckpt, model), _sharding_difference(saved_run, options)]
+    changes_steps = steps is not None and steps != ckpt.state["steps"]
+    if changes_steps and steps <= ckpt.state["step"]:
+        differences.append((f"is at step {ckpt.state['step']}, which this run's {steps} steps do not pass",
+                            f"give more than {ckpt.state['step']} --steps to continue it"))
+    ignored = ("steps", "epochs") if changes_steps else ()  # they set only how many steps the run takes
+    differ = [k for k in sorted(saved_run.keys() | options.keys())
+              if k not in ignored and saved_run.get(k) != options.get(k)]
     if differ:
         listed = ", ".join(f"{FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {flag_value(k, saved_run.get(k))} "
                            f"(this run: {flag_value(k, options.get(k))})" for k in differ)
-        raise ValueError(f"checkpoint {ckpt.path} was made with other options: {listed}; resume with "
-                         f"the same options, or start a new run from its weights with --init-adapter "
-                         f"{ckpt.path}")
+        differences.append((f"was made with other options: {listed}",
+                            f"resume with the same options, or start a new run from its weights with "
+                            f"--init-adapter {ckpt.path}"))
+    differences = [d for d in differences if d is not None]
+    if differences:
+        what = [d[0] for d in differences]
+        what = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+        raise ValueError(f"checkpoint {ckpt.path} {what}; {'; '.join(d[1] for d in differences)}")
+
+
+def _saved_run_options(ckpt: Checkpoint, options: dict) -> dict:
+    """The checkpoint's run options; those checkpoints of older versions do not record: what those
+    versions always did (when this run records the option at all), or this run's."""
+    older_defaults = {k: v for k, v in OLDER_VERSIONS_DID.items() if k in options}
+    return {**older_defaults, "device_type": options.get("device_type"), **ckpt.state["run"]}
+
+
+def _base_model_difference(ckpt: Checkpoint, model, saved_run: dict, options: dict):
+    saved, mine = ckpt.state["method"], model.peft_config
+    if saved.get("base_fingerprint") != mine["base_fingerprint"]:
+        return (f"was trained on another base model ({saved_run.get('model', 'unknown')}, fingerprint "
+                f"{saved.get('base_fingerprint')}) than this run's ({options.get('model', 'this model')}, "
+                f"fingerprint {mine['base_fingerprint']})", "resume with the model it was trained on")
+    return None
+
+
+def _method_difference(ckpt: Checkpoint, model):
+    saved, mine = ckpt.state["method"], model.peft_config
+    my_options = json.loads(json.dumps(mine["options"]))
+    if saved.get("method") != mine["method"] or saved.get("options") != my_options:
+        return (f"is method {saved.get('method')} {saved.get('options')}, but this run is {mine['method']} "
+                f"{my_options}", "resume with the checkpoint's method and options")
+    return None
+
+
+def _sharding_difference(saved_run: dict, options: dict):
+    if saved_run.get("sharding") == options.get("sharding"):
+        return None
+    n, was_sharded = saved_run.get("world_size"), saved_run.get("sharding")
+    made = f"with --fsdp on {n} processes" if was_sharded else f"without --fsdp ({n} process{'es' * (n != 1)})"
+    fix = f"with torchrun --nproc_per_node {n} train.py ... --fsdp" if was_sharded else "without --fsdp"
+    return (f"was saved by a run {made}, but this run {'shards' if options.get('sharding') else 'does not shard'} "
+            "the model", f"resume it {fix}")
 
 
 def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:
@@ -327,30 +366,103 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:
                          "from another copy or start a new run") from None
 
 
-def check_output_folder(out: Path, resume=None):
-    """Stop before any work if `out` cannot be written, or if it holds an unfinished run that this run
-    would replace (unless this run is that run, resumed)."""
-    out = Path(out)
-    existing = out
+# ----------------------------------------------------------------------------------------------------
+# the output folder: one run per folder
+
+
+def check_writable(folder: Path):
+    """Stop before any work if `folder` (or, while it does not exist, its nearest existing parent)
+    cannot be written."""
+    folder = Path(folder)
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+        raise ValueError(f"--out {folder}: {existing} is a file, not a folder; choose another --out")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {existing} ({e.strerror}); choose a writable "
+        raise ValueError(f"--out {folder}: cannot write in {existing} ({e.strerror}); choose a writable "
                          "folder") from None
-    if not (out / LATEST).exists():
-        return
-    if resume is not None and run_folder(resume).resolve() == out.resolve():
+
+
+def run_files(out: Path) -> list[str]:
+    """What a run writes in its output folder (metrics.jsonl, adapter/, latest_checkpoint,
+    checkpoint-<step>/ and the temporary folders of a save) that `out` holds, by name."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    ours = [p for p in out.iterdir()
+            if p.name in RUN_FILES or FOLDER.fullmatch(p.name) or p.name.startswith(".checkpoint-")]
+    return sorted(p.name + "/" * p.is_dir() for p in ours)
+
+
+def check_output_folder(out: Path, resume=None, overwrite: bool = False):
+    """Stop before any work if `out` cannot be written, or if it holds another run's files (run_files):
+    they are kept unless this run is that run, resumed, or `overwrite` lets it replace them."""
+    out = Path(out)
+    check_writable(out)
+    same_run = resume is not None and run_folder(resume).resolve() == out.resolve()
+    if same_run and overwrite:
+        raise ValueError(f"--overwrite would delete the run that --resume {resume} continues; give one "
+                         "or the other")
+    found = run_files(out)
+    if not found or same_run or overwrite:
         return
     try:
         folder, state = read_state(out)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"--out {out} holds a checkpoint that cannot be read ({e}); move it away or "
-                         "choose another --out") from None
-    if state["step"] < state["steps"]:
+        unfinished = state["step"] < state["steps"]
+    except (ValueError, OSError):  # no checkpoint yet, or one that cannot be read: still another run's
+        unfinished = False
+    if unfinished:
         raise ValueError(f"--out {out} holds an unfinished run ({folder.name}, step {state['step']} of "
-                         f"{state['steps']}); continue it with --resume {out}, or choose another --out")
+                         f"{state['steps']}); continue it with --resume {out}, replace it with --overwrite, "
+                         "or choose another --out")
+    raise ValueError(f"--out {out} holds another run ({', '.join(found)}); replace it with --overwrite, "
+                     "choose another --out, or give none for a new folder")
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """--overwrite: delete the previous run's files in `out` (run_files; the folder's other files stay),
+    so that its metrics.jsonl, adapter and checkpoints cannot mix with this run's. Returns their names."""
+    found = run_files(out)
+    for name in found:
+        path = Path(out) / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
+def new_run_folder(run: dict, method: str, parent: Path = RUNS) -> Path:
+    """The output folder of a run given none, created now so that no other run takes it:
+    <parent>/<model>-<task>-<method>-<YYYYmmdd-HHMMSS>, with -2, -3, ... if that is taken (model and
+    task as `run` names them, when it does). Under torchrun every process must call this: rank 0
+    creates the folder and the others get its name."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        name = [str(_create_run_folder(run, method, parent)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        return Path(name[0])
+    return _create_run_folder(run, method, parent)
+
+
+def _create_run_folder(run: dict, method: str, parent: Path) -> Path:
+    words = [_short_name(run[key]) for key in ("model", "task") if run.get(key) is not None]
+    base = "-".join([*words, method, time.strftime("%Y%m%d-%H%M%S")])
+    for n in itertools.count(1):
+        folder = Path(parent) / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # a run started in the same second
+            continue
+
+
+def _short_name(source) -> str:
+    """A model or task as a folder name takes it: a file by its stem (my_chats.jsonl -> my_chats), a
+    folder by its name, a named one as it is; characters other than letters, digits, '.', '_' and '-'
+    become '_'."""
+    path = Path(str(source))
+    return re.sub(r"[^\w.-]+", "_", path.stem if path.is_file() else path.name) or "run"

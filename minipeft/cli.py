@@ -19,19 +19,33 @@ import sys
 import traceback
 from pathlib import Path
 
-from .methods.registry import METHODS
+from .data import parse_sources
+from .methods.registry import METHODS, TASK_DEFAULTS, task_defaults
 from .precision import PRECISIONS
 from .pretrained import NAMED_MODELS
+from .readers import parse_columns
 from .trainer import Stopped
 
 
-def add_model_and_task_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", default="minilm", help=f"named model ({', '.join(NAMED_MODELS)}), an HF folder "
-                        "(any family of minipeft/model.py) or a .gguf file")
-    parser.add_argument("--task", default="rotten_tomatoes",
-                        help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .csv/.jsonl (text,label) file, "
-                             "an instruction .jsonl file (prompt/completion, messages or instruction/input/output "
-                             "rows), a folder of train/validation/test files, or a .txt file")
+KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM"}
+
+
+def add_model_and_task_flags(parser: argparse.ArgumentParser, model_default: str | None = "minilm",
+                             model_help: str = ""):
+    parser.add_argument("--model", default=model_default, help=f"named model ({', '.join(NAMED_MODELS)}), an HF "
+                        f"folder (any family of minipeft/model.py), a .gguf file, or a hub id (ORG/NAME) read from the "
+                        f"Hugging Face cache{model_help}")
+    parser.add_argument("--task", action=AppendSource, default="rotten_tomatoes", metavar="SOURCE[:WEIGHT]",
+                        help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .txt file (causal LM), a .jsonl, "
+                             ".json, .csv or .parquet file, a folder of train/validation/test files, or a folder "
+                             "written by datasets' save_to_disk. Rows of text,label are classification; "
+                             "prompt/completion, messages, ShareGPT conversations or Alpaca instruction/output rows "
+                             "are instruction data. Give --task more than once to mix sources of one kind: "
+                             "SOURCE:WEIGHT draws round(WEIGHT x its size) training rows from it (default 1; "
+                             "validation and test are every source's own)")
+    parser.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
+                        help="read your files' columns under the names minipeft reads, e.g. "
+                             "prompt=question,completion=answer or text=review,label=sentiment")
     parser.add_argument("--max-len", type=int, default=128,
                         help="truncate (classification, instruction rows: from the prompt's left) or window (LM) "
                              "to this many tokens")
@@ -39,6 +53,21 @@ def add_model_and_task_flags(parser: argparse.ArgumentParser):
                         help="a jinja2 chat template to use instead of the model's own (instruction data, --chat); "
                              "models without one get a plain 'User: / Assistant:' template")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+class AppendSource(argparse._AppendAction):
+    """--task given once or more: the list of sources typed (the default, a single source, is replaced;
+    an append action, so that a config file's list of sources is read as one)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(namespace, self.dest)  # the default (perhaps a config file's list) until a --task
+        setattr(namespace, self.dest, (given if isinstance(given, list) and given is not self.default else []) + [value])
+
+
+def task_flags(args) -> tuple[list[tuple[str, float]], dict]:
+    """The --task sources with their weights, and the --columns; a bad weight or column name stops here,
+    before anything is loaded."""
+    return parse_sources(args.task), parse_columns(args.columns)
 
 
 def add_device_flags(parser: argparse.ArgumentParser):
@@ -112,8 +141,19 @@ def method_options(args) -> dict:
 def list_methods() -> str:
     width = max(len(m) for m in METHODS)
     rows = [f"{m.name:<{width}}  {m.description}\n{'':<{width}}  options: "
-            f"{', '.join(f'{k}={v!r}' for k, v in m.defaults.items()) or 'none'}" for m in METHODS.values()]
+            f"{', '.join(f'{k}={v!r}' for k, v in m.defaults.items()) or 'none'}\n{'':<{width}}  {_defaults(m)}"
+            for m in METHODS.values()]
     return "\n".join(rows)
+
+
+def _defaults(method) -> str:
+    """"lr 0.002; instruction data: lr 0.001, targets=['all']": its lr and what a kind of task changes."""
+    text = f"lr {method.lr:g}"
+    for kind, row in TASK_DEFAULTS.items():
+        if method.name in row:
+            lr, options = task_defaults(method.name, kind)
+            text += f"; {KIND_WORDS[kind]}: lr {lr:g}" + "".join(f", {k}={v!r}" for k, v in options.items())
+    return text
 
 
 def run(main, argv=None):

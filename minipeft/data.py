@@ -1,27 +1,38 @@
 """Tokenized data sets for fine-tuning: text classification, instruction tuning and causal language modelling.
 
-Three kinds of task, each loaded into a `TaskData` holding three splits (train / validation / test):
+`load_task(sources, tokenizer)` loads a task: three splits (train / validation / test) in a `TaskData`.
+A source is a built-in data set, a .txt file, or any file or folder readers.py reads (.jsonl, .json,
+.csv, .parquet, a folder of split files, a folder written by datasets' save_to_disk); the shape of its
+rows says the kind of task:
+
+    kind             sources                                      rows (readers.py)
+    classification   rotten_tomatoes, files of text/label rows     {"text": ..., "label": ...}
+    sft              rotten_tomatoes_instruct, files of            {"prompt": ..., "completion": ...},
+                     instruction rows                              {"messages": [...]}, ShareGPT
+                                                                   {"conversations": [...]}, Alpaca
+    lm               hamlet, a .txt file                           plain text
+
+A single file is split 80/10/10 in a shuffle fixed by `seed` (classification: within each label); a
+folder's (or a saved DatasetDict's) own train/validation/test splits are used as they are.
+`columns={"prompt": "question"}` reads a column under another name (readers.py).
+
+Several sources, one task -- `load_task(["a.jsonl:2", "b.parquet"], ...)`, or (source, weight) pairs.
+All must be of one kind. A source of weight w (default 1) gives the training split round(w × n) of
+its n training examples: each one ⌊w⌋ times, and a random share of them (fixed by `seed`) once more,
+so weight 2 draws a source twice as often per epoch as weight 1, and weight 0.5 draws half of its
+rows. Validation and test are the union of the sources' own, unweighted. Classification labels are
+numbered over the union of the sources' label names (by the rule below).
 
 Classification -- `load_classification(source, tokenizer)`
-    source is the built-in "rotten_tomatoes", a .csv or .jsonl file, or a directory holding
-    train / validation / test files (each .csv or .jsonl).
-
-    .csv   a header line naming a `text` and a `label` column (other columns are ignored):
-               text,label
-               "A gorgeous, witty film.",positive
-    .jsonl one JSON object per line with `text` and `label` fields (blank lines are skipped):
-               {"text": "A gorgeous, witty film.", "label": 1}
-
     Labels: if every label is a non-negative whole number, the labels are the class ids themselves
     (n_classes = largest + 1, label_names "0", "1", ...); otherwise every label is a class name and
     names are numbered in sorted order (so "neg"/"pos" -> 0/1, and "-1"/"1" -> 0/1).
     A row with empty text or no label is an error (not silently skipped): a blank row is almost
     always a bug in the export, and dropping it would quietly change the data set.
 
-    Splits: a single file is split 80/10/10 *within each label* (stratified), in a shuffle fixed by
-    `seed`, so every class of the file is in the training split; a class with fewer than 5 examples
-    stays entirely in train. A directory's own train/validation/test files are used as they are,
-    and a label in validation or test that never occurs in train is an error.
+    Splits: a class with fewer than 5 examples of a single file stays entirely in train, so every
+    class of the file is in the training split. A folder's label in validation or test that never
+    occurs in train is an error.
 
     rotten_tomatoes: review sentences labelled fresh (1, "positive") or rotten (0, "negative"); the
     movies' plot summaries are dropped, leaving 12,808 sentences from 508 movies. They are split
@@ -43,27 +54,16 @@ Causal LM -- `load_lm(source, tokenizer)`
     train, the next 5% validation, the last 5% test, so no token of validation or test is in train.
 
 Instruction tuning (SFT) -- `load_instruct(source, tokenizer)`, kind "sft"
-    source is the built-in "rotten_tomatoes_instruct" (each rotten_tomatoes sentence as a question,
-    REVIEW_INSTRUCTION, answered "positive" or "negative"; split by movie, as rotten_tomatoes), a .jsonl
-    file (split 80/10/10 in a shuffle fixed by `seed`) or a directory with train/validation/test .jsonl
-    files. A file holds one of three row shapes (the conventions of transformers / trl), one per file:
-
-        {"prompt": "What is 2 + 2?", "completion": "4"}
-        {"messages": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
-                      {"role": "assistant", "content": ...}, ...]}          (multi-turn allowed)
-        {"instruction": "Add one.", "input": "41", "output": "42"}           (Alpaca; input optional)
-
-    Every row becomes a conversation (prompt/completion and Alpaca: one user turn, one assistant turn;
-    Alpaca's input follows the instruction after a blank line) and is written in the chat template
-    (chat.py: the model's own, a --chat-template file, or the plain fallback for base models). Labels
-    are -100 except on the assistant turns' tokens (their closing token, e.g. <|im_end|>, included),
-    so the loss is on the answers only (train_on_prompt: on every token); the end-of-text token closes
-    each answer (added after the last one if the template does not write it). A conversation longer
-    than max_len tokens loses tokens from its left, never from its last answer, and is counted in
+    rotten_tomatoes_instruct is each rotten_tomatoes sentence as a question, REVIEW_INSTRUCTION,
+    answered "positive" or "negative" (split by movie, as rotten_tomatoes). Every row becomes a
+    conversation (readers.conversation) and is written in the chat template (chat.py: the model's
+    own, a --chat-template file, or the plain fallback for base models). Labels are -100 except on
+    the assistant turns' tokens (their closing token, e.g. <|im_end|>, included), so the loss is on
+    the answers only (train_on_prompt: on every token); the end-of-text token closes each answer
+    (added after the last one if the template does not write it). A conversation longer than max_len
+    tokens loses tokens from its left, never from its last answer, and is counted in
     `TaskData.info["truncated"]`. Each example also keeps its prompt (the conversation up to its last
     answer, ending with the generation prompt) and that answer's text, for exact-match evaluation.
-    A row of another shape, a file mixing shapes, a conversation without an assistant turn or an empty
-    answer stops with the file and line number.
 
 Packing -- `Dataset.packed(max_len)`: each batch's examples share rows of max_len tokens (first fit,
 longest first) instead of being padded; `position_ids` restart at every example and `document_ids`
@@ -97,8 +97,6 @@ split by length (`batches(sort_by_length=True)`), which changes nothing but the 
 """
 import bz2
 import csv
-import io
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -109,26 +107,23 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from minipeft import readers
 from minipeft.assets import asset_path
-from minipeft.chat import chat_format, check_messages, encode_conversation
+from minipeft.chat import chat_format, encode_conversation
+from minipeft.readers import SPLITS, did_you_mean
 
-SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
 PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")  # looked up in this order by default_pad_id
-CLASSIFICATION_SUFFIXES = (".csv", ".jsonl")
 LM_EVAL_FRACTION = 0.05  # of windows, for validation and again for test
 LENGTH_GROUP = 32  # global batches per group of a length-grouped epoch (see "Length grouping")
 CLASSIFICATION_EVAL_FRACTION = 0.1  # of examples (of each label, or of sentences for rotten_tomatoes)
-# instruction rows: shape -> the fields that identify it ("input" of alpaca is optional)
-INSTRUCT_SHAPES = {"messages": ("messages",), "prompt/completion": ("prompt", "completion"),
-                   "alpaca": ("instruction", "output")}
-SHAPES_HELP = ('{"prompt": ..., "completion": ...}, {"messages": [{"role": ..., "content": ...}, ...]} or '
-               '{"instruction": ..., "input": ..., "output": ...}')
 REVIEW_INSTRUCTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
-SOURCES_HELP = ("'rotten_tomatoes', a .csv or .jsonl file, or a directory with train/validation/test "
-                "files (classification); 'rotten_tomatoes_instruct', or a .jsonl file or directory of "
-                "prompt/completion, messages or instruction/output rows (instruction tuning); 'hamlet' or "
-                "a .txt file (causal LM)")
+BUILT_IN = {"rotten_tomatoes": "classification", "rotten_tomatoes_instruct": "sft", "hamlet": "lm"}
+KIND_NAMES = {"classification": "classification data (text/label rows)", "lm": "plain text (causal LM)",
+              "sft": "instruction data (prompt/completion, messages, ShareGPT or Alpaca rows)"}
+SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv or "
+                ".parquet file, a folder of train/validation/test files, or a folder written by datasets' "
+                "save_to_disk")
 
 
 @dataclass
@@ -159,6 +154,21 @@ class Dataset:
             return self
         return replace(self, input_ids=self.input_ids[:n], labels=self.labels[:n],
                        prompts=self.prompts and self.prompts[:n], answers=self.answers and self.answers[:n])
+
+    def select(self, indices: list[int]) -> "Dataset":
+        """The examples at `indices`, in that order (an index may repeat)."""
+        def pick(column):
+            return None if column is None else [column[i] for i in indices]
+        return replace(self, input_ids=pick(self.input_ids), labels=pick(self.labels),
+                       prompts=pick(self.prompts), answers=pick(self.answers))
+
+    @staticmethod
+    def concat(parts: list["Dataset"]) -> "Dataset":
+        """The examples of every part, one part after the other (with the first part's settings)."""
+        def join(name):
+            return None if getattr(parts[0], name) is None else [x for part in parts for x in getattr(part, name)]
+        return replace(parts[0], input_ids=join("input_ids"), labels=join("labels"), prompts=join("prompts"),
+                       answers=join("answers"))
 
     def packed(self, max_len: int) -> "Dataset":
         """The same examples, batched by packing (see pack_examples); token-level tasks only."""
@@ -271,19 +281,122 @@ def default_pad_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def load_task(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0,
-              pad_id: int | None = None, chat_template: str | Path | None = None,
-              train_on_prompt: bool = False) -> TaskData:
-    """Load a classification, instruction or causal-LM task, chosen by the source's name or suffix (a
-    .jsonl file or folder by the fields of its first row); the last two options are instruction data's."""
+def load_task(sources, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0, pad_id: int | None = None,
+              chat_template: str | Path | None = None, train_on_prompt: bool = False,
+              columns: dict | None = None) -> TaskData:
+    """Load a classification, instruction or causal-LM task from one source or several mixed (see the
+    module docstring): `sources` is a source, "SOURCE:WEIGHT", a (source, weight) pair, or a list of
+    them. The kind of each source follows from its name or suffix, or from the shape of its rows;
+    chat_template and train_on_prompt are instruction data's options, columns renames files' columns."""
+    parsed = parse_sources(sources)
+    read = [_read(source, columns, if_present=len(parsed) > 1) for source, _ in parsed]  # [(rows, kind)]
+    (first, _), (_, kind) = parsed[0], read[0]
+    for (source, _), (_, its_kind) in zip(parsed, read):
+        if its_kind != kind:
+            raise ValueError(f"--task {first} is {KIND_NAMES[kind]} but --task {source} is {KIND_NAMES[its_kind]}; "
+                             "the sources of one run must all be of one kind")
+    if columns and not any(isinstance(rows, dict) and any(t.renamed for t in rows.values()) for rows, _ in read):
+        raise ValueError(f"no --task source has the columns --columns names ({', '.join(columns.values())}); "
+                         "check their names, or drop --columns")
+    if kind == "lm":
+        loaded = [load_lm(rows, tokenizer, max_len, seed, pad_id) for rows, _ in read]
+    elif kind == "classification":
+        loaded = [load_classification(rows, tokenizer, max_len, seed, pad_id) for rows, _ in read]
+    else:
+        loaded = [load_instruct(rows, tokenizer, max_len, seed, pad_id, chat_template, train_on_prompt)
+                  for rows, _ in read]
+    if parsed == [(first, 1.0)]:
+        return loaded[0]
+    return mix(loaded, [weight for _, weight in parsed], seed)
+
+
+def _read(source: str, columns: dict | None, if_present: bool) -> tuple:
+    """(what the loader of its kind takes, kind): a built-in data set or .txt file by its name (they have
+    no columns), or the rows of a file or folder (readers.read_source), whose shape says the kind."""
+    if source in BUILT_IN or source.endswith(".txt"):
+        return source, BUILT_IN.get(source, "lm")
     path = Path(source)
-    if str(source) == "hamlet" or path.suffix == ".txt":
-        return load_lm(source, tokenizer, max_len, seed, pad_id)
-    if str(source) == "rotten_tomatoes_instruct" or is_instruction_file(path):
-        return load_instruct(source, tokenizer, max_len, seed, pad_id, chat_template, train_on_prompt)
-    if str(source) == "rotten_tomatoes" or path.suffix in CLASSIFICATION_SUFFIXES or path.is_dir():
-        return load_classification(source, tokenizer, max_len, seed, pad_id)
-    raise ValueError(f"unknown data source {str(source)!r}; use {SOURCES_HELP}")
+    if not path.exists() and not path.suffix and path.parent == Path("."):  # a name, not a path
+        raise ValueError(f"unknown data source {source!r}{did_you_mean(source, BUILT_IN)}; use {SOURCES_HELP}")
+    tables = readers.read_source(path, columns, if_present)
+    return tables, readers.ROW_SHAPES[next(iter(tables.values())).shape][0]
+
+
+def parse_sources(sources) -> list[tuple[str, float]]:
+    """[(source, weight)] of a source, "SOURCE:WEIGHT" (an existing file of that name is a source), a
+    (source, weight) pair, or a list of these; a weight must be a number > 0."""
+    items = [sources] if isinstance(sources, (str, Path, tuple)) else list(sources)
+    if not items:
+        raise ValueError(f"no data source given; use {SOURCES_HELP}")
+    parsed = []
+    for item in items:
+        source, weight = item if isinstance(item, tuple) else (str(item), 1.0)
+        head, colon, tail = str(source).rpartition(":")
+        if not isinstance(item, tuple) and colon and _is_number(tail) and not Path(source).exists():
+            source, weight = head, float(tail)
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--task {source}:{weight:g}: a mixing weight must be a number > 0 "
+                             "(the times a source's training rows are drawn relative to the other sources')")
+        parsed.append((str(source), float(weight)))
+    return parsed
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def sources_text(sources) -> str:
+    """The sources as typed: "a.jsonl", or "a.jsonl:2 b.parquet:1" when mixed or weighted."""
+    parsed = parse_sources(sources)
+    if len(parsed) == 1 and parsed[0][1] == 1:
+        return parsed[0][0]
+    return " ".join(f"{source}:{weight:g}" for source, weight in parsed)
+
+
+def mix(tasks: list[TaskData], weights: list[float], seed: int) -> TaskData:
+    """One task of several of one kind: each training split weighted (weighted_indices), the
+    validation and test splits joined as they are; classification labels numbered over all sources."""
+    kind = tasks[0].kind
+    label_names, relabel = shared_labels(tasks) if kind == "classification" else (None, None)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split in SPLITS:
+        parts = []
+        for i, task in enumerate(tasks):
+            part = task.splits[split]
+            if relabel:
+                part = replace(part, labels=[relabel[i][label] for label in part.labels])
+            parts.append(part.select(weighted_indices(len(part), weights[i], rng)) if split == "train" else part)
+        splits[split] = Dataset.concat(parts)
+    info = {}
+    if kind == "sft":
+        shapes = dict.fromkeys(task.info["shape"] for task in tasks)  # in order, once each
+        info = {**tasks[0].info, "shape": " + ".join(shapes), "truncated": sum(t.info["truncated"] for t in tasks)}
+    return replace(tasks[0], splits=splits, n_classes=label_names and len(label_names), label_names=label_names,
+                   info=info)
+
+
+def weighted_indices(n: int, weight: float, rng: np.random.Generator) -> list[int]:
+    """round(weight × n) indices of n examples (at least 1): every index ⌊weight⌋ times, and a random
+    share of them once more."""
+    whole, rest = divmod(max(1, round(weight * n)), n)
+    return sorted(list(range(n)) * whole + rng.choice(n, rest, replace=False).tolist())
+
+
+def shared_labels(tasks: list[TaskData]) -> tuple[list[str], list[list[int]]]:
+    """The label names of several classification tasks together, numbered as one file's would be, and
+    for each task its class ids' new ids."""
+    names = {name for task in tasks for name in task.label_names}
+    if all(re.fullmatch(r"\d+", name) for name in names):
+        label_names = [str(i) for i in range(max(int(name) for name in names) + 1)]
+    else:
+        label_names = sorted(names)
+    new_id = {name: i for i, name in enumerate(label_names)}
+    return label_names, [[new_id[name] for name in task.label_names] for task in tasks]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,16 +404,18 @@ def load_task(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed
 
 
 class _Row(NamedTuple):
-    """One example as read from a file; `line` is where it is, for error messages."""
+    """One example as read: its position in its file, where it is (for error messages), text and label."""
 
-    line: int
+    index: int
+    where: str
     text: str
     label: str
 
 
-def load_classification(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0,
+def load_classification(source, tokenizer: Tokenizer, max_len: int = 128, seed: int = 0,
                         pad_id: int | None = None) -> TaskData:
-    """Load "rotten_tomatoes", a .csv/.jsonl file, or a directory of split files (see module docstring).
+    """Load "rotten_tomatoes", or a file or folder of text/label rows (see the module docstring; `source`
+    may also be the tables readers.read_source returned).
 
     `seed` fixes the split of rotten_tomatoes and of a single file; `pad_id` defaults to
     default_pad_id(tokenizer). The tokenizer is set to truncate at max_len and not to pad.
@@ -308,8 +423,9 @@ def load_classification(source: str | Path, tokenizer: Tokenizer, max_len: int =
     if str(source) == "rotten_tomatoes":
         split_texts, split_labels, label_names = _rotten_tomatoes(seed)
     else:
-        split_rows, split_files = _read_classification_source(Path(source), seed)
-        split_texts, split_labels, label_names = _encode_labels(split_rows, split_files)
+        tables = source if isinstance(source, dict) else readers.read_source(Path(source))
+        split_rows, split_names = _classification_rows(tables, seed)
+        split_texts, split_labels, label_names = _encode_labels(split_rows, split_names)
 
     if max_len <= tokenizer.num_special_tokens_to_add(is_pair=False):
         raise ValueError(f"max_len={max_len} leaves no room for text next to the tokenizer's "
@@ -323,6 +439,19 @@ def load_classification(source: str | Path, tokenizer: Tokenizer, max_len: int =
         input_ids = [encoding.ids for encoding in tokenizer.encode_batch(split_texts[split])]
         splits[split] = Dataset("classification", input_ids, split_labels[split], pad_id)
     return TaskData("classification", splits, len(label_names), label_names, pad_id)
+
+
+def _classification_rows(tables: dict, seed: int) -> tuple[dict, dict]:
+    """Rows per split, and the name of the file each split came from (for error messages)."""
+    table = next(iter(tables.values()))
+    if table.shape != "text/label":
+        raise ValueError(f"{table.name} holds {table.shape} rows, which are instruction data, not text/label "
+                         "rows; load it with load_task or load_instruct")
+    rows = {split: [_Row(r.index, r.where, *readers.labelled_text(r)) for r in t.records]
+            for split, t in tables.items()}
+    if "all" in rows:
+        return _split_rows(table.name, rows["all"], seed), {split: table.name for split in SPLITS}
+    return rows, {split: tables[split].name for split in SPLITS}
 
 
 def _rotten_tomatoes(seed: int) -> tuple[dict, dict, list[str]]:
@@ -358,104 +487,9 @@ def _rotten_tomatoes(seed: int) -> tuple[dict, dict, list[str]]:
     return split_texts, split_labels, ["negative", "positive"]
 
 
-def _read_classification_source(path: Path, seed: int) -> tuple[dict, dict]:
-    """Rows per split, and the file each split came from (for error messages)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give 'rotten_tomatoes', a .csv or .jsonl "
-                                "file, or a directory with train/validation/test files")
-    if path.is_dir():
-        split_files = {split: _find_split_file(path, split) for split in SPLITS}
-        return {split: _read_rows(file) for split, file in split_files.items()}, split_files
-    if path.suffix not in CLASSIFICATION_SUFFIXES:
-        raise ValueError(f"{path} is not a .csv or .jsonl file; classification data must be one of "
-                         "those, or a directory with train/validation/test files")
-    return _split_rows(path, _read_rows(path), seed), {split: path for split in SPLITS}
 
 
-def _find_split_file(directory: Path, split: str) -> Path:
-    candidates = [directory / f"{split}{suffix}" for suffix in CLASSIFICATION_SUFFIXES]
-    found = [file for file in candidates if file.is_file()]
-    if len(found) == 2:
-        raise ValueError(f"{directory} has both {split}.csv and {split}.jsonl; keep only one of them")
-    if not found:
-        raise ValueError(f"{directory} has no {split}.csv or {split}.jsonl; a data directory needs a "
-                         "train, a validation and a test file")
-    return found[0]
-
-
-def _read_rows(path: Path) -> list[_Row]:
-    """All examples of a .csv or .jsonl file, checked: non-empty text and a label on every row."""
-    text = _read_utf8(path)
-    if not text.strip():
-        raise ValueError(f"{path} is empty; it needs one example per row with a text and a label")
-    rows = _parse_csv(path, text) if path.suffix == ".csv" else _parse_jsonl(path, text)
-    if not rows:
-        raise ValueError(f"{path} has a header but no rows; add one example per row")
-    for row in rows:  # a short CSV row reads its missing fields as None
-        if row.text is not None and not isinstance(row.text, str):
-            raise ValueError(f"{path} line {row.line} has a text of type {type(row.text).__name__}; "
-                             "make every text a string")
-        if row.text is None or not row.text.strip():
-            raise ValueError(f"{path} line {row.line} has an empty text; remove the row or fill in "
-                             "its text")
-        if row.label is not None and not isinstance(row.label, (int, str)):
-            raise ValueError(f"{path} line {row.line} has a label of type {type(row.label).__name__}; "
-                             "make every label an integer or a string")
-        if row.label is None or not str(row.label).strip():
-            raise ValueError(f"{path} line {row.line} has no label; give every row a label")
-    return [row._replace(label=str(row.label).strip()) for row in rows]
-
-
-def _read_utf8(path: Path) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; check the path")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise ValueError(f"{path} is not UTF-8 text (line {line} has an invalid byte); re-save the file "
-                         "with UTF-8 encoding") from None
-    return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet programs write
-
-
-def _parse_csv(path: Path, text: str) -> list[_Row]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    for column in ("text", "label"):
-        if column not in header:
-            raise ValueError(f"{path} has no '{column}' column (its header is {','.join(header)!r}); "
-                             "name the columns 'text' and 'label' in the first line")
-    try:
-        # line_num is the line where the row ends (a quoted text may span lines)
-        return [_Row(reader.line_num, record["text"], record["label"]) for record in reader]
-    except csv.Error as err:
-        raise ValueError(f"{path} line {reader.line_num} is not valid CSV ({err}); fix the quoting "
-                         "on that line") from None
-
-
-def _parse_jsonl(path: Path, text: str) -> list[_Row]:
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); make each line one "
-                             'object like {"text": "...", "label": 1}') from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path} line {number} is not a JSON object; make each line one object "
-                             'like {"text": "...", "label": 1}')
-        for field in ("text", "label"):
-            if field not in record:
-                raise ValueError(f"{path} line {number} has no '{field}' field; give every line a "
-                                 "'text' and a 'label'")
-        rows.append(_Row(number, record["text"], record["label"]))
-    return rows
-
-
-def _split_rows(path: Path, rows: list[_Row], seed: int) -> dict[str, list[_Row]]:
+def _split_rows(name: str, rows: list[_Row], seed: int) -> dict[str, list[_Row]]:
     """Split one file's rows 80/10/10 within each label, in a shuffle fixed by seed; keep file order."""
     rng = np.random.default_rng(seed)
     split_rows = {split: [] for split in SPLITS}
@@ -467,24 +501,24 @@ def _split_rows(path: Path, rows: list[_Row], seed: int) -> dict[str, list[_Row]
         split_rows["test"] += group[n_eval:2 * n_eval]
         split_rows["train"] += group[2 * n_eval:]
     if not split_rows["validation"]:
-        raise ValueError(f"{path} has too few rows ({len(rows)}) to split 80/10/10 per label; give "
-                         "some label at least 5 examples, or use a directory with train, validation "
+        raise ValueError(f"{name} has too few rows ({len(rows)}) to split 80/10/10 per label; give "
+                         "some label at least 5 examples, or use a folder with train, validation "
                          "and test files")
     return {split: sorted(split_rows[split]) for split in SPLITS}
 
 
-def _encode_labels(split_rows: dict, split_files: dict) -> tuple[dict, dict, list[str]]:
+def _encode_labels(split_rows: dict, split_names: dict) -> tuple[dict, dict, list[str]]:
     """Texts and class ids per split, and label_names, from the label strings of the rows."""
     train_labels = {row.label for row in split_rows["train"]}
     if len(train_labels) < 2:
-        raise ValueError(f"{split_files['train']} has only one label ({next(iter(train_labels))!r}); "
+        raise ValueError(f"{split_names['train']} has only one label ({next(iter(train_labels))!r}); "
                          "classification needs examples of at least 2 classes")
     for split in ("validation", "test"):
         for row in split_rows[split]:
             if row.label not in train_labels:
-                raise ValueError(f"{split_files[split]} line {row.line} has label {row.label!r}, which "
-                                 f"never occurs in the training data {split_files['train']}; remove "
-                                 "those rows or add training examples with that label")
+                raise ValueError(f"{row.where} has label {row.label!r}, which never occurs in the training "
+                                 f"data {split_names['train']}; remove those rows or add training examples "
+                                 "with that label")
 
     if all(re.fullmatch(r"\d+", label) for label in train_labels):  # class ids already
         label_names = [str(i) for i in range(max(int(label) for label in train_labels) + 1)]
@@ -516,7 +550,7 @@ def load_lm(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: 
         raise ValueError(f"max_len must be at least 1, got {max_len}")
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    tokens = tokenizer.encode(_read_utf8(path), add_special_tokens=False).ids
+    tokens = tokenizer.encode(readers.read_utf8(path), add_special_tokens=False).ids
 
     window = max_len + 1
     windows = [tokens[start:start + window] for start in range(0, len(tokens) - window + 1, window)]
@@ -539,125 +573,54 @@ def load_lm(source: str | Path, tokenizer: Tokenizer, max_len: int = 128, seed: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# instruction tuning (SFT): prompt/completion, chat and Alpaca rows
+# instruction tuning (SFT): prompt/completion, chat, ShareGPT and Alpaca rows
 
 
 class Conversation(NamedTuple):
-    """One instruction example as read: where it came from, and its messages (the last answer last)."""
+    """One instruction example as read: its position in its file, where it is, and its messages (the
+    last answer last)."""
 
-    line: int
+    index: int
+    where: str
     messages: list[dict]
 
 
-def row_shape(record: dict) -> str | None:
-    """Which of INSTRUCT_SHAPES a JSON object has (None: none of them)."""
-    for shape, fields in INSTRUCT_SHAPES.items():
-        if all(name in record for name in fields):
-            return shape
-    return None
-
-
-def _to_messages(shape: str, record: dict, where: str) -> list[dict]:
-    """A row of a known shape as a conversation; an empty answer or a malformed field is an error."""
-    if shape == "messages":
-        try:
-            messages = check_messages(record["messages"])
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-    else:
-        prompt_key, answer_key = ("prompt", "completion") if shape == "prompt/completion" else ("instruction", "output")
-        extra = record.get("input") if shape == "alpaca" else None
-        for key in (prompt_key, answer_key) + (("input",) if extra is not None else ()):
-            if not isinstance(record[key], str):
-                raise ValueError(f"{where}: '{key}' is {type(record[key]).__name__}, not a string; make it a string")
-        prompt = record[prompt_key] + (f"\n\n{extra}" if extra and extra.strip() else "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record[answer_key]}]
-    answers = [m for m in messages if m["role"] == "assistant"]
-    if not answers:
-        raise ValueError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; "
-                         "add the answer as a message with role 'assistant'")
-    if any(not m["content"].strip() for m in answers):
-        raise ValueError(f"{where}: an empty completion (assistant answer); fill it in or remove the row")
-    return messages
-
-
-def read_conversations(path: Path) -> tuple[str, list[Conversation]]:
-    """The shape of a .jsonl instruction file and its rows as conversations; one shape per file."""
-    text = _read_utf8(path)
-    if not text.strip():
-        raise ValueError(f"{path} is empty; it needs one JSON object per line")
-    shape, first_line, rows = None, 0, []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not valid JSON ({err.msg}); make each line one object") from None
-        this = row_shape(record) if isinstance(record, dict) else None
-        if this is None:
-            raise ValueError(f"{where} is not an instruction row; give each line one of {SHAPES_HELP}")
-        if shape is None:
-            shape, first_line = this, number
-        elif this != shape:
-            raise ValueError(f"{where} is a {this} row but line {first_line} is a {shape} row; "
-                             "use one shape per file")
-        rows.append(Conversation(number, _to_messages(shape, record, where)))
-    return shape, rows
-
-
-def is_instruction_file(path: Path) -> bool:
-    """Whether a .jsonl file (or a folder's train.jsonl) holds instruction rows, judged by its first row."""
-    file = path / "train.jsonl" if path.is_dir() else path
-    if file.suffix != ".jsonl" or not file.is_file():
-        return False
-    with open(file, encoding="utf-8", errors="replace") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and row_shape(record) is not None
-
-
-def _instruct_rows(source: str | Path, seed: int) -> tuple[str, dict[str, list[Conversation]], dict]:
-    """(shape, rows per split, file per split) of rotten_tomatoes_instruct, a .jsonl file or a folder."""
+def _instruct_rows(source, seed: int) -> tuple[str, dict[str, list[Conversation]], dict]:
+    """(shape, rows per split, name per split) of rotten_tomatoes_instruct, or of a file or folder of
+    instruction rows (or the tables readers.read_source returned for it)."""
     if str(source) == "rotten_tomatoes_instruct":
         split_texts, split_labels, names = _rotten_tomatoes(seed)
-        rows = {split: [Conversation(i + 1, [{"role": "user", "content": REVIEW_INSTRUCTION.format(text=text)},
-                                             {"role": "assistant", "content": names[label]}])
+        rows = {split: [Conversation(i, f"{source} {split} example {i + 1}",
+                                     [{"role": "user", "content": REVIEW_INSTRUCTION.format(text=text)},
+                                      {"role": "assistant", "content": names[label]}])
                         for i, (text, label) in enumerate(zip(split_texts[split], split_labels[split]))]
                 for split in SPLITS}
-        return "messages", rows, {split: "rotten_tomatoes_instruct" for split in SPLITS}
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; check the path")
-    if path.is_dir():
-        files = {split: path / f"{split}.jsonl" for split in SPLITS}
-        for split, file in files.items():
-            if not file.is_file():
-                raise ValueError(f"{path} has no {split}.jsonl; an instruction folder needs train, "
-                                 "validation and test .jsonl files")
-        read = {split: read_conversations(file) for split, file in files.items()}
-        shapes = {shape for shape, _ in read.values()}
-        if len(shapes) > 1:
-            raise ValueError(f"{path}: its files have different row shapes ({', '.join(sorted(shapes))}); "
-                             "use one shape for all three")
-        return shapes.pop(), {split: rows for split, (_, rows) in read.items()}, files
-    shape, rows = read_conversations(path)
+        return "messages", rows, {split: str(source) for split in SPLITS}
+    tables = source if isinstance(source, dict) else readers.read_source(Path(source))
+    table = next(iter(tables.values()))
+    if readers.ROW_SHAPES[table.shape][0] != "sft":
+        raise ValueError(f"{table.name} holds {table.shape} rows, which are classification data, not instruction "
+                         "rows; load it with load_task or load_classification")
+    rows = {split: [Conversation(r.index, r.where, readers.conversation(r, t.shape)) for r in t.records]
+            for split, t in tables.items()}
+    if "all" not in rows:
+        return table.shape, rows, {split: tables[split].name for split in SPLITS}
+    return table.shape, split_80_10_10(rows["all"], seed, table.name, "rows"), {split: table.name for split in SPLITS}
+
+
+def split_80_10_10(rows: list, seed: int, name, what: str) -> dict[str, list]:
+    """A single file's rows as train / validation / test (80 / 10 / 10 %, a permutation fixed by seed, each
+    split in file order); `name` and `what` ("rows", "pairs") for the message when there are too few."""
     order = np.random.default_rng(seed).permutation(len(rows)).tolist()
     n_eval = int(CLASSIFICATION_EVAL_FRACTION * len(rows) + 0.5)
     if n_eval == 0:
-        raise ValueError(f"{path} has too few rows ({len(rows)}) to split 80/10/10; give it at least 5, or "
+        raise ValueError(f"{name} has too few {what} ({len(rows)}) to split 80/10/10; give it at least 5, or "
                          "use a folder with train, validation and test files")
     parts = {"validation": order[:n_eval], "test": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
-    return shape, {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}, \
-        {split: path for split in SPLITS}
+    return {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}
 
 
-def _sft_example(tokenizer, fmt, conversation: Conversation, where: str, max_len: int, eos_id,
-                 train_on_prompt: bool):
+def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool):
     """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
     shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
     to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
@@ -669,8 +632,8 @@ def _sft_example(tokenizer, fmt, conversation: Conversation, where: str, max_len
         ids, is_answer = ids + [eos_id], is_answer + [True]
     cut = max(0, len(ids) - max_len)
     if cut >= answer_start:
-        raise ValueError(f"{where}: its last answer takes {len(ids) - answer_start} tokens, which leaves no "
-                         f"room for the prompt in --max-len {max_len}; raise --max-len")
+        raise ValueError(f"{conversation.where}: its last answer takes {len(ids) - answer_start} tokens, which "
+                         f"leaves no room for the prompt in --max-len {max_len}; raise --max-len")
     ids, is_answer = ids[cut:], is_answer[cut:]
     labels = [t if train_on_prompt or answer else IGNORE_INDEX for t, answer in zip(ids[1:], is_answer[1:])]
     prompt = tokenizer.encode(fmt.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
@@ -678,13 +641,13 @@ def _sft_example(tokenizer, fmt, conversation: Conversation, where: str, max_len
     return ids[:-1], labels, prompt, messages[last]["content"], cut > 0
 
 
-def load_instruct(source: str | Path, tokenizer: Tokenizer, max_len: int = 256, seed: int = 0,
-                  pad_id: int | None = None, chat_template: str | Path | None = None,
-                  train_on_prompt: bool = False) -> TaskData:
-    """Load "rotten_tomatoes_instruct", an instruction .jsonl file or a folder of them (see the
-    module docstring) as kind "sft": each example is its conversation rendered in the chat template
-    (the model's own, `chat_template` FILE, or the plain fallback), labels only on the answers."""
-    shape, split_rows, files = _instruct_rows(source, seed)
+def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 0, pad_id: int | None = None,
+                  chat_template: str | Path | None = None, train_on_prompt: bool = False) -> TaskData:
+    """Load "rotten_tomatoes_instruct", or a file or folder of instruction rows (see the module
+    docstring; `source` may also be the tables readers.read_source returned) as kind "sft": each
+    example is its conversation rendered in the chat template (the model's own, `chat_template` FILE,
+    or the plain fallback), labels only on the answers."""
+    shape, split_rows, names = _instruct_rows(source, seed)
     fmt = chat_format(tokenizer, chat_template)
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -694,12 +657,8 @@ def load_instruct(source: str | Path, tokenizer: Tokenizer, max_len: int = 256, 
     splits, truncated = {}, 0
     for split in SPLITS:
         if not split_rows[split]:
-            raise ValueError(f"{files[split]} gives the {split} split no rows; add some")
-        examples = []
-        for row in split_rows[split]:
-            where = f"{files[split]} line {row.line}" if str(source) != "rotten_tomatoes_instruct" \
-                else f"{source} {split} example {row.line}"
-            examples.append(_sft_example(tokenizer, fmt, row, where, max_len, eos_id, train_on_prompt))
+            raise ValueError(f"{names[split]} gives the {split} split no rows; add some")
+        examples = [_sft_example(tokenizer, fmt, row, max_len, eos_id, train_on_prompt) for row in split_rows[split]]
         truncated += sum(example[4] for example in examples)
         input_ids, labels, prompts, answers, _ = (list(column) for column in zip(*examples))
         splits[split] = Dataset("sft", input_ids, labels, pad_id, prompts=prompts, answers=answers)

@@ -240,6 +240,19 @@ class PeftLayout:
 def save(model, path: Path) -> Path:
     """Write `model`'s adapter as peft lays it out for the matching transformers model (see the module
     docstring), each file atomically."""
+    tensors, config = to_peft(model, path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / PEFT_CONFIG,
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """What `save` writes: (the tensors by peft's keys, adapter_config.json's fields). The tensors are
+    functions of the model's parameters, differentiable outside no_grad (the tests carry peft's gradients
+    back through them, the chain rule checking ours); `path` only names the adapter in messages."""
     cfg, method = model.cfg, model.peft_config["method"]
     hook = get_method(method).peft
     if hook is None:
@@ -250,21 +263,17 @@ def save(model, path: Path) -> Path:
     _, task_type = TRANSFORMERS_MODELS[(cfg.flavor, bool(cfg.n_classes))]
     body = "" if task_type == BARE_BODY_TASK else pretrained.HF_PREFIXES[cfg.flavor]
     config = {"peft_type": hook.peft_type, "task_type": task_type, "inference_mode": True,
-              "base_model_name_or_path": _base_name(cfg), "revision": None, "modules_to_save": modules_to_save}
+              "base_model_name_or_path": _base_name(cfg), "revision": cfg.extra.get("revision"),  # a hub id's commit
+              "modules_to_save": modules_to_save}
     method_tensors, method_config = hook.to_peft(model, PeftLayout(cfg, path, body))
     tensors.update(method_tensors)
     config.update(method_config)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
-    atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / PEFT_CONFIG,
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return path
+    return tensors, config
 
 
 def _base_name(cfg) -> str | None:
     """base_model_name_or_path: the HF folder the model came from (so transformers can load it),
-    else its source as we named it (tiny-gpt2, a .gguf path), else None."""
+    else its source as we named it (a hub id, tiny-gpt2, a .gguf path), else None."""
     source = cfg.extra.get("source")
     if source is None:
         return None

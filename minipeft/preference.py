@@ -28,12 +28,12 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .chat import chat_format, check_messages, encode_conversation
-from .data import (CLASSIFICATION_EVAL_FRACTION, IGNORE_INDEX, REVIEW_INSTRUCTION, SPLITS, Dataset, TaskData,
-                   _read_utf8, _rotten_tomatoes, default_pad_id)
+from .data import (IGNORE_INDEX, REVIEW_INSTRUCTION, SPLITS, Dataset, TaskData,
+                   _rotten_tomatoes, default_pad_id, split_80_10_10)
+from .readers import read_utf8
 
 BUILT_IN = "rotten_tomatoes_preference"
 ROW_HELP = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the same with "prompt" a list of messages '
@@ -169,19 +169,12 @@ def _preference_rows(source, seed: int) -> tuple[str, dict, dict]:
                              "shape for all three")
         return shapes.pop(), {split: rows for split, (_, rows) in read.items()}, files
     shape, rows = read_pairs(path)
-    order = np.random.default_rng(seed).permutation(len(rows)).tolist()
-    n_eval = int(CLASSIFICATION_EVAL_FRACTION * len(rows) + 0.5)
-    if n_eval == 0:
-        raise ValueError(f"{path} has too few pairs ({len(rows)}) to split 80/10/10; give it at least 5, or use a "
-                         "folder with train, validation and test files")
-    parts = {"validation": order[:n_eval], "test": order[n_eval:2 * n_eval], "train": order[2 * n_eval:]}
-    return shape, {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}, \
-        {split: path for split in SPLITS}
+    return shape, split_80_10_10(rows, seed, path, "pairs"), {split: path for split in SPLITS}
 
 
 def read_pairs(path: Path) -> tuple[str, list]:
     """The shape ("text" or "messages") of a .jsonl preference file and its rows, checked."""
-    text = _read_utf8(path)
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs one JSON object per line, {ROW_HELP}")
     shape, first_line, rows = None, 0, []

@@ -84,6 +84,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from . import hub
 from .assets import asset_path
 from .chat import read_hf_chat_settings
 from .gguf_file import TENSOR_TYPES as GGUF_TENSOR_TYPES, GGUFFile
@@ -112,7 +113,8 @@ GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gem
 def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, dropout: float | None = None,
                     pool: str | None = None, quantize: str | None = None, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, **config_overrides) -> tuple[Transformer, Tokenizer]:
-    """A named model, an HF folder or a .gguf file -> (Transformer in eval mode, tokenizers.Tokenizer).
+    """A named model, an HF folder, a .gguf file or a hub id (ORG/NAME, from the local Hugging Face cache:
+    hub.py) -> (Transformer in eval mode, tokenizers.Tokenizer).
 
     n_classes: replace the LM head with a (n_classes × d_model) classifier: a checkpoint's own classifier
         (`score`, …ForSequenceClassification) when it has that shape, else a fresh one; LM head weights
@@ -128,7 +130,7 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
         frozen dtype and the model runs in it (precision.set_precision); default fp32. Methods applied
         later give their parameters the precision's trainable dtype.
     config_overrides: any other ModelConfig field, e.g. max_seq_len=1024 for a smaller RoPE table.
-    The source is recorded in `model.cfg.extra["source"]`.
+    The source is recorded in `model.cfg.extra["source"]` (a hub id's commit in `extra["revision"]`).
     """
     target = resolve_device(device if device is not None else "cpu")
     precision = resolve_precision(dtype if dtype is not None else "fp32", target)  # bad input: before loading
@@ -142,6 +144,10 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
                          f"valid: {', '.join(sorted(valid))}")
     source = str(name_or_path)
     path = asset_path(source) if source in ASSET_MODELS else Path(name_or_path)
+    revision = None
+    if source not in TINY_MODELS and hub.is_hub_id(source):  # ORG/NAME: from the Hugging Face cache
+        path = hub.model_path(source)
+        revision = (path if path.is_dir() else path.parent).name  # the snapshot's commit
     if source in TINY_MODELS:
         model, tokenizer = _tiny_model(source, overrides)
     elif path.is_dir():
@@ -153,6 +159,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     else:
         raise FileNotFoundError(f"{source!r} is not a named model ({', '.join(NAMED_MODELS)}) "
                                 "nor an existing HF folder or .gguf file")
+    if revision is not None:
+        model.cfg.extra["revision"] = revision
     if quantize is not None:
         quantize_blocks(model, quantize)
     model.requires_grad_(False)  # the loaded weights are the base: stored in the frozen dtype
@@ -560,10 +568,14 @@ def _layer_pattern(c: dict, family: str) -> str | None:
 
 
 def _hf_activation(c: dict, family: str) -> str:
-    """Gemma names its activation hidden_activation (transformers ignores its hidden_act; older files
-    leave it null: tanh-GELU); the others hidden_act."""
-    if family.startswith("gemma"):
+    """Gemma 2 and 3 name their activation hidden_activation (transformers ignores their hidden_act);
+    Gemma 1 hidden_act, whose legacy "gelu" transformers takes for tanh-GELU (files of transformers 4 may
+    name it hidden_activation instead); the others hidden_act."""
+    if family in ("gemma2", "gemma3"):
         return c.get("hidden_activation") or "gelu_pytorch_tanh"
+    if family == "gemma":
+        act = c.get("hidden_act") or c.get("hidden_activation") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" else act
     return c.get("hidden_act", "silu")
 
 
@@ -588,13 +600,18 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     if "mlp_bias" in c:
         config["mlp_bias"] = bool(c["mlp_bias"])
     if family in ("gemma2", "gemma3"):  # 0: no soft-cap (None would mean the family's default)
-        config.update(attn_scale=c.get("query_pre_attn_scalar"), attn_softcap=c.get("attn_logit_softcapping") or 0.0,
+        # transformers' Gemma 3 caps the final logits only, whatever its config says of attention logits
+        attn_softcap = c.get("attn_logit_softcapping") if family == "gemma2" else None
+        config.update(attn_scale=c.get("query_pre_attn_scalar"), attn_softcap=attn_softcap or 0.0,
                       final_softcap=c.get("final_logit_softcapping") or 0.0)
-    if family == "gemma3":  # the sliding layers' own RoPE
-        local = _rope_settings(c, source, "sliding_attention")
-        _require(local["rope_scaling"] is None, source, "scaled RoPE on sliding layers is not supported")
-        config["rope_local_theta"] = local["rope_theta"] if "sliding_attention" in (c.get("rope_parameters") or {}) \
-            else c.get("rope_local_base_freq", 10_000.0)
+    if family == "gemma3":  # the sliding layers' own RoPE: rope_parameters' entry, or (older files) an unscaled
+        # one of base rope_local_base_freq, rope_scaling being the full layers' only
+        if "sliding_attention" in (c.get("rope_parameters") or {}):
+            local = _rope_settings(c, source, "sliding_attention")
+            _require(local["rope_scaling"] is None, source, "scaled RoPE on sliding layers is not supported")
+            config["rope_local_theta"] = local["rope_theta"]
+        else:
+            config["rope_local_theta"] = c.get("rope_local_base_freq", 10_000.0)
     return config
 
 

@@ -199,6 +199,7 @@ def _add_configured_tokens(tokenizer: Tokenizer, settings: dict) -> None:
 # x|Ġ|Ġ1 (which BPE then spells x|Ġ|Ġ|1, as transformers 5.23's GGUF tokenizer does).
 GGUF_PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),  # llama.cpp's own name for it
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)]),
     "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),

@@ -38,7 +38,8 @@ is computed in fp32 whatever the precision.
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay. Metrics go to
-`<out>/metrics.jsonl`, the adapter to `<out>/adapter/` (written atomically by adapter_io.save_adapter).
+`<out>/metrics.jsonl` (and to train()'s writers: watch.py, runconfig.py), the adapter to `<out>/adapter/`
+(written atomically by adapter_io.save_adapter).
 `train` runs in three parts (TrainingRun): every check and the restore of a resumed checkpoint before
 anything is written, then the loop, then the last checkpoint, the adapter and the summary.
 
@@ -70,7 +71,7 @@ import resource
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ from .data import IGNORE_INDEX
 from .dpo import DPOLoss
 from .generate import complete
 from .memory import weight_bytes
-from .methods.registry import lr_factors
+from .methods.registry import lr_factors, task_defaults
 from .precision import grad_scaler
 from .processes import StopSignal, agree, check_same_options, data_parallel, distributed
 from .quant import tensors_of_4bit_layers, values_in_4bit_layers
@@ -98,22 +99,34 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 16  # per process: a step sees batch_size × processes × grad_accum examples
     grad_accum: int = 1
-    lr: float = 1e-3
+    batching: str = "by-length"  # or "random" (see BATCHING)
+    lr: float | None = None  # peak learning rate; None: the method's own (registry Method.lr), as train.py
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of the steps
     max_grad_norm: float = 1.0
-    eval_every: int = 0  # steps between validation passes; 0 = four per run
+    eval_every: int | None = None  # steps between validation passes (and the last); None: four per run; 0: none
     eval_batch_size: int = 64
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
     test_before: bool = True  # score the test split before training (the base model's result)
     seed: int = 0
-    out: str = "checkpoints/run"
+    out: str | None = None  # None: the resume folder, or a new one (checkpoint.new_run_folder)
+    overwrite: bool = False  # out may hold another run: its files are removed once every check has passed
     save_every: int = 100  # steps between checkpoints; 0 = only at the end and when stopped
     max_bad_steps: int = 10  # non-finite steps in a row that stop the run
     resume: str | None = None  # a run's output folder (or one of its checkpoints) to continue
     stop_at: int | None = None  # save a checkpoint and stop after this step (resume later)
     run: dict = field(default_factory=dict)  # what else defines the run: model, task, max_len, ...
     dpo: DPOLoss | None = None  # preference pairs: β and the loss variant (None: DPOLoss's defaults)
+
+    def peak_lr(self, model, kind: str) -> float:
+        """lr, or when lr is None the learning rate of the model's method for this kind of task
+        (registry.task_defaults, as train.py)."""
+        return self.lr if self.lr is not None else task_defaults(model.peft_config["method"], kind)[0]
+
+
+# how the training split is cut into batches: each shuffled batch holds examples of about one length
+# (data.Dataset.grouped_by_length: little padding), or batches as drawn, padded to their longest example
+BATCHING = ("by-length", "random")
 
 
 class Stopped(Exception):
@@ -273,10 +286,19 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_scheduler(optimizer, warmup: float, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer, warmup: float, steps: int, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
-    counted as transformers' TrainingArguments counts a ratio; 0: no warmup)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps))
+    counted as transformers' TrainingArguments counts a ratio; 0: no warmup); `done` steps already taken (a
+    resumed optimizer, whose param_groups hold their initial_lr)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps),
+                                             last_epoch=done - 1)
+
+
+def steps_changed(before: int, steps: int, step: int, lr: float) -> str:
+    """The line a resumed run says when --steps changed its length."""
+    what = "extending the finished run" if step == before else "changing the run's length"
+    return (f"{what} from {before} to {steps} steps: AdamW's state carries on, and the warmup-cosine "
+            f"learning-rate schedule now spans {steps} steps (lr {lr:.3g} at step {step + 1})")
 
 
 def step_scheduler(scheduler):
@@ -417,23 +439,30 @@ def count_steps(train_split, cfg: TrainConfig, world_size: int) -> int:
 
 
 class MetricsLog:
-    """Rows of JSON appended to <out>/metrics.jsonl; a no-op where folder is None (ranks other than 0).
-    A context manager: the file closes on leaving `with`."""
+    """Rows of JSON appended to <out>/metrics.jsonl, each also handed to the writers (watch.py: CSV,
+    TensorBoard, W&B, the plot; runconfig.py: config.yaml); a no-op where folder is None (ranks other
+    than 0). `writers`: callables that take the folder and return an object with record(row) and close().
+    A context manager: the file and the writers close on leaving `with`, also when the run stops early."""
 
-    def __init__(self, folder: Path | None):
-        self.file = None
+    def __init__(self, folder: Path | None, writers=()):
+        self.file, self.writers = None, []
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             self.file = open(folder / "metrics.jsonl", "a")
+            self.writers = [open_writer(folder) for open_writer in writers]
 
     def record(self, **row):
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        for writer in self.writers:
+            writer.record(row)
 
     def close(self):
         if self.file:
             self.file.close()
+        for writer in self.writers:
+            writer.close()
 
     def __enter__(self):
         return self
@@ -442,13 +471,24 @@ class MetricsLog:
         self.close()
 
 
-def train(model, data, cfg: TrainConfig) -> dict:
+def validation_steps(steps: int, eval_every: int | None) -> set[int]:
+    """The steps after which validation runs: every eval_every steps and the last; eval_every None: four
+    times, after steps ⌈k·steps/4⌉ for k = 1..4 (fewer when steps < 4); 0: never."""
+    if eval_every == 0:
+        return set()
+    if eval_every is None:
+        return {math.ceil(k * steps / 4) for k in range(1, 5)}
+    return set(range(eval_every, steps + 1, eval_every)) | {steps}
+
+
+def train(model, data, cfg: TrainConfig, writers=()) -> dict:
     """Fine-tune `model` (a method already applied) on `data` (minipeft.data.TaskData); returns a summary.
 
     Every check (output folder, batch size, the checkpoint to resume) runs before anything is written.
-    Raises Stopped when the run ends early on purpose (see the class)."""
+    Raises Stopped when the run ends early on purpose (see the class). `writers`: more records of the
+    run beside metrics.jsonl (MetricsLog), opened once the checks have passed."""
     run = TrainingRun(model, data, cfg)  # the checks; nothing has been written until here
-    with MetricsLog(run.out if run.rank == 0 else None) as log:  # from now on rank 0 writes
+    with MetricsLog(run.out if run.rank == 0 else None, writers) as log:  # from now on rank 0 writes
         run.start(log)
         try:
             run.loop()
@@ -462,17 +502,24 @@ def train(model, data, cfg: TrainConfig) -> dict:
 
 class TrainingRun:
     """One call of train(). Creating it checks everything and restores the checkpoint to resume, if
-    any, writing nothing; start() logs and prepares the first step, loop() takes the steps, finish()
-    saves the last checkpoint and the adapter and returns the summary."""
+    any, and only then creates the output folder (or, with overwrite, removes the previous run's files
+    from it); start() logs and prepares the first step, loop() takes the steps, finish() saves the last
+    checkpoint and the adapter and returns the summary."""
 
     def __init__(self, model, data, cfg: TrainConfig):
-        self.model, self.data, self.cfg = model, data, cfg
+        if cfg.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {cfg.batching!r}")
+        if cfg.batching == "by-length":
+            data = replace(data, splits={**data.splits, "train": data.splits["train"].grouped_by_length()})
+        self.model, self.data = model, data
         self.rank, self.world_size = distributed()
-        self.out = Path(cfg.out)
-        checkpoint.check_output_folder(self.out, resume=cfg.resume)
+        out = cfg.out or (checkpoint.run_folder(cfg.resume) if cfg.resume else None)
+        if out is not None:
+            checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model, data.kind))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
         self.dpo_loss = cfg.dpo or DPOLoss()  # read for preference pairs only
-        self.eval_every = cfg.eval_every or max(1, self.steps // 4)
+        self.validation_steps = validation_steps(self.steps, cfg.eval_every)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
         self.scaler = grad_scaler(model, next(model.parameters()).device)  # fp16-mixed only
@@ -481,22 +528,32 @@ class TrainingRun:
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
             self.resumed = checkpoint.load(cfg.resume)
-            checkpoint.check_resumable(self.resumed, model, self.options)
+            checkpoint.check_resumable(self.resumed, model, self.options, self.steps)
             with whole(model, self.optimizer):  # FSDP: every process keeps its rows of what is restored
                 self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+            if self.steps != self.resumed.state["steps"]:  # --steps changed: the schedule spans the new count
+                self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps, done=self.progress.step)
             if self.scaler is not None:
                 self.scaler.load_state_dict(self.resumed.state["scaler"])
         # the newest checkpoint of this run and its step: the one kept if later steps diverge
         self.saved = self.resumed.path if self.resumed else None
         self.saved_step = self.progress.step if self.resumed else None
         self.log, self.net = None, None  # set by start()
+        # every check has passed: only now may the output folder change
+        self.out = Path(out) if out is not None else checkpoint.new_run_folder(cfg.run, model.peft_config["method"])
+        self.cfg = replace(cfg, out=str(self.out))
+        if cfg.overwrite and self.rank == 0 and (removed := checkpoint.remove_run_files(self.out)):
+            self.say(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
 
     def start(self, log: MetricsLog):
         """Log the start (or the resume), score the test split before training (once per run), wrap
         the model for data parallelism, and seed the RNGs (or put back the checkpoint's)."""
         self.log = log
         if self.resumed:
-            log.record(event="resume", step=self.progress.step, checkpoint=str(self.resumed.path))
+            log.record(event="resume", step=self.progress.step, checkpoint=str(self.resumed.path), steps=self.steps)
+            if self.steps != self.resumed.state["steps"]:
+                self.say(steps_changed(self.resumed.state["steps"], self.steps, self.progress.step,
+                                       self.scheduler.get_last_lr()[0]))
         else:
             log.record(event="start", config=asdict(self.cfg), method=self.model.peft_config, steps=self.steps,
                        world_size=self.world_size, versions=versions())
@@ -516,8 +573,11 @@ class TrainingRun:
         cfg, progress = self.cfg, self.progress
         self.model.train()
         batches = training_batches(self.data.splits["train"], cfg, progress, self.rank, self.world_size)
+        # the bar's s/step is the summary's: the time in train_step only (tqdm's own rate would count
+        # validation and checkpoints too); its time left is by the wall clock
         bar = tqdm(range(progress.step + 1, self.steps + 1), initial=progress.step, total=self.steps,
-                   desc="train", unit="step", dynamic_ncols=True, disable=self.rank != 0)
+                   desc="train", unit="step", dynamic_ncols=True, disable=self.rank != 0,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         with bar, StopSignal(quiet=self.rank != 0) as stop:
             for step in bar:
                 start = time.perf_counter()
@@ -526,10 +586,10 @@ class TrainingRun:
                                     stop_requested=stop.signum is not None, scaler=self.scaler,
                                     dpo_loss=self.dpo_loss)
                 progress.count(step, result.examples, time.perf_counter() - start, result.finite or result.overflow)
-                bar.set_postfix(loss=f"{result.loss:.4f}",
-                                ex_per_s=f"{progress.examples / progress.train_seconds:.1f}")
+                bar.set_postfix_str(f"loss {result.loss:.4f}, {progress.train_seconds / progress.step:.3f} s/step, "
+                                    f"{progress.examples / progress.train_seconds:.1f} examples/s")
                 self.record_step(step, result)
-                if step % self.eval_every == 0 or step == self.steps:
+                if step in self.validation_steps:
                     self.validate(step)
                 if step < self.steps and (result.interrupted or step == cfg.stop_at):
                     # the signal may have reached another process only: then stop as on SIGTERM
@@ -566,7 +626,7 @@ class TrainingRun:
         self.log.record(event="stopped", step=step, reason="interrupted" if signum else "stop_at")
         why = "interrupted" if signum else "reached --stop-at"
         raise Stopped(f"{why}: stopped after step {step} of {self.steps}; checkpoint saved to {self.saved}. "
-                      f"Continue with the same options and --resume {self.out}",
+                      f"Continue with --resume {self.out} (train.py reads the run's settings from its config.yaml)",
                       exit_code=128 + signum if signum else 0)
 
     def finish(self) -> dict:

@@ -45,19 +45,28 @@ def pytest_configure(config):
 
 # per family, what its tiny model sets beyond the shared sizes, so that every code path runs: GQA (4 heads
 # sharing 2 key/value heads), untied heads, head_dim != d_model / n_head, sliding windows shorter than
-# tiny_batch's rows, partial RoPE, a query scale other than head_dim, RoBERTa's position offset
-_ROPE = dict(n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+# tiny_batch's rows, partial and scaled RoPE, a query scale other than head_dim, RoBERTa's position offset.
+# A field a switch reads (norm eps, RoPE base and scaling, head_dim, window, query scale, soft-caps) is set
+# to a value that is neither transformers' default for the family nor ModelConfig's, so code that ignores
+# it changes the numbers (llama's and qwen2's head_dim stays d_model / n_head, transformers' default for
+# both, which the default suite's shapes assume)
+_EPS = dict(norm_eps=1e-4)
+_ROPE = dict(_EPS, n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
 TINY_EXTRAS = {
-    "roberta": dict(pos_offset=1),  # padding_idx + 1, with pad_token_id 0
-    "llama": _ROPE,
-    "mistral": dict(_ROPE, sliding_window=4),
+    "gpt2": _EPS,
+    "bert": _EPS,
+    "roberta": dict(_EPS, pos_offset=1),  # padding_idx + 1, with pad_token_id 0
+    "distilbert": _EPS,
+    "llama": dict(_ROPE, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "mistral": dict(_ROPE, head_dim=16, sliding_window=4),
     "qwen2": _ROPE,
     "qwen3": dict(_ROPE, head_dim=16),
-    "phi3": dict(_ROPE, sliding_window=5, rope_fraction=0.5),
+    "phi3": dict(_ROPE, head_dim=16, sliding_window=5, rope_fraction=0.5),
     "gemma": dict(_ROPE, head_dim=16, tie_embeddings=True),
-    "gemma2": dict(_ROPE, sliding_window=4, attn_scale=12.0, attn_softcap=5.0, final_softcap=3.0),
+    "gemma2": dict(_ROPE, head_dim=16, sliding_window=4, attn_scale=12.0, attn_softcap=5.0, final_softcap=3.0),
     "gemma3": dict(_ROPE, head_dim=16, sliding_window=4, attn_scale=12.0, rope_local_theta=100.0,
-                   tie_embeddings=True),
+                   rope_scaling={"rope_type": "linear", "factor": 2.0}, final_softcap=4.0, tie_embeddings=True),
 }
 
 
@@ -93,6 +102,49 @@ def random_words_file(folder: Path) -> Path:
     path = folder / "text.txt"
     path.write_text(" ".join(rng.choice(vocab) for _ in range(300)))
     return path
+
+
+def spawn_gloo_group(worker, folder, *args, nprocs: int = 2):
+    """Run worker(rank, nprocs, str(folder), *args) in `nprocs` new processes (torch.multiprocessing's
+    spawn); the worker joins the group with join_gloo_group(rank, world_size, folder) and destroys it.
+
+    A process whose worker returned leaves at once with os._exit(0), skipping the interpreter's
+    finalization. Once a process has used DTensor (FSDP2 does), destroy_process_group no longer ends
+    the gloo process group (torch keeps references to it), so its worker threads still run while the
+    interpreter finalizes; a worker thread that is just releasing a finished collective then needs the
+    GIL to free the collective's tensors, Python ends that thread (it may not take the GIL during
+    finalization), the unwinding crosses C++ code that must not throw, and the process aborts:
+    "terminate called without an active exception", "process 0 terminated with signal SIGABRT", after
+    the test's work was done and written (seen in 1 of 20 to 40 short runs under load; a core dump
+    shows ProcessGroupGloo::runLoop destroying an AsyncAllgatherCoalescedWork while the main thread is
+    in Py_FinalizeEx). A worker that raised still leaves the usual way, with its traceback."""
+    import torch.multiprocessing as multiprocessing
+    multiprocessing.spawn(_work_then_leave, args=(worker, (nprocs, str(folder), *args)), nprocs=nprocs)
+
+
+def _work_then_leave(rank: int, worker, args: tuple):
+    import os
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def join_gloo_group(rank: int, world_size: int, folder: str):
+    """Join the gloo process group of `world_size` processes that meet through the file
+    <folder>/gloo-rendezvous (a new folder for each group, e.g. the test's tmp_path).
+
+    A file (torch.distributed's FileStore), not a TCP port found free beforehand: until rank 0
+    listens on that port, another process group on this machine (a test session running at the same
+    time) may take it, and two groups that share one rendezvous pair their ranks across the groups,
+    where gloo aborts the first process that receives a message of the wrong size."""
+    import faulthandler
+
+    import torch.distributed as dist
+    faulthandler.enable()  # a crash in native code prints every thread's Python stack to the test's stderr
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(folder) / 'gloo-rendezvous'}", rank=rank,
+                            world_size=world_size)
 
 
 def tiny_tokenizer() -> Tokenizer:

@@ -8,19 +8,16 @@ The split is chosen to be as unequal as it can be: the short answers all go to t
 (or process), the long ones to the second. Averaging each micro-batch's own mean, as the loop once
 did, misses by tens of percent here (test_averaging_means_would_be_far_off)."""
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
 
 import minipeft as mp
 from minipeft import data, sharding, trainer
 from minipeft.processes import check_same_options, data_parallel
-from conftest import tiny_model
+from conftest import join_gloo_group, spawn_gloo_group, tiny_model
 
 ANSWER_LENGTHS = (1, 2, 1, 3, 30, 20, 25, 28)  # the first four short, the last four long
 PROMPT_LENGTHS = (5, 9, 3, 7, 4, 8, 6, 2)
@@ -156,16 +153,8 @@ def test_a_grad_accum_longer_than_an_epoch_stops():
 # two processes: rank 0 gets the four short answers, rank 1 the four long ones
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _worker(rank, world_size, folder):
+    join_gloo_group(rank, world_size, folder)
     try:
         examples = sft_examples()
         mine = [examples.collate(SPLITS["2 × 4 accumulation"][rank])]
@@ -182,16 +171,16 @@ def _worker(rank, world_size, port, out):
             unwrap = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731 (DDP's prefix)
             results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params)}
         if rank == 0:
-            torch.save(results, out)
+            torch.save(results, Path(folder) / "results.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two") / "results.pt"
-    multiprocessing.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2)
-    return torch.load(out)
+    folder = tmp_path_factory.mktemp("two")
+    spawn_gloo_group(_worker, folder)
+    return torch.load(folder / "results.pt")
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
@@ -204,15 +193,13 @@ def test_two_processes_equal_one_batch(layout, two_processes, reference):
 
 def test_processes_with_different_options_stop(tmp_path):
     """Every process must be started with the same options: rank 1's other --grad-accum stops both."""
-    out = tmp_path / "messages.json"
-    multiprocessing.spawn(_options_worker, args=(2, free_port(), str(out)), nprocs=2)
-    messages = json.loads(Path(out).read_text())
-    assert "different options" in messages and "grad_accum 1 vs 2" in messages
+    spawn_gloo_group(_options_worker, tmp_path)
+    message = json.loads((tmp_path / "message.json").read_text())
+    assert "different options" in message and "grad_accum 1 vs 2" in message
 
 
-def _options_worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _options_worker(rank, world_size, folder):
+    join_gloo_group(rank, world_size, folder)
     try:
         try:
             check_same_options({"grad_accum": 1 + rank, "lr": 1e-3}, world_size)
@@ -220,6 +207,6 @@ def _options_worker(rank, world_size, port, out):
         except ValueError as e:
             message = str(e)
         if rank == 0:
-            Path(out).write_text(json.dumps(message))
+            (Path(folder) / "message.json").write_text(json.dumps(message))
     finally:
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import minipeft as mp
+from minipeft import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +116,10 @@ def bad_inputs(reviews, tmp_path):
     short = ["--steps", "1", "--batch-size", "4", "--out", tmp_path / "out"]
     return [
         (["--model", "gpt5"], "is not a named model (minilm, smollm2"),
-        (["--method", "lorax"], "unknown method 'lorax'"),
+        (["--method", "lorax"], "unknown method 'lorax' (did you mean 'lora'?)"),
+        (["--model", "tiny-gpt2", "--task", f"{reviews}:0", *short], "a mixing weight must be a number > 0"),
+        (["--model", "tiny-gpt2", "--task", reviews, "--columns", "text=review", *short],
+         "has no column 'review' (--columns text=review); its columns are: text, label"),
         (["--model", "tiny-gpt2", "--task", reviews, "--targets", "q,x", *short], "unknown target"),
         (["--model", "tiny-gpt2", "--task", reviews, "--rank", "0", *short], "rank must be >= 1"),
         (["--model", "tiny-gpt2", "--task", reviews, "--method", "full", "--rank", "4", *short],
@@ -136,6 +140,39 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
         assert "Traceback" not in result.stderr, (args, result.stderr)
         assert result.stderr.startswith("error: ") and message.lower() in result.stderr.lower(), \
             (args, result.stderr)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_eval_takes_the_base_model_from_the_adapter_and_scores_a_file_whole(trained, reviews):
+    """Without --model, eval.py loads the base model the adapter records; --split all scores every row."""
+    out, done = trained
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run("eval.py", "--task", reviews, "--adapter", out / "adapter")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("tiny-bert + ") and f"accuracy {summary['test_after']['accuracy']:.4f}" in result.stdout
+    whole = run("eval.py", "--task", reviews, "--adapter", out / "adapter", "--split", "all")
+    assert whole.returncode == 0 and f"on {reviews} all: accuracy" in whole.stdout, whole.stderr
+    (out / "copy").mkdir(exist_ok=True)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    (out / "copy" / "adapter_config.json").write_text(json.dumps({**config, "base": {**config["base"], "source": None}}))
+    unknown = run("eval.py", "--task", reviews, "--adapter", out / "copy")
+    assert unknown.returncode == 2 and "does not record its base model; give it with --model" in unknown.stderr
+
+
+def test_eval_every_zero_switches_validation_off(reviews, tmp_path):
+    """Default: four validation passes, after steps ⌈k·steps/4⌉ (6 steps: 2, 3, 5, 6); --eval-every 0: none."""
+    import train as train_cli
+
+    def validated(name, *flags):
+        out = tmp_path / name
+        train_cli.main(["--model", "tiny-bert", "--task", str(reviews), "--steps", "6", "--batch-size", "4",
+                        "--skip-test-before", "--out", str(out), *flags])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if r["event"] == "validation"]
+    assert validated("default") == [2, 3, 5, 6]
+    assert validated("off", "--eval-every", "0") == []
+    assert validated("every4", "--eval-every", "4") == [4, 6]
+    assert trainer.validation_steps(2, None) == {1, 2} and trainer.validation_steps(100, None) == {25, 50, 75, 100}
 
 
 def test_adapter_from_another_base_is_refused(trained, reviews):
@@ -173,3 +210,36 @@ def test_every_method_trains_on_hamlet_and_generates(method, tmp_path):
     assert rows[-1]["event"] == "summary" and "perplexity" in rows[-1]["test_after"]
     eval_cli.main(["--model", model, "--adapter", str(tmp_path / "adapter"), "--generate", "To be",
                    "--max-new-tokens", "4"])
+
+
+# train.py's flags for TrainConfig's fields whose flag is not --the-field-name; test_before is the inverse
+# of --skip-test-before
+FLAG_OF_FIELD = {"max_grad_norm": "--clip", "test_before": "--skip-test-before"}
+NO_FLAG = {"eval_batch_size", "run", "dpo"}  # evaluation's batch size has no flag; run holds the other flags;
+# dpo (None unless preference pairs) is built from --beta and --dpo-loss
+
+
+def test_train_py_and_trainconfig_share_every_default():
+    """One default per setting: the parser's default of each flag equals the TrainConfig field it sets,
+    field by field, and train.py's TrainConfig from no flags at all equals TrainConfig()."""
+    import dataclasses
+
+    import torch
+
+    import train as train_cli
+    from minipeft import trainer
+    parser = train_cli.build_parser()
+    actions = {flag: action for action in parser._actions for flag in action.option_strings}
+    differ = []
+    for field in dataclasses.fields(trainer.TrainConfig):
+        if field.name in NO_FLAG:
+            continue
+        flag = FLAG_OF_FIELD.get(field.name, "--" + field.name.replace("_", "-"))
+        default = actions[flag].default
+        if field.name == "test_before":
+            default = not default
+        if default != field.default:
+            differ.append(f"{flag} {default!r} but TrainConfig.{field.name} {field.default!r}")
+    assert not differ, "; ".join(differ)
+    from_flags = train_cli.train_config(parser.parse_args([]), "fp32", torch.device("cpu"))
+    assert dataclasses.replace(from_flags, run={}) == trainer.TrainConfig()

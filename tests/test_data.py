@@ -14,7 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from minipeft import data
+from minipeft import data, readers
 from minipeft.assets import asset_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -361,8 +361,13 @@ def test_load_task_dispatch(tmp_path):
     assert data.load_task("hamlet", byte_tokenizer(), max_len=512).kind == "lm"
     with pytest.raises(ValueError, match=r"unknown data source 'imdb'; use 'rotten_tomatoes'"):
         data.load_task("imdb", byte_tokenizer())
-    with pytest.raises(ValueError, match=r"unknown data source .*data\.parquet"):
+    with pytest.raises(ValueError, match=r"unknown data source 'rotten_tomatos' \(did you mean 'rotten_tomatoes'\?\)"):
+        data.load_task("rotten_tomatos", byte_tokenizer())
+    with pytest.raises(FileNotFoundError, match=r"data\.parquet does not exist"):
         data.load_task(tmp_path / "data.parquet", byte_tokenizer())
+    write(tmp_path / "data.xml", "<rows/>")
+    with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.parquet file"):
+        data.load_task(tmp_path / "data.xml", byte_tokenizer())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,7 +393,8 @@ def test_header_without_rows(tmp_path):
 @pytest.mark.parametrize("header, missing", [("sentence,label", "text"), ("text,target", "label")])
 def test_csv_missing_column(tmp_path, header, missing):
     path = write(tmp_path / "cols.csv", f"{header}\nhello,1\n")
-    with pytest.raises(ValueError, match=rf"cols\.csv has no '{missing}' column .* name the columns"):
+    with pytest.raises(ValueError, match=rf"cols\.csv has no '{missing}' column, which a text/label row needs \(its "
+                                         rf"columns are: {header.replace(',', ', ')}\); .* --columns {missing}=NAME"):
         data.load_classification(path, byte_tokenizer())
 
 
@@ -444,7 +450,8 @@ def test_unknown_label_in_eval_split(tmp_path):
 def test_directory_missing_a_split(tmp_path):
     write_csv(tmp_path / "train.csv", toy_rows(["a", "b"]))
     write_csv(tmp_path / "test.csv", toy_rows(["a", "b"]))
-    with pytest.raises(ValueError, match=r"has no validation\.csv or validation\.jsonl; a data directory needs"):
+    with pytest.raises(ValueError, match=r"has no validation\.jsonl or validation\.json or validation\.csv or "
+                                         r"validation\.parquet; a data folder needs"):
         data.load_classification(tmp_path, byte_tokenizer())
 
 
@@ -465,3 +472,224 @@ def test_head_keeps_the_first_examples():
     first_two = dataset.head(2)
     assert first_two.input_ids == [[1], [2, 3]] and first_two.labels == [0, 1] and first_two.pad_id == 0
     assert dataset.head(None) is dataset and len(dataset.head(10)) == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shapes people have: ShareGPT, CSV, parquet, JSON arrays, datasets' save_to_disk, --columns
+
+
+def qa_rows(n: int = 20) -> list[dict]:
+    return [{"question": f"What is {i} plus {i % 3}?", "answer": str(i + i % 3)} for i in range(n)]
+
+
+def as_fields(rows: list[dict], **names) -> list[dict]:
+    """The rows with their fields renamed: as_fields(rows, prompt="question") -> {"prompt": ...}."""
+    return [{new: row[old] for new, old in names.items()} for row in rows]
+
+
+def same_examples(a: data.TaskData, b: data.TaskData) -> bool:
+    return all(a.splits[s].input_ids == b.splits[s].input_ids and a.splits[s].labels == b.splits[s].labels
+               for s in data.SPLITS)
+
+
+def test_sharegpt_rows_are_read_as_their_messages(tmp_path):
+    """human/gpt/system (and user/assistant) turns give exactly the conversation written as messages."""
+    roles = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+    chats = [[("system", "Be brief."), ("human", f"hi {i}"), ("gpt", "hello"), ("user", "name?"), ("assistant", f"bot {i}")]
+             for i in range(12)]
+    sharegpt = write_jsonl(tmp_path / "share.jsonl",
+                           [{"conversations": [{"from": who, "value": text} for who, text in chat]} for chat in chats])
+    messages = write_jsonl(tmp_path / "messages.jsonl",
+                           [{"messages": [{"role": roles[who], "content": text} for who, text in chat]} for chat in chats])
+    read = data.load_task(sharegpt, byte_tokenizer(), max_len=128)
+    assert read.kind == "sft" and read.info["shape"] == "sharegpt"
+    assert same_examples(read, data.load_task(messages, byte_tokenizer(), max_len=128))
+    assert read.splits["test"].answers[0].startswith("bot ")
+
+
+def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
+    """One set of rows as JSONL, a JSON array, CSV, parquet (written by pyarrow), and a data set saved
+    (and written as JSON) by datasets, with the prompt/completion or messages columns, or other columns read via --columns."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    rows = qa_rows()
+    pairs = as_fields(rows, prompt="question", completion="answer")
+    chats = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+             for r in rows]
+    expected = data.load_task(write_jsonl(tmp_path / "pairs.jsonl", pairs), byte_tokenizer(), max_len=64)
+    write(tmp_path / "pairs.json", json.dumps(pairs))
+    with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["prompt", "completion"]] + [[r["prompt"], r["completion"]] for r in pairs])
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chats.parquet")  # a list of structs
+    with open(tmp_path / "chats.csv", "w", encoding="utf-8", newline="") as f:  # messages as JSON text
+        csv.writer(f).writerows([["messages"]] + [[json.dumps(c["messages"])] for c in chats])
+    datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_list(pairs).to_json(tmp_path / "lines.json")  # JSON lines, under a .json name
+    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
+                          ("qa.parquet", {"prompt": "question", "completion": "answer"}),
+                          ("chats.parquet", None), ("chats.csv", None)]:
+        task = data.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
+        assert same_examples(task, expected), name
+
+
+def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pairs = as_fields(qa_rows(12), prompt="question", completion="answer")
+    parts = {"train": pairs[:8], "validation": pairs[8:10], "test": pairs[10:]}
+    (tmp_path / "files").mkdir()
+    for split, part in parts.items():
+        write_jsonl(tmp_path / "files" / f"{split}.jsonl", part)
+    datasets.DatasetDict({s: datasets.Dataset.from_list(p) for s, p in parts.items()}).save_to_disk(
+        str(tmp_path / "dict"))
+    files, saved = (data.load_task(tmp_path / name, byte_tokenizer(), max_len=64) for name in ("files", "dict"))
+    assert same_examples(files, saved) and [len(saved.splits[s]) for s in data.SPLITS] == [8, 2, 2]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs)}).save_to_disk(str(tmp_path / "train_only"))
+    whole = data.load_task(tmp_path / "train_only", byte_tokenizer(), max_len=64)  # split as one file
+    assert sum(len(whole.splits[s]) for s in data.SPLITS) == 12
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs), "test": datasets.Dataset.from_list(pairs)}
+                         ).save_to_disk(str(tmp_path / "no_validation"))
+    with pytest.raises(ValueError, match=r"no_validation has the splits train, test; a saved DatasetDict needs train, "
+                                         r"validation and test \(or train alone"):
+        data.load_task(tmp_path / "no_validation", byte_tokenizer())
+
+
+def test_classification_columns_from_csv_and_parquet(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = toy_rows(["neg", "pos"])
+    expected = data.load_task(write_csv(tmp_path / "plain.csv", rows), byte_tokenizer(), max_len=16)
+    pq.write_table(pa.Table.from_pylist([{"review": t, "stars": l, "id": i} for i, (t, l) in enumerate(rows)]),
+                   tmp_path / "reviews.parquet")
+    task = data.load_task(tmp_path / "reviews.parquet", byte_tokenizer(), max_len=16,
+                          columns={"text": "review", "label": "stars"})
+    assert task.label_names == ["neg", "pos"] and same_examples(task, expected)
+
+
+def test_several_sources_with_mixing_weights(tmp_path):
+    """Weight w: round(w × n) of a source's n training rows (each ⌊w⌋ times, and a seeded share once more);
+    validation and test: every source's own, once."""
+    a = write_jsonl(tmp_path / "a.jsonl", as_fields(qa_rows(20), prompt="question", completion="answer"))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": f"b{i}"},
+                                                         {"role": "assistant", "content": "yes"}]} for i in range(20)])
+    alone = {name: data.load_task(path, byte_tokenizer(), max_len=64) for name, path in (("a", a), ("b", b))}
+    mixed = data.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
+    assert mixed.info["shape"] == "prompt/completion + messages"
+    train = [tuple(ids) for ids in mixed.splits["train"].input_ids]
+    a_train = [tuple(ids) for ids in alone["a"].splits["train"].input_ids]
+    b_train = {tuple(ids) for ids in alone["b"].splits["train"].input_ids}
+    assert len(train) == 2 * 16 + 8 and all(train.count(ids) == 2 for ids in a_train)
+    drawn = [ids for ids in train if ids in b_train]
+    assert len(drawn) == len(set(drawn)) == 8
+    for split in ("validation", "test"):
+        assert mixed.splits[split].input_ids == alone["a"].splits[split].input_ids + alone["b"].splits[split].input_ids
+    again = data.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
+    assert same_examples(again, mixed)  # the share drawn is fixed by the seed
+    assert data.sources_text([f"{a}:2", str(b)]) == f"{a}:2 {b}:1" and data.sources_text(str(a)) == str(a)
+
+
+def test_mixed_classification_sources_share_their_label_names(tmp_path):
+    first = write_csv(tmp_path / "first.csv", toy_rows(["neg", "pos"]))
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": t, "label": l} for t, l in toy_rows(["mixed", "pos"])])
+    mixed = data.load_task([first, second], byte_tokenizer(), max_len=16)
+    assert mixed.label_names == ["mixed", "neg", "pos"] and mixed.n_classes == 3
+    for part, source in zip((slice(0, 16), slice(16, 32)), (first, second)):
+        alone = data.load_task(source, byte_tokenizer(), max_len=16)
+        assert [mixed.label_names[i] for i in mixed.splits["train"].labels[part]] == \
+            [alone.label_names[i] for i in alone.splits["train"].labels]
+
+
+# bad input: one sentence naming the file, the line or row, and the fix
+
+
+@pytest.mark.parametrize("sources, message", [
+    (["a.jsonl:0"], r"--task a\.jsonl:0: a mixing weight must be a number > 0"),
+    (["a.jsonl:-1.5"], r"--task a\.jsonl:-1\.5: a mixing weight must be a number > 0"),
+    ([("a.jsonl", float("nan"))], r"--task a\.jsonl:nan: a mixing weight"),
+    ([], r"no data source given"),
+])
+def test_bad_mixing_weights(sources, message):
+    with pytest.raises(ValueError, match=message):
+        data.parse_sources(sources)
+
+
+def test_bad_columns_flag():
+    assert readers.parse_columns("prompt=question, completion = answer") == {"prompt": "question",
+                                                                               "completion": "answer"}
+    with pytest.raises(ValueError, match=r"'promt' is not a field minipeft reads \(did you mean 'prompt'\?\); "
+                                         r"the fields are: text, label, prompt"):
+        readers.parse_columns("promt=question")
+    with pytest.raises(ValueError, match=r"'prompt' is not FIELD=COLUMN"):
+        readers.parse_columns("prompt")
+
+
+def test_a_named_column_that_is_not_there(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist(qa_rows()), tmp_path / "qa.parquet")
+    with pytest.raises(ValueError, match=r"qa\.parquet has no column 'questions' \(--columns prompt=questions\) "
+                                         r"\(did you mean 'question'\?\); its columns are: question, answer"):
+        data.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"prompt": "questions", "completion": "answer"})
+    with pytest.raises(ValueError, match=r"qa\.parquet has no 'prompt' column, which a prompt/completion row needs "
+                                         r"\(its columns are: question, answer\); name the column that holds it with "
+                                         r"--columns prompt=NAME"):
+        data.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"completion": "answer"})
+    write_jsonl(tmp_path / "qa.jsonl", qa_rows(3) + [{"query": "x", "answer": "y"}])
+    with pytest.raises(ValueError, match=r"qa\.jsonl line 4 has no field 'question' \(--columns prompt=question\); "
+                                         r"its fields are: query, answer"):
+        data.load_task(tmp_path / "qa.jsonl", byte_tokenizer(), columns={"prompt": "question", "completion": "answer"})
+    with pytest.raises(ValueError, match=r"no --task source has the columns --columns names \(q\)"):
+        data.load_task("rotten_tomatoes", byte_tokenizer(), columns={"text": "q"})
+
+
+def test_every_reader_names_its_bad_rows(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    pairs = as_fields(qa_rows(), prompt="question", completion="answer")
+    pairs[2]["completion"] = " "
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    with pytest.raises(ValueError, match=r"pairs\.parquet row 3: an empty completion"):
+        data.load_task(tmp_path / "pairs.parquet", byte_tokenizer())
+    datasets.DatasetDict({s: datasets.Dataset.from_list(pairs) for s in data.SPLITS}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match=r"d train row 3: an empty completion"):
+        data.load_task(tmp_path / "d", byte_tokenizer())
+    write(tmp_path / "pairs.json", json.dumps(pairs))
+    with pytest.raises(ValueError, match=r"pairs\.json row 3: an empty completion"):
+        data.load_task(tmp_path / "pairs.json", byte_tokenizer())
+    write(tmp_path / "chats.csv", 'messages\n"[{""role"": ""assistant"", ""content"": ""a""}]"\n"[{""role"": ""user""\n')
+    with pytest.raises(ValueError, match=r"chats\.csv line 3: 'messages' is text but not valid JSON"):
+        data.load_task(tmp_path / "chats.csv", byte_tokenizer())
+    pq.write_table(pa.Table.from_pylist([{"text": "good", "label": None}] * 10), tmp_path / "labels.parquet")
+    with pytest.raises(ValueError, match=r"labels\.parquet row 1 has no label"):
+        data.load_task(tmp_path / "labels.parquet", byte_tokenizer())
+    write(tmp_path / "bad.parquet", "not parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet is not a readable parquet file"):
+        data.load_task(tmp_path / "bad.parquet", byte_tokenizer())
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "a", "answer": "b"}], r"line 1 fits no row shape \(its fields are: question, answer\); give each row "
+                                         r"text and label \(classification\), prompt and completion, messages, "
+                                         r"conversations \(ShareGPT\), or instruction and output \(Alpaca\)"),
+    ([{"text": "a", "label": 1}, {"prompt": "a", "completion": "b"}],
+     r"line 2 is a prompt/completion row but line 1 is a text/label row; use one shape per file"),
+])
+def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        data.load_task(write_jsonl(tmp_path / "rows.jsonl", rows), byte_tokenizer())
+
+
+def test_sources_of_different_kinds_do_not_mix(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", as_fields(qa_rows(), prompt="question", completion="answer"))
+    classes = write_csv(tmp_path / "classes.csv", toy_rows(["a", "b"]))
+    with pytest.raises(ValueError, match=r"pairs\.jsonl is instruction data .* but --task .*classes\.csv is "
+                                         r"classification data \(text/label rows\); the sources of one run must all "
+                                         r"be of one kind"):
+        data.load_task([pairs, classes], byte_tokenizer())
+
+
+def test_a_missing_optional_package_is_named(tmp_path, monkeypatch):
+    """Without pyarrow (or datasets) installed, reading a parquet file (or a saved data set) says what to install."""
+    write(tmp_path / "x.parquet", "")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what Python does when it is not installed
+    with pytest.raises(ValueError, match=r"to read .*x\.parquet, install pyarrow: pip install pyarrow"):
+        data.load_task(tmp_path / "x.parquet", byte_tokenizer())

@@ -4,7 +4,6 @@ resume, writes its files once (rank 0), evaluates to the same numbers, and copes
 parameters that a forward pass does not use."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
 from safetensors.torch import load_file
 
 import minipeft as mp
 import train as train_cli
 from minipeft import data, trainer
-from conftest import random_words_file
+from conftest import join_gloo_group, random_words_file, spawn_gloo_group
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -26,10 +24,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def torchrun(*args, processes=2):
+def torchrun(*args, processes=2, cwd=ROOT):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(ROOT / "train.py"), *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -56,10 +54,11 @@ def text(tmp_path_factory):
 
 
 def args(text, out, batch_size, *extra):
-    """LoRA on q,v,o,up of tiny-gpt2, two micro-batches per step (so DDP's no_sync is used)."""
+    """LoRA on q,v,o,up of tiny-gpt2, two micro-batches per step (so DDP's no_sync is used); out None:
+    no --out."""
     return ["--model", "tiny-gpt2", "--task", text, "--max-len", "16", "--targets", "q,v,o,up", "--rank", "4",
             "--lr", "3e-3", "--steps", STEPS, "--grad-accum", "2", "--batch-size", batch_size,
-            "--eval-every", "3", "--out", out, *extra]
+            "--eval-every", "3", *(["--out", out] if out is not None else []), *extra]
 
 
 def test_torchrun_two_processes_stop_resume_and_equal_one_process(text, tmp_path):
@@ -93,15 +92,22 @@ def test_torchrun_two_processes_stop_resume_and_equal_one_process(text, tmp_path
     assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(validation(one), validation(two)))
 
 
+def test_torchrun_without_out_writes_into_one_new_folder(text, tmp_path):
+    """Without --out rank 0 creates the run's folder and tells the other process its name: one folder,
+    named on the first line, holding the whole run."""
+    done = torchrun(*args(text, None, 4, "--steps", "2", "--save-every", "1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = list((tmp_path / "checkpoints").iterdir())
+    assert len(folders) == 1, folders
+    folder = folders[0]
+    assert done.stdout.splitlines()[0].endswith(f", output in {folder.relative_to(tmp_path)}")
+    assert step_losses(folder).keys() == {1, 2} and rows(folder)[-1]["world_size"] == 2
+    assert (folder / "latest_checkpoint").read_text() == "checkpoint-2" and (folder / "adapter").is_dir()
+
+
 # ----------------------------------------------------------------------------------------------------
-# torch.multiprocessing with gloo on a free port, calling trainer.train directly; the model has a
-# trainable parameter that no forward pass uses (DDP must not wait for its gradient)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# torch.multiprocessing with gloo (conftest.spawn_gloo_group), calling trainer.train directly; the model
+# has a trainable parameter that no forward pass uses (DDP must not wait for its gradient)
 
 
 def tiny_run(text, out, batch_size):
@@ -115,10 +121,8 @@ def tiny_run(text, out, batch_size):
     return trainer.train(model, task, cfg)
 
 
-def _worker(rank, world_size, port, text, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _worker(rank, world_size, folder, text, out):
+    join_gloo_group(rank, world_size, folder)
     try:
         tiny_run(text, out, batch_size=2)
     finally:
@@ -127,7 +131,7 @@ def _worker(rank, world_size, port, text, out):
 
 def test_two_processes_equal_one_process_with_an_unused_parameter(text, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    multiprocessing.spawn(_worker, args=(2, free_port(), text, two), nprocs=2)
+    spawn_gloo_group(_worker, tmp_path, text, two)
     tiny_run(text, one, batch_size=4)  # 4 = 2 per process × 2 processes
     assert max_difference(adapter(one), adapter(two)) < 1e-6
     assert torch.equal(adapter(two)["unused"], torch.ones(3))  # no gradient, no update, no weight decay

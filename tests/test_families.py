@@ -33,38 +33,61 @@ transformers.logging.set_verbosity_error()
 V, PAD = 97, 0
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=V,
              max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-DECODER = dict(SIZES, num_key_value_heads=2, rms_norm_eps=1e-6)
+DECODER = dict(SIZES, num_key_value_heads=2)
 TWO_TYPES = ["sliding_attention", "full_attention"]
+
+
+def rope(theta: float, rope_type: str = "default", **fields) -> dict:
+    """A rope_parameters entry (transformers 5's layout of rope_theta and rope scaling)."""
+    return {"rope_type": rope_type, "rope_theta": theta, **fields}
 
 
 def hf_configs():
     """family -> (transformers config, model class): every family's switches on, sliding windows (4)
-    shorter than the 12-token batch, GQA everywhere it exists, tied and untied heads both present."""
+    shorter than the 12-token batch, GQA everywhere it exists, tied and untied heads both present. Every
+    field minipeft reads from config.json is set to a value that is neither transformers' default nor
+    minipeft's fallback for a missing field (norm eps, RoPE base and scaling, head_dim, activation, tied
+    head, biases, windows and layer types, soft-caps, query scale), so parity fails if one is not read."""
     t = transformers
     return {
-        "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=V, pad_token_id=PAD),
-                 t.GPT2LMHeadModel),
-        "bert": (t.BertConfig(**SIZES), t.BertModel),
-        "roberta": (t.RobertaConfig(**dict(SIZES, pad_token_id=1, max_position_embeddings=66)), t.RobertaModel),
+        "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, vocab_size=V,
+                              pad_token_id=PAD, layer_norm_epsilon=1e-3, activation_function="silu",
+                              tie_word_embeddings=False), t.GPT2LMHeadModel),
+        "bert": (t.BertConfig(**SIZES, layer_norm_eps=1e-3, hidden_act="swish", type_vocab_size=3),
+                 t.BertModel),
+        "roberta": (t.RobertaConfig(**dict(SIZES, pad_token_id=2, max_position_embeddings=67), layer_norm_eps=2e-3,
+                                    hidden_act="silu", type_vocab_size=1), t.RobertaModel),
         "distilbert": (t.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=V,
-                                          max_position_embeddings=64, pad_token_id=PAD), t.DistilBertModel),
-        "llama": (t.LlamaConfig(**DECODER, tie_word_embeddings=False, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}), t.LlamaForCausalLM),
-        "mistral": (t.MistralConfig(**DECODER, sliding_window=4, tie_word_embeddings=False), t.MistralForCausalLM),
-        "qwen2": (t.Qwen2Config(**DECODER, tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
-                                max_window_layers=1), t.Qwen2ForCausalLM),
-        "qwen3": (t.Qwen3Config(**DECODER, head_dim=16, tie_word_embeddings=False), t.Qwen3ForCausalLM),
-        "phi3": (t.Phi3Config(**DECODER, partial_rotary_factor=0.5, sliding_window=5, tie_word_embeddings=False),
+                                          max_position_embeddings=64, pad_token_id=PAD,
+                                          activation="silu"), t.DistilBertModel),
+        "llama": (t.LlamaConfig(**DECODER, rms_norm_eps=1e-3, head_dim=16, attention_bias=True, mlp_bias=True,
+                                hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, rope_parameters=rope(
+                                    500.0, "llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=8)), t.LlamaForCausalLM),
+        "mistral": (t.MistralConfig(**DECODER, rms_norm_eps=2e-3, head_dim=16, sliding_window=4, hidden_act="gelu",
+                                    tie_word_embeddings=True, rope_parameters=rope(300.0)), t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config(**DECODER, rms_norm_eps=3e-3, head_dim=16, tie_word_embeddings=True,
+                                use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                hidden_act="gelu_pytorch_tanh", rope_parameters=rope(700.0, "linear", factor=3.0)),
+                  t.Qwen2ForCausalLM),
+        "qwen3": (t.Qwen3Config(**DECODER, rms_norm_eps=4e-3, head_dim=16, attention_bias=True, hidden_act="gelu",
+                                tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+                                max_window_layers=1, rope_parameters=rope(400.0)), t.Qwen3ForCausalLM),
+        "phi3": (t.Phi3Config(**DECODER, rms_norm_eps=5e-3, head_dim=16, sliding_window=5, hidden_act="gelu",
+                              tie_word_embeddings=True, rope_parameters=rope(600.0, partial_rotary_factor=0.5)),
                  t.Phi3ForCausalLM),
-        "gemma": (t.GemmaConfig(**DECODER, head_dim=16), t.GemmaForCausalLM),
-        "gemma2": (t.Gemma2Config(**DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
-                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
-                                  tie_word_embeddings=False), t.Gemma2ForCausalLM),
-        "gemma3": (t.Gemma3TextConfig(**DECODER, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
-                                      layer_types=TWO_TYPES, rope_parameters={
-                                          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 800.0},
-                                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+        "gemma": (t.GemmaConfig(**DECODER, rms_norm_eps=6e-3, head_dim=16, attention_bias=True, hidden_act="silu",
+                                tie_word_embeddings=False, rope_parameters=rope(200.0)), t.GemmaForCausalLM),
+        "gemma2": (t.Gemma2Config(**DECODER, rms_norm_eps=7e-3, head_dim=16, sliding_window=4, query_pre_attn_scalar=12,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attention_bias=True,
+                                  hidden_activation="gelu", layer_types=TWO_TYPES[::-1], tie_word_embeddings=False,
+                                  rope_parameters=rope(250.0)), t.Gemma2ForCausalLM),
+        "gemma3": (t.Gemma3TextConfig(**DECODER, rms_norm_eps=8e-3, head_dim=16, sliding_window=4,
+                                      query_pre_attn_scalar=12, attn_logit_softcapping=6.0,
+                                      final_logit_softcapping=4.0, attention_bias=True, hidden_activation="silu",
+                                      layer_types=TWO_TYPES, tie_word_embeddings=False, rope_parameters={
+                                          "full_attention": rope(100.0, "linear", factor=2.0),
+                                          "sliding_attention": rope(50.0)}),
                    t.Gemma3ForCausalLM),
     }
 
@@ -72,14 +95,21 @@ def hf_configs():
 ENCODERS = ("bert", "roberta", "distilbert")
 
 
+QUERY_KEY = re.compile(r".*\.(q_proj|k_proj|query|key|q_lin|k_lin|c_attn|qkv_proj)\.weight")  # fused: v too
+
+
 def perturbed(hf):
     """Random norm weights and biases too (transformers initialises them to 1 / 0 / 0, which would hide
-    a (1 + w) or a missing bias)."""
+    a (1 + w) or a missing bias), and query and key weights 20 times larger: at transformers' init the
+    attention scores are near 0 and attention near uniform, so what acts on the scores alone (RoPE's base
+    and scaling, the query scale, soft-caps) would hardly change an output."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name.lower() or name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+            if QUERY_KEY.fullmatch(name):
+                p.mul_(20)
     return hf
 
 
@@ -133,15 +163,40 @@ def test_family_matches_transformers(family, folders):
 
 def test_the_switches_are_read_from_each_config(folders):
     cfg = {family: from_pretrained(folder)[0].cfg for family, (_, folder) in folders.items()}
-    assert cfg["roberta"].pos_offset == 2 and cfg["roberta"].max_seq_len == 64
-    assert cfg["llama"].rope_scaling["rope_type"] == "llama3" and not cfg["llama"].tie_embeddings
-    assert (cfg["mistral"].sliding_window, cfg["mistral"].layer_pattern) == (4, "S")
+    assert cfg["roberta"].pos_offset == 3 and cfg["roberta"].max_seq_len == 64
+    assert (cfg["gpt2"].norm_eps, cfg["gpt2"].act, cfg["gpt2"].d_ff, cfg["gpt2"].tie_embeddings) == (1e-3, "silu", 48, False)
+    assert cfg["llama"].rope_scaling["rope_type"] == "llama3" and cfg["llama"].tie_embeddings
+    assert (cfg["llama"].qkv_bias, cfg["llama"].o_bias, cfg["llama"].mlp_bias) == (True, True, True)
+    assert (cfg["mistral"].sliding_window, cfg["mistral"].layer_pattern, cfg["mistral"].rope_theta) == (4, "S", 300)
     assert cfg["qwen2"].layer_pattern == "FS" and cfg["qwen2"].qkv_bias and not cfg["qwen2"].o_bias
-    assert cfg["qwen3"].head_dim == 16 and cfg["qwen3"].qk_norm
+    assert (cfg["qwen3"].head_dim, cfg["qwen3"].rope_theta, cfg["qwen3"].norm_eps) == (16, 400, 4e-3)
     assert cfg["phi3"].rope_fraction == 0.5 and cfg["phi3"].sliding_window == 5
+    assert (cfg["gemma"].act, cfg["gemma2"].act, cfg["gemma3"].act) == ("silu", "gelu", "silu")
     assert (cfg["gemma2"].attn_softcap, cfg["gemma2"].final_softcap, cfg["gemma2"].attn_scale) == (5.0, 3.0, 12)
-    assert (cfg["gemma3"].rope_theta, cfg["gemma3"].rope_local_theta, cfg["gemma3"].layer_pattern) == (800, 50, "SF")
+    assert cfg["gemma2"].layer_pattern == "FS"
+    assert (cfg["gemma3"].rope_theta, cfg["gemma3"].rope_local_theta, cfg["gemma3"].layer_pattern) == (100, 50, "SF")
     assert cfg["gemma3"].rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert (cfg["gemma3"].attn_softcap, cfg["gemma3"].final_softcap) == (0, 4.0)  # transformers ignores the first
+
+
+def test_older_gemma3_config_layout(folders, tmp_path):
+    """Gemma 3's config.json as transformers 4 wrote it: rope_theta and rope_scaling (the full layers') at the
+    top level, rope_local_base_freq (the sliding layers', unscaled) and sliding_window_pattern instead of
+    layer_types. The same model as the transformers 5 layout, and the same logits as transformers'."""
+    hf, folder = folders["gemma3"]
+    config = json.loads((folder / "config.json").read_text())
+    del config["rope_parameters"], config["layer_types"]
+    config.update(rope_theta=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=50.0,
+                  sliding_window_pattern=2)
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _ = from_pretrained(tmp_path)
+    assert (model.cfg.rope_theta, model.cfg.rope_local_theta, model.cfg.layer_pattern) == (100, 50, "SF")
+    assert model.cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    reread = transformers.Gemma3TextConfig.from_pretrained(tmp_path)  # transformers reads it so too
+    assert reread.rope_parameters == hf.config.rope_parameters and reread.layer_types == hf.config.layer_types
+    assert largest_difference("gemma3", hf, model) < 1e-4
 
 
 def test_hf_module_names_are_transformers_modules(folders):
@@ -306,8 +361,10 @@ def gguf_tensors(hf, architecture):
 def write_gguf(path, hf, architecture):
     c = hf.config
     writer = gguf_writer(path, architecture, c, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    if architecture == "gemma3":
+    if architecture == "gemma3":  # as llama.cpp's converter writes them: a flag per layer, true = sliding
         writer.add_sliding_window(c.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
+        writer.add_rope_freq_base_swa(c.rope_parameters["sliding_attention"]["rope_theta"])
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([bytes_to_unicode()[b] for b in range(V)])
     for name, values in gguf_tensors(hf, architecture).items():
@@ -317,20 +374,26 @@ def write_gguf(path, hf, architecture):
 
 @pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "gemma3"])
 def test_gguf_architectures_match_transformers(architecture, tmp_path):
+    """Every metadata key minipeft reads holds a value that is neither transformers' default nor minipeft's
+    fallback for a missing key (RoPE bases, norm eps, head_dim, Gemma 3's layer pattern)."""
     t = transformers
-    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
-    config = {"qwen2": t.Qwen2Config(**DECODER, tie_word_embeddings=False),
-              "qwen3": t.Qwen3Config(**DECODER, head_dim=16, tie_word_embeddings=True),
-              "gemma3": t.Gemma3TextConfig(**dict(DECODER, num_hidden_layers=6), head_dim=16, sliding_window=4,
-                                           query_pre_attn_scalar=16, rope_parameters=rope)}[architecture]
+    config = {"qwen2": t.Qwen2Config(**DECODER, rms_norm_eps=2e-3, head_dim=16, rope_parameters=rope(300.0),
+                                     tie_word_embeddings=False),
+              "qwen3": t.Qwen3Config(**DECODER, rms_norm_eps=3e-3, head_dim=16, rope_parameters=rope(400.0),
+                                     tie_word_embeddings=True),
+              # llama.cpp scales Gemma 3's queries by head_dim^-0.5 (no metadata key): query_pre_attn_scalar = head_dim
+              "gemma3": t.Gemma3TextConfig(**dict(DECODER, num_hidden_layers=3), rms_norm_eps=4e-3, head_dim=16,
+                                           sliding_window=4, query_pre_attn_scalar=16,
+                                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                           rope_parameters={"full_attention": rope(100.0),
+                                                            "sliding_attention": rope(50.0)})}[architecture]
     torch.manual_seed(0)
     cls = {"qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM, "gemma3": t.Gemma3ForCausalLM}[architecture]
     hf = perturbed(cls(config)).eval()
     model, _ = from_pretrained(write_gguf(tmp_path / f"{architecture}.gguf", hf, architecture))
     assert model.cfg.flavor == architecture
-    if architecture == "gemma3":  # llama.cpp's pattern: every sixth layer full, local RoPE base 10k
-        assert (model.cfg.layer_pattern, model.cfg.rope_local_theta) == ("SSSSSF", 1e4)
+    if architecture == "gemma3":  # not the defaults (every sixth layer full, local RoPE base 10k)
+        assert (model.cfg.layer_pattern, model.cfg.rope_local_theta) == ("SSF", 50.0)
     diff = largest_difference(architecture, hf, model)
     print(f"\n{architecture} GGUF (F32): largest |difference| with and without right padding: {diff:.2e}")
     assert diff < 1e-4

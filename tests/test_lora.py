@@ -33,6 +33,15 @@ def test_init_and_keys():
     assert layer.scale == 2.0
 
 
+def test_a_is_drawn_as_nn_linear_draws_its_weight():
+    """A ~ U(−1/√in, 1/√in): Kaiming-uniform with a = √5, nn.Linear's own init and peft's for lora_A."""
+    torch.manual_seed(0)
+    A = LoRALinear(nn.Linear(256, 64), rank=64, alpha=8).lora_A.detach()  # 16,384 draws: they reach the edge
+    bound = 1 / 256 ** 0.5
+    assert 0.99 * bound < A.abs().max() <= bound
+    assert A.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.03)  # the uniform law's standard deviation
+
+
 def test_forward_is_the_equation():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(16, 8), rank=4, alpha=12)

@@ -42,6 +42,20 @@ def test_residual_inits_move_part_of_w_into_the_adapter(init):
     assert torch.equal(A, layer.lora_A.detach()) and torch.equal(B, layer.lora_B.detach())
 
 
+def test_pissa_on_a_bfloat16_layer_factorizes_its_weight_in_float32():
+    """As peft: W (bf16) is upcast, W = U S Vᵀ in fp32, A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s); W keeps W − s·BA."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16).to(torch.bfloat16)
+    original = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=4, alpha=8, init="pissa")
+    U, S, Vh = torch.linalg.svd(original.float(), full_matrices=False)
+    root = (S[:4] / 2).sqrt()  # s = 8 / 4
+    torch.testing.assert_close(layer.lora_A.detach(), root[:, None] * Vh[:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lora_B.detach(), U[:, :4] * root, atol=1e-5, rtol=0)
+    assert layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.weight, (original.float() - layer.delta_weight()).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_inits_keep_every_promise(init, flavor, tmp_path):
@@ -67,12 +81,13 @@ def test_residual_inits_keep_every_promise(init, flavor, tmp_path):
 
 
 def test_lora_plus_gives_b_its_own_learning_rate():
-    model = mp.apply(tiny_model("llama"), "lora", lr_ratio=16.0)
-    optimizer = trainer.make_optimizer(model, lr=1e-3, weight_decay=0.01)
-    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert lrs[id(p)] == pytest.approx(1.6e-2 if name.endswith("lora_B") else 1e-3), name
+    for ratio in (16.0, 2.0):
+        model = mp.apply(tiny_model("llama"), "lora", lr_ratio=ratio)
+        optimizer = trainer.make_optimizer(model, lr=1e-3, weight_decay=0.01)
+        lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert lrs[id(p)] == pytest.approx(ratio * 1e-3 if name.endswith("lora_B") else 1e-3), name
     plain = trainer.make_optimizer(mp.apply(tiny_model("llama"), "lora"), lr=1e-3, weight_decay=0.01)
     assert [g["lr"] for g in plain.param_groups] == [1e-3]  # no ratio: the groups as before
     with pytest.raises(ValueError, match="lr_ratio must be > 0"):
@@ -92,6 +107,31 @@ def test_dora_is_the_equation_and_its_norm_is_a_constant():
     layer(x).sum().backward()  # with the norm detached, m's gradient is Σ_tokens (x Vᵀ)/‖V‖
     norm = direction.detach().norm(dim=1)
     torch.testing.assert_close(layer.magnitude.grad, (x @ direction.detach().T / norm).sum(0), atol=1e-5, rtol=0)
+    A, B = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B))  # and A's, B's
+    V = layer.weight + 2 * B @ A  # the same equation, its norm a constant (.detach(), as peft)
+    (x @ (layer.magnitude.detach()[:, None] * V / V.norm(dim=1, keepdim=True).detach()).T).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, atol=1e-5, rtol=0)
+
+
+def test_dora_under_dropout_is_peft_s_training_arithmetic():
+    """With dropout d drawing, the W path of the update sees d(x) too (peft's training forward):
+    h = x Wᵀ + b + (g − 1)·(d(x) Wᵀ) + g·s·(d(x) Aᵀ Bᵀ), g = m / ‖W + s·BA‖."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(12, 8), rank=2, alpha=4, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(5, 12)
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    dropped = layer.lora_dropout(x)  # the same mask
+    assert not torch.equal(dropped, x)
+    W, A, B = layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    g = layer.magnitude.detach() / (W + 2 * B @ A).norm(dim=1)
+    expected = x @ W.T + layer.bias + (g - 1) * (dropped @ W.T) + g * 2 * (dropped @ A.T @ B.T)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_dora_starts_with_the_weight_norms_and_merges_exactly():

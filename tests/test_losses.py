@@ -79,6 +79,17 @@ def test_labels_are_shifted_inside_as_transformers_does():
     torch.testing.assert_close(model(idx, attention_mask=mask, labels=labels), expected, atol=1e-6, rtol=0)
 
 
+def test_lm_loss_takes_labels_as_a_causal_lm_does_by_default():
+    """lm_loss(hidden, weight, labels=...) shifts the labels (transformers' causal-LM loss) unless told the
+    model is not causal."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 12, 16), torch.randn(50, 16)
+    labels = tiny_batch()[0].clamp(max=49)
+    logits = hidden @ weight.T
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(lm_loss(hidden, weight, labels=labels), expected, atol=1e-6, rtol=0)
+
+
 def test_masked_lm_labels_are_not_shifted():
     model = tiny_model("bert")
     idx, _ = tiny_batch()

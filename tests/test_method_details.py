@@ -3,10 +3,11 @@ promises are in test_methods.py)."""
 import pytest
 import torch
 import torch.nn as nn
+from tokenizers import processors
 
 import minipeft as mp
 from minipeft.methods import adapter, llama_adapter, prefix
-from conftest import tiny_batch, tiny_model
+from conftest import tiny_batch, tiny_model, tiny_tokenizer
 
 
 def test_houlsby_worked_example():
@@ -15,6 +16,18 @@ def test_houlsby_worked_example():
     bert_large = mp.ModelConfig(flavor="bert", n_layer=24, n_head=16, d_model=1024, vocab_size=30522)
     layer_norms = 24 * 2 * 2048 + 2048
     assert adapter.adapter_parameter_count(bert_large, size=64, kind="houlsby") == 6_343_680 + layer_norms
+
+
+def test_adapter_is_the_residual_bottleneck():
+    """h' = h + W_up · GELU(W_down · h + b_down) + b_up, h the frozen projection's output (Houlsby 2019)."""
+    torch.manual_seed(0)
+    layer = adapter.AdapterLinear(nn.Linear(12, 10), size=3)
+    nn.init.normal_(layer.adapter_up.weight), nn.init.normal_(layer.adapter_up.bias)
+    x = torch.randn(4, 12)
+    h = x @ layer.weight.T + layer.bias
+    down, up = layer.adapter_down, layer.adapter_up
+    expected = h + nn.functional.gelu(h @ down.weight.T + down.bias) @ up.weight.T + up.bias
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_adapter_kinds():
@@ -56,16 +69,33 @@ def test_prefix_shifts_positions_like_real_tokens():
 
 
 def test_prompt_inits():
+    """random ~ U(−0.5, 0.5); vocab: rows of the whole vocabulary (peft's SAMPLE_VOCAB, randint(0, V)); text:
+    init_text's own tokens, repeated, without the special tokens the tokenizer's template would add."""
+    torch.manual_seed(0)
     model = tiny_model("gpt2")
-    mp.apply(model, "prompt", length=4, init="vocab")
-    rows = model.prompt.embedding.detach()
-    assert all((model.tok_emb.weight == r).all(dim=1).any() for r in rows)
+    mp.apply(model, "prompt", length=2000, init="vocab")
+    drawn = (model.prompt.embedding.detach()[:, None] == model.tok_emb.weight[None]).all(dim=2)  # (2000, V)
+    assert (drawn.sum(dim=1) == 1).all() and drawn.any(dim=0).all()  # every draw a row, every row drawn
+    random = mp.apply(tiny_model("gpt2"), "prompt", length=100).prompt.embedding.detach()  # 3,200 draws
+    assert -0.5 <= random.min() < -0.49 and 0.49 < random.max() <= 0.5
+    assert random.std().item() == pytest.approx(12 ** -0.5, rel=0.05)
+    tokenizer = tiny_tokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[UNK] $A", special_tokens=[("[UNK]", 1)])
+    text = mp.apply(tiny_model("gpt2"), "prompt", length=5, init="text", init_text="great movie", tokenizer=tokenizer)
+    ids = [tokenizer.token_to_id(w) for w in ("great", "movie", "great", "movie", "great")]
+    assert torch.equal(text.prompt.embedding.detach(), text.tok_emb.weight[ids])
     with pytest.raises(ValueError, match="init='text' needs init_text and the model's tokenizer"):
         mp.apply(tiny_model("gpt2"), "prompt", init="text", init_text="hello")
     with pytest.raises(ValueError, match="prompt: unknown init 'zeros'"):
         mp.apply(tiny_model("gpt2"), "prompt", init="zeros")
-    random = mp.apply(tiny_model("gpt2"), "prompt", length=4).prompt.embedding
-    assert random.abs().max() <= 0.5
+
+
+def test_prompt_goes_first_on_a_causal_model():
+    """As peft prepends its virtual tokens."""
+    model = mp.apply(tiny_model("gpt2"), "prompt", length=3)
+    x = torch.randn(1, 5, 32)
+    widened, _, _ = model.prompt.insert(x)
+    assert torch.equal(widened[0, :3], model.prompt.embedding.detach()) and torch.equal(widened[0, 3:], x[0])
 
 
 def test_prompt_goes_after_cls_for_bert():
@@ -75,6 +105,9 @@ def test_prompt_goes_after_cls_for_bert():
     assert widened.shape == (1, 8, 32) and torch.equal(widened[0, 0], x[0, 0])
     assert torch.equal(widened[0, 1:4], model.prompt.embedding.detach())
     assert mask.sum() == 8 and types is None
+    idx, _ = tiny_batch()  # the soft tokens have token type 0 (as peft's), what a sequence without types has
+    model.eval()
+    torch.testing.assert_close(model(idx, token_type_ids=torch.zeros_like(idx)), model(idx), atol=0, rtol=0)
 
 
 def test_llama_adapter_top_layers_only_and_gate():
@@ -84,3 +117,34 @@ def test_llama_adapter_top_layers_only_and_gate():
     assert torch.count_nonzero(model.blocks[1].attn.adaption.gate) == 0
     with pytest.raises(ValueError, match="1 <= layers <= 2"):
         mp.apply(tiny_model("llama"), "llama_adapter", layers=3)
+
+
+def test_llama_adapter_attends_to_its_prompts_through_the_gate():
+    """Per query head h (its key/value head h // (H / H_kv), as transformers' repeat_kv shares them):
+    g_h · softmax(q_h K_pᵀ / √d_h) V_p, with K_p, V_p the prompts through the layer's own W_k, W_v."""
+    torch.manual_seed(0)
+    cfg = tiny_model("llama").cfg  # 4 query heads sharing 2 key/value heads of 8
+    adaption = llama_adapter.AdaptionPrompt(cfg, length=3)
+    nn.init.normal_(adaption.gate)
+    hd, group = cfg.head_dim, cfg.n_head // cfg.n_kv_head
+    k_proj, v_proj = (nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False) for _ in range(2))
+    q = torch.randn(2, cfg.n_head, 5, hd)
+    out = adaption(q, k_proj, v_proj)
+    prompt = adaption.prompt.detach()
+    for h in range(cfg.n_head):
+        kv = slice(h // group * hd, (h // group + 1) * hd)
+        keys, values = k_proj(prompt)[:, kv], v_proj(prompt)[:, kv]  # (K, hd)
+        weights = torch.softmax(q[:, h] @ keys.T / hd ** 0.5, dim=-1)  # (B, T, K)
+        torch.testing.assert_close(out[:, h], adaption.gate[h] * weights @ values, msg=f"head {h}")
+
+
+def test_llama_adapter_and_prefix_tables_start_at_std_0_02():
+    """The docstrings' inits: the adaption prompts, the direct prefixes and the MLP's embedding ~ N(0, 0.02²)."""
+    torch.manual_seed(0)
+    cfg = tiny_model("llama").cfg
+    tables = {"adaption prompt": llama_adapter.AdaptionPrompt(cfg, length=100).prompt,  # 3,200 draws each
+              "prefix": prefix.PrefixTuning(cfg, length=50).prefix,
+              "prefix embedding": prefix.PrefixTuning(cfg, length=100, mlp_hidden=8).embedding}
+    for name, table in tables.items():
+        assert table.numel() >= 3000 and table.mean().abs() < 0.002, name
+        assert table.std().item() == pytest.approx(0.02, rel=0.05), name

@@ -132,6 +132,17 @@ def test_with_dropout_only_the_trainable_parameters_learn(method, example, flavo
 
 
 @pytest.mark.parametrize("method, example, flavor, head", CASES)
+def test_new_tensors_go_where_the_model_is(method, example, flavor, head):
+    """Every parameter and buffer a method adds sits on the device of the weights it adapts (on a GPU model,
+    the GPU). The meta device stands in for a second device: nothing is computed on it, and any tensor a
+    method left on the CPU shows."""
+    model = tiny_model(flavor, n_classes=2 if head == "classifier" else None).to("meta")
+    mp.apply(model, method, tokenizer=tiny_tokenizer(), **example_options(method, example))
+    elsewhere = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not elsewhere, f"on the CPU, not with the model: {elsewhere}"
+
+
+@pytest.mark.parametrize("method, example, flavor, head", CASES)
 def test_save_load_roundtrip(method, example, flavor, head, tmp_path):
     model = build(method, example, flavor, head)
     perturb_trainable(model)
@@ -200,7 +211,7 @@ def test_every_option_has_a_type_help_and_a_valid_default():
 
 def test_registry_errors():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="unknown method 'lorax'; valid methods are: full"):
+    with pytest.raises(ValueError, match=r"unknown method 'lorax' \(did you mean 'lora'\?\); valid methods are: full"):
         mp.apply(model, "lorax")
     with pytest.raises(ValueError, match="unknown option.*'rnak'.*its options are: rank, alpha"):
         mp.apply(model, "lora", rnak=4)

@@ -1,8 +1,9 @@
 """peft's format for the LoRA family and the LyCORIS-style methods (DoRA, rsLoRA, PiSSA / OLoRA, IA³,
 VeRA, LoHa, LoKr), both ways, against the real transformers + peft, with test_peft_format.py's tiny
 models and helpers: an adapter trained a few steps on one side gives the same outputs on the other (within
-1e-5 over real tokens), and comes back. With -s the module ends by printing the largest differences it
-measured, method × family, as a Markdown table:
+1e-5 over real tokens), and comes back; exported, it gets the same gradient from peft for every tensor it
+trains (within 1e-5 relative, test_peft_format.gradient_differences). With -s the module ends by printing
+the largest differences it measured, method × family, as a Markdown table:
 
     python -m pytest tests/test_peft_methods.py -s -k "runs_in_peft or loads_into_minipeft"
 """
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 import minipeft as mp
-from test_peft_format import (ATOL, batch, folders, max_diff, ours_base, ours_out, peft, peft_adapter, peft_forward,  # noqa: F401
-                              theirs_base, theirs_out, train)
+from test_peft_format import (ATOL, GRADIENT_RTOL, batch, folders, gradient_differences, max_diff, ours_base,  # noqa: F401
+                              ours_out, peft, peft_adapter, peft_forward, theirs_base, theirs_out, train)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-FIGURES = []  # table rows the round-trip tests add: (method, family, what, minipeft -> peft, back, peft -> minipeft)
+FIGURES = []  # table rows the round-trip tests add: (method, family, what, minipeft -> peft, back, gradients,
+#               peft -> minipeft)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,8 +27,8 @@ def round_trip_table():
     """After the module's tests: the largest output differences they measured, as Markdown (seen with -s)."""
     yield
     if FIGURES:
-        rows = ["| method | family | options / peft config | minipeft -> peft | back | peft -> minipeft |",
-                "|---|---|---|---:|---:|---:|"]
+        rows = ["| method | family | options / peft config | minipeft -> peft | back | gradients (relative) "
+                "| peft -> minipeft |", "|---|---|---|---:|---:|---:|---:|"]
         rows += ["| " + " | ".join(f"{c:.1e}" if isinstance(c, float) else c for c in row) + " |" for row in FIGURES]
         print("\n" + "\n".join(rows))
 
@@ -52,8 +54,9 @@ TO_PEFT = [  # (base, method, options): trained here, run by peft, loaded back
 ]
 
 
-def to_peft_and_back(name, method, options, folders, ours_base, path) -> tuple[float, float, float]:
-    """(ours vs base, ours vs peft, ours vs ours loaded back) largest differences."""
+def to_peft_and_back(name, method, options, folders, ours_base, path) -> tuple[float, float, float, float]:
+    """(ours vs base, ours vs peft, ours vs ours loaded back) largest differences, and the largest relative
+    difference of a trainable tensor's gradient between ours and peft's."""
     model = train(mp.apply(ours_base(name), method, **options), ours_out)
     mp.save_adapter(model, path, format="peft")
     idx, mask = batch()
@@ -62,16 +65,18 @@ def to_peft_and_back(name, method, options, folders, ours_base, path) -> tuple[f
         theirs = theirs_out(peft.PeftModel.from_pretrained(theirs_base(folders, name), path).eval(), idx, mask)
         base = theirs_out(theirs_base(folders, name), idx, mask)
         back = ours_out(mp.load_adapter(ours_base(name), path), idx, mask)
-    return max_diff(ours, base, mask), max_diff(ours, theirs, mask), max_diff(ours, back, mask)
+    gradients = max(gradient_differences(model, path, theirs_base(folders, name)).values())
+    return max_diff(ours, base, mask), max_diff(ours, theirs, mask), max_diff(ours, back, mask), gradients
 
 
 @pytest.mark.parametrize("name, method, options", TO_PEFT,
                          ids=[f"{n}-{m}-" + ",".join(map(str, o.values())) for n, m, o in TO_PEFT])
 def test_minipeft_adapter_runs_in_peft_and_comes_back(name, method, options, folders, ours_base, tmp_path):
-    moved, in_peft, back = to_peft_and_back(name, method, options, folders, ours_base, tmp_path / "a")
-    FIGURES.append((method, name, ", ".join(f"{k}={v}" for k, v in options.items()), in_peft, back, ""))
+    moved, in_peft, back, gradients = to_peft_and_back(name, method, options, folders, ours_base, tmp_path / "a")
+    FIGURES.append((method, name, ", ".join(f"{k}={v}" for k, v in options.items()), in_peft, back, gradients, ""))
     assert moved > 1e-3, "the adapter should change the outputs"
     assert in_peft < ATOL and back < ATOL
+    assert gradients < GRADIENT_RTOL
 
 
 FROM_PEFT = [  # (base, peft config): trained with peft, loaded here
@@ -125,7 +130,7 @@ def from_peft(name, make_config, folders, ours_base, path) -> tuple[float, float
 def test_peft_adapter_loads_into_minipeft(name, make_config, folders, ours_base, tmp_path, request):
     moved, difference = from_peft(name, make_config, folders, ours_base, tmp_path / "a")
     config = request.node.callspec.id
-    FIGURES.append((config.split("-")[1], name, f"peft: {config}", "", "", difference))
+    FIGURES.append((config.split("-")[1], name, f"peft: {config}", "", "", "", difference))
     assert moved > 1e-3, "the adapter should change the outputs"
     assert difference < ATOL
 

@@ -8,6 +8,7 @@ real process."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import train as train_cli
-from minipeft import cli, processes, trainer
+from minipeft import checkpoint, cli, processes, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +60,9 @@ def reviews(folder):
 
 
 def lm_args(text, out, *extra):
+    """A short LoRA run on tiny-gpt2 into `out` (None: no --out)."""
     return ["--model", "tiny-gpt2", "--task", text, "--max-len", "16", "--batch-size", "4", "--steps", "8",
-            "--eval-every", "100", "--out", out, *extra]
+            "--eval-every", "100", *(["--out", out] if out is not None else []), *extra]
 
 
 def run_main(main, args, capsys):
@@ -74,10 +76,11 @@ def run_main(main, args, capsys):
 
 
 def hashes(path: Path) -> dict:
+    """Every file's sha256 and every folder (the top one too) under `path`: {} if it does not exist."""
     if path is None or not Path(path).exists():
         return {}
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(Path(path).rglob("*")) if f.is_file()}
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "folder"
+            for f in sorted([Path(path), *Path(path).rglob("*")])}
 
 
 def step_losses(out: Path) -> dict:
@@ -147,9 +150,10 @@ def hf_gpt2_folder(folder: Path) -> Path:
 
 
 def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapter):
-    """(name, train.py arguments, message, folder that must not change)."""
-    fin = ["--out", finished]
-    lm = lambda *extra: lm_args(text, finished, *extra)  # noqa: E731
+    """(name, train.py arguments, message, folder that must not change). Unless a case gives its own,
+    the --out is tmp/"new", which must not come to exist."""
+    fin = ["--out", tmp / "new"]
+    lm = lambda *extra: lm_args(text, tmp / "new", *extra)  # noqa: E731
     cls = lambda task, *extra: ["--model", "tiny-bert", "--task", task, "--batch-size", "4", "--steps", "2",  # noqa: E731
                                 *fin, *extra]
 
@@ -192,6 +196,9 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
     truncate(bad_params / "checkpoint-4" / "adapter.safetensors")
     dangling = copy_of(unfinished, "dangling")
     shutil.rmtree(dangling / "checkpoint-4")
+    crashed = tmp / "crashed"  # a run that stopped before its first checkpoint
+    crashed.mkdir()
+    shutil.copy(unfinished / "metrics.jsonl", crashed)
     resume = lambda run, *extra: [*lm_args(text, run, "--resume", run), *extra]  # noqa: E731
 
     return [
@@ -204,7 +211,8 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
          "config.json has no 'n_head', which a gpt2 config needs", finished),
         ("corrupt tokenizer.json", lm("--model", bad_tokenizer), "tokenizer.json is corrupt or truncated", finished),
         ("unknown task", lm("--task", "imdb"), "unknown data source 'imdb'", finished),
-        ("unknown method", lm("--method", "lorax"), "unknown method 'lorax'; valid methods are: full", finished),
+        ("unknown method", lm("--method", "lorax"), "unknown method 'lorax' (did you mean 'lora'?); valid methods are: "
+         "full", finished),
         ("option of another method", lm("--method", "prompt", "--rank", "4"),
          "unknown option(s) ['rank'] for method 'prompt'", finished),
         ("unknown flag", lm("--rnak", "4"), "unrecognized arguments: --rnak", finished),
@@ -231,7 +239,22 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
          "bad.jsonl line 2 is not valid JSON", finished),
         ("output folder is a file", lm("--out", a_file / "run"), "is a file, not a folder", finished),
         ("output folder holds an unfinished run", lm("--out", unfinished),
-         "holds an unfinished run (checkpoint-4, step 4 of 8); continue it with --resume", unfinished),
+         f"holds an unfinished run (checkpoint-4, step 4 of 8); continue it with --resume {unfinished}, replace "
+         "it with --overwrite, or choose another --out", unfinished),
+        ("output folder holds a finished run", lm("--out", finished),
+         "holds another run (adapter/, checkpoint-8/, config.yaml, latest_checkpoint, metrics.csv, metrics.jsonl, "
+         "plot.png); replace it with "
+         "--overwrite, choose another --out, or give none for a new folder", finished),
+        ("output folder holds a run stopped before its first checkpoint", lm("--out", crashed),
+         "holds another run (metrics.jsonl)", crashed),
+        ("--overwrite of the run --resume continues", resume(unfinished, "--overwrite"),
+         f"--overwrite would delete the run that --resume {unfinished} continues", unfinished),
+        # --overwrite removes the old run only once every check has passed, also the trainer's own
+        ("--overwrite with a batch larger than the data", lm("--out", finished, "--overwrite", "--batch-size", "1000"),
+         "fewer than one batch of 1000", finished),
+        ("--overwrite, resuming a checkpoint of another base model",
+         lm("--out", finished, "--overwrite", "--resume", unfinished, "--model", "tiny-llama"),
+         "was trained on another base model", finished),
         ("resume into another unfinished run", lm("--resume", finished, "--out", unfinished),
          "holds an unfinished run", unfinished),
         ("missing init adapter", lm("--init-adapter", tmp / "no-adapter"), "is not an adapter folder", finished),
@@ -271,7 +294,7 @@ def test_bad_train_input_is_one_clear_error(tmp_path, capsys, text, reviews, fin
     for name, args, message, keep in cases:
         before = hashes(keep)
         code, err = run_main(train_cli.main, args, capsys)
-        problems = []
+        problems = [f"{tmp_path / 'new'} was created"] if (tmp_path / "new").exists() else []
         if code != 2:
             problems.append(f"exit code {code}")
         if "Traceback" in err:
@@ -332,6 +355,103 @@ def test_unwritable_output_folder(tmp_path, capsys, text):
     assert code == 2 and "Traceback" not in err
     assert f"cannot write in {locked}" in err and "choose a writable folder" in err
     assert not (locked / "minipeft-run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# one run per output folder: --overwrite, and a folder of its own without --out
+
+
+def run_printing(args, capsys) -> tuple[int, str]:
+    """train.py's main(args) through cli.run: (exit code, what it printed on stdout and stderr)."""
+    code = 0
+    try:
+        cli.run(train_cli.main, [str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
+
+
+def events(out: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overwrite_replaces_another_run_and_keeps_other_files(tmp_path, text, finished, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(finished, old)
+    (old / "notes.txt").write_text("the user's own file")
+    old_adapter = hashes(old / "adapter")
+    code, printed = run_printing(lm_args(text, old, "--steps", "2", "--overwrite"), capsys)
+    assert code == 0, printed
+    assert (f"--overwrite: removed the previous run's adapter/, checkpoint-8/, config.yaml, latest_checkpoint, "
+            f"metrics.csv, metrics.jsonl, plot.png from {old}") in printed
+    assert events(old).count("start") == 1 and step_losses(old).keys() == {1, 2}  # no row of the old run
+    assert sorted(p.name for p in old.iterdir()) == ["adapter", "checkpoint-2", "config.yaml", "latest_checkpoint",
+                                                     "metrics.csv", "metrics.jsonl", "notes.txt", "plot.png"]
+    assert (old / "notes.txt").read_text() == "the user's own file"
+    assert hashes(old / "adapter") != old_adapter
+
+
+def test_runs_without_out_get_new_folders_of_their_own(tmp_path, text, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the runs' folders go to ./checkpoints
+    args = lm_args(text, None, "--steps", "2")
+    folders, contents = [], []
+    for _ in range(2):
+        code, printed = run_printing(args, capsys)
+        assert code == 0, printed
+        new = sorted(set((tmp_path / "checkpoints").iterdir()) - set(folders))
+        assert len(new) == 1, new
+        folder = new[0].relative_to(tmp_path)
+        assert re.fullmatch(r"tiny-gpt2-text-lora-\d{8}-\d{6}(-\d+)?", folder.name)
+        assert printed.splitlines()[0].endswith(f", output in {folder}")  # named on the first line
+        assert f"output folder        {folder}" in printed  # and after the summary
+        assert events(folder).count("start") == 1 and step_losses(folder).keys() == {1, 2}
+        folders.append(new[0])
+        contents.append(hashes(new[0]))
+    assert hashes(folders[0]) == contents[0]  # the second run did not touch the first's folder
+
+
+def test_a_run_without_out_that_fails_leaves_no_folder(tmp_path, text, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = lm_args(text, None, "--batch-size", "1000")
+    code, printed = run_printing(args, capsys)
+    assert code == 2 and "fewer than one batch of 1000" in printed
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_new_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda _: "20260101-120000")  # both in one second
+    run = {"model": "smollm2", "task": tmp_path / "my data.jsonl"}
+    (tmp_path / "my data.jsonl").write_text("")
+    a, b = (checkpoint.new_run_folder(run, "lora", parent=tmp_path / "runs") for _ in range(2))
+    assert a.name == "smollm2-my_data-lora-20260101-120000" and b.name == a.name + "-2"
+    assert a.is_dir() and b.is_dir()
+
+
+def test_the_python_api_trains_as_train_py(tmp_path, text, monkeypatch):
+    """trainer.train with TrainConfig's defaults takes the steps train.py takes with its own defaults
+    (learning rate, batching, and the rest): the same losses and adapter, bit for bit."""
+    import minipeft as mp
+    from minipeft import data
+    cli_out, api_out = tmp_path / "cli", tmp_path / "api"
+    train_cli.main(["--model", "tiny-gpt2", "--task", str(text), "--max-len", "16", "--steps", "3",
+                    "--batch-size", "4", "--out", str(cli_out)])
+    torch.manual_seed(0)  # as train.py seeds the method's initialization (--seed 0)
+    model, tokenizer = mp.from_pretrained("tiny-gpt2")
+    task = data.load_task(text, tokenizer, max_len=16)
+    mp.apply(model, "lora")
+    trainer.train(model, task, trainer.TrainConfig(steps=3, batch_size=4, out=str(api_out)))
+    assert step_losses(api_out) == step_losses(cli_out)
+    assert tensors_equal(load_file(api_out / "adapter" / "adapter.safetensors"),
+                         load_file(cli_out / "adapter" / "adapter.safetensors"))
+    start = next(json.loads(line) for line in (api_out / "metrics.jsonl").read_text().splitlines())
+    assert start["config"]["lr"] == mp.get_method("lora").lr  # resolved, and logged as resolved
+    # and without out, a new folder of its own under ./checkpoints, as train.py
+    monkeypatch.chdir(tmp_path)
+    summary = trainer.train(model, task, trainer.TrainConfig(steps=1, batch_size=4))
+    [folder] = (tmp_path / "checkpoints").iterdir()
+    assert re.fullmatch(r"lora-\d{8}-\d{6}", folder.name)
+    assert summary["adapter"] == str(folder.relative_to(tmp_path) / "adapter")
 
 
 # ----------------------------------------------------------------------------------------------------

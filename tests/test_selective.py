@@ -131,6 +131,17 @@ def test_parameter_counts_on_real_shapes(shape):
                 assert real == total
 
 
+@pytest.mark.parametrize("flavor, switches", [("llama", dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
+                                              ("gpt2", dict(qk_norm=True))])
+def test_counts_follow_the_switches_not_the_families(flavor, switches):
+    """Switch combinations no family here has (a gated MLP with biases everywhere; LayerNorms, with their
+    biases, on q and k): bitfit's and full's formulas still equal what the model builds."""
+    model = tiny_model(flavor, **switches)
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+    assert selective.bitfit_parameter_count(model.cfg) == biases
+    assert selective.full_parameter_count(model.cfg) == model.num_parameters()
+
+
 def test_gpt2_small_worked_examples():
     """The formulas' numbers, worked out by hand for GPT-2 small (d 768, d_ff 3072, 12 layers)."""
     cfg = meta_model("gpt2-small").cfg

@@ -104,16 +104,22 @@ def test_rotten_tomatoes_instruct_is_rotten_tomatoes_as_questions():
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "a", "completion": "b"}, {"messages": [{"role": "user", "content": "a"}]}],
      "line 2 is a messages row but line 1 is a prompt/completion row"),
-    ([{"prompt": "a", "completion": "b"}, "", {"question": "a", "answer": "b"}], "line 3 is not an instruction row"),
+    ([{"prompt": "a", "completion": "b"}, "", {"question": "a", "answer": "b"}],
+     "line 3 has no 'prompt' field, which every prompt/completion row of this file needs"),
+    ([{"question": "a", "answer": "b"}], "line 1 fits no row shape \\(its fields are: question, answer\\); give each row"),
     ([{"messages": [{"role": "user", "content": "a"}]}], "line 1: the conversation has no assistant turn"),
     ([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "  "}], "line 2: an empty completion"),
     ([{"prompt": "a", "completion": 3}], "line 1: 'completion' is int, not a string"),
     ([{"messages": [{"role": "bot", "content": "a"}]}], "line 1: message 0 is not"),
+    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}],
+     "line 1: turn 1 is not {\"from\": one of human, user, gpt, assistant, system"),
+    ([{"conversations": "hello"}], "line 1: 'conversations' is text but not valid JSON"),
+    ([{"conversations": [{"from": "human", "value": "a"}]}], "line 1: the conversation has no assistant turn"),
 ])
 def test_bad_rows_name_their_line(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=message):
-        data.read_conversations(path)
+        data.load_instruct(path, byte_tokenizer())
 
 
 # ------------------------------------------------------------------------------ packing
@@ -190,6 +196,9 @@ def sft_run(tmp_path_factory):
 def test_train_reports_exact_match_and_the_data(sft_run):
     _, out, done = sft_run
     assert "exact match" in done.stdout and "prompt/completion rows" in done.stdout
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    lr, options = mp.task_defaults("lora", "sft")  # instruction data's defaults, not classification's
+    assert start["config"]["lr"] == lr == 1e-3 and start["method"]["options"]["targets"] == options["targets"] == ["all"]
     summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["data"]["truncated"] == 0 and "exact_match" in summary["test_after"]
     validation = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -207,6 +216,18 @@ def test_eval_writes_the_predictions(sft_run, tmp_path):
     assert len(rows) == 4 and set(rows[0]) == {"prompt", "answer", "prediction", "correct"}
 
 
+def test_eval_scores_a_file_whole_beside_the_run(sft_run):
+    """No --model: the adapter's base; --split all: every row of the file; the predictions go to the run folder
+    (beside the adapter folder, not inside it)."""
+    task, out, _ = sft_run
+    done = run("eval.py", "--task", task, "--adapter", out / "adapter", "--split", "all", "--max-len", "64")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("tiny-llama + ") and "all (40 examples" in done.stdout
+    rows = [json.loads(line) for line in (out / "predictions-all.jsonl").read_text().splitlines()]
+    assert sorted(r["answer"] for r in rows) == sorted(r["completion"] for r in sums())
+    assert not list((out / "adapter").glob("predictions*"))
+
+
 def test_chat_streams_answers_in_the_template():
     done = run("eval.py", "--model", "tiny-llama", "--chat", "--max-new-tokens", "5", "--temperature", "0.7",
                "--seed", "1", stdin="hello\nagain\n")  # the input ends: Ctrl-D
@@ -215,7 +236,8 @@ def test_chat_streams_answers_in_the_template():
 
 
 BAD_INPUT = [
-    ([{"prompt": "a", "completion": "b"}] * 3 + [{"text": "a", "label": 1}], [], "line 4 is not an instruction row"),
+    ([{"prompt": "a", "completion": "b"}] * 3 + [{"text": "a", "label": 1}], [],
+     "line 4 is a text/label row but line 1 is a prompt/completion row"),
     ([{"prompt": "a", "completion": "b"}] * 5 + [{"messages": []}], [], "line 6 is a messages row"),
     ([{"messages": [{"role": "user", "content": "a"}]}] * 6, [], "no assistant turn"),
     ([{"prompt": "a", "completion": ""}] * 6, [], "empty completion"),

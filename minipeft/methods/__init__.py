@@ -27,8 +27,8 @@ from .combine import combine_adapters
 from .disable import adapters_disabled
 from .multi import set_adapter
 from .registry import (METHODS, Method, Option, apply, expected_trainable_parameters, get_method, lr_factors,
-                       merge, register, trainable_state_dict, unmerge)
+                       merge, register, task_defaults, trainable_state_dict, unmerge)
 
 __all__ = ["METHODS", "Method", "Option", "adapters_disabled", "apply", "combine_adapters",
            "expected_trainable_parameters", "get_method", "lr_factors", "merge", "register", "set_adapter",
-           "trainable_state_dict", "unmerge"]
+           "task_defaults", "trainable_state_dict", "unmerge"]

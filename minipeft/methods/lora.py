@@ -117,7 +117,8 @@ class LoRALinear(LowRankUpdate, DeltaMerge, FrozenLinear):
                 A, B = residual_init(self.weight, rank, self.scale, init)
                 self.lora_A.copy_(A)
                 self.lora_B.copy_(B)
-                self.weight -= self.delta_weight().to(self.weight.dtype)  # W keeps the residual
+                residual = self.weight.float() - self.delta_weight()  # W keeps the residual, rounded once (peft's)
+                self.weight.copy_(residual.to(self.weight.dtype))
         self.to(base.weight.device)
 
     def forward(self, x):  # (…, in) -> (…, out)
@@ -315,7 +316,7 @@ def _fused_update(block, adapted: tuple, held: tuple, rank: int, cfg) -> tuple[t
     layers = {t: block.get_submodule(linear_targets.TARGETS[t]) for t in adapted}
     A = torch.cat([layer.lora_A for layer in layers.values()])  # (n·r, in)
     B = torch.zeros(sum(linear_targets.shape(cfg, t)[1] for t in held), len(adapted) * rank,
-                    device=A.device)  # (Σ out, n·r): zero where a held target is not adapted
+                    dtype=A.dtype, device=A.device)  # (Σ out, n·r): zero where a held target is not adapted
     row = 0
     for t in held:
         out_features = linear_targets.shape(cfg, t)[1]

@@ -1,0 +1,6 @@
+"""The scripts the `minipeft` command runs: train.py, eval.py and export.py.
+
+In a clone of the repository this package stays empty and the command runs the files at the
+repository's top. pyproject.toml maps this package onto that top folder, so a wheel carries copies of
+them here (minipeft/command.py finds either).
+"""

@@ -1,0 +1,338 @@
+"""mp.export, checked by the programs that load its files (no imitation of them):
+
+- hf: transformers' own class for each family loads the folder; logits (decoders) or hidden states
+  (encoders) within 1e-4 of minipeft's merged model, on a right-padded batch; decoder classifiers as
+  …ForSequenceClassification; shards; SmolLM2 and Gemma 3 270M with their tokenizer and chat template.
+- the check every export runs before it reports done, and the bad input it refuses.
+
+    python -m pytest tests/test_export.py -s      # prints each family's largest |difference|
+"""
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import minipeft as mp
+from minipeft.model import FAMILIES
+from conftest import perturb_trainable, tiny_batch, tiny_model
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+ENCODERS = ("bert", "roberta", "distilbert")
+# what transformers' config of the family cannot hold: DistilBERT's epsilon is fixed, and Phi-3's head_dim is
+# d_model / n_head (conftest's tiny phi3 sets 16 to test minipeft's own switches)
+FAMILY_OVERRIDES = {"distilbert": dict(norm_eps=1e-12), "phi3": dict(head_dim=8)}
+
+
+def tuned(flavor, n_classes=None, method="lora", **options):
+    """A tiny model of the family with a trained-looking adapter (moved off its initialization)."""
+    model = tiny_model(flavor, n_classes=n_classes, **FAMILY_OVERRIDES.get(flavor, {}))
+    mp.apply(model, method, **({"rank": 2, "targets": ["all"]} if method == "lora" else {}), **options)
+    perturb_trainable(model)
+    return model.eval()
+
+
+def transformers_model(folder):
+    config = json.loads((folder / "config.json").read_text())
+    return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+
+
+def largest_difference(model, hf, flavor, n_classes=None) -> float:
+    """max |minipeft − transformers| over the real tokens of a right-padded batch, and of the same rows
+    unpadded (no token is the padding id then: RoBERTa derives positions from it)."""
+    idx, mask = tiny_batch(vocab=model.cfg.vocab_size)
+    runs = [(idx, mask)] if n_classes else [(idx.clamp(min=1), None), (idx, mask)]  # classifiers: the last real token
+    diffs = []
+    with torch.no_grad():
+        for ids, attention_mask in runs:
+            real = (attention_mask if attention_mask is not None else torch.ones_like(mask)).bool()
+            theirs = hf(input_ids=ids, attention_mask=attention_mask)
+            if flavor in ENCODERS:
+                ours, theirs = model.encode(ids, attention_mask=attention_mask)[real], theirs.last_hidden_state[real]
+            elif n_classes:
+                ours, theirs = model(ids, attention_mask=attention_mask), theirs.logits
+            else:
+                ours, theirs = model(ids, attention_mask=attention_mask)[real], theirs.logits[real]
+            diffs.append((ours - theirs).abs().max().item())
+    return max(diffs)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_export_of_every_family_runs_in_transformers(family, tmp_path):
+    model = tuned(family)
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert report.check.largest_difference < 1e-5 and report.check.adapter_change > 1e-3
+    hf = transformers_model(tmp_path / "out")
+    diff = largest_difference(model, hf, family)
+    print(f"\n{family}: {type(hf).__name__}, largest |difference| from minipeft's model: {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_a_decoder_classifier_exports_as_sequence_classification(family, tmp_path):
+    model = tuned(family, n_classes=3)
+    with torch.no_grad():
+        model.head.bias.zero_()  # transformers' score layer has no bias
+    mp.export(model, tmp_path / "out", format="hf")
+    hf = transformers_model(tmp_path / "out")
+    assert type(hf).__name__.endswith("ForSequenceClassification") and hf.config.num_labels == 3
+    assert largest_difference(model, hf, family, n_classes=3) < 1e-4
+
+
+def test_a_classifier_head_with_a_bias_or_on_an_encoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="score layer has no bias"):
+        mp.export(tuned("llama", n_classes=2), tmp_path / "llama", format="hf")
+    with pytest.raises(ValueError, match="bert classifier has no transformers class"):
+        mp.export(tuned("bert", n_classes=2), tmp_path / "bert", format="hf")
+    assert not any(tmp_path.iterdir())  # nothing half-written stays
+
+
+def test_large_exports_are_sharded_and_load(tmp_path):
+    model = tuned("qwen3")
+    report = mp.export(model, tmp_path / "out", format="hf", max_shard_bytes=20_000)
+    shards = [f for f in report.files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in report.files
+    assert largest_difference(model, transformers_model(tmp_path / "out"), "qwen3") < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_exports_hold_that_dtype(dtype, tmp_path):
+    model = tuned("llama")
+    report = mp.export(model, tmp_path / "out", format="hf", dtype=dtype)
+    hf = transformers_model(tmp_path / "out")
+    assert hf.config.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert report.check.largest_difference < 0.1 * report.check.scale
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr"])
+def test_every_mergeable_method_exports_merged(method, tmp_path):
+    model = tuned("llama", method=method)
+    mp.export(model, tmp_path / "out", format="hf")
+    assert largest_difference(model, transformers_model(tmp_path / "out"), "llama") < 1e-4
+
+
+def test_a_method_no_weight_can_hold_is_refused_naming_the_formats_that_can(tmp_path):
+    with pytest.raises(ValueError, match="prefix adds modules of its own .* format 'peft'"):
+        mp.export(tuned("llama", method="prefix"), tmp_path / "prefix", format="hf")
+    with pytest.raises(ValueError, match="adapter adds modules .* no other format has this method"):
+        mp.export(tuned("llama", method="adapter"), tmp_path / "adapter", format="hf")
+
+
+def test_an_untrained_adapter_is_an_error_not_a_file(tmp_path):
+    model = tiny_model("llama")
+    mp.apply(model, "lora")  # B = 0: the model is its base
+    with pytest.raises(ValueError, match="leaves its logits equal to the base model's"):
+        mp.export(model, tmp_path / "out", format="hf")
+    assert not (tmp_path / "out").exists() and not any(tmp_path.iterdir())
+
+
+def test_a_setting_the_family_config_cannot_hold_is_refused(tmp_path):
+    model = tiny_model("llama", sliding_window=4, layer_pattern="S")  # transformers' Llama has no sliding window
+    with pytest.raises(ValueError, match=r"llama config.json cannot hold windows=\[4, 4\]"):
+        mp.export(model, tmp_path / "out", format="hf")
+
+
+def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
+    model = tuned("llama")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="exists; give a new folder"):
+        mp.export(model, tmp_path / "taken", format="hf")
+    with pytest.raises(ValueError, match=r"format 'hf' takes dtype fp32, bf16, fp16, not 'q8_0' \(formats that take "
+                                         r"q8_0: gguf, gguf-lora\)"):
+        mp.export(model, tmp_path / "out", format="hf", dtype="q8_0")
+    with pytest.raises(ValueError, match="unknown export format 'onnx'; choose one of hf, gguf, gguf-lora, peft"):
+        mp.export(model, tmp_path / "out", format="onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_the_model_in_memory_is_not_touched(tmp_path):
+    model = tuned("gemma2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.export(model, tmp_path / "out", format="hf")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# the real models
+
+
+@pytest.fixture(scope="module")
+def smollm2_lora():
+    model, tokenizer = mp.from_pretrained("smollm2")
+    mp.apply(model, "lora", rank=8, targets=["all"])
+    perturb_trainable(model, seed=5)
+    return model.eval(), tokenizer
+
+
+def real_model_parity(model, tokenizer, folder, text) -> tuple[float, float]:
+    """transformers on the export against (minipeft's merged model, the model in memory, unmerged): the
+    largest |logit difference| from each; and its tokenizer and chat template give ours."""
+    hf = transformers_model(folder)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "Is this review positive? 'A delight.'"}]
+    ids = tokenizer.encode(text).ids
+    assert theirs_tok(text)["input_ids"] == ids
+    assert theirs_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        mp.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
+    merged, _ = mp.from_pretrained(folder)  # minipeft's merged model: the export read back
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits
+        return tuple((ours(torch.tensor([ids])) - theirs).abs().max().item() for ours in (merged, model))
+
+
+HAMLET_LINE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+
+
+def test_smollm2_with_lora_exports_to_transformers(smollm2_lora, tmp_path):
+    model, tokenizer = smollm2_lora
+    report = mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 2
+    merged, memory = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
+    print(f"\nSmolLM2 + LoRA, hf export in transformers: largest |difference| from minipeft's merged model "
+          f"{merged:.2e}, from the unmerged one in memory {memory:.2e}; check: {report.check}")
+    assert merged < 1e-4 and memory < 1e-3
+
+
+def test_gemma3_270m_with_lora_exports_to_transformers(tmp_path):
+    model, tokenizer = mp.from_pretrained("gemma3-270m")
+    mp.apply(model, "lora", rank=4, targets=["q", "v", "down"])
+    perturb_trainable(model, seed=5)
+    report = mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
+    merged, memory = real_model_parity(model, tokenizer, tmp_path / "out", HAMLET_LINE)
+    print(f"\nGemma 3 270M + LoRA, hf export in transformers: largest |difference| from minipeft's merged model "
+          f"{merged:.2e}, from the unmerged one in memory {memory:.2e}; check: {report.check}")
+    assert merged < 1e-4 and memory < 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])  # GPT-2's and Phi-3's fused q, k, v too
+def test_the_peft_export_runs_in_peft_on_the_hf_export_of_its_base(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(family, **FAMILY_OVERRIDES.get(family, {}))
+    mp.export(base, tmp_path / "base", format="hf")  # the base alone: nothing to merge
+    model = tuned(family)  # the same base (same seed) with a LoRA
+    report = mp.export(model, tmp_path / "peft", format="peft")
+    assert report.check.largest_difference < 1e-5
+    hf = peft.PeftModel.from_pretrained(transformers_model(tmp_path / "base"), tmp_path / "peft").eval()
+    diff = largest_difference(model, hf, family)
+    print(f"\n{family}: peft on transformers' model of the hf export, largest |difference| {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_the_peft_export_of_a_named_model_names_its_hub_id(smollm2_lora, tmp_path):
+    model, tokenizer = smollm2_lora
+    mp.export(model, tmp_path / "out", format="peft", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_qlora_model_exports_merged_in_full_precision(tmp_path):
+    model = tuned("llama", method="qlora", rank=2, targets=["all"])  # LoRA on an NF4 base
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert report.check.largest_difference < 1e-5  # dequantize(W) + ΔW, written in fp32
+    assert largest_difference(model, transformers_model(tmp_path / "out"), "llama") < 1e-4
+
+
+def test_the_requantization_report_shows_how_much_of_the_update_survives_4_bits():
+    from minipeft.export.merged import requantization_report
+    model = tuned("llama", method="qlora", rank=2, targets=["q", "v"])
+    large = dict(requantization_report(model))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.mul_(1e-3)  # an update far below one step of the 4-bit grid
+    small = dict(requantization_report(model))
+    assert sorted(large) == [f"blocks.{i}.attn.{t}" for i in (0, 1) for t in "qv"]
+    assert all(0.8 < r < 1.2 for r in large.values()) and all(r < 0.5 for r in small.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# export.py
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_py(*args, cwd, limit_file_size=None):
+    def limited():  # a disk that fills: writes past the limit fail with "File too large"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, preexec_fn=limited if limit_file_size else None)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny-llama LoRA saved as a training run saves it (run/adapter), and a tiny-gpt2 one."""
+    folder = tmp_path_factory.mktemp("adapters")
+    for name, run in (("tiny-llama", folder / "run" / "adapter"), ("tiny-gpt2", folder / "gpt2")):
+        model, _ = mp.from_pretrained(name)
+        mp.apply(model, "lora", targets=["all"])
+        perturb_trainable(model)
+        mp.save_adapter(model, run)
+    return folder
+
+
+def test_export_py_exports_a_run_folder_against_the_base_its_adapter_records(adapters, tmp_path):
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exported hf (fp32)" in result.stdout and "checked: largest |logit difference|" in result.stdout
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny-llama", "--adapter", "gpt2"], "was trained on another base model"),
+    (["--model", "tiny-gpt2", "--adapter", "gpt2", "--format", "gguf"],
+     "format 'gguf' holds llama, qwen2, qwen3, gemma3 models .* not gpt2; export it with format 'hf'"),
+    (["--adapter", "run", "--format", "peft", "--dtype", "bf16"], "format 'peft' takes dtype fp32, not 'bf16'"),
+    (["--adapter", "run", "--format", "gguf-lora", "--dtype", "q4_0"], "invalid choice: 'q4_0'"),
+])
+def test_export_py_refuses_bad_input_in_one_sentence(adapters, args, message, tmp_path):
+    result = export_py(*args, "--out", tmp_path / "out", cwd=adapters)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_py_refuses_an_existing_out_before_loading(adapters, tmp_path):
+    (tmp_path / "out").mkdir()
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'out'} exists; give a new " \
+                                                                  "folder (an export never overwrites)"
+
+
+def test_a_disk_that_fills_during_the_write_leaves_nothing_behind(adapters, tmp_path):
+    result = export_py("--adapter", adapters / "run", "--out", tmp_path / "out", cwd=tmp_path,
+                       limit_file_size=100_000)  # the weights take 0.5 MB
+    assert result.returncode == 2, result.stderr
+    assert "failed" in result.stderr and "File too large" in result.stderr and "nothing was kept" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_minilm_from_its_hf_folder_exports_to_transformers(tmp_path):
+    model, tokenizer = mp.from_pretrained("minilm")
+    mp.apply(model, "lora", rank=4, targets=["q", "v", "up"])
+    perturb_trainable(model, seed=5)
+    mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
+    hf = transformers_model(tmp_path / "out")
+    text = "A gripping, beautifully shot film; the ending falls flat."
+    encoded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text, return_tensors="pt")
+    assert encoded["input_ids"][0].tolist() == tokenizer.encode(text).ids
+    with torch.no_grad():
+        diff = (model.encode(encoded["input_ids"]) - hf(**encoded).last_hidden_state).abs().max().item()
+    print(f"\nMiniLM + LoRA, hf export in BertModel: largest |hidden-state difference| {diff:.2e}")
+    assert type(hf).__name__ == "BertModel" and diff < 1e-4

@@ -1,0 +1,200 @@
+"""GGUF exports run by llama.cpp itself (llama-cpp-python, built from source; .ci/run builds and caches it):
+
+- gguf: the merged fp32 / f16 export of a LoRA-tuned SmolLM2 agrees with minipeft on the argmax at every
+  position of a teacher-forced Hamlet passage and on 16 greedy tokens; tiny qwen2, qwen3 and gemma3 models
+  (sliding window, q/k norms, biases) give llama.cpp minipeft's logits;
+- gguf-lora: on the unmodified Q4_1 SmolLM2 base GGUF, the adapter changes llama.cpp's logits as it changes
+  minipeft's (correlation ≥ 0.9, the same size), and llama.cpp's own convert_lora_to_gguf.py, run on
+  minipeft's peft export, gives the same logits as minipeft's file.
+
+    python -m pytest tests/test_export_llama_cpp.py -s     # prints the agreement figures
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer
+
+import minipeft as mp
+from minipeft.assets import asset_path
+from minipeft.export.check import plain_model
+from minipeft.export.hf import hf_config
+from minipeft.export.merged import base_weights
+from minipeft.tokenization import END_OF_TEXT, byte_level_bpe, bytes_to_unicode
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# llama.cpp's Python converters, from the llama-cpp-python source package (.ci/run unpacks them here)
+CONVERTERS = Path(os.environ.get("MINIPEFT_LLAMA_CPP_SCRIPTS",
+                                 Path.home() / ".cache" / "minipeft-wheels" / f"llama.cpp-{llama_cpp.__version__}"))
+HAMLET = asset_path("hamlet").read_text(encoding="utf-8")
+F32 = 0  # GGML_TYPE_F32: a KV cache in fp32 (llama.cpp keeps it in fp16 by default)
+
+
+def llama_logits(path, ids, lora=None) -> torch.Tensor:
+    """llama.cpp's logits (T, vocab) for the token ids, teacher-forced."""
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=None if lora is None else str(lora), n_ctx=256,
+                          logits_all=True, n_threads=2, verbose=False, type_k=F32, type_v=F32)
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[:len(ids)]))
+    finally:
+        llm.close()
+
+
+def llama_vocabulary(path, text: str) -> tuple[list[int], dict]:
+    """llama.cpp's token ids for `text` (no <bos> added) and the file's metadata, from the vocabulary alone."""
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=True), dict(llm.metadata)
+    finally:
+        llm.close()
+
+
+def llama_greedy(path, ids, n: int) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False, type_k=F32,
+                          type_v=F32)
+    try:
+        out = []
+        llm.eval(ids)
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_lora():
+    """SmolLM2 with a LoRA whose B moved well off zero (as training moves it: an effect of several logits)."""
+    model, tokenizer = mp.from_pretrained("smollm2")
+    torch.manual_seed(0)  # A's init
+    mp.apply(model, "lora", rank=8, alpha=16, targets=["all"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def passage(smollm2_lora):
+    return smollm2_lora[1].encode(HAMLET[30_000:30_600]).ids[:96]
+
+
+@pytest.fixture(scope="module")
+def lora_file(smollm2_lora, tmp_path_factory):
+    model, tokenizer = smollm2_lora
+    return mp.export(model, tmp_path_factory.mktemp("lora") / "out", format="gguf-lora", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_merged_gguf_export_agrees_with_minipeft_in_llama_cpp(smollm2_lora, passage, dtype, tmp_path):
+    model, tokenizer = smollm2_lora
+    report = mp.export(model, tmp_path / "out", format="gguf", dtype=dtype, tokenizer=tokenizer)
+    path = tmp_path / "out" / "model.gguf"
+    theirs = llama_logits(path, passage)
+    with torch.no_grad():
+        ours = model(torch.tensor([passage]))[0]
+        greedy = model.generate(torch.tensor([passage[:32]]), 16)[0, 32:].tolist()
+    agree = theirs.argmax(-1) == ours.argmax(-1)
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1  # fp16 moves logits by up to ~0.09: closer calls may flip
+    llama_greedy_tokens = llama_greedy(path, passage[:32], 16)
+    same = next((i for i, (a, b) in enumerate(zip(greedy, llama_greedy_tokens)) if a != b), 16)
+    print(f"\nSmolLM2 + LoRA, gguf {dtype} ({sum(report.files.values()) / 2**20:.0f} MiB) in llama.cpp: argmax agrees "
+          f"at {int(agree.sum())} of {len(passage)} positions ({int((~clear).sum())} with a top-2 gap under 0.1), "
+          f"largest |logit difference| {(theirs - ours).abs().max():.3g}, {same} of 16 greedy tokens the same")
+    assert same == 16 and (agree.all() if dtype == "fp32" else agree[clear].all())
+    text = HAMLET[40_000:40_400] + "\n<|im_start|>user\nHi 2024!<|im_end|>"
+    ids, metadata = llama_vocabulary(path, text)
+    assert ids == tokenizer.encode(text).ids and metadata["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_gguf_lora_on_the_quantized_base_does_what_the_adapter_does(smollm2_lora, passage, lora_file):
+    model, _ = smollm2_lora
+    base_file = asset_path("smollm2")  # Q4_1, as it is
+    theirs = (llama_logits(base_file, passage, lora_file.path / "adapter.gguf") - llama_logits(base_file, passage))
+    with torch.no_grad():
+        ids = torch.tensor([passage])
+        ours = model(ids)[0] - plain_model(model.cfg, base_weights(model))(ids)[0]
+    correlation = torch.corrcoef(torch.stack([theirs.flatten(), ours.flatten()]))[0, 1].item()
+    ratio = (theirs.norm() / ours.norm()).item()
+    print(f"\ngguf-lora on the Q4_1 base in llama.cpp: the adapter's effect correlates {correlation:.3f} with "
+          f"minipeft's, size ratio {ratio:.3f} (effect up to {ours.abs().max():.2f} logits)")
+    assert correlation >= 0.9 and 0.8 <= ratio <= 1.25
+
+
+@pytest.mark.skipif(not (CONVERTERS / "convert_lora_to_gguf.py").exists(),
+                    reason=f"llama.cpp's converters are not unpacked at {CONVERTERS} (.ci/run does it)")
+def test_llama_cpps_converter_on_the_peft_export_gives_the_same_logits(smollm2_lora, passage, lora_file, tmp_path):
+    model, tokenizer = smollm2_lora
+    mp.export(model, tmp_path / "peft", format="peft", tokenizer=tokenizer)
+    base = tmp_path / "base"  # the converter reads the base model's config.json (no weights)
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(hf_config(model.cfg, "fp32", {"bos": 1, "eos": 2})))
+    converted = tmp_path / "converted.gguf"
+    subprocess.run([sys.executable, str(CONVERTERS / "convert_lora_to_gguf.py"), "--base", str(base),
+                    "--outfile", str(converted), str(tmp_path / "peft")], check=True, capture_output=True)
+    base_file = asset_path("smollm2")
+    ours = llama_logits(base_file, passage, lora_file.path / "adapter.gguf")
+    theirs = llama_logits(base_file, passage, converted)
+    print(f"\nconvert_lora_to_gguf.py on the peft export against the gguf-lora export: largest |logit difference| "
+          f"{(ours - theirs).abs().max():.2e}")
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """Byte-level BPE with one merge ("Ġ" + "t" = id 256) and <|endoftext|> (257): the smallest vocabulary
+    llama.cpp loads (it needs merges)."""
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab["Ġt"] = 256
+    tokenizer = byte_level_bpe(vocab, [("Ġ", "t")])
+    tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
+    tokenizer.eos_token = END_OF_TEXT
+    return tokenizer
+
+
+def tiny_decoder(flavor, **overrides):
+    """A tiny model with tiny_tokenizer's 258 tokens."""
+    cfg = mp.ModelConfig(**{**dict(vocab_size=258, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
+                                   pad_token_id=257, extra={"source": f"tiny-{flavor}"}), "flavor": flavor, **overrides})
+    torch.manual_seed(0)
+    model = mp.Transformer(cfg).eval()
+    with torch.no_grad():  # norms off their init (1 or 0), so a wrong offset shows
+        for name, p in model.named_parameters():
+            if "ln" in name or "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape))
+    return model, tiny_tokenizer()
+
+
+@pytest.mark.parametrize("flavor, overrides", [
+    ("llama", dict(tie_embeddings=False)),
+    ("qwen2", dict()),
+    ("qwen3", dict(head_dim=32)),
+    ("gemma3", dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6, rope_local_theta=1e4)),
+])
+def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, overrides, tmp_path):
+    model, tokenizer = tiny_decoder(flavor, **overrides)
+    mp.apply(model, "lora", rank=2, targets=["all"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    mp.export(model, tmp_path / "out", format="gguf", tokenizer=tokenizer)
+    ids = tokenizer.encode(HAMLET[1000:1040]).ids  # 40 tokens: past gemma3's window of 6
+    theirs = llama_logits(tmp_path / "out" / "model.gguf", ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    print(f"\ntiny {flavor} in llama.cpp: largest |logit difference| {(theirs - ours).abs().max():.2e}")
+    assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
+    assert llama_vocabulary(tmp_path / "out" / "model.gguf", HAMLET[:300])[0] == tokenizer.encode(HAMLET[:300]).ids
