@@ -85,8 +85,9 @@ def build_parser():
                         "a new one, checkpoints/<model>-<task>-<method>-<date>-<time>, named on the first line). "
                         "A folder that holds another run stops the run, unless --overwrite")
     t.add_argument("--overwrite", action="store_true",
-                   help="let --out hold another run: its metrics.jsonl, adapter/ and checkpoints are deleted "
-                        "once every check has passed, before the first step (the folder's other files stay)")
+                   help="let --out hold another run: its files (metrics.jsonl, adapter/, checkpoints, config.yaml, "
+                        "metrics.csv, plot.png, logger folders) are deleted once every check has passed, before the "
+                        "first step (the folder's other files stay)")
     m = p.add_argument_group("memory")
     m.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
