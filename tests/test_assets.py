@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minipeft import assets
+from minipeft.formats import assets
 
 PACKAGE, VERSION = "minipeft-test-asset", "1.0"
 MEMBERS = {  # the fake wheel's files
