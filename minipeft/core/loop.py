@@ -767,7 +767,7 @@ def versions() -> dict:
 
 def _git_commit() -> str | None:
     """The commit of a minipeft git checkout, read from .git (no git needed); None if not one."""
-    git = Path(__file__).resolve().parent.parent / ".git"
+    git = Path(__file__).resolve().parents[2] / ".git"
     try:
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):

@@ -96,7 +96,7 @@ ASSETS = {
 def repository() -> Path | None:
     """The clone of the repository minipeft runs from (or is installed from with pip install -e), or
     None when it runs from an installed wheel."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() and (root / "train.py").is_file() else None
 
 

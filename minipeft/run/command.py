@@ -37,7 +37,7 @@ def script_path(script: str) -> Path | None:
     """The file of `script` (train, eval, export): the clone's own, else the wheel's copy; None if
     this installation has no such script."""
     root = repository()
-    folder = root if root is not None else Path(__file__).resolve().parent / "_scripts"
+    folder = root if root is not None else Path(__file__).resolve().parents[1] / "_scripts"
     path = folder / f"{script}.py"
     return path if path.is_file() else None
 
