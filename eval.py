@@ -20,7 +20,8 @@ import torch
 import minipeft as mp
 from minipeft.formats import chat, preference
 from minipeft.run import cli
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
+from minipeft.run import trainer
 from minipeft.extras import fewshot
 from minipeft.formats.atomic import atomic_write
 from minipeft.core.generate import Sampling, TextStreamer, generate
@@ -154,12 +155,12 @@ def chat_loop(model, tokenizer, args, lines=None):
 def score_instructions(model, tokenizer, task, args):
     """Exact match of greedy answers on an instruction task's split; every prediction written to a file."""
     dataset = task.splits[args.split]
-    result = trainer.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
+    result = loop.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
                                  args.max_new_tokens)
     default = (Path(args.adapter).resolve().parent if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
     path = Path(args.out) if args.out else default
     rows = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "answer": answer, "prediction": pred,
-             "correct": trainer.normalize_answer(pred) == trainer.normalize_answer(answer)}
+             "correct": loop.normalize_answer(pred) == loop.normalize_answer(answer)}
             for prompt, answer, pred in zip(dataset.prompts, dataset.answers, result["predictions"])]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split} "
@@ -203,7 +204,7 @@ def main(argv):
         print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "
               "classifier head is freshly initialized (a chance-level baseline)")
     with torch.no_grad():
-        metrics = trainer.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
+        metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "
           f"{trainer.headline(metrics)}")
 

@@ -26,7 +26,8 @@ import torch
 import minipeft as mp
 from minipeft.scale import checkpoint, precision, processes, sharding
 from minipeft.run import cli, runconfig, watch
-from minipeft.core import data, dpo, loop as trainer
+from minipeft.core import data, dpo
+from minipeft.run import trainer
 from minipeft.formats import preference
 from minipeft.core.disable import check_can_disable
 

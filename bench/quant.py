@@ -81,7 +81,7 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected) -> bool:
 
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
-    from minipeft.core import data, loop as trainer
+    from minipeft.core import data, loop
     from minipeft import from_pretrained
     from minipeft.core.targets import find as find_targets
     model, tokenizer = from_pretrained("smollm2")
@@ -102,7 +102,7 @@ def perplexity_ladder(blocksize: int, max_len: int):
             for parent, attr in find_targets(model, ["all"]):
                 weight = getattr(parent, attr).weight
                 weight.copy_(round_trip(weight))
-        print(f"| {name} | {trainer.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)
+        print(f"| {name} | {loop.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)
 
 
 def main():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import minipeft as mp
-from minipeft.core import loop as trainer
+from minipeft.core import loop
 from minipeft.fast.losses import IGNORE_INDEX, lm_loss, shift
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
@@ -159,8 +159,8 @@ def test_trainer_summed_loss_is_the_labelled_tokens_cross_entropy():
     batch = {"input_ids": idx, "attention_mask": mask, "labels": targets}
     labelled = targets != IGNORE_INDEX
     expected = F.cross_entropy(model(idx, attention_mask=mask)[labelled], targets[labelled], reduction="sum")
-    torch.testing.assert_close(trainer.loss_fn(model, batch, "lm", reduction="sum"), expected, atol=1e-5, rtol=0)
-    assert trainer.loss_terms(batch, "lm") == labelled.sum()
+    torch.testing.assert_close(loop.loss_fn(model, batch, "lm", reduction="sum"), expected, atol=1e-5, rtol=0)
+    assert loop.loss_terms(batch, "lm") == labelled.sum()
 
 
 def test_labels_on_a_classifier_are_refused():

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is a local folder
 
 import pytest
 
-from minipeft.core import data, loop as trainer
+from minipeft.core import data
+from minipeft.run import trainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -24,7 +24,8 @@ import eval as eval_cli
 import train as train_cli
 from minipeft.scale import checkpoint, processes
 from minipeft.run import cli
-from minipeft.core import loop as trainer
+from minipeft.core import loop
+from minipeft.run import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -545,7 +546,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, text, signum):
 def poison(monkeypatch, bad_steps):
     """Make loss_fn return NaN on the given (1-based) training calls; with grad_accum 1, call i is step i."""
     calls = {"n": 0}
-    real = trainer.loss_fn
+    real = loop.loss_fn
 
     def loss_fn(model, batch, kind, reduction="mean"):
         calls["n"] += model.training  # evaluation calls it too, in eval mode

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import train as train_cli
 from minipeft.run import cli, runconfig
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
 from minipeft.core.registry import METHODS
 from test_robust import hashes, run_main, words
 
@@ -113,7 +113,7 @@ def test_steps_extends_a_finished_run(text, tmp_path, capsys):
                                                    "spans 9 steps")
     steps = logged(out, "step")
     assert [r["step"] for r in steps] == list(range(1, 10))
-    schedule = trainer.warmup_cosine(math.ceil(0.06 * 9), 9)  # step s runs at the schedule's factor(s - 1)
+    schedule = loop.warmup_cosine(math.ceil(0.06 * 9), 9)  # step s runs at the schedule's factor(s - 1)
     assert [r["lr"] for r in steps[6:]] == pytest.approx([1e-3 * schedule(s - 1) for s in (7, 8, 9)])
     # AdamW's moments went on from step 6: its step count is the run's, not 3 of a fresh optimizer
     state = load_file(str(out / "checkpoint-9" / "trainer_state.safetensors"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
 from minipeft.formats.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
@@ -152,7 +152,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(flavor, method):
     grads = []
     for batch in (padded, packed):
         model.zero_grad()
-        loss = trainer.loss_fn(model, batch, "sft")
+        loss = loop.loss_fn(model, batch, "sft")
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = grads
@@ -275,6 +275,6 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
 
 
 def test_exact_match_and_choice_accuracy_read_the_answer():
-    assert trainer.normalize_answer("  Positive. ") == "positive"
-    assert trainer.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
-    assert trainer.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only
+    assert loop.normalize_answer("  Positive. ") == "positive"
+    assert loop.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
+    assert loop.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only

@@ -8,6 +8,7 @@
       3. the method wraps layers / fills the model's slots / unfreezes its selection
       4. a fresh classifier head (cfg.n_classes) is made trainable whatever the method
       5. model.peft_config = {"method", "options", "base_fingerprint"}
+      6. what the outer rings add (AFTER_APPLY: a model held in bf16 casts the new parameters)
 
 `Method` is the one extension point. A method declares everything the rest of minipeft needs, once:
 
@@ -38,9 +39,8 @@ from typing import Any, Callable
 
 import torch
 
-from minipeft.formats.fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint
 from .model import FLAVORS
-from minipeft.scale.precision import set_precision
 
 OPTION_TYPES = (int, float, str, bool, list)  # list: of strings, written "a,b,c" on the command line
 
@@ -197,6 +197,9 @@ def task_defaults(method: str, kind: str) -> tuple[float, dict]:
     return row.pop("lr", METHODS[method].lr), row
 
 
+AFTER_APPLY: list[Callable] = []  # f(model) run after every apply; scale/precision.py adds its cast
+
+
 def apply(model, method: str, tokenizer=None, **options):
     """Freeze the base model and add `method` to it in place; returns the model. `tokenizer` is needed
     only by methods that read text (prompt tuning with init="text")."""
@@ -220,7 +223,8 @@ def apply(model, method: str, tokenizer=None, **options):
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
-    set_precision(model, getattr(model, "precision", "fp32"))  # the new parameters take its dtypes
+    for hook in AFTER_APPLY:
+        hook(model)
     return model
 
 
