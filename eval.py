@@ -21,6 +21,7 @@ import minipeft as mp
 from minipeft.formats import chat, preference
 from minipeft.run import cli
 from minipeft.core import data, loop
+from minipeft.formats import tasks
 from minipeft.run import trainer
 from minipeft.extras import fewshot
 from minipeft.formats.atomic import atomic_write
@@ -185,11 +186,11 @@ def main(argv):
         task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
                                            chat_template=args.chat_template)  # (β = 0.1)
     else:
-        task = data.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
+        task = tasks.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
                               seed=args.seed, chat_template=args.chat_template, columns=columns)  # (weights: training)
-    args.task = data.sources_text(args.task)  # for the reports
+    args.task = tasks.sources_text(args.task)  # for the reports
     if args.split == "all":
-        task.splits["all"] = data.Dataset.concat([task.splits[split] for split in data.SPLITS])
+        task.splits["all"] = data.Dataset.concat([task.splits[split] for split in tasks.SPLITS])
     if args.few_shot is not None:
         result = fewshot.few_shot_accuracy(model, tokenizer, task, k=args.few_shot, seed=args.seed,
                                            split=args.split, limit=args.limit, calibrate=args.calibrate)

@@ -26,7 +26,8 @@ import torch
 import minipeft as mp
 from minipeft.scale import checkpoint, precision, processes, sharding
 from minipeft.run import cli, runconfig, watch
-from minipeft.core import data, dpo
+from minipeft.core import dpo
+from minipeft.formats import tasks
 from minipeft.run import trainer
 from minipeft.formats import preference
 from minipeft.core.disable import check_can_disable
@@ -186,13 +187,13 @@ def check_task_flags(args, task):
                                ("--chat-template", args.chat_template, ("sft", "dpo"))):
         if given and task.kind not in kinds:
             raise ValueError(f"{flag} is for instruction data (prompt/completion, messages or instruction rows); "
-                             f"{data.sources_text(args.task)} is a {task.kind} task")
+                             f"{tasks.sources_text(args.task)} is a {task.kind} task")
 
 
 def resolve_objective(args) -> str | None:
     """The objective: "dpo" for preference pairs (or --objective dpo), else None (the task's own loss). Checked
     before anything loads: the objective must fit the data, and the DPO flags need it."""
-    sources, task = [source for source, _ in data.parse_sources(args.task)], data.sources_text(args.task)
+    sources, task = [source for source, _ in tasks.parse_sources(args.task)], tasks.sources_text(args.task)
     pairs = any(preference.is_preference_source(source) for source in sources)
     objective = args.objective or ("dpo" if pairs else None)
     if objective == "dpo" and not pairs:
@@ -234,7 +235,7 @@ def train_config(args, precision: str, device: torch.device, objective: str | No
         test_before=not args.skip_test_before,
         seed=args.seed, out=args.out, overwrite=args.overwrite, save_every=args.save_every,
         max_bad_steps=args.max_bad_steps, resume=args.resume, stop_at=args.stop_at,
-        run={"model": str(args.model), "task": data.sources_text(args.task), "max_len": args.max_len,
+        run={"model": str(args.model), "task": tasks.sources_text(args.task), "max_len": args.max_len,
              **({"columns": args.columns} if args.columns else {}),  # (older checkpoints do not record it)
              "model_dropout": args.model_dropout, "init_adapter": args.init_adapter, "pack": args.pack,
              "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
@@ -273,7 +274,7 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
         task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
                                            chat_template=args.chat_template)
     else:
-        task = data.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
+        task = tasks.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
                               chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
     check_task_flags(args, task)
     if task.kind == "classification":
@@ -338,7 +339,7 @@ def main(argv):
             sharding.shard(model)
             held = sharding.bytes_per_process(model)
         if rank == 0:
-            print(f"{args.model} on {data.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
+            print(f"{args.model} on {tasks.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} training "
                   f"{'pairs' if task.kind == 'dpo' else 'examples'}{', packed' if args.pack else ''}), method "
                   f"{method.name}, lr {lr}, {chosen.name} on {device}"
                   + (f", {world_size} processes" if world_size > 1 else "") + f", output in {config.out}")

@@ -98,14 +98,15 @@ def time_steps(kind: str, args) -> dict:
     import torch
 
     import minipeft as mp
-    from minipeft.core import data, dpo, loop
+    from minipeft.core import dpo, loop
+    from minipeft.formats import tasks
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
     model, tokenizer = mp.from_pretrained(args.model)
     mp.apply(model, "lora", targets=["all"])
     folder = ROOT / args.out / "data"
     if kind == "sft":
-        split, rows = data.load_task(folder / "sft", tokenizer, max_len=256).splits["train"], 2 * args.batch_size
+        split, rows = tasks.load_task(folder / "sft", tokenizer, max_len=256).splits["train"], 2 * args.batch_size
     else:
         split = preference.load_preferences(folder / "pairs", tokenizer, max_len=256).splits["train"]
         rows = args.batch_size

@@ -244,7 +244,6 @@ def runtime_baseline(mmap_threshold: int) -> dict:
     import gc
     import minipeft as mp  # and torch
     from minipeft.core import loop
-    from minipeft.run import trainer
     imported = _rss_status()["VmRSS"]
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop  # noqa: E402
+from minipeft.core import loop  # noqa: E402
+from minipeft.formats import tasks
 
 
 def timed_step(model, optimizer, scheduler, batch) -> tuple[float, float]:
@@ -43,7 +44,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = mp.from_pretrained(args.model)
-    task = data.load_task("rotten_tomatoes_instruct", tokenizer, max_len=args.max_len)
+    task = tasks.load_task("rotten_tomatoes_instruct", tokenizer, max_len=args.max_len)
     mp.apply(model, "lora", targets=["all"])
     optimizer = loop.make_optimizer(model, 1e-3, 0.0)
     scheduler = loop.make_scheduler(optimizer, 0.0, 10 * args.steps)

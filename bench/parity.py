@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop
+from minipeft.core import loop
+from minipeft.formats import tasks
 from minipeft.run import trainer  # noqa: E402
 from minipeft.formats.assets import asset_path  # noqa: E402
 
@@ -184,7 +185,7 @@ def main():
 
     ours, tokenizer = build_ours(args.seed)
     theirs = build_theirs(ours)
-    task = data.load_task("rotten_tomatoes", tokenizer, max_len=128, seed=0)
+    task = tasks.load_task("rotten_tomatoes", tokenizer, max_len=128, seed=0)
     test = task.splits["test"].head(args.eval_limit)
     cfg = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 

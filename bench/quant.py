@@ -81,11 +81,12 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected) -> bool:
 
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
-    from minipeft.core import data, loop
+    from minipeft.core import loop
+    from minipeft.formats import tasks
     from minipeft import from_pretrained
     from minipeft.core.targets import find as find_targets
     model, tokenizer = from_pretrained("smollm2")
-    test = data.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
+    test = tasks.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
     original = {name: t.clone() for name, t in model.state_dict().items()}
 
     def through(quant_type, double_quant):

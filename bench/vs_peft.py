@@ -58,7 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop  # noqa: E402
+from minipeft.core import loop  # noqa: E402
+from minipeft.formats import tasks
 from minipeft.formats.assets import asset_path  # noqa: E402
 from minipeft.core.lora import LoRALinear  # noqa: E402
 
@@ -172,9 +173,9 @@ def make_step(model, batch, library: str):
 
 def make_batch(model_name: str, vocab_size: int):
     shape = MODELS[model_name]
-    if shape["kind"] == "sft":  # real conversations, labels on the answers (data.py)
+    if shape["kind"] == "sft":  # real conversations, labels on the answers (tasks.py)
         tokenizer = mp.from_pretrained(model_name)[1]
-        task = data.load_task("rotten_tomatoes_instruct", tokenizer, max_len=256)
+        task = tasks.load_task("rotten_tomatoes_instruct", tokenizer, max_len=256)
         batch = next(task.splits["train"].batches(shape["batch"]))
         return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")} | {"kind": "sft"}
     g = torch.Generator().manual_seed(0)

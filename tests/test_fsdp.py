@@ -18,7 +18,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft.core import data, loop
+from minipeft.core import loop
+from minipeft.formats import tasks
 from minipeft.run import trainer
 from minipeft.scale.processes import Processes
 from minipeft.scale import sharding
@@ -62,7 +63,7 @@ def _compare_worker(rank, world_size, folder, method, text, out):
         name, options = METHODS[method]
         torch.manual_seed(0)
         model, tokenizer = mp.from_pretrained(name, dropout=0.0)
-        task = data.load_task(text, tokenizer, max_len=16)
+        task = tasks.load_task(text, tokenizer, max_len=16)
         mp.apply(model, method, **options)
         single = copy.deepcopy(model)  # the one-process run, on the global batch
         initial = {n: p.detach().clone() for n, p in single.named_parameters() if p.requires_grad}

@@ -13,7 +13,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import minipeft as mp
-from minipeft.core import data, loop
+from minipeft.core import loop
+from minipeft.formats import tasks
 from minipeft.run import trainer
 from conftest import perturb_trainable, tiny_model, tiny_tokenizer
 
@@ -72,7 +73,7 @@ def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     mp.apply(model, "lora")
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be that is the question " * 100)
-    task = data.load_task(str(text), tokenizer, max_len=32)
+    task = tasks.load_task(str(text), tokenizer, max_len=32)
     cfg = trainer.TrainConfig(steps=8, batch_size=2, lr=1e-3, warmup=0.25, out=str(tmp_path / "run"),
                               test_before=False, eval_every=8, eval_generate=0)
     seen = []

@@ -195,7 +195,7 @@ def test_format_report():
 PEAK_SCRIPT = """
 import json, sys, torch
 import minipeft as mp
-from minipeft import trainer
+from minipeft.core import loop
 mp.memory.mmap_large_tensors(128 * 1024)  # RSS follows the live tensors (see the function's doc)
 method, checkpointing, n_classes = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]) or None
 torch.manual_seed(0)

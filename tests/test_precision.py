@@ -154,12 +154,12 @@ def test_train_py_counts_overflows_apart_from_divergence(tmp_path, monkeypatch):
     """A run whose loss scale starts far too high skips steps until the scale fits, says so, and goes on:
     the overflows are not non-finite steps (max_bad_steps 2 would otherwise stop it)."""
     monkeypatch.setattr(trainer, "loss_scaling", lambda model, device: mp.precision.LossScaling(device, init_scale=2.0 ** 30))
-    from minipeft.core import data
+    from minipeft.formats import tasks
     model, tokenizer = mp.from_pretrained("tiny-llama", dtype="fp16-mixed")
     mp.apply(model, "lora")
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be that is the question " * 200)
-    task = data.load_task(str(text), tokenizer, max_len=32)
+    task = tasks.load_task(str(text), tokenizer, max_len=32)
     cfg = trainer.TrainConfig(steps=24, batch_size=4, lr=1e-3, out=str(tmp_path / "run"), max_bad_steps=2,
                               test_before=False, eval_every=24)
     summary = trainer.train(model, task, cfg)

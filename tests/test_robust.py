@@ -435,13 +435,13 @@ def test_the_python_api_trains_as_train_py(tmp_path, text, monkeypatch):
     """trainer.train with TrainConfig's defaults takes the steps train.py takes with its own defaults
     (learning rate, batching, and the rest): the same losses and adapter, bit for bit."""
     import minipeft as mp
-    from minipeft.core import data
+    from minipeft.formats import tasks
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     train_cli.main(["--model", "tiny-gpt2", "--task", str(text), "--max-len", "16", "--steps", "3",
                     "--batch-size", "4", "--out", str(cli_out)])
     torch.manual_seed(0)  # as train.py seeds the method's initialization (--seed 0)
     model, tokenizer = mp.from_pretrained("tiny-gpt2")
-    task = data.load_task(text, tokenizer, max_len=16)
+    task = tasks.load_task(text, tokenizer, max_len=16)
     mp.apply(model, "lora")
     trainer.train(model, task, trainer.TrainConfig(steps=3, batch_size=4, out=str(api_out)))
     assert step_losses(api_out) == step_losses(cli_out)

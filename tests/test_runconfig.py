@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import train as train_cli
 from minipeft.run import cli, runconfig
-from minipeft.core import data, loop
+from minipeft.core import loop
+from minipeft.formats import tasks
 from minipeft.core.registry import METHODS
 from test_robust import hashes, run_main, words
 
@@ -68,7 +69,7 @@ def test_every_flag_and_every_method_option_reads_back(tmp_path):
         given = {k: v for k, v in method.defaults.items() if v is not None}  # None: the option's default
         assert json.loads(json.dumps(cli.method_options(again))) == json.loads(json.dumps(given))
         def plain(namespace):  # the flags but method options, --config and --lr; --task as its parsed sources
-            return {k: data.parse_sources(v) if k == "task" else v for k, v in vars(namespace).items()
+            return {k: tasks.parse_sources(v) if k == "task" else v for k, v in vars(namespace).items()
                     if not k.startswith("opt_") and k not in ("config", "lr")}
         assert plain(again) == plain(args)
         assert again.lr == 3e-4

@@ -21,7 +21,7 @@ once with the adapter and once without. What it cannot give back is a base that 
 a method that trains base weights itself (full, head, last_k, bitfit, the layer norms of Houlsby
 adapters, a fresh classifier head) or rewrote them when it was applied (LoRA's PiSSA and OLoRA inits),
 and an adapter merged into the weights (mp.unmerge first). Those stop with a ValueError saying why (a
-trained base weight is told by its name: the model seen through base_view has a parameter of that name).
+trained base weight is told by its name: mp.apply records the base model's parameter names).
 QLoRA's base is its 4-bit one, the weights it actually runs on. A model sharded with FSDP holds its
 weights as shards that only its own layers gather, so a stand-in could not read them: compute what
 needs the base before sharding (train.py's --precompute-reference does).
@@ -103,8 +103,7 @@ def check_can_disable(model):
             raise ValueError(f"{spec.name} {config['options']} rewrote the base weights when it was applied, so "
                              "switching it off does not give the base model back; use an init that leaves them "
                              "alone (e.g. lora's kaiming)")
-    with base_view(model):
-        base_names = {name for name, _ in model.named_parameters()}
+    base_names = model.base_parameter_names  # recorded by mp.apply
     trained = [name for name, p in model.named_parameters() if p.requires_grad and name in base_names]
     if trained:
         method = model.peft_config["method"] if model.peft_config else "this model's method"

@@ -212,6 +212,7 @@ def apply(model, method: str, tokenizer=None, **options):
                          f"(it supports {', '.join(spec.flavors)})")
     resolved = spec.resolve(options)
     fingerprint = base_fingerprint(model)
+    base_names = frozenset(name for name, _ in model.named_parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
     try:
@@ -223,6 +224,7 @@ def apply(model, method: str, tokenizer=None, **options):
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
+    model.base_parameter_names = getattr(model, "base_parameter_names", None) or base_names  # disable.py
     for hook in AFTER_APPLY:
         hook(model)
     return model

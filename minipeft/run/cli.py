@@ -18,8 +18,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-
-from minipeft.core.data import parse_sources
+from minipeft.formats.tasks import parse_sources
 from minipeft.core.registry import methods, TASK_DEFAULTS, task_defaults
 from minipeft.scale.precision import PRECISIONS
 from minipeft.formats.pretrained import NAMED_MODELS
