@@ -10,13 +10,13 @@ The layout. A peft adapter is a folder with two files: `adapter_config.json` (th
 files, which of our methods a `peft_type` is, the checks against the base model, the classifier, and
 the names of the transformers modules. What a method's own tensors and fields mean is said in this
 folder's file of the method's name: lora.py (LORA), dora.py (LORA with use_dora), ia3.py (IA3),
-vera.py (VERA), loha.py (LOHA), lokr.py (LOKR), prompt.py (PROMPT_TUNING), prefix.py (PREFIX_TUNING);
-per_module.py holds what the methods with tensors on each module share.
+vera.py (VERA), loha.py (LOHA), lokr.py (LOKR), prompt.py (PROMPT_TUNING), prefix.py (PREFIX_TUNING),
+each ending with its HOOK; per_module.py holds what the methods with tensors on each module share.
 
 A method's peft hook. A method that peft has too registers a hook for it here, by the method's name
 (the method itself, in minipeft/core/ or a user's file, knows nothing of peft):
 
-    peft_format.register("lora", LoRAInPeft())
+    peft_format.register("my_method", MyMethodInPeft())
 
 and the hook has
 
@@ -125,19 +125,16 @@ TRANSFORMERS_MODELS = {
 BARE_BODY_TASK = "FEATURE_EXTRACTION"  # peft's task type of an adapter for the bare body (no prefix)
 
 
-HOOKS: dict[str, object] = {}  # our method's name -> its peft hook (hooks() fills in the built-in ones)
-BUILT_IN_FILES = ("lora", "dora", "prefix", "prompt", "ia3", "vera", "loha", "lokr")  # files here that register
-_built_ins_loaded = False
+HOOKS: dict[str, object] = {}  # our method's name -> its peft hook (hooks() puts the built-in ones first)
+BUILT_IN = ("lora", "dora", "prefix", "prompt", "ia3", "vera", "loha", "lokr")  # each a file here holding HOOK
 
 
 def hooks() -> dict[str, object]:
-    """HOOKS, with the built-in hooks in it: this folder's method files are imported (each registers its
-    hook) on the first call."""
-    global _built_ins_loaded
-    if not _built_ins_loaded:
-        _built_ins_loaded = True
-        for file in BUILT_IN_FILES:
-            importlib.import_module(f"{__name__}.{file}")
+    """HOOKS, with the built-in hooks in it: on the first call, the HOOK of this folder's file of each
+    built-in method's name."""
+    if not all(name in HOOKS for name in BUILT_IN):
+        for name in BUILT_IN:
+            HOOKS.setdefault(name, importlib.import_module(f"{__name__}.{name}").HOOK)
     return HOOKS
 
 

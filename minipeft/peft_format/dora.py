@@ -6,7 +6,6 @@ import torch
 
 from minipeft.core import targets as linear_targets
 
-from . import register
 from .lora import LoRAInPeft
 
 class DoRAInPeft(LoRAInPeft):
@@ -58,4 +57,4 @@ class DoRAInPeft(LoRAInPeft):
         return options, weights
 
 
-register("dora", DoRAInPeft())
+HOOK = DoRAInPeft()  # hooks() registers it for the method "dora"

@@ -7,7 +7,6 @@ import torch
 
 from minipeft.core import targets as linear_targets
 
-from . import register
 from .per_module import PerModuleInPeft, fitted, present_targets
 
 class IA3InPeft(PerModuleInPeft):
@@ -69,4 +68,4 @@ class IA3InPeft(PerModuleInPeft):
         return options, fitted(model, "ia3", options, values, layout.path, fill=1.0)  # left-out layers: l = 1
 
 
-register("ia3", IA3InPeft())
+HOOK = IA3InPeft()  # hooks() registers it for the method "ia3"

@@ -2,7 +2,6 @@
 matrices as ours; its rank_dropout and module_dropout (training-time dropouts we do not have) and per-module
 ranks are refused. peft's LoHa cannot adapt GPT-2 (its Conv1D layers), so gpt2 adapters stay in our format.
 """
-from . import register
 from .per_module import LycorisInPeft
 
 class LoHaInPeft(LycorisInPeft):
@@ -17,4 +16,4 @@ class LoHaInPeft(LycorisInPeft):
     names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
-register("loha", LoHaInPeft())
+HOOK = LoHaInPeft()  # hooks() registers it for the method "loha"

@@ -2,7 +2,6 @@
 lokr_w2_a/lokr_w2_b, the same matrices as ours. Its rank_dropout, module_dropout and per-module ranks are
 refused. peft's LoKr cannot adapt GPT-2 (its Conv1D layers), so gpt2 adapters stay in our format.
 """
-from . import register
 from .per_module import LycorisInPeft
 
 class LoKrInPeft(LycorisInPeft):
@@ -19,4 +18,4 @@ class LoKrInPeft(LycorisInPeft):
     fields = {"decompose_both": False, "decompose_factor": -1}
 
 
-register("lokr", LoKrInPeft())
+HOOK = LoKrInPeft()  # hooks() registers it for the method "lokr"

@@ -7,7 +7,6 @@ import torch
 from minipeft.core import targets as linear_targets
 from minipeft.core.lora import RESIDUAL_INITS, residual_init
 
-from . import register
 
 class LoRAInPeft:
     """LoRA in peft's files (peft_type LORA). Per adapted transformers module (`layout.key` names it):
@@ -216,4 +215,4 @@ def _padded_to_one_rank(cfg, updates: dict, dropout: float, rslora: bool = False
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets, "rslora": rslora}, weights
 
 
-register("lora", LoRAInPeft())
+HOOK = LoRAInPeft()  # hooks() registers it for the method "lora"

@@ -2,7 +2,6 @@
 """
 import torch
 
-from . import register
 
 class PrefixTuningInPeft:
     """Prefix tuning in peft's files (peft_type PREFIX_TUNING): one table
@@ -33,4 +32,4 @@ class PrefixTuningInPeft:
         return {"length": length, "mlp_hidden": 0}, {"prefix_tuning.prefix": table}
 
 
-register("prefix", PrefixTuningInPeft())
+HOOK = PrefixTuningInPeft()  # hooks() registers it for the method "prefix"

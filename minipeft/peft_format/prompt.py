@@ -1,6 +1,5 @@
 """Prompt tuning in peft's files (peft_type PROMPT_TUNING), both ways.
 """
-from . import register
 
 class PromptTuningInPeft:
     """Prompt tuning in peft's files (peft_type PROMPT_TUNING): one table, our soft prompt as it is,
@@ -35,4 +34,4 @@ class PromptTuningInPeft:
         return {"length": length}, {"prompt.embedding": table}
 
 
-register("prompt", PromptTuningInPeft())
+HOOK = PromptTuningInPeft()  # hooks() registers it for the method "prompt"

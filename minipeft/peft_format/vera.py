@@ -5,7 +5,6 @@ import torch
 from minipeft.core import targets as linear_targets
 from minipeft.core.vera import SharedProjections
 
-from . import register
 from .per_module import PerModuleInPeft, fitted, present_targets
 
 class VeRAInPeft(PerModuleInPeft):
@@ -59,4 +58,4 @@ class VeRAInPeft(PerModuleInPeft):
                                  "from the seed, so it cannot use these")
 
 
-register("vera", VeRAInPeft())
+HOOK = VeRAInPeft()  # hooks() registers it for the method "vera"
