@@ -113,4 +113,5 @@ register(Method(
      Option("targets", list, ["q", "v"], "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'"),
      Option("decompose_both", bool, False, "factor W1 into rank-r factors too"),
      Option("decompose_factor", int, -1, "Kronecker factor size f (-1: the divisor pair nearest √dim)")),
-    mergeable=True, side_by_side=True, examples=({}, {"rank": 1, "targets": ["all"], "decompose_both": True, "decompose_factor": 4})))
+    mergeable=True, side_by_side=True,
+    examples=({}, {"rank": 1, "targets": ["all"], "decompose_both": True, "decompose_factor": 4})))

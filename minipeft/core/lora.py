@@ -55,13 +55,43 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # these move part of W into the adapter
 
 
+def add_lora(layer: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool = False) -> None:
+    """Give `layer` (in_features -> out_features) LoRA's trained pair, A Kaiming-uniform (r, in) and
+    B = 0 (out, r), its scale s (α/r, or α/√r with rsLoRA) and the dropout of its input path."""
+    in_features, out_features = layer.in_features, layer.out_features
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if rank > min(in_features, out_features):
+        raise ValueError(f"LoRA rank {rank} is larger than the layer ({out_features}×{in_features}); "
+                         f"use a rank <= {min(in_features, out_features)}")
+    layer.rank, layer.alpha = rank, alpha
+    layer.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    layer.lora_A = nn.Parameter(torch.empty(rank, in_features))  # (r, in)
+    layer.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
+    nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+    layer.lora_dropout = Dropout(dropout)
+    layer.merged = False
+
+
+def residual_init(weight: torch.Tensor, rank: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA / OLoRA: the factors A₀ (r, in), B₀ (out, r) of the part of `weight` (out, in) an adapter of
+    scale s takes over; the layer keeps weight − s·B₀A₀."""
+    weight = weight.detach().float()
+    if init == "pissa":  # W = U S Vᵀ: the top-r singular triplets, S_r split evenly between B and A
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[:rank] / scale).sqrt()  # (r,)
+        return root[:, None] * Vh[:rank], U[:, :rank] * root
+    Q, R = torch.linalg.qr(weight)  # olora: W = QR, Q with orthonormal columns
+    return R[:rank].contiguous(), Q[:, :rank].contiguous()
+
+
 class LoRALinear(FrozenLinear):
     """A frozen linear layer (the base's own `weight` and `bias`, under those keys) with LoRA's `lora_A`
     and `lora_B` beside them: h = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "kaiming"):
-        super().__init__(base)
+        super().__init__(base)  # self.weight, self.bias = base.weight, base.bias: frozen, under their keys
         add_lora(self, rank, alpha, dropout, rslora)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / rank)
@@ -113,36 +143,6 @@ class LoRALinear(FrozenLinear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def add_lora(layer: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool = False) -> None:
-    """Give `layer` (in_features -> out_features) LoRA's trained pair, A Kaiming-uniform (r, in) and
-    B = 0 (out, r), its scale s (α/r, or α/√r with rsLoRA) and the dropout of its input path."""
-    in_features, out_features = layer.in_features, layer.out_features
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    if rank > min(in_features, out_features):
-        raise ValueError(f"LoRA rank {rank} is larger than the layer ({out_features}×{in_features}); "
-                         f"use a rank <= {min(in_features, out_features)}")
-    layer.rank, layer.alpha = rank, alpha
-    layer.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-    layer.lora_A = nn.Parameter(torch.empty(rank, in_features))  # (r, in)
-    layer.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # (out, r)
-    nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))  # nn.Linear's own init
-    layer.lora_dropout = Dropout(dropout)
-    layer.merged = False
-
-
-def residual_init(weight: torch.Tensor, rank: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA / OLoRA: the factors A₀ (r, in), B₀ (out, r) of the part of `weight` (out, in) an adapter of
-    scale s takes over; the layer keeps weight − s·B₀A₀."""
-    weight = weight.detach().float()
-    if init == "pissa":  # W = U S Vᵀ: the top-r singular triplets, S_r split evenly between B and A
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = (S[:rank] / scale).sqrt()  # (r,)
-        return root[:, None] * Vh[:rank], U[:, :rank] * root
-    Q, R = torch.linalg.qr(weight)  # olora: W = QR, Q with orthonormal columns
-    return R[:rank].contiguous(), Q[:, :rank].contiguous()
-
-
 def apply_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], rslora: bool = False,
                init: str = "kaiming", lr_ratio: float = 1.0):
     """Wrap every targeted linear layer of every block in a LoRALinear (the registry froze the base)."""
@@ -180,7 +180,8 @@ LORA_ONLY_OPTIONS = (
 
 register(Method(
     "lora", "low-rank updates BA on the targeted linear layers (Hu et al. 2021; rsLoRA, PiSSA, OLoRA, LoRA+)",
-    apply_lora, lora_parameter_count, LORA_OPTIONS + LORA_ONLY_OPTIONS, mergeable=True, lr_factors=lora_lr_factors, side_by_side=True, changes_base=lambda init="kaiming", **_: init in RESIDUAL_INITS,
+    apply_lora, lora_parameter_count, LORA_OPTIONS + LORA_ONLY_OPTIONS, mergeable=True, lr_factors=lora_lr_factors,
+    side_by_side=True, changes_base=lambda init="kaiming", **_: init in RESIDUAL_INITS,
     lr=2e-3,  # the headline run (README): test accuracy 0.811 / 0.822 / 0.819 over seeds 0-2, 0.802 at 1e-3
     examples=({}, {"rank": 2, "alpha": 2.0, "dropout": 0.1, "targets": ["all"], "rslora": True, "lr_ratio": 16.0},
               {"rank": 4, "targets": ["k", "o", "down"]})))

@@ -84,4 +84,5 @@ register(Method(
      Option("init", str, "random", "how the soft prompt starts: random, vocab (random token embeddings) "
             "or text (the embeddings of init_text's tokens)", choices=INITS),
      Option("init_text", str, None, "the text whose token embeddings start the prompt (init=text)")),
-    lr=3e-2, exact_at_init=False, uses_tokenizer=True, examples=({}, {"length": 3, "init": "vocab"}, {"length": 5, "init": "text", "init_text": "a review"})))
+    lr=3e-2, exact_at_init=False, uses_tokenizer=True,
+    examples=({}, {"length": 3, "init": "vocab"}, {"length": 5, "init": "text", "init_text": "a review"})))

@@ -97,4 +97,5 @@ register(Method(
      Option("dropout", float, 0.0, "dropout on the VeRA input path (the model's own dropout is --model-dropout)"),
      Option("d_initial", float, 0.1, "initial value of every λ_d"),
      Option("projection_seed", int, 0, "seed of the shared random matrices (peft's projection_prng_key)")),
-    lr=1e-2, mergeable=True, side_by_side=True, examples=({}, {"rank": 4, "targets": ["all"], "dropout": 0.1, "projection_seed": 7})))
+    lr=1e-2, mergeable=True, side_by_side=True,
+    examples=({}, {"rank": 4, "targets": ["all"], "dropout": 0.1, "projection_seed": 7})))

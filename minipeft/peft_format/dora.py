@@ -8,6 +8,7 @@ from minipeft.core import targets as linear_targets
 
 from .lora import LoRAInPeft
 
+
 class DoRAInPeft(LoRAInPeft):
     """DoRA in peft's files: LoRA's (lora.py, LoRAInPeft) with use_dora and, per module,
 

@@ -1,13 +1,13 @@
 """(IA)³ in peft's files (peft_type IA3): each module has `ia3_l`, (out, 1) or, for its `feedforward_modules`,
 (1, in). GPT-2's fused c_attn scales its output rows [q | k | v]: ours are written stacked (ones for a
 target that is not adapted) and split back; scaling c_attn's input (one vector for q, k and v together)
-has no per-layer equivalent and is refused both ways.
-"""
+has no per-layer equivalent and is refused both ways."""
 import torch
 
 from minipeft.core import targets as linear_targets
 
 from .per_module import PerModuleInPeft, fitted, present_targets
+
 
 class IA3InPeft(PerModuleInPeft):
     """(IA)³ in peft's files (peft_type IA3), per adapted module:

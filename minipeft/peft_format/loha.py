@@ -4,6 +4,7 @@ ranks are refused. peft's LoHa cannot adapt GPT-2 (its Conv1D layers), so gpt2 a
 """
 from .per_module import LycorisInPeft
 
+
 class LoHaInPeft(LycorisInPeft):
     """LoHa in peft's files (peft_type LOHA): per adapted module
 

@@ -4,6 +4,7 @@ refused. peft's LoKr cannot adapt GPT-2 (its Conv1D layers), so gpt2 adapters st
 """
 from .per_module import LycorisInPeft
 
+
 class LoKrInPeft(LycorisInPeft):
     """LoKr in peft's files (peft_type LOKR): per adapted module
 

@@ -1,5 +1,4 @@
-"""LoRA in peft's files (peft_type LORA), both ways; peft_format/__init__.py does what every method shares.
-"""
+"""LoRA in peft's files (peft_type LORA), both ways."""
 import math
 
 import torch

@@ -1,5 +1,4 @@
-"""Prefix tuning in peft's files (peft_type PREFIX_TUNING), both ways.
-"""
+"""Prefix tuning in peft's files (peft_type PREFIX_TUNING), both ways."""
 import torch
 
 

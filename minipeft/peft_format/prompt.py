@@ -1,5 +1,5 @@
-"""Prompt tuning in peft's files (peft_type PROMPT_TUNING), both ways.
-"""
+"""Prompt tuning in peft's files (peft_type PROMPT_TUNING), both ways."""
+
 
 class PromptTuningInPeft:
     """Prompt tuning in peft's files (peft_type PROMPT_TUNING): one table, our soft prompt as it is,

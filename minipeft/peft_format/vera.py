@@ -1,11 +1,11 @@
-"""VeRA in peft's files (peft_type VERA), both ways.
-"""
+"""VeRA in peft's files (peft_type VERA), both ways."""
 import torch
 
 from minipeft.core import targets as linear_targets
 from minipeft.core.vera import SharedProjections
 
 from .per_module import PerModuleInPeft, fitted, present_targets
+
 
 class VeRAInPeft(PerModuleInPeft):
     """VeRA in peft's files (peft_type VERA), per adapted module
