@@ -21,7 +21,6 @@
                         replace it, and option defaults, for a kind of task: task_defaults)
     promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
     uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
-    peft                how its adapters map to peft's files, where peft has the method (peft_format.py)
     lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
                         factor × lr (LoRA+'s B); the trainer's optimizer gives them their own group
     side_by_side        several adapters of it can share one base model (multi.py: load_adapter(name=...),
@@ -109,7 +108,6 @@ class Method:
     exact_at_init: bool = True  # output equals the base model's right after apply
     mergeable: bool = False  # mp.merge folds it into the base weights
     uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options)
-    peft: object | None = None  # its counterpart in peft's file format, if peft has one (peft_format.py)
     lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: lr factor}
     side_by_side: bool = False  # several adapters of it can share a base model (multi.py)
     changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights
