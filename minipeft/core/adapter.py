@@ -51,13 +51,6 @@ class AdapterLinear(nn.Linear):
         """The frozen projection alone, over the same weight and bias (disable.py)."""
         return FrozenLinear(self)
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger (memory.py): h, the bottleneck's input to GELU and GELU's output."""
-        m = self.adapter_down.out_features
-        ledger.keep(f"adapter_h@{id(self)}", n * self.out_features)
-        ledger.keep(f"adapter_down@{id(self)}", n * m)
-        ledger.keep(f"adapter_act@{id(self)}", n * m)
-
 
 def apply_adapter(model, size: int, kind: str):
     if size < 1:

@@ -69,11 +69,6 @@ class DoRALinear(LoRALinear):
             self.weight.copy_(self.weight / self.merge_factor - self.delta_weight())
             self.merged = False
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """LoRA's path, plus the sum (base + update) that g's gradient needs, and d(x) when dropout draws."""
-        super().saved_activations(ledger, x, n, grad)
-        ledger.keep(f"{x}@{id(self)}.dora_sum", n * self.out_features)
-
 
 def apply_dora(model, rank: int, alpha: float, dropout: float, targets: list[str], rslora: bool = False):
     wrap(model, targets, lambda layer: DoRALinear(layer, rank, alpha, dropout, rslora))

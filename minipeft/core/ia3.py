@@ -63,13 +63,6 @@ class IA3Linear(FrozenLinear):
             if self.bias is not None:
                 self.bias.mul_(factor)
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger: l's gradient needs the input (input scaling) or the output it scales."""
-        if self.scale_input:
-            ledger.keep(x, n * self.in_features)
-        else:
-            ledger.keep(f"{x}@{id(self)}.ia3_out", n * self.out_features)
-
 
 def _check(cfg, targets, feedforward) -> tuple[tuple, tuple]:
     targets = linear_targets.validate(cfg, targets)

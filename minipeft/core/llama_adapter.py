@@ -43,17 +43,6 @@ class AdaptionPrompt(nn.Module):
         scores = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)  # (B, H, T, K)
         return self.gate.view(1, -1, 1, 1) * (scores @ values)
 
-    def saved_activations(self, ledger, layer: str, batch: int, tokens: int, q_grad: bool):
-        """For the memory ledger (memory.py): q (a transposed view, which the matmul copies), the prompt
-        keys broadcast over the batch (when q needs a gradient), the scores, values and the gated output."""
-        K, H, hd = self.prompt.shape[0], self.n_head, self.head_dim
-        ledger.keep(f"{layer}.adaption_q", batch * tokens * H * hd)
-        if q_grad:
-            ledger.keep(f"{layer}.adaption_keys", batch * H * K * hd)
-        ledger.keep(f"{layer}.adaption_scores", batch * H * tokens * K)
-        ledger.keep(f"{layer}.adaption_values", batch * H * K * hd)
-        ledger.keep(f"{layer}.adaption_out", batch * tokens * H * hd)
-
 
 def apply_llama_adapter(model, length: int, layers: int | None):
     layers = model.cfg.n_layer if layers is None else layers

@@ -44,9 +44,6 @@ class LoHaLinear(DeltaLinear):
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
 
-    def delta_saved(self) -> int:
-        return 2 * self.in_features * self.out_features  # both products, for the Hadamard product's backward
-
 
 def apply_loha(model, rank: int, alpha: float, targets: list[str]):
     wrap(model, targets, lambda layer: LoHaLinear(layer, rank, alpha))

@@ -79,11 +79,6 @@ class LoKrLinear(DeltaLinear):
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         return torch.kron(self.factor("w1"), self.factor("w2")) * self.scale
 
-    def delta_saved(self) -> int:
-        """kron multiplies W1 and W2 broadcast: its backward keeps them, and a product W1a W1b or W2a W2b
-        is a tensor of its own (W1, W2 themselves are parameters)."""
-        return sum(math.prod(f.shape) for f in (self.factor("w1"), self.factor("w2")) if not isinstance(f, nn.Parameter))
-
 
 def _check(rank: int, decompose_factor: int):
     if rank < 1:

@@ -128,17 +128,6 @@ class LoRALinear(FrozenLinear):
             self.weight -= self.delta_weight()
             self.merged = False
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger (memory.py): what autograd keeps of the LoRA path for n tokens of the
-        input named `x` (`grad`: x needs a gradient): dropout's mask and output, or x itself; A's output."""
-        me = f"{x}@{id(self)}"
-        if self.lora_dropout.p > 0:  # each LoRA layer draws its own mask
-            ledger.dropout(self.lora_dropout.p, f"{me}.lora_dropout", n * self.in_features, grad)
-            ledger.keep(f"{me}.lora_dropout.out", n * self.in_features)
-        else:
-            ledger.keep(x, n * self.in_features)
-        ledger.keep(f"{me}.lora_A.out", n * self.rank)
-
     def extra_repr(self):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 

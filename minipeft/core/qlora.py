@@ -48,9 +48,8 @@ class QLoRALinear(Linear4bit):
     def forward(self, x):  # (…, in) -> (…, out)
         return super().forward(x) + self.lora_update(x)
 
-    # LoRA's path, as LoRALinear computes it: s · dropout(x) Aᵀ Bᵀ, s·BA, and what it keeps for backward
-    lora_update, delta_weight, saved_activations = \
-        LoRALinear.lora_update, LoRALinear.delta_weight, LoRALinear.saved_activations
+    # LoRA's path, as LoRALinear computes it: s · dropout(x) Aᵀ Bᵀ, and s·BA
+    lora_update, delta_weight = LoRALinear.lora_update, LoRALinear.delta_weight
 
     def base_layer(self) -> Linear4bit:
         """The frozen 4-bit layer alone, over the same codes, state and bias (disable.py)."""

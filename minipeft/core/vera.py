@@ -67,13 +67,6 @@ class VeRALinear(DeltaMerge, FrozenLinear):
         A, B = self.corners()
         return (self.vera_lambda_b[:, None] * B) @ (self.vera_lambda_d[:, None] * A)  # (out, in)
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger: the dropout mask, A's output (λ_d's gradient) and B's (λ_b's)."""
-        me = f"{x}@{id(self)}"
-        ledger.dropout(self.vera_dropout.p, f"{me}.vera_dropout", n * self.in_features, grad)
-        ledger.keep(f"{me}.A_out", n * self.projections.A.shape[0])
-        ledger.keep(f"{me}.B_out", n * self.out_features)
-
 
 def apply_vera(model, rank: int, targets: list[str], dropout: float, d_initial: float, projection_seed: int):
     if rank < 1:

@@ -63,14 +63,3 @@ class DeltaLinear(DeltaMerge, FrozenLinear):
     def forward(self, x):  # (…, in) -> (…, out)
         weight = self.weight if self.merged else self.weight + self.delta_weight()
         return F.linear(x, weight, self.bias)
-
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger: the input (ΔW's gradient is dyᵀx), W + ΔW when x needs a gradient, and
-        what building ΔW keeps (`delta_saved`, in elements)."""
-        ledger.keep(x, n * self.in_features)
-        if grad:
-            ledger.keep(f"{x}@{id(self)}.weight", self.in_features * self.out_features)
-        ledger.keep(f"{id(self)}.delta", self.delta_saved())
-
-    def delta_saved(self) -> int:
-        return 0

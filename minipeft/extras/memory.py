@@ -66,12 +66,16 @@ With it, bench/memory.py measures GPT-2-small and SmolLM2, full / LoRA / QLoRA w
 checkpointing, within a few percent of this ledger. CPU resident memory: CUDA's caching allocator, which
 keeps freed blocks for reuse, is not modelled.
 """
+import contextlib
+
+import torch
 import torch.nn as nn
 
 from minipeft.fast.losses import tile_elements
 from minipeft.core.model import OffsetRMSNorm
-from minipeft.scale.precision import precision_of
 from minipeft.core.nf4 import Linear4bit, tensors_of_4bit_layers, values_in_4bit_layers
+from minipeft.core.wrap import FrozenLinear
+from minipeft.scale.precision import precision_of
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
 # first forward, backward and AdamW step load code and modules that the imports alone do not), with
@@ -153,10 +157,11 @@ def _weight_trains(layer) -> bool:
 class _Saved:
     """The tensors autograd keeps for backward, by name, in bytes (a name is counted once). Activations
     take `size` bytes per element (the compute dtype's: 4 in fp32, 2 under bf16 or fp16); what stays fp32
-    whatever the precision (norm statistics, log-sum-exps, the loss) says so."""
+    whatever the precision (norm statistics, log-sum-exps, the loss) says so. `probe` measures the
+    modules a method inserts."""
 
-    def __init__(self, size: int = FP32):
-        self.size = size
+    def __init__(self, size: int, probe: "_Probe"):
+        self.size, self.probe = size, probe
         self.elements: dict[str, float] = {}  # name -> bytes
 
     def keep(self, name: str, elements: float, size: int | None = None):
@@ -167,22 +172,116 @@ class _Saved:
         if p > 0 and grad:
             self.keep(name + ".mask", elements)
 
+    def measured(self, module, x: str, batch: int, tokens: int, grad: bool, make_input, call=None):
+        """Keep what `module` keeps for its input named `x` (batch × tokens; `grad`: it needs a gradient),
+        measured: the input itself under its own name (shared with whatever else keeps it), the rest under
+        the module's."""
+        input_width, (c, r, t) = self.probe.measure(module, make_input, grad, call)
+        if input_width:
+            self.keep(x, batch * tokens * input_width)
+        self.keep(f"{x}@{id(module)}.measured", c + r * batch + t * batch * tokens, 1)
+
     def total(self) -> float:
         return sum(self.elements.values())
 
 
-def _linear(saved: _Saved, layer, x: str, n: int, grad: bool) -> bool:
-    """Tensors one (possibly wrapped) linear layer keeps for input `x` (n tokens, `grad`: x needs a
-    gradient); returns whether its output needs one."""
-    d_in = layer.in_features
-    out_grad = grad or _trains(layer)
+# --------------------------------------------------------- what a method's modules keep, measured
+
+class _Probe:
+    """Measures what autograd keeps of one module's forward pass on tiny inputs, the way training runs
+    it: in training mode, on the model's device, in its compute dtype under its autocast. The random
+    state and the module's train/eval mode are left as they were; nothing is written to the model.
+
+    A method declares nothing about its activations: the modules it inserts (a linear layer's wrapper,
+    the attention's adaption slot) run three times, on 2×8, 2×16 and 4×8 tokens, with
+    torch.autograd.graph.saved_tensors_hooks counting the distinct storages autograd still holds once
+    the forward pass returns, the model's weights and buffers left out. Their bytes are fitted as
+    c + r·B + t·B·T (c: what does not grow with the batch, such as a rebuilt weight W + ΔW; r: per row,
+    such as prompt keys broadcast over the batch; t: per token), which assumes nothing a module keeps
+    grows faster than its tokens. A module may still say what it keeps itself, in elements of the
+    compute dtype, with a method saved_activations(ledger, x, n, grad) calling ledger.keep(name,
+    elements): the ledger then asks it instead."""
+
+    B, T = 2, 8  # runs on B × T, B × 2T and 2B × T tokens (a batch of one row can take other kernels)
+
+    def __init__(self, model):
+        precision = precision_of(model)
+        self.dtype, self.device = precision.compute, model.tok_emb.weight.device
+        self.autocast = precision.mixed and torch.amp.is_autocast_available(self.device.type)
+        self.weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def input(self, batch: int, tokens: int, *features: int) -> torch.Tensor:
+        return torch.randn(batch, tokens, *features, dtype=self.dtype, device=self.device)
+
+    def measure(self, module, make_input, grad: bool, call=None) -> tuple[int, tuple[float, float, float]]:
+        """(elements per token of the input that the module keeps itself, 0 if it keeps none; the
+        coefficients (c, r, t) of the bytes of everything else it keeps). make_input(batch, tokens) is a
+        leaf tensor or a view of one, its base receiving `grad`; call(module, x) runs the module."""
+        measured, width, B, T = [], 0, self.B, self.T
+        with self._unchanged(module):
+            for batch, tokens in ((B, T), (B, 2 * T), (2 * B, T)):
+                x = make_input(batch, tokens)
+                (x if x._base is None else x._base).requires_grad_(grad)
+                kept = _kept_storages(lambda: (call or nn.Module.__call__)(module, x))
+                if kept.pop(x.untyped_storage().data_ptr(), None) is not None:
+                    width = x.numel() // (batch * tokens)
+                measured.append(sum(size for ptr, size in kept.items() if ptr not in self.weights))
+        t = (measured[1] - measured[0]) / (B * T)  # bytes per token
+        r = (measured[2] - measured[0] - B * T * t) / B  # per row
+        return width, (measured[0] - B * r - B * T * t, r, t)
+
+    @contextlib.contextmanager
+    def _unchanged(self, module):
+        modes = [(m, m.training) for m in module.modules()]
+        devices = [] if self.device.type == "cpu" else [self.device]
+        with torch.random.fork_rng(devices, device_type=self.device.type), torch.enable_grad(), \
+                (torch.autocast(self.device.type, self.dtype) if self.autocast else contextlib.nullcontext()):
+            module.train()
+            try:
+                yield
+            finally:
+                for m, training in modes:
+                    m.training = training
+
+
+def _kept_storages(run) -> dict[int, int]:
+    """{storage address: bytes} of every storage autograd still keeps for backward once run() returns
+    (a tensor kept by a graph node that is freed before then, being off the output's graph, counts not)."""
+    holders, sizes = {}, {}
+
+    class Held:
+        def __init__(self, t):
+            self.t, self.ptr = t, t.untyped_storage().data_ptr()
+            holders[self.ptr] = holders.get(self.ptr, 0) + 1
+            sizes[self.ptr] = t.untyped_storage().nbytes()
+
+        def __del__(self):
+            holders[self.ptr] -= 1
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t):
+        output = run()  # kept alive while counting: its graph holds what backward would need
+        kept = {ptr: sizes[ptr] for ptr, count in holders.items() if count > 0}
+    del output
+    return kept
+
+
+BASE_LINEARS = (nn.Linear, FrozenLinear, Linear4bit)  # any other linear layer is a method's
+
+
+def _linear(saved: _Saved, layer, x: str, batch: int, tokens: int, grad: bool) -> bool:
+    """Tensors one linear layer, or a method's module in its place, keeps for input `x` (batch × tokens,
+    `grad`: x needs a gradient); returns whether its output needs one."""
+    n, declares = batch * tokens, hasattr(layer, "saved_activations")
+    if type(layer) not in BASE_LINEARS and not declares:  # a method's module (LoRA, adapters): measured
+        saved.measured(layer, x, batch, tokens, grad, lambda B, T: saved.probe.input(B, T, layer.in_features))
+        return grad or _trains(layer)
     if _weight_trains(layer):
-        saved.keep(x, n * d_in)
+        saved.keep(x, n * layer.in_features)
         if layer.weight.element_size() > saved.size:  # autocast's low-precision copy of an fp32 weight
             saved.keep(f"{x}@{id(layer)}.weight_cast", layer.weight.numel())
-    if hasattr(layer, "saved_activations"):  # a method's wrapper (LoRA, adapters) adds its own
+    if declares:  # a module that says what it keeps (see _Probe)
         layer.saved_activations(saved, x, n, grad)
-    return out_grad
+    return grad or _trains(layer)
 
 
 def _norm(saved: _Saved, norm, x: str, n: int, d: int, grad: bool) -> bool:
@@ -206,15 +305,17 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
                grad: bool, L: str) -> bool:
     """q, k, v projections, RoPE, prefix keys, scaled_dot_product_attention, adaption prompt, o."""
     n, H, Hkv, hd = batch * tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    q_grad = _linear(saved, attn.q, x, n, grad)
-    k_grad = _linear(saved, attn.k, x, n, grad) or _trains(attn.prefix)  # prefix keys join k, v
-    v_grad = _linear(saved, attn.v, x, n, grad) or _trains(attn.prefix)
+    q_grad = _linear(saved, attn.q, x, batch, tokens, grad)
+    k_grad = _linear(saved, attn.k, x, batch, tokens, grad) or _trains(attn.prefix)  # prefix keys join k, v
+    v_grad = _linear(saved, attn.v, x, batch, tokens, grad) or _trains(attn.prefix)
     if cfg.positions == "rope" and (q_grad or k_grad):
         saved.keep("rope_tables", 2 * tokens * cfg.rotary_dim)  # cos, sin: (T, rotary_dim) each, shared by all blocks
-    if attn.adaption is not None:  # q against the adaption prompt's keys: a separate softmax, gated
-        attn.adaption.saved_activations(saved, L, batch, tokens, q_grad)
+    if attn.adaption is not None:  # a method's module, given q (B, H, T, hd): what it keeps of q is its own
+        saved.measured(attn.adaption, f"{L}.adaption_q", batch, tokens, q_grad,
+                       lambda B, T: saved.probe.input(B, T, H, hd).transpose(1, 2),
+                       lambda adaption, q: adaption(q, attn.k, attn.v))
     if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
-        return _linear(saved, attn.o, f"{L}.attn_out", n, _trains(attn.adaption))
+        return _linear(saved, attn.o, f"{L}.attn_out", batch, tokens, _trains(attn.adaption))
     if cfg.dropout == 0:  # flash attention (CPU): q, k, v, output, log-sum-exp; a mask as fp32
         saved.keep(f"{L}.q", n * H * hd)
         saved.keep(f"{L}.k", batch * keys * Hkv * hd)
@@ -236,14 +337,14 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
         saved.keep(f"{L}.v_repeated", batch * keys * H * hd)
     # y.transpose(1, 2).reshape(B, T, H·hd) is o's input: a view of flash attention's output (which it
     # lays out as (B, T, H, hd)), a copy of attention_with_dropout's
-    return _linear(saved, attn.o, f"{L}.y" if cfg.dropout == 0 else f"{L}.attn_out", n, True)
+    return _linear(saved, attn.o, f"{L}.y" if cfg.dropout == 0 else f"{L}.attn_out", batch, tokens, True)
 
 
-def _mlp(saved: _Saved, mlp, cfg, x: str, n: int, grad: bool, L: str) -> bool:
-    f = cfg.d_ff
-    up_grad = _linear(saved, mlp.up, x, n, grad)
+def _mlp(saved: _Saved, mlp, cfg, x: str, batch: int, tokens: int, grad: bool, L: str) -> bool:
+    n, f = batch * tokens, cfg.d_ff
+    up_grad = _linear(saved, mlp.up, x, batch, tokens, grad)
     if cfg.gated:  # down(act(gate(x)) * up(x))
-        gate_grad = _linear(saved, mlp.gate, x, n, grad)
+        gate_grad = _linear(saved, mlp.gate, x, batch, tokens, grad)
         if gate_grad:
             saved.keep(f"{L}.gate", n * f)  # silu's input
         if up_grad:
@@ -255,7 +356,7 @@ def _mlp(saved: _Saved, mlp, cfg, x: str, n: int, grad: bool, L: str) -> bool:
         if up_grad:
             saved.keep(f"{L}.up", n * f)  # GELU's input
         hidden_grad = up_grad
-    return _linear(saved, mlp.down, f"{L}.act", n, hidden_grad)
+    return _linear(saved, mlp.down, f"{L}.act", batch, tokens, hidden_grad)
 
 
 def _block(saved: _Saved, block, cfg, x: str, batch: int, tokens: int, keys: int, masked: int,
@@ -268,14 +369,14 @@ def _block(saved: _Saved, block, cfg, x: str, batch: int, tokens: int, keys: int
         saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
         x_grad = grad or a_grad
         _norm(saved, block.ln2, f"{L}.mid", n, d, x_grad)
-        m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln2_out", n, x_grad or _trains(block.ln2), L)
+        m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln2_out", batch, tokens, x_grad or _trains(block.ln2), L)
         saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
         return x_grad or m_grad
     # post-norm: x = ln1(x + drop(attn(x))); x = ln2(x + drop(mlp(x)))
     a_grad = _attention(saved, block.attn, cfg, x, batch, tokens, keys, masked, grad, L)
     saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
     x_grad = _norm(saved, block.ln1, f"{L}.sum1", n, d, grad or a_grad)
-    m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln1_out", n, x_grad, L)
+    m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln1_out", batch, tokens, x_grad, L)
     saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
     _norm(saved, block.ln2, f"{L}.sum2", n, d, x_grad or m_grad)
     return x_grad or m_grad or _trains(block.ln2)
@@ -341,13 +442,14 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
     size = precision_of(model).compute.itemsize  # bytes per activation element
-    saved = _Saved(size)
+    probe = _Probe(model)
+    saved = _Saved(size, probe)
 
     grad = _embeddings(saved, model, B, seq_len, T)
 
     blocks = []
     for i, block in enumerate(model.blocks):
-        inner = _Saved(size)
+        inner = _Saved(size, probe)
         grad_out = _block(inner, block, cfg, f"x{i}", B, T, S, masked, grad, f"b{i}")
         blocks.append(inner.total())
         if not checkpointing:

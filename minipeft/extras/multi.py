@@ -97,12 +97,6 @@ class AdapterRouter(FrozenLinear):
             y[index] = out
         return y
 
-    def saved_activations(self, ledger, x: str, n: int, grad: bool):
-        """For the memory ledger: what the active adapter's layer keeps (a mixed batch keeps about as much)."""
-        layer = self.layers[self.adapter_set.active] if self.adapter_set.active in self.layers else None
-        if hasattr(layer, "saved_activations"):
-            layer.saved_activations(ledger, x, n, grad)
-
     def extra_repr(self):
         return f"{super().extra_repr()}, adapters={list(self.layers)}"
 
