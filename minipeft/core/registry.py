@@ -27,9 +27,10 @@
                         set_adapter, one adapter per row of a batch); changes_base(**options) says whether
                         apply rewrites the frozen base weights (PiSSA), which rules that out
 
-What the memory ledger needs to know of a method's activations, the modules it inserts say themselves
-(`saved_activations`, see memory.py). A user's method in a file of their own registers the same way
-as the built-ins do (see the README, "Add your own method"), and `train.py --import FILE` trains it.
+What the modules a method inserts keep for backward, the memory ledger measures (extras/memory.py): a
+method declares nothing about its activations. A user's method in a file of their own registers the
+same way as the built-ins do (see the README, "Add your own method"), and `train.py --import FILE`
+trains it.
 """
 import difflib
 import importlib

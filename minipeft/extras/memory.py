@@ -23,9 +23,12 @@ Activations are what autograd keeps from the forward pass for backward: they gro
 parameters. N = batch · tokens (soft-prompt tokens included), S = keys per query (tokens + prefix),
 d = d_model, f = d_ff, d_kv = n_kv_head · head_dim, r = LoRA rank, V = vocab (in fp32). Each tensor counts
 once however many ops keep it, and a linear layer keeps its input only to compute its own weight's
-gradient — a frozen or 4-bit weight needs just dy·W — which is much of what PEFT saves. Per block
-(`activation_bytes` walks model.py's forward pass; tests/test_memory.py checks it against the tensors
-autograd really keeps, for every method and flavour, to 2%):
+gradient — a frozen or 4-bit weight needs just dy·W — which is much of what PEFT saves. The base
+model's part is derived: `activation_bytes` walks model.py's forward pass. A method's part is measured:
+each module it puts in a linear layer's place or in the attention's adaption slot runs on a few tiny
+batches while autograd's saved-tensor hooks count what it keeps, so a method has nothing to declare
+(`_Probe`). tests/test_memory.py checks the sum against the tensors autograd really keeps, for every
+method and flavour, to 2%. Per block:
 
     attention        flash attention (PyTorch's CPU kernel when dropout is 0) keeps q, k, v, its output
                      (which is o's input) and one log-sum-exp per query and head: N·(2d + 2·d_kv)
@@ -172,11 +175,11 @@ class _Saved:
         if p > 0 and grad:
             self.keep(name + ".mask", elements)
 
-    def measured(self, module, x: str, batch: int, tokens: int, grad: bool, make_input, call=None):
-        """Keep what `module` keeps for its input named `x` (batch × tokens; `grad`: it needs a gradient),
-        measured: the input itself under its own name (shared with whatever else keeps it), the rest under
-        the module's."""
-        input_width, (c, r, t) = self.probe.measure(module, make_input, grad, call)
+    def measured(self, module, x: str, batch: int, tokens: int, grad: bool, make_input, args=()):
+        """Keep what module(x, *args) keeps for its input named `x` (batch × tokens; `grad`: it needs a
+        gradient), measured: the input itself under its own name (shared with whatever else keeps it),
+        the rest under the module's."""
+        input_width, (c, r, t) = self.probe.measure(module, make_input, grad, args)
         if input_width:
             self.keep(x, batch * tokens * input_width)
         self.keep(f"{x}@{id(module)}.measured", c + r * batch + t * batch * tokens, 1)
@@ -198,9 +201,9 @@ class _Probe:
     the forward pass returns, the model's weights and buffers left out. Their bytes are fitted as
     c + r·B + t·B·T (c: what does not grow with the batch, such as a rebuilt weight W + ΔW; r: per row,
     such as prompt keys broadcast over the batch; t: per token), which assumes nothing a module keeps
-    grows faster than its tokens. A module may still say what it keeps itself, in elements of the
-    compute dtype, with a method saved_activations(ledger, x, n, grad) calling ledger.keep(name,
-    elements): the ledger then asks it instead."""
+    grows faster than its tokens. What the hooks see is what autograd keeps: the tensors of every op,
+    and those a custom autograd.Function passes to ctx.save_for_backward (not ones it sets as ctx
+    attributes). Modules alike (`_signature`) keep alike: each kind is measured once per probe."""
 
     B, T = 2, 8  # runs on B × T, B × 2T and 2B × T tokens (a batch of one row can take other kernels)
 
@@ -209,20 +212,27 @@ class _Probe:
         self.dtype, self.device = precision.compute, model.tok_emb.weight.device
         self.autocast = precision.mixed and torch.amp.is_autocast_available(self.device.type)
         self.weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.known: dict[tuple, tuple] = {}  # (grad, signatures) -> measure's answer
 
     def input(self, batch: int, tokens: int, *features: int) -> torch.Tensor:
         return torch.randn(batch, tokens, *features, dtype=self.dtype, device=self.device)
 
-    def measure(self, module, make_input, grad: bool, call=None) -> tuple[int, tuple[float, float, float]]:
-        """(elements per token of the input that the module keeps itself, 0 if it keeps none; the
+    def measure(self, module, make_input, grad: bool, args=()) -> tuple[int, tuple[float, float, float]]:
+        """(elements per token of the input that module(x, *args) keeps itself, 0 if it keeps none; the
         coefficients (c, r, t) of the bytes of everything else it keeps). make_input(batch, tokens) is a
-        leaf tensor or a view of one, its base receiving `grad`; call(module, x) runs the module."""
+        leaf tensor or a view of one, its base receiving `grad`."""
+        key = (grad, *map(_signature, (module, *args)))
+        if key not in self.known:
+            self.known[key] = self._measure(module, make_input, grad, args)
+        return self.known[key]
+
+    def _measure(self, module, make_input, grad, args):
         measured, width, B, T = [], 0, self.B, self.T
         with self._unchanged(module):
             for batch, tokens in ((B, T), (B, 2 * T), (2 * B, T)):
                 x = make_input(batch, tokens)
                 (x if x._base is None else x._base).requires_grad_(grad)
-                kept = _kept_storages(lambda: (call or nn.Module.__call__)(module, x))
+                kept = _kept_storages(lambda: module(x, *args))
                 if kept.pop(x.untyped_storage().data_ptr(), None) is not None:
                     width = x.numel() // (batch * tokens)
                 measured.append(sum(size for ptr, size in kept.items() if ptr not in self.weights))
@@ -242,6 +252,18 @@ class _Probe:
             finally:
                 for m, training in modes:
                     m.training = training
+
+
+def _signature(module: nn.Module) -> tuple:
+    """What decides how much a module keeps for backward: for it and each module inside it, its type,
+    its plain settings (numbers, flags, strings: sizes, rank, dropout p, merged, ...) and the shape,
+    dtype and requires_grad of its own parameters and buffers."""
+    def settings(m):
+        return tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
+
+    def tensors(m):
+        return tuple((t.shape, t.dtype, t.requires_grad) for t in [*m.parameters(False), *m.buffers(False)])
+    return tuple((type(m), settings(m), tensors(m)) for m in module.modules())
 
 
 def _kept_storages(run) -> dict[int, int]:
@@ -271,16 +293,12 @@ BASE_LINEARS = (nn.Linear, FrozenLinear, Linear4bit)  # any other linear layer i
 def _linear(saved: _Saved, layer, x: str, batch: int, tokens: int, grad: bool) -> bool:
     """Tensors one linear layer, or a method's module in its place, keeps for input `x` (batch × tokens,
     `grad`: x needs a gradient); returns whether its output needs one."""
-    n, declares = batch * tokens, hasattr(layer, "saved_activations")
-    if type(layer) not in BASE_LINEARS and not declares:  # a method's module (LoRA, adapters): measured
+    if type(layer) not in BASE_LINEARS:  # a method's module (LoRA, DoRA, adapters, ...): measured
         saved.measured(layer, x, batch, tokens, grad, lambda B, T: saved.probe.input(B, T, layer.in_features))
-        return grad or _trains(layer)
-    if _weight_trains(layer):
-        saved.keep(x, n * layer.in_features)
+    elif _weight_trains(layer):
+        saved.keep(x, batch * tokens * layer.in_features)
         if layer.weight.element_size() > saved.size:  # autocast's low-precision copy of an fp32 weight
             saved.keep(f"{x}@{id(layer)}.weight_cast", layer.weight.numel())
-    if declares:  # a module that says what it keeps (see _Probe)
-        layer.saved_activations(saved, x, n, grad)
     return grad or _trains(layer)
 
 
@@ -312,8 +330,7 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
         saved.keep("rope_tables", 2 * tokens * cfg.rotary_dim)  # cos, sin: (T, rotary_dim) each, shared by all blocks
     if attn.adaption is not None:  # a method's module, given q (B, H, T, hd): what it keeps of q is its own
         saved.measured(attn.adaption, f"{L}.adaption_q", batch, tokens, q_grad,
-                       lambda B, T: saved.probe.input(B, T, H, hd).transpose(1, 2),
-                       lambda adaption, q: adaption(q, attn.k, attn.v))
+                       lambda B, T: saved.probe.input(B, T, H, hd).transpose(1, 2), args=(attn.k, attn.v))
     if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
         return _linear(saved, attn.o, f"{L}.attn_out", batch, tokens, _trains(attn.adaption))
     if cfg.dropout == 0:  # flash attention (CPU): q, k, v, output, log-sum-exp; a mask as fp32
@@ -427,12 +444,14 @@ def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> flo
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
-                     padded: bool = False) -> dict[str, int]:
-    """Activation memory of one training step (fp32), derived from model.py's forward pass.
+                     padded: bool = False, probe: _Probe | None = None) -> dict[str, int]:
+    """Activation memory of one training step, derived from model.py's forward pass, with what a
+    method's modules keep measured.
 
     Returns bytes: `saved` (what autograd keeps when the forward pass ends), `block_max` (the largest
     one block keeps), `head_backward` (what the loss adds at the start of backward) and `peak`.
-    `padded`: the batch comes with an attention mask (it is then kept, as fp32, by each attention)."""
+    `padded`: the batch comes with an attention mask (it is then kept, as fp32, by each attention).
+    `probe`: a _Probe(model) that has measured before (memory_report's two calls share one)."""
     cfg = model.cfg
     checkpointing = model.checkpointing if checkpointing is None else checkpointing
     B, d = batch_size, cfg.d_model
@@ -442,7 +461,7 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
     size = precision_of(model).compute.itemsize  # bytes per activation element
-    probe = _Probe(model)
+    probe = probe or _Probe(model)
     saved = _Saved(size, probe)
 
     grad = _embeddings(saved, model, B, seq_len, T)
@@ -491,8 +510,9 @@ def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUN
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
     optimizer = sum(2 * p.numel() * p.element_size() + FP32 for p in trainable)  # moments in p's dtype
-    without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded)
-    with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded)
+    probe = _Probe(model)
+    without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded, probe=probe)
+    with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded, probe=probe)
     current = with_ if model.checkpointing else without
     report = {
         "batch_size": batch_size, "seq_len": seq_len, "checkpointing": bool(model.checkpointing),
