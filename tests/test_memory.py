@@ -121,6 +121,41 @@ def test_activation_estimate_is_what_autograd_keeps(method, example, flavor, hea
         assert predicted == pytest.approx(measured, rel=0.02), f"padded={padded}"
 
 
+def test_ledger_of_several_adapters_measures_the_active_one(tmp_path):
+    """Adapters loaded side by side (a router in each adapted layer): the ledger measures the router,
+    which runs the active adapter, as autograd keeps it."""
+    for name, method, options in (("l", "lora", {"targets": ["q", "v"]}),
+                                  ("d", "dora", {"rank": 2, "targets": ["k", "o"]})):
+        mp.save_adapter(mp.apply(tiny_model("llama", d_model=64), method, **options), tmp_path / name)
+    model = tiny_model("llama", d_model=64)
+    for name in ("l", "d"):
+        mp.load_adapter(model, tmp_path / name, name=name)
+    model.train()
+    idx, _ = tiny_batch(B=3, T=24)
+    predicted = {}
+    for name in ("l", "d"):
+        mp.set_adapter(model, name)
+        predicted[name] = memory.activation_bytes(model, 3, 24)["saved"]
+        assert predicted[name] == pytest.approx(saved_activation_bytes(model, idx), rel=0.02), name
+    assert predicted["l"] != predicted["d"]
+
+
+def test_measuring_changes_neither_the_model_nor_the_random_state():
+    """The ledger runs a method's modules on tiny batches in training mode: the random numbers drawn,
+    the modules' train/eval mode, their weights and gradients are as they were."""
+    model = mp.apply(tiny_model("llama", d_model=64), "lora", dropout=0.1).eval()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    torch.manual_seed(7)
+    mp.memory_report(model, 3, 24)
+    drawn = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(4))
+    assert not any(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+
+
 def test_qlora_keeps_no_dequantized_weights():
     """Linear4bit dequantizes again in backward instead of keeping W_hat: QLoRA's activations are LoRA's."""
     idx, _ = tiny_batch(B=2, T=32)
