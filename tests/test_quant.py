@@ -470,7 +470,8 @@ def test_fast_quantize_and_dequantize_are_the_core_bit_for_bit(blocksize, quant_
         fast_packed, fast_state = fast_nf4.quantize_4bit(w, quant_type, blocksize, double_quant)
         assert torch.equal(fast_packed, packed) and states_equal(fast_state, state)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            assert_same_bits(fast_nf4.dequantize_4bit(packed, state, dtype), quant.dequantize_4bit(packed, state, dtype))
+            fast_w_hat = fast_nf4.dequantize_4bit(packed, state, dtype)
+            assert_same_bits(fast_w_hat, quant.dequantize_4bit(packed, state, dtype))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -1,7 +1,7 @@
 """4-bit NormalFloat (NF4) and FP4 quantization with double quantization: the frozen base of QLoRA.
 
 QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers, Pagnoni, Holtzman, Zettlemoyer 2023),
-https://arxiv.org/abs/2305.14314. The base weights are stored in 4 bits and dequantized to fp32 for every
+https://arxiv.org/abs/2305.14314. The base weights are stored in 4 bits and dequantized for every
 matmul; only the LoRA matrices on top of them are trained (qlora.py, method "qlora").
 
     w (out, in) ──flatten──► (n,) ──split into blocks of 64──► (n/64, 64)
@@ -13,36 +13,22 @@ matmul; only the LoRA matrices on top of them are trained (qlora.py, method "qlo
 Code books (16 values in [-1, 1]; the 4-bit code q is an index into the table)
     nf4  NormalFloat: weights are roughly N(0, σ²), so put the 16 values at quantiles of N(0, 1) — each
          bin then holds about the same share of weights. Quantiles 0 and 1 are ±∞, so the outermost
-         quantile used is δ = ½·((1 − 1/(2·15)) + (1 − 1/(2·16))) ≈ 0.9677083 (bitsandbytes uses the
-         literal 0.9677083). An exact zero matters (padding, pruned weights, ReLU-ish rows), and 16 values
-         cannot be symmetric around one, so NF4 is asymmetric:
-             8 positive values  Φ⁻¹(p) for p = 8 evenly spaced points from δ down to (not incl.) ½,
-             7 negative values −Φ⁻¹(p) for p = 7 evenly spaced points from δ down to (not incl.) ½,
-             0,
-         sorted and divided by the largest, so the table spans exactly [-1, 1]:
+         quantile used is δ = ½·((1 − 1/(2·15)) + (1 − 1/(2·16))) ≈ 0.9677083. An exact zero matters
+         (padding, pruned weights), and 16 values cannot be symmetric around one, so NF4 is asymmetric:
+         8 positive values Φ⁻¹(p) and 7 negative ones −Φ⁻¹(p), p evenly spaced from δ down to (not
+         incl.) ½, and 0; sorted and divided by the largest:
              -1, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0, 0.080, 0.161, 0.246, 0.338, 0.441,
-             0.563, 0.723, 1                                            (see `normal_float_code`)
+             0.563, 0.723, 1
     fp4  bitsandbytes' 4-bit float: sign bit, then 3 bits for magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3}
          (bit patterns 000…111), all divided by 12. Not sorted; 0b0000 decodes to 0 and 0b1000 to -0.
 
-Rounding: each scaled value goes to the nearest code, with the decision thresholds at the fp32 midpoints
-between neighbouring (sorted) codes. A value exactly on a midpoint takes the *lower* code. For fp4 the
-two zeros split the interval around 0: scaled values in (-0.0026, 0] get 0b0000 and values in
-(0, 0.0026] get 0b1000 (the "negative zero" pattern) — this is what bitsandbytes' CPU backend does.
-
 Double quantization (QLoRA §3): the fp32 absmax values cost 32/64 = 0.5 bit per weight. Quantize them too:
 subtract their mean (they are all positive, so centering uses the signed 8-bit range fully), then quantize
-them to 8 bits with bitsandbytes' *dynamic* code map (`dynamic_code`), blockwise in blocks of 256 with one
-fp32 absmax per block. Dequantization: absmax_b = dynamic[code_b] · scale_(b // 256) + mean.
-
-Bits per weight (block size 64):
-    without double quantization   4 + 32/64                 = 4.5
-    with double quantization      4 + 8/64 + 32/(64·256)    ≈ 4.127   (+ one fp32 mean per tensor)
+them to 8 bits with bitsandbytes' *dynamic* code map, in blocks of 256 with one fp32 scale per block.
+Bits per weight (block size 64): 4 + 32/64 = 4.5 without, 4 + 8/64 + 32/(64·256) ≈ 4.127 with it.
 
 Bit-exact with bitsandbytes 0.50's CPU `quantize_4bit` (packed codes and state; tests/test_quant.py), its
-corner cases kept on purpose and marked "bnb:" below. Dequantization returns code[q]·absmax exactly on every
-CPU (bitsandbytes' AVX-512 dequantize kernel misplaces blocks in rows that are not whole blocks).
-Everything is a pure function of tensors, plus `Linear4bit`, a module that holds the result as buffers.
+corner cases kept on purpose and marked "bnb:" below; dequantization is code[q]·absmax exactly.
 This file is written to be read; minipeft/fast/nf4.py is its fast twin (the same bits, several times
 faster, no dequantized weight kept for backward), swapped in by `minipeft.fast.enable()`.
 """
@@ -90,15 +76,6 @@ DYNAMIC_CODE = dynamic_code()  # (256,)
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 
 
-def _dynamic_code_table(code: torch.Tensor, size: int = 65536) -> torch.Tensor:
-    """(size,) nearest-code index for each point of an even grid on [-1, 1] (bnb: its CPU 8-bit quantizer
-    rounds a scaled value to this grid first and then looks its code up here, instead of searching the
-    code map; the two differ for values that fall between a grid point and a code midpoint)."""
-    grid = -1.0 + 2.0 * torch.arange(size, dtype=torch.float32, device=code.device) / (size - 1)  # (size,)
-    midpoints = (code[:-1] + code[1:]) * 0.5  # (255,)
-    return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)  # number of midpoints < x
-
-
 # ------------------------------------------------------------------------------------ quantized state
 
 @dataclass
@@ -127,8 +104,7 @@ class QuantState:
         return math.prod(self.shape)
 
     def block_absmax(self) -> torch.Tensor:
-        """(n_blocks,) fp32 scale of every 4-bit block; under double quantization
-        absmax_b = dynamic[c_b] · scale_(b // 256) + mean."""
+        """(n_blocks,) fp32 absmax of every block; double-quantized, dynamic[c_b] · scale_(b // 256) + mean."""
         if not self.double_quant:
             return self.absmax
         group = torch.arange(len(self.absmax_codes), device=self.absmax_codes.device) // DOUBLE_QUANT_BLOCKSIZE
@@ -183,7 +159,8 @@ def check_packed(packed: torch.Tensor, state: QuantState):
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """(m,) values in [-1, 1] -> (m,) index q of the nearest value in the code book (16,). The thresholds
     are the fp32 midpoints between neighbours in sorted order, and a value exactly on one takes the lower
-    code: the rank of x is the number of midpoints below it (torch.bucketize)."""
+    code: the rank of x is the number of midpoints below it (torch.bucketize). fp4's two zeros split the
+    interval around 0 as bitsandbytes does: x ≤ 0 gets 0b0000, x > 0 the "negative zero" 0b1000."""
     code_of_rank = torch.sort(code, stable=True).indices  # (16,) stable: fp4's 0b0000 ranks before 0b1000
     ranked = code[code_of_rank]  # (16,) ascending
     midpoints = (ranked[:-1] + ranked[1:]) / 2  # (15,)
@@ -240,16 +217,16 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     """8-bit blockwise quantization of a 1-D fp32 tensor x (n,) with a sorted 256-entry code map.
 
     Returns (codes (n,) uint8, absmax (ceil(n/blocksize),) fp32). bnb: the scaled value is first rounded
-    to a 65536-point grid on [-1, 1] (truncating ((x + 1)/2 · 65535 + 0.5)), whose nearest code comes from
-    a table; a block of zeros gets code 0."""
+    to a 65536-point grid on [-1, 1] (truncating ((x + 1)/2 · 65535 + 0.5)) and gets the code nearest to
+    that grid point — not always the code nearest to itself; a block of zeros gets code 0."""
     n = x.numel()
     padded = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # (n_groups, bs); zeros leave absmax as is
     absmax = padded.abs().amax(dim=1)  # (n_groups,)
     inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # (n_groups,)
     scaled = (padded * inverse[:, None]).clamp(-1, 1)  # (n_groups, bs)
-    table = _dynamic_code_table(code)  # (65536,)
-    grid_index = (((scaled + 1.0) * 0.5) * (table.numel() - 1) + 0.5).int()  # truncation toward zero
-    codes = table[grid_index]  # (n_groups, bs)
+    grid_index = (((scaled + 1.0) * 0.5) * 65535 + 0.5).int()  # (n_groups, bs) truncation toward zero
+    grid = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32, device=x.device) / 65535  # (65536,)
+    codes = torch.searchsorted((code[:-1] + code[1:]) * 0.5, grid[grid_index])  # midpoints below the point
     codes = torch.where(absmax[:, None] > 0, codes, 0).to(torch.uint8)
     return codes.view(-1)[:n], absmax
 
