@@ -1,7 +1,7 @@
 """The fast twin of minipeft/core/nf4.py: the same 4-bit quantizer and Linear4bit forward, rewritten for speed
-and memory on CPU. `minipeft.fast.enable()` swaps these in for the core versions (train.py does so); each
-returns the same bits as its core version (tests/test_quant.py checks both against each other and against
-bitsandbytes). What is different:
+and memory on CPU. `minipeft.fast.enable()` swaps these in for the core versions (a train.py run does so);
+each returns the same bits as its core version (tests/test_quant.py checks the twins against the core, and
+the core against bitsandbytes). What is different:
 
     quantize_4bit     nearest code by a cell table (two look-ups and a comparison per value, not a binary
                       search), the work done a chunk of 256K values at a time (small temporaries, in cache)
