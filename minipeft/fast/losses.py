@@ -32,7 +32,7 @@ states'); the log-sum-exp, the softmax, the loss and a trained head's gradient a
 """
 import torch
 
-from minipeft.core.nf4 import autocast_off, matmul_dtype
+from minipeft.fast.nf4 import autocast_off, matmul_dtype
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # tokens per tile
