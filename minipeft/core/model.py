@@ -61,7 +61,7 @@ def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale:
                            softcap: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v with dropout on the attention weights, written out: what
     F.scaled_dot_product_attention computes, whose CPU kernels have no dropout (with dropout_p > 0 it
-    falls back to these same steps, drawing its mask the slow way) and no soft-capping (Gemma 2's
+    falls back to these same steps, its mask drawn by torch, not by `dropout`) and no soft-capping (Gemma 2's
     s -> tanh(s / softcap) · softcap, before the mask). q (B, H, T, hd); k, v (B, Hkv, S, hd);
     mask: boolean (B or 1, 1, T, S), True = may attend; scale: default 1/√hd. Returns (B, H, T, hd)."""
     if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves H / Hkv query heads
