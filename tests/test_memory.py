@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import minipeft as mp
+import minipeft.fast
 from minipeft.extras import memory
 from minipeft.core import loop as trainer
 from minipeft.core.nf4 import Linear4bit
@@ -15,6 +16,13 @@ from conftest import case_params, example_options, loss_of, perturb_trainable, t
 
 CASES = case_params()
 
+
+@pytest.fixture(autouse=True)
+def fast_twins():
+    """The ledger describes a training run, which runs the fast twins (the tiled LM loss keeps no logits)."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
 
 def applied(method, example, flavor, head, dropout, **overrides):
     """A tiny model (model dropout `dropout`) with the method's example options, and its own dropout
@@ -195,7 +203,9 @@ def test_format_report():
 PEAK_SCRIPT = """
 import json, sys, torch
 import minipeft as mp
-from minipeft import trainer
+import minipeft.fast
+from minipeft.core import loop as trainer
+minipeft.fast.enable()  # as train.py: the tiled LM loss, which the ledger describes
 mp.memory.mmap_large_tensors(128 * 1024)  # RSS follows the live tensors (see the function's doc)
 method, checkpointing, n_classes = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]) or None
 torch.manual_seed(0)
