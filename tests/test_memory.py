@@ -20,7 +20,8 @@ CASES = case_params()
 @pytest.fixture(scope="module", autouse=True)
 def fast_twins():
     """The ledger describes a run of train.py, which runs the fast twins (minipeft.fast): a 4-bit layer
-    keeps no dequantized weight for backward there (the readable core's F.linear does)."""
+    keeps no dequantized weight for backward there (the readable core's F.linear does), the tiled LM loss
+    keeps no logits."""
     minipeft.fast.enable()
     yield
     minipeft.fast.disable()
