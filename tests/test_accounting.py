@@ -17,15 +17,24 @@ import torch.distributed as dist
 import minipeft as mp
 from minipeft.core import data, loop
 from minipeft.run import trainer
-from minipeft.scale.processes import Processes
+import minipeft.fast
 from minipeft.scale import sharding
-from minipeft.scale.processes import check_same_options, data_parallel
+from minipeft.scale.processes import Processes, check_same_options, data_parallel
 from conftest import join_gloo_group, spawn_gloo_group, tiny_model
 
 ANSWER_LENGTHS = (1, 2, 1, 3, 30, 20, 25, 28)  # the first four short, the last four long
 PROMPT_LENGTHS = (5, 9, 3, 7, 4, 8, 6, 2)
 STEPS = 3
 TOLERANCE = 1e-6  # relative
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_twins():
+    """The loop as train.py runs it, with the fast twins in (the tiled LM loss; tests/test_losses.py checks
+    it against the core's F.cross_entropy, whose sums over whole logits round differently: 1.1e-6 here)."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
 
 
 def sft_examples() -> data.Dataset:

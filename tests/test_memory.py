@@ -8,12 +8,23 @@ import pytest
 import torch
 
 import minipeft as mp
+import minipeft.fast
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.core.nf4 import Linear4bit
 from conftest import case_params, example_options, loss_of, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
 
 CASES = case_params()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_twins():
+    """The ledger describes a run of train.py, which runs the fast twins (minipeft.fast): a 4-bit layer
+    keeps no dequantized weight for backward there (the readable core's F.linear does), the tiled LM loss
+    keeps no logits."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
 
 
 def applied(method, example, flavor, head, dropout, **overrides):
@@ -230,7 +241,9 @@ def test_format_report():
 PEAK_SCRIPT = """
 import json, sys, torch
 import minipeft as mp
+import minipeft.fast
 from minipeft.core import loop
+minipeft.fast.enable()  # as train.py does
 mp.memory.mmap_large_tensors(128 * 1024)  # RSS follows the live tensors (see the function's doc)
 method, checkpointing, n_classes = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]) or None
 torch.manual_seed(0)

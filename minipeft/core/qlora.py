@@ -1,6 +1,6 @@
 """QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314).
 
-LoRA (lora.py) on a base whose linear layers are all stored in 4 bits (quant.py: NF4 or FP4, blockwise
+LoRA (lora.py) on a base whose linear layers are all stored in 4 bits (nf4.py: NF4 or FP4, blockwise
 absmax scaling, optionally double-quantized) and dequantized for each matmul:
 
     h = x dequant(W_4bit)ᵀ + b  +  (α / r) · dropout(x) Aᵀ Bᵀ          A, B in full precision
