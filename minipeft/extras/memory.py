@@ -192,7 +192,8 @@ class _Saved:
 
 class _Probe:
     """Measures what autograd keeps of one module's forward pass on tiny inputs, the way training runs
-    it: in training mode, on the model's device, in its compute dtype under its autocast. The random
+    it: in training mode, on the model's device, in its compute dtype, inside the context the model's
+    forward pass enters (model.compute_context: the precision ring's autocast, if any). The random
     state and the module's train/eval mode are left as they were; nothing is written to the model.
 
     A method declares nothing about its activations: the modules it inserts (a linear layer's wrapper,
@@ -210,7 +211,8 @@ class _Probe:
     def __init__(self, model):
         precision = precision_of(model)
         self.dtype, self.device = precision.compute, model.tok_emb.weight.device
-        self.autocast = precision.mixed and torch.amp.is_autocast_available(self.device.type)
+        context = model.compute_context
+        self.compute_context = (lambda: context(model, self.device)) if context else contextlib.nullcontext
         self.weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         self.known: dict[tuple, tuple] = {}  # (grad, signatures) -> measure's answer
 
@@ -245,7 +247,7 @@ class _Probe:
         modes = [(m, m.training) for m in module.modules()]
         devices = [] if self.device.type == "cpu" else [self.device]
         with torch.random.fork_rng(devices, device_type=self.device.type), torch.enable_grad(), \
-                (torch.autocast(self.device.type, self.dtype) if self.autocast else contextlib.nullcontext()):
+                self.compute_context():
             module.train()
             try:
                 yield
@@ -287,7 +289,7 @@ def _kept_storages(run) -> dict[int, int]:
     return kept
 
 
-BASE_LINEARS = (nn.Linear, FrozenLinear, Linear4bit)  # any other linear layer is a method's
+BASE_LINEARS = (nn.Linear, FrozenLinear)  # any other linear layer is a method's (Linear4bit: QLoRA's)
 
 
 def _linear(saved: _Saved, layer, x: str, batch: int, tokens: int, grad: bool) -> bool:
