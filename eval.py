@@ -105,6 +105,7 @@ def load_model(args):
         mp.load_adapter(model, args.adapter, tokenizer=tokenizer)
         if args.merge:
             mp.merge(model)
+    mp.fast.enable()  # the fast twins of the core's kernels: the same results, in less time (minipeft/fast/)
     return model.eval(), tokenizer, n_classes
 
 

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minipeft.core import registry
 from minipeft.core.fingerprint import embedding_sample
+from minipeft.core.loop import NO_LOSS_SCALING, NoLossScaling
 from minipeft.core.nf4 import tensors_of_4bit_layers
 
 
@@ -167,9 +169,7 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
             if b is not None and b.is_floating_point() and id(b) not in keep_fp32 and b.dtype != chosen.frozen:
                 module._buffers[name] = b.to(chosen.frozen)
     model.precision = chosen.name
-    from minipeft.core import registry  # here, not above: core/model.py imports this module
-    if _cast_new_parameters not in registry.AFTER_APPLY:  # a model held in another precision exists from now on
-        registry.AFTER_APPLY.append(_cast_new_parameters)
+    model.compute_context = compute  # the forward pass runs under autocast to the compute dtype
     return model
 
 
@@ -177,6 +177,9 @@ def _cast_new_parameters(model):
     """After mp.apply: the method's new parameters take the dtypes of the precision the model is held in."""
     if getattr(model, "precision", "fp32") != "fp32":
         set_precision(model, model.precision)
+
+
+registry.AFTER_APPLY.append(_cast_new_parameters)
 
 
 def precision_of(model) -> Precision:
@@ -192,7 +195,7 @@ def compute(model, device: torch.device):
     return torch.autocast(device.type, dtype=precision.compute)
 
 
-class LossScaling:
+class LossScaling(NoLossScaling):
     """fp16-mixed's dynamic loss scaling for core/loop.py's train_step (in place of its NoLossScaling): backward on S · loss, the gradients
     divided by S before clipping, a step whose scaled gradients overflowed skipped with S halved, S doubled
     after 2,000 good steps (torch.amp.GradScaler, initial scale 2¹⁶)."""
@@ -222,7 +225,6 @@ class LossScaling:
         self.scaler.load_state_dict(state)
 
 
-def loss_scaling(model, device: torch.device):
+def loss_scaling(model, device: torch.device) -> NoLossScaling:
     """LossScaling for a model in fp16-mixed, else core/loop.py's NoLossScaling (nothing to scale)."""
-    from minipeft.core.loop import NO_LOSS_SCALING  # here, not above: core/model.py imports this module
     return LossScaling(device) if precision_of(model).loss_scaling else NO_LOSS_SCALING
