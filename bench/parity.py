@@ -23,7 +23,7 @@ Why the HF side is not BertForSequenceClassification: that class classifies the 
 BERT's pooler (dense + tanh), whereas minilm in minipeft mean-pools the last hidden states over the
 attention mask, as sentence-transformers trained it. So the HF side is a small wrapper: BertModel with
 peft's LoRA, masked mean pooling, dropout (the model's hidden dropout, as minipeft) and the head.
-Dropout: minipeft draws its masks with its own sampler (minipeft.core.model.Dropout, 15 random bits per
+Dropout: minipeft draws its masks with its own sampler (minipeft/fast/dropout.py, 15 random bits per
 element), so from the same seed the two runs drop different units — two runs of one recipe, which is
 what the target asks about. tests/test_parity.py checks with dropout off and no warmup that the two loops
 do the same arithmetic step by step.

@@ -1,7 +1,9 @@
 """The lesson: a transformer with slots for PEFT methods, the methods themselves, the 4-bit quantizer and
 the training loop. Nothing here imports the rest of minipeft.
 
-    model.py           ModelConfig, FAMILIES (a family = a row of switches), Transformer
+    families.py        ModelConfig and FAMILIES: a family is a row of switches (Llama vs Gemma 2 in its docstring)
+    model.py           Transformer: embeddings, attention, MLP, blocks, the heads and the loss
+    positions.py       RoPE, positions with virtual tokens and a cache, attention masks
     registry.py        Method and Option (what a method declares), register, apply, merge / unmerge
     targets.py         which linear layers a method adapts: q, k, v, o, up, down, gate, all
     wrap.py            what the methods wrapping linear layers share (FrozenLinear, wrap, merging)
@@ -16,9 +18,10 @@ the training loop. Nothing here imports the rest of minipeft.
     ia3.py             (IA)³: learned rescaling of keys, values and the FFN's inner activation
     vera.py            VeRA: frozen shared random low-rank matrices, trained scaling vectors
     loha.py, lokr.py   LyCORIS' LoHa (Hadamard product) and LoKr (Kronecker product) updates
+    fingerprint.py     which base model an adapter belongs to
     disable.py         adapters_disabled: the base model's outputs under any method (DPO's reference)
     data.py            datasets: collation, shuffling, length grouping, packing, label masks
     loop.py            AdamW groups, warmup + cosine, train_step with accumulation and clipping, evaluate
     dpo.py             the DPO and IPO losses, the reference being the model with its adapter off
-    generate.py        greedy and sampled generation with a KV cache
+    generate.py        greedy and sampled generation with a KV cache (kv_cache.py)
 """

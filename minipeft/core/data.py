@@ -35,7 +35,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
+from .model import IGNORE_INDEX  # the label value the loss skips
+
 LENGTH_GROUP = 32  # global batches per group of a length-grouped epoch (see "Length grouping")
 
 

@@ -460,7 +460,7 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     T = seq_len + model.prompt_length  # tokens inside the blocks
     S = T + model.prefix_length  # keys per query
     n = B * T
-    # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
+    # positions.attention_mask_for: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
     size = precision_of(model).compute.itemsize  # bytes per activation element
     probe = probe or _Probe(model)
