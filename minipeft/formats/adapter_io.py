@@ -20,10 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minipeft import peft_format
-from .atomic import atomic_write
-from minipeft.extras import multi
 from minipeft.core.registry import apply, trainable_state_dict
+
+from .atomic import atomic_write
 from .pretrained import NAMED_MODELS
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -39,15 +38,18 @@ def save_adapter(model, path, format: str = "minipeft", name: str | None = None)
     as if it were the model's only adapter."""
     if format not in FORMATS:
         raise ValueError(f"unknown adapter format {format!r}; valid formats are: {', '.join(FORMATS)}")
-    if model.adapters is not None:
-        with multi.single_view(model, name or model.adapters.active):
-            return save_adapter(model, path, format)
-    if name is not None and name not in multi.adapter_names(model):
-        raise ValueError(f"this model has no adapter named {name!r}; it has {multi.adapter_names(model) or 'none'}")
+    if model.adapters is not None or name is not None:  # several side by side: one, as if it were the only one
+        from minipeft.extras import multi
+        if model.adapters is not None:
+            with multi.single_view(model, name or model.adapters.active):
+                return save_adapter(model, path, format)
+        if name not in multi.adapter_names(model):
+            raise ValueError(f"this model has no adapter named {name!r}; it has {multi.adapter_names(model) or 'none'}")
     if not model.peft_config:
         raise ValueError("this model has no PEFT method; call mp.apply(model, method, ...) first")
     path = Path(path)
     if format == "peft":
+        from minipeft import peft_format
         return peft_format.save(model, path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -83,7 +85,8 @@ def read_adapter_config(path) -> dict:
         raise FileNotFoundError(f"{path} is not an adapter folder: {ADAPTER_CONFIG} is missing")
     try:
         config = json.loads(config_file.read_text())
-        if peft_format.is_peft_config(config):
+        if "peft_type" in config:  # peft's own adapter_config.json
+            from minipeft import peft_format
             return peft_format.read_config(path)
         config["method"], config["options"], config["base"]["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -100,14 +103,16 @@ def load_adapter(model, path, tokenizer=None, name: str | None = None):
     it, into the model's adapter (the active one, with several)."""
     path = Path(path)
     config = read_adapter_config(path)
-    if name is not None:
-        options = config.get("options") or {}
-        return multi.add_adapter(model, name, config["method"], options,
-                                 lambda base: load_adapter(base, path, tokenizer))
-    if model.adapters is not None:
+    if name is not None or model.adapters is not None:
+        from minipeft.extras import multi
+        if name is not None:
+            options = config.get("options") or {}
+            return multi.add_adapter(model, name, config["method"], options,
+                                     lambda base: load_adapter(base, path, tokenizer))
         with multi.single_view(model, model.adapters.active):
             return load_adapter(model, path, tokenizer)
     if config.get("format") == "peft":
+        from minipeft import peft_format
         return peft_format.load(model, path)
     if not model.peft_config:
         apply(model, config["method"], tokenizer=tokenizer, **config["options"])

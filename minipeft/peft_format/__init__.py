@@ -152,10 +152,6 @@ def register(method: str, hook, replace: bool = False):
     return hook
 
 
-def is_peft_config(config: dict) -> bool:
-    return "peft_type" in config
-
-
 # ---------------------------------------------------------------------------------------------
 # module names, from pretrained.py's rename rules
 
