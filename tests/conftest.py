@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import minipeft as mp
+import minipeft.fast
 from minipeft.core.model import FAMILIES as FAMILY_TABLE
 
 # The tests' tensors are tiny: one intra-op thread avoids the thread pool's start-up and hand-off cost,
@@ -25,6 +26,16 @@ FAMILIES = tuple(FAMILY_TABLE)  # every family; the conformance suite runs all o
 # pattern bitfit meets in today's models). Every family runs every method in tests/test_families.py.
 FLAVORS = ("gpt2", "bert", "llama", "qwen2")
 HEADS = ("lm", "classifier")
+
+
+@pytest.fixture(autouse=True)
+def fast_twins_as_they_were():
+    """A test that runs train.py's main() in this process turns the fast twins on (train.py does); put them
+    back as they were, so the next test runs the version it asks for (a module may turn them on for all of
+    its tests with a fixture of its own)."""
+    were = minipeft.fast.enabled()
+    yield
+    minipeft.fast.enable() if were else minipeft.fast.disable()
 
 
 def pytest_addoption(parser):

@@ -114,10 +114,9 @@ def test_editable_install_runs_the_clones_scripts(tmp_path):
     bin_dir = venv(tmp_path / "venv")
     run([bin_dir / "python", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
          "-q", "-e", source], cwd=tmp_path)
-    (source / "train.py").write_text((source / "train.py").read_text().replace(
-        "Fine-tune a model with a parameter-efficient method.", "Fine-tune (this clone's train.py)."))
+    (source / "train.py").write_text("import sys\nprint(\"this clone's train.py\", sys.argv[1:])\n")
     out = run([bin_dir / "minipeft", "train", "--help"], cwd=tmp_path, env=clean_env()).stdout
-    assert "this clone's train.py" in out
+    assert "this clone's train.py ['--help']" in out
     code = "from minipeft.formats.assets import cache_dir; print(cache_dir())"
     assert Path(run([bin_dir / "python", "-c", code], cwd=tmp_path, env=clean_env()).stdout.strip()) == \
         source / "checkpoints" / "pretrained"

@@ -552,7 +552,7 @@ def poison(monkeypatch, bad_steps):
         calls["n"] += model.training  # evaluation calls it too, in eval mode
         loss = real(model, batch, kind, reduction)
         return loss * float("nan") if model.training and calls["n"] in bad_steps else loss
-    monkeypatch.setattr(trainer, "loss_fn", loss_fn)
+    monkeypatch.setattr(loop, "loss_fn", loss_fn)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, text, monkeypatch, capsys):
