@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 
 import minipeft as mp
-from minipeft import chat, cli, data, fewshot, preference, trainer
-from minipeft.atomic import atomic_write
-from minipeft.generate import Sampling, TextStreamer, generate
+from minipeft.formats import chat, preference
+from minipeft.run import cli
+from minipeft.core import data, loop as trainer
+from minipeft.extras import fewshot
+from minipeft.formats.atomic import atomic_write
+from minipeft.core.generate import Sampling, TextStreamer, generate
 
 DEFAULT_NEW_TOKENS = 128  # --generate and --chat
 DEFAULT_MODEL = "minilm"  # without --model and --adapter

@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 
 import minipeft as mp
-from minipeft import cli
-from minipeft.export import FORMATS, check_request
-from minipeft.export.merged import requantization_report
+from minipeft.run import cli
+from minipeft.exporters import FORMATS, check_request
+from minipeft.exporters.merged import requantization_report
 
 DTYPES = tuple(dict.fromkeys(d for dtypes in FORMATS.values() for d in dtypes))
 

@@ -24,8 +24,11 @@ import time
 import torch
 
 import minipeft as mp
-from minipeft import checkpoint, cli, data, dpo, precision, preference, processes, runconfig, sharding, trainer, watch
-from minipeft.methods.disable import check_can_disable
+from minipeft.scale import checkpoint, precision, processes, sharding
+from minipeft.run import cli, runconfig, watch
+from minipeft.core import data, dpo, loop as trainer
+from minipeft.formats import preference
+from minipeft.core.disable import check_can_disable
 
 DEFAULT_METHOD = "lora"
 

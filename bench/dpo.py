@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minipeft import preference  # noqa: E402
+from minipeft.formats import preference  # noqa: E402
 
 CPU_SECONDS = {}  # what each run took of the CPU (all its threads), by its output folder
 
@@ -98,7 +98,7 @@ def time_steps(kind: str, args) -> dict:
     import torch
 
     import minipeft as mp
-    from minipeft import data, dpo, trainer
+    from minipeft.core import data, dpo, loop as trainer
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
     model, tokenizer = mp.from_pretrained(args.model)

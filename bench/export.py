@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minipeft as mp  # noqa: E402
-from minipeft.export import FORMATS  # noqa: E402
-from minipeft.export.merged import requantization_report  # noqa: E402
+from minipeft.exporters import FORMATS  # noqa: E402
+from minipeft.exporters.merged import requantization_report  # noqa: E402
 
 
 def main():

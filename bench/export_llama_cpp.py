@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import minipeft as mp  # noqa: E402
-from minipeft.assets import asset_path  # noqa: E402
-from minipeft.export.check import plain_model  # noqa: E402
-from minipeft.export.merged import base_weights  # noqa: E402
+from minipeft.formats.assets import asset_path  # noqa: E402
+from minipeft.exporters.check import plain_model  # noqa: E402
+from minipeft.exporters.merged import base_weights  # noqa: E402
 from test_export_llama_cpp import HAMLET, llama_greedy, llama_logits  # noqa: E402
 
 

@@ -62,7 +62,7 @@ def main():
     p.add_argument("--model", default="gemma3-270m", help="a named GGUF asset (gemma3-270m, smollm2) or a .gguf path")
     p.add_argument("--rounds", type=int, default=1, help="alternating minipeft / transformers loads per library")
     args = p.parse_args()
-    from minipeft.assets import asset_path
+    from minipeft.formats.assets import asset_path
     path = asset_path(args.model) if not args.model.endswith(".gguf") else Path(args.model)
     path.read_bytes()  # into the page cache, for both
     results = {"minipeft": [], "transformers": []}

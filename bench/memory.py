@@ -131,7 +131,7 @@ def prepare_hf_folder(model_name: str):
         hf = transformers.GPT2LMHeadModel(config)
     else:
         import minipeft as mp
-        from minipeft.pretrained import HF_PREFIXES, LLAMA_RULES, _their_name
+        from minipeft.formats.pretrained import HF_PREFIXES, LLAMA_RULES, _their_name
         ours, _ = mp.from_pretrained("smollm2")
         c = ours.cfg
         config = transformers.LlamaConfig(
@@ -185,7 +185,7 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
     import resource
     import torch
     import minipeft as mp
-    from minipeft import trainer
+    from minipeft.core import loop as trainer
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)
     if library == "minipeft":
@@ -242,7 +242,7 @@ def runtime_baseline(mmap_threshold: int) -> dict:
     steps of a tiny model (forward, backward, AdamW) once every tensor is freed again."""
     import gc
     import minipeft as mp  # and torch
-    from minipeft import trainer
+    from minipeft.core import loop as trainer
     imported = _rss_status()["VmRSS"]
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)

@@ -20,7 +20,7 @@ training; either way the validation exact match over the steps (the first --eval
 examples, at every validation pass) is printed as an accuracy curve. `--sft ''` leaves them out.
 
 The last rows train nothing: the few-shot in-context baseline of a causal LM (`--few-shot-model`,
-default smollm2) with K labelled examples in its prompt (eval.py --few-shot; minipeft/fewshot.py),
+default smollm2) with K labelled examples in its prompt (eval.py --few-shot; minipeft/extras/fewshot.py),
 on the first `--few-shot-limit` test examples, plain and with contextual calibration (--calibrate);
 `--few-shot ''` leaves them out.
 """
@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft import METHODS, data, fewshot  # noqa: E402
-from minipeft.trainer import evaluate, headline  # noqa: E402
+from minipeft import METHODS
+from minipeft.core import data
+from minipeft.extras import fewshot  # noqa: E402
+from minipeft.core.loop import evaluate, headline  # noqa: E402
 
 # options that differ from the method defaults, so each method fits the 6-layer MiniLM and a short run
 OPTIONS = {"last_k": ["--layers", "2"], "llama_adapter": ["--layers", "6"]}

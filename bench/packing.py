@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft import data, trainer  # noqa: E402
+from minipeft.core import data, loop as trainer  # noqa: E402
 
 
 def timed_step(model, optimizer, scheduler, batch) -> tuple[float, float]:

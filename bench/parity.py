@@ -15,7 +15,7 @@ batches (minipeft's shuffle for the seed), each with its own library's training 
   on every tensor but biases and LayerNorm weights; and the Trainer's step: cross-entropy, backward,
   clip_grad_norm_, optimizer.step, lr_scheduler.step, zero_grad.
 So a defect in minipeft's optimizer or schedule shows as a gap. One difference is by design: minipeft
-warms up one step ahead of transformers, whose first step has learning rate 0 (minipeft/trainer.py);
+warms up one step ahead of transformers, whose first step has learning rate 0 (minipeft/core/loop.py);
 without warmup the two schedules are equal. The two are stepped alternately, each with its own dropout
 RNG stream seeded with --seed (as if it ran alone). The target: test accuracies within 1 point of each other.
 
@@ -23,7 +23,7 @@ Why the HF side is not BertForSequenceClassification: that class classifies the 
 BERT's pooler (dense + tanh), whereas minilm in minipeft mean-pools the last hidden states over the
 attention mask, as sentence-transformers trained it. So the HF side is a small wrapper: BertModel with
 peft's LoRA, masked mean pooling, dropout (the model's hidden dropout, as minipeft) and the head.
-Dropout: minipeft draws its masks with its own sampler (minipeft.model.Dropout, 15 random bits per
+Dropout: minipeft draws its masks with its own sampler (minipeft.core.model.Dropout, 15 random bits per
 element), so from the same seed the two runs drop different units — two runs of one recipe, which is
 what the target asks about. tests/test_parity.py checks with dropout off and no warmup that the two loops
 do the same arithmetic step by step.
@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft import data, trainer  # noqa: E402
-from minipeft.assets import asset_path  # noqa: E402
+from minipeft.core import data, loop as trainer  # noqa: E402
+from minipeft.formats.assets import asset_path  # noqa: E402
 
 LORA = dict(rank=8, alpha=16, targets=("q", "v"))
 HF_NAMES = {"q": "query", "k": "key", "v": "value"}  # minipeft target -> BertSelfAttention attribute

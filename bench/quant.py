@@ -1,4 +1,4 @@
-"""4-bit quantization of one weight matrix, minipeft.quant side by side with bitsandbytes (CPU backend).
+"""4-bit quantization of one weight matrix, minipeft.core.nf4 side by side with bitsandbytes (CPU backend).
 
 For NF4 and FP4, each with and without double quantization: quantize and dequantize time (median of
 --repeats runs after warm-up, the two libraries interleaved so that load on the machine hits both alike),
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as bnb  # noqa: E402
 
-from minipeft import quant  # noqa: E402
+from minipeft.core import nf4 as quant  # noqa: E402
 
 
 def median_ms(functions, repeats: int, warmup: int = 2) -> list[float]:
@@ -81,8 +81,9 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected) -> bool:
 
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
-    from minipeft import data, from_pretrained, trainer
-    from minipeft.methods.targets import find as find_targets
+    from minipeft.core import data, loop as trainer
+    from minipeft import from_pretrained
+    from minipeft.core.targets import find as find_targets
     model, tokenizer = from_pretrained("smollm2")
     test = data.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
     original = {name: t.clone() for name, t in model.state_dict().items()}

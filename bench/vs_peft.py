@@ -58,9 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft import data, trainer  # noqa: E402
-from minipeft.assets import asset_path  # noqa: E402
-from minipeft.methods.lora import LoRALinear  # noqa: E402
+from minipeft.core import data, loop as trainer  # noqa: E402
+from minipeft.formats.assets import asset_path  # noqa: E402
+from minipeft.core.lora import LoRALinear  # noqa: E402
 
 CONFIGS = ("full", "lora_qv", "lora_all", "prefix", "prompt", "qlora")
 MODELS = {"minilm": dict(batch=16, seq=128, kind="classification"),

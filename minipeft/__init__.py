@@ -1,17 +1,40 @@
-"""minipeft: parameter-efficient fine-tuning written out by hand, in plain PyTorch."""
-from . import memory, precision, quant
-from .adapter_io import load_adapter, read_adapter_config, save_adapter
-from .chat import apply_chat_template
-from .memory import format_report, memory_report
-from .methods import (METHODS, Method, Option, adapters_disabled, apply, combine_adapters, get_method, merge,
-                      register, set_adapter, task_defaults, trainable_state_dict, unmerge)
-from .model import KVCache, ModelConfig, Transformer
-from .precision import PRECISIONS, resolve_device, set_precision
-from .pretrained import from_pretrained
-from .export import export  # the function; its modules stay importable as minipeft.export.hf, ...
+"""minipeft: parameter-efficient fine-tuning written out by hand, in plain PyTorch.
 
-__all__ = ["memory", "memory_report", "format_report", "quant", "KVCache", "ModelConfig", "Transformer",
-           "METHODS", "Method", "Option", "apply", "get_method", "load_adapter", "read_adapter_config", "merge",
-           "register", "save_adapter", "task_defaults", "trainable_state_dict", "unmerge", "from_pretrained",
-           "set_adapter", "adapters_disabled", "combine_adapters", "apply_chat_template", "precision", "PRECISIONS",
-           "resolve_device", "set_precision", "export"]
+The lesson is minipeft/core/ (the model, the methods, the quantizer, the loop); the folders around it
+read files (formats/), write peft's format (peft_format.py), run at scale (scale/), go fast (fast/),
+export (export/), add extras (extras/) and drive runs from the command line (run/). `import minipeft`
+loads none of them: each name below is imported the first time it is used.
+"""
+import importlib
+
+_WHERE = {  # public name -> module that defines it
+    **dict.fromkeys(("Transformer", "ModelConfig", "KVCache"), "core.model"),
+    **dict.fromkeys(("Method", "Option", "apply", "get_method", "merge", "register", "task_defaults",
+                     "trainable_state_dict", "unmerge"), "core.registry"),
+    "adapters_disabled": "core.disable",
+    "from_pretrained": "formats.pretrained",
+    **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "formats.adapter_io"),
+    "apply_chat_template": "formats.chat",
+    **dict.fromkeys(("PRECISIONS", "resolve_device", "set_precision"), "scale.precision"),
+    **dict.fromkeys(("memory_report", "format_report"), "extras.memory"),
+    "set_adapter": "extras.multi",
+    "combine_adapters": "extras.combine",
+    "export": "exporters",
+}
+_MODULES = {"quant": "core.nf4", "memory": "extras.memory", "precision": "scale.precision"}  # public module names
+
+
+def __getattr__(name: str):
+    if name == "METHODS":
+        return importlib.import_module(".core.registry", __name__).methods()
+    if name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'minipeft' has no attribute {name!r}")
+    globals()[name] = value  # found once
+    return value
+
+
+__all__ = sorted([*_WHERE, *_MODULES, "METHODS"])

@@ -1,4 +1,4 @@
 """python -m minipeft SUBCOMMAND ...: the `minipeft` command (command.py), where its script is not on PATH."""
-from .command import main
+from minipeft.run.command import main
 
 main()

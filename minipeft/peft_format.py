@@ -91,11 +91,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import pretrained
-from .assets import asset_path
-from .atomic import atomic_write
-from .methods import targets as linear_targets
-from .methods.registry import METHODS, apply, get_method
+from .formats import pretrained
+from minipeft.formats.assets import asset_path
+from minipeft.formats.atomic import atomic_write
+from .core import targets as linear_targets
+from minipeft.core.registry import methods, apply, get_method
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -256,7 +256,7 @@ def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     cfg, method = model.cfg, model.peft_config["method"]
     hook = get_method(method).peft
     if hook is None:
-        exported = [name for name, spec in METHODS.items() if spec.peft is not None]
+        exported = [name for name, spec in methods().items() if spec.peft is not None]
         raise ValueError(f"format='peft' writes {', '.join(exported)} adapters, not {method!r}; "
                          "save this one with the default format='minipeft'")
     tensors, modules_to_save = _classifier_to_peft(model)
@@ -305,7 +305,7 @@ def _classifier_to_peft(model) -> tuple[dict, list | None]:
 def _peft_types() -> dict[str, list[str]]:
     """peft_type -> our methods with a hook for it (LORA: lora and dora, told apart by `hook.accepts`)."""
     types = {}
-    for name, spec in METHODS.items():
+    for name, spec in methods().items():
         if spec.peft is not None:
             types.setdefault(spec.peft.peft_type, []).append(name)
     return types
@@ -323,8 +323,8 @@ def read_config(path) -> dict:
     if kind not in ours:
         raise ValueError(f"adapter {path} is a peft {kind} adapter, a method minipeft does not have; "
                          f"minipeft loads {', '.join(ours)}")
-    method = next((m for m in ours[kind] if getattr(METHODS[m].peft, "accepts", lambda _: True)(raw)), ours[kind][0])
-    hook = METHODS[method].peft
+    method = next((m for m in ours[kind] if getattr(methods()[m].peft, "accepts", lambda _: True)(raw)), ours[kind][0])
+    hook = methods()[method].peft
     if hasattr(hook, "check_config"):
         hook.check_config(raw, path)
     if not (path / PEFT_WEIGHTS).exists():

@@ -26,11 +26,11 @@ there as `python -m pytest -x -q -p no:cacheprovider SELECTION`. Each mutant end
 
 Usage (from the repository's root; it is a script, not a test module: pytest does not collect it)
 
-    python tests/mutate.py minipeft/losses.py --list                      # the mutants, numbered
-    python tests/mutate.py minipeft/losses.py --tests tests/test_losses.py --sample 25 --seed 0
-    python tests/mutate.py minipeft/methods/lora.py --only LowRankUpdate,LoRALinear,residual_init \\
+    python tests/mutate.py minipeft/fast/losses.py --list                      # the mutants, numbered
+    python tests/mutate.py minipeft/fast/losses.py --tests tests/test_losses.py --sample 25 --seed 0
+    python tests/mutate.py minipeft/core/lora.py --only LowRankUpdate,LoRALinear,residual_init \\
         --tests "tests/test_lora.py tests/test_lora_family.py -k 'not dora'" --report lora.md
-    python tests/mutate.py minipeft/methods/lora.py --only LoRALinear --tests tests/test_lora.py --ids 4,9
+    python tests/mutate.py minipeft/core/lora.py --only LoRALinear --tests tests/test_lora.py --ids 4,9
 
 --only keeps the mutants inside the named functions or classes (`C`, `f` or `C.f`), --skip drops those
 inside the ones it names; --sample N draws N of them at random

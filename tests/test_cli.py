@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import minipeft as mp
-from minipeft import trainer
+from minipeft.core import loop as trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,7 +227,7 @@ def test_train_py_and_trainconfig_share_every_default():
     import torch
 
     import train as train_cli
-    from minipeft import trainer
+    from minipeft.core import loop as trainer
     parser = train_cli.build_parser()
     actions = {flag: action for action in parser._actions for flag in action.option_strings}
     differ = []

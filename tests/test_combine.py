@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.methods import combine, multi
+from minipeft.extras import combine, multi
 from test_peft_format import batch, folders, max_diff, ours_base, ours_out, peft, theirs_base, theirs_out, train  # noqa: F401
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]

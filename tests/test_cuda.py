@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft import trainer
-from minipeft.generate import Sampling, generate
+from minipeft.core import loop as trainer
+from minipeft.core.generate import Sampling, generate
 from conftest import (FLAVORS, example_options, perturb_trainable, random_words_file, tiny_batch, tiny_model,
                       tiny_tokenizer)
 

@@ -1,4 +1,4 @@
-"""Tests for minipeft/data.py: built-in data sets, user files, batching, sharding, and every error."""
+"""Tests for minipeft/core/data.py: built-in data sets, user files, batching, sharding, and every error."""
 import bz2
 import csv
 import hashlib
@@ -14,8 +14,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from minipeft import data, readers
-from minipeft.assets import asset_path
+from minipeft.core import data
+from minipeft.formats import readers
+from minipeft.formats.assets import asset_path
 
 REPO = Path(__file__).resolve().parent.parent
 CLS, SEP = 101, 102  # MiniLM's [CLS] and [SEP]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import minipeft as mp
 import train as train_cli
-from minipeft import data, trainer
+from minipeft.core import data, loop as trainer
 from conftest import join_gloo_group, random_words_file, spawn_gloo_group
 
 ROOT = Path(__file__).resolve().parent.parent

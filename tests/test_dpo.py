@@ -23,10 +23,12 @@ from safetensors.torch import load_file
 import minipeft as mp
 import eval as eval_cli
 import train as train_cli
-from minipeft import cli, dpo, preference, trainer
-from minipeft.chat import PLAIN_TEMPLATE, chat_format
-from minipeft.losses import lm_loss
-from minipeft.pretrained import byte_tokenizer
+from minipeft.run import cli
+from minipeft.core import dpo, loop as trainer
+from minipeft.formats import preference
+from minipeft.formats.chat import PLAIN_TEMPLATE, chat_format
+from minipeft.fast.losses import lm_loss
+from minipeft.formats.pretrained import byte_tokenizer
 from conftest import build, case_params, example_options, perturb_trainable, tiny_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.model import FAMILIES
+from minipeft.core.model import FAMILIES
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -247,7 +247,7 @@ def test_a_qlora_model_exports_merged_in_full_precision(tmp_path):
 
 
 def test_the_requantization_report_shows_how_much_of_the_update_survives_4_bits():
-    from minipeft.export.merged import requantization_report
+    from minipeft.exporters.merged import requantization_report
     model = tuned("llama", method="qlora", rank=2, targets=["q", "v"])
     large = dict(requantization_report(model))
     with torch.no_grad():

@@ -23,11 +23,11 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 
 import minipeft as mp
-from minipeft.assets import asset_path
-from minipeft.export.check import plain_model
-from minipeft.export.hf import hf_config
-from minipeft.export.merged import base_weights
-from minipeft.tokenization import END_OF_TEXT, byte_level_bpe, bytes_to_unicode
+from minipeft.formats.assets import asset_path
+from minipeft.exporters.check import plain_model
+from minipeft.exporters.hf import hf_config
+from minipeft.exporters.merged import base_weights
+from minipeft.formats.tokenization import END_OF_TEXT, byte_level_bpe, bytes_to_unicode
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft import model as model_module
-from minipeft.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
-from minipeft.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
+from minipeft.core import model as model_module
+from minipeft.formats.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
+from minipeft.formats.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
 from conftest import tiny_batch, tiny_model
 from test_pretrained import gguf_writer, write_out
 
@@ -419,7 +419,7 @@ TEXTS = ["The quick brown fox, 1234 times!", "naïve café — Zürich  and  spa
 def trained_bpe(tmp_path):
     """vocab.json + merges.txt of a small byte-level BPE trained on Hamlet (with RoBERTa's specials)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from minipeft.assets import asset_path
+    from minipeft.formats.assets import asset_path
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -442,7 +442,7 @@ def test_byte_level_bpe_from_vocab_files_matches_transformers(family, folders, t
 
 
 def test_wordpiece_from_vocab_txt_matches_transformers(folders, tmp_path):
-    from minipeft.assets import asset_path
+    from minipeft.formats.assets import asset_path
     hf, _ = folders["distilbert"]
     hf.save_pretrained(tmp_path)
     for name in ("vocab.txt", "tokenizer_config.json"):
@@ -492,7 +492,7 @@ def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
     """A Llama 2 style GGUF vocabulary (tokenizer.ggml.model "llama": pieces with scores, <0x..> byte
     tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from minipeft.assets import asset_path
+    from minipeft.formats.assets import asset_path
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.Metaspace()
     learner.train_from_iterator([asset_path("hamlet").read_text(encoding="utf-8")[:30_000]],
@@ -508,8 +508,8 @@ def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
     writer.add_unk_token_id(0)
     writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
     write_out(writer, tmp_path / "spm.gguf")
-    from minipeft.gguf_file import GGUFFile
-    from minipeft.tokenization import gguf_tokenizer
+    from minipeft.formats.gguf_file import GGUFFile
+    from minipeft.formats.tokenization import gguf_tokenizer
     ours = gguf_tokenizer(GGUFFile(tmp_path / "spm.gguf").metadata, tmp_path / "spm.gguf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
     for text in [*TEXTS, " leading space", "Ü ✓ 😀 tab\tend"]:

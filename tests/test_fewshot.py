@@ -1,11 +1,12 @@
-"""Tests for minipeft/fewshot.py: the cached prompt scores exactly what the whole prompt scores."""
+"""Tests for minipeft/extras/fewshot.py: the cached prompt scores exactly what the whole prompt scores."""
 import csv
 
 import pytest
 import torch
 
 import minipeft as mp
-from minipeft import data, fewshot
+from minipeft.core import data
+from minipeft.extras import fewshot
 
 
 def write_reviews(path, n=24):

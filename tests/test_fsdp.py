@@ -18,8 +18,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft import data, sharding, trainer
-from minipeft.checkpoint import Progress
+from minipeft.core import data, loop as trainer
+from minipeft.scale import sharding
+from minipeft.scale.checkpoint import Progress
 from conftest import join_gloo_group, random_words_file, spawn_gloo_group
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minipeft.assets import asset_path
-from minipeft.atomic import atomic_write
-from minipeft.pretrained import from_pretrained
+from minipeft.formats.assets import asset_path
+from minipeft.formats.atomic import atomic_write
+from minipeft.formats.pretrained import from_pretrained
 
 transformers = pytest.importorskip("transformers")
 

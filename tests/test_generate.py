@@ -1,11 +1,11 @@
-"""Tests for minipeft/generate.py: batched left-padded generation equals one-by-one, the cache changes
+"""Tests for minipeft/core/generate.py: batched left-padded generation equals one-by-one, the cache changes
 nothing, sampling (temperature, top-k, top-p, seed), end-of-text and stop strings, streaming."""
 import pytest
 import torch
 
 import minipeft as mp
-from minipeft.generate import Sampling, TextStreamer, complete, generate, greedy, next_tokens, seeded_generator
-from minipeft.pretrained import byte_tokenizer
+from minipeft.core.generate import Sampling, TextStreamer, complete, generate, greedy, next_tokens, seeded_generator
+from minipeft.formats.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 8, 40, 41], [9, 4], [5, 17, 60, 61, 3], [70]]
@@ -24,7 +24,7 @@ def test_batched_left_padded_equals_one_by_one(flavor):
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_first_step_logits_do_not_depend_on_the_padding(flavor):
     """What the batch computes for a short row equals what the row computes alone (positions restart)."""
-    from minipeft.generate import left_pad
+    from minipeft.core.generate import left_pad
     model = tiny_model(flavor).eval()
     ids, mask, positions = left_pad(PROMPTS, pad_id=0)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 
 import minipeft as mp
 import train as train_cli
-from minipeft import hub
+from minipeft.formats import hub
 from test_pretrained import right_padded, save_hf, tiny_hf_llama, write_gguf
 from test_robust import run_main
 

@@ -13,7 +13,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import minipeft as mp
-from minipeft import data, trainer
+from minipeft.core import data, loop as trainer
 from conftest import perturb_trainable, tiny_model, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft.methods.lora import LoRALinear, lora_parameter_count
+from minipeft.core.lora import LoRALinear, lora_parameter_count
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 

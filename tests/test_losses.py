@@ -1,11 +1,11 @@
-"""Chunked cross-entropy (minipeft/losses.py) against the plain loss over the full logits."""
+"""Chunked cross-entropy (minipeft/fast/losses.py) against the plain loss over the full logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minipeft as mp
-from minipeft import trainer
-from minipeft.losses import IGNORE_INDEX, lm_loss, shift
+from minipeft.core import loop as trainer
+from minipeft.fast.losses import IGNORE_INDEX, lm_loss, shift
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""Activation checkpointing (model.checkpointing) and the memory ledger (minipeft/memory.py)."""
+"""Activation checkpointing (model.checkpointing) and the memory ledger (minipeft/extras/memory.py)."""
 import json
 import subprocess
 import sys
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft import memory, trainer
-from minipeft.quant import Linear4bit
+from minipeft.extras import memory
+from minipeft.core import loop as trainer
+from minipeft.core.nf4 import Linear4bit
 from conftest import case_params, example_options, loss_of, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
 
 CASES = case_params()

@@ -6,7 +6,7 @@ import torch.nn as nn
 from tokenizers import processors
 
 import minipeft as mp
-from minipeft.methods import adapter, llama_adapter, prefix
+from minipeft.core import adapter, llama_adapter, prefix
 from conftest import tiny_batch, tiny_model, tiny_tokenizer
 
 

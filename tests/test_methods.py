@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft import adapter_io, methods, trainer
+from minipeft.formats import adapter_io
+from minipeft import core as methods
+from minipeft.core import loop as trainer
 from conftest import (FLAVORS, build, case_params, conformance_cases, example_options, loss_of, perturb_trainable,
                       tiny_batch, tiny_model, tiny_tokenizer)
 

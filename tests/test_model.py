@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import minipeft as mp
+from minipeft.core import model as core_model
 from conftest import tiny_batch, tiny_model
 
 
@@ -107,7 +108,7 @@ def test_add_classifier_unties_and_reshapes(flavor):
 # ------------------------------------------------------------------------------------------ dropout
 
 def test_dropout_drops_at_rate_p_and_keeps_the_mean():
-    drop = mp.model.Dropout(0.1).train()
+    drop = core_model.Dropout(0.1).train()
     torch.manual_seed(0)
     y = drop(torch.ones(2_000_000))
     dropped = (y == 0).double().mean().item()
@@ -116,13 +117,13 @@ def test_dropout_drops_at_rate_p_and_keeps_the_mean():
     assert abs(y.mean().item() - 1.0) < 2e-3
     assert torch.equal(y.unique(), torch.tensor([0.0, 2**15 / (2**15 - 3277)]))  # in fp32
     # every one of the 15 bits each element uses is fair: a rate of p = 0.5 is exact too
-    assert abs((mp.model.Dropout(0.5).train()(torch.ones(2_000_000)) == 0).double().mean().item() - 0.5) < 1e-3
+    assert abs((core_model.Dropout(0.5).train()(torch.ones(2_000_000)) == 0).double().mean().item() - 0.5) < 1e-3
 
 
 def test_dropout_masks_are_independent_across_positions():
     """Neighbours share a 64-bit draw (four elements per word): their masks must still be independent."""
     torch.manual_seed(1)
-    kept = (mp.model.Dropout(0.5).train()(torch.ones(400_000, 4)) != 0).double()
+    kept = (core_model.Dropout(0.5).train()(torch.ones(400_000, 4)) != 0).double()
     for i in range(4):
         for j in range(i + 1, 4):
             assert abs((kept[:, i] * kept[:, j]).mean().item() - 0.25) < 5e-3
@@ -130,7 +131,7 @@ def test_dropout_masks_are_independent_across_positions():
 
 def test_dropout_is_the_identity_in_eval_and_seeded_in_training():
     x = torch.randn(5, 7, requires_grad=True)
-    drop = mp.model.Dropout(0.3)
+    drop = core_model.Dropout(0.3)
     assert drop.eval()(x) is x
     drop.train()
     torch.manual_seed(3)
@@ -140,7 +141,7 @@ def test_dropout_is_the_identity_in_eval_and_seeded_in_training():
     y.sum().backward()  # the gradient is the mask itself
     assert torch.equal(x.grad, y.detach() / x.detach())
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        mp.model.Dropout(1.0)
+        core_model.Dropout(1.0)
 
 
 @pytest.mark.parametrize("case", ["causal", "mask", "none", "gqa"])
@@ -155,7 +156,7 @@ def test_attention_with_dropout_is_sdpa_without_dropping(case):
     if mask is not None:
         mask[..., 0] = True  # every query sees a key
     causal = case in ("causal", "gqa")
-    no_drop = mp.model.Dropout(0.0)
-    ours = mp.model.attention_with_dropout(q, k, v, mask, causal, no_drop)
+    no_drop = core_model.Dropout(0.0)
+    ours = core_model.attention_with_dropout(q, k, v, mask, causal, no_drop)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)

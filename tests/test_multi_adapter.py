@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.methods import multi
+from minipeft.extras import multi
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 SIDE_BY_SIDE = {"l": ("lora", {"targets": ["q", "v"]}), "d": ("dora", {"rank": 2, "targets": ["k", "o"]}),

@@ -68,7 +68,7 @@ def test_wheel_holds_the_package_and_the_scripts_only(installed):
     scripts = sorted(p.name for p in ROOT.glob("*.py"))
     assert {f"minipeft/_scripts/{s}" for s in scripts} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "minipeft = minipeft.command:main" in zipfile.ZipFile(installed[1]).read(entry_points).decode()
+    assert "minipeft = minipeft.run.command:main" in zipfile.ZipFile(installed[1]).read(entry_points).decode()
 
 
 def test_command_runs_the_scripts_from_another_folder(installed, tmp_path):
@@ -99,7 +99,7 @@ def test_command_runs_the_scripts_from_another_folder(installed, tmp_path):
 
 def test_installed_cache_is_the_platforms_unless_minipeft_cache(installed, tmp_path):
     python = installed[0] / "python"
-    code = "from minipeft.assets import cache_dir; print(cache_dir())"
+    code = "from minipeft.formats.assets import cache_dir; print(cache_dir())"
     xdg = run([python, "-c", code], cwd=tmp_path, env=clean_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))).stdout
     assert Path(xdg.strip()) == tmp_path / "xdg" / "minipeft"
     home = clean_env(HOME=str(tmp_path))
@@ -118,7 +118,7 @@ def test_editable_install_runs_the_clones_scripts(tmp_path):
         "Fine-tune a model with a parameter-efficient method.", "Fine-tune (this clone's train.py)."))
     out = run([bin_dir / "minipeft", "train", "--help"], cwd=tmp_path, env=clean_env()).stdout
     assert "this clone's train.py" in out
-    code = "from minipeft.assets import cache_dir; print(cache_dir())"
+    code = "from minipeft.formats.assets import cache_dir; print(cache_dir())"
     assert Path(run([bin_dir / "python", "-c", code], cwd=tmp_path, env=clean_env()).stdout.strip()) == \
         source / "checkpoints" / "pretrained"
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is a local folder
 
 import pytest
 
-from minipeft import data, trainer
+from minipeft.core import data, loop as trainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft.assets import asset_path
+from minipeft.formats.assets import asset_path
 from minipeft import peft_format
-from minipeft.pretrained import HF_PREFIXES, byte_tokenizer
+from minipeft.formats.pretrained import HF_PREFIXES, byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

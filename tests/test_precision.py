@@ -1,4 +1,4 @@
-"""Precision and devices (minipeft/precision.py), everything a CPU can check: every method and every family
+"""Precision and devices (minipeft/scale/precision.py), everything a CPU can check: every method and every family
 trains under bf16-mixed, bf16-true and fp16-mixed with the promises of the conformance suite (exactly
 the trainable parameters get gradients, frozen weights stay bit-identical, trainable and frozen weights
 in the dtypes the precision names, adapters saved in fp32 and loaded into any precision); bf16-mixed
@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft import adapter_io, memory, trainer
+from minipeft.formats import adapter_io
+from minipeft.extras import memory
+from minipeft.core import loop as trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
 
@@ -151,7 +153,7 @@ def test_train_py_counts_overflows_apart_from_divergence(tmp_path, monkeypatch):
     """A run whose loss scale starts far too high skips steps until the scale fits, says so, and goes on:
     the overflows are not non-finite steps (max_bad_steps 2 would otherwise stop it)."""
     monkeypatch.setattr(trainer, "grad_scaler", lambda model, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 30))
-    from minipeft import data
+    from minipeft.core import data
     model, tokenizer = mp.from_pretrained("tiny-llama", dtype="fp16-mixed")
     mp.apply(model, "lora")
     text = tmp_path / "text.txt"

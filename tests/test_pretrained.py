@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minipeft.assets import asset_path
-from minipeft.pretrained import (HF_PREFIXES, NAMED_MODELS, byte_tokenizer, bytes_to_unicode, from_pretrained,
-                                 hf_module_names)
+from minipeft.formats.assets import asset_path
+from minipeft.formats.pretrained import (HF_PREFIXES, NAMED_MODELS, byte_tokenizer, bytes_to_unicode, from_pretrained,
+    hf_module_names)
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

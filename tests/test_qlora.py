@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.methods.lora import LoRALinear
-from minipeft.methods.qlora import QLoRALinear
-from minipeft.methods.targets import find as find_targets
-from minipeft.quant import Linear4bit, bits_per_parameter, dequantize_4bit, quantize_4bit
+from minipeft.core import registry
+from minipeft.core.lora import LoRALinear
+from minipeft.core.qlora import QLoRALinear
+from minipeft.core.targets import find as find_targets
+from minipeft.core.nf4 import Linear4bit, bits_per_parameter, dequantize_4bit, quantize_4bit
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 
@@ -66,7 +67,7 @@ def test_bad_quant_options():
 
 def frozen_weight_bytes(model, as_fp32=False) -> int:
     """The summary's frozen weights: the memory ledger's frozen full-precision and 4-bit bytes."""
-    from minipeft.memory import weight_bytes
+    from minipeft.extras.memory import weight_bytes
     weights = weight_bytes(model, as_fp32=as_fp32)
     return weights["frozen"] + weights["frozen_4bit"]
 
@@ -97,11 +98,11 @@ def test_from_pretrained_straight_into_4bit_then_qlora():
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_4bit_layers_still_count_as_model_weights(flavor):
-    from minipeft.quant import values_in_4bit_layers
+    from minipeft.core.nf4 import values_in_4bit_layers
     base = tiny_model(flavor)
     qlora = tiny_model(flavor)
     mp.apply(qlora, "qlora", rank=2)
-    lora_params = mp.methods.expected_trainable_parameters(qlora)
+    lora_params = registry.expected_trainable_parameters(qlora)
     total = sum(p.numel() for p in qlora.parameters()) + values_in_4bit_layers(qlora)
     assert total == sum(p.numel() for p in base.parameters()) + lora_params
     base_tensors = [*base.parameters(), *base.buffers()]  # buffers: RoPE tables (llama)

@@ -1,4 +1,4 @@
-"""minipeft/quant.py: the dequantized values against their definition code[q]·absmax, bit-exact parity with
+"""minipeft/core/nf4.py: the dequantized values against their definition code[q]·absmax, bit-exact parity with
 bitsandbytes' CPU 4-bit quantizer (packed codes and quantization state), round-trip error, Linear4bit
 (buffers, state_dict, bits per parameter) and bad input.
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minipeft import quant
+from minipeft.core import nf4 as quant
 
 try:
     import bitsandbytes.functional as bnb

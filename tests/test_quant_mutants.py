@@ -1,10 +1,10 @@
-"""minipeft/quant.py's corners that a mutation pass (tests/mutate.py) showed tests/test_quant.py leaves open,
+"""minipeft/core/nf4.py's corners that a mutation pass (tests/mutate.py) showed tests/test_quant.py leaves open,
 checked against bitsandbytes' codes and quantization state (not its dequantize kernel, which differs
 between CPUs)."""
 import pytest
 import torch
 
-from minipeft import quant
+from minipeft.core import nf4 as quant
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 

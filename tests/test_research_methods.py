@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft.methods import ia3, loha, lokr, vera
+from minipeft.core import targets
+from minipeft.core import ia3, loha, lokr, vera
 from conftest import tiny_model
 
 GPT2_SMALL = mp.ModelConfig(flavor="gpt2", n_layer=12, n_head=12, d_model=768, vocab_size=50257, max_seq_len=1024)
@@ -39,7 +40,7 @@ def test_ia3_on_all_targets_scales_the_ffn_input_and_every_other_output():
     kv = cfg.n_kv_head * cfg.head_dim
     sizes = {"q": cfg.d_model, "k": kv, "v": kv, "o": cfg.d_model, "gate": cfg.d_ff, "up": cfg.d_ff, "down": cfg.d_ff}
     for target, size in sizes.items():
-        layer = block.get_submodule(mp.methods.targets.TARGETS[target])
+        layer = block.get_submodule(targets.TARGETS[target])
         assert layer.scale_input == (target == "down") and layer.ia3_l.shape == (size,), target
     assert model.num_parameters(trainable_only=True) == cfg.n_layer * sum(sizes.values())
 

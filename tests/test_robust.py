@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import train as train_cli
-from minipeft import checkpoint, cli, processes, trainer
+from minipeft.scale import checkpoint, processes
+from minipeft.run import cli
+from minipeft.core import loop as trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +132,7 @@ def hf_gpt2_folder(folder: Path) -> Path:
     Conv1D (in, out) weights, tokenizer.json), for breaking one file at a time."""
     from safetensors.torch import save_file
 
-    from minipeft.pretrained import byte_tokenizer
+    from minipeft.formats.pretrained import byte_tokenizer
     folder.mkdir()
     d = GPT2_CONFIG["n_embd"]
     shapes = {"wte.weight": (257, d), "wpe.weight": (64, d), "ln_f.weight": (d,), "ln_f.bias": (d,),
@@ -432,7 +434,7 @@ def test_the_python_api_trains_as_train_py(tmp_path, text, monkeypatch):
     """trainer.train with TrainConfig's defaults takes the steps train.py takes with its own defaults
     (learning rate, batching, and the rest): the same losses and adapter, bit for bit."""
     import minipeft as mp
-    from minipeft import data
+    from minipeft.core import data
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     train_cli.main(["--model", "tiny-gpt2", "--task", str(text), "--max-len", "16", "--steps", "3",
                     "--batch-size", "4", "--out", str(cli_out)])

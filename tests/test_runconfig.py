@@ -11,8 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 import train as train_cli
-from minipeft import cli, data, runconfig, trainer
-from minipeft.methods.registry import METHODS
+from minipeft.run import cli, runconfig
+from minipeft.core import data, loop as trainer
+from minipeft.core.registry import METHODS
 from test_robust import hashes, run_main, words
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft import data, trainer
-from minipeft.pretrained import byte_tokenizer
+from minipeft.core import data, loop as trainer
+from minipeft.formats.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +261,7 @@ def bad_input_args(tmp_path, rows, extra):
 @pytest.mark.parametrize("rows, extra, message", BAD_INPUT)
 def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, rows, extra, message):
     import train as train_cli
-    from minipeft import cli
+    from minipeft.run import cli
     with pytest.raises(SystemExit) as stopped:
         cli.run(train_cli.main, bad_input_args(tmp_path, rows, extra))
     err = capsys.readouterr().err

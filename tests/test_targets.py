@@ -3,8 +3,8 @@ with them, and a mistyped target or method gets a "did you mean"."""
 import pytest
 
 import minipeft as mp
-from minipeft.methods import targets
-from minipeft.pretrained import HF_PREFIXES, hf_module_names
+from minipeft.core import targets
+from minipeft.formats.pretrained import HF_PREFIXES, hf_module_names
 from tests.conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 import train as train_cli
-from minipeft import watch
+from minipeft.run import watch
 from test_robust import run_main, words
 
 tensorboard = pytest.importorskip("tensorboard")

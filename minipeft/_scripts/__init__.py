@@ -2,5 +2,5 @@
 
 In a clone of the repository this package stays empty and the command runs the files at the
 repository's top. pyproject.toml maps this package onto that top folder, so a wheel carries copies of
-them here (minipeft/command.py finds either).
+them here (minipeft/run/command.py finds either).
 """

@@ -1,0 +1,279 @@
+"""The method registry: what a PEFT method declares (`Method`, `Option`), the registry itself
+(`METHODS`, `register`), and the operations that work the same for every method (`apply`,
+`merge`/`unmerge`, `trainable_state_dict`).
+
+    apply(model, "lora", rank=8)
+      1. the options are checked against the method's declared Options and completed with their defaults
+      2. the base model's fingerprint is recorded and every base parameter is frozen
+      3. the method wraps layers / fills the model's slots / unfreezes its selection
+      4. a fresh classifier head (cfg.n_classes) is made trainable whatever the method
+      5. model.peft_config = {"method", "options", "base_fingerprint"}
+
+`Method` is the one extension point. A method declares everything the rest of minipeft needs, once:
+
+    name, description   what `train.py --list-methods` prints
+    apply               apply(model, **options): wrap / fill slots / unfreeze (the base is frozen already)
+    parameter_count     parameter_count(cfg, **options): the trainable-parameter formula (no classifier)
+    options             Option(name, type, default, help, choices): train.py builds its flags from them
+    examples            option sets the conformance suite (tests/test_methods.py) runs through every promise
+    lr                  a default peak learning rate that works on the built-in tasks (TASK_DEFAULTS may
+                        replace it, and option defaults, for a kind of task: task_defaults)
+    promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
+    uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
+    peft                how its adapters map to peft's files, where peft has the method (peft_format.py)
+    lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
+                        factor × lr (LoRA+'s B); the trainer's optimizer gives them their own group
+    side_by_side        several adapters of it can share one base model (multi.py: load_adapter(name=...),
+                        set_adapter, one adapter per row of a batch); changes_base(**options) says whether
+                        apply rewrites the frozen base weights (PiSSA), which rules that out
+
+What the memory ledger needs to know of a method's activations, the modules it inserts say themselves
+(`saved_activations`, see memory.py). A user's method in a file of their own registers the same way
+as the built-ins do (see the README, "Add your own method"), and `train.py --import FILE` trains it.
+"""
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from minipeft.formats.fingerprint import base_fingerprint
+from .model import FLAVORS
+from minipeft.scale.precision import set_precision
+
+OPTION_TYPES = (int, float, str, bool, list)  # list: of strings, written "a,b,c" on the command line
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a method: its type, default, help text and, if it has them, its choices."""
+    name: str
+    type: type  # one of OPTION_TYPES
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    def __post_init__(self):
+        if self.type not in OPTION_TYPES:
+            raise ValueError(f"option {self.name!r}: type must be one of "
+                             f"{', '.join(t.__name__ for t in OPTION_TYPES)}, not {self.type!r}")
+
+    def convert(self, value):
+        """A value of this option's type, from a Python value or from command-line text (raises
+        ValueError naming the option when it is neither)."""
+        if value is None and self.default is None:
+            return None
+        try:
+            value = self._from_text(value) if isinstance(value, str) and self.type is not str else value
+        except ValueError:
+            raise ValueError(f"option {self.name!r} takes {self._kind()}, not {value!r}") from None
+        if self.type is list and isinstance(value, tuple):
+            value = list(value)
+        ok = isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if self.type is list and ok:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ValueError(f"option {self.name!r} takes {self._kind()}, not {value!r}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"unknown {self.name} {value!r}; choose one of {', '.join(map(str, self.choices))}")
+        return value
+
+    def _from_text(self, text: str):
+        if self.type is bool:
+            words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            if text.lower() not in words:
+                raise ValueError(text)
+            return words[text.lower()]
+        if self.type is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return self.type(text)
+
+    def _kind(self) -> str:
+        return {bool: "true or false", list: "a comma-separated list", int: "an integer",
+                float: "a number", str: "text"}[self.type]
+
+
+@dataclass
+class Method:
+    name: str
+    description: str
+    apply: Callable  # apply(model, **options): wraps/unfreezes; the base is already frozen
+    parameter_count: Callable  # parameter_count(cfg, **options): what the method trains (no classifier)
+    options: tuple[Option, ...] = ()
+    examples: tuple[dict, ...] = ({},)  # option sets the conformance suite runs; {} = the defaults
+    lr: float = 1e-3  # a default peak learning rate that works for this method on the built-in tasks
+    flavors: tuple = FLAVORS
+    exact_at_init: bool = True  # output equals the base model's right after apply
+    mergeable: bool = False  # mp.merge folds it into the base weights
+    uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options)
+    peft: object | None = None  # its counterpart in peft's file format, if peft has one (peft_format.py)
+    lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: lr factor}
+    side_by_side: bool = False  # several adapters of it can share a base model (multi.py)
+    changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights
+    defaults: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name!r} declares an option twice: {names}")
+        self.defaults = {o.name: o.default for o in self.options}
+        for example in self.examples:  # a typo in an example fails at registration, not in a test
+            self.resolve(example)
+
+    def resolve(self, options: dict) -> dict:
+        """The full option set: given values converted to their declared types, defaults for the rest."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(self.defaults) or "none"
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; its options are: {valid}")
+        try:
+            return {o.name: o.convert(options.get(o.name, o.default)) for o in self.options}
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+
+
+METHODS: dict[str, Method] = {}  # name -> Method, the built-ins first (methods() fills it)
+BUILT_IN_FILES = ("selective", "lora", "qlora", "dora", "adapter", "prefix", "prompt", "llama_adapter",
+                  "ia3", "vera", "loha", "lokr")  # files of minipeft/core/ that register methods, in this order
+_built_ins_loaded = False
+
+
+def methods() -> dict[str, Method]:
+    """METHODS, with the built-in methods in it: their files are imported (each registers itself) on the
+    first call, so that importing the model alone loads no method."""
+    global _built_ins_loaded
+    if not _built_ins_loaded:
+        _built_ins_loaded = True
+        for file in BUILT_IN_FILES:
+            importlib.import_module(f"{__package__}.{file}")
+    return METHODS
+
+
+def register(method: Method, replace: bool = False) -> Method:
+    """Add `method` to METHODS (so mp.apply, train.py and the conformance suite know it). An option
+    name another method uses already must have the same type: the CLI has one flag per name."""
+    methods()
+    if method.name in METHODS and not replace:
+        raise ValueError(f"a method named {method.name!r} is registered already; pick another name "
+                         "(or register(..., replace=True))")
+    for option in method.options:
+        for other in METHODS.values():
+            theirs = next((o for o in other.options if o.name == option.name), None)
+            if theirs is not None and other.name != method.name and theirs.type is not option.type:
+                raise ValueError(f"option {option.name!r} of {method.name!r} is {option.type.__name__}, but "
+                                 f"{other.name!r} declares it {theirs.type.__name__}; rename one of them")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in methods():
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
+        raise ValueError(f"unknown method {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                         f"valid methods are: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# What replaces a method's defaults (Method.lr and its options' defaults, chosen on MiniLM classification) on
+# another kind of task, where it was measured: instruction tuning (kind "sft") with LoRA and QLoRA adapts every
+# linear layer at 1e-3, the README's SFT run (SmolLM2-135M-Instruct on rotten_tomatoes_instruct, 60 steps of
+# 16: exact match 0.837 with LoRA, 0.845 with QLoRA). train.py uses it when --lr and the options are not given.
+TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
+    "sft": {"lora": {"lr": 1e-3, "targets": ["all"]}, "qlora": {"lr": 1e-3, "targets": ["all"]}},
+}
+
+
+def task_defaults(method: str, kind: str) -> tuple[float, dict]:
+    """(peak learning rate, option defaults) of `method` on a task of `kind` ("classification", "sft" or
+    "lm"): TASK_DEFAULTS's where it has them, else the method's own lr and no options (its defaults).
+
+        lr, options = mp.task_defaults("lora", "sft")   # 1e-3, {"targets": ["all"]}
+        mp.apply(model, "lora", **options); trainer.TrainConfig(lr=lr, ...)
+    """
+    row = dict(TASK_DEFAULTS.get(kind, {}).get(get_method(method).name, {}))
+    return row.pop("lr", METHODS[method].lr), row
+
+
+def apply(model, method: str, tokenizer=None, **options):
+    """Freeze the base model and add `method` to it in place; returns the model. `tokenizer` is needed
+    only by methods that read text (prompt tuning with init="text")."""
+    spec = get_method(method)
+    if model.peft_config:
+        raise ValueError(f"this model already has method {model.peft_config['method']!r}; "
+                         "apply one method to a fresh base model")
+    if model.cfg.flavor not in spec.flavors:
+        raise ValueError(f"method {method!r} does not fit a {model.cfg.flavor} model "
+                         f"(it supports {', '.join(spec.flavors)})")
+    resolved = spec.resolve(options)
+    fingerprint = base_fingerprint(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        spec.apply(model, **resolved, **({"tokenizer": tokenizer} if spec.uses_tokenizer else {}))
+    except ValueError:  # a method checks its options before it changes the model: undo the freezing
+        for p in trainable:
+            p.requires_grad_(True)
+        raise
+    if model.cfg.n_classes:
+        model.head.requires_grad_(True)
+    model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
+    set_precision(model, getattr(model, "precision", "fp32"))  # the new parameters take its dtypes
+    return model
+
+
+def expected_trainable_parameters(model) -> int:
+    """The method's formula (+ a fresh classifier head), for comparison with the real count."""
+    spec = get_method(model.peft_config["method"])
+    count = spec.parameter_count(model.cfg, **model.peft_config["options"])
+    if model.cfg.n_classes:
+        count += model.cfg.d_model * model.cfg.n_classes + model.cfg.n_classes  # weight + bias
+    return count
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Exactly the parameters with requires_grad, by their names in the model."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_factors(model) -> dict[str, float]:
+    """{parameter name: learning-rate factor} for the parameters the model's method wants trained faster or
+    slower than the rest (LoRA+'s B); {} when all learn at the same rate, or for a model that is not
+    minipeft's (bench/parity.py steps transformers + peft with the same optimizer). make_optimizer reads it."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict):
+        return {}
+    spec = get_method(config["method"])
+    if spec.lr_factors is None:
+        return {}
+    return spec.lr_factors(model, **config["options"])
+
+
+def _mergeable_layers(model):
+    spec = get_method(model.peft_config["method"]) if model.peft_config else None
+    adapters = model.adapters  # methods/multi.py
+    if adapters is not None and len(adapters.configs) > 1:
+        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side ({', '.join(adapters.configs)}), "
+                         "which share its base weights; merge one adapter into a model of its own")
+    if spec is None or not spec.mergeable:
+        name = spec.name if spec else "no method"
+        raise ValueError(f"{name} cannot be merged into the base weights; "
+                         f"mergeable methods are: {', '.join(m for m in METHODS if METHODS[m].mergeable)}")
+    return [m for m in model.modules() if hasattr(m, "merge") and m is not model]
+
+
+def merge(model):
+    """Fold the method into the base weights (same outputs, no extra inference cost). Merging twice
+    adds the update once."""
+    for layer in _mergeable_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model):
+    """Undo merge(): the base weights come back (up to float rounding) and the method is live again."""
+    for layer in _mergeable_layers(model):
+        layer.unmerge()
+    return model

@@ -1,0 +1,86 @@
+"""Which linear layers a method adapts: short target names, the same in every flavour.
+
+    q k v o     blocks[i].attn.{q,k,v,o}        the attention projections
+    up down     blocks[i].mlp.{up,down}          the feed-forward layers
+    gate        blocks[i].mlp.gate               the gate of a gated MLP (SwiGLU, GeGLU: cfg.gated)
+
+`targets` is a list of these names, or ["all"] for every one the model has. LoRA and QLoRA (and any
+method that wraps linear layers by name) find their layers here.
+
+peft's names work too: a layer's transformers module name, or any dotted end of it, stands for every
+target whose module ends with it, as peft matches `target_modules` (peft_names):
+
+    llama, mistral, qwen2/3, gemma*   q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    phi3                              qkv_proj (q, k, v)  gate_up_proj (gate, up)  o_proj  down_proj
+    gpt2                              c_attn (q, k, v)  c_proj (o and down; attn.c_proj: o)  c_fc (up)
+    bert, roberta                     query key value  dense (o, up, down; attention.output.dense: o)
+    distilbert                        q_lin k_lin v_lin out_lin  lin1 (up)  lin2 (down)
+"""
+import difflib
+from functools import cache
+
+from minipeft.formats.pretrained import (hf_module_names)  # transformers' module names live beside the weight-loading rules
+
+TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
+           "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down"}
+
+
+def present(cfg) -> tuple[str, ...]:
+    """The targets a model of this config has."""
+    return tuple(t for t in TARGETS if t != "gate" or cfg.gated)
+
+
+def validate(cfg, targets) -> tuple[str, ...]:
+    """["q", "v"], peft's ["q_proj", "v_proj"] or ["all"] -> the validated short names (ValueError naming
+    the valid ones)."""
+    if list(targets) == ["all"]:
+        return present(cfg)
+    aliases = peft_names(cfg.flavor)
+    found, wrong = [], []
+    for target in targets:
+        if target in present(cfg):
+            found.append(target)
+        elif target in aliases:
+            found += [t for t in aliases[target] if t in present(cfg)]
+        else:
+            wrong.append(target)
+    if wrong or not targets:
+        close = difflib.get_close_matches(wrong[0], [*present(cfg), *aliases], n=1) if wrong else []
+        peft = ", ".join(name for name in aliases if "." not in name)
+        raise ValueError(f"unknown target(s) {wrong or '(none given)'} for a {cfg.flavor} model"
+                         f"{f' (did you mean {close[0]!r}?)' if close else ''}; valid targets are: "
+                         f"{', '.join(present(cfg))} (or 'all', or peft's names: {peft})")
+    return tuple(dict.fromkeys(found))  # once each, in the order given
+
+
+@cache
+def peft_names(flavor: str) -> dict[str, tuple[str, ...]]:
+    """peft's names for a family's layers -> our targets: each target's transformers module name and
+    every dotted end of it (GPT-2's "attn.c_attn" and "c_attn": q, k, v; its "c_proj": o and down)."""
+    ours = {path: target for target, path in TARGETS.items()}
+    names = {}
+    for module, theirs in hf_module_names(flavor).items():
+        target = ours.get(module.removeprefix("blocks.{i}."))
+        if target is None:
+            continue
+        parts = theirs.split("{i}.", 1)[-1].split(".")  # "self_attn.q_proj" -> ["self_attn", "q_proj"]
+        for start in range(len(parts)):
+            names.setdefault(".".join(parts[start:]), []).append(target)
+    return {name: tuple(dict.fromkeys(found)) for name, found in names.items()}
+
+
+def shape(cfg, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a target in a model of this config."""
+    d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    return {"q": (d, cfg.n_head * hd), "k": (d, cfg.n_kv_head * hd), "v": (d, cfg.n_kv_head * hd),
+            "o": (cfg.n_head * hd, d), "up": (d, f), "gate": (d, f), "down": (f, d)}[target]
+
+
+def find(model, targets) -> list[tuple[object, str]]:
+    """[(parent module, attribute name)] of every targeted linear layer in every block."""
+    found = []
+    for block in model.blocks:
+        for t in validate(model.cfg, targets):
+            parent_name, attr = TARGETS[t].split(".")
+            found.append((getattr(block, parent_name), attr))
+    return found

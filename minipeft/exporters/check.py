@@ -1,0 +1,116 @@
+"""Every export is read back and run before it is reported done:
+
+    reloaded logits   the written files loaded again (from_pretrained for hf and gguf; the base plus the
+                      adapter file for peft and gguf-lora), on a few probe sentences
+    memory logits     the model in memory, as it runs (method unmerged)
+    base logits       the base the method sits on, where the model still has it
+
+The export passes when
+    1. the method changes the model at all: max |memory − base| > 0. An adapter that leaves the logits
+       equal to the base model's (LoRA's B still zero: never trained, or not loaded) is an error, not a file;
+    2. the reloaded model computes the model in memory, up to the rounding of the dtype written:
+       max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and, where there is a base, the
+       reloaded logits are nearer the model in memory than the base's (the update outlived the rounding).
+The report names the sentence with the largest difference.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from minipeft.core.model import Transformer
+
+PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the question:", "I loved this film!")
+# largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'
+# order (merged W + ΔW against x Wᵀ + x ΔWᵀ); the others, their own rounding of every weight
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "q8_0": 1e-1}
+PRECISION_DTYPES = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "fp16-mixed": "fp16"}
+
+
+@dataclass
+class Check:
+    largest_difference: float  # max |reloaded − memory| over the probes
+    sentence: str  # the probe where it is largest
+    scale: float  # max |memory logit|
+    adapter_change: float | None  # max |memory − base|; None: no base to compare with
+    argmax_agreement: float  # fraction of positions (or rows) where reloaded and memory pick the same token
+
+    def __str__(self):
+        change = "" if self.adapter_change is None else f"; the adapter changes them by up to {self.adapter_change:.3g}"
+        return (f"largest |logit difference| from the model in memory {self.largest_difference:.3g} (logits up to "
+                f"{self.scale:.3g}), on {self.sentence!r}; same argmax at {self.argmax_agreement:.1%} of positions"
+                f"{change}")
+
+
+@dataclass
+class Probes:
+    names: list[str]  # each row's sentence
+    ids: torch.Tensor  # (B, T) token ids, right-padded
+    mask: torch.Tensor  # (B, T) 1 = a real token
+
+
+def probes(model, tokenizer) -> Probes:
+    """The probe sentences through the tokenizer, else seeded random ids, as one right-padded batch."""
+    cfg = model.cfg
+    if tokenizer:
+        names, rows = list(PROBES), [tokenizer.encode(text).ids[:cfg.max_seq_len] for text in PROBES]
+    else:
+        g = torch.Generator().manual_seed(0)
+        names = [f"random token ids #{k}" for k in range(len(PROBES))]
+        rows = [torch.randint(0, cfg.vocab_size, (min(12 + 2 * k, cfg.max_seq_len),), generator=g).tolist()
+                for k in range(len(PROBES))]
+    T = max(len(row) for row in rows)
+    ids = torch.full((len(rows), T), cfg.pad_token_id)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    return Probes(names, ids, mask)
+
+
+@torch.no_grad()
+def logits_on(model, batch: Probes) -> list[torch.Tensor]:
+    """Each probe's logits, fp32 on the CPU: (T_i, vocab) for an LM, (n_classes,) for a classifier."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(batch.ids.to(device), attention_mask=batch.mask.to(device)).float().cpu()
+    model.train(was_training)
+    if model.cfg.n_classes:
+        return list(out)
+    return [row[:n] for row, n in zip(out, batch.mask.sum(1).tolist())]
+
+
+def plain_model(cfg, weights: dict[str, torch.Tensor]) -> Transformer:
+    """A plain Transformer of `cfg` holding `weights` (no copies: the tensors become its parameters)."""
+    with torch.device("meta"):
+        model = Transformer(copy.deepcopy(cfg))
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.reset_buffers()
+    if cfg.tie_embeddings and not cfg.n_classes:
+        model.head.weight = model.tok_emb.weight
+    return model.eval()
+
+
+def compare(names: list[str], reloaded: list, memory: list, base: list | None, dtype: str, precision: str) -> Check:
+    """The Check of an export (ValueError when it fails, see the module docstring)."""
+    differences = [(r - m).abs().max().item() for r, m in zip(reloaded, memory)]
+    worst = max(range(len(names)), key=differences.__getitem__)
+    scale = max(m.abs().max().item() for m in memory)
+    agree = torch.cat([(r.argmax(-1) == m.argmax(-1)).flatten() for r, m in zip(reloaded, memory)]).float().mean()
+    change = None if base is None else max((m - b).abs().max().item() for m, b in zip(memory, base))
+    check = Check(differences[worst], names[worst], scale, change, agree.item())
+    if change is not None and change <= 1e-7 * max(1.0, scale):
+        raise ValueError("the model's method leaves its logits equal to the base model's (an untrained adapter, "
+                         "e.g. LoRA's B still zero, or one that was never loaded), so the export would serve the "
+                         "base model; train or load the adapter first")
+    tolerance = max(TOLERANCES[dtype], TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")])
+    if check.largest_difference > tolerance * max(1.0, scale):
+        raise ValueError(f"the export, read back, does not compute the model in memory: {check}")
+    if base is not None and _distance(reloaded, memory) >= _distance(reloaded, base):
+        raise ValueError(f"in {dtype} the adapter's change is lost in the rounding (the export is as near the base "
+                         f"model as the tuned one: {check}); export in a wider dtype (fp32)")
+    return check
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum((x - y).pow(2).sum().item() for x, y in zip(a, b)) ** 0.5

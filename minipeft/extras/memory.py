@@ -1,0 +1,433 @@
+"""Where fine-tuning memory goes: a ledger of weights, gradients, optimizer state and activations.
+
+    report = mp.memory_report(model, batch_size=4, seq_len=256)   # bytes, for the model as it is now
+    print(mp.format_report(report))
+
+Per parameter (fp32 training with AdamW, which keeps two moments per trainable parameter, in its dtype):
+
+    full fine-tuning   4 (weight) + 4 (gradient) + 8 (moments) = 16 bytes per parameter
+    LoRA               4 per frozen base parameter; the 16 only for the adapter's parameters
+    QLoRA              ≈ 0.52 per frozen base parameter of the blocks' linear layers (4.127 bits: 4-bit
+                       codes, an 8-bit absmax per 64, an fp32 scale per 64·256), 4 for the embeddings and
+                       norms, which stay fp32; 16 per adapter parameter
+
+Every count reads the tensors' own dtypes (precision.py): under bf16-mixed a frozen parameter takes 2
+bytes and a trainable one still 16; under bf16-true everything halves (2 + 2 + 4 = 8 per trainable
+parameter). Activations then take the compute dtype's 2 bytes, except what stays fp32 — norm statistics,
+RMSNorm's fp32 copy of its input, attention's log-sum-exps, the loss — and autocast's bf16 copy of each
+fp32 weight that trains (full fine-tuning under bf16-mixed). Full fine-tuning under *-mixed is counted
+≈ 13% low: its residual stream stays fp32 (the embeddings train in fp32) and autocast casts it to bf16
+once per matmul that reads it.
+
+Activations are what autograd keeps from the forward pass for backward: they grow with tokens, not
+parameters. N = batch · tokens (soft-prompt tokens included), S = keys per query (tokens + prefix),
+d = d_model, f = d_ff, d_kv = n_kv_head · head_dim, r = LoRA rank, V = vocab (in fp32). Each tensor counts
+once however many ops keep it, and a linear layer keeps its input only to compute its own weight's
+gradient — a frozen or 4-bit weight needs just dy·W — which is much of what PEFT saves. Per block
+(`activation_bytes` walks model.py's forward pass; tests/test_memory.py checks it against the tensors
+autograd really keeps, for every method and flavour, to 2%):
+
+    attention        flash attention (PyTorch's CPU kernel when dropout is 0) keeps q, k, v, its output
+                     (which is o's input) and one log-sum-exp per query and head: N·(2d + 2·d_kv)
+    norms            input + 2 statistics per token (LayerNorm); RMSNorm: input + 1, + its normalized
+                     input when its weight trains
+    gpt2/bert, LoRA  ln1 in, ln1 out, LoRA's r-wide A outputs, q, k, v, y, ln2 in, GELU in
+                     ≈ N·(5d + 2·d_kv + f)           GPT-2-small, N = 1024: 33 MiB per block
+    + full FT        ln2 out (up's input), GELU out (down's input): + N·(d + f)             48 MiB
+    llama            SwiGLU keeps gate, silu(gate) and up: 3f instead of f (+ f, down's input, in full FT)
+    dropout p > 0    an fp32 mask per dropout (N·d residual, N·in per LoRA layer); attention is written
+                     out (model.attention_with_dropout) and keeps softmax, mask, dropped weights: 3 · B·H·T·S
+    LM head          the chunked loss (losses.py) keeps the labelled hidden states, their log-sum-exps,
+                     rows and targets: N·(d + 5) (the ledger counts every token as labelled); a
+                     classifier head keeps its B·C log-probabilities
+
+Peak activations come at the start of backward, where the loss adds the hidden states' gradient (twice:
+the labelled rows', then the batch's) and one tile's logits, 2·N·d + 2·C·K (3·C·K with a soft-cap; a
+tile of C = 1024 tokens × K = 4096 vocabulary entries, losses.tile_elements: 38 MiB for GPT-2-small
+at batch 4 × 256, where the whole logits' 3·N·V were 590 MiB, as much as 12 LoRA blocks), + V·d
+when the head trains (its gradient, summed in fp32), or inside a block's backward (the gradient
+arriving at its output and the two widest inside it, N·(d + 2·max(d, f))), whichever is larger. Activation
+checkpointing (model.checkpointing = True) keeps only each block's input, N·d, and reruns one block at
+a time in backward, adding that block's activations to the second case (and, under QLoRA, that
+block's dequantized weights, which the rerun hands to backward).
+
+Gradients appear during backward as the activations they come from are freed (the trainer frees them
+with zero_grad(set_to_none=True) after each step), and AdamW's step, after backward, holds every
+gradient. The trainer's AdamW is torch's fused kernel, which updates in place: no temporaries (the
+unfused fallback, on a device without that kernel, adds two the size of the largest trainable tensor,
+sqrt(v) and its scaled copy). So the predicted peak resident size is
+
+    total = runtime + weights + optimizer state + max(activations, gradients + AdamW temporaries)
+
+with runtime = RUNTIME_BYTES, the resident size of Python, torch and minipeft themselves after a first
+training step (bench/memory.py measures it). The prediction assumes freed tensors leave the process:
+call `mmap_large_tensors()` (glibc keeps them otherwise; its docstring says why and what it costs).
+With it, bench/memory.py measures GPT-2-small and SmolLM2, full / LoRA / QLoRA with and without
+checkpointing, within a few percent of this ledger. CPU resident memory: CUDA's caching allocator, which
+keeps freed blocks for reuse, is not modelled.
+"""
+import torch.nn as nn
+
+from minipeft.fast.losses import tile_elements
+from minipeft.core.model import OffsetRMSNorm
+from minipeft.scale.precision import precision_of
+from minipeft.core.nf4 import Linear4bit, tensors_of_4bit_layers, values_in_4bit_layers
+
+# Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
+# first forward, backward and AdamW step load code and modules that the imports alone do not), with
+# every tensor freed again; measured on Linux x86-64 with glibc 2.36 (bench/memory.py measures it again
+# on the machine it runs on: imports alone are ≈ 236 MiB).
+RUNTIME_BYTES = 325 * 2**20
+
+FP32 = 4
+INT64 = 8
+
+
+# -------------------------------------------------------------------------------------- allocator
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+_mmap_threshold: int | None = None  # set by mmap_large_tensors()
+
+
+def mmap_large_tensors(threshold: int = 128 * 1024) -> bool:
+    """Make glibc give every allocation of `threshold` bytes or more its own memory mapping, returned to
+    the operating system as soon as it is freed, so the resident size follows the live tensors (what
+    this ledger counts). Returns False where there is no glibc (macOS, musl): nothing changes there.
+
+    Why: glibc serves large requests with mmap only until the first one is freed; from then on its
+    threshold grows with the freed size (up to 32 MiB), and activations come from the brk heap. There
+    the few small objects a training step keeps (autograd nodes, tensor headers, checkpoint records)
+    land inside the holes freed activations leave, so the next tensor of the same size no longer fits
+    them and the heap grows instead: with checkpointing, GPT-2-small at batch 4 × 256 keeps ≈ 400 MiB of
+    freed activations resident, about a block's temporaries per block. The cost of a fixed threshold is
+    a page fault per 4 KiB the first time each new tensor is written (bench/memory.py shows both)."""
+    global _mmap_threshold
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        _mmap_threshold = int(threshold)
+    return ok
+
+
+def allocator_policy() -> str:
+    """How large tensors are allocated in this process: which this ledger's total assumes."""
+    import os
+    threshold = _mmap_threshold or os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if threshold:
+        return f"glibc, every allocation of {int(threshold) // 1024:,} KiB or more mmapped and returned when freed"
+    return "glibc default (freed activations may stay resident: see memory.mmap_large_tensors)"
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+def weight_bytes(model: nn.Module, as_fp32: bool = False) -> dict[str, int]:
+    """Bytes of the model's tensors: trainable parameters, frozen full-precision parameters and buffers,
+    and 4-bit layers (Linear4bit buffers: packed codes, quantization state, bias). as_fp32: the bytes
+    the same tensors would take in fp32 instead, 4 per value (a 4-bit layer's: its weight and bias)."""
+    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}
+    sizes = {"frozen": 0, "frozen_4bit": FP32 * values_in_4bit_layers(model) if as_fp32 else 0, "trainable": 0}
+    for t in [*model.parameters(), *model.buffers()]:  # each tensor once, even when tied (head = tok_emb)
+        if id(t) not in four_bit:
+            sizes["trainable" if t.requires_grad else "frozen"] += t.numel() * (FP32 if as_fp32 else t.element_size())
+        elif not as_fp32:  # the codes and quantization state as they are
+            sizes["frozen_4bit"] += t.numel() * t.element_size()
+    return sizes
+
+
+# -------------------------------------------------------------------------------------- activations
+
+def _trains(module) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def _weight_trains(layer) -> bool:
+    """A linear layer keeps its input for backward only to compute its own weight's gradient."""
+    weight = getattr(layer, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.requires_grad
+
+
+class _Saved:
+    """The tensors autograd keeps for backward, by name, in bytes (a name is counted once). Activations
+    take `size` bytes per element (the compute dtype's: 4 in fp32, 2 under bf16 or fp16); what stays fp32
+    whatever the precision (norm statistics, log-sum-exps, the loss) says so."""
+
+    def __init__(self, size: int = FP32):
+        self.size = size
+        self.elements: dict[str, float] = {}  # name -> bytes
+
+    def keep(self, name: str, elements: float, size: int | None = None):
+        self.elements[name] = elements * (size or self.size)
+
+    def dropout(self, p: float, name: str, elements: float, grad: bool):
+        """model.Dropout multiplies by a mask in its input's dtype, kept when its input needs a gradient."""
+        if p > 0 and grad:
+            self.keep(name + ".mask", elements)
+
+    def total(self) -> float:
+        return sum(self.elements.values())
+
+
+def _linear(saved: _Saved, layer, x: str, n: int, grad: bool) -> bool:
+    """Tensors one (possibly wrapped) linear layer keeps for input `x` (n tokens, `grad`: x needs a
+    gradient); returns whether its output needs one."""
+    d_in = layer.in_features
+    out_grad = grad or _trains(layer)
+    if _weight_trains(layer):
+        saved.keep(x, n * d_in)
+        if layer.weight.element_size() > saved.size:  # autocast's low-precision copy of an fp32 weight
+            saved.keep(f"{x}@{id(layer)}.weight_cast", layer.weight.numel())
+    if hasattr(layer, "saved_activations"):  # a method's wrapper (LoRA, adapters) adds its own
+        layer.saved_activations(saved, x, n, grad)
+    return out_grad
+
+
+def _norm(saved: _Saved, norm, x: str, n: int, d: int, grad: bool) -> bool:
+    """LayerNorm (one fused op) keeps its input, mean and 1/std per token if anything needs a gradient.
+    RMSNorm is x · rsqrt(mean(x²) + ε) · w in torch's CPU code: x and 1/rms when x needs a gradient,
+    the normalized x when w trains."""
+    trains = _trains(norm)
+    if isinstance(norm, nn.RMSNorm):  # model.RMSNorm and OffsetRMSNorm normalize an fp32 copy of x
+        if grad:
+            saved.keep(x if saved.size == FP32 else f"{x}.fp32", n * d, FP32)
+            saved.keep(f"{x}.stats", n, FP32)
+        if trains:
+            saved.keep(f"{x}.normalized", n * d, FP32 if isinstance(norm, OffsetRMSNorm) else None)
+    elif grad or trains:
+        saved.keep(x, n * d)
+        saved.keep(f"{x}.stats", 2 * n, FP32)
+    return grad or trains
+
+
+def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: int, masked: int,
+               grad: bool, L: str) -> bool:
+    """q, k, v projections, RoPE, prefix keys, scaled_dot_product_attention, adaption prompt, o."""
+    n, H, Hkv, hd = batch * tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q_grad = _linear(saved, attn.q, x, n, grad)
+    k_grad = _linear(saved, attn.k, x, n, grad) or _trains(attn.prefix)  # prefix keys join k, v
+    v_grad = _linear(saved, attn.v, x, n, grad) or _trains(attn.prefix)
+    if cfg.positions == "rope" and (q_grad or k_grad):
+        saved.keep("rope_tables", 2 * tokens * cfg.rotary_dim)  # cos, sin: (T, rotary_dim) each, shared by all blocks
+    if attn.adaption is not None:  # q against the adaption prompt's keys: a separate softmax, gated
+        attn.adaption.saved_activations(saved, L, batch, tokens, q_grad)
+    if not (q_grad or k_grad or v_grad):  # attention itself keeps nothing
+        return _linear(saved, attn.o, f"{L}.attn_out", n, _trains(attn.adaption))
+    if cfg.dropout == 0:  # flash attention (CPU): q, k, v, output, log-sum-exp; a mask as fp32
+        saved.keep(f"{L}.q", n * H * hd)
+        saved.keep(f"{L}.k", batch * keys * Hkv * hd)
+        saved.keep(f"{L}.v", batch * keys * Hkv * hd)
+        saved.keep(f"{L}.y", n * H * hd)
+        saved.keep(f"{L}.lse", n * H, FP32)
+        if masked:  # the boolean mask, as an additive fp32 mask
+            saved.keep(f"{L}.mask", masked * tokens * keys)
+    else:  # attention_with_dropout: scaled q and kᵀ, softmax, dropout mask, dropped weights, v (GQA: repeated)
+        scores = batch * H * tokens * keys
+        if k_grad:
+            saved.keep(f"{L}.q_scaled", n * H * hd)
+        if q_grad:
+            saved.keep(f"{L}.k_scaled", batch * keys * H * hd)
+        saved.keep(f"{L}.softmax", scores)
+        saved.keep(f"{L}.dropout_mask", scores)
+        if v_grad:
+            saved.keep(f"{L}.scores_dropped", scores)
+        saved.keep(f"{L}.v_repeated", batch * keys * H * hd)
+    # y.transpose(1, 2).reshape(B, T, H·hd) is o's input: a view of flash attention's output (which it
+    # lays out as (B, T, H, hd)), a copy of attention_with_dropout's
+    return _linear(saved, attn.o, f"{L}.y" if cfg.dropout == 0 else f"{L}.attn_out", n, True)
+
+
+def _mlp(saved: _Saved, mlp, cfg, x: str, n: int, grad: bool, L: str) -> bool:
+    f = cfg.d_ff
+    up_grad = _linear(saved, mlp.up, x, n, grad)
+    if cfg.gated:  # down(act(gate(x)) * up(x))
+        gate_grad = _linear(saved, mlp.gate, x, n, grad)
+        if gate_grad:
+            saved.keep(f"{L}.gate", n * f)  # silu's input
+        if up_grad:
+            saved.keep(f"{L}.silu", n * f)  # the product's other factor
+        if gate_grad:
+            saved.keep(f"{L}.up", n * f)
+        hidden_grad = up_grad or gate_grad
+    else:  # down(gelu(up(x)))
+        if up_grad:
+            saved.keep(f"{L}.up", n * f)  # GELU's input
+        hidden_grad = up_grad
+    return _linear(saved, mlp.down, f"{L}.act", n, hidden_grad)
+
+
+def _block(saved: _Saved, block, cfg, x: str, batch: int, tokens: int, keys: int, masked: int,
+           grad: bool, L: str) -> bool:
+    """One Block.forward; returns whether its output needs a gradient."""
+    n, d, p = batch * tokens, cfg.d_model, cfg.dropout
+    if block.pre_norm:  # x = x + drop(attn(ln1(x))); x = x + drop(mlp(ln2(x)))
+        h_grad = _norm(saved, block.ln1, x, n, d, grad)  # ln1's output needs a gradient
+        a_grad = _attention(saved, block.attn, cfg, f"{L}.ln1_out", batch, tokens, keys, masked, h_grad, L)
+        saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
+        x_grad = grad or a_grad
+        _norm(saved, block.ln2, f"{L}.mid", n, d, x_grad)
+        m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln2_out", n, x_grad or _trains(block.ln2), L)
+        saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
+        return x_grad or m_grad
+    # post-norm: x = ln1(x + drop(attn(x))); x = ln2(x + drop(mlp(x)))
+    a_grad = _attention(saved, block.attn, cfg, x, batch, tokens, keys, masked, grad, L)
+    saved.dropout(p, f"{L}.attn_drop", n * d, a_grad)
+    x_grad = _norm(saved, block.ln1, f"{L}.sum1", n, d, grad or a_grad)
+    m_grad = _mlp(saved, block.mlp, cfg, f"{L}.ln1_out", n, x_grad, L)
+    saved.dropout(p, f"{L}.mlp_drop", n * d, m_grad)
+    _norm(saved, block.ln2, f"{L}.sum2", n, d, x_grad or m_grad)
+    return x_grad or m_grad or _trains(block.ln2)
+
+
+def _embeddings(saved: _Saved, model, B: int, seq_len: int, T: int) -> bool:
+    """Token (+ position, + type and LayerNorm for bert) embeddings, soft prompt, dropout, for B rows of
+    seq_len tokens (T inside the blocks); returns whether their output needs a gradient."""
+    cfg, n = model.cfg, B * T
+    grad = _trains(model.tok_emb) or model.prompt is not None
+    if _trains(model.tok_emb):
+        saved.keep("idx", B * seq_len, INT64)
+    for name in ("pos_emb", "type_emb"):
+        if _trains(getattr(model, name, None)):
+            grad = True
+            saved.keep(f"{name}.idx", T if name == "pos_emb" else n, INT64)
+    if cfg.emb_norm:
+        grad = _norm(saved, model.emb_ln, "emb_sum", n, cfg.d_model, grad)
+    saved.dropout(cfg.dropout, "emb_drop", n * cfg.d_model, grad)
+    return grad
+
+
+def _head(saved: _Saved, model, B: int, seq_len: int, n: int, grad: bool) -> float:
+    """Final norm, head and loss; returns what the loss adds at the start of backward (elements)."""
+    cfg, d = model.cfg, model.cfg.d_model
+    if model.ln_f is not None:
+        grad = _norm(saved, model.ln_f, f"x{cfg.n_layer}", n, d, grad or _trains(model.ln_f))
+    head_grad = _trains(model.head)
+    if cfg.n_classes:
+        outputs = B * cfg.n_classes
+        if head_grad:
+            saved.keep("pooled", B * d)
+        saved.dropout(cfg.dropout, "pool_drop", B * d, grad)
+        saved.keep("log_probs", outputs, FP32)  # the loss runs in fp32 (trainer.loss_fn)
+        saved.keep("targets", B, INT64)
+        return 2 * outputs * FP32  # d loss/d log-probs and d loss/d logits, while the log-probs live
+    # the chunked LM loss (losses.py), every token labelled: hidden states, log-sum-exps, rows, targets
+    labelled = B * seq_len
+    if grad or head_grad:
+        saved.keep("head_inputs", labelled * d)
+        saved.keep("logsumexp", labelled, FP32)
+        saved.keep("rows_and_targets", 2 * labelled, INT64)
+    tile_logits = (3 if cfg.final_softcap else 2) * tile_elements(cfg.vocab_size, labelled)
+    # backward: the hidden states' gradient, (N, d) then (B, T_in, d), one tile's logits (fp32), the head's
+    # gradient (accumulated in fp32)
+    return ((labelled * d + n * d) * saved.size + tile_logits * FP32
+            + (cfg.vocab_size * d * FP32 if head_grad else 0))
+
+
+def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool | None = None,
+                     padded: bool = False) -> dict[str, int]:
+    """Activation memory of one training step (fp32), derived from model.py's forward pass.
+
+    Returns bytes: `saved` (what autograd keeps when the forward pass ends), `block_max` (the largest
+    one block keeps), `head_backward` (what the loss adds at the start of backward) and `peak`.
+    `padded`: the batch comes with an attention mask (it is then kept, as fp32, by each attention)."""
+    cfg = model.cfg
+    checkpointing = model.checkpointing if checkpointing is None else checkpointing
+    B, d = batch_size, cfg.d_model
+    T = seq_len + model.prompt_length  # tokens inside the blocks
+    S = T + model.prefix_length  # keys per query
+    n = B * T
+    # model._attention_mask: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
+    masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
+    size = precision_of(model).compute.itemsize  # bytes per activation element
+    saved = _Saved(size)
+
+    grad = _embeddings(saved, model, B, seq_len, T)
+
+    blocks = []
+    for i, block in enumerate(model.blocks):
+        inner = _Saved(size)
+        grad_out = _block(inner, block, cfg, f"x{i}", B, T, S, masked, grad, f"b{i}")
+        blocks.append(inner.total())
+        if not checkpointing:
+            saved.elements.update(inner.elements)
+        elif grad_out:  # the checkpoint keeps the block's inputs (x, the mask) instead of its insides
+            saved.keep(f"x{i}", n * d)
+            if masked:
+                saved.keep("mask", masked * T * S, 1)  # bool: 1 byte
+        grad = grad or grad_out
+
+    head_backward = _head(saved, model, B, seq_len, n, grad)
+    total = saved.total()
+    block_max = max(blocks) if blocks else 0
+    # backward through a block: the gradient arriving at its output and the two widest ones inside it
+    block_backward = (n * d + 2 * n * max(cfg.d_ff, d)) * size
+    if checkpointing:  # backward reruns one block at a time and keeps its activations until done,
+        # and the rerun's dequantized 4-bit weights (quant._Linear4bitFunction), one block's at a time
+        block_backward += block_max + size * max((sum(m.in_features * m.out_features for m in block.modules()
+                                                      if isinstance(m, Linear4bit)) for block in model.blocks),
+                                                 default=0)
+    peak = total + max(head_backward, block_backward)
+    return {"saved": int(total), "block_max": int(block_max), "head_backward": int(head_backward),
+            "block_backward": int(block_backward), "peak": int(peak)}
+
+
+# --------------------------------------------------------------------------------------- the ledger
+
+def memory_report(model, batch_size: int, seq_len: int, runtime_bytes: int = RUNTIME_BYTES,
+                  padded: bool = False) -> dict:
+    """Bytes one training step (fp32, AdamW) needs, by kind, and the predicted peak (see module doc).
+
+    Keys: runtime; weights_frozen (full-precision frozen parameters and buffers), weights_4bit
+    (Linear4bit buffers), weights_trainable, weights; gradients; optimizer (AdamW: two fp32 moments per
+    trainable parameter and a step counter per tensor); optimizer_temporaries; activations (for the
+    model's current `checkpointing`), activations_no_checkpointing, activations_checkpointing, and
+    activations_saved (what the forward pass leaves for backward); total. `padded`: batches come with
+    an attention mask."""
+    weights = weight_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(2 * p.numel() * p.element_size() + FP32 for p in trainable)  # moments in p's dtype
+    without = activation_bytes(model, batch_size, seq_len, checkpointing=False, padded=padded)
+    with_ = activation_bytes(model, batch_size, seq_len, checkpointing=True, padded=padded)
+    current = with_ if model.checkpointing else without
+    report = {
+        "batch_size": batch_size, "seq_len": seq_len, "checkpointing": bool(model.checkpointing),
+        "precision": precision_of(model).name,
+        "allocator": allocator_policy(), "runtime": runtime_bytes,
+        "weights_frozen": weights["frozen"], "weights_4bit": weights["frozen_4bit"],
+        "weights_trainable": weights["trainable"], "weights": sum(weights.values()),
+        "gradients": gradients, "optimizer": optimizer, "optimizer_temporaries": 0,  # fused AdamW
+        "activations": current["peak"], "activations_saved": current["saved"],
+        "activations_no_checkpointing": without["peak"], "activations_checkpointing": with_["peak"],
+    }
+    report["total"] = (runtime_bytes + report["weights"] + optimizer
+                       + max(report["activations"], gradients + report["optimizer_temporaries"]))
+    return report
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:10,.1f} MiB"
+
+
+def format_report(report: dict) -> str:
+    """The ledger as aligned text lines (train.py prints it at the end of a run, beside the measured peak)."""
+    r = report
+    on = r["checkpointing"]
+    other = r["activations_no_checkpointing"] if on else r["activations_checkpointing"]
+    return "\n".join([
+        f"memory ledger: batch {r['batch_size']} × {r['seq_len']} tokens, {r['precision']}, AdamW, activation "
+        f"checkpointing {'on' if on else 'off'}",
+        f"  runtime (Python, torch)        {_mib(r['runtime'])}",
+        f"  weights  frozen, full prec.    {_mib(r['weights_frozen'])}",
+        f"           frozen, 4-bit         {_mib(r['weights_4bit'])}",
+        f"           trainable             {_mib(r['weights_trainable'])}",
+        f"  gradients                      {_mib(r['gradients'])}",
+        f"  AdamW moments                  {_mib(r['optimizer'])}",
+        f"  activations (peak)             {_mib(r['activations'])}   "
+        f"({other / 2**20:,.1f} MiB with checkpointing {'off' if on else 'on'})",
+        f"  predicted peak RSS             {_mib(r['total'])}   = runtime + weights + moments + "
+        "max(activations, gradients + AdamW temporaries)",
+        f"  allocator: {r['allocator']}",
+    ])

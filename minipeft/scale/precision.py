@@ -1,0 +1,190 @@
+"""Devices and precision: where a model runs, and in which floating-point formats it keeps its weights
+and computes.
+
+    model, tok = mp.from_pretrained("smollm2", device="cuda", dtype="bf16-mixed")  # or dtype=torch.bfloat16
+    mp.apply(model, "lora", rank=8)          # the adapter's weights follow the precision: fp32 here
+    mp.set_precision(model, "bf16-true")     # any time: casts what it must, records the precision
+    model.to("cuda:1")                       # everything moves: 4-bit codes and their state, RoPE tables
+
+A precision names three dtypes: the frozen weights' (their storage), the trainable weights' (and so
+their gradients and AdamW's two moments, which take the parameter's dtype), and the matmuls':
+
+    precision    frozen   trainable + AdamW   matmuls   bytes per frozen / trainable parameter
+    fp32         fp32     fp32                fp32      4 / 16      the default on CPU and MPS
+    bf16-mixed   bf16     fp32                bf16      2 / 16      the default on a GPU with bf16
+    bf16-true    bf16     bf16                bf16      2 / 8
+    fp16-mixed   fp16     fp32                fp16      2 / 16      + dynamic loss scaling
+
+bf16-mixed is the QLoRA paper's recipe: the frozen base in half the memory, the small trainable part in
+fp32, so that AdamW's updates (lr · m/√v, often below bf16's resolution of 2⁻⁸ relative) are not
+rounded away. bf16 keeps fp32's 8 exponent bits and 7 of its 23 mantissa bits: the same range, about
+three significant digits. fp16 keeps 10 mantissa bits but only 5 exponent bits (largest 65,504,
+smallest normal 6.1e-5), so small gradients underflow to zero: fp16-mixed multiplies the loss by a
+scale S before backward and divides the gradients by S before the step (torch.amp.GradScaler); a step
+whose scaled gradients overflow is skipped and S halved, and S doubles after 2,000 good steps.
+
+How the matmuls run in the compute dtype: every forward pass of a model whose precision is not fp32
+runs under torch.autocast(device, compute dtype) (`compute`, entered by Transformer.encode and
+forward), which casts each matmul's inputs — bf16 activations against fp32 adapter weights — to the
+compute dtype; its gradient flows back to the fp32 parameter in fp32. What stays fp32, as in
+transformers: the RoPE tables (cast to the activations' dtype where used), RMSNorm's statistics,
+softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), and a
+4-bit layer's quantization state (dequantized into the compute dtype). Adapters are saved in fp32 and
+load into any precision.
+
+Devices: `resolve_device("auto")` is CUDA if present, else MPS, else the CPU. Every tensor minipeft
+creates during a forward pass (masks, positions, dropout masks, KV caches) is made on the device of
+the tensors it combines with, so `model.to(device)` is all a model needs.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from minipeft.formats.fingerprint import embedding_sample
+from minipeft.core.nf4 import tensors_of_4bit_layers
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    frozen: torch.dtype  # storage of parameters without requires_grad, and floating buffers
+    trainable: torch.dtype  # parameters with requires_grad, their gradients and AdamW's moments
+    compute: torch.dtype  # matmuls (autocast)
+    loss_scaling: bool = False  # fp16: dynamic loss scaling (torch.amp.GradScaler)
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != torch.float32
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", torch.float32, torch.float32, torch.float32),
+    Precision("bf16-mixed", torch.bfloat16, torch.float32, torch.bfloat16),
+    Precision("bf16-true", torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    Precision("fp16-mixed", torch.float16, torch.float32, torch.float16, loss_scaling=True),
+)}
+DTYPE_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None): CUDA, then MPS, then the CPU; "cpu", "cuda", "cuda:N", "mps": that device, which
+    must be present (ValueError naming what is)."""
+    if name is None or str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine has no CUDA device that torch can use "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= count:
+            raise ValueError(f"device {name!r}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not _mps_available():
+            raise ValueError(f"device {name!r}: MPS (Apple silicon) is not available here; use --device cpu or auto")
+        return device
+    raise ValueError(f"device {name!r}: minipeft runs on cpu, cuda and mps")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16-mixed on a GPU that computes in bf16, else fp32."""
+    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_precision(name: str | torch.dtype | None, device: torch.device) -> Precision:
+    """A precision by name ("auto"/None: default_precision) or by the frozen weights' torch dtype
+    (torch.bfloat16 -> bf16-mixed, torch.float16 -> fp16-mixed); ValueError if the device cannot run
+    it, naming what to use instead."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPE_PRECISION:
+            raise ValueError(f"dtype {name} is not one minipeft trains in; use torch.float32, torch.bfloat16 "
+                             "or torch.float16 (or a precision: " + ", ".join(PRECISIONS) + ")")
+        name = DTYPE_PRECISION[name]
+    if name is None or name == "auto":
+        name = default_precision(device)
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)} (or auto)")
+    precision = PRECISIONS[name]
+    if device.type == "cuda" and precision.frozen == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision {name}: {torch.cuda.get_device_name(device)} does not compute in bf16; "
+                         "use fp16-mixed (or fp32)")
+    if device.type == "mps" and precision.frozen == torch.bfloat16 and not _mps_bf16_works():
+        raise ValueError(f"precision {name}: this MPS device (macOS before 14) has no bf16; use fp16-mixed or fp32")
+    return precision
+
+
+def _mps_bf16_works() -> bool:
+    try:
+        (torch.ones(2, 2, dtype=torch.bfloat16, device="mps") @ torch.ones(2, 2, dtype=torch.bfloat16,
+                                                                          device="mps")).cpu()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------- precision
+
+def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn.Module:
+    """Cast the model's floating tensors for `precision` (a name of PRECISIONS or a torch dtype) and
+    record it in `model.precision`; returns the model. Parameters with requires_grad take the trainable
+    dtype, the others and the floating buffers the frozen dtype — except what stays fp32 whatever the
+    precision: 4-bit layers' quantization state and bias (quant.Linear4bit) and the RoPE tables. Tied
+    parameters stay tied (each tensor is cast in place once). Call it again after changing which
+    parameters train (mp.apply does)."""
+    device = next(model.parameters(), torch.empty(0)).device
+    chosen = resolve_precision(precision, device)
+    embedding = getattr(model, "tok_emb", None)
+    if embedding is not None and getattr(model, "base_sample", None) is None and not embedding.weight.is_meta \
+            and embedding.weight.dtype.itemsize > chosen.frozen.itemsize:  # the fingerprint's rows, unrounded
+        model.base_sample = embedding_sample(model).float().cpu().clone()
+    keep_fp32 = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or frozen parameters under FSDP
+    keep_fp32 |= {id(b) for name, b in model.named_buffers() if name.endswith(("rope_cos", "rope_sin",
+                                                                                  "rope_local_cos", "rope_local_sin"))}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            dtype = chosen.trainable if p.requires_grad else chosen.frozen
+            if p.is_floating_point() and id(p) not in keep_fp32 and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # in place: the Parameter object (and any tie to it) stays
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and id(b) not in keep_fp32 and b.dtype != chosen.frozen:
+                module._buffers[name] = b.to(chosen.frozen)
+    model.precision = chosen.name
+    return model
+
+
+def precision_of(model) -> Precision:
+    return PRECISIONS[getattr(model, "precision", "fp32")]
+
+
+def compute(model, device: torch.device):
+    """The context a forward pass of `model` runs in: autocast to the compute dtype of its precision on
+    `device` (the input's device), or nothing in fp32."""
+    precision = precision_of(model)
+    if not precision.mixed or not torch.amp.is_autocast_available(device.type):  # e.g. "meta": shapes only
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision.compute)
+
+
+def grad_scaler(model, device: torch.device) -> "torch.amp.GradScaler | None":
+    """A dynamic loss scaler for fp16-mixed (initial scale 2¹⁶, halved on overflow, doubled after 2,000
+    good steps), else None."""
+    if not precision_of(model).loss_scaling:
+        return None
+    return torch.amp.GradScaler(device.type)
