@@ -20,7 +20,9 @@ import torch
 import minipeft as mp
 from minipeft.formats import chat, preference
 from minipeft.run import cli
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
+from minipeft.formats import tasks
+from minipeft.run import trainer
 from minipeft.extras import fewshot
 from minipeft.formats.atomic import atomic_write
 from minipeft.core.generate import Sampling, TextStreamer, generate
@@ -103,6 +105,7 @@ def load_model(args):
         mp.load_adapter(model, args.adapter, tokenizer=tokenizer)
         if args.merge:
             mp.merge(model)
+    mp.fast.enable()  # the fast twins of the core's kernels: the same results, in less time (minipeft/fast/)
     return model.eval(), tokenizer, n_classes
 
 
@@ -154,12 +157,12 @@ def chat_loop(model, tokenizer, args, lines=None):
 def score_instructions(model, tokenizer, task, args):
     """Exact match of greedy answers on an instruction task's split; every prediction written to a file."""
     dataset = task.splits[args.split]
-    result = trainer.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
+    result = loop.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
                                  args.max_new_tokens)
     default = (Path(args.adapter).resolve().parent if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
     path = Path(args.out) if args.out else default
     rows = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "answer": answer, "prediction": pred,
-             "correct": trainer.normalize_answer(pred) == trainer.normalize_answer(answer)}
+             "correct": loop.normalize_answer(pred) == loop.normalize_answer(answer)}
             for prompt, answer, pred in zip(dataset.prompts, dataset.answers, result["predictions"])]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split} "
@@ -184,11 +187,11 @@ def main(argv):
         task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
                                            chat_template=args.chat_template)  # (β = 0.1)
     else:
-        task = data.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
+        task = tasks.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
                               seed=args.seed, chat_template=args.chat_template, columns=columns)  # (weights: training)
-    args.task = data.sources_text(args.task)  # for the reports
+    args.task = tasks.sources_text(args.task)  # for the reports
     if args.split == "all":
-        task.splits["all"] = data.Dataset.concat([task.splits[split] for split in data.SPLITS])
+        task.splits["all"] = data.Dataset.concat([task.splits[split] for split in tasks.SPLITS])
     if args.few_shot is not None:
         result = fewshot.few_shot_accuracy(model, tokenizer, task, k=args.few_shot, seed=args.seed,
                                            split=args.split, limit=args.limit, calibrate=args.calibrate)
@@ -203,7 +206,7 @@ def main(argv):
         print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "
               "classifier head is freshly initialized (a chance-level baseline)")
     with torch.no_grad():
-        metrics = trainer.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
+        metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "
           f"{trainer.headline(metrics)}")
 

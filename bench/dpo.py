@@ -98,14 +98,15 @@ def time_steps(kind: str, args) -> dict:
     import torch
 
     import minipeft as mp
-    from minipeft.core import data, dpo, loop as trainer
+    from minipeft.core import dpo, loop
+    from minipeft.formats import tasks
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
     model, tokenizer = mp.from_pretrained(args.model)
     mp.apply(model, "lora", targets=["all"])
     folder = ROOT / args.out / "data"
     if kind == "sft":
-        split, rows = data.load_task(folder / "sft", tokenizer, max_len=256).splits["train"], 2 * args.batch_size
+        split, rows = tasks.load_task(folder / "sft", tokenizer, max_len=256).splits["train"], 2 * args.batch_size
     else:
         split = preference.load_preferences(folder / "pairs", tokenizer, max_len=256).splits["train"]
         rows = args.batch_size
@@ -114,13 +115,13 @@ def time_steps(kind: str, args) -> dict:
         start = time.process_time()
         split = dpo.precompute_reference(model, split)
         precompute = {"pairs": len(split), "cpu_seconds": time.process_time() - start}
-    optimizer = trainer.make_optimizer(model, 2e-4, 0.0)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, args.cost_steps + 1)
+    optimizer = loop.make_optimizer(model, 2e-4, 0.0)
+    scheduler = loop.make_scheduler(optimizer, 0.0, args.cost_steps + 1)
     model.train()
     for step in range(args.cost_steps + 1):
         batch = split.collate([(step * rows + i) % len(split) for i in range(rows)])
         started, started_cpu = time.perf_counter(), time.process_time()
-        trainer.train_step(model, optimizer, scheduler, iter([batch]), "sft" if kind == "sft" else "dpo")
+        loop.train_step(model, optimizer, scheduler, iter([batch]), "sft" if kind == "sft" else "dpo")
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
     return {"kind": kind, "rows": 2 * args.batch_size, "cpu": statistics.median(cpu[1:]),

@@ -185,17 +185,18 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
     import resource
     import torch
     import minipeft as mp
-    from minipeft.core import loop as trainer
+    from minipeft.core import loop
+    from minipeft.run import trainer
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)
     if library == "minipeft":
         model = _minipeft_model(model_name, config)
         ledger = mp.memory_report(model, BATCH, SEQ)
         vocab = model.cfg.vocab_size
-        optimizer = trainer.make_optimizer(model, lr=1e-5, weight_decay=0.01)
+        optimizer = loop.make_optimizer(model, lr=1e-5, weight_decay=0.01)
 
         def loss_of(idx, labels):
-            return trainer.loss_fn(model, {"input_ids": idx, "attention_mask": None, "labels": labels}, "lm")
+            return loop.loss_fn(model, {"input_ids": idx, "attention_mask": None, "labels": labels}, "lm")
     else:
         model = _transformers_model(model_name, config)
         ledger = None
@@ -242,15 +243,15 @@ def runtime_baseline(mmap_threshold: int) -> dict:
     steps of a tiny model (forward, backward, AdamW) once every tensor is freed again."""
     import gc
     import minipeft as mp  # and torch
-    from minipeft.core import loop as trainer
+    from minipeft.core import loop
     imported = _rss_status()["VmRSS"]
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)
     model = mp.apply(mp.Transformer(mp.ModelConfig(flavor="gpt2", n_layer=1, d_model=64, vocab_size=256)), "lora")
-    optimizer = trainer.make_optimizer(model, lr=1e-5, weight_decay=0.01)
+    optimizer = loop.make_optimizer(model, lr=1e-5, weight_decay=0.01)
     idx, labels = _batch(256)
     for _ in range(2):
-        trainer.loss_fn(model, {"input_ids": idx, "attention_mask": None, "labels": labels}, "lm").backward()
+        loop.loss_fn(model, {"input_ids": idx, "attention_mask": None, "labels": labels}, "lm").backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     del model, optimizer, idx, labels

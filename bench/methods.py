@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
 from minipeft import METHODS
-from minipeft.core import data
+from minipeft.formats import tasks
 from minipeft.extras import fewshot  # noqa: E402
 from minipeft.core.loop import evaluate, headline  # noqa: E402
 
@@ -65,7 +65,7 @@ def inference_ms_per_example(args, summary) -> float:
     """Time one pass over the test split with the trained adapter loaded (merged when it merges)."""
     n_classes = mp.read_adapter_config(summary["adapter"])["base"]["config"].get("n_classes")
     model, tokenizer = mp.from_pretrained(args.model, n_classes=n_classes)
-    task = data.load_task(args.task, tokenizer, seed=args.seed)
+    task = tasks.load_task(args.task, tokenizer, seed=args.seed)
     if task.kind == "classification" and not model.cfg.n_classes:
         model.add_classifier(task.n_classes)
     mp.load_adapter(model, summary["adapter"])
@@ -80,7 +80,7 @@ def inference_ms_per_example(args, summary) -> float:
 
 def few_shot_row(args, k: int, calibrate: bool) -> str:
     model, tokenizer = mp.from_pretrained(args.few_shot_model)
-    task = data.load_task(args.task, tokenizer, seed=args.seed)
+    task = tasks.load_task(args.task, tokenizer, seed=args.seed)
     start = time.perf_counter()
     result = fewshot.few_shot_accuracy(model, tokenizer, task, k=k, seed=args.seed, limit=args.few_shot_limit,
                                        calibrate=calibrate)

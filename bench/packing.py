@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop as trainer  # noqa: E402
+from minipeft.core import loop  # noqa: E402
+from minipeft.formats import tasks
 
 
 def timed_step(model, optimizer, scheduler, batch) -> tuple[float, float]:
     start = time.perf_counter()
-    result = trainer.train_step(model, optimizer, scheduler, iter([batch]), "sft")
+    result = loop.train_step(model, optimizer, scheduler, iter([batch]), "sft")
     return time.perf_counter() - start, result.loss
 
 
@@ -43,10 +44,10 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = mp.from_pretrained(args.model)
-    task = data.load_task("rotten_tomatoes_instruct", tokenizer, max_len=args.max_len)
+    task = tasks.load_task("rotten_tomatoes_instruct", tokenizer, max_len=args.max_len)
     mp.apply(model, "lora", targets=["all"])
-    optimizer = trainer.make_optimizer(model, 1e-3, 0.0)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, 10 * args.steps)
+    optimizer = loop.make_optimizer(model, 1e-3, 0.0)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 10 * args.steps)
     model.train()
     train = task.splits["train"]
     times, tokens, losses = {"padded": [], "packed": []}, {"padded": 0, "packed": 0}, []

@@ -8,7 +8,7 @@ q,v with minipeft's defaults (LoRA dropout, init) mirrored in peft's LoraConfig,
 Linear(384, 2) head. minipeft's initial LoRA A (and zero B) and head are copied into the other side, and
 the bench asserts that both give the same logits before training. Then both train on the identical
 batches (minipeft's shuffle for the seed), each with its own library's training loop:
-- minipeft: trainer.train_step, with make_optimizer's AdamW and make_scheduler's warmup + cosine;
+- minipeft: loop.train_step, with make_optimizer's AdamW and make_scheduler's warmup + cosine;
 - transformers + peft: the optimizer and schedule transformers' Trainer builds
   (Trainer.create_optimizer_and_scheduler) for TrainingArguments(learning_rate, weight_decay,
   lr_scheduler_type="cosine", warmup_steps=the same fraction, max_grad_norm): fused AdamW, weight decay
@@ -44,7 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop as trainer  # noqa: E402
+from minipeft.core import loop
+from minipeft.formats import tasks
+from minipeft.run import trainer  # noqa: E402
 from minipeft.formats.assets import asset_path  # noqa: E402
 
 LORA = dict(rank=8, alpha=16, targets=("q", "v"))
@@ -131,14 +133,14 @@ class Run:
 
 
 class Minipeft(Run):
-    """minipeft's loop: make_optimizer, make_scheduler and trainer.train_step."""
+    """minipeft's loop: make_optimizer, make_scheduler and loop.train_step."""
 
     def optimizer_and_scheduler(self, steps: int):
-        optimizer = trainer.make_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
-        return optimizer, trainer.make_scheduler(optimizer, self.cfg.warmup, steps)
+        optimizer = loop.make_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
+        return optimizer, loop.make_scheduler(optimizer, self.cfg.warmup, steps)
 
     def train_on(self, batch) -> float:
-        result = trainer.train_step(self.model, self.optimizer, self.scheduler, iter([batch]), "classification",
+        result = loop.train_step(self.model, self.optimizer, self.scheduler, iter([batch]), "classification",
                                     max_grad_norm=self.cfg.max_grad_norm)
         assert result.finite, "non-finite loss or gradient: train_step skipped the update"
         return result.loss
@@ -183,7 +185,7 @@ def main():
 
     ours, tokenizer = build_ours(args.seed)
     theirs = build_theirs(ours)
-    task = data.load_task("rotten_tomatoes", tokenizer, max_len=128, seed=0)
+    task = tasks.load_task("rotten_tomatoes", tokenizer, max_len=128, seed=0)
     test = task.splits["test"].head(args.eval_limit)
     cfg = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
@@ -193,7 +195,7 @@ def main():
 
     runs = {"minipeft": Minipeft(ours, cfg, args.steps),
             "transformers + peft": TransformersTrainer(theirs, cfg, args.steps)}
-    accuracy = {name: [trainer.evaluate(run.model, test, "classification", cfg.eval_batch_size)["accuracy"]]
+    accuracy = {name: [loop.evaluate(run.model, test, "classification", cfg.eval_batch_size)["accuracy"]]
                 for name, run in runs.items()}
     # the trainer's own batch stream: shuffled per (seed, epoch), drop_last, epoch after epoch
     batches = trainer.training_batches(task.splits["train"], cfg, trainer.Progress())
@@ -203,7 +205,7 @@ def main():
             losses = [run.step(batch) for run in runs.values()]  # ours, then theirs, on the same batch
             bar.set_postfix(loss_minipeft=f"{losses[0]:.4f}", loss_peft=f"{losses[1]:.4f}")
     for name, run in runs.items():
-        after = trainer.evaluate(run.model, test, "classification", cfg.eval_batch_size)
+        after = loop.evaluate(run.model, test, "classification", cfg.eval_batch_size)
         accuracy[name].append(after["accuracy"])
 
     print(f"\n{args.steps} steps × {args.batch_size}, lr {args.lr:g}, seed {args.seed}, "

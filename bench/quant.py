@@ -1,9 +1,11 @@
-"""4-bit quantization of one weight matrix, minipeft.core.nf4 side by side with bitsandbytes (CPU backend).
+"""4-bit quantization of one weight matrix: minipeft's readable core (minipeft/core/nf4.py), its fast twin
+(minipeft/fast/nf4.py, what train.py runs) and bitsandbytes (CPU backend), side by side.
 
 For NF4 and FP4, each with and without double quantization: quantize and dequantize time (median of
---repeats runs after warm-up, the two libraries interleaved so that load on the machine hits both alike),
+--repeats runs after warm-up, the three interleaved so that load on the machine hits them alike),
 storage bits per weight, mean absolute round-trip error on w ~ N(0, 1), and whether the packed codes and
-state are identical to bitsandbytes' and the dequantized matrix is code[q]·absmax of them exactly (compared
+state of both minipeft versions are identical to bitsandbytes' and the dequantized matrix is code[q]·absmax
+of them exactly (compared
 with that definition, not with bitsandbytes' dequantize: its CPU kernels differ by CPU, and one is noted
 below the table when it departs from the definition). A plain symmetric int4 absmax row is the baseline.
 
@@ -27,6 +29,7 @@ import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as bnb  # noqa: E402
 
 from minipeft.core import nf4 as quant  # noqa: E402
+from minipeft.fast import nf4 as fast  # noqa: E402
 
 
 def median_ms(functions, repeats: int, warmup: int = 2) -> list[float]:
@@ -67,25 +70,26 @@ def by_definition(ref_packed, ref_state) -> torch.Tensor:
     return (code[q] * absmax[torch.arange(n) // ref_state.blocksize]).view(ref_state.shape)
 
 
-def same_as_bnb(packed, state, ref_packed, ref_state, expected) -> bool:
-    """Packed codes and absmax (or its 8-bit codes, scales and offset) equal, and the dequantized weights
-    equal to `expected`, code[q]·absmax of those."""
+def same_as_bnb(packed, state, ref_packed, ref_state, expected, dequantize) -> bool:
+    """Packed codes and absmax (or its 8-bit codes, scales and offset) equal, and the weights `dequantize`
+    returns equal to `expected`, code[q]·absmax of those."""
     if state.double_quant:
         absmax = [state.absmax_codes, state.absmax_scales, state.absmax_offset]
         ref_absmax = [ref_state.absmax, ref_state.state2.absmax, ref_state.offset]
     else:
         absmax, ref_absmax = [state.absmax], [ref_state.absmax]
     return (torch.equal(packed, ref_packed.view(-1)) and all(map(torch.equal, absmax, ref_absmax))
-            and torch.equal(quant.dequantize_4bit(packed, state), expected))
+            and torch.equal(dequantize(packed, state), expected))
 
 
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
-    from minipeft.core import data, loop as trainer
+    from minipeft.core import loop
+    from minipeft.formats import tasks
     from minipeft import from_pretrained
     from minipeft.core.targets import find as find_targets
     model, tokenizer = from_pretrained("smollm2")
-    test = data.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
+    test = tasks.load_lm("hamlet", tokenizer, max_len=max_len).splits["test"]
     original = {name: t.clone() for name, t in model.state_dict().items()}
 
     def through(quant_type, double_quant):
@@ -102,7 +106,7 @@ def perplexity_ladder(blocksize: int, max_len: int):
             for parent, attr in find_targets(model, ["all"]):
                 weight = getattr(parent, attr).weight
                 weight.copy_(round_trip(weight))
-        print(f"| {name} | {trainer.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)
+        print(f"| {name} | {loop.evaluate(model, test, 'lm', batch_size=8)['perplexity']:.3f} |", flush=True)
 
 
 def main():
@@ -125,33 +129,38 @@ def main():
     print(f"weight {args.size}x{args.size} fp32 ~ N(0, 1), block size {args.blocksize}, "
           f"threads {torch.get_num_threads()}, median of {args.repeats} | torch {torch.__version__}, "
           f"bitsandbytes {bitsandbytes.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
-    print("| format | double quant | bits / weight | mean abs error | quantize ms minipeft | quantize ms bnb "
-          "| dequantize ms minipeft | dequantize ms bnb | identical to bnb |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| format | double quant | bits / weight | mean abs error | quantize ms core / fast / bnb "
+          "| dequantize ms core / fast / bnb | identical to bnb (core, fast) |")
+    print("|---|---|---|---|---|---|---|")
     departures = []
     for quant_type in quant.QUANT_TYPES:
         for double_quant in (False, True):
             packed, state = quant.quantize_4bit(w, quant_type, args.blocksize, double_quant)
+            fast_packed, fast_state = fast.quantize_4bit(w, quant_type, args.blocksize, double_quant)
             ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=args.blocksize, quant_type=quant_type,
                                                       compress_statistics=double_quant)
             quantize_ms = median_ms([
                 lambda: quant.quantize_4bit(w, quant_type, args.blocksize, double_quant),
+                lambda: fast.quantize_4bit(w, quant_type, args.blocksize, double_quant),
                 lambda: bnb.quantize_4bit(w, blocksize=args.blocksize, quant_type=quant_type,
                                           compress_statistics=double_quant)], args.repeats)
             dequantize_ms = median_ms([lambda: quant.dequantize_4bit(packed, state),
+                                       lambda: fast.dequantize_4bit(packed, state),
                                        lambda: bnb.dequantize_4bit(ref_packed, ref_state)], args.repeats)
             error = (quant.dequantize_4bit(packed, state) - w).abs().mean().item()
             expected = by_definition(ref_packed, ref_state)
-            identical = same_as_bnb(packed, state, ref_packed, ref_state, expected)
+            identical = [same_as_bnb(packed, state, ref_packed, ref_state, expected, quant.dequantize_4bit),
+                         same_as_bnb(fast_packed, fast_state, ref_packed, ref_state, expected, fast.dequantize_4bit)]
             if not torch.equal(bnb.dequantize_4bit(ref_packed, ref_state).view(w.shape), expected):
                 departures.append(f"{quant_type}{' + DQ' if double_quant else ''}")
             print(f"| {quant_type} | {'yes' if double_quant else 'no'} | "
-                  f"{storage_bits_per_weight(packed, state):.3f} | {error:.4f} | {quantize_ms[0]:.0f} | "
-                  f"{quantize_ms[1]:.0f} | {dequantize_ms[0]:.0f} | {dequantize_ms[1]:.0f} | "
-                  f"{'yes' if identical else 'NO'} |")
+                  f"{storage_bits_per_weight(packed, state):.3f} | {error:.4f} | "
+                  f"{' / '.join(f'{ms:.0f}' for ms in quantize_ms)} | "
+                  f"{' / '.join(f'{ms:.0f}' for ms in dequantize_ms)} | "
+                  f"{', '.join('yes' if same else 'NO' for same in identical)} |", flush=True)
     error = (int4_absmax_round_trip(w, args.blocksize) - w).abs().mean().item()
     bits = 4 + 32 / args.blocksize
-    print(f"| int4 absmax (symmetric) | no | {bits:.3f} | {error:.4f} | – | – | – | – | – |")
+    print(f"| int4 absmax (symmetric) | no | {bits:.3f} | {error:.4f} | – | – | – |")
     if departures:
         print(f"\nbitsandbytes' own dequantize departs from code[q]·absmax on this CPU "
               f"({torch.backends.cpu.get_cpu_capability()}) for: {', '.join(departures)}")

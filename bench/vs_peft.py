@@ -13,7 +13,7 @@ token ids, for
               loads the file with gguf_file=), instruction tuning: the first 16 rotten_tomatoes_instruct
               training conversations in the chat template, right-padded, loss on the answers only
               (labels -100 elsewhere). Only lora_qv and lora_all (every linear layer) are timed here.
-minipeft's LM loss is the trainer's (trainer.loss_fn): the labelled tokens only, through the head in
+minipeft's LM loss is the trainer's (loop.loss_fn): the labelled tokens only, through the head in
 tiles (losses.py), recomputed in backward; transformers computes all (B, T, V) logits at once.
 Each configuration runs with the model's own dropout (MiniLM and GPT-2: 0.1 on the embeddings, the
 attention weights and each sub-layer's output; SmolLM2 has none) and with dropout off on both sides
@@ -58,7 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
-from minipeft.core import data, loop as trainer  # noqa: E402
+from minipeft.core import loop  # noqa: E402
+from minipeft.formats import tasks
 from minipeft.formats.assets import asset_path  # noqa: E402
 from minipeft.core.lora import LoRALinear  # noqa: E402
 
@@ -148,7 +149,7 @@ def loss_of(model, batch, library: str) -> torch.Tensor:
     """Cross-entropy over every label, or (LM, instruction data) over the labelled tokens: minipeft's
     trainer sends those through the head in tiles; transformers computes all (B, T, V) and ignores -100."""
     if library == "ours" and batch["kind"] in ("lm", "sft"):
-        return trainer.loss_fn(model, batch, batch["kind"])
+        return loop.loss_fn(model, batch, batch["kind"])
     logits = logits_of(model, batch, library)
     return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=-100)
 
@@ -158,7 +159,7 @@ def make_step(model, batch, library: str):
     AdamW their Trainer uses by default (adamw_torch_fused). Both are torch's fused AdamW."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if library == "ours":
-        optimizer = trainer.make_optimizer(model, lr=1e-5, weight_decay=0.0)
+        optimizer = loop.make_optimizer(model, lr=1e-5, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
 
@@ -172,9 +173,9 @@ def make_step(model, batch, library: str):
 
 def make_batch(model_name: str, vocab_size: int):
     shape = MODELS[model_name]
-    if shape["kind"] == "sft":  # real conversations, labels on the answers (data.py)
+    if shape["kind"] == "sft":  # real conversations, labels on the answers (tasks.py)
         tokenizer = mp.from_pretrained(model_name)[1]
-        task = data.load_task("rotten_tomatoes_instruct", tokenizer, max_len=256)
+        task = tasks.load_task("rotten_tomatoes_instruct", tokenizer, max_len=256)
         batch = next(task.splits["train"].batches(shape["batch"]))
         return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")} | {"kind": "sft"}
     g = torch.Generator().manual_seed(0)

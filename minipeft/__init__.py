@@ -21,7 +21,8 @@ _WHERE = {  # public name -> module that defines it
     "combine_adapters": "extras.combine",
     "export": "exporters",
 }
-_MODULES = {"quant": "core.nf4", "memory": "extras.memory", "precision": "scale.precision"}  # public module names
+_MODULES = {"quant": "core.nf4", "memory": "extras.memory", "precision": "scale.precision",  # public module names
+            "fast": "fast"}
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ Usage (from the repository's root; it is a script, not a test module: pytest doe
 
     python tests/mutate.py minipeft/fast/losses.py --list                      # the mutants, numbered
     python tests/mutate.py minipeft/fast/losses.py --tests tests/test_losses.py --sample 25 --seed 0
-    python tests/mutate.py minipeft/core/lora.py --only LowRankUpdate,LoRALinear,residual_init \\
+    python tests/mutate.py minipeft/core/lora.py --only add_lora,LoRALinear,residual_init \\
         --tests "tests/test_lora.py tests/test_lora_family.py -k 'not dora'" --report lora.md
     python tests/mutate.py minipeft/core/lora.py --only LoRALinear --tests tests/test_lora.py --ids 4,9
 

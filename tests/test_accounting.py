@@ -1,5 +1,5 @@
 """A step's loss is the mean over every labelled token of its global batch, however the batch is split
-(trainer.accumulate_gradients): one batch of 8 instruction examples whose answers are 1 to 30 tokens
+(loop.accumulate_gradients): one batch of 8 instruction examples whose answers are 1 to 30 tokens
 long, the same 8 as 2 micro-batches of 4 (gradient accumulation), as 2 processes × 4 (DDP and FSDP,
 torch.multiprocessing with gloo) and packed into shared rows give the same gradients and the same
 logged loss, within 1e-6 relative, and the same adapter after a few optimizer steps.
@@ -15,15 +15,26 @@ import torch
 import torch.distributed as dist
 
 import minipeft as mp
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
+from minipeft.run import trainer
+import minipeft.fast
 from minipeft.scale import sharding
-from minipeft.scale.processes import check_same_options, data_parallel
+from minipeft.scale.processes import Processes, check_same_options, data_parallel
 from conftest import join_gloo_group, spawn_gloo_group, tiny_model
 
 ANSWER_LENGTHS = (1, 2, 1, 3, 30, 20, 25, 28)  # the first four short, the last four long
 PROMPT_LENGTHS = (5, 9, 3, 7, 4, 8, 6, 2)
 STEPS = 3
 TOLERANCE = 1e-6  # relative
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_twins():
+    """The loop as train.py runs it, with the fast twins in (the tiled LM loss; tests/test_losses.py checks
+    it against the core's F.cross_entropy, whose sums over whole logits round differently: 1.1e-6 here)."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
 
 
 def sft_examples() -> data.Dataset:
@@ -57,9 +68,9 @@ SPLITS = {  # how the 8 examples are fed to one process: micro-batches of exampl
 
 def step_of(model, batches: list[dict], world_size: int = 1):
     """(the step's logged loss, the gradients of the trainable parameters) for these micro-batches."""
-    loss, _, _ = trainer.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"),
-                                              world_size)
-    loss, _ = trainer.agree(loss, False, world_size, torch.device("cpu"))
+    processes = Processes() if world_size > 1 else loop.ONE_PROCESS
+    loss, _, _ = loop.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"), processes)
+    loss = processes.total(torch.tensor(loss, dtype=torch.float64)).item() / world_size
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -67,10 +78,11 @@ def step_of(model, batches: list[dict], world_size: int = 1):
 
 def trained(model, batches: list[dict], world_size: int = 1) -> dict:
     """The trainable parameters after STEPS AdamW steps on the same micro-batches each step."""
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.01)
-    scheduler = trainer.make_scheduler(optimizer, warmup=0.0, steps=STEPS)
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.01)
+    scheduler = loop.make_scheduler(optimizer, warmup=0.0, steps=STEPS)
     for _ in range(STEPS):
-        trainer.train_step(model, optimizer, scheduler, iter(batches), "sft", len(batches), 1.0, world_size)
+        loop.train_step(model, optimizer, scheduler, iter(batches), "sft", len(batches), 1.0,
+                        Processes() if world_size > 1 else loop.ONE_PROCESS)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -119,7 +131,7 @@ def test_averaging_means_would_be_far_off(reference, capsys):
         batches = [examples.collate(indices) for indices in SPLITS[split]]
         model = lora_model()
         for batch in batches:
-            (trainer.loss_fn(model, batch, "sft") / len(batches)).backward()
+            (loop.loss_fn(model, batch, "sft") / len(batches)).backward()
         means = relative({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, reference[1])
         rows.append(f"| {split} | {means:.2g} | {relative(step_of(lora_model(), batches)[1], reference[1]):.2g} |")
         assert means > 0.2

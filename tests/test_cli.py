@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import minipeft as mp
-from minipeft.core import loop as trainer
+from minipeft.run import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,8 @@ def reviews(tmp_path_factory):
 def trained(reviews, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     done = run("train.py", "--model", "tiny-bert", "--task", reviews, "--method", "lora", "--rank", "4",
-               "--targets", "q,v", "--steps", "30", "--batch-size", "8", "--lr", "3e-3", "--out", out)
+               "--targets", "q,v", "--steps", "30", "--batch-size", "8", "--lr", "3e-3", "--out", out,
+               "--memory-report")
     assert done.returncode == 0, done.stderr
     return out, done
 
@@ -56,6 +57,20 @@ def test_train_prints_the_memory_ledger_beside_the_measured_peak(trained):
     assert "memory ledger: batch 8 ×" in done.stdout and "checkpointing off" in done.stdout
     measured = next(line for line in done.stdout.splitlines() if "measured peak RSS" in line)
     assert float(measured.split("ledger / measured")[1].split(";")[0]) > 0
+
+
+def test_the_ledger_is_printed_only_when_asked(reviews, tmp_path):
+    done = run("train.py", "--model", "tiny-bert", "--task", reviews, "--steps", "2", "--batch-size", "8",
+               "--eval-every", "0", "--skip-test-before", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "memory ledger" not in done.stdout and "peak memory (RSS)" in done.stdout
+
+
+def test_save_every_0_writes_no_checkpoint_but_the_adapter(reviews, tmp_path):
+    done = run("train.py", "--model", "tiny-bert", "--task", reviews, "--steps", "2", "--batch-size", "8",
+               "--eval-every", "0", "--skip-test-before", "--save-every", "0", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("checkpoint-*")) and (tmp_path / "adapter" / "adapter.safetensors").exists()
 
 
 def test_grad_checkpoint_flag_keeps_the_losses(trained, reviews, tmp_path):
@@ -227,7 +242,7 @@ def test_train_py_and_trainconfig_share_every_default():
     import torch
 
     import train as train_cli
-    from minipeft.core import loop as trainer
+    from minipeft.run import trainer
     parser = train_cli.build_parser()
     actions = {flag: action for action in parser._actions for flag in action.option_strings}
     differ = []

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft.core import loop as trainer
+from minipeft.core import loop
 from minipeft.core.generate import Sampling, generate
 from conftest import (FLAVORS, example_options, perturb_trainable, random_words_file, tiny_batch, tiny_model,
                       tiny_tokenizer)
@@ -80,9 +80,9 @@ def test_every_method_trains_on_cuda(method, precision):
     model = move_until_clear(model, untrained, idx, mask)  # on the CPU: perturb_trainable's generator is a CPU one
     mp.set_precision(model, precision).to(GPU)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.0)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, 3)
-    scaler = mp.precision.grad_scaler(model, GPU)
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 3)
+    scaling = mp.precision.loss_scaling(model, GPU)
     g = torch.Generator().manual_seed(0)
 
     def batches():
@@ -91,7 +91,7 @@ def test_every_method_trains_on_cuda(method, precision):
             yield {"input_ids": ids, "labels": ids}
     model.train()
     for _ in range(3):
-        result = trainer.train_step(model, optimizer, scheduler, batches(), "lm", scaler=scaler)
+        result = loop.train_step(model, optimizer, scheduler, batches(), "lm", scaling=scaling)
         assert result.finite or result.overflow
     for name, p in model.named_parameters():
         assert p.device.type == GPU.type

@@ -1,4 +1,4 @@
-"""Tests for minipeft/core/data.py: built-in data sets, user files, batching, sharding, and every error."""
+"""Tests for minipeft/core/data.py and minipeft/formats/tasks.py: built-in data sets, user files, batching, sharding, and every error."""
 import bz2
 import csv
 import hashlib
@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from minipeft.core import data
+
+from minipeft.formats import tasks
 from minipeft.formats import readers
 from minipeft.formats.assets import asset_path
 
@@ -40,7 +42,7 @@ def byte_tokenizer() -> Tokenizer:
 
 def fingerprint(task: data.TaskData) -> str:
     digest = hashlib.sha256()
-    for split in data.SPLITS:
+    for split in tasks.SPLITS:
         digest.update(repr((task.splits[split].input_ids, task.splits[split].labels)).encode())
     return digest.hexdigest()
 
@@ -72,24 +74,24 @@ def toy_rows(labels: list, per_label: int = 10) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def rotten():
-    return data.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=128, seed=0)
+    return tasks.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=128, seed=0)
 
 
 def test_rotten_tomatoes_counts_and_labels(rotten):
-    sizes = {split: len(rotten.splits[split]) for split in data.SPLITS}
+    sizes = {split: len(rotten.splits[split]) for split in tasks.SPLITS}
     assert sum(sizes.values()) == 12808  # 7403 fresh + 5405 rotten; the 1097 plot rows are dropped
     assert 0.78 < sizes["train"] / 12808 < 0.82
     assert 0.08 < sizes["validation"] / 12808 < 0.12 and 0.08 < sizes["test"] / 12808 < 0.12
     assert rotten.kind == "classification" and rotten.n_classes == 2
     assert rotten.label_names == ["negative", "positive"] and rotten.pad_id == 0
-    for split in data.SPLITS:
+    for split in tasks.SPLITS:
         labels = rotten.splits[split].labels
         assert set(labels) == {0, 1}
         assert 0.45 < sum(labels) / len(labels) < 0.70  # 58% fresh overall
 
 
 def test_rotten_tomatoes_no_movie_in_two_splits():
-    split_texts, _, _ = data._rotten_tomatoes(seed=0)
+    split_texts, _, _ = tasks._rotten_tomatoes(seed=0)
     with bz2.open(asset_path("rotten_tomatoes"), "rt", encoding="utf-8", newline="") as f:
         records = [r for r in csv.DictReader(f) if r["category"] != "plot"]
     movies_of_text = defaultdict(set)
@@ -106,15 +108,15 @@ def test_rotten_tomatoes_no_movie_in_two_splits():
 
 
 def test_rotten_tomatoes_split_is_fixed_by_seed(rotten):
-    again = data.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=0)
+    again = tasks.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=0)
     assert fingerprint(again) == fingerprint(rotten)
-    other = data.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=1)
+    other = tasks.load_classification("rotten_tomatoes", minilm_tokenizer(), seed=1)
     assert other.splits["test"].input_ids != rotten.splits["test"].input_ids
 
 
 def test_rotten_tomatoes_split_ignores_hash_randomization(rotten):
-    script = ("from minipeft import data; import tests.test_data as t; "
-              "print(t.fingerprint(data.load_classification('rotten_tomatoes', t.minilm_tokenizer())))")
+    script = ("from minipeft.formats import tasks; import tests.test_data as t; "
+              "print(t.fingerprint(tasks.load_classification('rotten_tomatoes', t.minilm_tokenizer())))")
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
                           text=True, check=True)
@@ -122,7 +124,7 @@ def test_rotten_tomatoes_split_ignores_hash_randomization(rotten):
 
 
 def test_truncation_keeps_cls_and_sep():
-    task = data.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=16)
+    task = tasks.load_classification("rotten_tomatoes", minilm_tokenizer(), max_len=16)
     sequences = task.splits["train"].input_ids
     assert max(len(ids) for ids in sequences) == 16
     assert all(ids[0] == CLS and ids[-1] == SEP for ids in sequences)
@@ -255,10 +257,10 @@ def test_bad_batch_arguments():
 def test_hamlet_windows_shift_by_one_and_tile_the_text():
     max_len = 64
     tokenizer = minilm_tokenizer()
-    task = data.load_lm("hamlet", tokenizer, max_len=max_len)
+    task = tasks.load_lm("hamlet", tokenizer, max_len=max_len)
     assert task.kind == "lm" and task.n_classes is None and task.label_names is None
     windows = []
-    for split in data.SPLITS:
+    for split in tasks.SPLITS:
         dataset = task.splits[split]
         for inputs, targets in zip(dataset.input_ids, dataset.labels):
             assert len(inputs) == len(targets) == max_len
@@ -268,7 +270,7 @@ def test_hamlet_windows_shift_by_one_and_tile_the_text():
     tokens = tokenizer.encode(asset_path("hamlet").read_text(encoding="utf-8"), add_special_tokens=False).ids
     assert sum(windows, []) == tokens[:len(windows) * (max_len + 1)]
     assert len(tokens) - len(windows) * (max_len + 1) < max_len + 1
-    sizes = [len(task.splits[split]) for split in data.SPLITS]
+    sizes = [len(task.splits[split]) for split in tasks.SPLITS]
     assert sizes[1] == sizes[2] == round(0.05 * len(windows)) and CLS not in windows[0]
 
     batch = next(task.splits["test"].batches(4))
@@ -279,32 +281,32 @@ def test_hamlet_windows_shift_by_one_and_tile_the_text():
 def test_txt_file_with_byte_tokenizer(tmp_path):
     text = "To be, or not to be, that is the question. " * 20  # 860 bytes
     tokenizer = byte_tokenizer()
-    task = data.load_lm(write(tmp_path / "q.txt", text), tokenizer, max_len=32)
+    task = tasks.load_lm(write(tmp_path / "q.txt", text), tokenizer, max_len=32)
     assert task.pad_id == 256  # <|endoftext|>
-    assert sum(len(task.splits[split]) for split in data.SPLITS) == 860 // 33
+    assert sum(len(task.splits[split]) for split in tasks.SPLITS) == 860 // 33
     assert len(task.splits["validation"]) == len(task.splits["test"]) == 1
     assert tokenizer.decode(task.splits["train"].input_ids[0]) == text[:32]
 
 
 def test_lm_text_too_short(tmp_path):
     with pytest.raises(ValueError, match=r"short\.txt has 5 tokens, but at least 33 are needed"):
-        data.load_lm(write(tmp_path / "short.txt", "hello"), byte_tokenizer(), max_len=10)
+        tasks.load_lm(write(tmp_path / "short.txt", "hello"), byte_tokenizer(), max_len=10)
     with pytest.raises(ValueError, match=r"empty\.txt has 0 tokens"):
-        data.load_lm(write(tmp_path / "empty.txt", ""), byte_tokenizer())
+        tasks.load_lm(write(tmp_path / "empty.txt", ""), byte_tokenizer())
 
 
 def test_lm_rejects_other_sources(tmp_path):
     with pytest.raises(ValueError, match=r"not a \.txt file"):
-        data.load_lm(tmp_path / "x.csv", byte_tokenizer())
+        tasks.load_lm(tmp_path / "x.csv", byte_tokenizer())
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.load_lm(tmp_path / "missing.txt", byte_tokenizer())
+        tasks.load_lm(tmp_path / "missing.txt", byte_tokenizer())
 
 
 def test_lm_non_utf8_file(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("line one\nline two\nna\u00efve\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(line 3"):
-        data.load_lm(path, byte_tokenizer())
+        tasks.load_lm(path, byte_tokenizer())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,11 +315,11 @@ def test_lm_non_utf8_file(tmp_path):
 
 def test_csv_with_string_labels(tmp_path):
     path = write_csv(tmp_path / "reviews.csv", toy_rows(["pos", "neg", "neutral"]))
-    task = data.load_classification(path, minilm_tokenizer(), seed=0)
+    task = tasks.load_classification(path, minilm_tokenizer(), seed=0)
     assert task.label_names == ["neg", "neutral", "pos"] and task.n_classes == 3
-    sizes = {split: len(task.splits[split]) for split in data.SPLITS}
+    sizes = {split: len(task.splits[split]) for split in tasks.SPLITS}
     assert sizes == {"train": 24, "validation": 3, "test": 3}
-    for split in data.SPLITS:  # stratified: every class in every split here
+    for split in tasks.SPLITS:  # stratified: every class in every split here
         assert set(task.splits[split].labels) == {0, 1, 2}
     first = task.splits["train"].input_ids[0]
     assert first[0] == CLS and first[-1] == SEP
@@ -325,8 +327,8 @@ def test_csv_with_string_labels(tmp_path):
 
 def test_single_file_split_is_fixed_by_seed(tmp_path):
     path = write_csv(tmp_path / "reviews.csv", toy_rows([0, 1], per_label=30))
-    same = [fingerprint(data.load_classification(path, minilm_tokenizer(), seed=0)) for _ in range(2)]
-    other = fingerprint(data.load_classification(path, minilm_tokenizer(), seed=1))
+    same = [fingerprint(tasks.load_classification(path, minilm_tokenizer(), seed=0)) for _ in range(2)]
+    other = fingerprint(tasks.load_classification(path, minilm_tokenizer(), seed=1))
     assert same[0] == same[1] != other
 
 
@@ -335,16 +337,16 @@ def test_jsonl_with_int_labels_and_byte_tokenizer(tmp_path):
     lines = [json.dumps(record) for record in records]
     write(tmp_path / "toy.jsonl", "\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n")  # blank line ok
     tokenizer = byte_tokenizer()
-    task = data.load_task(tmp_path / "toy.jsonl", tokenizer, max_len=8)
+    task = tasks.load_task(tmp_path / "toy.jsonl", tokenizer, max_len=8)
     assert task.kind == "classification" and task.label_names == ["0", "1", "2"] and task.pad_id == 256
-    assert sum(len(task.splits[split]) for split in data.SPLITS) == 30
+    assert sum(len(task.splits[split]) for split in tasks.SPLITS) == 30
     assert max(len(ids) for ids in task.splits["train"].input_ids) == 8  # no special tokens, truncated
     assert tokenizer.decode(task.splits["train"].input_ids[0]) == "example "
 
 
 def test_signed_labels_are_names(tmp_path):
     path = write_jsonl(tmp_path / "signed.jsonl", [{"text": t, "label": l} for t, l in toy_rows([-1, 1])])
-    task = data.load_classification(path, byte_tokenizer())
+    task = tasks.load_classification(path, byte_tokenizer())
     assert task.label_names == ["-1", "1"] and set(task.splits["train"].labels) == {0, 1}
 
 
@@ -352,23 +354,23 @@ def test_directory_of_split_files(tmp_path):
     write_csv(tmp_path / "train.csv", toy_rows(["b", "a"], per_label=4))
     write_jsonl(tmp_path / "validation.jsonl", [{"text": "fine", "label": "a"}])
     write_csv(tmp_path / "test.csv", [("good", "b"), ("bad", "a")])
-    task = data.load_task(tmp_path, minilm_tokenizer())
+    task = tasks.load_task(tmp_path, minilm_tokenizer())
     assert task.label_names == ["a", "b"]
-    assert [len(task.splits[split]) for split in data.SPLITS] == [8, 1, 2]
+    assert [len(task.splits[split]) for split in tasks.SPLITS] == [8, 1, 2]
     assert task.splits["test"].labels == [1, 0]
 
 
 def test_load_task_dispatch(tmp_path):
-    assert data.load_task("hamlet", byte_tokenizer(), max_len=512).kind == "lm"
+    assert tasks.load_task("hamlet", byte_tokenizer(), max_len=512).kind == "lm"
     with pytest.raises(ValueError, match=r"unknown data source 'imdb'; use 'rotten_tomatoes'"):
-        data.load_task("imdb", byte_tokenizer())
+        tasks.load_task("imdb", byte_tokenizer())
     with pytest.raises(ValueError, match=r"unknown data source 'rotten_tomatos' \(did you mean 'rotten_tomatoes'\?\)"):
-        data.load_task("rotten_tomatos", byte_tokenizer())
+        tasks.load_task("rotten_tomatos", byte_tokenizer())
     with pytest.raises(FileNotFoundError, match=r"data\.parquet does not exist"):
-        data.load_task(tmp_path / "data.parquet", byte_tokenizer())
+        tasks.load_task(tmp_path / "data.parquet", byte_tokenizer())
     write(tmp_path / "data.xml", "<rows/>")
     with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.parquet file"):
-        data.load_task(tmp_path / "data.xml", byte_tokenizer())
+        tasks.load_task(tmp_path / "data.xml", byte_tokenizer())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,18 +379,18 @@ def test_load_task_dispatch(tmp_path):
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.csv does not exist"):
-        data.load_classification(tmp_path / "missing.csv", byte_tokenizer())
+        tasks.load_classification(tmp_path / "missing.csv", byte_tokenizer())
 
 
 @pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl"])
 def test_empty_file(tmp_path, name):
     with pytest.raises(ValueError, match=rf"{name} is empty"):
-        data.load_classification(write(tmp_path / name, "\n"), byte_tokenizer())
+        tasks.load_classification(write(tmp_path / name, "\n"), byte_tokenizer())
 
 
 def test_header_without_rows(tmp_path):
     with pytest.raises(ValueError, match=r"h\.csv has a header but no rows"):
-        data.load_classification(write(tmp_path / "h.csv", "text,label\n"), byte_tokenizer())
+        tasks.load_classification(write(tmp_path / "h.csv", "text,label\n"), byte_tokenizer())
 
 
 @pytest.mark.parametrize("header, missing", [("sentence,label", "text"), ("text,target", "label")])
@@ -396,47 +398,47 @@ def test_csv_missing_column(tmp_path, header, missing):
     path = write(tmp_path / "cols.csv", f"{header}\nhello,1\n")
     with pytest.raises(ValueError, match=rf"cols\.csv has no '{missing}' column, which a text/label row needs \(its "
                                          rf"columns are: {header.replace(',', ', ')}\); .* --columns {missing}=NAME"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
 
 
 def test_jsonl_missing_field(tmp_path):
     path = write(tmp_path / "f.jsonl", '{"text": "a", "label": 0}\n{"text": "b"}\n')
     with pytest.raises(ValueError, match=r"f\.jsonl line 2 has no 'label' field"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
 
 
 def test_jsonl_malformed_line(tmp_path):
     path = write(tmp_path / "bad.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl line 3 is not valid JSON"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
     write(tmp_path / "list.jsonl", '["a", 0]\n')
     with pytest.raises(ValueError, match=r"list\.jsonl line 1 is not a JSON object"):
-        data.load_classification(tmp_path / "list.jsonl", byte_tokenizer())
+        tasks.load_classification(tmp_path / "list.jsonl", byte_tokenizer())
 
 
 def test_non_utf8_csv(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("text,label\ngood,1\nna\u00efve,0\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.csv is not UTF-8 text \(line 3 .*re-save"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
 
 
 def test_fewer_than_two_classes(tmp_path):
     path = write_csv(tmp_path / "one.csv", toy_rows(["pos"]))
     with pytest.raises(ValueError, match=r"one\.csv has only one label \('pos'\).*at least 2 classes"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
 
 
 def test_empty_text_row(tmp_path):
     path = write(tmp_path / "blank.csv", 'text,label\ngood,1\n"  ",0\n')
     with pytest.raises(ValueError, match=r"blank\.csv line 3 has an empty text; remove the row"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
     write(tmp_path / "short.csv", "text,label\ngood,1\nbad\n")
     with pytest.raises(ValueError, match=r"short\.csv line 3 has no label"):
-        data.load_classification(tmp_path / "short.csv", byte_tokenizer())
+        tasks.load_classification(tmp_path / "short.csv", byte_tokenizer())
     write_jsonl(tmp_path / "float.jsonl", [{"text": "a", "label": 0.5}])
     with pytest.raises(ValueError, match=r"float\.jsonl line 1 has a label of type float"):
-        data.load_classification(tmp_path / "float.jsonl", byte_tokenizer())
+        tasks.load_classification(tmp_path / "float.jsonl", byte_tokenizer())
 
 
 def test_unknown_label_in_eval_split(tmp_path):
@@ -445,7 +447,7 @@ def test_unknown_label_in_eval_split(tmp_path):
     write_csv(tmp_path / "test.csv", [("x", "a"), ("y", "c")])
     with pytest.raises(ValueError, match=r"test\.csv line 3 has label 'c', which never occurs in the "
                                          r"training data .*train\.csv"):
-        data.load_classification(tmp_path, byte_tokenizer())
+        tasks.load_classification(tmp_path, byte_tokenizer())
 
 
 def test_directory_missing_a_split(tmp_path):
@@ -453,19 +455,19 @@ def test_directory_missing_a_split(tmp_path):
     write_csv(tmp_path / "test.csv", toy_rows(["a", "b"]))
     with pytest.raises(ValueError, match=r"has no validation\.jsonl or validation\.json or validation\.csv or "
                                          r"validation\.parquet; a data folder needs"):
-        data.load_classification(tmp_path, byte_tokenizer())
+        tasks.load_classification(tmp_path, byte_tokenizer())
 
 
 def test_too_few_rows_to_split(tmp_path):
     path = write_csv(tmp_path / "tiny.csv", toy_rows(["a", "b"], per_label=2))
     with pytest.raises(ValueError, match=r"tiny\.csv has too few rows \(4\) to split"):
-        data.load_classification(path, byte_tokenizer())
+        tasks.load_classification(path, byte_tokenizer())
 
 
 def test_max_len_too_small_for_special_tokens(tmp_path):
     path = write_csv(tmp_path / "ok.csv", toy_rows(["a", "b"]))
     with pytest.raises(ValueError, match="max_len=2 leaves no room"):
-        data.load_classification(path, minilm_tokenizer(), max_len=2)
+        tasks.load_classification(path, minilm_tokenizer(), max_len=2)
 
 
 def test_head_keeps_the_first_examples():
@@ -490,7 +492,7 @@ def as_fields(rows: list[dict], **names) -> list[dict]:
 
 def same_examples(a: data.TaskData, b: data.TaskData) -> bool:
     return all(a.splits[s].input_ids == b.splits[s].input_ids and a.splits[s].labels == b.splits[s].labels
-               for s in data.SPLITS)
+               for s in tasks.SPLITS)
 
 
 def test_sharegpt_rows_are_read_as_their_messages(tmp_path):
@@ -502,9 +504,9 @@ def test_sharegpt_rows_are_read_as_their_messages(tmp_path):
                            [{"conversations": [{"from": who, "value": text} for who, text in chat]} for chat in chats])
     messages = write_jsonl(tmp_path / "messages.jsonl",
                            [{"messages": [{"role": roles[who], "content": text} for who, text in chat]} for chat in chats])
-    read = data.load_task(sharegpt, byte_tokenizer(), max_len=128)
+    read = tasks.load_task(sharegpt, byte_tokenizer(), max_len=128)
     assert read.kind == "sft" and read.info["shape"] == "sharegpt"
-    assert same_examples(read, data.load_task(messages, byte_tokenizer(), max_len=128))
+    assert same_examples(read, tasks.load_task(messages, byte_tokenizer(), max_len=128))
     assert read.splits["test"].answers[0].startswith("bot ")
 
 
@@ -517,7 +519,7 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     pairs = as_fields(rows, prompt="question", completion="answer")
     chats = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
              for r in rows]
-    expected = data.load_task(write_jsonl(tmp_path / "pairs.jsonl", pairs), byte_tokenizer(), max_len=64)
+    expected = tasks.load_task(write_jsonl(tmp_path / "pairs.jsonl", pairs), byte_tokenizer(), max_len=64)
     write(tmp_path / "pairs.json", json.dumps(pairs))
     with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([["prompt", "completion"]] + [[r["prompt"], r["completion"]] for r in pairs])
@@ -531,7 +533,7 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
                           ("qa.parquet", {"prompt": "question", "completion": "answer"}),
                           ("chats.parquet", None), ("chats.csv", None)]:
-        task = data.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
+        task = tasks.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
         assert same_examples(task, expected), name
 
 
@@ -544,25 +546,25 @@ def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):
         write_jsonl(tmp_path / "files" / f"{split}.jsonl", part)
     datasets.DatasetDict({s: datasets.Dataset.from_list(p) for s, p in parts.items()}).save_to_disk(
         str(tmp_path / "dict"))
-    files, saved = (data.load_task(tmp_path / name, byte_tokenizer(), max_len=64) for name in ("files", "dict"))
-    assert same_examples(files, saved) and [len(saved.splits[s]) for s in data.SPLITS] == [8, 2, 2]
+    files, saved = (tasks.load_task(tmp_path / name, byte_tokenizer(), max_len=64) for name in ("files", "dict"))
+    assert same_examples(files, saved) and [len(saved.splits[s]) for s in tasks.SPLITS] == [8, 2, 2]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs)}).save_to_disk(str(tmp_path / "train_only"))
-    whole = data.load_task(tmp_path / "train_only", byte_tokenizer(), max_len=64)  # split as one file
-    assert sum(len(whole.splits[s]) for s in data.SPLITS) == 12
+    whole = tasks.load_task(tmp_path / "train_only", byte_tokenizer(), max_len=64)  # split as one file
+    assert sum(len(whole.splits[s]) for s in tasks.SPLITS) == 12
     datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs), "test": datasets.Dataset.from_list(pairs)}
                          ).save_to_disk(str(tmp_path / "no_validation"))
     with pytest.raises(ValueError, match=r"no_validation has the splits train, test; a saved DatasetDict needs train, "
                                          r"validation and test \(or train alone"):
-        data.load_task(tmp_path / "no_validation", byte_tokenizer())
+        tasks.load_task(tmp_path / "no_validation", byte_tokenizer())
 
 
 def test_classification_columns_from_csv_and_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     rows = toy_rows(["neg", "pos"])
-    expected = data.load_task(write_csv(tmp_path / "plain.csv", rows), byte_tokenizer(), max_len=16)
+    expected = tasks.load_task(write_csv(tmp_path / "plain.csv", rows), byte_tokenizer(), max_len=16)
     pq.write_table(pa.Table.from_pylist([{"review": t, "stars": l, "id": i} for i, (t, l) in enumerate(rows)]),
                    tmp_path / "reviews.parquet")
-    task = data.load_task(tmp_path / "reviews.parquet", byte_tokenizer(), max_len=16,
+    task = tasks.load_task(tmp_path / "reviews.parquet", byte_tokenizer(), max_len=16,
                           columns={"text": "review", "label": "stars"})
     assert task.label_names == ["neg", "pos"] and same_examples(task, expected)
 
@@ -573,8 +575,8 @@ def test_several_sources_with_mixing_weights(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", as_fields(qa_rows(20), prompt="question", completion="answer"))
     b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": f"b{i}"},
                                                          {"role": "assistant", "content": "yes"}]} for i in range(20)])
-    alone = {name: data.load_task(path, byte_tokenizer(), max_len=64) for name, path in (("a", a), ("b", b))}
-    mixed = data.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
+    alone = {name: tasks.load_task(path, byte_tokenizer(), max_len=64) for name, path in (("a", a), ("b", b))}
+    mixed = tasks.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
     assert mixed.info["shape"] == "prompt/completion + messages"
     train = [tuple(ids) for ids in mixed.splits["train"].input_ids]
     a_train = [tuple(ids) for ids in alone["a"].splits["train"].input_ids]
@@ -584,18 +586,18 @@ def test_several_sources_with_mixing_weights(tmp_path):
     assert len(drawn) == len(set(drawn)) == 8
     for split in ("validation", "test"):
         assert mixed.splits[split].input_ids == alone["a"].splits[split].input_ids + alone["b"].splits[split].input_ids
-    again = data.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
+    again = tasks.load_task([f"{a}:2", (str(b), 0.5)], byte_tokenizer(), max_len=64)
     assert same_examples(again, mixed)  # the share drawn is fixed by the seed
-    assert data.sources_text([f"{a}:2", str(b)]) == f"{a}:2 {b}:1" and data.sources_text(str(a)) == str(a)
+    assert tasks.sources_text([f"{a}:2", str(b)]) == f"{a}:2 {b}:1" and tasks.sources_text(str(a)) == str(a)
 
 
 def test_mixed_classification_sources_share_their_label_names(tmp_path):
     first = write_csv(tmp_path / "first.csv", toy_rows(["neg", "pos"]))
     second = write_jsonl(tmp_path / "second.jsonl", [{"text": t, "label": l} for t, l in toy_rows(["mixed", "pos"])])
-    mixed = data.load_task([first, second], byte_tokenizer(), max_len=16)
+    mixed = tasks.load_task([first, second], byte_tokenizer(), max_len=16)
     assert mixed.label_names == ["mixed", "neg", "pos"] and mixed.n_classes == 3
     for part, source in zip((slice(0, 16), slice(16, 32)), (first, second)):
-        alone = data.load_task(source, byte_tokenizer(), max_len=16)
+        alone = tasks.load_task(source, byte_tokenizer(), max_len=16)
         assert [mixed.label_names[i] for i in mixed.splits["train"].labels[part]] == \
             [alone.label_names[i] for i in alone.splits["train"].labels]
 
@@ -611,7 +613,7 @@ def test_mixed_classification_sources_share_their_label_names(tmp_path):
 ])
 def test_bad_mixing_weights(sources, message):
     with pytest.raises(ValueError, match=message):
-        data.parse_sources(sources)
+        tasks.parse_sources(sources)
 
 
 def test_bad_columns_flag():
@@ -629,17 +631,17 @@ def test_a_named_column_that_is_not_there(tmp_path):
     pq.write_table(pa.Table.from_pylist(qa_rows()), tmp_path / "qa.parquet")
     with pytest.raises(ValueError, match=r"qa\.parquet has no column 'questions' \(--columns prompt=questions\) "
                                          r"\(did you mean 'question'\?\); its columns are: question, answer"):
-        data.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"prompt": "questions", "completion": "answer"})
+        tasks.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"prompt": "questions", "completion": "answer"})
     with pytest.raises(ValueError, match=r"qa\.parquet has no 'prompt' column, which a prompt/completion row needs "
                                          r"\(its columns are: question, answer\); name the column that holds it with "
                                          r"--columns prompt=NAME"):
-        data.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"completion": "answer"})
+        tasks.load_task(tmp_path / "qa.parquet", byte_tokenizer(), columns={"completion": "answer"})
     write_jsonl(tmp_path / "qa.jsonl", qa_rows(3) + [{"query": "x", "answer": "y"}])
     with pytest.raises(ValueError, match=r"qa\.jsonl line 4 has no field 'question' \(--columns prompt=question\); "
                                          r"its fields are: query, answer"):
-        data.load_task(tmp_path / "qa.jsonl", byte_tokenizer(), columns={"prompt": "question", "completion": "answer"})
+        tasks.load_task(tmp_path / "qa.jsonl", byte_tokenizer(), columns={"prompt": "question", "completion": "answer"})
     with pytest.raises(ValueError, match=r"no --task source has the columns --columns names \(q\)"):
-        data.load_task("rotten_tomatoes", byte_tokenizer(), columns={"text": "q"})
+        tasks.load_task("rotten_tomatoes", byte_tokenizer(), columns={"text": "q"})
 
 
 def test_every_reader_names_its_bad_rows(tmp_path):
@@ -649,22 +651,22 @@ def test_every_reader_names_its_bad_rows(tmp_path):
     pairs[2]["completion"] = " "
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
     with pytest.raises(ValueError, match=r"pairs\.parquet row 3: an empty completion"):
-        data.load_task(tmp_path / "pairs.parquet", byte_tokenizer())
-    datasets.DatasetDict({s: datasets.Dataset.from_list(pairs) for s in data.SPLITS}).save_to_disk(str(tmp_path / "d"))
+        tasks.load_task(tmp_path / "pairs.parquet", byte_tokenizer())
+    datasets.DatasetDict({s: datasets.Dataset.from_list(pairs) for s in tasks.SPLITS}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(ValueError, match=r"d train row 3: an empty completion"):
-        data.load_task(tmp_path / "d", byte_tokenizer())
+        tasks.load_task(tmp_path / "d", byte_tokenizer())
     write(tmp_path / "pairs.json", json.dumps(pairs))
     with pytest.raises(ValueError, match=r"pairs\.json row 3: an empty completion"):
-        data.load_task(tmp_path / "pairs.json", byte_tokenizer())
+        tasks.load_task(tmp_path / "pairs.json", byte_tokenizer())
     write(tmp_path / "chats.csv", 'messages\n"[{""role"": ""assistant"", ""content"": ""a""}]"\n"[{""role"": ""user""\n')
     with pytest.raises(ValueError, match=r"chats\.csv line 3: 'messages' is text but not valid JSON"):
-        data.load_task(tmp_path / "chats.csv", byte_tokenizer())
+        tasks.load_task(tmp_path / "chats.csv", byte_tokenizer())
     pq.write_table(pa.Table.from_pylist([{"text": "good", "label": None}] * 10), tmp_path / "labels.parquet")
     with pytest.raises(ValueError, match=r"labels\.parquet row 1 has no label"):
-        data.load_task(tmp_path / "labels.parquet", byte_tokenizer())
+        tasks.load_task(tmp_path / "labels.parquet", byte_tokenizer())
     write(tmp_path / "bad.parquet", "not parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet is not a readable parquet file"):
-        data.load_task(tmp_path / "bad.parquet", byte_tokenizer())
+        tasks.load_task(tmp_path / "bad.parquet", byte_tokenizer())
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -676,7 +678,7 @@ def test_every_reader_names_its_bad_rows(tmp_path):
 ])
 def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
     with pytest.raises(ValueError, match=message):
-        data.load_task(write_jsonl(tmp_path / "rows.jsonl", rows), byte_tokenizer())
+        tasks.load_task(write_jsonl(tmp_path / "rows.jsonl", rows), byte_tokenizer())
 
 
 def test_sources_of_different_kinds_do_not_mix(tmp_path):
@@ -685,7 +687,7 @@ def test_sources_of_different_kinds_do_not_mix(tmp_path):
     with pytest.raises(ValueError, match=r"pairs\.jsonl is instruction data .* but --task .*classes\.csv is "
                                          r"classification data \(text/label rows\); the sources of one run must all "
                                          r"be of one kind"):
-        data.load_task([pairs, classes], byte_tokenizer())
+        tasks.load_task([pairs, classes], byte_tokenizer())
 
 
 def test_a_missing_optional_package_is_named(tmp_path, monkeypatch):
@@ -693,4 +695,4 @@ def test_a_missing_optional_package_is_named(tmp_path, monkeypatch):
     write(tmp_path / "x.parquet", "")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what Python does when it is not installed
     with pytest.raises(ValueError, match=r"to read .*x\.parquet, install pyarrow: pip install pyarrow"):
-        data.load_task(tmp_path / "x.parquet", byte_tokenizer())
+        tasks.load_task(tmp_path / "x.parquet", byte_tokenizer())

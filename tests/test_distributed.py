@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import minipeft as mp
 import train as train_cli
-from minipeft.core import data, loop as trainer
+from minipeft.formats import tasks
+from minipeft.run import trainer
 from conftest import join_gloo_group, random_words_file, spawn_gloo_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def tiny_run(text, out, batch_size):
     """LoRA on tiny-gpt2 plus one trainable parameter that forward never touches."""
     torch.manual_seed(0)
     model, tokenizer = mp.from_pretrained("tiny-gpt2")
-    task = data.load_task(text, tokenizer, max_len=16)
+    task = tasks.load_task(text, tokenizer, max_len=16)
     mp.apply(model, "lora", rank=2)
     model.unused = torch.nn.Parameter(torch.ones(3))
     cfg = trainer.TrainConfig(steps=3, batch_size=batch_size, eval_every=100, out=str(out), save_every=0)

@@ -24,7 +24,7 @@ import minipeft as mp
 import eval as eval_cli
 import train as train_cli
 from minipeft.run import cli
-from minipeft.core import dpo, loop as trainer
+from minipeft.core import dpo, loop
 from minipeft.formats import preference
 from minipeft.formats.chat import PLAIN_TEMPLATE, chat_format
 from minipeft.fast.losses import lm_loss
@@ -249,7 +249,7 @@ def tiny_pairs(tokenizer, folder: Path, n=16):
 
 def test_accumulated_micro_batches_equal_one_batch_of_pairs(tmp_path):
     """A step's loss is the mean over the pairs of the global batch: 4 pairs as micro-batches of 1 and 3
-    give the loss, the metrics and the gradients of one batch of 4 (trainer.accumulate_gradients)."""
+    give the loss, the metrics and the gradients of one batch of 4 (loop.accumulate_gradients)."""
     model, tokenizer = mp.from_pretrained("tiny-llama")
     mp.apply(model, "lora", rank=4, targets=["all"])
     perturb_trainable(model)
@@ -257,12 +257,12 @@ def test_accumulated_micro_batches_equal_one_batch_of_pairs(tmp_path):
     results = {}
     for parts in ([[0, 1, 2, 3]], [[0], [1, 2, 3]]):
         model.zero_grad()
-        loss, examples, sums = trainer.accumulate_gradients(model, iter([split.collate(p) for p in parts]), "dpo",
-                                                            len(parts), torch.device("cpu"), 1)
+        loss, examples, sums = loop.accumulate_gradients(model, iter([split.collate(p) for p in parts]), "dpo",
+                                                         len(parts), torch.device("cpu"))
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[len(parts)] = (loss, examples, dpo.step_metrics(sums, 1), grads)
+        results[len(parts)] = (loss, examples, dpo.step_metrics(sums), grads)
     (loss_1, examples_1, metrics_1, grads_1), (loss_2, examples_2, metrics_2, grads_2) = results[1], results[2]
-    assert examples_1 == examples_2 == 4 and trainer.loss_terms(split.collate([0, 1, 2]), "dpo") == 3
+    assert examples_1 == examples_2 == 4 and loop.loss_terms(split.collate([0, 1, 2]), "dpo") == 3
     assert loss_1 == pytest.approx(loss_2, abs=1e-6) and loss_1 == pytest.approx(metrics_1["loss"], abs=1e-6)
     assert metrics_1 == pytest.approx(metrics_2, abs=1e-6)
     assert max((grads_1[n] - grads_2[n]).abs().max().item() for n in grads_1) < 1e-6

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import minipeft as mp
+from minipeft.core import families
 from minipeft.core import model as model_module
 from minipeft.formats.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
 from minipeft.formats.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
@@ -247,19 +248,19 @@ def test_soft_caps_always_change_logits():
 
 
 def test_the_docstring_table_is_the_family_rows():
-    """model.py's docstring tables (the lesson) say exactly what FAMILIES (the data) holds."""
+    """families.py's docstring tables (the lesson) say exactly what FAMILIES (the data) holds."""
     shown = {"yes": True, "-": None, "0": 0}
     rows = {}
-    for line in model_module.__doc__.splitlines():
+    for line in families.__doc__.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| family"):
             header = cells
-        elif line.startswith("| ") and cells[0] in model_module.FAMILIES:
+        elif line.startswith("| ") and cells[0] in families.FAMILIES:
             rows.setdefault(cells[0], {}).update(zip(header[1:], cells[1:]))
-    assert set(rows) == set(model_module.FAMILIES)
+    assert set(rows) == set(families.FAMILIES)
     for family, row in rows.items():
         for switch, text in row.items():
-            value = model_module.FAMILIES[family][switch]
+            value = families.FAMILIES[family][switch]
             expected = shown.get(text, text)
             if isinstance(value, bool) or value is None:
                 assert (value or None) == expected, (family, switch)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.core import data
+from minipeft.formats import tasks
 from minipeft.extras import fewshot
 
 
@@ -21,7 +21,7 @@ def write_reviews(path, n=24):
 @pytest.fixture
 def tiny_task(tmp_path):
     model, tokenizer = mp.from_pretrained("tiny-llama")
-    task = data.load_task(write_reviews(tmp_path / "reviews.csv"), tokenizer, max_len=64)
+    task = tasks.load_task(write_reviews(tmp_path / "reviews.csv"), tokenizer, max_len=64)
     return model, tokenizer, task
 
 
@@ -74,7 +74,7 @@ def test_refuses_what_it_cannot_score(tmp_path, tiny_task):
     lm_path = tmp_path / "text.txt"
     lm_path.write_text("to be or not to be " * 200)
     with pytest.raises(ValueError, match="classification task"):
-        fewshot.few_shot_scores(model, tokenizer, data.load_task(lm_path, tokenizer, max_len=16))
+        fewshot.few_shot_scores(model, tokenizer, tasks.load_task(lm_path, tokenizer, max_len=16))
     with pytest.raises(ValueError, match=">= 0"):
         fewshot.few_shot_scores(model, tokenizer, task, k=-1)
 
@@ -107,7 +107,7 @@ def test_one_token_labels_are_read_from_one_forward_pass(tmp_path):
     tokenizer = tiny_tokenizer()
     (tmp_path / "words.csv").write_text("text,label\n" + "".join(
         f"{'the movie is great' if i % 2 else 'a review is awful'},{'great' if i % 2 else 'awful'}\n" for i in range(30)))
-    task = data.load_task(tmp_path / "words.csv", tokenizer, max_len=16)
+    task = tasks.load_task(tmp_path / "words.csv", tokenizer, max_len=16)
     model = tiny_model("llama").eval()
     prompt = fewshot.InContext(model, tokenizer, task, k=2, seed=0)
     assert all(len(label) == 1 for label in prompt.labels)

@@ -18,7 +18,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import minipeft as mp
-from minipeft.core import data, loop as trainer
+from minipeft.core import loop
+from minipeft.formats import tasks
+from minipeft.run import trainer
+from minipeft.scale.processes import Processes
 from minipeft.scale import sharding
 from minipeft.scale.checkpoint import Progress
 from conftest import join_gloo_group, random_words_file, spawn_gloo_group
@@ -60,7 +63,7 @@ def _compare_worker(rank, world_size, folder, method, text, out):
         name, options = METHODS[method]
         torch.manual_seed(0)
         model, tokenizer = mp.from_pretrained(name, dropout=0.0)
-        task = data.load_task(text, tokenizer, max_len=16)
+        task = tasks.load_task(text, tokenizer, max_len=16)
         mp.apply(model, method, **options)
         single = copy.deepcopy(model)  # the one-process run, on the global batch
         initial = {n: p.detach().clone() for n, p in single.named_parameters() if p.requires_grad}
@@ -72,14 +75,15 @@ def _compare_worker(rank, world_size, folder, method, text, out):
         losses, gradients, norms = {}, {}, {}
         for run, net, batch_size, (r, n) in (("one", single, 8, (0, 1)), ("two", model, 4, (rank, world_size))):
             cfg = trainer.TrainConfig(steps=STEPS, batch_size=batch_size, grad_accum=2, lr=3e-3)
-            optimizer = trainer.make_optimizer(net, cfg.lr, cfg.weight_decay)
-            scheduler = trainer.make_scheduler(optimizer, cfg.warmup, STEPS)
+            optimizer = loop.make_optimizer(net, cfg.lr, cfg.weight_decay)
+            scheduler = loop.make_scheduler(optimizer, cfg.warmup, STEPS)
             gradients[run] = []
             clipped_gradients(net, optimizer, gradients[run])
             batches = trainer.training_batches(task.splits["train"], cfg, Progress(), r, n)
             net.train()
-            results = [trainer.train_step(net, optimizer, scheduler, batches, task.kind, cfg.grad_accum,
-                                          cfg.max_grad_norm, n) for _ in range(STEPS)]
+            processes = Processes() if n > 1 else loop.ONE_PROCESS
+            results = [loop.train_step(net, optimizer, scheduler, batches, task.kind, cfg.grad_accum,
+                                       cfg.max_grad_norm, processes) for _ in range(STEPS)]
             losses[run] = [result.loss for result in results]
             norms[run] = [result.grad_norm for result in results]
         assert len(gradients["one"]) == len(gradients["two"]) == STEPS

@@ -13,7 +13,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import minipeft as mp
-from minipeft.core import data, loop as trainer
+from minipeft.core import loop
+from minipeft.formats import tasks
+from minipeft.run import trainer
 from conftest import perturb_trainable, tiny_model, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +57,7 @@ def expected_learning_rates(warmup: float, steps: int, lr: float, tmp_path) -> l
 def test_schedule_is_transformers_cosine_with_the_warmup_a_step_ahead(warmup, steps, tmp_path):
     lr = 3e-4
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    ours = learning_rates(trainer.make_scheduler(optimizer, warmup, steps), steps)
+    ours = learning_rates(loop.make_scheduler(optimizer, warmup, steps), steps)
     assert ours == pytest.approx(expected_learning_rates(warmup, steps, lr, tmp_path), rel=1e-12, abs=0)
     theirs, warmup_steps = reference_learning_rates(warmup, steps, lr, tmp_path)
     assert ours[0] > 0  # the first step trains; transformers' does not when it warms up
@@ -71,7 +73,7 @@ def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     mp.apply(model, "lora")
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be that is the question " * 100)
-    task = data.load_task(str(text), tokenizer, max_len=32)
+    task = tasks.load_task(str(text), tokenizer, max_len=32)
     cfg = trainer.TrainConfig(steps=8, batch_size=2, lr=1e-3, warmup=0.25, out=str(tmp_path / "run"),
                               test_before=False, eval_every=8, eval_generate=0)
     seen = []
@@ -111,11 +113,11 @@ def clipped_step(precision: str, max_grad_norm: float, lr: float = 0.1):
     mp.set_precision(model, precision).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, 1)
-    scaler = mp.precision.grad_scaler(model, torch.device("cpu"))
-    assert (scaler is not None) == (precision == "fp16-mixed")
-    result = trainer.train_step(model, optimizer, scheduler, iter([lm_batch(model.cfg.vocab_size)]), "lm",
-                                max_grad_norm=max_grad_norm, scaler=scaler)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 1)
+    scaling = mp.precision.loss_scaling(model, torch.device("cpu"))
+    assert isinstance(scaling, mp.precision.LossScaling) == (precision == "fp16-mixed")
+    result = loop.train_step(model, optimizer, scheduler, iter([lm_batch(model.cfg.vocab_size)]), "lm",
+                                max_grad_norm=max_grad_norm, scaling=scaling)
     assert result.finite and not result.overflow
     update = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters() if p.requires_grad])
     return result, update

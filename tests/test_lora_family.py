@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import minipeft as mp
 from minipeft.core import registry
-from minipeft.core import loop as trainer
+from minipeft.core import loop
 from minipeft.core.dora import DoRALinear
 from minipeft.core.lora import LoRALinear, residual_init
 from conftest import FLAVORS, loss_of, perturb_trainable, tiny_batch, tiny_model
@@ -67,7 +67,7 @@ def test_residual_inits_keep_every_promise(init, flavor, tmp_path):
     torch.testing.assert_close(model.eval()(idx, attention_mask=mask), base_out, atol=1e-5, rtol=0)
     assert model.num_parameters(trainable_only=True) == registry.expected_trainable_parameters(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = trainer.make_optimizer(model.train(), lr=1e-2, weight_decay=0.1)
+    optimizer = loop.make_optimizer(model.train(), lr=1e-2, weight_decay=0.1)
     loss_of(model, idx, mask).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     optimizer.step()
@@ -84,12 +84,12 @@ def test_residual_inits_keep_every_promise(init, flavor, tmp_path):
 def test_lora_plus_gives_b_its_own_learning_rate():
     for ratio in (16.0, 2.0):
         model = mp.apply(tiny_model("llama"), "lora", lr_ratio=ratio)
-        optimizer = trainer.make_optimizer(model, lr=1e-3, weight_decay=0.01)
+        optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.01)
         lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
         for name, p in model.named_parameters():
             if p.requires_grad:
                 assert lrs[id(p)] == pytest.approx(ratio * 1e-3 if name.endswith("lora_B") else 1e-3), name
-    plain = trainer.make_optimizer(mp.apply(tiny_model("llama"), "lora"), lr=1e-3, weight_decay=0.01)
+    plain = loop.make_optimizer(mp.apply(tiny_model("llama"), "lora"), lr=1e-3, weight_decay=0.01)
     assert [g["lr"] for g in plain.param_groups] == [1e-3]  # no ratio: the groups as before
     with pytest.raises(ValueError, match="lr_ratio must be > 0"):
         mp.apply(tiny_model("llama"), "lora", lr_ratio=0.0)

@@ -1,12 +1,35 @@
-"""Chunked cross-entropy (minipeft/fast/losses.py) against the plain loss over the full logits."""
+"""The LM loss: the core's F.cross_entropy over the logits (minipeft/core/model.py) and its fast twin, the tiled
+cross-entropy (minipeft/fast/losses.py), each against the plain loss over the full logits as transformers
+computes it."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minipeft as mp
-from minipeft.core import loop as trainer
-from minipeft.fast.losses import IGNORE_INDEX, lm_loss, shift
+import minipeft.fast as fast
+from minipeft.core import loop
+from minipeft.core import model as core_model
+from minipeft.core.model import IGNORE_INDEX
+from minipeft.fast import losses
+from minipeft.fast.losses import lm_loss
 from conftest import perturb_trainable, tiny_batch, tiny_model
+
+
+@pytest.fixture(params=["core", "fast"])
+def version(request, monkeypatch):
+    """Each test taking it runs twice: with the core's loss, then with the fast twin in, in tiles of 4 tokens
+    × 10 vocabulary entries (so that a tiny model's batch spans many tiles)."""
+    if request.param == "fast":
+        monkeypatch.setattr(losses, "CHUNK_SIZE", 4)
+        monkeypatch.setattr(losses, "VOCAB_BLOCK", 10)
+        fast.enable()
+    yield request.param
+    fast.disable()
+
+
+def shift(labels):
+    """transformers' causal-LM shift: the target of position t is the label of position t + 1."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
 
 
 def full_logits_loss(logits, targets):
@@ -52,15 +75,32 @@ def test_function_matches_full_logits_for_hidden_and_head(softcap, chunk_size, v
     assert grad_h[1].abs().sum() == 0 and grad_h[0, 2:5].abs().sum() == 0  # unlabelled: no gradient
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_fast_twin_equals_the_core_loss(softcap, reduction):
+    """The tiled twin and the core's F.cross_entropy: the same loss and gradients within float rounding."""
+    torch.manual_seed(1)
+    hidden = (0.3 * torch.randn(3, 12, 16)).requires_grad_()
+    weight = torch.randn(50, 16).requires_grad_()
+    _, _, targets = batch_with_holes()
+    targets = targets.clamp(max=49)
+    results = []
+    for loss in (core_model.lm_loss, lm_loss):
+        value = loss(hidden, weight, shift_labels=targets, softcap=softcap, reduction=reduction)
+        results.append((value, *torch.autograd.grad(value.sum(), (hidden, weight))))
+    for core, twin in zip(*results):
+        torch.testing.assert_close(twin, core, atol=1e-5, rtol=1e-6)
+
+
 @pytest.mark.parametrize("flavor", ["gpt2", "llama", "gemma2"])  # tied head; untied; untied + soft-cap
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_model_loss_and_gradients_match_full_logits(flavor, method):
+def test_model_loss_and_gradients_match_full_logits(flavor, method, version):
     model = mp.apply(tiny_model(flavor), method).train()
     perturb_trainable(model)
     idx, mask, targets = batch_with_holes()
     full = full_logits_loss(model(idx, attention_mask=mask), targets)
     full_grads = grads_of(model, full)
-    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets)
     chunked_grads = grads_of(model, chunked)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
     assert chunked_grads.keys() == full_grads.keys() and chunked_grads
@@ -70,7 +110,7 @@ def test_model_loss_and_gradients_match_full_logits(flavor, method):
         torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_labels_are_shifted_inside_as_transformers_does():
+def test_labels_are_shifted_inside_as_transformers_does(version):
     model = tiny_model("gpt2")
     idx, mask = tiny_batch()
     labels = idx.masked_fill(mask == 0, IGNORE_INDEX)
@@ -79,7 +119,8 @@ def test_labels_are_shifted_inside_as_transformers_does():
     torch.testing.assert_close(model(idx, attention_mask=mask, labels=labels), expected, atol=1e-6, rtol=0)
 
 
-def test_lm_loss_takes_labels_as_a_causal_lm_does_by_default():
+@pytest.mark.parametrize("loss", [core_model.lm_loss, lm_loss], ids=["core", "fast"])
+def test_lm_loss_takes_labels_as_a_causal_lm_does_by_default(loss):
     """lm_loss(hidden, weight, labels=...) shifts the labels (transformers' causal-LM loss) unless told the
     model is not causal."""
     torch.manual_seed(0)
@@ -87,10 +128,12 @@ def test_lm_loss_takes_labels_as_a_causal_lm_does_by_default():
     labels = tiny_batch()[0].clamp(max=49)
     logits = hidden @ weight.T
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    torch.testing.assert_close(lm_loss(hidden, weight, labels=labels), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss(hidden, weight, labels=labels), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        loss(hidden, weight, labels=labels, shift_labels=labels)
 
 
-def test_masked_lm_labels_are_not_shifted():
+def test_masked_lm_labels_are_not_shifted(version):
     model = tiny_model("bert")
     idx, _ = tiny_batch()
     labels = torch.full_like(idx, IGNORE_INDEX)
@@ -100,7 +143,7 @@ def test_masked_lm_labels_are_not_shifted():
 
 
 def test_unlabelled_tokens_never_reach_the_head():
-    """Hidden states of unlabelled tokens may be anything, even NaN: they are never multiplied by W."""
+    """(The fast twin.) Hidden states of unlabelled tokens may be anything, even NaN: they are never multiplied by W."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 12, 16)
     weight = torch.randn(50, 16)
@@ -114,7 +157,7 @@ def test_unlabelled_tokens_never_reach_the_head():
     assert loss == clean and torch.isfinite(weight.grad).all()
 
 
-def test_nothing_labelled_gives_nan_and_no_gradient():
+def test_nothing_labelled_gives_nan_and_no_gradient(version):
     """As transformers (a mean over no tokens); the trainer's non-finite guard then skips the step."""
     model = mp.apply(tiny_model("llama"), "lora")
     idx, _ = tiny_batch()
@@ -124,12 +167,12 @@ def test_nothing_labelled_gives_nan_and_no_gradient():
     assert all(g.abs().sum() == 0 for g in grads.values())
 
 
-def test_bfloat16_model_is_close_to_full_logits():
+def test_bfloat16_model_is_close_to_full_logits(version):
     model = mp.apply(tiny_model("gemma2"), "full").to(torch.bfloat16).train()
     idx, mask, targets = batch_with_holes()
     full = full_logits_loss(model(idx, attention_mask=mask), targets)
     full_grads = grads_of(model, full)
-    chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+    chunked = model(idx, attention_mask=mask, shift_labels=targets)
     chunked_grads = grads_of(model, chunked)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
@@ -138,13 +181,13 @@ def test_bfloat16_model_is_close_to_full_logits():
         assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
 
 
-def test_autocast_runs_the_head_in_bfloat16():
+def test_autocast_runs_the_head_in_bfloat16(version):
     model = mp.apply(tiny_model("llama"), "lora").train()
     perturb_trainable(model)
     idx, mask, targets = batch_with_holes()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = full_logits_loss(model(idx, attention_mask=mask), targets)
-        chunked = model(idx, attention_mask=mask, shift_labels=targets, chunk_size=4, vocab_block=10)
+        chunked = model(idx, attention_mask=mask, shift_labels=targets)
     fp32 = model(idx, attention_mask=mask, shift_labels=targets)
     torch.testing.assert_close(chunked, full, atol=2e-2, rtol=0)
     assert chunked != fp32  # the bf16 head really ran
@@ -153,14 +196,14 @@ def test_autocast_runs_the_head_in_bfloat16():
         assert (chunked_grads[name] - full_grads[name]).norm() <= 0.05 * full_grads[name].norm(), name
 
 
-def test_trainer_summed_loss_is_the_labelled_tokens_cross_entropy():
+def test_trainer_summed_loss_is_the_labelled_tokens_cross_entropy(version):
     model = mp.apply(tiny_model("qwen2"), "lora")
     idx, mask, targets = batch_with_holes()
     batch = {"input_ids": idx, "attention_mask": mask, "labels": targets}
     labelled = targets != IGNORE_INDEX
     expected = F.cross_entropy(model(idx, attention_mask=mask)[labelled], targets[labelled], reduction="sum")
-    torch.testing.assert_close(trainer.loss_fn(model, batch, "lm", reduction="sum"), expected, atol=1e-5, rtol=0)
-    assert trainer.loss_terms(batch, "lm") == labelled.sum()
+    torch.testing.assert_close(loop.loss_fn(model, batch, "lm", reduction="sum"), expected, atol=1e-5, rtol=0)
+    assert loop.loss_terms(batch, "lm") == labelled.sum()
 
 
 def test_labels_on_a_classifier_are_refused():

@@ -8,12 +8,23 @@ import pytest
 import torch
 
 import minipeft as mp
+import minipeft.fast
 from minipeft.extras import memory
-from minipeft.core import loop as trainer
+from minipeft.core import loop
 from minipeft.core.nf4 import Linear4bit
 from conftest import case_params, example_options, loss_of, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
 
 CASES = case_params()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_twins():
+    """The ledger describes a run of train.py, which runs the fast twins (minipeft.fast): a 4-bit layer
+    keeps no dequantized weight for backward there (the readable core's F.linear does), the tiled LM loss
+    keeps no logits."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
 
 
 def applied(method, example, flavor, head, dropout, **overrides):
@@ -142,7 +153,7 @@ def test_checkpointing_shrinks_the_activation_estimate(method, flavor):
 
 def adamw_step(model):
     """One real training step with the trainer's AdamW; returns the optimizer (its state is allocated)."""
-    optimizer = trainer.make_optimizer(model, lr=1e-3, weight_decay=0.01)
+    optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.01)
     idx, mask = tiny_batch()
     loss_of(model, idx, mask).backward()
     optimizer.step()
@@ -195,7 +206,9 @@ def test_format_report():
 PEAK_SCRIPT = """
 import json, sys, torch
 import minipeft as mp
-from minipeft import trainer
+import minipeft.fast
+from minipeft.core import loop
+minipeft.fast.enable()  # as train.py does
 mp.memory.mmap_large_tensors(128 * 1024)  # RSS follows the live tensors (see the function's doc)
 method, checkpointing, n_classes = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]) or None
 torch.manual_seed(0)
@@ -206,11 +219,11 @@ model.checkpointing = checkpointing
 idx = torch.randint(0, 16384, (4, 256))
 labels = idx % 2 if n_classes is None else torch.tensor([0, 1, 0, 1])
 batch, kind = {"input_ids": idx, "attention_mask": None, "labels": labels}, "classification" if n_classes else "lm"
-optimizer = trainer.make_optimizer(model, lr=1e-5, weight_decay=0.01)
+optimizer = loop.make_optimizer(model, lr=1e-5, weight_decay=0.01)
 report = mp.memory_report(model, 4, 256)
 open("/proc/self/clear_refs", "w").write("5")  # forget the peak of building the model
 for _ in range(2):
-    trainer.loss_fn(model, batch, kind).backward()
+    loop.loss_fn(model, batch, kind).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 # VmHWM, not ru_maxrss: a child started by vfork inherits its parent's peak in ru_maxrss

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import minipeft as mp
 from minipeft.formats import adapter_io
-from minipeft import core as methods
-from minipeft.core import loop as trainer
+from minipeft.core import registry
+from minipeft.core import loop
 from conftest import (FLAVORS, build, case_params, conformance_cases, example_options, loss_of, perturb_trainable,
                       tiny_batch, tiny_model, tiny_tokenizer)
 
@@ -69,7 +69,7 @@ def test_exactly_the_trainable_parameters_get_gradients(method, example, flavor,
 @pytest.mark.parametrize("method, example, flavor, head", CASES)
 def test_trainable_count_matches_formula(method, example, flavor, head):
     model = build(method, example, flavor, head)
-    assert model.num_parameters(trainable_only=True) == methods.expected_trainable_parameters(model)
+    assert model.num_parameters(trainable_only=True) == registry.expected_trainable_parameters(model)
     assert set(mp.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -90,7 +90,7 @@ def test_frozen_parameters_bit_identical_after_a_step(method, example, flavor, h
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.1)
     idx, mask = tiny_batch()
     for _ in range(2):
         loss_of(model, idx, mask).backward()
@@ -116,7 +116,7 @@ def test_with_dropout_only_the_trainable_parameters_learn(method, example, flavo
     mp.apply(model, method, tokenizer=tiny_tokenizer(), **options)
     perturb_trainable(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.1)
     idx, mask = tiny_batch()
     torch.manual_seed(0)
     for _ in range(2):

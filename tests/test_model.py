@@ -1,9 +1,12 @@
 """Behaviour of the transformer itself, independent of any PEFT method."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minipeft as mp
+import minipeft.fast as fast
 from minipeft.core import model as core_model
+from minipeft.fast import dropout as fast_drop
 from conftest import tiny_batch, tiny_model
 
 
@@ -106,30 +109,43 @@ def test_add_classifier_unties_and_reshapes(flavor):
 
 
 # ------------------------------------------------------------------------------------------ dropout
+# The core's dropout is F.dropout; its fast twin (minipeft/fast/dropout.py) draws four elements per random
+# number, its rate p rounded to a multiple of 2^-15. The twin is checked against F.dropout's promises.
+
+@pytest.fixture(params=["core", "fast"])
+def version(request):
+    """Each test taking it runs twice: with the core functions, then with the fast twins swapped in."""
+    if request.param == "fast":
+        fast.enable()
+    yield request.param
+    fast.disable()
+
 
 def test_dropout_drops_at_rate_p_and_keeps_the_mean():
-    drop = core_model.Dropout(0.1).train()
     torch.manual_seed(0)
-    y = drop(torch.ones(2_000_000))
+    y = fast_drop.dropout(torch.ones(2_000_000), 0.1, True)
     dropped = (y == 0).double().mean().item()
     # 2M Bernoulli(0.1) draws: standard error 2.1e-4; p is rounded to round(0.1 · 2^15) / 2^15
     assert abs(dropped - 3277 / 2**15) < 1e-3
     assert abs(y.mean().item() - 1.0) < 2e-3
     assert torch.equal(y.unique(), torch.tensor([0.0, 2**15 / (2**15 - 3277)]))  # in fp32
     # every one of the 15 bits each element uses is fair: a rate of p = 0.5 is exact too
-    assert abs((core_model.Dropout(0.5).train()(torch.ones(2_000_000)) == 0).double().mean().item() - 0.5) < 1e-3
+    assert abs((fast_drop.dropout(torch.ones(2_000_000), 0.5, True) == 0).double().mean().item() - 0.5) < 1e-3
+    reference = F.dropout(torch.ones(2_000_000), 0.1, True)  # the core's: the same rate and scale, up to rounding
+    assert abs((reference == 0).double().mean().item() - dropped) < 1e-3
+    assert abs(reference.max().item() - y.max().item()) < 1e-4
 
 
 def test_dropout_masks_are_independent_across_positions():
     """Neighbours share a 64-bit draw (four elements per word): their masks must still be independent."""
     torch.manual_seed(1)
-    kept = (core_model.Dropout(0.5).train()(torch.ones(400_000, 4)) != 0).double()
+    kept = (fast_drop.dropout(torch.ones(400_000, 4), 0.5, True) != 0).double()
     for i in range(4):
         for j in range(i + 1, 4):
             assert abs((kept[:, i] * kept[:, j]).mean().item() - 0.25) < 5e-3
 
 
-def test_dropout_is_the_identity_in_eval_and_seeded_in_training():
+def test_dropout_is_the_identity_in_eval_and_seeded_in_training(version):
     x = torch.randn(5, 7, requires_grad=True)
     drop = core_model.Dropout(0.3)
     assert drop.eval()(x) is x
@@ -138,10 +154,27 @@ def test_dropout_is_the_identity_in_eval_and_seeded_in_training():
     y = drop(x)
     torch.manual_seed(3)
     assert torch.equal(drop(x), y)
-    y.sum().backward()  # the gradient is the mask itself
-    assert torch.equal(x.grad, y.detach() / x.detach())
+    y.sum().backward()  # the gradient is the mask itself: 0 where dropped, else the one scale
+    assert torch.equal(x.grad == 0, y == 0) and len(x.grad.unique()) == 2
+    torch.testing.assert_close(x.grad, y.detach() / x.detach(), rtol=1e-6, atol=0)
+
+
+def test_fast_dropout_refuses_p_of_one():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        core_model.Dropout(1.0)
+        fast_drop.dropout(torch.ones(3), 1.0, True)
+
+
+def test_fast_enable_swaps_the_dropout_every_module_calls():
+    """fast.enable() reaches Dropout modules built before it: they look the function up when called."""
+    drop = core_model.Dropout(0.1).train()
+    try:
+        fast.enable()
+        torch.manual_seed(0)
+        y = drop(torch.ones(2_000_000))
+    finally:
+        fast.disable()
+    assert core_model.dropout is not fast_drop.dropout
+    assert torch.equal(y.unique(), torch.tensor([0.0, 2**15 / (2**15 - 3277)]))  # the twin's rounded rate
 
 
 @pytest.mark.parametrize("case", ["causal", "mask", "none", "gqa"])

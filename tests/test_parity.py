@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is a local folder
 
 import pytest
 
-from minipeft.core import data, loop as trainer
+from minipeft.formats import tasks
+from minipeft.run import trainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -26,7 +27,7 @@ STEPS = 4  # learning rates lr · (1, 0.85, 0.5, 0.15): a constant or wrong sche
 @pytest.fixture(scope="module")
 def pair():
     ours, tokenizer = parity.build_ours(seed=0, dropout=0.0)
-    task = data.load_task("rotten_tomatoes", tokenizer, max_len=32, seed=0)
+    task = tasks.load_task("rotten_tomatoes", tokenizer, max_len=32, seed=0)
     return ours, parity.build_theirs(ours), task
 
 

@@ -1,4 +1,4 @@
-"""peft's adapter format (peft_format.py), both ways, against the real transformers + peft (no mocks).
+"""peft's adapter format (minipeft/peft_format/), both ways, against the real transformers + peft (no mocks).
 
 Tiny random transformers models (and the real minilm asset) are saved to folders and loaded into
 minipeft with from_pretrained. An adapter trained a few steps on one side must give the same outputs on
@@ -520,6 +520,34 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
         mp.load_adapter(ours_base("gpt2"), tmp_path / "cls")
     with pytest.raises(ValueError, match="already has method 'lora'; load a peft adapter into a fresh base"):
         mp.load_adapter(mp.apply(ours_base("gpt2", n_classes=2), "lora"), tmp_path / "cls")
+
+
+def test_a_users_method_gets_a_peft_hook_of_its_own(folders, ours_base, tmp_path):
+    """The peft half of a method is registered beside it, by the method's name: a user's method (here LoRA
+    under another name, with its own options) saves in peft's format once peft_format.register gives it a
+    hook, and the file runs in peft as it does here. Hooks lacking peft's half, or a second hook for a name,
+    are refused."""
+    from minipeft.core.lora import LORA_OPTIONS, RSLORA, apply_lora, lora_parameter_count
+    from minipeft.peft_format.lora import LoRAInPeft
+    mp.register(mp.Method("my_lora", "LoRA under another name", apply_lora, lora_parameter_count,
+                          LORA_OPTIONS + (RSLORA,)))
+    try:
+        model = train(mp.apply(ours_base("llama"), "my_lora", rank=2, alpha=4, targets="q,v"), ours_out)
+        with pytest.raises(ValueError, match="format='peft' writes lora, .* adapters, not 'my_lora'"):
+            mp.save_adapter(model, tmp_path / "a", format="peft")
+        peft_format.register("my_lora", LoRAInPeft())
+        mp.save_adapter(model, tmp_path / "a", format="peft")
+        idx, mask = batch()
+        with torch.no_grad():
+            in_peft = peft.PeftModel.from_pretrained(theirs_base(folders, "llama"), tmp_path / "a").eval()
+            assert max_diff(ours_out(model, idx, mask), theirs_out(in_peft, idx, mask), mask) < ATOL
+        with pytest.raises(ValueError, match="has a peft hook already; pass replace=True"):
+            peft_format.register("my_lora", LoRAInPeft())
+        with pytest.raises(ValueError, match="lacks to_peft, from_peft"):
+            peft_format.register("other", type("Half", (), {"peft_type": "LORA"})())
+    finally:
+        peft_format.HOOKS.pop("my_lora", None)
+        mp.core.registry.METHODS.pop("my_lora")
 
 
 def test_pickled_peft_adapter_is_refused(folders, ours_base, tmp_path):

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import minipeft as mp
 from minipeft.formats import adapter_io
 from minipeft.extras import memory
-from minipeft.core import loop as trainer
+from minipeft.core import loop
+from minipeft.run import trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
 
@@ -69,14 +70,14 @@ def test_method_trains_in_precision(method, flavor, precision, tmp_path):
     perturb_trainable(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.1)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, 3)
-    scaler = mp.precision.grad_scaler(model, torch.device("cpu"))
-    assert (scaler is not None) == (precision == "fp16-mixed")
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 3)
+    scaling = mp.precision.loss_scaling(model, torch.device("cpu"))
+    assert isinstance(scaling, mp.precision.LossScaling) == (precision == "fp16-mixed")
     batches = lm_batches(model.cfg.vocab_size)
     model.train()
     for _ in range(3):
-        result = trainer.train_step(model, optimizer, scheduler, batches, "lm", scaler=scaler)
+        result = loop.train_step(model, optimizer, scheduler, batches, "lm", scaling=scaling)
         assert result.finite or result.overflow
     for name, p in model.named_parameters():
         assert p.grad is None  # freed after the step
@@ -123,10 +124,10 @@ def test_bf16_mixed_loss_tracks_fp32():
     losses = {}
     for precision in ("fp32", "bf16-mixed", "bf16-true"):
         model = build("lora", "llama", precision, seed=1).train()
-        optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.0)
-        scheduler = trainer.make_scheduler(optimizer, 0.0, 20)
+        optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.0)
+        scheduler = loop.make_scheduler(optimizer, 0.0, 20)
         batches = lm_batches(model.cfg.vocab_size, seed=2)
-        losses[precision] = [trainer.train_step(model, optimizer, scheduler, batches, "lm").loss for _ in range(20)]
+        losses[precision] = [loop.train_step(model, optimizer, scheduler, batches, "lm").loss for _ in range(20)]
     assert losses["fp32"][-1] < losses["fp32"][0] - 0.02  # it learns
     assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16-mixed"])) < 0.02
     assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16-true"])) < 0.1
@@ -136,13 +137,13 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     model = build("lora", "llama", "fp16-mixed").train()
     perturb_trainable(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = trainer.make_optimizer(model, lr=1e-2, weight_decay=0.0)
-    scheduler = trainer.make_scheduler(optimizer, 0.0, 5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # a scaled fp16 gradient this big overflows
+    optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 5)
+    scaling = mp.precision.LossScaling(torch.device("cpu"), init_scale=2.0 ** 40)  # a scaled fp16 gradient this big overflows
     batches = lm_batches(model.cfg.vocab_size)
-    result = trainer.train_step(model, optimizer, scheduler, batches, "lm", scaler=scaler)
+    result = loop.train_step(model, optimizer, scheduler, batches, "lm", scaling=scaling)
     assert result.overflow and not result.finite and result.loss_scale == 2.0 ** 40
-    assert scaler.get_scale() == 2.0 ** 39
+    assert scaling.scale() == 2.0 ** 39
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     row = trainer.step_row(1, result)
     assert row["skipped"].startswith("fp16 gradient overflow") and row["loss"] == result.loss
@@ -152,13 +153,13 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
 def test_train_py_counts_overflows_apart_from_divergence(tmp_path, monkeypatch):
     """A run whose loss scale starts far too high skips steps until the scale fits, says so, and goes on:
     the overflows are not non-finite steps (max_bad_steps 2 would otherwise stop it)."""
-    monkeypatch.setattr(trainer, "grad_scaler", lambda model, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 30))
-    from minipeft.core import data
+    monkeypatch.setattr(trainer, "loss_scaling", lambda model, device: mp.precision.LossScaling(device, init_scale=2.0 ** 30))
+    from minipeft.formats import tasks
     model, tokenizer = mp.from_pretrained("tiny-llama", dtype="fp16-mixed")
     mp.apply(model, "lora")
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be that is the question " * 200)
-    task = data.load_task(str(text), tokenizer, max_len=32)
+    task = tasks.load_task(str(text), tokenizer, max_len=32)
     cfg = trainer.TrainConfig(steps=24, batch_size=4, lr=1e-3, out=str(tmp_path / "run"), max_bad_steps=2,
                               test_before=False, eval_every=24)
     summary = trainer.train(model, task, cfg)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import minipeft as mp
+import minipeft.fast
 from minipeft.core import registry
 from minipeft.core.lora import LoRALinear
 from minipeft.core.qlora import QLoRALinear
@@ -109,9 +110,11 @@ def test_4bit_layers_still_count_as_model_weights(flavor):
     assert frozen_weight_bytes(qlora, as_fp32=True) == 4 * sum(t.numel() for t in base_tensors)
 
 
-def test_checkpointing_rerun_hands_its_dequantized_weights_to_backward(monkeypatch):
-    """Under checkpointing a step dequantizes each 4-bit layer twice, in forward and in the rerun, whose W_hat
-    backward uses (not forward, rerun and backward again), with the same gradients; nothing is left behind."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_checkpointing_rerun_hands_its_dequantized_weights_to_backward(monkeypatch, fast):
+    """The core's Linear4bit dequantizes once per forward pass (autograd keeps W_hat for backward). The fast
+    twin dequantizes again in backward instead, and under checkpointing the rerun's W_hat is the one backward
+    uses (not forward, rerun and backward again). Same gradients either way; nothing is left behind."""
     def step(checkpointing):
         model = mp.apply(tiny_model("llama"), "qlora", rank=2, targets="all").train()
         perturb_trainable(model)
@@ -126,9 +129,17 @@ def test_checkpointing_rerun_hands_its_dequantized_weights_to_backward(monkeypat
         layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
         assert not any("w_hat_for_backward" in vars(m) for m in layers)
         return len(calls) / len(layers), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    plain_calls, plain = step(False)
-    checkpointed_calls, checkpointed = step(True)
-    assert 1 < plain_calls < 2  # forward, and backward where the input needs a gradient (not below the embeddings)
+    if fast:
+        minipeft.fast.enable()
+    try:
+        plain_calls, plain = step(False)
+        checkpointed_calls, checkpointed = step(True)
+    finally:
+        minipeft.fast.disable()
+    if fast:  # forward, and backward where the input needs a gradient (not below the embeddings)
+        assert 1 < plain_calls < 2
+    else:
+        assert plain_calls == 1
     assert checkpointed_calls == 2
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)

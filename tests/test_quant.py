@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import minipeft.fast
 from minipeft.core import nf4 as quant
+from minipeft.fast import nf4 as fast_nf4
 
 try:
     import bitsandbytes.functional as bnb
@@ -53,6 +55,12 @@ NF4_VALUES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0]
 FP4_MAGNITUDES = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3]) / 12
 CODE_BOOKS = {"nf4": torch.tensor(NF4_VALUES), "fp4": torch.cat([FP4_MAGNITUDES, -FP4_MAGNITUDES])}
+
+
+def decision_thresholds(quant_type):
+    """(15,) the fp32 midpoints between neighbouring values of the sorted code book."""
+    ranked = CODE_BOOKS[quant_type].sort().values
+    return (ranked[:-1] + ranked[1:]) / 2
 
 
 def reference_dequantize(packed, block_absmax, quant_type, blocksize, shape, dtype):
@@ -209,7 +217,7 @@ def edge_case_tensors():
     with_zero_blocks = randn(5000)
     with_zero_blocks[64:192] = 0  # two whole zero blocks
     with_zero_blocks[-40:] = 0  # an all-zero partial last block
-    ties = {qt: torch.cat([torch.ones(1), quant.TABLES[qt].midpoints, -quant.TABLES[qt].midpoints]).repeat(40)
+    ties = {qt: torch.cat([torch.ones(1), decision_thresholds(qt), -decision_thresholds(qt)]).repeat(40)
             for qt in QUANT_TYPES}  # absmax 1, so every other value sits exactly on a decision threshold
     return {
         "zeros": torch.zeros(1000),
@@ -253,19 +261,19 @@ def test_fp4_negative_zero():
 # ---------------------------------------------------------------------------------- rounding rule
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_nearest_rank_is_exactly_bucketize(quant_type):
-    """The cell-table shortcut gives the same rank as counting midpoints below x — also for the fp32
-    neighbours of every midpoint and of every cell edge, where an off-by-one would show."""
-    tables = quant.TABLES[quant_type]
-    edges = torch.linspace(-1, 1, quant.CELLS + 1)
-    critical = torch.cat([tables.midpoints, edges, torch.tensor([-1.0, 0.0, -0.0, 1.0])])
+def test_fast_nearest_rank_is_exactly_bucketize(quant_type):
+    """The fast twin's cell-table shortcut gives the same rank as counting midpoints below x — also for the
+    fp32 neighbours of every midpoint and of every cell edge, where an off-by-one would show."""
+    tables, midpoints = fast_nf4.TABLES[quant_type], decision_thresholds(quant_type)
+    edges = torch.linspace(-1, 1, fast_nf4.CELLS + 1)
+    critical = torch.cat([midpoints, edges, torch.tensor([-1.0, 0.0, -0.0, 1.0])])
     x = torch.cat([critical, critical.nextafter(torch.tensor(2.0)), critical.nextafter(torch.tensor(-2.0)),
                    torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
-    assert torch.equal(tables.nearest_rank(x).long(), torch.bucketize(x, tables.midpoints))
+    assert torch.equal(tables.nearest_rank(x).long(), torch.bucketize(x, midpoints))
 
 
 def test_ties_take_the_lower_code():
-    midpoints = quant.TABLES["nf4"].midpoints
+    midpoints = decision_thresholds("nf4")
     w = torch.cat([torch.ones(1), midpoints])  # absmax 1: scaled values are the midpoints themselves
     packed, state = quant.quantize_4bit(w, "nf4", 32, double_quant=False)
     w_hat = quant.dequantize_4bit(packed, state)
@@ -439,3 +447,80 @@ def test_empty_tensor_and_mismatched_codes():
 def test_bits_per_parameter_without_quantized_layers():
     with pytest.raises(ValueError, match="no Linear4bit layers"):
         quant.bits_per_parameter(nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------------------------- the fast twin
+
+def states_equal(a: quant.QuantState, b: quant.QuantState) -> bool:
+    tensors_a, tensors_b = a.to_dict(), b.to_dict()
+    return (tensors_a.keys() == tensors_b.keys() and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+            and (a.shape, a.dtype, a.quant_type, a.blocksize) == (b.shape, b.dtype, b.quant_type, b.blocksize))
+
+
+FAST_SHAPES = [(7,), (130, 33), (601, 999)]  # odd sizes, partial blocks, and several of the twin's chunks
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", quant.BLOCKSIZES)
+def test_fast_quantize_and_dequantize_are_the_core_bit_for_bit(blocksize, quant_type, double_quant):
+    for shape in FAST_SHAPES:
+        w = randn(*shape, seed=math.prod(shape)) * 0.02
+        packed, state = quant.quantize_4bit(w, quant_type, blocksize, double_quant)
+        fast_packed, fast_state = fast_nf4.quantize_4bit(w, quant_type, blocksize, double_quant)
+        assert torch.equal(fast_packed, packed) and states_equal(fast_state, state)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            fast_w_hat = fast_nf4.dequantize_4bit(packed, state, dtype)
+            assert_same_bits(fast_w_hat, quant.dequantize_4bit(packed, state, dtype))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("name", list(edge_case_tensors()))
+def test_fast_twin_on_edge_cases(name, quant_type, double_quant):
+    w = edge_case_tensors()[name]
+    packed, state = quant.quantize_4bit(w, quant_type, 32, double_quant)
+    fast_packed, fast_state = fast_nf4.quantize_4bit(w, quant_type, 32, double_quant)
+    assert torch.equal(fast_packed, packed) and states_equal(fast_state, state)
+    assert_same_bits(fast_nf4.dequantize_4bit(packed, state), quant.dequantize_4bit(packed, state))
+
+
+@pytest.fixture
+def fast_twins():
+    """minipeft.fast enabled for one test, then the core back."""
+    minipeft.fast.enable()
+    yield
+    minipeft.fast.disable()
+
+
+def output_and_input_gradient(layer, x, autocast: bool):
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.float().square().sum().backward()
+    return y, x.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_fast_linear4bit_is_the_core_bit_for_bit(dtype, autocast, bias):
+    layer = quant.Linear4bit.from_linear(make_linear(bias=bias), "nf4", 64, double_quant=True)
+    x = randn(2, 5, 96, dtype=dtype)
+    y, grad = output_and_input_gradient(layer, x, autocast)
+    minipeft.fast.enable()
+    try:
+        assert quant.Linear4bit.forward is fast_nf4.linear4bit_forward
+        fast_y, fast_grad = output_and_input_gradient(layer, x, autocast)
+    finally:
+        minipeft.fast.disable()
+    assert quant.Linear4bit.forward is not fast_nf4.linear4bit_forward
+    assert_same_bits(fast_y, y)
+    assert_same_bits(fast_grad, grad)
+
+
+def test_enable_swaps_the_core_names_and_disable_restores_them(fast_twins):
+    assert quant.quantize_4bit is fast_nf4.quantize_4bit and quant.dequantize_4bit is fast_nf4.dequantize_4bit
+    layer = quant.Linear4bit.from_linear(make_linear())  # from_linear and dequantized_weight call the twins
+    assert torch.equal(layer.dequantized_weight(), fast_nf4.dequantize_4bit(layer.weight_codes, layer.quant_state))
+    minipeft.fast.disable()
+    assert not minipeft.fast.enabled() and quant.dequantize_4bit is not fast_nf4.dequantize_4bit

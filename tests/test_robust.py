@@ -24,7 +24,8 @@ import eval as eval_cli
 import train as train_cli
 from minipeft.scale import checkpoint, processes
 from minipeft.run import cli
-from minipeft.core import loop as trainer
+from minipeft.core import loop
+from minipeft.run import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -434,13 +435,13 @@ def test_the_python_api_trains_as_train_py(tmp_path, text, monkeypatch):
     """trainer.train with TrainConfig's defaults takes the steps train.py takes with its own defaults
     (learning rate, batching, and the rest): the same losses and adapter, bit for bit."""
     import minipeft as mp
-    from minipeft.core import data
+    from minipeft.formats import tasks
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     train_cli.main(["--model", "tiny-gpt2", "--task", str(text), "--max-len", "16", "--steps", "3",
                     "--batch-size", "4", "--out", str(cli_out)])
     torch.manual_seed(0)  # as train.py seeds the method's initialization (--seed 0)
     model, tokenizer = mp.from_pretrained("tiny-gpt2")
-    task = data.load_task(text, tokenizer, max_len=16)
+    task = tasks.load_task(text, tokenizer, max_len=16)
     mp.apply(model, "lora")
     trainer.train(model, task, trainer.TrainConfig(steps=3, batch_size=4, out=str(api_out)))
     assert step_losses(api_out) == step_losses(cli_out)
@@ -545,7 +546,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, text, signum):
 def poison(monkeypatch, bad_steps):
     """Make loss_fn return NaN on the given (1-based) training calls; with grad_accum 1, call i is step i."""
     calls = {"n": 0}
-    real = trainer.loss_fn
+    real = loop.loss_fn
 
     def loss_fn(model, batch, kind, reduction="mean"):
         calls["n"] += model.training  # evaluation calls it too, in eval mode

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import train as train_cli
 from minipeft.run import cli, runconfig
-from minipeft.core import data, loop as trainer
+from minipeft.core import loop
+from minipeft.formats import tasks
 from minipeft.core.registry import METHODS
 from test_robust import hashes, run_main, words
 
@@ -68,7 +69,7 @@ def test_every_flag_and_every_method_option_reads_back(tmp_path):
         given = {k: v for k, v in method.defaults.items() if v is not None}  # None: the option's default
         assert json.loads(json.dumps(cli.method_options(again))) == json.loads(json.dumps(given))
         def plain(namespace):  # the flags but method options, --config and --lr; --task as its parsed sources
-            return {k: data.parse_sources(v) if k == "task" else v for k, v in vars(namespace).items()
+            return {k: tasks.parse_sources(v) if k == "task" else v for k, v in vars(namespace).items()
                     if not k.startswith("opt_") and k not in ("config", "lr")}
         assert plain(again) == plain(args)
         assert again.lr == 3e-4
@@ -113,7 +114,7 @@ def test_steps_extends_a_finished_run(text, tmp_path, capsys):
                                                    "spans 9 steps")
     steps = logged(out, "step")
     assert [r["step"] for r in steps] == list(range(1, 10))
-    schedule = trainer.warmup_cosine(math.ceil(0.06 * 9), 9)  # step s runs at the schedule's factor(s - 1)
+    schedule = loop.warmup_cosine(math.ceil(0.06 * 9), 9)  # step s runs at the schedule's factor(s - 1)
     assert [r["lr"] for r in steps[6:]] == pytest.approx([1e-3 * schedule(s - 1) for s in (7, 8, 9)])
     # AdamW's moments went on from step 6: its step count is the run's, not 3 of a fresh optimizer
     state = load_file(str(out / "checkpoint-9" / "trainer_state.safetensors"))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.core import data, loop as trainer
+from minipeft.core import data, loop
+from minipeft.formats import tasks
 from minipeft.formats.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
@@ -40,7 +41,7 @@ def decoded_labels(tokenizer, labels):
 
 def test_prompt_completion_rows_learn_only_the_answer_and_its_eos(tmp_path):
     tokenizer = byte_tokenizer()
-    task = data.load_task(write_jsonl(tmp_path / "sums.jsonl", sums()), tokenizer, max_len=64)
+    task = tasks.load_task(write_jsonl(tmp_path / "sums.jsonl", sums()), tokenizer, max_len=64)
     assert task.kind == "sft" and task.info["shape"] == "prompt/completion" and task.info["eos_id"] == EOS
     train = task.splits["train"]
     assert (len(train), len(task.splits["validation"]), len(task.splits["test"])) == (32, 4, 4)
@@ -56,23 +57,23 @@ def test_messages_and_alpaca_rows(tmp_path):
     chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hi {i}"},
                            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "name?"},
                            {"role": "assistant", "content": f"bot {i}"}]} for i in range(10)]
-    task = data.load_task(write_jsonl(tmp_path / "chat.jsonl", chats), tokenizer, max_len=128)
+    task = tasks.load_task(write_jsonl(tmp_path / "chat.jsonl", chats), tokenizer, max_len=128)
     example = task.splits["test"]
     assert decoded_labels(tokenizer, example.labels[0]) == \
         f" hello<|endoftext|>\n {example.answers[0]}<|endoftext|>\n"  # every assistant turn
     assert tokenizer.decode(example.prompts[0]).endswith("User: name?\nAssistant:")
     alpaca = [{"instruction": "Add one.", "input": str(i), "output": str(i + 1)} for i in range(9)] + \
              [{"instruction": "Say yes.", "output": "yes"}]
-    task = data.load_task(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer, max_len=128)
+    task = tasks.load_task(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), tokenizer, max_len=128)
     assert task.info["shape"] == "alpaca"
-    everything = [tokenizer.decode(p) for s in data.SPLITS for p in task.splits[s].prompts]
+    everything = [tokenizer.decode(p) for s in tasks.SPLITS for p in task.splits[s].prompts]
     assert any(p.startswith("User: Add one.\n\n") for p in everything)
     assert "User: Say yes.\nAssistant:" in everything
 
 
 def test_train_on_prompt_labels_every_token(tmp_path):
     tokenizer = byte_tokenizer()
-    task = data.load_task(write_jsonl(tmp_path / "s.jsonl", sums()), tokenizer, max_len=64, train_on_prompt=True)
+    task = tasks.load_task(write_jsonl(tmp_path / "s.jsonl", sums()), tokenizer, max_len=64, train_on_prompt=True)
     train = task.splits["train"]
     assert all(labels == ids[1:] + [labels[-1]] for ids, labels in zip(train.input_ids, train.labels))
 
@@ -80,25 +81,25 @@ def test_train_on_prompt_labels_every_token(tmp_path):
 def test_long_rows_are_cut_from_the_prompt_and_counted(tmp_path):
     tokenizer = byte_tokenizer()
     rows = [{"prompt": "x" * (10 + 10 * (i % 2)), "completion": "yes"} for i in range(20)]
-    task = data.load_task(write_jsonl(tmp_path / "long.jsonl", rows), tokenizer, max_len=36)
+    task = tasks.load_task(write_jsonl(tmp_path / "long.jsonl", rows), tokenizer, max_len=36)
     assert task.info["truncated"] == 10  # "User: " + n x's + "\nAssistant: yes<eos>\n" is n + 23 tokens
-    for split in data.SPLITS:
+    for split in tasks.SPLITS:
         for ids, labels in zip(task.splits[split].input_ids, task.splits[split].labels):
             assert len(ids) <= 35 and decoded_labels(tokenizer, labels) == " yes<|endoftext|>\n"
     with pytest.raises(ValueError, match=r"line \d+: its last answer takes 43 tokens.* raise --max-len"):
-        data.load_task(write_jsonl(tmp_path / "huge.jsonl", [{"prompt": "a", "completion": "y" * 40}] * 10),
+        tasks.load_task(write_jsonl(tmp_path / "huge.jsonl", [{"prompt": "a", "completion": "y" * 40}] * 10),
                        tokenizer, max_len=36)
 
 
 def test_rotten_tomatoes_instruct_is_rotten_tomatoes_as_questions():
-    texts, labels, names = data._rotten_tomatoes(seed=0)
-    shape, rows, _ = data._instruct_rows("rotten_tomatoes_instruct", seed=0)
+    texts, labels, names = tasks._rotten_tomatoes(seed=0)
+    shape, rows, _ = tasks._instruct_rows("rotten_tomatoes_instruct", seed=0)
     assert shape == "messages"
-    for split in data.SPLITS:  # the same sentences, split by movie in the same way
+    for split in tasks.SPLITS:  # the same sentences, split by movie in the same way
         assert [row.messages for row in rows[split]] == [
-            [{"role": "user", "content": data.REVIEW_INSTRUCTION.format(text=text)},
+            [{"role": "user", "content": tasks.REVIEW_INSTRUCTION.format(text=text)},
              {"role": "assistant", "content": names[label]}] for text, label in zip(texts[split], labels[split])]
-    assert data.REVIEW_INSTRUCTION.startswith("Is this movie review positive or negative? Answer with one word.")
+    assert tasks.REVIEW_INSTRUCTION.startswith("Is this movie review positive or negative? Answer with one word.")
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -119,7 +120,7 @@ def test_rotten_tomatoes_instruct_is_rotten_tomatoes_as_questions():
 def test_bad_rows_name_their_line(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=message):
-        data.load_instruct(path, byte_tokenizer())
+        tasks.load_instruct(path, byte_tokenizer())
 
 
 # ------------------------------------------------------------------------------ packing
@@ -152,7 +153,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(flavor, method):
     grads = []
     for batch in (padded, packed):
         model.zero_grad()
-        loss = trainer.loss_fn(model, batch, "sft")
+        loss = loop.loss_fn(model, batch, "sft")
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = grads
@@ -275,6 +276,6 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
 
 
 def test_exact_match_and_choice_accuracy_read_the_answer():
-    assert trainer.normalize_answer("  Positive. ") == "positive"
-    assert trainer.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
-    assert trainer.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only
+    assert loop.normalize_answer("  Positive. ") == "positive"
+    assert loop.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
+    assert loop.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only

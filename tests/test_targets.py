@@ -32,6 +32,16 @@ def adapted_by_peft(flavor: str, name: str) -> set[str]:
     return set().union(*(held[n] for n in names if n in held))
 
 
+@pytest.mark.parametrize("flavor", list(targets.HF_MODULES))
+def test_core_module_table_is_the_loaders(flavor):
+    """core/targets.py's table of transformers' module names agrees with the weight-loading rules."""
+    loaders = {module.removeprefix("blocks.{i}."): theirs.split("{i}.", 1)[-1]
+               for module, theirs in hf_module_names(flavor).items() if module.startswith("blocks.{i}.")}
+    assert set(targets.HF_MODULES[flavor]) == set(targets.present(tiny_config(flavor)))
+    for target, module in targets.HF_MODULES[flavor].items():
+        assert loaders[targets.TARGETS[target]] == module, (flavor, target)
+
+
 @pytest.mark.parametrize("flavor", ["gpt2", "bert", "llama", "phi3", "distilbert"])
 def test_peft_names_adapt_what_peft_adapts(flavor):
     cfg = tiny_config(flavor)

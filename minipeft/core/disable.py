@@ -21,21 +21,18 @@ once with the adapter and once without. What it cannot give back is a base that 
 a method that trains base weights itself (full, head, last_k, bitfit, the layer norms of Houlsby
 adapters, a fresh classifier head) or rewrote them when it was applied (LoRA's PiSSA and OLoRA inits),
 and an adapter merged into the weights (mp.unmerge first). Those stop with a ValueError saying why (a
-trained base weight is told by its name: a bare model of the same config, built on the meta device, has a
-parameter of that name). QLoRA's base is its 4-bit one, the weights it actually runs on. A model sharded
-with FSDP holds its weights as shards that only its own layers gather, so a stand-in could not read them:
-compute what needs the base before sharding (train.py's --precompute-reference does).
+trained base weight is told by its name: mp.apply records the base model's parameter names).
+QLoRA's base is its 4-bit one, the weights it actually runs on. A model sharded with FSDP holds its
+weights as shards that only its own layers gather, so a stand-in could not read them: compute what
+needs the base before sharding (train.py's --precompute-reference does).
 
 `base_view(model)` is the same swap without the checks (model.peft_config and model.adapters None inside):
 multi.py applies or loads a new adapter into it, to sit beside the ones the model has.
 """
-import copy
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
-from .model import Transformer
 from . import targets as linear_targets
 from .registry import get_method
 
@@ -93,10 +90,6 @@ def adapters_disabled(model):
 
 def check_can_disable(model):
     """ValueError naming why switching the method off would not give the base model's outputs."""
-    if isinstance(model, FSDPModule):
-        raise ValueError("adapters_disabled cannot run on a model sharded with FSDP (each layer gathers its own "
-                         "weights, which a stand-in cannot); compute what needs the base model before sharding, "
-                         "e.g. train.py --precompute-reference")
     if any(getattr(module, "merged", False) for module in model.modules()):
         raise ValueError("this model has an adapter merged into its base weights, so its base model is not "
                          "there to switch back to; mp.unmerge(model) first")
@@ -110,8 +103,8 @@ def check_can_disable(model):
             raise ValueError(f"{spec.name} {config['options']} rewrote the base weights when it was applied, so "
                              "switching it off does not give the base model back; use an init that leaves them "
                              "alone (e.g. lora's kaiming)")
-    trained = [name for name, p in model.named_parameters()
-               if p.requires_grad and name in base_parameter_names(model.cfg)]
+    base_names = model.base_parameter_names  # recorded by mp.apply
+    trained = [name for name, p in model.named_parameters() if p.requires_grad and name in base_names]
     if trained:
         method = model.peft_config["method"] if model.peft_config else "this model's method"
         what = "a fresh classifier head, which the base model does not have" if model.cfg.n_classes and \
@@ -119,15 +112,3 @@ def check_can_disable(model):
         raise ValueError(f"{method} trains {what} ({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}), "
                          "so switching it off cannot give the base model's outputs; use a method (and options) "
                          "that adds parameters of its own and leaves every base weight frozen, on an LM head")
-
-
-_BASE_NAMES: dict[str, frozenset] = {}  # repr(config) -> its parameter names (a meta model takes ~0.1 s)
-
-
-def base_parameter_names(cfg) -> frozenset:
-    """The parameter names of a bare model of this config, built once on the meta device (no memory)."""
-    key = repr(cfg)
-    if key not in _BASE_NAMES:
-        with torch.device("meta"):
-            _BASE_NAMES[key] = frozenset(name for name, _ in Transformer(copy.deepcopy(cfg)).named_parameters())
-    return _BASE_NAMES[key]

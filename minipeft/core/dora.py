@@ -19,25 +19,22 @@ which is W'x + b when d is the identity (evaluation, or dropout 0) and peft's ar
 Initialization: LoRA's (A Kaiming-uniform, B = 0) and m = ‖W‖, so g = 1 exactly and the model starts
 exactly as the pretrained one. Trainable parameters: r·(in + out) + out per adapted layer (LoRA's plus the
 magnitude). Merging: W ← g·(W + s·BA) (g from the unmerged weight, kept for unmerge: W ← W/g − s·BA).
-
-In peft's files DoRA is LoRA with `use_dora` and a `lora_magnitude_vector` (out,) per module. GPT-2's fused
-c_attn is written as LoRA writes it (a block-structured LoRA of rank n·r), with the magnitude of a target
-that is not adapted set to its rows' norms ‖W‖ (so g = 1 there), and split back on loading.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import targets as linear_targets
-from .lora import LORA_OPTIONS, RSLORA, LoRAInPeft, LowRankUpdate, lora_parameter_count
+from .lora import LORA_OPTIONS, RSLORA, LoRALinear, lora_parameter_count
 from .registry import Method, register
-from .wrap import FrozenLinear, wrap
+from .wrap import wrap
 
 
-class DoRALinear(LowRankUpdate, FrozenLinear):
+class DoRALinear(LoRALinear):
+    """LoRA's layer (lora.py: the frozen W and b, A, B, s, dropout) with a trained magnitude m per output row."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        super().__init__(base)
-        self.init_lora(base.in_features, base.out_features, rank, alpha, dropout, rslora)
+        super().__init__(base, rank, alpha, dropout, rslora)
         with torch.no_grad():
             self.magnitude = nn.Parameter(self.weight.norm(dim=1).detach().clone())  # m = ‖W‖ per row (out,)
         self.to(base.weight.device)
@@ -88,59 +85,7 @@ def dora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
     return lora_parameter_count(cfg, rank, targets) + magnitudes
 
 
-# --- peft's file format ----------------------------------------------------------------------------
-
-
-class DoRAInPeft(LoRAInPeft):
-    """DoRA in peft's files: LoRA's (lora.py, LoRAInPeft) with use_dora and, per module,
-
-        base_model.model.<module>.lora_magnitude_vector  (out,)  <->  blocks.i.<target>.magnitude
-
-    A fused module's magnitude is its targets' magnitudes stacked in row order (‖W‖ for a target that is
-    not adapted: g = 1 there); loading splits it the same way and gives a target peft left out ‖W‖."""
-
-    MAGNITUDE = "lora_magnitude_vector"
-
-    def accepts(self, config: dict) -> bool:
-        return bool(config.get("use_dora"))
-
-    def check_config(self, config: dict, path) -> None:
-        super().check_config({**config, "use_dora": False}, path)
-
-    def to_peft(self, model, layout) -> tuple[dict, dict]:
-        tensors, config = super().to_peft(model, layout)
-        targets = linear_targets.validate(model.cfg, model.peft_config["options"]["targets"])
-        for i, block in enumerate(model.blocks):
-            for target in dict.fromkeys(layout.fused(t)[0] for t in targets):
-                layers = [block.get_submodule(linear_targets.TARGETS[t]) for t in layout.fused(target)]
-                magnitude = [layer.magnitude if t in targets else layer.weight.norm(dim=1)
-                             for t, layer in zip(layout.fused(target), layers)]
-                tensors[layout.key(target, i, self.MAGNITUDE)] = torch.cat(magnitude)
-        config.update(use_dora=True)
-        return tensors, config
-
-    def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
-        magnitudes = {key: tensors.pop(key) for key in list(tensors) if key.endswith("." + self.MAGNITUDE)}
-        options, weights = super().from_peft(model, config, tensors, layout)
-        cfg = model.cfg
-
-        def norm(layer, t):  # ‖W‖ per row: the magnitude that leaves a row as it is
-            return model.blocks[layer].get_submodule(linear_targets.TARGETS[t]).weight.detach().norm(dim=1)
-        for key, value in magnitudes.items():
-            layer, held = layout.locate(key.removeprefix(layout.root).rpartition(".")[0])
-            for t, part in zip(held, value.float().split([linear_targets.shape(cfg, t)[1] for t in held])):
-                if t in options["targets"]:
-                    weights[f"blocks.{layer}.{linear_targets.TARGETS[t]}.magnitude"] = part
-                elif not torch.allclose(part, norm(layer, t), rtol=1e-6, atol=0):
-                    raise ValueError(f"adapter {layout.path} rescales the rows of {t} in layer {layer} (its DoRA "
-                                     "magnitude) without a LoRA update there, which minipeft's DoRA cannot hold")
-        for i in range(cfg.n_layer):  # where peft had no magnitude: ‖W‖, so g = 1
-            for t in options["targets"]:
-                weights.setdefault(f"blocks.{i}.{linear_targets.TARGETS[t]}.magnitude", norm(i, t))
-        return options, weights
-
-
 register(Method(
     "dora", "magnitude and LoRA-updated direction of each weight row (Liu et al. 2024)",
-    apply_dora, dora_parameter_count, LORA_OPTIONS + (RSLORA,), mergeable=True, peft=DoRAInPeft(),
+    apply_dora, dora_parameter_count, LORA_OPTIONS + (RSLORA,), mergeable=True,
     side_by_side=True, examples=({}, {"rank": 2, "alpha": 2.0, "dropout": 0.1, "targets": ["all"], "rslora": True})))

@@ -38,9 +38,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from .data import IGNORE_INDEX
 from .disable import adapters_disabled
@@ -102,7 +100,7 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
     eval mode (under data parallelism, the wrapped model: no gradient to synchronize)."""
     if "reference" in batch:
         return batch["reference"]
-    model = model.module if isinstance(model, DistributedDataParallel) else model
+    model = getattr(model, "module", model)  # the model inside a data-parallel wrapper
     was_training = model.training
     model.eval()
     try:
@@ -125,30 +123,27 @@ def summarize(sums: torch.Tensor) -> dict:
     return {name: total / max(count, 1) for name, total in zip(METRICS, totals)}
 
 
-def step_metrics(sums: torch.Tensor, world_size: int) -> dict:
-    """A step's metrics over its global batch (every process must call), without the policy's own
-    preference (kept for evaluation)."""
-    if world_size > 1:
-        dist.all_reduce(sums)
+def step_metrics(sums: torch.Tensor) -> dict:
+    """A step's metrics from the sums over its global batch, without the policy's own preference (kept
+    for evaluation)."""
     metrics = summarize(sums)
     metrics.pop("policy_accuracy")
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model, dataset, loss: DPOLoss, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
-    """METRICS over a split of pairs (each process scores its shard; every process must call)."""
+def evaluate(model, dataset, loss: DPOLoss, batch_size: int, processes) -> dict:
+    """METRICS over a split of pairs (each process scores its shard and `processes` adds up the sums:
+    core/loop.py's OneProcess; every process must call)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)
-    for batch in dataset.batches(batch_size, rank=rank, world_size=world_size, sort_by_length=True):
+    for batch in dataset.batches(batch_size, rank=processes.rank, world_size=processes.size, sort_by_length=True):
         if len(batch["input_ids"]):  # this process's shard of the last batch may be empty
             sums += pair_losses(model, {k: v.to(device) for k, v in batch.items()}, loss).sums()
-    if world_size > 1:
-        dist.all_reduce(sums)
     model.train(was_training)
-    return summarize(sums)
+    return summarize(processes.total(sums))
 
 
 @torch.no_grad()

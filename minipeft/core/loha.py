@@ -16,10 +16,6 @@ model starts exactly as the pretrained one. Trainable parameters: 2r · (in + ou
 LoRA's at the same r); r=8 on q and v of a 12-layer d=768 model: 12 · 2 · 2 · 8 · 1536 = 589,824.
 Merging: W ← W + ΔW. ΔW is formed in full each forward pass (out × in: cheap next to the activations of a
 batch, and it makes the update one matmul with W).
-
-In peft's files (peft_type LOHA) a module holds hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, the same
-matrices; its rank_dropout and module_dropout (training-time dropouts we do not have) and per-module
-ranks are refused. peft's LoHa cannot adapt GPT-2 (its Conv1D layers), so gpt2 adapters stay in our format.
 """
 import math
 
@@ -28,7 +24,7 @@ import torch.nn as nn
 
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import DeltaLinear, LycorisInPeft, wrap
+from .wrap import DeltaLinear, wrap
 
 
 class LoHaLinear(DeltaLinear):
@@ -61,26 +57,10 @@ def loha_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
     return cfg.n_layer * sum(2 * rank * sum(linear_targets.shape(cfg, t)) for t in linear_targets.validate(cfg, targets))
 
 
-# --- peft's file format ----------------------------------------------------------------------------
-
-
-class LoHaInPeft(LycorisInPeft):
-    """LoHa in peft's files (peft_type LOHA): per adapted module
-
-        base_model.model.<module>.hada_w1_a (out, r), hada_w1_b (r, in), hada_w2_a, hada_w2_b
-            <->  blocks.i.<target>.hada_w1_a, ... (the same)
-
-    and `r`, `alpha` in the config (scale alpha / r); wrap.LycorisInPeft does the rest."""
-
-    peft_type, method = "LOHA", "loha"
-    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-
-
 register(Method(
     "loha", "Hadamard product of two low-rank updates (FedPara / LyCORIS LoHa)",
     apply_loha, loha_parameter_count,
     (Option("rank", int, 8, "rank r of each of the two low-rank factors"),
      Option("alpha", float, 8.0, "LoHa scale numerator: the update is multiplied by alpha / rank"),
      Option("targets", list, ["q", "v"], "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'")),
-    mergeable=True, side_by_side=True, peft=LoHaInPeft(),
-    examples=({},)))
+    mergeable=True, side_by_side=True, examples=({},)))

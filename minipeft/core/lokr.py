@@ -21,10 +21,6 @@ model starts exactly as the pretrained one. Trainable parameters per adapted lay
 + b·d (or r·(b + d)); for a 768 × 768 weight at r = 8, 768 = 24·32 gives W1 (24 × 24) and, as 8 < 32/2,
 W2 = (32 × 8)(8 × 32): 576 + 512 = 1,088 (LoRA r=8: 12,288).
 Merging: W ← W + ΔW.
-
-In peft's files (peft_type LOKR) a module holds lokr_w1 or lokr_w1_a/lokr_w1_b, and lokr_w2 or
-lokr_w2_a/lokr_w2_b, the same matrices. Its rank_dropout, module_dropout and per-module ranks are refused.
-peft's LoKr cannot adapt GPT-2 (its Conv1D layers), so gpt2 adapters stay in our format.
 """
 import math
 
@@ -33,7 +29,7 @@ import torch.nn as nn
 
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import DeltaLinear, LycorisInPeft, wrap
+from .wrap import DeltaLinear, wrap
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -109,23 +105,6 @@ def lokr_parameter_count(cfg, rank: int, targets: list[str], decompose_both: boo
         for t in linear_targets.validate(cfg, targets))
 
 
-# --- peft's file format ----------------------------------------------------------------------------
-
-
-class LoKrInPeft(LycorisInPeft):
-    """LoKr in peft's files (peft_type LOKR): per adapted module
-
-        base_model.model.<module>.lokr_w1 (a, c) | lokr_w1_a, lokr_w1_b;  lokr_w2 (b, d) | lokr_w2_a, lokr_w2_b
-            <->  blocks.i.<target>.lokr_w1, ... (the same)
-
-    and `r`, `alpha`, `decompose_both`, `decompose_factor` in the config (which decide the shapes);
-    wrap.LycorisInPeft does the rest."""
-
-    peft_type, method = "LOKR", "lokr"
-    names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-    fields = {"decompose_both": False, "decompose_factor": -1}
-
-
 register(Method(
     "lokr", "Kronecker product of a small and a low-rank matrix (KronA / LyCORIS LoKr)",
     apply_lokr, lokr_parameter_count,
@@ -134,5 +113,5 @@ register(Method(
      Option("targets", list, ["q", "v"], "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'"),
      Option("decompose_both", bool, False, "factor W1 into rank-r factors too"),
      Option("decompose_factor", int, -1, "Kronecker factor size f (-1: the divisor pair nearest √dim)")),
-    mergeable=True, side_by_side=True, peft=LoKrInPeft(),
+    mergeable=True, side_by_side=True,
     examples=({}, {"rank": 1, "targets": ["all"], "decompose_both": True, "decompose_factor": 4})))

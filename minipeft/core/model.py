@@ -1,7 +1,6 @@
-"""One transformer, many families: GPT-2, BERT, Llama, Gemma and the others are the same stack of
-blocks with different choices for positions, normalization, activation and attention. Each choice is a
-named switch of `ModelConfig`, and a family is a row of switches (`FAMILIES`): the code below reads
-switches, never family names, so adding a family adds a row (and, in pretrained.py, its weight names).
+"""The transformer of every family: GPT-2, BERT, Llama, Gemma and the others are this one stack of
+blocks, switched by `ModelConfig` (families.py: the switches and the table of families). The code reads
+switches, never family names.
 
     idx (B, T) ──tok_emb (× √d: emb_scale)──┬─ + pos_emb (learned positions) + type_emb ─ emb_ln (emb_norm)
                                             │
@@ -15,322 +14,54 @@ switches, never family names, so adding a family adds a row (and, in pretrained.
                 post:      x = ln1(x + attn(x));            x = ln2(x + mlp(x))
                 sandwich:  x = x + ln1_post(attn(ln1(x)));  x = x + ln2_post(mlp(ln2(x)))
 
-The families (`-` = off; sizes such as head_dim, the window length or the RoPE base come from each
-checkpoint's config):
-
-| family     | positions | pos_offset | type_vocab_size | emb_norm | emb_scale | norm      | norm_place |
-|------------|-----------|------------|-----------------|----------|-----------|-----------|------------|
-| gpt2       | learned   | 0          | 0               | -        | -         | layernorm | pre        |
-| bert       | learned   | 0          | 2               | yes      | -         | layernorm | post       |
-| roberta    | learned   | 2          | 1               | yes      | -         | layernorm | post       |
-| distilbert | learned   | 0          | 0               | yes      | -         | layernorm | post       |
-| llama      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| mistral    | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| qwen2      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| qwen3      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| phi3       | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| gemma      | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | pre        |
-| gemma2     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   |
-| gemma3     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   |
-
-| family     | act       | gated | causal | qkv_bias | o_bias | mlp_bias | qk_norm |
-|------------|-----------|-------|--------|----------|--------|----------|---------|
-| gpt2       | gelu_tanh | -     | yes    | yes      | yes    | yes      | -       |
-| bert       | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| roberta    | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| distilbert | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| llama      | silu      | yes   | yes    | -        | -      | -        | -       |
-| mistral    | silu      | yes   | yes    | -        | -      | -        | -       |
-| qwen2      | silu      | yes   | yes    | yes      | -      | -        | -       |
-| qwen3      | silu      | yes   | yes    | -        | -      | -        | yes     |
-| phi3       | silu      | yes   | yes    | -        | -      | -        | -       |
-| gemma      | gelu_tanh | yes   | yes    | -        | -      | -        | -       |
-| gemma2     | gelu_tanh | yes   | yes    | -        | -      | -        | -       |
-| gemma3     | gelu_tanh | yes   | yes    | -        | -      | -        | yes     |
-
-| family     | layer_pattern | attn_softcap | final_softcap | rope_local_theta |
-|------------|---------------|--------------|---------------|------------------|
-| gpt2       | F             | -            | -             | -                |
-| bert       | F             | -            | -             | -                |
-| roberta    | F             | -            | -             | -                |
-| distilbert | F             | -            | -             | -                |
-| llama      | F             | -            | -             | -                |
-| mistral    | S             | -            | -             | -                |
-| qwen2      | F             | -            | -             | -                |
-| qwen3      | F             | -            | -             | -                |
-| phi3       | S             | -            | -             | -                |
-| gemma      | F             | -            | -             | -                |
-| gemma2     | SF            | 50           | 30            | -                |
-| gemma3     | SSSSSF        | -            | -             | 10000            |
-
-So Llama vs Gemma 2: Gemma 2 scales the embeddings by √d_model, normalizes with x/rms · (1 + w), puts a
-second norm on each sub-layer's output (sandwich), gates with tanh-GELU instead of SiLU, alternates
-sliding-window and full layers, and soft-caps attention logits (tanh(s/50)·50) and final logits
-(tanh(z/30)·30); it also scales queries by query_pre_attn_scalar^-0.5 (attn_scale), from its config.
-
-What each switch does:
-    positions         "learned": a table pos_emb of max_seq_len (+ pos_offset) rows; "rope": rotary
-                      embeddings (Su et al. 2021) on q and k, base rope_theta, on the first rope_fraction
-                      of each head (Phi-3), optionally scaled (rope_scaling: linear, or Llama 3's)
-    pos_offset        learned positions start at this row (RoBERTa: padding_idx + 1)
-    type_vocab_size   token-type (segment) embeddings; 0 = none
-    emb_norm          a norm right after the embeddings (post-norm encoders)
-    emb_scale         token embeddings × √d_model (Gemma)
-    norm              "layernorm" (with bias), "rmsnorm" (x/rms · w) or "rmsnorm+1" (x/rms · (1 + w), w = 0
-                      at init, computed in fp32: Gemma)
-    norm_place        "pre", "post" or "sandwich" (the diagram above)
-    act, gated        MLP: down(act(up(x))), or gated: down(act(gate(x)) · up(x)) (SwiGLU, GeGLU)
-    causal            a token sees only earlier tokens (decoders) or all of them (encoders)
-    qkv_bias, o_bias, mlp_bias   bias terms of q/k/v, of o, of the MLP's linear layers
-    qk_norm           a norm over head_dim on every query and key head, before RoPE (Qwen3, Gemma 3)
-    layer_pattern     repeated over the layers: "S" = sliding-window layer (keys at most sliding_window - 1
-                      positions back), "F" = full attention; without a sliding_window every layer is full
-    attn_softcap      attention logits s -> tanh(s / c) · c before the mask (Gemma 2); 0 = off
-    final_softcap     LM logits z -> tanh(z / c) · c (Gemma 2); 0 = off
-    rope_local_theta  sliding layers use their own (unscaled) RoPE with this base (Gemma 3: 10k local, 1M global)
-    attn_scale        q·k is scaled by attn_scale^-0.5 (Gemma 2/3: query_pre_attn_scalar); None = head_dim
-    head_dim          set independently of d_model (Gemma, Qwen3); None = d_model / n_head
-Grouped-query attention (n_kv_head < n_head) and a tied head (tie_embeddings) are settings of every family.
-
 Module names are the same in every family (`blocks[i].attn.{q,k,v,o}`, `blocks[i].mlp.{up,gate,down}`,
 `blocks[i].{ln1,ln2}`, `tok_emb`, `pos_emb`, `ln_f`, `head`; sandwich blocks add `ln1_post`, `ln2_post`,
 qk_norm adds `attn.q_norm`, `attn.k_norm`), so a PEFT method that targets "q" finds the same projection
 in all of them. PEFT methods never edit the math here: LoRA and adapters replace `nn.Linear` modules by
 name, and the slots `Attention.prefix`, `Attention.adaption` and `Transformer.prompt` (all `None` by
-default) are where prefix tuning, LLaMA-Adapter and prompt tuning plug in (see their files in
-methods/). Training with dropout (or with attention soft-capping, which SDPA cannot do), attention is
-written out (`attention_with_dropout`), and every dropout is `Dropout`, which draws its masks four
-elements per random number.
+default) are where prefix tuning, LLaMA-Adapter and prompt tuning plug in (see their files). Attention
+is one call to F.scaled_dot_product_attention, written out instead (`attention_with_dropout`) when
+training with dropout or soft-capping attention logits, which SDPA cannot do. The LM loss is
+F.cross_entropy over the logits (`lm_loss`). minipeft.fast.enable() swaps in faster twins of `lm_loss`
+(tiled: the logits never exist whole) and `dropout`.
 
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
 import functools
-import math
-from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .families import ACTIVATIONS, FAMILIES, FLAVORS, ROPE_SCALINGS, ModelConfig  # noqa: F401 (their home here too)
 from .generate import greedy
 from .kv_cache import KVCache
-from minipeft.fast.losses import lm_loss
-from minipeft.scale.precision import compute, precision_of
+from .positions import apply_rope, attention_mask_for, rope_at, rope_tables, token_positions
 
-# Llama's row; every other family is written as what differs from it
-LLAMA = dict(positions="rope", pos_offset=0, type_vocab_size=0, emb_norm=False, emb_scale=False, norm="rmsnorm",
-             norm_place="pre", act="silu", gated=True, causal=True, qkv_bias=False, o_bias=False, mlp_bias=False,
-             qk_norm=False, layer_pattern="F", attn_softcap=None, final_softcap=None, rope_local_theta=None)
-_ENCODER = dict(positions="learned", emb_norm=True, norm="layernorm", norm_place="post", act="gelu", gated=False,
-                causal=False, qkv_bias=True, o_bias=True, mlp_bias=True)
-_GEMMA = dict(emb_scale=True, norm="rmsnorm+1", act="gelu_tanh")
-FAMILIES = {name: {**LLAMA, **differences} for name, differences in {
-    "gpt2": dict(positions="learned", norm="layernorm", act="gelu_tanh", gated=False, qkv_bias=True, o_bias=True,
-                 mlp_bias=True),
-    "bert": dict(_ENCODER, type_vocab_size=2),
-    "roberta": dict(_ENCODER, type_vocab_size=1, pos_offset=2),
-    "distilbert": _ENCODER,
-    "llama": {},
-    "mistral": dict(layer_pattern="S"),
-    "qwen2": dict(qkv_bias=True),
-    "qwen3": dict(qk_norm=True),
-    "phi3": dict(layer_pattern="S"),
-    "gemma": _GEMMA,
-    "gemma2": dict(_GEMMA, norm_place="sandwich", layer_pattern="SF", attn_softcap=50.0, final_softcap=30.0),
-    "gemma3": dict(_GEMMA, norm_place="sandwich", layer_pattern="SSSSSF", qk_norm=True, rope_local_theta=10_000.0),
-}.items()}
-FLAVORS = tuple(FAMILIES)  # the name older code and the public API use for a family
-
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
-CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm", "rmsnorm+1"),
-           "norm_place": ("pre", "post", "sandwich"), "act": tuple(ACTIVATIONS)}
-ROPE_SCALINGS = ("linear", "llama3")
+IGNORE_INDEX = -100  # a label that counts in no loss (F.cross_entropy's ignore_index)
 
 
-@dataclass
-class ModelConfig:
-    flavor: str = "gpt2"  # the family: FAMILIES[flavor] fills every switch left at None
-    vocab_size: int = 256
-    n_layer: int = 2
-    n_head: int = 2
-    n_kv_head: int | None = None  # grouped-query attention; None = n_head
-    d_model: int = 64
-    d_ff: int | None = None  # None = 4 · d_model
-    head_dim: int | None = None  # None = d_model / n_head
-    max_seq_len: int = 512  # positions: the learned table or the RoPE cache
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_fraction: float = 1.0  # RoPE on the first rope_fraction of each head's dimensions (Phi-3)
-    rope_scaling: dict | None = None  # {"rope_type": "linear", "factor"} or Llama 3's {"rope_type": "llama3", ...}
-    sliding_window: int | None = None  # the window of "S" layers (layer_pattern); None = every layer full
-    attn_scale: float | None = None  # scores q·k / √attn_scale; None = head_dim
-    tie_embeddings: bool = True  # head.weight is tok_emb.weight (LM head only)
-    dropout: float = 0.0  # residual, embedding and attention dropout
-    n_classes: int | None = None  # set: forward returns class logits from a fresh linear head
-    pool: str = "mean"  # encoder classifier pooling: "cls" or "mean" (causal models: the last real token)
-    pad_token_id: int = 0
-    # the family's switches (see the module docstring); None = the family's value
-    positions: str | None = None
-    pos_offset: int | None = None
-    type_vocab_size: int | None = None
-    emb_norm: bool | None = None
-    emb_scale: bool | None = None
-    norm: str | None = None
-    norm_place: str | None = None
-    act: str | None = None
-    gated: bool | None = None
-    causal: bool | None = None
-    qkv_bias: bool | None = None
-    o_bias: bool | None = None
-    mlp_bias: bool | None = None
-    qk_norm: bool | None = None
-    layer_pattern: str | None = None
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    rope_local_theta: float | None = None
-    extra: dict = field(default_factory=dict)  # provenance (source name, token ids) — not used by the math
-
-    def __post_init__(self):
-        if self.flavor not in FAMILIES:
-            raise ValueError(f"unknown flavor {self.flavor!r}; choose one of {', '.join(FAMILIES)}")
-        for switch, value in FAMILIES[self.flavor].items():
-            if getattr(self, switch) is None:
-                setattr(self, switch, value)
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.d_ff = self.d_ff or 4 * self.d_model
-        if self.head_dim is None and self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must divide by n_head ({self.n_head}), or set head_dim")
-        self.head_dim = self.head_dim or self.d_model // self.n_head
-        self._check()
-
-    def _check(self):
-        """One sentence per contradiction (ValueError)."""
-        for switch, choices in CHOICES.items():
-            if getattr(self, switch) not in choices:
-                raise ValueError(f"{switch} must be one of {', '.join(choices)}, not {getattr(self, switch)!r}")
-        problems = [
-            (self.n_head % self.n_kv_head, f"n_head ({self.n_head}) must divide by n_kv_head ({self.n_kv_head})"),
-            (self.pool not in ("cls", "mean"), f"pool must be 'cls' or 'mean', not {self.pool!r}"),
-            (not self.layer_pattern or set(self.layer_pattern) - set("SF"),
-             f"layer_pattern is a string of S (sliding) and F (full), not {self.layer_pattern!r}"),
-            (self.sliding_window is not None and self.sliding_window < 1,
-             f"sliding_window must be >= 1, not {self.sliding_window}"),
-            (self.sliding_window and "S" in self.layer_pattern and not self.causal,
-             "a sliding window needs causal attention, but causal is off"),
-            (self.positions == "learned" and (self.rope_fraction != 1 or self.rope_scaling or self.rope_local_theta),
-             "RoPE settings (rope_fraction, rope_scaling, rope_local_theta) contradict learned positions"),
-            (self.positions == "rope" and self.pos_offset, "pos_offset is for learned positions, not rope"),
-            (self.positions == "rope" and self.rotary_dim % 2,
-             f"RoPE needs an even number of rotated dimensions, not {self.rotary_dim}"),
-            (any(c is not None and c < 0 for c in (self.attn_softcap, self.final_softcap)),
-             "soft-caps must be positive (0 = off)"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise ValueError(message)
-        rope_type = (self.rope_scaling or {}).get("rope_type")
-        if self.rope_scaling and rope_type not in ROPE_SCALINGS:
-            raise ValueError(f"rope_scaling {rope_type!r} is not supported; supported: {', '.join(ROPE_SCALINGS)}")
-
-    @property
-    def rotary_dim(self) -> int:
-        """Dimensions of each head that RoPE rotates (the first ones)."""
-        return int(self.head_dim * self.rope_fraction)
-
-    @property
-    def has_biases(self) -> bool:
-        """Whether the model has any bias term (linear layers or LayerNorms)."""
-        return self.qkv_bias or self.o_bias or self.mlp_bias or self.norm == "layernorm"
-
-    def window(self, layer: int) -> int | None:
-        """The sliding window of layer `layer`, or None for full attention."""
-        sliding = self.layer_pattern[layer % len(self.layer_pattern)] == "S"
-        return self.sliding_window if sliding else None
-
-    def switches_changed(self) -> dict:
-        """The switches set to something other than the family's row (empty for a plain family)."""
-        return {k: getattr(self, k) for k, v in FAMILIES[self.flavor].items() if getattr(self, k) != v}
-
-
-def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """The rotation speeds (rotary_dim/2,) of rotate-half RoPE: pair j turns by theta^(-2j/rotary_dim)
-    per position. Scaled RoPE slows them down for longer contexts: "linear" divides every speed by
-    `factor`; "llama3" (Llama 3.1) divides only the slow ones (wavelength above original / low_freq_factor),
-    keeps the fast ones (below original / high_freq_factor) and blends linearly in between."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelength = 2 * math.pi / inv_freq
-    kept = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
-    return (1 - kept) * inv_freq / factor + kept * inv_freq
-
-
-def rope_tables(rotary_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None):
-    """cos/sin tables (max_seq_len, rotary_dim) for rotate-half rotary embeddings (Su et al. 2021)."""
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
-                         rope_inv_freq(rotary_dim, theta, scaling))  # (S, rotary_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (S, rotary_dim): both halves rotate by the same angle
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd) rotated pairwise: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves paired.
-    With tables narrower than hd (partial RoPE, Phi-3) only the first cos.shape[-1] dimensions turn."""
-    rotary_dim = cos.shape[-1]
-    if rotary_dim < x.shape[-1]:
-        return torch.cat([apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables are fp32; bf16 activations stay bf16
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class Dropout(nn.Module):
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale the
-    others by 1/(1 - p), so the expected value is unchanged; the identity in eval mode.
+    others by 1/(1 - p), so the expected value is unchanged; x itself in eval mode. Called through this
+    module's global, so that minipeft.fast.enable() can swap in its twin (fast/dropout.py)."""
+    return F.dropout(x, p, training)
 
-    The same function as nn.Dropout, drawn faster. PyTorch's CPU dropout asks its Mersenne Twister for
-    one random number per element, which costs more than the matmuls around it (a fifth of a MiniLM
-    LoRA step). Here one 64-bit draw serves four elements: each gets 15 of its bits, a uniform integer
-    u in [0, 2^15), and is kept when u >= round(p · 2^15). So the drop rate is p rounded to a multiple
-    of 2^-15 (0.1 → 0.100006) and the scale uses that rate, keeping the expectation exact."""
 
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
+class Dropout(nn.Dropout):
+    """nn.Dropout that calls `dropout` above."""
 
     def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
-
-def dropout_mask(shape, p: float, dtype, device) -> torch.Tensor:
-    """A tensor of `shape`: 0 with probability ≈ p, else 1 / (1 - p') (see Dropout)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
-    # four 16-bit pieces per word; the top bit of each piece is dropped (the word's top bit is always 0)
-    bits = words.view(torch.int16)[:n].view(shape).bitwise_and_(0x7FFF)  # uniform in [0, 2^15)
-    cut = round(p * 2**15)
-    return bits.ge(cut).to(dtype).mul_(2**15 / (2**15 - cut))
+        return dropout(x, self.p, self.training)
 
 
 def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale: float | None = None,
                            softcap: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v with dropout on the attention weights, written out: what
     F.scaled_dot_product_attention computes, whose CPU kernels have no dropout (with dropout_p > 0 it
-    falls back to these same steps, drawing its mask the slow way) and no soft-capping (Gemma 2's
+    falls back to these same steps, its mask drawn by torch, not by `dropout`) and no soft-capping (Gemma 2's
     s -> tanh(s / softcap) · softcap, before the mask). q (B, H, T, hd); k, v (B, Hkv, S, hd);
     mask: boolean (B or 1, 1, T, S), True = may attend; scale: default 1/√hd. Returns (B, H, T, hd)."""
     if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves H / Hkv query heads
@@ -479,12 +210,55 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
-def in_compute_dtype(forward):
-    """Run a forward method under the model's precision: autocast to its compute dtype unless it is fp32
-    (precision.compute), on the device of the token ids."""
+def init_weights(module: nn.Module):
+    """GPT-2's init: the weights of linear layers and embeddings ~ N(0, 0.02²), biases 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def loss_targets(labels, shift_labels, causal: bool, reduction: str) -> torch.Tensor:
+    """The targets (B, T) aligned with the inputs: shift_labels as given, or labels as transformers takes
+    them (the inputs, −100 where no loss), shifted for a causal model: targets[:, t] = labels[:, t + 1] and
+    none (−100) at the end. A masked LM's labels are its targets."""
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("give labels (the inputs, shifted inside) or shift_labels (already shifted), not both")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if shift_labels is not None or not causal:
+        return labels if shift_labels is None else shift_labels
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal=True, reduction="mean"):
+    """The LM loss over the N labelled tokens, as transformers computes it:
+
+        loss = 1/N · Σ_i −log softmax(z_i)[t_i]      over the tokens i whose target t_i ≠ −100
+        z_i = h_i Wᵀ                                  (V,) the head's logits (no bias), in fp32
+        z_i ← c · tanh(z_i / c)                       Gemma 2's final soft-cap c (cfg.final_softcap)
+
+    hidden (B, T, d) final hidden states; weight (V, d) the LM head's; labels or shift_labels (B, T) as
+    `loss_targets` takes them. reduction "sum": the summed loss instead of the mean; "none": each token's
+    (B, T), 0 where unlabelled (a row's sum is minus its labelled tokens' log-probability, what DPO needs).
+    A mean over no labelled token is nan, as in transformers."""
+    targets = loss_targets(labels, shift_labels, causal, reduction)  # (B, T)
+    logits = F.linear(hidden, weight).float()  # (B, T, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def in_compute_context(forward):
+    """Run a forward method inside the model's `compute_context(model, device)` when one is set (the
+    precision ring, scale/precision.py, sets one that autocasts to the compute dtype), on the device of the
+    token ids; without one, as written."""
     @functools.wraps(forward)
     def run(self, idx, *args, **kwargs):
-        with compute(self, idx.device):
+        if self.compute_context is None:
+            return forward(self, idx, *args, **kwargs)
+        with self.compute_context(self, idx.device):
             return forward(self, idx, *args, **kwargs)
     return run
 
@@ -505,20 +279,21 @@ class Transformer(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.norm_place != "post" else None
-        self.apply(self._init_weights)  # the trunk first, so its weights do not depend on the head
+        self.apply(init_weights)  # the trunk first, so its weights do not depend on the head
         if cfg.n_classes:
             self.add_classifier(cfg.n_classes)
         else:
             self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-            self._init_weights(self.head)
+            init_weights(self.head)
             if cfg.tie_embeddings:
                 self.head.weight = self.tok_emb.weight
-        self.prompt = None  # methods/prompt.py: module inserting soft tokens into the embeddings (B, T, d)
-        self.adapters = None  # methods/multi.py: adapters side by side, routed per row by adapter_names
+        self.prompt = None  # prompt.py: module inserting soft tokens into the embeddings (B, T, d)
+        self.adapters = None  # extras/multi.py: adapters side by side, routed per row by adapter_names
         self.checkpointing = False  # recompute each block's activations in backward
         # set by mp.apply: {"method", "options", "base_fingerprint"}; None for a plain base model
         self.peft_config: dict | None = None
-        self.precision = "fp32"  # a name of precision.PRECISIONS, set by precision.set_precision
+        self.precision = "fp32"  # scale/precision.py: the name of the precision the weights are cast for
+        self.compute_context = None  # scale/precision.py: (model, device) -> the context forward runs in
 
     def reset_buffers(self):
         """Compute the buffers no checkpoint holds, the RoPE tables (max_seq_len, rotary_dim): at build
@@ -536,19 +311,12 @@ class Transformer(nn.Module):
             self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     def add_classifier(self, n_classes: int):
-        """Replace the LM head by a fresh (n_classes × d_model) classifier head."""
+        """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains; under
+        another precision, set_precision casts it)."""
         self.cfg.n_classes = n_classes
-        self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device,
-                              dtype=precision_of(self).trainable)  # it trains
-        self._init_weights(self.head)
+        self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
+        init_weights(self.head)
         return self
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -569,95 +337,47 @@ class Transformer(nn.Module):
         """Positions a method's virtual tokens take from max_seq_len: soft prompt + prefix."""
         return self.prompt_length + self.prefix_length
 
-    def _attention_mask(self, attention_mask, T, past, window=None, document_ids=None):
-        """Boolean (B or 1, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal
-        path (or no mask at all) gives the same answer. `past` keys (cached tokens or prefix virtual
-        tokens) come before the T current ones and are always real. A sliding `window` hides keys
-        window or more positions back; `document_ids` (B, T) (packed rows) hide other documents' tokens."""
+    def embed(self, idx, attention_mask, token_type_ids, position_ids, past: int, with_prompt: bool):
+        """idx (B, T) -> the first block's input (B, T', d), the padding mask and each token's position
+        ((T',) or (B, T')); T' = T, plus the soft prompt's tokens when with_prompt. `past`: keys before."""
         cfg = self.cfg
-        if attention_mask is not None and not attention_mask.is_meta and bool(attention_mask.all()):
-            attention_mask = None  # no padding: as if no mask was given, so SDPA takes its fast path
-        total = past + T
-        windowed = window is not None and total > window  # some query has a key out of its reach
-        if attention_mask is None and document_ids is None and not windowed and (not cfg.causal or past == 0):
-            return None
-        device = self.tok_emb.weight.device
-        allowed = torch.ones(T, total, dtype=torch.bool, device=device)
-        if cfg.causal:
-            allowed = allowed.tril(diagonal=past)  # query i (position past+i) sees keys <= past+i
-        if windowed:
-            allowed = allowed.triu(diagonal=past - window + 1)  # ... and keys > past+i - window
-        allowed = allowed[None, None]  # (1, 1, T, total)
-        if document_ids is not None:
-            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-            allowed = allowed & F.pad(same, (past, 0), value=True)[:, None]  # (B, 1, T, total)
-        if attention_mask is not None:
-            keys_real = F.pad(attention_mask.bool(), (past, 0), value=True)[:, None, None, -total:]
-            # a padding query would otherwise see no key at all (NaN); letting it see itself keeps
-            # the row finite and changes no real token's output
-            itself = torch.zeros(T, total, dtype=torch.bool, device=device)
-            itself[torch.arange(T), past + torch.arange(T)] = True
-            allowed = (allowed & keys_real) | itself  # (B, 1, T, total)
-        return allowed
-
-    def _rope_at(self, positions, window):
-        """(cos, sin) at these positions, (T, rotary_dim) each, or (B, 1, T, rotary_dim) for per-row
-        positions (B, T): a sliding layer's own RoPE where the family has one (Gemma 3), else the global
-        one; None without RoPE."""
-        if self.cfg.positions != "rope":
-            return None
-        name = "rope_local" if window is not None and self.cfg.rope_local_theta else "rope"
-        cos, sin = getattr(self, f"{name}_cos")[positions], getattr(self, f"{name}_sin")[positions]
-        return (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)
-
-    def _positions(self, past: int, T: int, position_ids, device, with_prompt: bool = False) -> torch.Tensor:
-        """Each token's position: past, past + 1, ... (T,), or per row (B, T) from position_ids, which
-        count a sequence's own tokens (packed rows restart them; left-padded rows skip the padding)."""
-        if position_ids is None:
-            return torch.arange(past, past + T, device=device)
-        positions = position_ids + self.virtual_tokens  # the method's virtual tokens (prefix, soft prompt) first
-        if with_prompt:  # this call inserts the soft prompt: its tokens take the positions before the text
-            at, soft = self.prompt.insert_at, torch.arange(self.prefix_length, self.virtual_tokens, device=device)
-            positions = torch.cat([positions[:, :at], soft.expand(len(positions), -1), positions[:, at:]], dim=1)
-        if int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the model's {self.cfg.max_seq_len} "
-                             "positions; use a shorter --max-len")
-        return positions
-
-    @in_compute_dtype
-    def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
-               position_ids=None, document_ids=None, adapter_names=None):
-        """idx (B, T) token ids -> final hidden states (B, T, d_model). position_ids (B, T): each token's
-        position (default 0, 1, ... after the cache); document_ids (B, T): packed rows, a token attends
-        only within its document; adapter_names: the adapter each row runs (methods/multi.py)."""
-        cfg = self.cfg
-        if self.adapters is not None:
-            self.adapters.route(adapter_names, idx)
-        elif adapter_names is not None:
-            raise ValueError("adapter_names needs adapters loaded side by side: mp.load_adapter(model, path, name=...)")
         x = self.tok_emb(idx)  # (B, T, d)
         if cfg.emb_scale:  # Gemma: × √d_model, in the embedding's dtype
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
-        first_call = cache is None or cache.length == 0
-        with_prompt = self.prompt is not None and first_call
         if with_prompt:  # soft prompt tokens join the sequence: (B, P + T, d)
             x, attention_mask, token_type_ids = self.prompt.insert(x, attention_mask, token_type_ids)
         B, T, _ = x.shape
-        past = self.prefix_length if first_call else cache.length  # keys before these tokens
         if past + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens (virtual tokens and cache included) is longer "
                              f"than the model's {cfg.max_seq_len}; use a shorter --max-len")
-        positions = self._positions(past, T, position_ids, idx.device, with_prompt)  # (T,) or (B, T)
+        positions = token_positions(self, past, T, position_ids, idx.device, with_prompt)  # (T,) or (B, T)
         if cfg.positions == "learned":
             x = x + self.pos_emb(positions + cfg.pos_offset)
         if cfg.type_vocab_size:
             types = token_type_ids if token_type_ids is not None else torch.zeros(B, T, dtype=torch.long,
                                                                                  device=idx.device)
             x = x + self.type_emb(types)
-        x = self.drop(self.emb_ln(x) if cfg.emb_norm else x)
+        return self.drop(self.emb_ln(x) if cfg.emb_norm else x), attention_mask, positions
+
+    @in_compute_context
+    def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
+               position_ids=None, document_ids=None, adapter_names=None):
+        """idx (B, T) token ids -> final hidden states (B, T, d_model). position_ids (B, T): each token's
+        position (default 0, 1, ... after the cache); document_ids (B, T): packed rows, a token attends
+        only within its document; adapter_names: the adapter each row runs (extras/multi.py)."""
+        if self.adapters is not None:
+            self.adapters.route(adapter_names, idx)
+        elif adapter_names is not None:
+            raise ValueError("adapter_names needs adapters loaded side by side: mp.load_adapter(model, path, name=...)")
+        first_call = cache is None or cache.length == 0
+        with_prompt = self.prompt is not None and first_call
+        past = self.prefix_length if first_call else cache.length  # keys before these tokens
+        x, attention_mask, positions = self.embed(idx, attention_mask, token_type_ids, position_ids, past,
+                                                  with_prompt)  # (B, T, d)
         windows = {block.window for block in self.blocks}  # None (full attention) and/or the sliding window
-        masks = {w: self._attention_mask(attention_mask, T, past, w, document_ids) for w in windows}
-        ropes = {w: self._rope_at(positions, w) for w in windows}
+        masks = {w: attention_mask_for(self.cfg, attention_mask, x.shape[1], past, w, document_ids, x.device)
+                 for w in windows}
+        ropes = {w: rope_at(self, positions, w) for w in windows}
         for block in self.blocks:
             mask, rope = masks[block.window], ropes[block.window]
             if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
@@ -683,25 +403,23 @@ class Transformer(nn.Module):
         last = attention_mask.sum(1).clamp(min=1) - 1  # (B,) right padding: last real index
         return hidden[torch.arange(B, device=hidden.device), last]
 
-    @in_compute_dtype
+    @in_compute_context
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                 position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
-                chunk_size=None, vocab_block=None, reduction="mean"):
+                reduction="mean"):
         """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.
         With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
-        shift_labels (B, T) (already aligned with idx): the mean LM loss instead, computed in tiles of
-        chunk_size tokens × vocab_block vocabulary entries, so the logits never exist whole (losses.py);
+        shift_labels (B, T) (already aligned with idx): the mean LM loss instead (`lm_loss`);
         reduction="sum" gives the summed loss of the labelled tokens instead of their mean, "none" each
-        token's (B, T), 0 where unlabelled.
-        The other arguments are encode's."""
+        token's (B, T), 0 where unlabelled. The other arguments are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):
             raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
         if self.cfg.n_classes:
             return self.head(self.drop(self.pool(hidden, attention_mask)))
         if labels is not None or shift_labels is not None:
-            return lm_loss(hidden, self.head.weight, labels, shift_labels, self.cfg.final_softcap, chunk_size,
-                           vocab_block, causal=self.cfg.causal, reduction=reduction)
+            return lm_loss(hidden, self.head.weight, labels=labels, shift_labels=shift_labels,
+                           softcap=self.cfg.final_softcap, causal=self.cfg.causal, reduction=reduction)
         logits = self.head(hidden)  # (B, T, vocab)
         if self.cfg.final_softcap:  # Gemma 2: z -> tanh(z / c) · c
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap

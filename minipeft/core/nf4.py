@@ -1,8 +1,8 @@
 """4-bit NormalFloat (NF4) and FP4 quantization with double quantization: the frozen base of QLoRA.
 
 QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers, Pagnoni, Holtzman, Zettlemoyer 2023),
-https://arxiv.org/abs/2305.14314. The base weights are stored in 4 bits and dequantized to fp32 for every
-matmul; only the LoRA matrices on top of them are trained (methods/qlora.py, method "qlora").
+https://arxiv.org/abs/2305.14314. The base weights are stored in 4 bits and dequantized for every
+matmul; only the LoRA matrices on top of them are trained (qlora.py, method "qlora").
 
     w (out, in) ──flatten──► (n,) ──split into blocks of 64──► (n/64, 64)
         absmax_b = max |w| in block b                                        (n/64,) fp32
@@ -13,38 +13,25 @@ matmul; only the LoRA matrices on top of them are trained (methods/qlora.py, met
 Code books (16 values in [-1, 1]; the 4-bit code q is an index into the table)
     nf4  NormalFloat: weights are roughly N(0, σ²), so put the 16 values at quantiles of N(0, 1) — each
          bin then holds about the same share of weights. Quantiles 0 and 1 are ±∞, so the outermost
-         quantile used is δ = ½·((1 − 1/(2·15)) + (1 − 1/(2·16))) ≈ 0.9677083 (bitsandbytes uses the
-         literal 0.9677083). An exact zero matters (padding, pruned weights, ReLU-ish rows), and 16 values
-         cannot be symmetric around one, so NF4 is asymmetric:
-             8 positive values  Φ⁻¹(p) for p = 8 evenly spaced points from δ down to (not incl.) ½,
-             7 negative values −Φ⁻¹(p) for p = 7 evenly spaced points from δ down to (not incl.) ½,
-             0,
-         sorted and divided by the largest, so the table spans exactly [-1, 1]:
+         quantile used is δ = ½·((1 − 1/(2·15)) + (1 − 1/(2·16))) ≈ 0.9677083. An exact zero matters
+         (padding, pruned weights), and 16 values cannot be symmetric around one, so NF4 is asymmetric:
+         8 positive values Φ⁻¹(p) and 7 negative ones −Φ⁻¹(p), p evenly spaced from δ down to (not
+         incl.) ½, and 0; sorted and divided by the largest:
              -1, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0, 0.080, 0.161, 0.246, 0.338, 0.441,
-             0.563, 0.723, 1                                            (see `normal_float_code`)
+             0.563, 0.723, 1
     fp4  bitsandbytes' 4-bit float: sign bit, then 3 bits for magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3}
          (bit patterns 000…111), all divided by 12. Not sorted; 0b0000 decodes to 0 and 0b1000 to -0.
 
-Rounding: each scaled value goes to the nearest code, with the decision thresholds at the fp32 midpoints
-between neighbouring (sorted) codes. A value exactly on a midpoint takes the *lower* code. For fp4 the
-two zeros split the interval around 0: scaled values in (-0.0026, 0] get 0b0000 and values in
-(0, 0.0026] get 0b1000 (the "negative zero" pattern) — this is what bitsandbytes' CPU backend does.
-
 Double quantization (QLoRA §3): the fp32 absmax values cost 32/64 = 0.5 bit per weight. Quantize them too:
 subtract their mean (they are all positive, so centering uses the signed 8-bit range fully), then quantize
-them to 8 bits with bitsandbytes' *dynamic* code map (`dynamic_code`), blockwise in blocks of 256 with one
-fp32 absmax per block. Dequantization: absmax_b = dynamic[code_b] · scale_(b // 256) + mean.
-
-Bits per weight (block size 64):
-    without double quantization   4 + 32/64                 = 4.5
-    with double quantization      4 + 8/64 + 32/(64·256)    ≈ 4.127   (+ one fp32 mean per tensor)
+them to 8 bits with bitsandbytes' *dynamic* code map, in blocks of 256 with one fp32 scale per block.
+Bits per weight (block size 64): 4 + 32/64 = 4.5 without, 4 + 8/64 + 32/(64·256) ≈ 4.127 with it.
 
 Bit-exact with bitsandbytes 0.50's CPU `quantize_4bit` (packed codes and state; tests/test_quant.py), its
-corner cases kept on purpose and marked "bnb:" below. Dequantization returns code[q]·absmax exactly on every
-CPU (bitsandbytes' AVX-512 dequantize kernel misplaces blocks in rows that are not whole blocks).
-Everything is a pure function of tensors, plus `Linear4bit`, a module that holds the result as buffers.
+corner cases kept on purpose and marked "bnb:" below; dequantization is code[q]·absmax exactly.
+This file is written to be read; minipeft/fast/nf4.py is its fast twin (the same bits, several times
+faster, no dequantized weight kept for backward), swapped in by `minipeft.fast.enable()`.
 """
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -89,68 +76,6 @@ DYNAMIC_CODE = dynamic_code()  # (256,)
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 
 
-# Rounding to the nearest code, fast. The exact rule is "count the midpoints below x" (torch.bucketize),
-# but a binary search per element is slow on CPU. Instead cut [-1, 1] into CELLS equal cells, small enough
-# that no cell holds two midpoints. Every midpoint in an earlier cell is below x, every one in a later cell
-# is above it, so rank(x) = (midpoints in earlier cells) + (x > the midpoint in x's own cell, if any):
-# two table look-ups and a comparison, and exactly the same answer — the cell of x only has to be computed
-# by a monotone function, the same one for x and for the midpoints.
-CELLS = 4096
-
-
-def _cell(x: torch.Tensor) -> torch.Tensor:
-    """Cell index in 0 … CELLS of each scaled value (int32); monotone in x (fp32 rounding is)."""
-    return x.add(1.0).mul_(CELLS / 2).int().clamp_(0, CELLS)
-
-
-@dataclass(frozen=True)
-class CodeTables:
-    """Look-up tables derived from one 16-value code book (built once per quant type)."""
-    midpoints: torch.Tensor  # (15,) fp32 decision thresholds between neighbouring sorted values
-    rank_below: torch.Tensor  # (CELLS+1,) uint8: midpoints in earlier cells
-    midpoint_in_cell: torch.Tensor  # (CELLS+1,) fp32: the midpoint inside the cell, or +inf
-    rank_pair_to_byte: torch.Tensor | None  # (256,) uint8: packed ranks -> packed codes; None if rank == code
-    byte_to_pair: torch.Tensor  # (256, 2) fp32: packed byte -> its two values, high nibble first
-
-    @classmethod
-    def build(cls, code: torch.Tensor) -> "CodeTables":
-        code_of_rank = torch.sort(code, stable=True).indices  # (16,) stable: fp4 keeps 0b0000 before 0b1000
-        ranked = code[code_of_rank]
-        midpoints = (ranked[:-1] + ranked[1:]) / 2
-        cells = _cell(midpoints)  # (15,)
-        assert bool((cells[1:] > cells[:-1]).all()), "two midpoints share a cell: raise CELLS"
-        rank_below = torch.searchsorted(cells, torch.arange(CELLS + 1, dtype=torch.int32)).to(torch.uint8)
-        midpoint_in_cell = torch.full((CELLS + 1,), math.inf).index_put_((cells.long(),), midpoints)
-        byte = torch.arange(256)
-        high, low = byte >> 4, byte & 15
-        is_sorted = bool((code_of_rank == torch.arange(16)).all())
-        rank_pair_to_byte = None if is_sorted else (code_of_rank[high] << 4 | code_of_rank[low]).byte()
-        return cls(midpoints, rank_below, midpoint_in_cell, rank_pair_to_byte,
-                   torch.stack([code[high], code[low]], dim=1))
-
-    def to(self, device) -> "CodeTables":
-        return CodeTables(*(None if t is None else t.to(device) for t in vars(self).values()))
-
-    def nearest_rank(self, scaled: torch.Tensor) -> torch.Tensor:
-        """(m,) fp32 -> (m,) uint8: rank r of the nearest sorted code value, i.e. the r with
-        midpoints[r-1] < x <= midpoints[r] (a value exactly on a midpoint takes the lower code)."""
-        cell = _cell(scaled)  # (m,); index_select is much faster than tensor[index] on CPU
-        rank = self.rank_below.index_select(0, cell)
-        return rank.add_(scaled > self.midpoint_in_cell.index_select(0, cell))
-
-
-TABLES = {name: CodeTables.build(code) for name, code in CODES.items()}
-
-
-def _dynamic_code_table(code: torch.Tensor, size: int = 65536) -> torch.Tensor:
-    """(size,) nearest-code index for each point of an even grid on [-1, 1] (bnb: its CPU 8-bit quantizer
-    rounds a scaled value to this grid first and then looks its code up here, instead of searching the
-    code map; the two differ for values that fall between a grid point and a code midpoint)."""
-    grid = -1.0 + 2.0 * torch.arange(size, dtype=torch.float32, device=code.device) / (size - 1)  # (size,)
-    midpoints = (code[:-1] + code[1:]) * 0.5  # (255,)
-    return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)  # number of midpoints < x
-
-
 # ------------------------------------------------------------------------------------ quantized state
 
 @dataclass
@@ -179,11 +104,11 @@ class QuantState:
         return math.prod(self.shape)
 
     def block_absmax(self) -> torch.Tensor:
-        """(n_blocks,) fp32 scale of every 4-bit block, dequantizing it first under double quantization."""
+        """(n_blocks,) fp32 absmax of every block; double-quantized, dynamic[c_b] · scale_(b // 256) + mean."""
         if not self.double_quant:
             return self.absmax
-        return dequantize_blockwise_8bit(self.absmax_codes, self.absmax_scales, self.absmax_code_map,
-                                         DOUBLE_QUANT_BLOCKSIZE) + self.absmax_offset
+        group = torch.arange(len(self.absmax_codes), device=self.absmax_codes.device) // DOUBLE_QUANT_BLOCKSIZE
+        return self.absmax_code_map[self.absmax_codes.long()] * self.absmax_scales[group] + self.absmax_offset
 
     @staticmethod
     def tensor_names(double_quant: bool) -> tuple[str, ...]:
@@ -205,13 +130,6 @@ class QuantState:
 
 # ------------------------------------------------------------------------------------ pure functions
 
-def _chunk_size(blocksize: int) -> int:
-    """Elements per chunk of the 4-bit loops: whole blocks, 256K values (1 MB of fp32). Going chunk by chunk
-    keeps every temporary small and in cache — allocating several 64 MB temporaries per call costs more
-    than the arithmetic — while all blocks of a chunk are processed at once."""
-    return max(blocksize, 1 << 18)
-
-
 def check_format(quant_type: str, blocksize: int):
     """ValueError unless quant_type is 'nf4' or 'fp4' and blocksize is a power of two from 32 to 4096."""
     if quant_type not in QUANT_TYPES:
@@ -221,175 +139,102 @@ def check_format(quant_type: str, blocksize: int):
                          f"got {blocksize!r}")
 
 
-def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
-    """Blockwise 4-bit quantization of any float tensor w (any shape, any number of elements).
-
-    Returns packed codes (ceil(n/2),) uint8 — element 2i in the high nibble of byte i, element 2i+1 in the
-    low one, an odd n padded with the code of 0.0 — and the `QuantState` to undo it. Computed in fp32."""
+def check_quantize_input(w, quant_type: str, blocksize: int):
+    """ValueError unless the format is valid and w is a non-empty floating-point tensor."""
     check_format(quant_type, blocksize)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise ValueError(f"quantize_4bit needs a floating-point tensor, got "
                          f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
     if w.numel() == 0:
         raise ValueError("quantize_4bit got an empty tensor")
+
+
+def check_packed(packed: torch.Tensor, state: QuantState):
+    """ValueError unless packed holds the ceil(n/2) uint8 bytes of state's n values."""
+    if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
+        raise ValueError(f"packed codes must be {(state.numel + 1) // 2} uint8 values for shape "
+                         f"{tuple(state.shape)}, got {packed.numel()} {packed.dtype}")
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """(m,) values in [-1, 1] -> (m,) index q of the nearest value in the code book (16,). The thresholds
+    are the fp32 midpoints between neighbours in sorted order, and a value exactly on one takes the lower
+    code: the rank of x is the number of midpoints below it (torch.bucketize). fp4's two zeros split the
+    interval around 0 as bitsandbytes does: x ≤ 0 gets 0b0000, x > 0 the "negative zero" 0b1000."""
+    code_of_rank = torch.sort(code, stable=True).indices  # (16,) stable: fp4's 0b0000 ranks before 0b1000
+    ranked = code[code_of_rank]  # (16,) ascending
+    midpoints = (ranked[:-1] + ranked[1:]) / 2  # (15,)
+    return code_of_rank[torch.bucketize(scaled, midpoints)]  # (m,)
+
+
+def quantized_state(w: torch.Tensor, quant_type: str, blocksize: int, absmax: torch.Tensor,
+                    double_quant: bool) -> QuantState:
+    """The QuantState of w's 4-bit codes: absmax (n_blocks,) as it is, or double-quantized — its mean
+    subtracted, then 8-bit dynamic codes in blocks of 256 with one fp32 scale each."""
+    state = QuantState(w.shape, w.dtype, quant_type, blocksize)
+    if not double_quant:
+        state.absmax = absmax
+        return state
+    state.absmax_offset = absmax.mean()  # ()
+    state.absmax_code_map = DYNAMIC_CODE.to(absmax.device)
+    state.absmax_codes, state.absmax_scales = quantize_blockwise_8bit(
+        absmax - state.absmax_offset, state.absmax_code_map, DOUBLE_QUANT_BLOCKSIZE)
+    return state
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 4-bit quantization of any float tensor w (any shape, any number of elements).
+
+    Returns packed codes (ceil(n/2),) uint8 — element 2i in the high nibble of byte i, element 2i+1 in the
+    low one, an odd n padded with the code of 0.0 — and the `QuantState` to undo it. Computed in fp32."""
+    check_quantize_input(w, quant_type, blocksize)
     flat = w.detach().reshape(-1).float()  # (n,)
     n = flat.numel()
-    n_full = n // blocksize * blocksize  # elements in complete blocks
-    tables = TABLES[quant_type].to(flat.device)
-    absmax = torch.empty(math.ceil(n / blocksize), device=flat.device)  # (n_blocks,)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)  # (ceil(n/2),)
-
-    def pack(scaled):  # (m,) values in [-1, 1] with m even -> (m/2,) packed codes
-        ranks = tables.nearest_rank(scaled).view(-1, 2)  # no clamp needed: beyond ±1 is the outer code
-        pair = ranks[:, 0] << 4 | ranks[:, 1]  # (m/2,) uint8
-        if tables.rank_pair_to_byte is None:  # nf4: ranks are the codes
-            return pair
-        return tables.rank_pair_to_byte.index_select(0, pair.int())
-
-    step = _chunk_size(blocksize)
-    for start in range(0, n_full, step):  # complete blocks, a chunk at a time
-        stop = min(start + step, n_full)
-        blocks = flat[start:stop].view(-1, blocksize)  # (chunk/bs, bs)
-        block_absmax = torch.amax(blocks.abs(), dim=1, out=absmax[start // blocksize:stop // blocksize])
-        # an all-zero block keeps absmax 0 but is scaled by 1/1e-38, so its values stay 0
-        scaled = blocks * (1.0 / block_absmax.clamp(min=1e-38))[:, None]
-        packed[start // 2:stop // 2] = pack(scaled.view(-1))
-    if n_full < n:  # bnb: the last, partial block stores a clamped absmax and divides instead of multiplying
-        tail = flat[n_full:]
-        absmax[-1] = tail.abs().amax().clamp(min=1e-38)
-        packed[n_full // 2:] = pack(F.pad(tail / absmax[-1], (0, len(tail) % 2)))
-
-    state = QuantState(w.shape, w.dtype, quant_type, blocksize)
-    if double_quant:
-        state.absmax_offset = absmax.mean()  # ()
-        state.absmax_code_map = DYNAMIC_CODE.to(flat.device)
-        state.absmax_codes, state.absmax_scales = quantize_blockwise_8bit(
-            absmax - state.absmax_offset, state.absmax_code_map, DOUBLE_QUANT_BLOCKSIZE)
-    else:
-        state.absmax = absmax
-    return packed, state
+    blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # (n_blocks, bs), the last one zero-padded
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]  # an all-zero block stays 0, absmax 0
+    if n % blocksize:  # bnb: the last, partial block stores a clamped absmax and divides instead
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
+        scaled[-1] = blocks[-1] / absmax[-1]
+    q = nearest_code(scaled.view(-1)[:n + n % 2], CODES[quant_type].to(w.device))  # (n rounded up to even,)
+    packed = (q[0::2] << 4 | q[1::2]).to(torch.uint8)  # (ceil(n/2),)
+    return packed, quantized_state(w, quant_type, blocksize, absmax, double_quant)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inverse of `quantize_4bit`: a tensor of state.shape in `dtype` (default state.dtype). Each value
-    code · absmax is computed in fp32 and rounded once, straight into the output (a bf16 matmul gets
-    bf16 weights without an fp32 copy of the matrix)."""
-    check_format(state.quant_type, state.blocksize)
-    n, blocksize = state.numel, state.blocksize
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed codes must be {(n + 1) // 2} uint8 values for shape {tuple(state.shape)}, "
-                         f"got {packed.numel()} {packed.dtype}")
-    packed = packed.reshape(-1)
-    absmax = state.block_absmax()  # (n_blocks,)
-    # each byte decodes to a pair of fp32 values; gathering the pair as one int64 is ~4x faster in torch
-    # than index_select on (256, 2) rows, and reinterpreting the bits back gives the same two floats
-    byte_to_pair = TABLES[state.quant_type].byte_to_pair.to(packed.device).view(torch.int64).view(256)
-    n_full = n // blocksize * blocksize
-    out = torch.empty(n + n % 2, dtype=dtype or state.dtype, device=packed.device)  # (n rounded up to even,)
-    step = _chunk_size(blocksize)
-    code_values = torch.empty(min(step, len(out)), device=packed.device)  # one chunk's code[q], reused
-    byte_index = torch.empty(len(code_values) // 2, dtype=torch.int64, device=packed.device)  # reused too
-
-    def decode(first, stop):  # code[q] of elements first … stop-1 (both even), fp32
-        values, index = code_values[:stop - first], byte_index[:(stop - first) // 2]
-        index.copy_(packed[first // 2:stop // 2])  # gather wants int64 indices
-        torch.gather(byte_to_pair, 0, index, out=values.view(torch.int64))
-        return values
-
-    for start in range(0, n_full, step):  # complete blocks, a chunk at a time
-        stop = min(start + step, n_full)
-        torch.mul(decode(start, stop).view(-1, blocksize), absmax[start // blocksize:stop // blocksize, None],
-                  out=out[start:stop].view(-1, blocksize))
-    if n_full < n:  # the partial block
-        torch.mul(decode(n_full, len(out)), absmax[-1], out=out[n_full:])
-    return out[:n].view(state.shape)
+    """Inverse of `quantize_4bit`: w_hat_i = code[q_i] · absmax of block i // blocksize, computed in fp32
+    and rounded once into `dtype` (default state.dtype); a tensor of state.shape."""
+    check_packed(packed, state)
+    packed = packed.reshape(-1).long()  # (ceil(n/2),)
+    q = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:state.numel]  # (n,) high nibble first
+    code = CODES[state.quant_type].to(packed.device)[q]  # (n,) fp32
+    absmax = state.block_absmax().repeat_interleave(state.blocksize)[:state.numel]  # (n,) fp32
+    return (code * absmax).to(dtype or state.dtype).view(state.shape)
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int):
     """8-bit blockwise quantization of a 1-D fp32 tensor x (n,) with a sorted 256-entry code map.
 
     Returns (codes (n,) uint8, absmax (ceil(n/blocksize),) fp32). bnb: the scaled value is first rounded
-    to a 65536-point grid on [-1, 1] (truncating ((x + 1)/2 · 65535 + 0.5)), whose nearest code comes from
-    a table; a block of zeros gets code 0."""
+    to a 65536-point grid on [-1, 1] (truncating ((x + 1)/2 · 65535 + 0.5)) and gets the code nearest to
+    that grid point — not always the code nearest to itself; a block of zeros gets code 0."""
     n = x.numel()
     padded = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # (n_groups, bs); zeros leave absmax as is
     absmax = padded.abs().amax(dim=1)  # (n_groups,)
     inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # (n_groups,)
     scaled = (padded * inverse[:, None]).clamp(-1, 1)  # (n_groups, bs)
-    table = _dynamic_code_table(code)  # (65536,)
-    grid_index = (((scaled + 1.0) * 0.5) * (table.numel() - 1) + 0.5).int()  # truncation toward zero
-    codes = table[grid_index]  # (n_groups, bs)
+    grid_index = (((scaled + 1.0) * 0.5) * 65535 + 0.5).int()  # (n_groups, bs) truncation toward zero
+    grid = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32, device=x.device) / 65535  # (65536,)
+    codes = torch.searchsorted((code[:-1] + code[1:]) * 0.5, grid[grid_index])  # midpoints below the point
     codes = torch.where(absmax[:, None] > 0, codes, 0).to(torch.uint8)
     return codes.view(-1)[:n], absmax
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                              blocksize: int) -> torch.Tensor:
-    """Inverse of `quantize_blockwise_8bit`: (n,) fp32 values code[codes] · absmax of their block."""
-    n = codes.numel()
-    values = F.pad(code[codes.long()], (0, -n % blocksize)).view(-1, blocksize)  # (n_groups, bs)
-    return (values * absmax[:, None]).view(-1)[:n]
-
-
 # ------------------------------------------------------------------------------------------- module
 
-def autocast_off(device_type: str):
-    """A context with autocast off on this device type (nothing to switch off where autocast does not exist,
-    e.g. on the meta device)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
-    return torch.get_autocast_dtype(device) if autocast else x.dtype
-
-
-class _Linear4bitFunction(torch.autograd.Function):
-    """y = x W_hatᵀ + b that keeps nothing for backward but the 4-bit layer itself.
-
-    Plain `F.linear(x, dequantized_weight(), b)` would save the fp32 W_hat for backward (dx = dy W_hat):
-    one out×in fp32 copy per layer, alive until backward — 8× the 4-bit storage, and as much as LoRA's
-    frozen fp32 base. W is frozen (a buffer), so backward needs no x either: it dequantizes W_hat again
-    (the same bits) and returns dy W_hat. Memory: 4-bit codes only; time: one more dequantization.
-    Except under activation checkpointing: there the block's forward runs again inside backward, just
-    before the block's own backward, and that rerun hands its W_hat on (`layer.w_hat_for_backward`) —
-    one block's dequantized weights alive at a time, and two dequantizations per layer and step, not three.
-    W_hat is dequantized straight into the dtype the matmul runs in (`matmul_dtype`: autocast's, else
-    x's), and both matmuls run with autocast off, in that dtype; the output is in that dtype (as
-    autocast's own F.linear), the input's gradient in x's dtype."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        dtype = matmul_dtype(x)
-        ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
-        w_hat = layer.dequantized_weight(dtype)
-        # inside a backward pass (the autograd engine runs a graph task): checkpointing's rerun
-        if x.requires_grad and torch._C._current_graph_task_id() != -1:
-            layer.w_hat_for_backward = w_hat
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        with autocast_off(x.device.type):
-            return F.linear(x.to(dtype), w_hat, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # (..., out) -> (..., in); no gradient for the layer
-        w_hat = ctx.layer.__dict__.pop("w_hat_for_backward", None)
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        if w_hat is None or w_hat.dtype != ctx.dtype:
-            w_hat = ctx.layer.dequantized_weight(ctx.dtype)
-        with autocast_off(grad_out.device.type):
-            grad_x = grad_out.to(ctx.dtype) @ w_hat
-        return grad_x.to(ctx.input_dtype), None
-
-
 class Linear4bit(nn.Module):
-    """A frozen linear layer whose weight is stored 4-bit: y = x W_hatᵀ + b, W_hat dequantized per call
-    (and once more in backward, instead of being kept alive: see `_Linear4bitFunction`).
+    """A frozen linear layer whose weight is stored 4-bit: y = x W_hatᵀ + b, W_hat dequantized per call.
 
     Everything is a buffer — packed codes `weight_codes`, the quantization state `weight_absmax`, or
     `weight_absmax_{codes,scales,offset}` under double quantization, and the fp32 `bias` — so the layer
@@ -441,8 +286,11 @@ class Linear4bit(nn.Module):
         """(out_features, in_features) in dtype."""
         return dequantize_4bit(self.weight_codes, self.quant_state, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), in matmul_dtype(x)
-        return _Linear4bitFunction.apply(x, self)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        """y = x W_hatᵀ + b in x's dtype (autocast, if on, casts as for any F.linear). Autograd keeps W_hat
+        for backward (dx = dy W_hat); the fast twin dequantizes it again there instead."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def storage_bytes(self) -> int:
         """Bytes held by this layer: packed codes + quantization state + bias."""

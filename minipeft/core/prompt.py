@@ -77,43 +77,6 @@ def prompt_parameter_count(cfg, length: int, **_) -> int:
     return length * cfg.d_model
 
 
-# --- peft's file format ----------------------------------------------------------------------------
-# The hook peft_format.py calls (its docstring gives the protocol; `layout` is its PeftLayout).
-
-
-class PromptTuningInPeft:
-    """Prompt tuning in peft's files (peft_type PROMPT_TUNING): one table, our soft prompt as it is,
-
-        prompt_embeddings  (P, d)    <->  prompt.embedding
-
-    and the config's num_virtual_tokens = P. Not on bert, either way: we insert the soft prompt after
-    [CLS], peft before it, so [CLS] gets position P instead of 0; no choice of prompt vectors changes
-    that, and it changes every output."""
-
-    peft_type = "PROMPT_TUNING"
-
-    def to_peft(self, model, layout) -> tuple[dict, dict]:
-        cfg = model.cfg
-        if not cfg.causal:
-            raise ValueError(f"prompt tuning on {cfg.flavor} cannot be exported to peft exactly: we insert the soft "
-                             "prompt after [CLS], peft before it, which moves [CLS] from position 0 to "
-                             f"{model.prompt.length} and changes every output; use prefix tuning or LoRA on bert")
-        config = {"num_virtual_tokens": model.prompt.length, **layout.prompt_fields(cfg.d_model, cfg.n_head),
-                  "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,  # trained: init is moot
-                  "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
-        return {"prompt_embeddings": model.prompt.embedding}, config
-
-    def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
-        cfg = model.cfg
-        table = layout.prompt_table(tensors)
-        if not cfg.causal:
-            raise ValueError(f"adapter {layout.path} is peft prompt tuning on {cfg.flavor}, which puts the soft prompt "
-                             "before [CLS]; minipeft puts it after [CLS], so it cannot be loaded exactly")
-        length = config["num_virtual_tokens"]
-        layout.check_prompt_table(config, table, (length, cfg.d_model), layout.prompt_fields(cfg.d_model, cfg.n_head))
-        return {"length": length}, {"prompt.embedding": table}
-
-
 register(Method(
     "prompt", "soft prompt embeddings prepended to the input (Lester et al. 2021)", apply_prompt,
     prompt_parameter_count,
@@ -121,5 +84,5 @@ register(Method(
      Option("init", str, "random", "how the soft prompt starts: random, vocab (random token embeddings) "
             "or text (the embeddings of init_text's tokens)", choices=INITS),
      Option("init_text", str, None, "the text whose token embeddings start the prompt (init=text)")),
-    lr=3e-2, exact_at_init=False, uses_tokenizer=True, peft=PromptTuningInPeft(),
+    lr=3e-2, exact_at_init=False, uses_tokenizer=True,
     examples=({}, {"length": 3, "init": "vocab"}, {"length": 5, "init": "text", "init_text": "a review"})))

@@ -1,6 +1,6 @@
 """QLoRA: Efficient Finetuning of Quantized LLMs (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314).
 
-LoRA (lora.py) on a base whose linear layers are all stored in 4 bits (quant.py: NF4 or FP4, blockwise
+LoRA (lora.py) on a base whose linear layers are all stored in 4 bits (nf4.py: NF4 or FP4, blockwise
 absmax scaling, optionally double-quantized) and dequantized for each matmul:
 
     h = x dequant(W_4bit)ᵀ + b  +  (α / r) · dropout(x) Aᵀ Bᵀ          A, B in full precision
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .nf4 import BLOCKSIZES, QUANT_TYPES, Linear4bit, quantize_blocks
 from . import targets as linear_targets
-from .lora import LORA_OPTIONS, LowRankUpdate, lora_parameter_count
+from .lora import LORA_OPTIONS, LoRALinear, add_lora, lora_parameter_count
 from .registry import Method, Option, register
 
 
@@ -36,15 +36,21 @@ def share_4bit(layer: nn.Module, base: Linear4bit) -> nn.Module:
     return layer
 
 
-class QLoRALinear(LowRankUpdate, Linear4bit):
+class QLoRALinear(Linear4bit):
+    """A Linear4bit over the base's buffers with LoRA's A, B, scale and dropout (lora.add_lora) beside them."""
+
     def __init__(self, base: Linear4bit, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
         share_4bit(self, base)
-        self.init_lora(base.in_features, base.out_features, rank, alpha, dropout)
+        add_lora(self, rank, alpha, dropout)
         self.to(base.weight_codes.device)
 
     def forward(self, x):  # (…, in) -> (…, out)
-        return Linear4bit.forward(self, x) + self.lora_update(x)
+        return super().forward(x) + self.lora_update(x)
+
+    # LoRA's path, as LoRALinear computes it: s · dropout(x) Aᵀ Bᵀ, s·BA, and what it keeps for backward
+    lora_update, delta_weight, saved_activations = \
+        LoRALinear.lora_update, LoRALinear.delta_weight, LoRALinear.saved_activations
 
     def base_layer(self) -> Linear4bit:
         """The frozen 4-bit layer alone, over the same codes, state and bias (disable.py)."""

@@ -8,6 +8,7 @@
       3. the method wraps layers / fills the model's slots / unfreezes its selection
       4. a fresh classifier head (cfg.n_classes) is made trainable whatever the method
       5. model.peft_config = {"method", "options", "base_fingerprint"}
+      6. what the outer rings add (AFTER_APPLY: a model held in bf16 casts the new parameters)
 
 `Method` is the one extension point. A method declares everything the rest of minipeft needs, once:
 
@@ -20,7 +21,6 @@
                         replace it, and option defaults, for a kind of task: task_defaults)
     promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
     uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
-    peft                how its adapters map to peft's files, where peft has the method (peft_format.py)
     lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
                         factor × lr (LoRA+'s B); the trainer's optimizer gives them their own group
     side_by_side        several adapters of it can share one base model (multi.py: load_adapter(name=...),
@@ -38,9 +38,8 @@ from typing import Any, Callable
 
 import torch
 
-from minipeft.formats.fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint
 from .model import FLAVORS
-from minipeft.scale.precision import set_precision
 
 OPTION_TYPES = (int, float, str, bool, list)  # list: of strings, written "a,b,c" on the command line
 
@@ -109,7 +108,6 @@ class Method:
     exact_at_init: bool = True  # output equals the base model's right after apply
     mergeable: bool = False  # mp.merge folds it into the base weights
     uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options)
-    peft: object | None = None  # its counterpart in peft's file format, if peft has one (peft_format.py)
     lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: lr factor}
     side_by_side: bool = False  # several adapters of it can share a base model (multi.py)
     changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights
@@ -197,6 +195,9 @@ def task_defaults(method: str, kind: str) -> tuple[float, dict]:
     return row.pop("lr", METHODS[method].lr), row
 
 
+AFTER_APPLY: list[Callable] = []  # f(model) run after every apply; scale/precision.py adds its cast
+
+
 def apply(model, method: str, tokenizer=None, **options):
     """Freeze the base model and add `method` to it in place; returns the model. `tokenizer` is needed
     only by methods that read text (prompt tuning with init="text")."""
@@ -209,6 +210,7 @@ def apply(model, method: str, tokenizer=None, **options):
                          f"(it supports {', '.join(spec.flavors)})")
     resolved = spec.resolve(options)
     fingerprint = base_fingerprint(model)
+    base_names = frozenset(name for name, _ in model.named_parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
     try:
@@ -220,7 +222,9 @@ def apply(model, method: str, tokenizer=None, **options):
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
-    set_precision(model, getattr(model, "precision", "fp32"))  # the new parameters take its dtypes
+    model.base_parameter_names = getattr(model, "base_parameter_names", None) or base_names  # disable.py
+    for hook in AFTER_APPLY:
+        hook(model)
     return model
 
 

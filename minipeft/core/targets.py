@@ -7,22 +7,31 @@
 `targets` is a list of these names, or ["all"] for every one the model has. LoRA and QLoRA (and any
 method that wraps linear layers by name) find their layers here.
 
-peft's names work too: a layer's transformers module name, or any dotted end of it, stands for every
-target whose module ends with it, as peft matches `target_modules` (peft_names):
-
-    llama, mistral, qwen2/3, gemma*   q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
-    phi3                              qkv_proj (q, k, v)  gate_up_proj (gate, up)  o_proj  down_proj
-    gpt2                              c_attn (q, k, v)  c_proj (o and down; attn.c_proj: o)  c_fc (up)
-    bert, roberta                     query key value  dense (o, up, down; attention.output.dense: o)
-    distilbert                        q_lin k_lin v_lin out_lin  lin1 (up)  lin2 (down)
+peft's names work too: a layer's transformers module name (HF_MODULES), or any dotted end of it, stands
+for every target whose module ends with it, as peft matches `target_modules` (peft_names): GPT-2's
+"c_attn" is q, k and v, its "c_proj" o and down, "attn.c_proj" only o.
 """
 import difflib
 from functools import cache
 
-from minipeft.formats.pretrained import (hf_module_names)  # transformers' module names live beside the weight-loading rules
-
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
            "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down"}
+
+
+_LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_BERT = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+         "o": "attention.output.dense", "up": "intermediate.dense", "down": "output.dense"}
+HF_MODULES = {  # family -> target -> the transformers module holding it, inside one layer (fused ones repeat)
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"), _LLAMA),
+    "phi3": {**_LLAMA, "q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
+             "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj"},
+    "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+             "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    "bert": _BERT, "roberta": _BERT,
+    "distilbert": {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+                   "o": "attention.out_lin", "up": "ffn.lin1", "down": "ffn.lin2"},
+}
 
 
 def present(cfg) -> tuple[str, ...]:
@@ -57,13 +66,9 @@ def validate(cfg, targets) -> tuple[str, ...]:
 def peft_names(flavor: str) -> dict[str, tuple[str, ...]]:
     """peft's names for a family's layers -> our targets: each target's transformers module name and
     every dotted end of it (GPT-2's "attn.c_attn" and "c_attn": q, k, v; its "c_proj": o and down)."""
-    ours = {path: target for target, path in TARGETS.items()}
     names = {}
-    for module, theirs in hf_module_names(flavor).items():
-        target = ours.get(module.removeprefix("blocks.{i}."))
-        if target is None:
-            continue
-        parts = theirs.split("{i}.", 1)[-1].split(".")  # "self_attn.q_proj" -> ["self_attn", "q_proj"]
+    for target, module in HF_MODULES[flavor].items():
+        parts = module.split(".")  # "self_attn.q_proj" -> ["self_attn", "q_proj"]
         for start in range(len(parts)):
             names.setdefault(".".join(parts[start:]), []).append(target)
     return {name: tuple(dict.fromkeys(found)) for name, found in names.items()}

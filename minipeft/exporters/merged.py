@@ -33,6 +33,7 @@ from minipeft.extras import multi
 from minipeft.core.registry import get_method
 from minipeft.core.model import Transformer
 from minipeft.core.nf4 import Linear4bit, dequantize_4bit, quantize_4bit
+from minipeft import peft_format
 
 
 def plain_names(model) -> set[str]:
@@ -96,7 +97,7 @@ def _weights(model, with_method: bool, fmt: str) -> dict[str, torch.Tensor]:
 
 def _formats_for(method: str) -> str:
     """Which export formats can carry a method that cannot be merged."""
-    if get_method(method).peft is not None:
+    if method in peft_format.hooks():
         return "export it with format 'peft' (peft runs it), or keep minipeft's own adapter (mp.save_adapter)"
     return "keep it as minipeft's own adapter (mp.save_adapter); no other format has this method"
 

@@ -364,7 +364,7 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     # backward through a block: the gradient arriving at its output and the two widest ones inside it
     block_backward = (n * d + 2 * n * max(cfg.d_ff, d)) * size
     if checkpointing:  # backward reruns one block at a time and keeps its activations until done,
-        # and the rerun's dequantized 4-bit weights (quant._Linear4bitFunction), one block's at a time
+        # and the rerun's dequantized 4-bit weights (fast/nf4.py's Linear4bit forward), one block's at a time
         block_backward += block_max + size * max((sum(m.in_features * m.out_features for m in block.modules()
                                                       if isinstance(m, Linear4bit)) for block in model.blocks),
                                                  default=0)

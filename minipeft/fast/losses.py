@@ -1,4 +1,5 @@
-"""The LM loss without the (tokens × vocabulary) logits: chunked cross-entropy through the head.
+"""The LM loss without the (tokens × vocabulary) logits: the fast twin of core/model.py's `lm_loss`
+(minipeft.fast.enable() swaps it in), the same cross-entropy computed through the head in tiles.
 
     loss = 1/N · Σ_i [ logsumexp_v z_iv − z_i,t_i ]      over the N tokens i whose target t_i ≠ −100
     z_i = h_i W^T                                       (V,) the head's logits of token i (no bias)
@@ -32,9 +33,9 @@ states'); the log-sum-exp, the softmax, the loss and a trained head's gradient a
 """
 import torch
 
-from minipeft.core.nf4 import autocast_off, matmul_dtype
+from minipeft.core.model import IGNORE_INDEX, loss_targets
+from minipeft.fast.nf4 import autocast_off, matmul_dtype
 
-IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # tokens per tile
 VOCAB_BLOCK = 4096  # rows of the head's weight (vocabulary entries) per tile
 
@@ -42,12 +43,6 @@ VOCAB_BLOCK = 4096  # rows of the head's weight (vocabulary entries) per tile
 def tile_elements(vocab_size: int, tokens: int, chunk_size: int = CHUNK_SIZE, vocab_block: int = VOCAB_BLOCK) -> int:
     """Logits of one tile (the ledger's unit): at most chunk_size × vocab_block."""
     return min(chunk_size, tokens) * min(vocab_block, vocab_size)
-
-
-def shift(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels as transformers takes them (the inputs, −100 where no loss) -> next-token targets
-    aligned with the inputs: targets[:, t] = labels[:, t + 1], the last position has none (−100)."""
-    return torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), IGNORE_INDEX)], dim=1)
 
 
 def _capped_logits(h, weight, softcap):
@@ -121,21 +116,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None, None, None, None
 
 
-def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, chunk_size=None, vocab_block=None,
-            causal=True, reduction="mean"):
-    """Mean (or, with reduction "sum", summed) cross-entropy over the labelled tokens, never holding more
-    than chunk_size × vocab_block logits; reduction "none" gives each token's own (B, T), 0 where unlabelled
-    (−log p of the target: a row's sum is minus its labelled tokens' log-probability, what DPO needs).
-
-    hidden (B, T, d) final hidden states; weight (V, d) the LM head's; labels (B, T) as transformers takes
-    them (shifted inside for a causal model; a masked LM's labels are its targets), or shift_labels (B, T)
-    already aligned with the inputs. −100 = no loss. chunk_size, vocab_block: the tile (None: CHUNK_SIZE,
-    VOCAB_BLOCK)."""
-    if (labels is None) == (shift_labels is None):
-        raise ValueError("give labels (the inputs, shifted inside) or shift_labels (already shifted), not both")
-    targets = shift_labels if labels is None else shift(labels) if causal else labels  # (B, T)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal=True, reduction="mean",
+            chunk_size=None, vocab_block=None):
+    """core/model.py's lm_loss (same arguments, same result within float rounding), never holding more
+    than chunk_size × vocab_block logits (None: CHUNK_SIZE, VOCAB_BLOCK)."""
+    targets = loss_targets(labels, shift_labels, causal, reduction)  # (B, T)
     total = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), softcap,
                                       chunk_size or CHUNK_SIZE, vocab_block or VOCAB_BLOCK, matmul_dtype(hidden),
                                       reduction == "none")

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from .chat import chat_format, check_messages, encode_conversation
-from minipeft.core.data import (IGNORE_INDEX, REVIEW_INSTRUCTION, SPLITS, Dataset, TaskData, _rotten_tomatoes,
-    default_pad_id, split_80_10_10)
+from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
+from minipeft.formats.tasks import REVIEW_INSTRUCTION, SPLITS, _rotten_tomatoes, default_pad_id, split_80_10_10
 from .readers import read_utf8
 
 BUILT_IN = "rotten_tomatoes_preference"

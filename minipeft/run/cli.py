@@ -18,13 +18,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-
-from minipeft.core.data import parse_sources
+from minipeft.formats.tasks import parse_sources
 from minipeft.core.registry import methods, TASK_DEFAULTS, task_defaults
 from minipeft.scale.precision import PRECISIONS
 from minipeft.formats.pretrained import NAMED_MODELS
 from minipeft.formats.readers import parse_columns
-from minipeft.core.loop import Stopped
+from minipeft.run.trainer import Stopped
 
 
 KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM"}

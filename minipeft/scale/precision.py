@@ -37,12 +37,13 @@ creates during a forward pass (masks, positions, dropout masks, KV caches) is ma
 the tensors it combines with, so `model.to(device)` is all a model needs.
 """
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from minipeft.formats.fingerprint import embedding_sample
+from minipeft.core.fingerprint import embedding_sample
 from minipeft.core.nf4 import tensors_of_4bit_layers
 
 
@@ -166,7 +167,16 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
             if b is not None and b.is_floating_point() and id(b) not in keep_fp32 and b.dtype != chosen.frozen:
                 module._buffers[name] = b.to(chosen.frozen)
     model.precision = chosen.name
+    from minipeft.core import registry  # here, not above: core/model.py imports this module
+    if _cast_new_parameters not in registry.AFTER_APPLY:  # a model held in another precision exists from now on
+        registry.AFTER_APPLY.append(_cast_new_parameters)
     return model
+
+
+def _cast_new_parameters(model):
+    """After mp.apply: the method's new parameters take the dtypes of the precision the model is held in."""
+    if getattr(model, "precision", "fp32") != "fp32":
+        set_precision(model, model.precision)
 
 
 def precision_of(model) -> Precision:
@@ -182,9 +192,37 @@ def compute(model, device: torch.device):
     return torch.autocast(device.type, dtype=precision.compute)
 
 
-def grad_scaler(model, device: torch.device) -> "torch.amp.GradScaler | None":
-    """A dynamic loss scaler for fp16-mixed (initial scale 2¹⁶, halved on overflow, doubled after 2,000
-    good steps), else None."""
-    if not precision_of(model).loss_scaling:
-        return None
-    return torch.amp.GradScaler(device.type)
+class LossScaling:
+    """fp16-mixed's dynamic loss scaling for core/loop.py's train_step (in place of its NoLossScaling): backward on S · loss, the gradients
+    divided by S before clipping, a step whose scaled gradients overflowed skipped with S halved, S doubled
+    after 2,000 good steps (torch.amp.GradScaler, initial scale 2¹⁶)."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16):
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
+
+    def backward(self, loss: torch.Tensor):
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer):
+        self.scaler.unscale_(optimizer)  # gradients ÷ S, in place; notes any inf / NaN
+
+    def step(self, optimizer, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss):
+            self.scaler.step(optimizer)  # steps unless the gradients held inf / NaN
+        self.scaler.update()
+        return math.isfinite(loss) and not math.isfinite(grad_norm)
+
+    def scale(self) -> float:
+        return self.scaler.get_scale()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.scaler.load_state_dict(state)
+
+
+def loss_scaling(model, device: torch.device):
+    """LossScaling for a model in fp16-mixed, else core/loop.py's NoLossScaling (nothing to scale)."""
+    from minipeft.core.loop import NO_LOSS_SCALING  # here, not above: core/model.py imports this module
+    return LossScaling(device) if precision_of(model).loss_scaling else NO_LOSS_SCALING

@@ -10,8 +10,9 @@ them into one process group, with one of torch.distributed's two backends:
 
 Every process holds the whole model; `data_parallel` wraps it in DistributedDataParallel, which
 averages the gradients across the processes in backward, so the copies take identical steps. The
-decisions a step takes (skip a non-finite update, stop) must be the same everywhere too, so `agree`
-sums the loss and the stop requests of all processes in one all-reduce. Without torchrun, or with one
+decisions a step takes (skip a non-finite update, stop) must be the same everywhere too, so the step
+sums the loss and the stop requests of all processes in one all-reduce. `Processes` is how the core's
+train_step asks for these sums (core/loop.py's OneProcess is the same for one process). Without torchrun, or with one
 process, nothing here starts a group: rank 0 of 1.
 
 Signals. Within `with StopSignal() as stop:` the first SIGINT (Ctrl-C) or SIGTERM only sets
@@ -21,6 +22,7 @@ of a step that takes too long. Signals within GRACE of the first count as the sa
 under torchrun Ctrl-C reaches each worker twice: from the terminal (the whole foreground process group
 gets it) and again from torchrun, which signals its workers when it is interrupted itself.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -29,7 +31,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from minipeft.core.loop import OneProcess
 
 
 def init_distributed(device_type: str | None = None) -> tuple[int, int]:
@@ -72,14 +78,35 @@ def data_parallel(model) -> DistributedDataParallel:
         forward_sync_buffers=False)  # buffers (RoPE tables, 4-bit weights) never change
 
 
-def agree(loss: float, interrupted: bool, world_size: int, device) -> tuple[float, bool]:
-    """The step's loss averaged over the processes, and whether any process was interrupted, so that
-    every process takes the same decisions (skip, stop)."""
-    if world_size == 1:
-        return loss, interrupted
-    both = torch.tensor([loss, float(interrupted)], dtype=torch.float64, device=device)
-    dist.all_reduce(both)
-    return both[0].item() / world_size, both[1].item() > 0
+class Processes(OneProcess):
+    """The sums a step needs, over torchrun's processes (every process calls each method at the same point)."""
+
+    def __init__(self):
+        self.rank, self.size = distributed()
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(values)
+        return values
+
+    def backward_context(self, net, last: bool):
+        # DDP averages the gradients across processes in backward; once per step is enough. FSDP
+        # reduce-scatters after every micro-batch instead: a sum of averages is the average of sums,
+        # and no process ever holds a whole gradient
+        skip = self.size > 1 and not last and not is_sharded(net)
+        return net.no_sync() if skip else contextlib.nullcontext()
+
+    def whole_norm(self, norm: torch.Tensor) -> float:
+        return whole_tensor(norm).item()  # under FSDP a DTensor over the shards
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (every process must call); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def check_same_options(options: dict, world_size: int):

@@ -46,10 +46,10 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .processes import distributed
+from .processes import distributed, is_sharded, whole_tensor  # noqa: F401 (sharding.is_sharded, used by train.py)
 from minipeft.core.nf4 import Linear4bit
 
 
@@ -85,15 +85,6 @@ def _buffers_to_frozen_parameters(layer: Linear4bit):
         if tensor is not None and tensor.ndim >= 1:
             del layer._buffers[name]
             layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-
-
-def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
-
-
-def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered whole (every process must call); any other tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def gather(tensor: torch.Tensor, to: int) -> torch.Tensor | None:

@@ -8,12 +8,17 @@ The layout. A peft adapter is a folder with two files: `adapter_config.json` (th
 `peft_type`, `task_type`, `base_model_name_or_path`, and the method's own fields) and
 `adapter_model.safetensors` (the trained tensors). This file does what every method shares: the two
 files, which of our methods a `peft_type` is, the checks against the base model, the classifier, and
-the names of the transformers modules. What a method's own tensors and fields mean is said in the
-section "peft's file format" at the end of its file: lora.py (LORA), dora.py (LORA with use_dora),
-ia3.py (IA3), vera.py (VERA), loha.py (LOHA), lokr.py (LOKR), prompt.py (PROMPT_TUNING), prefix.py
-(PREFIX_TUNING).
+the names of the transformers modules. What a method's own tensors and fields mean is said in this
+folder's file of the method's name: lora.py (LORA), dora.py (LORA with use_dora), ia3.py (IA3),
+vera.py (VERA), loha.py (LOHA), lokr.py (LOKR), prompt.py (PROMPT_TUNING), prefix.py (PREFIX_TUNING),
+each ending with its HOOK; per_module.py holds what the methods with tensors on each module share.
 
-A method's peft hook. A method that peft has too declares it with `Method(..., peft=hook)`:
+A method's peft hook. A method that peft has too registers a hook for it here, by the method's name
+(the method itself, in minipeft/core/ or a user's file, knows nothing of peft):
+
+    peft_format.register("my_method", MyMethodInPeft())
+
+and the hook has
 
     hook.peft_type                                  peft's name for the method, e.g. "LORA"
     hook.to_peft(model, layout)                     -> (tensors by peft's keys, the method's config fields)
@@ -26,7 +31,6 @@ A method's peft hook. A method that peft has too declares it with `Method(..., p
 
 Both directions raise ValueError, naming what differs, for what they cannot map exactly. `layout` is a
 PeftLayout: the adapter's folder (for messages) and how transformers and peft name this model's layers.
-Hooks get it as an argument and never import this file, which imports the method registry.
 
 Module names. The tensors of a layer are keyed
 
@@ -83,6 +87,7 @@ peft keeps no fingerprint of the base weights, so the base check is what the fil
 architecture (module names), every shape, the config's layer/head counts, and, when
 `base_model_name_or_path` is a local folder, its config.json against this model.
 """
+import importlib
 import json
 import re
 from pathlib import Path
@@ -91,11 +96,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .formats import pretrained
+from minipeft.core import targets as linear_targets
+from minipeft.core.registry import apply
+from minipeft.formats import pretrained
 from minipeft.formats.assets import asset_path
 from minipeft.formats.atomic import atomic_write
-from .core import targets as linear_targets
-from minipeft.core.registry import methods, apply, get_method
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -118,6 +123,33 @@ TRANSFORMERS_MODELS = {
        for family, name in _DECODER_CLASSES.items()},
 }
 BARE_BODY_TASK = "FEATURE_EXTRACTION"  # peft's task type of an adapter for the bare body (no prefix)
+
+
+HOOKS: dict[str, object] = {}  # our method's name -> its peft hook (hooks() puts the built-in ones first)
+BUILT_IN = ("lora", "dora", "prefix", "prompt", "ia3", "vera", "loha", "lokr")  # each a file here holding HOOK
+
+
+def hooks() -> dict[str, object]:
+    """HOOKS, with the built-in hooks in it: on the first call, the HOOK of this folder's file of each
+    built-in method's name."""
+    if not all(name in HOOKS for name in BUILT_IN):
+        for name in BUILT_IN:
+            HOOKS.setdefault(name, importlib.import_module(f"{__name__}.{name}").HOOK)
+    return HOOKS
+
+
+def register(method: str, hook, replace: bool = False):
+    """Make adapters of `method` (a registered method's name) exchangeable with peft through `hook` (see
+    the module docstring for what it has). A name that has a hook already needs replace=True."""
+    hooks()
+    missing = [name for name in ("peft_type", "to_peft", "from_peft") if not hasattr(hook, name)]
+    if missing:
+        raise ValueError(f"the peft hook of {method!r} lacks {', '.join(missing)}; give it peft_type, "
+                         "to_peft(model, layout) and from_peft(model, config, tensors, layout)")
+    if method in HOOKS and not replace:
+        raise ValueError(f"method {method!r} has a peft hook already; pass replace=True to swap it")
+    HOOKS[method] = hook
+    return hook
 
 
 def is_peft_config(config: dict) -> bool:
@@ -254,10 +286,9 @@ def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     functions of the model's parameters, differentiable outside no_grad (the tests carry peft's gradients
     back through them, the chain rule checking ours); `path` only names the adapter in messages."""
     cfg, method = model.cfg, model.peft_config["method"]
-    hook = get_method(method).peft
+    hook = hooks().get(method)
     if hook is None:
-        exported = [name for name, spec in methods().items() if spec.peft is not None]
-        raise ValueError(f"format='peft' writes {', '.join(exported)} adapters, not {method!r}; "
+        raise ValueError(f"format='peft' writes {', '.join(HOOKS)} adapters, not {method!r}; "
                          "save this one with the default format='minipeft'")
     tensors, modules_to_save = _classifier_to_peft(model)
     _, task_type = TRANSFORMERS_MODELS[(cfg.flavor, bool(cfg.n_classes))]
@@ -305,9 +336,8 @@ def _classifier_to_peft(model) -> tuple[dict, list | None]:
 def _peft_types() -> dict[str, list[str]]:
     """peft_type -> our methods with a hook for it (LORA: lora and dora, told apart by `hook.accepts`)."""
     types = {}
-    for name, spec in methods().items():
-        if spec.peft is not None:
-            types.setdefault(spec.peft.peft_type, []).append(name)
+    for name, hook in hooks().items():
+        types.setdefault(hook.peft_type, []).append(name)
     return types
 
 
@@ -323,8 +353,8 @@ def read_config(path) -> dict:
     if kind not in ours:
         raise ValueError(f"adapter {path} is a peft {kind} adapter, a method minipeft does not have; "
                          f"minipeft loads {', '.join(ours)}")
-    method = next((m for m in ours[kind] if getattr(methods()[m].peft, "accepts", lambda _: True)(raw)), ours[kind][0])
-    hook = methods()[method].peft
+    method = next((m for m in ours[kind] if getattr(HOOKS[m], "accepts", lambda _: True)(raw)), ours[kind][0])
+    hook = HOOKS[method]
     if hasattr(hook, "check_config"):
         hook.check_config(raw, path)
     if not (path / PEFT_WEIGHTS).exists():
@@ -358,7 +388,7 @@ def load(model, path):
     _check_base(model, raw, path)
     tensors = load_file(str(path / PEFT_WEIGHTS))
     head = _classifier_from_peft(model, tensors, path)
-    hook = get_method(config["method"]).peft
+    hook = hooks()[config["method"]]
     options, weights = hook.from_peft(model, raw, tensors, PeftLayout(model.cfg, path))
     apply(model, config["method"], **options)
     params = dict(model.named_parameters())

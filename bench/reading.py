@@ -1,0 +1,70 @@
+"""What a reader meets: the statements the headline run executes (coverage), the modules `import minipeft`
+loads, and the size of minipeft/core/ (lines per file, the longest function).
+
+    python bench/reading.py                 # the headline run for 5 steps, then the tables
+    python bench/reading.py --per-file      # every executed file, not only the total per folder
+
+Needs coverage (requirements-dev.txt). The run: train.py --method lora --rank 8 --steps 5 --eval-every 5
+--skip-test-before --save-every 0 (MiniLM on Rotten Tomatoes, as the README's headline, cut short).
+"""
+import argparse
+import ast
+import collections
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["train.py", "--method", "lora", "--rank", "8", "--steps", "5", "--eval-every", "5", "--skip-test-before",
+       "--save-every", "0"]
+
+
+def executed_statements(out: Path) -> dict[str, int]:
+    """{file: statements executed} for minipeft/ and train.py during the run."""
+    data = out / "coverage.data"
+    subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", "--include=minipeft/*,train.py",
+                    *RUN, "--out", str(out / "run")], cwd=ROOT, check=True, capture_output=True)
+    import coverage
+    cov = coverage.Coverage(data_file=str(data))
+    cov.load()
+    found = cov.get_data()
+    return {str(Path(f).relative_to(ROOT)): len(found.lines(f) or []) for f in found.measured_files()}
+
+
+def modules_on_import() -> int:
+    code = "import sys, minipeft; print(sum(m.startswith('minipeft') for m in sys.modules))"
+    return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
+
+
+def core_sizes() -> tuple[dict[str, int], tuple[int, str]]:
+    lines, longest = {}, (0, "")
+    for path in sorted((ROOT / "minipeft" / "core").glob("*.py")):
+        lines[path.name] = len(path.read_text().splitlines())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                longest = max(longest, (node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
+    return lines, longest
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-file", action="store_true", help="list every executed file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        executed = executed_statements(Path(tmp))
+    folders = collections.Counter()
+    for file, count in executed.items():
+        folders[str(Path(file).parent) if "/" in file else file] += count
+    print(f"| executed by `{' '.join(RUN)}` | statements |\n|---|---:|")
+    for name, count in (sorted(executed.items()) if args.per_file else folders.most_common()):
+        print(f"| {name} | {count:,} |")
+    print(f"| **total ({len(executed)} files)** | **{sum(executed.values()):,}** |\n")
+    lines, (length, where) = core_sizes()
+    print(f"`import minipeft` loads {modules_on_import()} minipeft modules")
+    print(f"minipeft/core/: {sum(lines.values()):,} lines in {len(lines)} files, the longest {max(lines.values())} "
+          f"({max(lines, key=lines.get)}); the longest function {length} lines ({where})")
+
+
+if __name__ == "__main__":
+    main()

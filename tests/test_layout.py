@@ -1,0 +1,76 @@
+"""The layout a reader relies on: minipeft/core/ is the lesson and imports nothing of the rings around it;
+its files and functions stay short; `import minipeft` loads (almost) nothing; LoRA is one class."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "minipeft" / "core"
+ALLOWED = {"torch", "numpy"} | set(sys.stdlib_module_names)
+
+
+def core_files():
+    return sorted(CORE.glob("*.py"))
+
+
+def imported_modules(path: Path) -> list[tuple[str, int]]:
+    """(module name, line) of every import in a core file; `from . import x` is minipeft.core, `from .. import`
+    minipeft."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            package = ["minipeft.core", "minipeft"][node.level - 1] if node.level else ""
+            found.append((".".join(part for part in (package, node.module) if part), node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
+def test_core_imports_only_torch_numpy_the_standard_library_and_itself(path):
+    for module, line in imported_modules(path):
+        top = module.split(".")[0]
+        inside_core = module == "minipeft.core" or module.startswith("minipeft.core.")
+        assert top in ALLOWED or inside_core, f"{path.name}:{line} imports {module}"
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
+def test_core_holds_no_distributed_autocast_or_private_torch_code(path):
+    text = path.read_text()
+    for word in ("torch.distributed", "torch.autocast", "GradScaler", "torch._C", 'device("meta")'):
+        assert word not in text, f"{path.name} mentions {word}"
+
+
+def core_lines() -> dict[str, int]:
+    return {p.name: len(p.read_text().splitlines()) for p in core_files()}
+
+
+@pytest.mark.xfail(strict=True, reason="minipeft/core/ holds about 3,900 lines: every method's math with its "
+                                       "docstring; the aim is 2,800")
+def test_core_fits_in_2800_lines():
+    assert sum(core_lines().values()) <= 2800
+
+
+def test_core_files_and_functions_are_short():
+    lines = core_lines()
+    assert max(lines.values()) <= 450, lines
+    for path in core_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 50, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_import_minipeft_loads_few_modules():
+    code = "import sys, minipeft; print(sum(m.startswith('minipeft') for m in sys.modules))"
+    count = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                               check=True).stdout)
+    assert count <= 15
+
+
+def test_lora_linear_has_one_base_class():
+    from minipeft.core.lora import LoRALinear
+    assert len(LoRALinear.__bases__) == 1
