@@ -95,6 +95,7 @@ def parse_config(config: str) -> tuple[str, bool, str]:
 def _minipeft_model(model_name: str, config: str):
     import torch
     import minipeft as mp
+    mp.fast.enable()  # as train.py runs it
     method, checkpointing, precision = parse_config(config)
     if model_name == "gpt2":
         torch.manual_seed(0)

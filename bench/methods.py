@@ -40,7 +40,10 @@ import minipeft as mp  # noqa: E402
 from minipeft import METHODS
 from minipeft.formats import tasks
 from minipeft.extras import fewshot  # noqa: E402
-from minipeft.core.loop import evaluate, headline  # noqa: E402
+from minipeft.core.loop import evaluate  # noqa: E402
+from minipeft.run.trainer import headline  # noqa: E402
+
+mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
 
 # options that differ from the method defaults, so each method fits the 6-layer MiniLM and a short run
 OPTIONS = {"last_k": ["--layers", "2"], "llama_adapter": ["--layers", "6"]}

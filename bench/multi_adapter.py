@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import minipeft as mp  # noqa: E402
 
+mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
+
 SHAPES = {  # name -> (how to build the base model, batch, tokens)
     "minilm": (lambda: mp.from_pretrained("minilm")[0], 16, 128),
     "gpt2": (lambda: mp.Transformer(mp.ModelConfig(flavor="gpt2", n_layer=12, n_head=12, d_model=768,

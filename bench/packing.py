@@ -26,6 +26,8 @@ import minipeft as mp  # noqa: E402
 from minipeft.core import loop  # noqa: E402
 from minipeft.formats import tasks
 
+mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
+
 
 def timed_step(model, optimizer, scheduler, batch) -> tuple[float, float]:
     start = time.perf_counter()

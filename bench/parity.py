@@ -173,6 +173,7 @@ class TransformersTrainer(Run):
 
 
 def main():
+    mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=640, help="optimizer steps (640 = one epoch at batch 16)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step")

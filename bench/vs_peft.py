@@ -63,6 +63,8 @@ from minipeft.formats import tasks
 from minipeft.formats.assets import asset_path  # noqa: E402
 from minipeft.core.lora import LoRALinear  # noqa: E402
 
+mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
+
 CONFIGS = ("full", "lora_qv", "lora_all", "prefix", "prompt", "qlora")
 MODELS = {"minilm": dict(batch=16, seq=128, kind="classification"),
           "gpt2": dict(batch=4, seq=256, kind="lm"),
