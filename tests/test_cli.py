@@ -190,6 +190,16 @@ def test_eval_every_zero_switches_validation_off(reviews, tmp_path):
     assert trainer.validation_steps(2, None) == {1, 2} and trainer.validation_steps(100, None) == {25, 50, 75, 100}
 
 
+def test_train_runs_the_fast_twins(reviews, tmp_path):
+    """train.py trains with minipeft.fast's twins in (the Python API keeps the readable core until asked)."""
+    import minipeft.fast
+    import train as train_cli
+    minipeft.fast.disable()
+    train_cli.main(["--model", "tiny-bert", "--task", str(reviews), "--steps", "1", "--batch-size", "4",
+                    "--skip-test-before", "--eval-every", "0", "--out", str(tmp_path)])
+    assert minipeft.fast.enabled()
+
+
 def test_adapter_from_another_base_is_refused(trained, reviews):
     out, _ = trained
     result = run("eval.py", "--model", "tiny-gpt2", "--task", reviews, "--adapter", out / "adapter")

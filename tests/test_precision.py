@@ -22,7 +22,7 @@ from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.run import trainer
-from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_model, tiny_tokenizer
+from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,3 +251,13 @@ def test_ledger_counts_activations_in_their_dtype(method, flavor, precision):
     fp32 = memory.activation_bytes(mp.apply(tiny_model(flavor, d_model=64), method), 3, 24)["saved"]
     assert predicted == pytest.approx(measured, rel=0.10)
     assert predicted < 0.8 * fp32
+
+
+@pytest.mark.parametrize("precision, trainable", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_a_method_applied_to_a_model_in_low_precision_takes_its_dtypes(precision, trainable):
+    """mp.apply after set_precision: the method's new parameters take the precision's trainable dtype, the
+    frozen base keeps its frozen one (scale/precision.py adds this to mp.apply)."""
+    model = mp.set_precision(mp.Transformer(tiny_config("llama")), precision)
+    mp.apply(model, "lora", rank=2, targets=["all"])
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {trainable}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
