@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .processes import distributed, is_sharded, whole_tensor  # noqa: F401 (sharding.is_sharded, used by train.py)
+from .processes import distributed, whole_tensor
 from minipeft.core.nf4 import Linear4bit
 
 
