@@ -183,7 +183,7 @@ def main(argv):
         return print_continuation(model, tokenizer, args)
     if args.chat:
         return chat_loop(model, tokenizer, args)
-    if len(sources) == 1 and preference.is_preference_source(sources[0][0]):  # pairs: reward accuracy vs the base
+    if len(sources) == 1 and tasks.is_preference_source(sources[0][0]):  # pairs: reward accuracy vs the base
         task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
                                            chat_template=args.chat_template)  # (β = 0.1)
     else:

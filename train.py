@@ -33,7 +33,7 @@ from minipeft.scale import checkpoint, precision, processes
 
 def main(argv):
     # the settings: a resumed run's config.yaml, then --config FILE, then the flags (--import files first)
-    args = runconfig.parse_args(build_parser, argv)
+    args = runconfig.parse_args(build_parser, argv, DEFAULT_METHOD)
     if args.list_methods:
         print(cli.list_methods())
         return

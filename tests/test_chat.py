@@ -5,7 +5,7 @@ import json
 import pytest
 
 import minipeft as mp
-from minipeft.formats import chat
+from minipeft.formats import chat, tokenization
 from minipeft.formats.assets import asset_path
 from minipeft.formats.pretrained import byte_tokenizer
 
@@ -102,10 +102,10 @@ def test_a_template_that_is_not_prefix_consistent_is_refused(tmp_path):
 def test_hf_folder_settings(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{{ bos_token }}x", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
-    assert chat.read_hf_chat_settings(tmp_path) == {"chat_template": "{{ bos_token }}x", "bos_token": "<s>",
+    assert tokenization.read_hf_chat_settings(tmp_path) == {"chat_template": "{{ bos_token }}x", "bos_token": "<s>",
                                                     "eos_token": "</s>"}
     (tmp_path / "chat_template.jinja").write_text("from the file")
-    assert chat.read_hf_chat_settings(tmp_path)["chat_template"] == "from the file"
+    assert tokenization.read_hf_chat_settings(tmp_path)["chat_template"] == "from the file"
 
 
 def test_bad_messages():

@@ -152,3 +152,28 @@ def test_examples_are_valid_settings():
         assert args.method == "lora" and args.out == f"checkpoints/{name.removesuffix('.yaml')}"
     chats = (ROOT / "examples" / "chats.jsonl").read_text().splitlines()
     assert len(chats) == 100 and all(json.loads(line)["messages"] for line in chats)
+
+
+def test_a_run_loads_only_its_methods_file(tmp_path):
+    """The method's own flags are built without importing any other method's file; --help shows them all."""
+    import subprocess
+    import sys
+    code = ("import sys, train; from minipeft.run import runconfig; "
+            "args = runconfig.parse_args(train.build_parser, sys.argv[1:], 'lora'); "
+            "print(getattr(args, 'opt_rank', None), sorted(m[len('minipeft.core.'):] for m in sys.modules if m in "
+            "[f'minipeft.core.{f}' for f in ('selective', 'qlora', 'dora', 'prefix', 'vera', 'lora')]))")
+    for argv, expected in ((["--rank", "4"], "4 ['lora']"), (["--method", "prefix"], "None ['prefix']")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+    assert "--length" in train_cli.build_parser().format_help()
+    assert "--length" not in train_cli.build_parser("lora").format_help()
+
+
+@pytest.mark.parametrize("argv, key", [(["--length", "4"], None), ([], "length: 4\n")])
+def test_another_methods_option_is_parsed_and_refused_by_the_method(text, tmp_path, capsys, argv, key):
+    """An option of another method, on the command line or in the file, still reaches apply, which names
+    the chosen method's options (the flags of every method are built for it)."""
+    config = write_yaml(tmp_path / "run.yaml", settings_of(text, tmp_path / "run") + (key or ""))
+    code, err = run_main(train_cli.main, ["--config", config, *argv], capsys)
+    assert code == 2 and "['length']" in err and "for method 'lora'" in err, err
+    assert not (tmp_path / "run").exists()

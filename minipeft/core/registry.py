@@ -135,26 +135,39 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}  # name -> Method, the built-ins first (methods() fills it)
-BUILT_IN_FILES = ("selective", "lora", "qlora", "dora", "adapter", "prefix", "prompt", "llama_adapter",
-                  "ia3", "vera", "loha", "lokr")  # files of minipeft/core/ that register methods, in this order
-_built_ins_loaded = False
+BUILT_IN = {"full": "selective", "head": "selective", "last_k": "selective", "bitfit": "selective", "lora": "lora",
+            "qlora": "qlora", "dora": "dora", "adapter": "adapter", "prefix": "prefix", "prompt": "prompt",
+            "llama_adapter": "llama_adapter", "ia3": "ia3", "vera": "vera", "loha": "loha",
+            "lokr": "lokr"}  # method -> the file of minipeft/core/ that registers it, in METHODS' order
+_loading_built_in = False
+
+
+def _load_built_in(file: str):
+    global _loading_built_in
+    loading, _loading_built_in = _loading_built_in, True
+    try:
+        importlib.import_module(f"{__package__}.{file}")
+    finally:
+        _loading_built_in = loading
 
 
 def methods() -> dict[str, Method]:
-    """METHODS, with the built-in methods in it: their files are imported (each registers itself) on the
-    first call, so that importing the model alone loads no method."""
-    global _built_ins_loaded
-    if not _built_ins_loaded:
-        _built_ins_loaded = True
-        for file in BUILT_IN_FILES:
-            importlib.import_module(f"{__package__}.{file}")
+    """METHODS, with every built-in method in it: their files are imported (each registers itself) on the
+    first call, so that importing the model alone loads no method (get_method loads only the one named)."""
+    if not all(name in METHODS for name in BUILT_IN):
+        for file in dict.fromkeys(BUILT_IN.values()):
+            _load_built_in(file)
+        ordered = {name: METHODS[name] for name in [*BUILT_IN, *METHODS] if name in METHODS}  # built-ins first
+        METHODS.clear()
+        METHODS.update(ordered)
     return METHODS
 
 
 def register(method: Method, replace: bool = False) -> Method:
     """Add `method` to METHODS (so mp.apply, train.py and the conformance suite know it). An option
     name another method uses already must have the same type: the CLI has one flag per name."""
-    methods()
+    if not _loading_built_in:  # a user's method is checked against every built-in one
+        methods()
     if method.name in METHODS and not replace:
         raise ValueError(f"a method named {method.name!r} is registered already; pick another name "
                          "(or register(..., replace=True))")
@@ -169,7 +182,10 @@ def register(method: Method, replace: bool = False) -> Method:
 
 
 def get_method(name: str) -> Method:
-    if name not in methods():
+    """The method registered as `name` (a built-in one is loaded from its file on first use)."""
+    if name not in METHODS and name in BUILT_IN:
+        _load_built_in(BUILT_IN[name])
+    if name not in METHODS and name not in methods():
         close = difflib.get_close_matches(name, list(METHODS), n=1)
         raise ValueError(f"unknown method {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                          f"valid methods are: {', '.join(METHODS)}")
@@ -265,7 +281,7 @@ def _mergeable_layers(model):
     if spec is None or not spec.mergeable:
         name = spec.name if spec else "no method"
         raise ValueError(f"{name} cannot be merged into the base weights; "
-                         f"mergeable methods are: {', '.join(m for m in METHODS if METHODS[m].mergeable)}")
+                         f"mergeable methods are: {', '.join(m for m, spec in methods().items() if spec.mergeable)}")
     return [m for m in model.modules() if hasattr(m, "merge") and m is not model]
 
 

@@ -10,7 +10,7 @@ The tensors, as llama.cpp's own converter (convert_hf_to_gguf.py) lays them out:
 
     Llama q, k     each head's rows reordered for llama.cpp's RoPE, which rotates adjacent pairs
                    (r0, r1), (r2, r3), ...: row j of the first half goes to 2j, row j of the second half
-                   to 2j + 1 (the inverse of pretrained._unpermute_rope_rows)
+                   to 2j + 1 (the inverse of gguf_model.unpermute_rope_rows)
     Gemma norms    stored as 1 + w (llama.cpp multiplies by the weight; Gemma computes x · (1 + w))
     a tied head    no output.weight: llama.cpp reads token_embd for it
 
@@ -32,8 +32,8 @@ import torch
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from minipeft.formats.gguf_file import GGUFFile
-from minipeft.formats.pretrained import (ASSET_MODELS, GGUF_ARCHITECTURES, _gguf_config, _gguf_k, _gguf_q, _gguf_rules,
-    _minus_one)
+from minipeft.formats.gguf_model import GGUF_ARCHITECTURES, gguf_config, gguf_k, gguf_q, gguf_rules, minus_one
+from minipeft.formats.pretrained import ASSET_MODELS
 from minipeft.formats.tokenization import QWEN2_SPLIT
 from .hf import unheld
 
@@ -53,9 +53,9 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # each GGUF rule's transform (llama.cpp -> ours) and its inverse (ours -> llama.cpp)
 INVERSES = {
     None: lambda w, cfg: w,
-    _gguf_q: lambda w, cfg: permute_rope_rows(w, cfg.n_head),
-    _gguf_k: lambda w, cfg: permute_rope_rows(w, cfg.n_kv_head),
-    _minus_one: lambda w, cfg: w + 1,
+    gguf_q: lambda w, cfg: permute_rope_rows(w, cfg.n_head),
+    gguf_k: lambda w, cfg: permute_rope_rows(w, cfg.n_kv_head),
+    minus_one: lambda w, cfg: w + 1,
 }
 
 
@@ -75,7 +75,7 @@ def gguf_names(cfg) -> dict[str, tuple[str, object]]:
     """Our parameter name -> (llama.cpp's tensor name, the rule's transform: llama.cpp's layout -> ours,
     None for none), for every name the architecture's rules cover."""
     names = {}
-    for theirs, ours, transform in _gguf_rules(ARCHITECTURES[cfg.flavor]):
+    for theirs, ours, transform in gguf_rules(ARCHITECTURES[cfg.flavor]):
         for i in range(cfg.n_layer) if "{i}" in theirs else [None]:
             names[ours.format(i=i)] = (theirs.format(i=i), transform)
     return names
@@ -196,7 +196,7 @@ def check_metadata_holds(cfg, arch: str, meta: dict, tensor_names: list[str], pa
     if arch == "gemma3" and (cfg.attn_scale or cfg.head_dim) != cfg.head_dim:
         raise ValueError(f"llama.cpp scales Gemma 3's attention by head_dim^-0.5, and this model by "
                          f"{cfg.attn_scale}^-0.5; format 'gguf' cannot hold it, format 'hf' can")
-    if lost := unheld(cfg, _gguf_config(meta, arch, tensor_names, path)):
+    if lost := unheld(cfg, gguf_config(meta, arch, tensor_names, path)):
         raise ValueError(f"a GGUF {arch} file cannot hold {', '.join(lost)} (llama.cpp's {arch} architecture has no "
                          "such setting); export it with format 'hf'")
 

@@ -32,12 +32,9 @@ import torch
 
 from .chat import chat_format, check_messages, encode_conversation
 from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
-from minipeft.formats.tasks import REVIEW_INSTRUCTION, SPLITS, _rotten_tomatoes, default_pad_id, split_80_10_10
+from minipeft.formats.tasks import PREFERENCE_ROW as ROW_HELP, PREFERENCE_TASK as BUILT_IN, REVIEW_INSTRUCTION, SPLITS, _rotten_tomatoes, default_pad_id, split_80_10_10
 from .readers import read_utf8
 
-BUILT_IN = "rotten_tomatoes_preference"
-ROW_HELP = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the same with "prompt" a list of messages '
-            'and "chosen", "rejected" each a list of one assistant message')
 
 
 @dataclass
@@ -77,24 +74,6 @@ class PreferenceDataset(Dataset):
         if self.reference is not None:
             batch["reference"] = self.reference[indices].T.reshape(-1)  # (2B,): every chosen, then every rejected
         return batch
-
-
-def is_preference_source(source) -> bool:
-    """Whether `source` is preference data: the built-in task, or a .jsonl file (a folder's train.jsonl)
-    whose first row has "chosen" and "rejected"."""
-    if str(source) == BUILT_IN:
-        return True
-    path = Path(source)
-    file = path / "train.jsonl" if path.is_dir() else path
-    if file.suffix != ".jsonl" or not file.is_file():
-        return False
-    with open(file, encoding="utf-8", errors="replace") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and "chosen" in record and "rejected" in record
 
 
 def load_preferences(source, tokenizer, max_len: int = 256, seed: int = 0, pad_id: int | None = None,

@@ -22,8 +22,7 @@ What each source is
                  classifier `score` as our head (bias 0) and sets n_classes; the encoders' classifiers
                  (BERT's pooler + classifier, RoBERTa's two-layer head, DistilBERT's pre_classifier) are
                  not our one-layer head, so they are skipped and the head starts fresh.
-    .gguf        general.architecture llama, qwen2, qwen3 or gemma3; its tokenizer rebuilt from the file
-                 (tokenization.gguf_tokenizer); tensors dequantized by gguf-py (gguf_file.py)
+    .gguf        general.architecture llama, qwen2, qwen3 or gemma3 (gguf_model.py)
 
 How names map, theirs -> ours (transformers' base-model prefixes `transformer.`, `bert.`, `roberta.`,
 `distilbert.`, `model.` are stripped first; i is the layer):
@@ -47,10 +46,7 @@ How names map, theirs -> ours (transformers' base-model prefixes `transformer.`,
             mlp.gate_up_proj -> gate, up (halves, gate first)
     Gemma 2/3  as Llama, but four norms: input_layernorm -> ln1, post_attention_layernorm -> ln1_post,
             pre_feedforward_layernorm -> ln2, post_feedforward_layernorm -> ln2_post; Gemma 3: q/k norms
-    GGUF    token_embd -> tok_emb;  blk.i.attn_norm, ffn_norm -> ln1, ln2;
-            blk.i.attn_{q,k,v,output} -> q, k, v, o;  ffn_{gate,up,down} -> gate, up, down;
-            attn_{q,k}_norm -> q_norm, k_norm;  post_attention_norm, post_ffw_norm -> ln1_post, ln2_post;
-            output_norm -> ln_f;  output -> head
+    GGUF    llama.cpp's names: gguf_model.py
 
 The HF rules (HF_RULES) are the one place these names are written: peft adapters name the same
 transformers modules, and peft_format.py reads them from here (hf_module_names).
@@ -60,11 +56,7 @@ fit stops with a ValueError naming them; IGNORED lists the keys skipped on purpo
 converted to fp32.
 
 GPT-2 stores its projections as `Conv1D`, weight (in, out): we transpose to nn.Linear's (out, in) and
-cut the fused c_attn (d, 3d) into q, k, v. llama.cpp's converter reorders the rows of each q and k
-head of Llama models for its interleaved RoPE (pairs (0,1), (2,3), ...); our rotate-half RoPE pairs
-row j with j+hd/2, so `_unpermute_rope_rows` puts them back (transformers' own GGUF loader does the
-same). Its Gemma converter stores every RMSNorm weight as 1 + w (llama.cpp multiplies by the weight),
-so we subtract the 1 again.
+cut the fused c_attn (d, 3d) into q, k, v.
 
 The LM head: tied heads are `tok_emb` itself; an untied head is loaded from lm_head / output. With
 `n_classes` the model gets a classifier head instead (from the checkpoint's `score` when it has one of
@@ -86,15 +78,12 @@ from tokenizers import Tokenizer
 
 from . import hub
 from .assets import asset_path
-from .chat import read_hf_chat_settings
-from .gguf_file import TENSOR_TYPES as GGUF_TENSOR_TYPES, GGUFFile
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
-from minipeft.core.nf4 import quantize_blocks
-from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, gguf_tokenizer
+from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
 
-__all__ = ["from_pretrained", "byte_tokenizer", "bytes_to_unicode", "END_OF_TEXT", "GGUF_TENSOR_TYPES",
-           "HF_MODEL_TYPES", "GGUF_ARCHITECTURES", "NAMED_MODELS", "hf_module_names"]
+__all__ = ["from_pretrained", "byte_tokenizer", "bytes_to_unicode", "END_OF_TEXT", "HF_MODEL_TYPES", "NAMED_MODELS",
+           "hf_module_names"]
 
 TINY_MODELS = {  # name -> config; shared by all three: 2 layers, d 64, 4 heads, byte tokenizer
     "tiny-gpt2": dict(flavor="gpt2"),
@@ -107,7 +96,7 @@ HF_MODEL_TYPES = {  # config.json's model_type -> our family
     "gpt2": "gpt2", "bert": "bert", "roberta": "roberta", "distilbert": "distilbert", "llama": "llama",
     "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma",
     "gemma2": "gemma2", "gemma3_text": "gemma3"}
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+
 
 
 def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, dropout: float | None = None,
@@ -153,7 +142,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     elif path.is_dir():
         model, tokenizer = _load_hf_folder(path, overrides, source)
     elif path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, overrides, source)
+        from .gguf_model import load_gguf
+        model, tokenizer = load_gguf(path, overrides, source)
     elif path.exists():
         raise ValueError(f"{path} is neither an HF model folder nor a .gguf file")
     else:
@@ -162,6 +152,7 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     if revision is not None:
         model.cfg.extra["revision"] = revision
     if quantize is not None:
+        from minipeft.core.nf4 import quantize_blocks
         quantize_blocks(model, quantize)
     model.requires_grad_(False)  # the loaded weights are the base: stored in the frozen dtype
     set_precision(model, precision.name).to(target)  # cast where the fp32 weights are, then move
@@ -179,7 +170,7 @@ def _tiny_model(name: str, overrides: dict) -> tuple[Transformer, Tokenizer]:
 
 
 # ---------------------------------------------------------------------------------------------
-# name mapping, shared by HF folders and GGUF files
+# name mapping, shared by HF folders and GGUF files (gguf_model.py)
 #
 # A rule is (their name, our name or names, transform). Names are templates: {i} is a layer number
 # and {p} is "weight" or "bias". A transform gets (tensor, cfg) and returns one tensor per our name.
@@ -208,26 +199,6 @@ def _split_qkv(w, cfg):  # Phi-3's qkv_proj: rows [q | k | v], n_head, n_kv_head
 def _split_gate_up(w, cfg):  # Phi-3's gate_up_proj: rows [gate | up]
     return tuple(w.chunk(2))
 
-
-def _minus_one(w, cfg):  # llama.cpp's Gemma norms hold 1 + w
-    return w - 1
-
-
-def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row order. Per head, llama.cpp stores rows as pairs (r0, r_hd/2),
-    (r1, r_hd/2+1), ... next to each other (its RoPE rotates adjacent pairs); we rotate row j with
-    j + hd/2, so rows (h, hd/2, 2, d) go back to (h, 2, hd/2, d)."""
-    out_features, d = w.shape
-    head_dim = out_features // n_heads
-    return w.view(n_heads, head_dim // 2, 2, d).transpose(1, 2).reshape(out_features, d)
-
-
-def _gguf_q(w, cfg):
-    return _unpermute_rope_rows(w, cfg.n_head)
-
-
-def _gguf_k(w, cfg):
-    return _unpermute_rope_rows(w, cfg.n_kv_head)
 
 
 GPT2_RULES: list[Rule] = [
@@ -331,31 +302,6 @@ IGNORED = {  # full-match regexes of keys skipped on purpose, and why
 }
 
 
-def _gguf_rules(architecture: str) -> list[Rule]:
-    """llama.cpp's tensor names -> ours. Llama files have q/k rows permuted, Gemma files 1 + w norms."""
-    q, k = (_gguf_q, _gguf_k) if architecture == "llama" else (None, None)
-    norm = _minus_one if architecture.startswith("gemma") else None
-    return [
-        ("token_embd.weight", "tok_emb.weight", None),
-        ("blk.{i}.attn_norm.weight", "blocks.{i}.ln1.weight", norm),
-        ("blk.{i}.attn_q.weight", "blocks.{i}.attn.q.weight", q),
-        ("blk.{i}.attn_k.weight", "blocks.{i}.attn.k.weight", k),
-        ("blk.{i}.attn_v.weight", "blocks.{i}.attn.v.weight", None),
-        *[(f"blk.{{i}}.attn_{t}.bias", f"blocks.{{i}}.attn.{t}.bias", None) for t in "qkv"],  # Qwen2
-        ("blk.{i}.attn_output.weight", "blocks.{i}.attn.o.weight", None),
-        ("blk.{i}.attn_q_norm.weight", "blocks.{i}.attn.q_norm.weight", norm),
-        ("blk.{i}.attn_k_norm.weight", "blocks.{i}.attn.k_norm.weight", norm),
-        ("blk.{i}.post_attention_norm.weight", "blocks.{i}.ln1_post.weight", norm),
-        ("blk.{i}.ffn_norm.weight", "blocks.{i}.ln2.weight", norm),
-        ("blk.{i}.ffn_gate.weight", "blocks.{i}.mlp.gate.weight", None),
-        ("blk.{i}.ffn_up.weight", "blocks.{i}.mlp.up.weight", None),
-        ("blk.{i}.ffn_down.weight", "blocks.{i}.mlp.down.weight", None),
-        ("blk.{i}.post_ffw_norm.weight", "blocks.{i}.ln2_post.weight", norm),
-        ("output_norm.weight", "ln_f.weight", norm),
-        ("output.weight", "head.weight", None),
-    ]
-
-
 def template_regex(template: str) -> re.Pattern:
     """"h.{i}.ln_1.{p}" -> a regex matching "h.3.ln_1.weight" with groups i="3", p="weight"."""
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
@@ -417,7 +363,7 @@ def _their_name(our_name: str, rules: list[Rule]) -> str:
     return our_name
 
 
-def _load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: list[Rule],
+def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: list[Rule],
                   ignored: list[str], source: str, prefix: str = "") -> None:
     """Rename `theirs` into our names, check every key and shape, and copy the tensors into `model`.
     Messages name keys as the checkpoint spells them; a missing key without `prefix`."""
@@ -460,7 +406,7 @@ def _finish(model: Transformer, score: torch.Tensor | None) -> None:
         model.head.weight = model.tok_emb.weight
 
 
-def _build_model(checkpoint_config: dict, overrides: dict, source: str) -> Transformer:
+def build_model(checkpoint_config: dict, overrides: dict, source: str) -> Transformer:
     """The model on the meta device: no memory and no random numbers spent on weights the checkpoint
     replaces (_load_weights puts the loaded tensors in, _finish the rest)."""
     cfg = ModelConfig(**{**checkpoint_config, **overrides, "extra": {"source": source}})
@@ -645,10 +591,10 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
     weights = _read_hf_weights(folder)
     if "score.weight" in weights and "n_classes" not in overrides:  # a …ForSequenceClassification
         overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
-    model = _build_model(checkpoint_config, overrides, source)
-    _load_weights(model, weights, HF_RULES[family] + CLASSIFIER_RULES, IGNORED[family], source, HF_PREFIXES[family])
+    model = build_model(checkpoint_config, overrides, source)
+    load_weights(model, weights, HF_RULES[family] + CLASSIFIER_RULES, IGNORED[family], source, HF_PREFIXES[family])
     tokenizer = folder_tokenizer(folder, family)
-    for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos_token, eos_token: chat.py
+    for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
     return model, tokenizer
 
@@ -744,60 +690,3 @@ def _corrupt(path: Path, error: Exception) -> str:
     return f"{path} is corrupt or truncated ({error}); delete it and download again"
 
 
-# ---------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp)
-
-_REQUIRED = object()  # meta(key) without a default: the key must be in the file
-
-
-def _load_gguf(path: Path, overrides: dict, source: str) -> tuple[Transformer, Tokenizer]:
-    gguf = GGUFFile(path)
-    architecture = gguf.metadata.get("general.architecture")
-    if architecture not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; "
-                         f"supported: {', '.join(GGUF_ARCHITECTURES)}")
-    meta = gguf.metadata
-    model = _build_model(_gguf_config(meta, architecture, gguf.tensor_names, path), overrides, source)
-    model.cfg.extra.update(bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                           eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
-    tokenizer = gguf_tokenizer(meta, path)
-    tokens = meta["tokenizer.ggml.tokens"]
-    tokenizer.chat_template = meta.get("tokenizer.chat_template")  # jinja2 text that chat.py renders
-    for name in ("bos", "eos"):  # the special tokens a chat template writes
-        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
-        setattr(tokenizer, f"{name}_token", tokens[token_id] if token_id is not None else None)
-    # the vocabulary's Python lists (Gemma 3: 262,144 tokens, scores and types) are in the tokenizer
-    # now; dropped before the weights arrive, they do not add to loading's peak
-    for key in [k for k in meta if k.startswith("tokenizer.ggml.") and isinstance(meta[k], list)]:
-        del meta[key]
-    del tokens
-    _load_weights(model, gguf.dequantized(), _gguf_rules(architecture), [], source)
-    return model, tokenizer
-
-
-def _gguf_config(meta: dict, architecture: str, tensor_names: list[str], path: Path) -> dict:
-    """ModelConfig fields from the metadata, which llama.cpp names `<architecture>.<key>`."""
-    def get(key, default=_REQUIRED):
-        full = key if key.startswith("tokenizer.") else f"{architecture}.{key}"
-        if full not in meta and default is _REQUIRED:
-            raise ValueError(f"{path}: metadata {full} is missing")
-        return meta.get(full, default)
-
-    if get("rope.scaling.type", "none") != "none":
-        raise ValueError(f"{path}: RoPE scaling is not supported; only the default (unscaled) RoPE is")
-    n_head, d_model = get("attention.head_count"), get("embedding_length")
-    head_dim = get("attention.key_length", d_model // n_head)
-    config = dict(
-        flavor=GGUF_ARCHITECTURES[architecture], vocab_size=len(get("tokenizer.ggml.tokens")),
-        n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
-        d_model=d_model, d_ff=get("feed_forward_length"), head_dim=head_dim,
-        rope_fraction=get("rope.dimension_count", head_dim) / head_dim, max_seq_len=get("context_length"),
-        norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
-        tie_embeddings="output.weight" not in tensor_names,  # no output.weight: the head is tok_emb
-        pad_token_id=get("tokenizer.ggml.padding_token_id", 0))
-    if architecture == "gemma3":  # llama.cpp's Gemma 3: every 6th layer full, local RoPE base 10k
-        pattern = get("attention.sliding_window_pattern", 6)
-        config.update(sliding_window=get("attention.sliding_window"), rope_local_theta=get("rope.freq_base_swa", 1e4),
-                      layer_pattern="".join("S" if s else "F" for s in pattern) if isinstance(pattern, list)
-                      else "S" * (pattern - 1) + "F")
-    return config

@@ -36,7 +36,6 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from .chat import check_messages
 
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -332,6 +331,7 @@ def conversation(record: Record, shape: str) -> list[dict]:
     if shape in ("messages", "sharegpt"):
         key = "messages" if shape == "messages" else "conversations"
         turns = _json_column(fields[key], key, where)
+        from .chat import check_messages  # here: chat.py (and jinja2) load only for conversations
         try:
             messages = check_messages(_sharegpt_messages(turns, where) if shape == "sharegpt" else turns)
         except ValueError as error:

@@ -70,6 +70,7 @@ per batch) and truncation is set to max_len for classification or switched off f
 """
 import bz2
 import csv
+import json
 import math
 import re
 from dataclasses import replace
@@ -81,7 +82,6 @@ from tokenizers import Tokenizer
 
 from . import readers
 from .assets import asset_path
-from .chat import chat_format, encode_conversation
 from .readers import SPLITS, did_you_mean
 
 from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
@@ -91,6 +91,9 @@ LM_EVAL_FRACTION = 0.05  # of windows, for validation and again for test
 CLASSIFICATION_EVAL_FRACTION = 0.1  # of examples (of each label, or of sentences for rotten_tomatoes)
 REVIEW_INSTRUCTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 BUILT_IN = {"rotten_tomatoes": "classification", "rotten_tomatoes_instruct": "sft", "hamlet": "lm"}
+PREFERENCE_TASK = "rotten_tomatoes_preference"  # preference pairs, which preference.py reads
+PREFERENCE_ROW = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the same with "prompt" a list of '
+                  'messages and "chosen", "rejected" each a list of one assistant message')
 KIND_NAMES = {"classification": "classification data (text/label rows)", "lm": "plain text (causal LM)",
               "sft": "instruction data (prompt/completion, messages, ShareGPT or Alpaca rows)"}
 SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv or "
@@ -150,6 +153,24 @@ def _read(source: str, columns: dict | None, if_present: bool) -> tuple:
         raise ValueError(f"unknown data source {source!r}{did_you_mean(source, BUILT_IN)}; use {SOURCES_HELP}")
     tables = readers.read_source(path, columns, if_present)
     return tables, readers.ROW_SHAPES[next(iter(tables.values())).shape][0]
+
+
+def is_preference_source(source) -> bool:
+    """Whether `source` is preference data: the built-in task, or a .jsonl file (a folder's train.jsonl)
+    whose first row has "chosen" and "rejected"."""
+    if str(source) == PREFERENCE_TASK:
+        return True
+    path = Path(source)
+    file = path / "train.jsonl" if path.is_dir() else path
+    if file.suffix != ".jsonl" or not file.is_file():
+        return False
+    with open(file, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
 
 
 def parse_sources(sources) -> list[tuple[str, float]]:
@@ -454,6 +475,7 @@ def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_i
     """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
     shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
     to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
+    from .chat import encode_conversation  # here: chat.py (and jinja2) load only for instruction data
     messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     ids, is_answer = encode_conversation(tokenizer, fmt, messages[:last + 1])
@@ -477,6 +499,7 @@ def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 
     docstring; `source` may also be the tables readers.read_source returned) as kind "sft": each
     example is its conversation rendered in the chat template (the model's own, `chat_template` FILE,
     or the plain fallback), labels only on the answers."""
+    from .chat import chat_format
     shape, split_rows, names = _instruct_rows(source, seed)
     fmt = chat_format(tokenizer, chat_template)
     tokenizer.no_padding()

@@ -282,3 +282,20 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
             if token[:cut] in vocab and token[cut:] in vocab:
                 merges.append((token[:cut], token[cut:]))
     return merges
+
+
+def read_hf_chat_settings(folder: Path) -> dict:
+    """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
+    chat_template.jinja, which newer transformers write instead); missing ones are None."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+
+    def token(value):  # a string, or an AddedToken written as {"content": ...}
+        return value.get("content") if isinstance(value, dict) else value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates [{"name", "template"}]: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return {"chat_template": template, "bos_token": token(config.get("bos_token")),
+            "eos_token": token(config.get("eos_token"))}

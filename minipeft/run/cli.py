@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 from minipeft.formats.tasks import parse_sources
-from minipeft.core.registry import methods, TASK_DEFAULTS, task_defaults
+from minipeft.core.registry import TASK_DEFAULTS, get_method, methods, task_defaults
 from minipeft.scale.precision import PRECISIONS
 from minipeft.formats.pretrained import NAMED_MODELS
 from minipeft.formats.readers import parse_columns
@@ -103,10 +103,11 @@ def import_user_files(argv) -> None:
             importlib.import_module(name)
 
 
-def add_method_flags(parser: argparse.ArgumentParser):
+def add_method_flags(parser: argparse.ArgumentParser, only: str | None = None):
+    """A flag per method option of every method (only: of that method alone, which loads no other)."""
     group = parser.add_argument_group("method options (each applies to the methods that take it)")
     declared = {}  # option name -> [(method, Option)]
-    for method in methods().values():
+    for method in [get_method(only)] if only else methods().values():
         for option in method.options:
             declared.setdefault(option.name, []).append((method, option))
     for name, takers in sorted(declared.items()):

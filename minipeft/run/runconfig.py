@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import cli
+from minipeft.core import registry
 from minipeft.formats.atomic import atomic_write
 from minipeft.scale.checkpoint import flag_value, run_folder
 
@@ -42,20 +43,51 @@ def add_config_flag(parser: argparse.ArgumentParser):
                              "given on the command line win. --resume reads the run's own config.yaml first")
 
 
-def parse_args(build_parser, argv: list[str]) -> argparse.Namespace:
+def parse_args(build_parser, argv: list[str], default_method: str | None = None) -> argparse.Namespace:
     """build_parser()'s arguments from the resumed run's config.yaml, the --config file and argv, in that
     order of precedence (argv wins). Files named by `import` keys or --import are imported first, so the
-    methods they register have flags."""
+    methods they register have flags. When the settings name the method (or leave it at default_method),
+    the flags of that method alone are built first, so no other method's file is loaded; a setting that
+    parser does not know (another method's option, --help) falls back to every method's flags."""
     layers = settings_layers(argv)
     imports = [name for _, settings, _ in layers for name in as_list(settings.get("import", []))]
     cli.import_user_files([*(arg for name in imports for arg in ("--import", str(name))), *argv])
-    parser = build_parser()
+    method = chosen_method(argv, layers, default_method)
+    if method is not None:
+        try:
+            args, unknown = with_settings(build_parser(method), layers).parse_known_args(argv)
+            if not unknown:
+                return args
+        except ValueError:  # a key of the file that only the full parser knows, or a bad value: said below
+            pass
+    return with_settings(build_parser(), layers).parse_args(argv)
+
+
+def with_settings(parser: argparse.ArgumentParser, layers: list[tuple[str, dict, bool]]) -> argparse.ArgumentParser:
+    """The parser with the files' settings as its defaults, lowest first."""
     for source, settings, with_method_options in layers:
         defaults = defaults_from(parser, settings, source)
         if not with_method_options:
             defaults = {dest: v for dest, v in defaults.items() if not dest.startswith("opt_")}
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    return parser
+
+
+def chosen_method(argv: list[str], layers: list[tuple[str, dict, bool]], default: str | None) -> str | None:
+    """The method the settings choose, if it is known before parsing: --method, else the files' "method",
+    else `default` unless an adapter to start from (whose method is read later) is given. None under
+    --help and --list-methods, which show every method."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--method", "--init-adapter"):
+        pre.add_argument(flag)
+    given, rest = pre.parse_known_args(argv)
+    if {"-h", "--help", "--list-methods"} & set(rest):
+        return None
+    files = [settings for _, settings, _ in reversed(layers)]  # highest first
+    method = given.method or next((s["method"] for s in files if s.get("method")), None)
+    if method is None and not (given.init_adapter or any(s.get("init_adapter") for s in files)):
+        method = default
+    return method if method in registry.BUILT_IN or method in registry.METHODS else None
 
 
 def settings_layers(argv: list[str]) -> list[tuple[str, dict, bool]]:

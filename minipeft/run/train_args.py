@@ -5,14 +5,15 @@ import argparse
 import torch
 
 from minipeft.core import dpo
-from minipeft.formats import preference, tasks
-from minipeft.scale import checkpoint, sharding
+from minipeft.formats import tasks
+from minipeft.scale import checkpoint
 from minipeft.run import cli, runconfig, trainer, watch
 
 DEFAULT_METHOD = "lora"
 
 
-def build_parser():
+def build_parser(method: str | None = None):
+    """train.py's flags; the method options of every method, or (method) of that one only."""
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_and_task_flags(p)
@@ -26,7 +27,7 @@ def build_parser():
     p.add_argument("--list-methods", action="store_true", help="print the methods and their options, then exit")
     p.add_argument("--init-adapter", default=None, metavar="PATH",
                    help="start from a saved adapter (its method and options unless --method is given)")
-    cli.add_method_flags(p)
+    cli.add_method_flags(p, method)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (unless --steps)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
@@ -175,11 +176,11 @@ def resolve_objective(args) -> str | None:
     """The objective: "dpo" for preference pairs (or --objective dpo), else None (the task's own loss). Checked
     before anything loads: the objective must fit the data, and the DPO flags need it."""
     sources, task = [source for source, _ in tasks.parse_sources(args.task)], tasks.sources_text(args.task)
-    pairs = any(preference.is_preference_source(source) for source in sources)
+    pairs = any(tasks.is_preference_source(source) for source in sources)
     objective = args.objective or ("dpo" if pairs else None)
     if objective == "dpo" and not pairs:
-        raise ValueError(f"--objective dpo trains on preference pairs ({preference.ROW_HELP}; or "
-                         f"{preference.BUILT_IN}), and --task {task} holds none")
+        raise ValueError(f"--objective dpo trains on preference pairs ({tasks.PREFERENCE_ROW}; or "
+                         f"{tasks.PREFERENCE_TASK}), and --task {task} holds none")
     if objective == "sft" and pairs:
         raise ValueError(f"--task {task} holds preference pairs, which --objective sft cannot train on; "
                          "use --objective dpo (their default)")
@@ -236,4 +237,5 @@ def check_before_loading(args):
     if args.resume:
         checkpoint.read_state(args.resume)
     if args.fsdp:
+        from minipeft.scale import sharding
         sharding.check_launch()

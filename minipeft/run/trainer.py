@@ -31,6 +31,7 @@ writes files and shows progress. A model sharded with FSDP (scale/sharding.py, `
 trained as it is, without the DDP wrapper: fully_shard reduce-scatters the averaged gradients itself,
 and checkpoints are saved and restored inside sharding.whole, so they hold whole tensors as usual.
 """
+import contextlib
 import json
 import math
 import platform
@@ -54,7 +55,14 @@ from minipeft.scale import checkpoint
 from minipeft.scale.checkpoint import Progress
 from minipeft.scale.precision import LossScaling, loss_scaling
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
-from minipeft.scale.sharding import whole
+
+
+def whole(model, optimizer=None, only: int | None = None):
+    """sharding.whole (whole tensors inside the `with`) for a model FSDP sharded; nothing for any other."""
+    if not is_sharded(model):
+        return contextlib.nullcontext()
+    from minipeft.scale.sharding import whole as gathered
+    return gathered(model, optimizer, only)
 
 
 @dataclass
