@@ -177,3 +177,10 @@ def test_another_methods_option_is_parsed_and_refused_by_the_method(text, tmp_pa
     code, err = run_main(train_cli.main, ["--config", config, *argv], capsys)
     assert code == 2 and "['length']" in err and "for method 'lora'" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_switch_set_in_the_file_is_undone_on_the_command_line(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", "pack: true\nskip_test_before: true\n")
+    args = runconfig.parse_args(train_cli.build_parser, ["--config", str(config), "--no-pack"], "lora")
+    assert (args.pack, args.skip_test_before) == (False, True)
+    assert runconfig.parse_args(train_cli.build_parser, ["--config", str(config)], "lora").pack is True

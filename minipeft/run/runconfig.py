@@ -6,7 +6,7 @@ folder as config.yaml, so that `train.py --resume RUN` needs no other flag.
     task: examples/chats.jsonl
     targets: [q, k, v, o]        # a list, or "q,k,v,o" as on the command line
     steps: 60
-    pack: true                   # a switch: true or false
+    pack: true                   # a switch: true or false (--no-pack on the command line undoes it)
 
 Where a setting comes from, each later one winning:
 
@@ -150,7 +150,7 @@ def defaults_from(parser: argparse.ArgumentParser, settings: dict, source: str) 
 
 def convert(action: argparse.Action, key: str, value, source: str):
     """A YAML value as the flag would have parsed it from the command line (or ValueError naming the key)."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f"{source}: {key} is a switch: write {key}: true or {key}: false, not {value!r}")
         return value

@@ -10,6 +10,7 @@ from minipeft.scale import checkpoint
 from minipeft.run import cli, runconfig, trainer, watch
 
 DEFAULT_METHOD = "lora"
+SWITCH = argparse.BooleanOptionalAction  # --pack and --no-pack: a config file's `pack: true` can be undone
 
 
 def build_parser(method: str | None = None):
@@ -47,16 +48,16 @@ def build_parser(method: str | None = None):
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
                         "as one fused kernel, and the headline run is at least as accurate (README); a method's own "
                         "dropout is its --dropout")
-    t.add_argument("--pack", action="store_true",
+    t.add_argument("--pack", action=SWITCH, default=False,
                    help="pack each batch's examples into rows of --max-len tokens instead of padding them "
                         "(attention stays inside each example, positions restart): the same loss, less padding")
     t.add_argument("--batching", choices=trainer.BATCHING, default="by-length",
                    help="by-length: each shuffled batch holds examples of about one length, so little of "
                         "it is padding (Rotten Tomatoes on MiniLM: 1.79x fewer tokens computed); random: "
                         "batches as drawn, padded to their longest example")
-    t.add_argument("--train-on-prompt", action="store_true",
+    t.add_argument("--train-on-prompt", action=SWITCH, default=False,
                    help="instruction data: put the prompt's tokens in the loss too (default: only the answers)")
-    t.add_argument("--skip-test-before", action="store_true",
+    t.add_argument("--skip-test-before", action=SWITCH, default=False,
                    help="do not score the test split before training (saves a pass over it; the base model's "
                         "score is eval.py's)")
     t.add_argument("--eval-generate", type=int, default=100,
@@ -78,14 +79,14 @@ def build_parser(method: str | None = None):
                         "counts (glibc only; e.g. 131072, what bench/memory.py uses). It costs page faults: "
                         "MiniLM LoRA steps took 0.98 s with 131072 against 0.50 s without. 0: glibc's default, "
                         "which keeps freed activations resident")
-    m.add_argument("--fsdp", action="store_true",
+    m.add_argument("--fsdp", action=SWITCH, default=False,
                    help="under torchrun: shard every parameter (frozen ones and 4-bit codes too), its "
                         "gradient and optimizer state across the processes (FSDP2, one group per block); each "
                         "process holds about 1/N of the model")
-    m.add_argument("--memory-report", action="store_true",
+    m.add_argument("--memory-report", action=SWITCH, default=False,
                    help="print the memory ledger (weights, gradients, AdamW state, activations of the longest "
                         "batch) beside the measured peak at the end of the run")
-    m.add_argument("--grad-checkpoint", action="store_true",
+    m.add_argument("--grad-checkpoint", action=SWITCH, default=False,
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
     d = p.add_argument_group("preference tuning (DPO): the reference model is this model with its adapter off")
@@ -98,7 +99,7 @@ def build_parser(method: str | None = None):
     d.add_argument("--dpo-loss", choices=dpo.VARIANTS, default=None,
                    help="sigmoid: DPO's −log σ(β·margin); ipo: IPO's (margin per token − 1/(2β))²; sigmoid if "
                         "not given")
-    d.add_argument("--precompute-reference", action="store_true",
+    d.add_argument("--precompute-reference", action=SWITCH, default=False,
                    help="compute every pair's reference log-probabilities once before training, instead of a "
                         "forward pass with the adapter off at every step")
     r = p.add_argument_group("checkpoints")
