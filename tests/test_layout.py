@@ -40,8 +40,14 @@ def test_core_imports_only_torch_numpy_the_standard_library_and_itself(path):
 @pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
 def test_core_holds_no_distributed_autocast_or_private_torch_code(path):
     text = path.read_text()
-    for word in ("torch.distributed", "torch.autocast", "GradScaler", "torch._C", 'device("meta")'):
+    for word in ("torch.distributed", "torch.autocast", "GradScaler", "torch._C", 'device("meta")', 'device="meta"'):
         assert word not in text, f"{path.name} mentions {word}"
+
+
+def test_the_model_builds_without_meta_device_branches():
+    """model.py builds and initializes as on any device; loading (formats/pretrained.py) skips the work
+    that a model about to receive its weights does not need."""
+    assert "meta" not in (ROOT / "minipeft" / "core" / "model.py").read_text()
 
 
 def core_lines() -> dict[str, int]:

@@ -6,6 +6,7 @@ transformers is only a reference here; its models are built with a fixed seed an
 import json
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the real assets are local files; never ask the hub
 
@@ -497,3 +498,21 @@ def test_shape_mismatch_is_named(gpt2_folder, tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatch.*transformer.wpe.weight gives \(64, 64\) for "
                                          r"pos_emb.weight, which needs \(128, 64\)"):
         from_pretrained(tmp_path)
+
+
+def test_loading_computes_nothing_for_the_weights_it_replaces(llama_folder, tiny_gguf):
+    """The model is built as shapes only and filled: no random init, no RoPE table on the meta device (which
+    would import torch's compiler stack, torch._dynamo and sympy: ~75 MiB); a model built this way is whole:
+    its RoPE tables are those of a model built normally, and a Transformer built later is initialized."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from minipeft.formats.pretrained import from_pretrained; "
+            "from minipeft.core.model import Transformer, ModelConfig; "
+            "model, _ = from_pretrained(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules, model.rope_cos.device.type, "
+            "torch.equal(model.rope_cos, Transformer(model.cfg).rope_cos), "
+            "Transformer(model.cfg).tok_emb.weight.std().item() > 0.01)")
+    for path in (llama_folder[1], tiny_gguf[1]):
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        assert out.stdout.split() == ["False", "cpu", "True", "True"], out.stderr

@@ -200,19 +200,9 @@ class Block(nn.Module):
         return self.ln2(x + self.drop(self.mlp(x)).to(x.dtype))
 
 
-class Embedding(nn.Embedding):
-    """nn.Embedding, without its random init on the meta device (pretrained.py builds models there and
-    loads the weights in): meta tensors hold no values, and torch's normal_ on them imports ≈ 70 MiB of
-    decompositions the rest of a run never needs."""
-
-    def reset_parameters(self):
-        if not self.weight.is_meta:
-            super().reset_parameters()
-
-
 def init_weights(module: nn.Module):
     """GPT-2's init: the weights of linear layers and embeddings ~ N(0, 0.02²), biases 0."""
-    if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
@@ -268,11 +258,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.tok_emb = Embedding(cfg.vocab_size, d)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         if cfg.positions == "learned":
-            self.pos_emb = Embedding(cfg.pos_offset + cfg.max_seq_len, d)
+            self.pos_emb = nn.Embedding(cfg.pos_offset + cfg.max_seq_len, d)
         if cfg.type_vocab_size:
-            self.type_emb = Embedding(cfg.type_vocab_size, d)
+            self.type_emb = nn.Embedding(cfg.type_vocab_size, d)
         if cfg.emb_norm:
             self.emb_ln = make_norm(cfg)
         self.reset_buffers()
@@ -297,16 +287,13 @@ class Transformer(nn.Module):
 
     def reset_buffers(self):
         """Compute the buffers no checkpoint holds, the RoPE tables (max_seq_len, rotary_dim): at build
-        time, and again for a model built on the meta device (pretrained.py loads weights into one)."""
+        time, and again once a loader (formats/pretrained.py) has put a checkpoint's weights in."""
         cfg = self.cfg
         tables = {"rope": (cfg.rope_theta, cfg.rope_scaling)} if cfg.positions == "rope" else {}
         if cfg.positions == "rope" and cfg.rope_local_theta:  # sliding layers' own RoPE (Gemma 3)
             tables["rope_local"] = (cfg.rope_local_theta, None)
         for name, (theta, scaling) in tables.items():
-            if self.tok_emb.weight.is_meta:  # shapes only: no arithmetic on the meta device (see Embedding)
-                cos = sin = torch.empty(cfg.max_seq_len, cfg.rotary_dim, device="meta")
-            else:
-                cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, theta, scaling)
+            cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, theta, scaling)
             self.register_buffer(f"{name}_cos", cos, persistent=False)
             self.register_buffer(f"{name}_sin", sin, persistent=False)
 

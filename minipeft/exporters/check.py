@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from minipeft.core.model import Transformer
+from minipeft.formats.pretrained import weights_to_come
 
 PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the question:", "I loved this film!")
 # largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'
@@ -82,7 +83,7 @@ def logits_on(model, batch: Probes) -> list[torch.Tensor]:
 
 def plain_model(cfg, weights: dict[str, torch.Tensor]) -> Transformer:
     """A plain Transformer of `cfg` holding `weights` (no copies: the tensors become its parameters)."""
-    with torch.device("meta"):
+    with weights_to_come():
         model = Transformer(copy.deepcopy(cfg))
     model.load_state_dict(weights, strict=True, assign=True)
     model.reset_buffers()

@@ -32,13 +32,14 @@ import torch.nn as nn
 from minipeft.extras import multi
 from minipeft.core.registry import get_method
 from minipeft.core.model import Transformer
+from minipeft.formats.pretrained import weights_to_come
 from minipeft.core.nf4 import Linear4bit, dequantize_4bit, quantize_4bit
 from minipeft import peft_format
 
 
 def plain_names(model) -> set[str]:
     """The state-dict keys of a plain Transformer of the model's config (tied heads included)."""
-    with torch.device("meta"):
+    with weights_to_come():
         return set(Transformer(copy.deepcopy(model.cfg)).state_dict())
 
 

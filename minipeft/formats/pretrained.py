@@ -64,6 +64,7 @@ that shape, else fresh) and no LM head weights are loaded. BERT-style pretrainin
 transform, the pooler) are skipped: our encoder LM head is the bare tied embedding, so its MLM logits
 differ from BertForMaskedLM's while the hidden states of `encode` match BertModel's exactly.
 """
+import contextlib
 import json
 import pickle
 import re
@@ -72,8 +73,10 @@ from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
+import torch.nn as nn
 from tokenizers import Tokenizer
 
 from . import hub
@@ -392,7 +395,7 @@ def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: lis
 
 
 def _finish(model: Transformer, score: torch.Tensor | None) -> None:
-    """What a model built on the meta device still needs once its weights are in: its RoPE tables, the
+    """What a model built as shapes only still needs once its weights are in: its RoPE tables, the
     tie of a tied head, and a classifier head (the checkpoint's `score` if it fits, else a fresh one)."""
     cfg = model.cfg
     model.reset_buffers()
@@ -407,11 +410,22 @@ def _finish(model: Transformer, score: torch.Tensor | None) -> None:
 
 
 def build_model(checkpoint_config: dict, overrides: dict, source: str) -> Transformer:
-    """The model on the meta device: no memory and no random numbers spent on weights the checkpoint
-    replaces (_load_weights puts the loaded tensors in, _finish the rest)."""
+    """The model as shapes only (weights_to_come): load_weights puts the loaded tensors in, _finish the rest."""
     cfg = ModelConfig(**{**checkpoint_config, **overrides, "extra": {"source": source}})
-    with torch.device("meta"):
+    with weights_to_come():
         return Transformer(cfg)
+
+
+@contextlib.contextmanager
+def weights_to_come():
+    """Inside, a Transformer is built as shapes only, for weights that come next: on the meta device (no
+    memory), with nothing computed for it: the random init (nn.init.normal_) and the RoPE tables
+    (Transformer.reset_buffers) are skipped, since a meta tensor holds no values and arithmetic on one
+    imports about 75 MiB of torch's compiler stack (torch._dynamo, sympy). reset_buffers() makes the tables
+    once weights are in."""
+    with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda tensor, *args, **kwargs: tensor), \
+            mock.patch.object(Transformer, "reset_buffers", lambda self: None):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

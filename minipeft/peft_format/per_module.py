@@ -11,6 +11,7 @@ import torch
 
 from minipeft.core import targets as linear_targets
 from minipeft.core.model import Transformer
+from minipeft.formats.pretrained import weights_to_come
 from minipeft.core.registry import apply
 
 
@@ -95,7 +96,7 @@ def fitted(model, method: str, options: dict, values: dict, path, fill: float = 
     the shapes of the parameters they will be copied into, and completed with `fill` for the method's
     parameters peft had none for (layers it left out). The shapes come from applying `method` to a copy
     of the model's architecture on the meta device (no memory, no arithmetic)."""
-    with torch.device("meta"):
+    with weights_to_come():
         probe = apply(Transformer(copy.deepcopy(model.cfg)), method, **options)
     params = {n: p for n, p in probe.named_parameters() if p.requires_grad and not n.startswith("head.")}
     wrong = [f"{name} {tuple(v.shape)} (this model: {tuple(params[name].shape) if name in params else 'none'})"
