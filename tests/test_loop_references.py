@@ -4,6 +4,7 @@ its TrainingArguments counts for a ratio), one fp16-mixed step with clipping act
 step in fp32, and `eval.py --chat`'s prompt against apply_chat_template(..., add_generation_prompt=True)
 (itself checked token for token against transformers in tests/test_chat.py)."""
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are local files; never ask the hub
@@ -163,3 +164,19 @@ def test_eval_chat_sends_the_template_with_its_generation_prompt(capsys):
     assert mp.apply_chat_template(tokenizer, conversation, add_generation_prompt=True, tokenize=False).endswith(
         "<|im_start|>assistant\n")  # where SmolLM2's answer begins
     assert prompts == [first, second]
+
+
+def test_a_step_with_a_finite_loss_and_an_infinite_gradient_is_skipped():
+    """As torch.amp.GradScaler skips a step whose gradients hold inf or NaN whatever the loss, a step is
+    skipped when its gradient is not finite though its loss is (a non-finite loss: tests/test_robust.py),
+    and the schedule still advances."""
+    model = mp.apply(tiny_model("llama"), "lora", tokenizer=tiny_tokenizer()).train()
+    perturb_trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    next(p for p in model.parameters() if p.requires_grad).register_hook(lambda g: g * float("inf"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 2)
+    result = loop.train_step(model, optimizer, scheduler, iter([lm_batch(model.cfg.vocab_size)]), "lm")
+    assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm) and not result.finite
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert scheduler.last_epoch == 1

@@ -1,0 +1,83 @@
+"""Did a change slow the runs down? The same train.py runs in this checkout and in an earlier commit
+(a temporary `git worktree`), interleaved, each timed by its own run summary (s/step of the training
+steps: loading, evaluation and saving excluded), best of the rounds.
+
+    python bench/versions.py --against e483baa                 # the three runs below, 2 rounds
+    python bench/versions.py --against HEAD~5 --runs headline --rounds 3
+
+The runs (the README's, cut short): headline, MiniLM LoRA on Rotten Tomatoes; sft, SmolLM2-135M-Instruct
+LoRA on every linear layer of rotten_tomatoes_instruct; qlora, the same with QLoRA and activation
+checkpointing. Both checkouts read the same asset cache (MINIPEFT_CACHE, or each checkout's own).
+The CPU flags that matter and the load average are printed above the table: on a shared machine the
+rounds disagree, and only the best of them is a figure.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["--save-every", "0", "--skip-test-before", "--eval-every", "0"]
+RUNS = {
+    "headline": ["--method", "lora", "--rank", "8", "--steps", "40"],
+    "sft": ["--model", "smollm2", "--task", "rotten_tomatoes_instruct", "--method", "lora", "--targets", "all",
+            "--steps", "4", "--batch-size", "8"],
+    "qlora": ["--model", "smollm2", "--task", "rotten_tomatoes_instruct", "--method", "qlora", "--targets", "all",
+              "--grad-checkpoint", "--steps", "4", "--batch-size", "8"],
+}
+
+
+def seconds_per_step(checkout: Path, run: str, out: Path) -> float:
+    """One run of train.py in `checkout`; its summary's s/step."""
+    cmd = [sys.executable, "train.py", *RUNS[run], *COMMON, "--out", str(out), "--overwrite"]
+    done = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {checkout}:\n{done.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["event"] == "summary")["seconds_per_step"]
+
+
+def cpu_flags() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split() \
+        if Path("/proc/cpuinfo").exists() else []
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'none of note'}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", required=True, help="the earlier commit (any git revision)")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of them is shown")
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    if unknown := [r for r in runs if r not in RUNS]:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        earlier = Path(tmp) / "earlier"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(earlier), args.against], cwd=ROOT, check=True)
+        try:
+            times = {(run, side): [] for run in runs for side in ("earlier", "now")}
+            for round_ in range(args.rounds):
+                for run in runs:
+                    for side, checkout in (("earlier", earlier), ("now", ROOT)):
+                        times[run, side].append(seconds_per_step(checkout, run, Path(tmp) / f"{side}-{run}"))
+                        print(f"round {round_ + 1} {run:8s} {side:7s} {times[run, side][-1]:.3f} s/step",
+                              file=sys.stderr)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT, check=False)
+    print(f"{cpu_flags()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+          f"torch threads as each run sets them")
+    print(f"\n| run | {args.against} s/step | {head} s/step | ratio |\n|---|---:|---:|---:|")
+    for run in runs:
+        before, now = min(times[run, "earlier"]), min(times[run, "now"])
+        print(f"| {run} | {before:.3f} | {now:.3f} | {now / before:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
