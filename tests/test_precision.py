@@ -261,3 +261,32 @@ def test_a_method_applied_to_a_model_in_low_precision_takes_its_dtypes(precision
     mp.apply(model, "lora", rank=2, targets=["all"])
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {trainable}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tmp_path, monkeypatch):
+    """The loss scale is part of a checkpoint: a run stopped after its scale came down from 2^30 resumes at
+    the scale it had (as torch.amp.GradScaler's state_dict carries it), not at the initial one."""
+    monkeypatch.setattr(trainer, "loss_scaling", lambda model, device: mp.precision.LossScaling(device, init_scale=2.0 ** 30))
+    from minipeft.formats import tasks
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be that is the question " * 200)
+
+    def run(**changes):
+        model, tokenizer = mp.from_pretrained("tiny-llama", dtype="fp16-mixed")
+        mp.apply(model, "lora")
+        task = tasks.load_task(str(text), tokenizer, max_len=32)
+        cfg = trainer.TrainConfig(steps=20, batch_size=4, lr=1e-3, out=str(tmp_path / "run"), test_before=False,
+                                  eval_every=20, save_every=0, **changes)
+        try:
+            trainer.train(model, task, cfg)
+        except trainer.Stopped:
+            pass
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["event"] == "step"]
+
+    before = run(stop_at=14)
+    after = run(resume=str(tmp_path / "run"))
+    assert before[-1]["step"] == 14 and after[14]["step"] == 15
+    assert before[-1]["loss_scale"] < 2.0 ** 30
+    # the scale step 15 starts from is the one step 14 left (halved by one more overflow at the most)
+    assert after[14]["loss_scale"] in (before[-1]["loss_scale"], before[-1]["loss_scale"] / 2)
