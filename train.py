@@ -120,6 +120,8 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
     model.checkpointing = args.grad_checkpoint
     mp.set_precision(model, precision_name).to(device)
     mp.fast.enable()  # the fast twins of the core's kernels: the same results, in less time (minipeft/fast/)
+    if args.compile:  # the forward pass compiled by torch.compile; backward follows through AOTAutograd
+        model.compile()
     return model, task, method
 
 

@@ -237,9 +237,12 @@ def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.
     """core.model.attention as set_precision installs it for a bf16 precision: AttentionInFP32 for bf16
     on the CPU, the core's own kernel for every other dtype and device. Shapes as the core's. Keys and
     values come in bf16, as autocast hands them to the core's kernel (a prefix's fp32 keys among them)."""
-    if attention_in_fp32(q.dtype, q.device):
-        return AttentionInFP32.apply(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal, scale, gqa)
-    return CORE_ATTENTION(q, k, v, mask, is_causal, scale, gqa)
+    if not attention_in_fp32(q.dtype, q.device):
+        return CORE_ATTENTION(q, k, v, mask, is_causal, scale, gqa)
+    if torch.compiler.is_compiling():  # --compile: the same product in a form it traces (not autograd.grad);
+        with torch.autocast("cpu", enabled=False):  # the compiler plans what backward keeps itself
+            return CORE_ATTENTION(q.float(), k.float(), v.float(), mask, is_causal, scale, gqa).to(q.dtype)
+    return AttentionInFP32.apply(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal, scale, gqa)
 
 
 class AttentionInFP32(torch.autograd.Function):
