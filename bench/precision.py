@@ -225,8 +225,8 @@ def main():
         transformers.logging.disable_progress_bar()
     print(cpu_description())
     print(f"torch {torch.__version__}, {args.threads} threads; {load_average()} at the start")
-    chosen, why = mp.precision.auto_precision(torch.device("cpu"))
-    print(f"--precision auto on this CPU: {chosen} ({why})")
+    auto, why = mp.precision.auto_precision(torch.device("cpu"))
+    print(f"--precision auto on this CPU: {auto} ({why})")
     print_raw_table(raw_rates(rounds=5))
     for step in chosen:
         steps, batch = build_steps(step, args.minilm_len, not args.no_reference)

@@ -10,7 +10,7 @@ A precision names three dtypes: the frozen weights' (their storage), the trainab
 their gradients and AdamW's two moments, which take the parameter's dtype), and the matmuls':
 
     precision    frozen   trainable + AdamW   matmuls   bytes per frozen / trainable parameter
-    fp32         fp32     fp32                fp32      4 / 16      the default on CPU and MPS
+    fp32         fp32     fp32                fp32      4 / 16      the default on MPS, a CPU without AMX
     bf16-mixed   bf16     fp32                bf16      2 / 16      the default on a GPU with bf16, a CPU with AMX
     bf16-true    bf16     bf16                bf16      2 / 8
     fp16-mixed   fp16     fp32                fp16      2 / 16      + dynamic loss scaling
