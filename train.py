@@ -71,7 +71,7 @@ def main(argv):
         if rank == 0:
             print(f"{args.model} on {tasks.sources_text(args.task)} ({task.kind}, {len(task.splits['train']):,} "
                   f"training {'pairs' if task.kind == 'dpo' else 'examples'}{', packed' if args.pack else ''}), "
-                  f"method {method.name}, lr {lr}, {chosen.name} on {device}"
+                  f"method {method.name}, lr {lr}, {chosen.name}{auto_reason(args, device)} on {device}"
                   + (f", {world_size} processes" if world_size > 1 else "") + f", output in {config.out}")
 
         # the training run: metrics.jsonl, config.yaml and what --log asks for, checkpoints, the adapter
@@ -120,7 +120,14 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
     model.checkpointing = args.grad_checkpoint
     mp.set_precision(model, precision_name).to(device)
     mp.fast.enable()  # the fast twins of the core's kernels: the same results, in less time (minipeft/fast/)
+    if args.compile:  # the forward pass compiled by torch.compile; backward follows through AOTAutograd
+        model.compile()
     return model, task, method
+
+
+def auto_reason(args, device: torch.device) -> str:
+    """" (auto: why)" after the precision --precision auto chose, else nothing."""
+    return f" (auto: {precision.auto_precision(device)[1]})" if args.precision == "auto" else ""
 
 
 def load_task(args, tokenizer, objective: str | None):

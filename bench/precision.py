@@ -5,8 +5,9 @@
     python bench/precision.py --no-reference           # minipeft only
 
 First the CPU: its model name and the flags that decide whether bf16 is computed natively (avx512_bf16:
-a bf16 dot-product instruction; amx_bf16: Intel's matrix tiles), as /proc/cpuinfo lists them (what
-lscpu prints), and the load average, since the machine may be shared. Then the raw rates, GFLOP/s of a
+a bf16 dot-product instruction; amx_tile, amx_bf16: Intel's matrix tiles), as /proc/cpuinfo lists them
+(what lscpu prints), what `--precision auto` chooses here and why, and the load average, since the
+machine may be shared. Then the raw rates, GFLOP/s of a
 2048² matmul and of F.linear(2048×768 by 768×768), fp32 and bf16. Then one training step (forward, loss,
 backward, AdamW step, zero_grad) in both precisions for both libraries:
 
@@ -47,7 +48,7 @@ import vs_peft  # noqa: E402  (puts the repository on sys.path too)
 
 import minipeft as mp  # noqa: E402
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 PRECISIONS = ("fp32", "bf16-mixed")
 STEPS = {"headline": dict(model="minilm", config="lora_qv"), "sft": dict(model="smollm2", config="lora_all")}
 SFT_ROWS = 8  # the SFT step's batch size
@@ -224,6 +225,8 @@ def main():
         transformers.logging.disable_progress_bar()
     print(cpu_description())
     print(f"torch {torch.__version__}, {args.threads} threads; {load_average()} at the start")
+    auto, why = mp.precision.auto_precision(torch.device("cpu"))
+    print(f"--precision auto on this CPU: {auto} ({why})")
     print_raw_table(raw_rates(rounds=5))
     for step in chosen:
         steps, batch = build_steps(step, args.minilm_len, not args.no_reference)

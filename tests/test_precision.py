@@ -21,6 +21,7 @@ import minipeft as mp
 from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
+from minipeft.core import model as core_model
 from minipeft.run import trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
@@ -290,3 +291,119 @@ def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tmp_path, monkeypatch):
     assert before[-1]["loss_scale"] < 2.0 ** 30
     # the scale step 15 starts from is the one step 14 left (halved by one more overflow at the most)
     assert after[14]["loss_scale"] in (before[-1]["loss_scale"], before[-1]["loss_scale"] / 2)
+
+
+# ------------------------------------------------------------------ attention under bf16 on the CPU
+
+def grad_fn_names(tensor) -> set[str]:
+    """The names of every node of tensor's autograd graph."""
+    seen, todo, names = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [child for child, _ in node.next_functions]
+    return names
+
+
+ATTENTION_CASES = {  # (H, Hkv, T, causal, padded)
+    "gqa-causal": (4, 2, 24, True, False), "padded": (4, 4, 24, False, True), "gqa-padded-64": (4, 2, 64, False, True)}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_bf16_attention_on_the_cpu_runs_the_fp32_kernel(case):
+    """precision.attention on bf16 q, k, v (what set_precision installs for bf16): output and the three
+    gradients against torch's own kernel in float64 on the same bf16 values, within bf16's rounding of
+    the result (2⁻⁸ relative), and closer than torch's bf16 CPU kernel, which sums its gradients in bf16."""
+    H, Hkv, T, causal, padded = ATTENTION_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_y = (torch.randn(3, h, T, 16, generator=g).bfloat16() for h in (H, Hkv, Hkv, H))
+    mask = tiny_batch(B=3, T=T)[1].bool()[:, None, None, :] if padded else None
+
+    def run(attention, dtype):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        y = attention(*leaves, mask, causal, 0.25, H != Hkv)
+        y.backward(grad_y.to(dtype))
+        return y, [y.double(), *(t.grad.double() for t in leaves)]
+
+    y, ours = run(mp.precision.attention, torch.bfloat16)
+    _, plain = run(mp.precision.CORE_ATTENTION, torch.bfloat16)
+    _, reference = run(mp.precision.CORE_ATTENTION, torch.float64)
+    assert "AttentionInFP32Backward" in grad_fn_names(y) and y.dtype == torch.bfloat16
+    for name, a, b, r in zip(("y", "dq", "dk", "dv"), ours, plain, reference):
+        ours_error, plain_error = ((a - r).norm() / r.norm()).item(), ((b - r).norm() / r.norm()).item()
+        assert ours_error < 2 ** -8, name
+        assert ours_error < (1.0 if name == "y" else 0.8) * plain_error, name
+
+
+def test_fp32_attention_only_under_bf16_on_the_cpu():
+    """set_precision installs precision.attention for a bf16 precision; it takes AttentionInFP32 for bf16
+    on the CPU only: an fp32 model computes bit for bit what the core's kernel does, and neither fp16
+    nor a GPU's bf16 goes through it."""
+    idx, mask = tiny_batch(B=3, T=12)
+    for precision in ("bf16-mixed", "bf16-true"):
+        model = mp.set_precision(mp.apply(tiny_model("llama"), "lora"), precision)
+        assert "AttentionInFP32Backward" in grad_fn_names(model(idx, attention_mask=mask, shift_labels=idx))
+    assert core_model.attention is mp.precision.attention
+    fp32 = mp.set_precision(mp.apply(tiny_model("llama"), "lora"), "fp32")
+    loss = fp32(idx, attention_mask=mask, shift_labels=idx)
+    assert "AttentionInFP32Backward" not in grad_fn_names(loss)
+    core_model.attention = mp.precision.CORE_ATTENTION
+    try:
+        assert torch.equal(loss, fp32(idx, attention_mask=mask, shift_labels=idx))
+    finally:
+        core_model.attention = mp.precision.attention
+    assert mp.precision.attention_in_fp32(torch.bfloat16, torch.device("cpu"))
+    assert not mp.precision.attention_in_fp32(torch.bfloat16, torch.device("cuda"))
+    assert not mp.precision.attention_in_fp32(torch.float16, torch.device("cpu"))
+    assert not mp.precision.attention_in_fp32(torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flavor, precision", [("llama", "bf16-mixed"), ("bert", "bf16-true"), ("gpt2", "bf16-mixed")])
+def test_fp32_attention_keeps_no_more_than_the_bf16_kernel(flavor, precision):
+    """What autograd keeps with AttentionInFP32 (q, k, v, the mask) against the bf16 kernel's (q, k, v,
+    output, log-sum-exps, an fp32 mask), on a padded batch; and the ledger's count of it within 10%
+    (test_ledger_counts_activations_in_their_dtype's bound)."""
+    model = mp.set_precision(mp.apply(tiny_model(flavor, d_model=64), "lora"), precision).train()
+    idx, mask = tiny_batch(B=3, T=24)
+    measured = saved_activation_bytes(model, idx, mask)
+    core_model.attention = mp.precision.CORE_ATTENTION
+    try:
+        measured_bf16_kernel = saved_activation_bytes(model, idx, mask)
+    finally:
+        core_model.attention = mp.precision.attention
+    assert measured < measured_bf16_kernel
+    assert memory.activation_bytes(model, 3, 24, padded=True)["saved"] == pytest.approx(measured, rel=0.10)
+
+
+# ---------------------------------------------------------------------------------- --precision auto
+
+@pytest.mark.parametrize("amx, avx512_bf16, chosen, why", [
+    (True, True, "bf16-mixed", "this CPU multiplies bf16 matrices on its AMX tiles"),
+    (False, True, "fp32", "this CPU has AVX-512-BF16 but no AMX: its bf16 matmuls run at about half fp32's rate"),
+    (False, False, "fp32", "this CPU has neither AMX nor AVX-512-BF16: bf16 would be emulated, several times slower"),
+])
+def test_auto_picks_bf16_on_a_cpu_only_with_amx(monkeypatch, amx, avx512_bf16, chosen, why):
+    """auto_precision is a function of what torch reports of the CPU (patched here to each kind of CPU)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert mp.precision.auto_precision(cpu) == (chosen, why)
+    assert mp.precision.resolve_precision("auto", cpu).name == chosen
+
+
+@pytest.mark.parametrize("bf16, chosen", [(True, "bf16-mixed"), (False, "fp32")])
+def test_auto_on_a_gpu_follows_its_bf16(monkeypatch, bf16, chosen):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert mp.precision.auto_precision(torch.device("cuda"))[0] == chosen
+    assert mp.precision.auto_precision(torch.device("mps"))[0] == "fp32"
+
+
+def test_train_py_says_what_auto_chose_and_why(tmp_path):
+    done = run("--model", "tiny-gpt2", "--task", "hamlet", "--steps", "1", "--batch-size", "2", "--max-len", "16",
+               "--skip-test-before", "--eval-every", "0", "--out", tmp_path / "run")
+    chosen, why = mp.precision.auto_precision(torch.device("cpu"))
+    assert done.returncode == 0, done.stderr
+    assert f"{chosen} (auto: {why}) on cpu" in done.stdout.splitlines()[0]

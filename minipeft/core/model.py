@@ -20,8 +20,9 @@ qk_norm adds `attn.q_norm`, `attn.k_norm`), so a PEFT method that targets "q" fi
 in all of them. PEFT methods never edit the math here: LoRA and adapters replace `nn.Linear` modules by
 name, and the slots `Attention.prefix`, `Attention.adaption` and `Transformer.prompt` (all `None` by
 default) are where prefix tuning, LLaMA-Adapter and prompt tuning plug in (see their files). Attention
-is one call to F.scaled_dot_product_attention, written out instead (`attention_with_dropout`) when
-training with dropout or soft-capping attention logits, which SDPA cannot do. The LM loss is
+is one call to F.scaled_dot_product_attention (`attention`, which a ring may swap: scale/precision.py
+under bf16 on the CPU), written out instead (`attention_with_dropout`) when training with dropout or
+soft-capping attention logits, which SDPA cannot do. The LM loss is
 F.cross_entropy over the logits (`lm_loss`). minipeft.fast.enable() swaps in faster twins of `lm_loss`
 (tiled: the logits never exist whole) and `dropout`.
 
@@ -55,6 +56,13 @@ class Dropout(nn.Dropout):
 
     def forward(self, x):
         return dropout(x, self.p, self.training)
+
+
+def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v in one fused kernel (flash attention on the CPU): q (B, H, T, hd);
+    k, v (B, Hkv, S, hd), gqa: Hkv < H; mask as in attention_with_dropout. Returns (B, H, T, hd). Called
+    through this module's global, so that a ring can swap it (scale/precision.py does, for bf16 on the CPU)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
 def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale: float | None = None,
@@ -156,8 +164,7 @@ class Attention(nn.Module):
             y = attention_with_dropout(q, k, v, mask, is_causal, self.attn_drop, self.scale,
                                        cfg.attn_softcap)  # (B, H, T, hd)
         else:  # one fused kernel (flash attention on CPU)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                               enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
+            y = attention(q, k, v, mask, is_causal, self.scale, cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
         if self.adaption is not None:
             y = y + self.adaption(q, self.k, self.v)  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, d)

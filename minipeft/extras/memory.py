@@ -31,7 +31,8 @@ batches while autograd's saved-tensor hooks count what it keeps, so a method has
 method and flavour, to 2%. Per block:
 
     attention        flash attention (PyTorch's CPU kernel when dropout is 0) keeps q, k, v, its output
-                     (which is o's input) and one log-sum-exp per query and head: N·(2d + 2·d_kv)
+                     (which is o's input) and one log-sum-exp per query and head: N·(2d + 2·d_kv);
+                     in bf16 on the CPU (precision.AttentionInFP32) q, k, v only: N·(d + 2·d_kv)
     norms            input + 2 statistics per token (LayerNorm); RMSNorm: input + 1, + its normalized
                      input when its weight trains
     gpt2/bert, LoRA  ln1 in, ln1 out, LoRA's r-wide A outputs, q, k, v, y, ln2 in, GELU in
@@ -78,7 +79,7 @@ from minipeft.fast.losses import tile_elements
 from minipeft.core.model import OffsetRMSNorm
 from minipeft.core.nf4 import Linear4bit, tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.wrap import FrozenLinear
-from minipeft.scale.precision import precision_of
+from minipeft.scale.precision import attention_in_fp32, precision_of
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
 # first forward, backward and AdamW step load code and modules that the imports alone do not), with
@@ -161,10 +162,11 @@ class _Saved:
     """The tensors autograd keeps for backward, by name, in bytes (a name is counted once). Activations
     take `size` bytes per element (the compute dtype's: 4 in fp32, 2 under bf16 or fp16); what stays fp32
     whatever the precision (norm statistics, log-sum-exps, the loss) says so. `probe` measures the
-    modules a method inserts."""
+    modules a method inserts; `fp32_attention`: attention runs as precision.AttentionInFP32 (bf16 on the
+    CPU), which keeps q, k, v and the mask only."""
 
-    def __init__(self, size: int, probe: "_Probe"):
-        self.size, self.probe = size, probe
+    def __init__(self, size: int, probe: "_Probe", fp32_attention: bool = False):
+        self.size, self.probe, self.fp32_attention = size, probe, fp32_attention
         self.elements: dict[str, float] = {}  # name -> bytes
 
     def keep(self, name: str, elements: float, size: int | None = None):
@@ -339,10 +341,14 @@ def _attention(saved: _Saved, attn, cfg, x: str, batch: int, tokens: int, keys: 
         saved.keep(f"{L}.q", n * H * hd)
         saved.keep(f"{L}.k", batch * keys * Hkv * hd)
         saved.keep(f"{L}.v", batch * keys * Hkv * hd)
-        saved.keep(f"{L}.y", n * H * hd)
-        saved.keep(f"{L}.lse", n * H, FP32)
-        if masked:  # the boolean mask, as an additive fp32 mask
-            saved.keep(f"{L}.mask", masked * tokens * keys)
+        if saved.fp32_attention:  # q, k, v only (o keeps the output if its weight trains), and the
+            if masked:  # model's boolean mask, one for all blocks
+                saved.keep("mask", masked * tokens * keys, 1)
+        else:
+            saved.keep(f"{L}.y", n * H * hd)
+            saved.keep(f"{L}.lse", n * H, FP32)
+            if masked:  # the boolean mask, as an additive fp32 mask
+                saved.keep(f"{L}.mask", masked * tokens * keys)
     else:  # attention_with_dropout: scaled q and kᵀ, softmax, dropout mask, dropped weights, v (GQA: repeated)
         scores = batch * H * tokens * keys
         if k_grad:
@@ -462,15 +468,17 @@ def activation_bytes(model, batch_size: int, seq_len: int, checkpointing: bool |
     n = B * T
     # positions.attention_mask_for: a (B or 1, 1, T, S) boolean mask; `masked` is its batch dimension (0: none)
     masked = B if padded else 1 if model.prefix_length > 0 and cfg.causal else 0
-    size = precision_of(model).compute.itemsize  # bytes per activation element
+    compute = precision_of(model).compute
+    size = compute.itemsize  # bytes per activation element
     probe = probe or _Probe(model)
-    saved = _Saved(size, probe)
+    fp32_attention = attention_in_fp32(compute, model.tok_emb.weight.device)
+    saved = _Saved(size, probe, fp32_attention)
 
     grad = _embeddings(saved, model, B, seq_len, T)
 
     blocks = []
     for i, block in enumerate(model.blocks):
-        inner = _Saved(size, probe)
+        inner = _Saved(size, probe, fp32_attention)
         grad_out = _block(inner, block, cfg, f"x{i}", B, T, S, masked, grad, f"b{i}")
         blocks.append(inner.total())
         if not checkpointing:

@@ -77,7 +77,8 @@ def add_device_flags(parser: argparse.ArgumentParser):
     group.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                        help="fp32; bf16-mixed: frozen weights in bf16, trainable ones and AdamW state in fp32, "
                             "matmuls in bf16; bf16-true: everything in bf16; fp16-mixed: as bf16-mixed in fp16, "
-                            "with dynamic loss scaling. auto: bf16-mixed on a CUDA GPU with bf16, else fp32")
+                            "with dynamic loss scaling. auto: bf16-mixed on a CUDA GPU with bf16 and on a CPU with "
+                            "AMX (where bf16 matmuls outrun fp32's), else fp32; a run's first line says which and why")
 
 
 def add_import_flag(parser: argparse.ArgumentParser):

@@ -55,6 +55,12 @@ def build_parser(method: str | None = None):
                    help="by-length: each shuffled batch holds examples of about one length, so little of "
                         "it is padding (Rotten Tomatoes on MiniLM: 1.79x fewer tokens computed); random: "
                         "batches as drawn, padded to their longest example")
+    t.add_argument("--compile", action=SWITCH, default=False,
+                   help="torch.compile the model's forward pass (backward follows, through AOTAutograd; on the CPU "
+                        "inductor needs a C++ compiler): the first steps and each new batch shape take seconds to "
+                        "compile, which the summary reports apart (first step against the median step). Off by "
+                        "default: on a 2-core CPU compiling MiniLM took 30 s of CPU time and its LoRA steps then "
+                        "took 0.89x eager's, a gain only runs of a few hundred steps or more win back (docs/speed.md)")
     t.add_argument("--train-on-prompt", action=SWITCH, default=False,
                    help="instruction data: put the prompt's tokens in the loss too (default: only the answers)")
     t.add_argument("--skip-test-before", action=SWITCH, default=False,

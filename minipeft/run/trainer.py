@@ -38,6 +38,7 @@ import platform
 import random
 import resource
 import signal
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -264,6 +265,7 @@ class TrainingRun:
         self.saved = self.resumed.path if self.resumed else None
         self.saved_step = self.progress.step if self.resumed else None
         self.log, self.net = None, None  # set by start()
+        self.step_seconds = []  # this process's steps, timed (the first builds kernels; with --compile, compiles)
         # every check has passed: only now may the output folder change
         self.out = Path(out) if out is not None else checkpoint.new_run_folder(cfg.run, model.peft_config["method"])
         self.cfg = replace(cfg, out=str(self.out))
@@ -310,7 +312,8 @@ class TrainingRun:
                                     cfg.grad_accum, cfg.max_grad_norm, self.processes,
                                     stop_requested=stop.signum is not None, scaling=self.scaling,
                                     dpo_loss=self.dpo_loss)
-                progress.count(step, result.examples, time.perf_counter() - start, result.finite or result.overflow)
+                self.step_seconds.append(time.perf_counter() - start)
+                progress.count(step, result.examples, self.step_seconds[-1], result.finite or result.overflow)
                 bar.set_postfix_str(f"loss {result.loss:.4f}, {progress.train_seconds / progress.step:.3f} s/step, "
                                     f"{progress.examples / progress.train_seconds:.1f} examples/s")
                 self.record_step(step, result)
@@ -366,6 +369,7 @@ class TrainingRun:
         after = self.evaluate("test")
         summary = make_summary(self.model, self.cfg, self.progress, self.steps, after, adapter_dir, self.saved,
                                self.world_size, self.data.info)
+        summary.update(first_and_median_step(self.step_seconds))
         self.log.record(event="summary", **summary)
         return summary
 
@@ -454,6 +458,14 @@ def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapte
     }
 
 
+def first_and_median_step(seconds: list[float]) -> dict:
+    """The first step apart from the median of the others: the first builds the kernels, and with --compile
+    compiles the model (a new batch shape may recompile later ones, which the median leaves out)."""
+    if not seconds:
+        return {}
+    return {"first_step_seconds": seconds[0], "median_step_seconds": statistics.median(seconds[1:] or seconds)}
+
+
 def format_summary(s: dict) -> str:
     v = s["versions"]
     return "\n".join([
@@ -468,6 +480,8 @@ def format_summary(s: dict) -> str:
         f"time                 {s['train_seconds']:.1f} s for {s['steps']} steps "
         f"({s['seconds_per_step']:.3f} s/step), {s['examples_per_step']} examples per step on "
         f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''}",
+        *([f"first step           {s['first_step_seconds']:.2f} s (building kernels, and compiling with --compile), "
+           f"then a median of {s['median_step_seconds']:.3f} s/step"] if "first_step_seconds" in s else []),
         f"skipped steps        {s['skipped_steps']} (non-finite loss or gradient)",
         *([f"instruction data     {d['shape']} rows, chat template {d['template']}, {d['truncated']} rows cut "
            f"from the left to --max-len, loss on {'every token' if d['train_on_prompt'] else 'the answers'}"]

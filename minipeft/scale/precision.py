@@ -10,8 +10,8 @@ A precision names three dtypes: the frozen weights' (their storage), the trainab
 their gradients and AdamW's two moments, which take the parameter's dtype), and the matmuls':
 
     precision    frozen   trainable + AdamW   matmuls   bytes per frozen / trainable parameter
-    fp32         fp32     fp32                fp32      4 / 16      the default on CPU and MPS
-    bf16-mixed   bf16     fp32                bf16      2 / 16      the default on a GPU with bf16
+    fp32         fp32     fp32                fp32      4 / 16      the default on MPS, a CPU without AMX
+    bf16-mixed   bf16     fp32                bf16      2 / 16      the default on a GPU with bf16, a CPU with AMX
     bf16-true    bf16     bf16                bf16      2 / 8
     fp16-mixed   fp16     fp32                fp16      2 / 16      + dynamic loss scaling
 
@@ -29,8 +29,14 @@ forward), which casts each matmul's inputs — bf16 activations against fp32 ada
 compute dtype; its gradient flows back to the fp32 parameter in fp32. What stays fp32, as in
 transformers: the RoPE tables (cast to the activations' dtype where used), RMSNorm's statistics,
 softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), and a
-4-bit layer's quantization state (dequantized into the compute dtype). Adapters are saved in fp32 and
-load into any precision.
+4-bit layer's quantization state (dequantized into the compute dtype). Under bf16 on the CPU, attention
+itself runs in fp32 (AttentionInFP32: PyTorch's bf16 CPU kernel is slow and sums its gradients in
+bf16), keeping only bf16 q, k, v between the passes. Adapters are saved in fp32 and load into any
+precision.
+
+`--precision auto` (auto_precision) picks bf16-mixed only where bf16 matmuls are faster than fp32's: a
+CUDA GPU with bf16, a CPU with AMX. A CPU with AVX-512-BF16 but no AMX multiplies bf16 at about half
+fp32's rate (bench/precision.py measures it), so fp32 stays the default there.
 
 Devices: `resolve_device("auto")` is CUDA if present, else MPS, else the CPU. Every tensor minipeft
 creates during a forward pass (masks, positions, dropout masks, KV caches) is made on the device of
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minipeft.core import model as core_model
 from minipeft.core import registry
 from minipeft.core.fingerprint import embedding_sample
 from minipeft.core.loop import NO_LOSS_SCALING, NoLossScaling
@@ -107,8 +114,26 @@ def _mps_available() -> bool:
 
 
 def default_precision(device: torch.device) -> str:
-    """bf16-mixed on a GPU that computes in bf16, else fp32."""
-    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """What --precision auto (or None) means on `device`: auto_precision's choice."""
+    return auto_precision(device)[0]
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """(precision, why): bf16-mixed where bf16 matmuls outrun fp32's — a CUDA GPU that computes in bf16,
+    a CPU with AMX tiles (Intel's matrix unit, lscpu's amx_bf16 and amx_tile) — else fp32. AVX-512-BF16
+    alone (a bf16 dot product in vector registers) multiplies at about half fp32's rate; without either,
+    bf16 is emulated. `why` is one clause for the run's first line."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "this GPU computes in bf16"
+        return "fp32", "this GPU has no bf16; fp16-mixed is yours to ask for"
+    if device.type != "cpu":
+        return "fp32", f"bf16 is chosen on its own only on CUDA and on CPUs with AMX, not on {device.type}"
+    if torch.cpu._is_amx_tile_supported():
+        return "bf16-mixed", "this CPU multiplies bf16 matrices on its AMX tiles"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "fp32", "this CPU has AVX-512-BF16 but no AMX: its bf16 matmuls run at about half fp32's rate"
+    return "fp32", "this CPU has neither AMX nor AVX-512-BF16: bf16 would be emulated, several times slower"
 
 
 def resolve_precision(name: str | torch.dtype | None, device: torch.device) -> Precision:
@@ -170,6 +195,8 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
                 module._buffers[name] = b.to(chosen.frozen)
     model.precision = chosen.name
     model.compute_context = compute  # the forward pass runs under autocast to the compute dtype
+    if chosen.compute == torch.bfloat16:
+        core_model.attention = attention  # bf16 on the CPU: the fp32 kernel (AttentionInFP32)
     return model
 
 
@@ -193,6 +220,58 @@ def compute(model, device: torch.device):
     if not precision.mixed or not torch.amp.is_autocast_available(device.type):  # e.g. "meta": shapes only
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=precision.compute)
+
+
+# ------------------------------------------------------------------------- attention in bf16 on the CPU
+
+CORE_ATTENTION = core_model.attention  # the core's fused attention, which `attention` falls back to
+
+
+def attention_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `attention` runs q, k, v of this dtype on this device through AttentionInFP32: bf16 on
+    the CPU."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
+
+
+def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
+    """core.model.attention as set_precision installs it for a bf16 precision: AttentionInFP32 for bf16
+    on the CPU, the core's own kernel for every other dtype and device. Shapes as the core's. Keys and
+    values come in bf16, as autocast hands them to the core's kernel (a prefix's fp32 keys among them)."""
+    if not attention_in_fp32(q.dtype, q.device):
+        return CORE_ATTENTION(q, k, v, mask, is_causal, scale, gqa)
+    if torch.compiler.is_compiling():  # --compile: the same product in a form it traces (not autograd.grad);
+        with torch.autocast("cpu", enabled=False):  # the compiler plans what backward keeps itself
+            return CORE_ATTENTION(q.float(), k.float(), v.float(), mask, is_causal, scale, gqa).to(q.dtype)
+    return AttentionInFP32.apply(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal, scale, gqa)
+
+
+class AttentionInFP32(torch.autograd.Function):
+    """softmax(q kᵀ · scale + mask) v on bf16 q, k, v, computed by the fp32 kernel; keeps only q, k, v
+    (bf16) and the mask for backward, as few bytes as the bf16 kernel's q, k, v, output and log-sum-exps.
+
+    PyTorch's CPU flash attention in bf16 multiplies its small blocks one library call at a time and
+    sums the gradients of q, k and v in bf16: its backward takes 3-8× the fp32 kernel's time, and rounds.
+    Here forward runs the fp32 kernel on upcast copies and returns the output in bf16; backward upcasts
+    q, k, v again, reruns that forward with autograd and differentiates it (an fp32 forward costs about
+    a third of its backward), so nothing fp32 stays alive between the passes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, scale, gqa):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.options = is_causal, scale, gqa
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 copies back to bf16
+            y = CORE_ATTENTION(q.float(), k.float(), v.float(), mask, is_causal, scale, gqa)  # (B, H, T, hd)
+        return y.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        *qkv, mask = ctx.saved_tensors
+        qkv = [t.detach().float().requires_grad_(needed) for t, needed in zip(qkv, ctx.needs_input_grad)]
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            y = CORE_ATTENTION(*qkv, mask, *ctx.options)  # (B, H, T, hd), fp32
+        wanted = [t for t in qkv if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y.float()))
+        return *(next(grads).to(grad_y.dtype) if t.requires_grad else None for t in qkv), None, None, None, None
 
 
 class LossScaling(NoLossScaling):
