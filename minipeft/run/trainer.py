@@ -504,15 +504,19 @@ def versions() -> dict:
 
 def _git_commit() -> str | None:
     """The commit of a minipeft git checkout, read from .git (no git needed); None if not one."""
-    git = Path(__file__).resolve().parents[2] / ".git"
+    root = Path(__file__).resolve().parents[2]
+    git = root / ".git"
     try:
+        if git.is_file():  # a worktree: .git names its own folder, whose commondir holds the refs
+            git = root / git.read_text().split("gitdir:", 1)[1].strip()
+        common = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head[:12]
         ref = head[len("ref: "):]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
+        if (common / ref).is_file():
+            return (common / ref).read_text().strip()[:12]
+        for line in (common / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line.split()[0][:12]
     except OSError:
