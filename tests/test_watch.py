@@ -10,6 +10,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from pathlib import Path
 
 import train as train_cli
 from minipeft.run import watch
@@ -159,3 +160,23 @@ def test_an_earlier_runs_rows_stay_out(text, tmp_path, capsys):
         assert [int(r["step"]) for r in csv.DictReader(f) if r["event"] == "step"] == [1, 2]
     plotted = watch.read_rows(out / "metrics.jsonl")  # what plot.png is drawn from
     assert [r["step"] for r in plotted if r["event"] == "step"] == [1, 2]
+
+
+def test_a_run_records_the_commit_of_a_checkout_or_a_worktree(tmp_path):
+    """versions()["minipeft"] is the checkout's commit as git names it, in a clone and in a git worktree."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    code = "from minipeft.run.trainer import _git_commit; print(_git_commit())"
+    worktree = tmp_path / "worktree"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree)], cwd=root, check=True)
+    try:
+        for checkout in (root, worktree):
+            expected = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True,
+                                      text=True, check=True).stdout.strip()[:12]
+            found = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True)
+            assert found.stdout.strip() == expected, found.stderr
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=root, check=False)
