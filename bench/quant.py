@@ -9,14 +9,22 @@ of them exactly (compared
 with that definition, not with bitsandbytes' dequantize: its CPU kernels differ by CPU, and one is noted
 below the table when it departs from the definition). A plain symmetric int4 absmax row is the baseline.
 
+Then dequantization on SmolLM2-135M's own weight shapes (NF4 + double quantization, block 64, fp32 and
+bf16 output), the fast twin against bitsandbytes: best of --rounds interleaved single calls (the best
+rather than the median: on a shared machine it is the run the others disturbed least), and the ratio.
+The CPU's flags that decide which bitsandbytes kernel runs are printed above it, with the load average.
+
 Then the QLoRA paper's perplexity comparison on our own data: SmolLM2-135M perplexity on the Hamlet
 test split with every block linear layer rounded through fp32 (no rounding), int4, fp4, nf4 and nf4 with
 double quantization. (The released SmolLM2 file is itself Q4_1, so "fp32" means its dequantized weights.)
 
     python bench/quant.py                      # 4096 x 4096 fp32, block size 64, 2 threads
     python bench/quant.py --size 1024 --threads 1 --no-perplexity
+    python bench/quant.py --only-smollm2-shapes --threads 1 --rounds 300
 """
 import argparse
+import copy
+import math
 import os
 import statistics
 import sys
@@ -82,6 +90,54 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected, dequantize) -> b
             and torch.equal(dequantize(packed, state), expected))
 
 
+SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q and o; k and v; gate and up; down
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags_line() -> str:
+    """Which of FLAGS /proc/cpuinfo lists (what lscpu prints), and the load average."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU flags unknown (no /proc/cpuinfo)"
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
+    return f"CPU flags: {listed}; load average {load}"
+
+
+def best_us(functions, rounds: int) -> list[float]:
+    """Best wall time in microseconds of each zero-argument function, single calls interleaved a, b, a, b, …"""
+    for fn in functions:
+        fn()
+    best = [math.inf] * len(functions)
+    for _ in range(rounds):
+        for i, fn in enumerate(functions):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], 1e6 * (time.perf_counter() - start))
+    return best
+
+
+def smollm2_shapes_table(rounds: int):
+    """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ, fast twin against bitsandbytes."""
+    print(f"\nDequantization on SmolLM2-135M's weight shapes, NF4 + double quantization, block size 64, "
+          f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_flags_line()}\n")
+    print("| shape | output | fast µs | bnb µs | fast / bnb |")
+    print("|---|---|---:|---:|---:|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in SMOLLM2_SHAPES:
+            w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            packed, state = fast.quantize_4bit(w, "nf4", 64, True)
+            ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            ref_state = copy.copy(ref_state)
+            ref_state.dtype = dtype  # bitsandbytes dequantizes into the state's dtype
+            ours, theirs = best_us([lambda: fast.dequantize_4bit(packed, state, dtype),
+                                    lambda: bnb.dequantize_4bit(ref_packed, ref_state)], rounds)
+            print(f"| {shape[0]} × {shape[1]} | {str(dtype).removeprefix('torch.')} | {ours:.0f} | {theirs:.0f} "
+                  f"| {ours / theirs:.2f} |", flush=True)
+
+
 def perplexity_ladder(blocksize: int, max_len: int):
     """SmolLM2 perplexity on Hamlet's test split with its block linears rounded through each format."""
     from minipeft.core import loop
@@ -117,6 +173,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every timing")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weight matrix")
+    parser.add_argument("--rounds", type=int, default=200, help="interleaved calls per SmolLM2-shape timing (best)")
+    parser.add_argument("--only-smollm2-shapes", action="store_true",
+                        help="time dequantization on SmolLM2's weight shapes only (no big table, no perplexity)")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the SmolLM2 perplexity ladder")
     parser.add_argument("--ppl-len", type=int, default=256, help="tokens per window in the perplexity ladder")
     args = parser.parse_args()
@@ -125,6 +184,8 @@ def main():
     quant.check_format("nf4", args.blocksize)
 
     torch.set_num_threads(args.threads)
+    if args.only_smollm2_shapes:
+        return smollm2_shapes_table(args.rounds)
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     print(f"weight {args.size}x{args.size} fp32 ~ N(0, 1), block size {args.blocksize}, "
           f"threads {torch.get_num_threads()}, median of {args.repeats} | torch {torch.__version__}, "
@@ -164,6 +225,7 @@ def main():
     if departures:
         print(f"\nbitsandbytes' own dequantize departs from code[q]·absmax on this CPU "
               f"({torch.backends.cpu.get_cpu_capability()}) for: {', '.join(departures)}")
+    smollm2_shapes_table(args.rounds)
     if not args.no_perplexity:
         perplexity_ladder(args.blocksize, args.ppl_len)
 

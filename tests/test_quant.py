@@ -474,6 +474,19 @@ def test_fast_quantize_and_dequantize_are_the_core_bit_for_bit(blocksize, quant_
             assert_same_bits(fast_w_hat, quant.dequantize_4bit(packed, state, dtype))
 
 
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_fast_dequantize_across_chunk_boundaries(monkeypatch, quant_type):
+    """Chunks of 64 values: every path of the twin's loop (fp32 in place, bf16/fp16 through the buffer) crosses
+    many chunk boundaries and ends in a partial block, with odd padding and double-quantization groups."""
+    monkeypatch.setattr(fast_nf4, "CHUNKS", dict.fromkeys(fast_nf4.CHUNKS, 64))
+    for shape, blocksize in [((7,), 32), ((130, 33), 32), ((301, 7), 64), ((257, 129), 128)]:
+        w = randn(*shape, seed=math.prod(shape))
+        packed, state = quant.quantize_4bit(w, quant_type, blocksize, double_quant=True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            expected = quant.dequantize_4bit(packed, state, dtype)
+            assert_same_bits(fast_nf4.dequantize_4bit(packed, state, dtype), expected)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("name", list(edge_case_tensors()))

@@ -5,8 +5,9 @@ the core against bitsandbytes). What is different:
 
     quantize_4bit     nearest code by a cell table (two look-ups and a comparison per value, not a binary
                       search), the work done a chunk of 256K values at a time (small temporaries, in cache)
-    dequantize_4bit   each byte decoded to its pair of fp32 values as one int64 gather, into reused chunk
-                      buffers, multiplied by absmax straight into the output dtype
+    dequantize_4bit   each byte decoded to its pair of fp32 values by one 64-bit look-up (int32 indices),
+                      written into the fp32 output itself (bf16/fp16: a reused chunk buffer), then scaled
+                      by absmax in place; the double-quantized absmax in five torch calls
     Linear4bit        a custom autograd function that keeps no dequantized weight for backward: it
                       dequantizes again there (and under activation checkpointing takes the rerun's copy),
                       and runs both matmuls in autocast's dtype, with autocast off
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minipeft.core.nf4 import CODES, QuantState, check_packed, check_quantize_input, quantized_state
+from minipeft.core.nf4 import (CODES, DOUBLE_QUANT_BLOCKSIZE, QuantState, check_packed, check_quantize_input,
+                               quantized_state)
 
 
 # ---------------------------------------------------------------------------------------- autocast
@@ -61,7 +63,7 @@ class CodeTables:
     rank_below: torch.Tensor  # (CELLS+1,) uint8: midpoints in earlier cells
     midpoint_in_cell: torch.Tensor  # (CELLS+1,) fp32: the midpoint inside the cell, or +inf
     rank_pair_to_byte: torch.Tensor | None  # (256,) uint8: packed ranks -> packed codes; None if rank == code
-    byte_to_pair: torch.Tensor  # (256, 2) fp32: packed byte -> its two values, high nibble first
+    byte_to_pair_bits: torch.Tensor  # (256,) int64: packed byte -> bits of its two fp32 values, high nibble's first
 
     @classmethod
     def build(cls, code: torch.Tensor) -> "CodeTables":
@@ -77,7 +79,7 @@ class CodeTables:
         is_sorted = bool((code_of_rank == torch.arange(16)).all())
         rank_pair_to_byte = None if is_sorted else (code_of_rank[high] << 4 | code_of_rank[low]).byte()
         return cls(midpoints, rank_below, midpoint_in_cell, rank_pair_to_byte,
-                   torch.stack([code[high], code[low]], dim=1))
+                   torch.stack([code[high], code[low]], dim=1).view(torch.int64).view(256))
 
     def to(self, device) -> "CodeTables":
         return CodeTables(*(None if t is None else t.to(device) for t in vars(self).values()))
@@ -101,11 +103,18 @@ class CodeTables:
 TABLES = {name: CodeTables.build(code) for name, code in CODES.items()}
 
 
-def _chunk_size(blocksize: int) -> int:
-    """Elements per chunk of the 4-bit loops: whole blocks, 256K values (1 MB of fp32). Going chunk by chunk
-    keeps every temporary small and in cache — allocating several 64 MB temporaries per call costs more
-    than the arithmetic — while all blocks of a chunk are processed at once."""
-    return max(blocksize, 1 << 18)
+# Values per chunk of the 4-bit loops (measured on SmolLM2's and 4096² weights). Going chunk by chunk keeps
+# the temporaries small and in cache (allocating several 64 MB temporaries per call costs more than the
+# arithmetic), while all blocks of a chunk are processed at once, in as few torch calls as possible (each
+# costs microseconds): the quantizer 256K values (1 MB of fp32); the dequantizer 128K through its fp32
+# buffer (bf16/fp16 output), or 1M when fp32 goes straight into the output and its int32 index is the
+# only temporary.
+CHUNKS = {"quantize": 1 << 18, "dequantize": 1 << 17, "dequantize in place": 1 << 20}
+
+
+def _chunk_size(blocksize: int, loop: str) -> int:
+    """Elements per chunk of `loop` (a key of CHUNKS): whole blocks."""
+    return max(blocksize, CHUNKS[loop])
 
 
 # ------------------------------------------------------------------------------------ quantize, dequantize
@@ -120,7 +129,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     tables = TABLES[quant_type].to(flat.device)
     absmax = torch.empty(math.ceil(n / blocksize), device=flat.device)  # (n_blocks,)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)  # (ceil(n/2),)
-    step = _chunk_size(blocksize)
+    step = _chunk_size(blocksize, "quantize")
     for start in range(0, n_full, step):  # complete blocks, a chunk at a time
         stop = min(start + step, n_full)
         blocks = flat[start:stop].view(-1, blocksize)  # (chunk/bs, bs)
@@ -134,34 +143,48 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     return packed, quantized_state(w, quant_type, blocksize, absmax, double_quant)
 
 
+def block_absmax(state: QuantState) -> torch.Tensor:
+    """QuantState.block_absmax's twin, the same bits: under double quantization dynamic[c_b] · scale_g + mean,
+    the 256 blocks of each group g scaled by one broadcast multiply, in five torch calls whatever the size."""
+    if not state.double_quant:
+        return state.absmax
+    n_blocks, n_groups = len(state.absmax_codes), len(state.absmax_scales)
+    absmax = torch.zeros(n_groups * DOUBLE_QUANT_BLOCKSIZE, device=state.absmax_codes.device)  # whole groups
+    torch.index_select(state.absmax_code_map, 0, state.absmax_codes.int(), out=absmax[:n_blocks])
+    absmax.view(n_groups, DOUBLE_QUANT_BLOCKSIZE).mul_(state.absmax_scales[:, None])
+    return absmax[:n_blocks].add_(state.absmax_offset)  # (n_blocks,)
+
+
+def scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (m,) fp32, block by block, times absmax (ceil(m/blocksize),), in place; the last block may be partial."""
+    n_full = len(values) // blocksize * blocksize
+    values[:n_full].view(-1, blocksize).mul_(absmax[:n_full // blocksize, None])
+    if n_full < len(values):
+        values[n_full:].mul_(absmax[-1])
+    return values
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """core.nf4.dequantize_4bit, chunk by chunk: the same bits. Each code · absmax is computed in fp32 and
-    rounded once, straight into the output (a bf16 matmul gets bf16 weights without an fp32 copy)."""
+    """core.nf4.dequantize_4bit, the same bits, in three passes over the weights. Each byte decodes to its
+    pair of fp32 values as one 64-bit look-up (index_select with int32 indices: no int64 copy of the bytes),
+    written where the fp32 result goes — the output itself, or for bf16/fp16 a chunk buffer copied out
+    after; then code · absmax, in place, rounded once into the output's dtype."""
     check_packed(packed, state)
-    n, blocksize = state.numel, state.blocksize
+    n, blocksize, dtype = state.numel, state.blocksize, dtype or state.dtype
     packed = packed.reshape(-1)
-    absmax = state.block_absmax()  # (n_blocks,)
-    # each byte decodes to a pair of fp32 values; gathering the pair as one int64 is ~4x faster in torch
-    # than index_select on (256, 2) rows, and reinterpreting the bits back gives the same two floats
-    byte_to_pair = TABLES[state.quant_type].byte_to_pair.to(packed.device).view(torch.int64).view(256)
-    n_full = n // blocksize * blocksize
-    out = torch.empty(n + n % 2, dtype=dtype or state.dtype, device=packed.device)  # (n rounded up to even,)
-    step = _chunk_size(blocksize)
-    code_values = torch.empty(min(step, len(out)), device=packed.device)  # one chunk's code[q], reused
-    byte_index = torch.empty(len(code_values) // 2, dtype=torch.int64, device=packed.device)  # reused too
-
-    def decode(first, stop):  # code[q] of elements first … stop-1 (both even), fp32
-        values, index = code_values[:stop - first], byte_index[:(stop - first) // 2]
-        index.copy_(packed[first // 2:stop // 2])  # gather wants int64 indices
-        torch.gather(byte_to_pair, 0, index, out=values.view(torch.int64))
-        return values
-
-    for start in range(0, n_full, step):  # complete blocks, a chunk at a time
-        stop = min(start + step, n_full)
-        torch.mul(decode(start, stop).view(-1, blocksize), absmax[start // blocksize:stop // blocksize, None],
-                  out=out[start:stop].view(-1, blocksize))
-    if n_full < n:  # the partial block
-        torch.mul(decode(n_full, len(out)), absmax[-1], out=out[n_full:])
+    absmax = block_absmax(state)  # (n_blocks,) fp32
+    byte_to_pair = TABLES[state.quant_type].byte_to_pair_bits.to(packed.device)  # (256,) int64
+    out = torch.empty(n + n % 2, dtype=dtype, device=packed.device)  # (n rounded up to even,)
+    in_place = dtype == torch.float32
+    step = _chunk_size(blocksize, "dequantize in place" if in_place else "dequantize")
+    buffer = None if in_place else torch.empty(min(step, len(out)), device=packed.device)  # fp32, reused
+    for start in range(0, len(out), step):  # whole blocks at a time (the last one may be partial)
+        stop = min(start + step, len(out))
+        values = out[start:stop] if in_place else buffer[:stop - start]
+        torch.index_select(byte_to_pair, 0, packed[start // 2:stop // 2].int(), out=values.view(torch.int64))
+        scale_blocks_(values, absmax[start // blocksize:], blocksize)
+        if not in_place:
+            out[start:stop].copy_(values)
     return out[:n].view(state.shape)
 
 
