@@ -29,7 +29,15 @@ def build_parser(method: str | None = None):
     p.add_argument("--init-adapter", default=None, metavar="PATH",
                    help="start from a saved adapter (its method and options unless --method is given)")
     cli.add_method_flags(p, method)
-    t = p.add_argument_group("training")
+    add_training_flags(p.add_argument_group("training"))
+    add_memory_flags(p.add_argument_group("memory"))
+    add_preference_flags(p.add_argument_group("preference tuning (DPO): the reference model is this model with "
+                                              "its adapter off"))
+    add_checkpoint_flags(p.add_argument_group("checkpoints"))
+    return p
+
+
+def add_training_flags(t):
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (unless --steps)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     t.add_argument("--batch-size", type=int, default=16,
@@ -78,7 +86,9 @@ def build_parser(method: str | None = None):
                    help="let --out hold another run: its files (metrics.jsonl, adapter/, checkpoints, config.yaml, "
                         "metrics.csv, plot.png, logger folders) are deleted once every check has passed, before the "
                         "first step (the folder's other files stay)")
-    m = p.add_argument_group("memory")
+
+
+def add_memory_flags(m):
     m.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="allocations of this many bytes or more get their own memory mapping, returned to the "
                         "system when freed, so the resident size follows the live tensors the memory ledger "
@@ -95,7 +105,9 @@ def build_parser(method: str | None = None):
     m.add_argument("--grad-checkpoint", action=SWITCH, default=False,
                    help="activation checkpointing: keep only each block's input and recompute the block in "
                         "backward (less memory for activations, about one more forward pass of time)")
-    d = p.add_argument_group("preference tuning (DPO): the reference model is this model with its adapter off")
+
+
+def add_preference_flags(d):
     d.add_argument("--objective", choices=("sft", "dpo"), default=None,
                    help="dpo: train on preference pairs ({prompt, chosen, rejected} rows, or "
                         "rotten_tomatoes_preference); sft: the task's own loss. Not given: dpo for preference "
@@ -108,7 +120,9 @@ def build_parser(method: str | None = None):
     d.add_argument("--precompute-reference", action=SWITCH, default=False,
                    help="compute every pair's reference log-probabilities once before training, instead of a "
                         "forward pass with the adapter off at every step")
-    r = p.add_argument_group("checkpoints")
+
+
+def add_checkpoint_flags(r):
     r.add_argument("--save-every", type=int, default=100,
                    help="steps between checkpoints, and one at the end (0: none, except on Ctrl-C or SIGTERM, so that "
                         "--resume can continue; the adapter is saved either way)")
@@ -120,7 +134,6 @@ def build_parser(method: str | None = None):
                    help="save a checkpoint and stop after this step (continue later with --resume)")
     r.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient")
-    return p
 
 
 def model_dropout(value: str) -> float | None:
