@@ -222,7 +222,7 @@ def test_pretrained_in_bf16_keeps_its_fingerprint_and_takes_fp32_adapters(tmp_pa
     full, _ = mp.from_pretrained("minilm")
     half, _ = mp.from_pretrained("minilm", dtype=torch.bfloat16)
     assert half.precision == "bf16-mixed" and half.tok_emb.weight.dtype == torch.bfloat16
-    assert sum(memory.weight_bytes(half).values()) < 0.51 * sum(memory.weight_bytes(full).values())
+    assert sum(mp.precision.weight_bytes(half).values()) < 0.51 * sum(mp.precision.weight_bytes(full).values())
     idx = torch.randint(1000, 20000, (2, 24), generator=torch.Generator().manual_seed(0))
     a, b = full.encode(idx), half.encode(idx).float()
     assert (a - b).norm() / a.norm() < 0.03

@@ -68,7 +68,7 @@ def test_bad_quant_options():
 
 def frozen_weight_bytes(model, as_fp32=False) -> int:
     """The summary's frozen weights: the memory ledger's frozen full-precision and 4-bit bytes."""
-    from minipeft.extras.memory import weight_bytes
+    from minipeft.scale.precision import weight_bytes
     weights = weight_bytes(model, as_fp32=as_fp32)
     return weights["frozen"] + weights["frozen_4bit"]
 

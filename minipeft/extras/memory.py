@@ -77,9 +77,9 @@ import torch.nn as nn
 
 from minipeft.fast.losses import tile_elements
 from minipeft.core.model import OffsetRMSNorm
-from minipeft.core.nf4 import Linear4bit, tensors_of_4bit_layers, values_in_4bit_layers
+from minipeft.core.nf4 import Linear4bit
 from minipeft.core.wrap import FrozenLinear
-from minipeft.scale.precision import attention_in_fp32, precision_of
+from minipeft.scale.precision import attention_in_fp32, precision_of, weight_bytes
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the
 # first forward, backward and AdamW step load code and modules that the imports alone do not), with
@@ -131,20 +131,6 @@ def allocator_policy() -> str:
 
 
 # ------------------------------------------------------------------------------------------ weights
-
-def weight_bytes(model: nn.Module, as_fp32: bool = False) -> dict[str, int]:
-    """Bytes of the model's tensors: trainable parameters, frozen full-precision parameters and buffers,
-    and 4-bit layers (Linear4bit buffers: packed codes, quantization state, bias). as_fp32: the bytes
-    the same tensors would take in fp32 instead, 4 per value (a 4-bit layer's: its weight and bias)."""
-    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}
-    sizes = {"frozen": 0, "frozen_4bit": FP32 * values_in_4bit_layers(model) if as_fp32 else 0, "trainable": 0}
-    for t in [*model.parameters(), *model.buffers()]:  # each tensor once, even when tied (head = tok_emb)
-        if id(t) not in four_bit:
-            sizes["trainable" if t.requires_grad else "frozen"] += t.numel() * (FP32 if as_fp32 else t.element_size())
-        elif not as_fp32:  # the codes and quantization state as they are
-            sizes["frozen_4bit"] += t.numel() * t.element_size()
-    return sizes
-
 
 # -------------------------------------------------------------------------------------- activations
 

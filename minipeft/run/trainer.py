@@ -50,11 +50,10 @@ from minipeft.core.dpo import DPOLoss
 from minipeft.core.loop import StepResult, evaluate, exact_match, make_optimizer, make_scheduler, train_step
 from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.registry import task_defaults
-from minipeft.extras.memory import weight_bytes
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
 from minipeft.scale import checkpoint
 from minipeft.scale.checkpoint import Progress
-from minipeft.scale.precision import LossScaling, loss_scaling
+from minipeft.scale.precision import LossScaling, loss_scaling, weight_bytes
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
 
 

@@ -53,7 +53,7 @@ from minipeft.core import model as core_model
 from minipeft.core import registry
 from minipeft.core.fingerprint import embedding_sample
 from minipeft.core.loop import NO_LOSS_SCALING, NoLossScaling
-from minipeft.core.nf4 import tensors_of_4bit_layers
+from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 
 
 @dataclass(frozen=True)
@@ -307,3 +307,17 @@ class LossScaling(NoLossScaling):
 def loss_scaling(model, device: torch.device) -> NoLossScaling:
     """LossScaling for a model in fp16-mixed, else core/loop.py's NoLossScaling (nothing to scale)."""
     return LossScaling(device) if precision_of(model).loss_scaling else NO_LOSS_SCALING
+
+
+def weight_bytes(model: nn.Module, as_fp32: bool = False) -> dict[str, int]:
+    """Bytes of the model's tensors: trainable parameters, frozen full-precision parameters and buffers,
+    and 4-bit layers (Linear4bit buffers: packed codes, quantization state, bias). as_fp32: the bytes
+    the same tensors would take in fp32 instead, 4 per value (a 4-bit layer's: its weight and bias)."""
+    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}
+    sizes = {"frozen": 0, "frozen_4bit": 4 * values_in_4bit_layers(model) if as_fp32 else 0, "trainable": 0}
+    for t in [*model.parameters(), *model.buffers()]:  # each tensor once, even when tied (head = tok_emb)
+        if id(t) not in four_bit:
+            sizes["trainable" if t.requires_grad else "frozen"] += t.numel() * (4 if as_fp32 else t.element_size())
+        elif not as_fp32:  # the codes and quantization state as they are
+            sizes["frozen_4bit"] += t.numel() * t.element_size()
+    return sizes
