@@ -4,10 +4,12 @@ minipeft is the platform's cache folder unless MINIPEFT_CACHE says otherwise.
 
 The venvs see the machine's site-packages (torch and the other dependencies are not installed again, and
 its pip and setuptools do the installing), and the wheel is built without build isolation (no download)."""
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -92,6 +94,9 @@ def test_command_runs_the_scripts_from_another_folder(installed, tmp_path):
          "--steps", "2", "--skip-test-before", "--out", "run"], cwd=elsewhere, env=env)
     assert (elsewhere / "run" / "adapter" / "adapter.safetensors").is_file()
     assert (elsewhere / "run" / "config.yaml").is_file() and (elsewhere / "run" / "plot.png").is_file()
+    summary = json.loads((elsewhere / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert summary["versions"]["minipeft"] == version  # the installed package's (no git checkout there)
     score = run([command, "eval", "--model", "tiny-gpt2", "--task", "text.txt", "--max-len", "16",
                  "--adapter", "run/adapter"], cwd=elsewhere, env=env).stdout
     assert "perplexity" in score

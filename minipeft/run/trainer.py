@@ -32,6 +32,7 @@ trained as it is, without the DDP wrapper: fully_shard reduce-scatters the avera
 and checkpoints are saved and restored inside sharding.whole, so they hold whole tensors as usual.
 """
 import contextlib
+import importlib.metadata
 import json
 import math
 import platform
@@ -479,7 +480,7 @@ def format_summary(s: dict) -> str:
         f"time                 {s['train_seconds']:.1f} s for {s['steps']} steps "
         f"({s['seconds_per_step']:.3f} s/step), {s['examples_per_step']} examples per step on "
         f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''}",
-        *([f"first step           {s['first_step_seconds']:.2f} s (building kernels, and compiling with --compile), "
+        *([f"first step           {s['first_step_seconds']:.2f} s (kernels built on first use; compiling, with --compile), "
            f"then a median of {s['median_step_seconds']:.3f} s/step"] if "first_step_seconds" in s else []),
         f"skipped steps        {s['skipped_steps']} (non-finite loss or gradient)",
         *([f"instruction data     {d['shape']} rows, chat template {d['template']}, {d['truncated']} rows cut "
@@ -497,8 +498,16 @@ def format_summary(s: dict) -> str:
 
 
 def versions() -> dict:
+    """The versions a run used; minipeft's is the commit of a git checkout, else the installed package's."""
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "minipeft": _git_commit() or "unknown"}
+            "minipeft": _git_commit() or _installed_version() or "unknown"}
+
+
+def _installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("minipeft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _git_commit() -> str | None:
