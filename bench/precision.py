@@ -32,8 +32,6 @@ and the best of the CPU time (user + system of all threads: steadier on a busy m
 the time threads spend waiting for each other).
 """
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -45,31 +43,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benches: their model builders
 
 import vs_peft  # noqa: E402  (puts the repository on sys.path too)
+from machine import cpu_description, load_average  # noqa: E402
 
 import minipeft as mp  # noqa: E402
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 PRECISIONS = ("fp32", "bf16-mixed")
 STEPS = {"headline": dict(model="minilm", config="lora_qv"), "sft": dict(model="smollm2", config="lora_all")}
 SFT_ROWS = 8  # the SFT step's batch size
 
 
 # ------------------------------------------------------------------------------------------ the CPU
-
-def cpu_description() -> str:
-    """The CPU's model name and whether it has each of FLAGS, from /proc/cpuinfo (what lscpu reads)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    name = fields.get("model name", platform.processor() or platform.machine())
-    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
-    return f"CPU: {name}, {os.cpu_count()} cores; flags: {listed}" if flags else f"CPU: {name} (no /proc/cpuinfo)"
-
-
-def load_average() -> str:
-    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else ""
-
 
 def raw_rates(rounds: int) -> dict:
     """GFLOP/s of a 2048² matmul and of F.linear(2048×768, 768×768) in fp32 and bf16: best of `rounds`

@@ -38,6 +38,7 @@ import bitsandbytes.functional as bnb  # noqa: E402
 
 from minipeft.core import nf4 as quant  # noqa: E402
 from minipeft.fast import nf4 as fast  # noqa: E402
+from machine import cpu_description, load_average  # noqa: E402  (bench/machine.py)
 
 
 def median_ms(functions, repeats: int, warmup: int = 2) -> list[float]:
@@ -91,19 +92,6 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected, dequantize) -> b
 
 
 SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q and o; k and v; gate and up; down
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_flags_line() -> str:
-    """Which of FLAGS /proc/cpuinfo lists (what lscpu prints), and the load average."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return "CPU flags unknown (no /proc/cpuinfo)"
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    listed = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
-    return f"CPU flags: {listed}; load average {load}"
 
 
 def best_us(functions, rounds: int) -> list[float]:
@@ -122,7 +110,7 @@ def best_us(functions, rounds: int) -> list[float]:
 def smollm2_shapes_table(rounds: int):
     """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ, fast twin against bitsandbytes."""
     print(f"\nDequantization on SmolLM2-135M's weight shapes, NF4 + double quantization, block size 64, "
-          f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_flags_line()}\n")
+          f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_description()}; {load_average()}\n")
     print("| shape | output | fast µs | bnb µs | fast / bnb |")
     print("|---|---|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):

@@ -13,12 +13,12 @@ rounds disagree, and only the best of them is a figure.
 """
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_description, load_average
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--save-every", "0", "--skip-test-before", "--eval-every", "0"]
@@ -39,13 +39,6 @@ def seconds_per_step(checkout: Path, run: str, out: Path) -> float:
         raise SystemExit(f"{' '.join(cmd)} failed in {checkout}:\n{done.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return next(r for r in rows if r["event"] == "summary")["seconds_per_step"]
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split() \
-        if Path("/proc/cpuinfo").exists() else []
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'none of note'}"
 
 
 def main():
@@ -71,8 +64,7 @@ def main():
                               file=sys.stderr)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT, check=False)
-    print(f"{cpu_flags()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-          f"torch threads as each run sets them")
+    print(f"{cpu_description()}; {load_average()}")
     print(f"\n| run | {args.against} s/step | {head} s/step | ratio |\n|---|---:|---:|---:|")
     for run in runs:
         before, now = min(times[run, "earlier"]), min(times[run, "now"])
