@@ -77,7 +77,7 @@ def chosen_method(argv: list[str], layers: list[tuple[str, dict, bool]], default
     """The method the settings choose, if it is known before parsing: --method, else the files' "method",
     else `default` unless an adapter to start from (whose method is read later) is given. None under
     --help and --list-methods, which show every method."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # (--init is LoRA's, not --init-adapter)
     for flag in ("--method", "--init-adapter"):
         pre.add_argument(flag)
     given, rest = pre.parse_known_args(argv)
