@@ -110,7 +110,8 @@ def best_us(functions, rounds: int) -> list[float]:
 def smollm2_shapes_table(rounds: int):
     """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ, fast twin against bitsandbytes."""
     print(f"\nDequantization on SmolLM2-135M's weight shapes, NF4 + double quantization, block size 64, "
-          f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_description()}; {load_average()}\n")
+          f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_description()}; "
+          f"{load_average()}\n")
     print("| shape | output | fast µs | bnb µs | fast / bnb |")
     print("|---|---|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):

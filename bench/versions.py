@@ -50,7 +50,8 @@ def main():
     runs = args.runs.split(",")
     if unknown := [r for r in runs if r not in RUNS]:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         earlier = Path(tmp) / "earlier"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(earlier), args.against], cwd=ROOT, check=True)

@@ -276,12 +276,14 @@ def _mergeable_layers(model):
     spec = get_method(model.peft_config["method"]) if model.peft_config else None
     adapters = model.adapters  # methods/multi.py
     if adapters is not None and len(adapters.configs) > 1:
-        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side ({', '.join(adapters.configs)}), "
+        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side "
+                         f"({', '.join(adapters.configs)}), "
                          "which share its base weights; merge one adapter into a model of its own")
     if spec is None or not spec.mergeable:
         name = spec.name if spec else "no method"
-        raise ValueError(f"{name} cannot be merged into the base weights; "
-                         f"mergeable methods are: {', '.join(m for m, spec in methods().items() if spec.mergeable)}")
+        mergeable = [n for n, method in methods().items() if method.mergeable]
+        raise ValueError(f"{name} cannot be merged into the base weights; mergeable methods are: "
+                         f"{', '.join(mergeable)}")
     return [m for m in model.modules() if hasattr(m, "merge") and m is not model]
 
 

@@ -32,7 +32,8 @@ import torch
 
 from .chat import chat_format, check_messages, encode_conversation
 from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
-from minipeft.formats.tasks import PREFERENCE_ROW as ROW_HELP, PREFERENCE_TASK as BUILT_IN, REVIEW_INSTRUCTION, SPLITS, _rotten_tomatoes, default_pad_id, split_80_10_10
+from minipeft.formats.tasks import (PREFERENCE_ROW as ROW_HELP, PREFERENCE_TASK as BUILT_IN, REVIEW_INSTRUCTION, SPLITS,
+                                    _rotten_tomatoes, default_pad_id, split_80_10_10)
 from .readers import read_utf8
 
 

@@ -275,9 +275,10 @@ class AttentionInFP32(torch.autograd.Function):
 
 
 class LossScaling(NoLossScaling):
-    """fp16-mixed's dynamic loss scaling for core/loop.py's train_step (in place of its NoLossScaling): backward on S · loss, the gradients
-    divided by S before clipping, a step whose scaled gradients overflowed skipped with S halved, S doubled
-    after 2,000 good steps (torch.amp.GradScaler, initial scale 2¹⁶)."""
+    """fp16-mixed's dynamic loss scaling for core/loop.py's train_step (in place of its NoLossScaling):
+    backward on S · loss, the gradients divided by S before clipping, a step whose scaled gradients
+    overflowed skipped with S halved, S doubled after 2,000 good steps (torch.amp.GradScaler, initial
+    scale 2¹⁶)."""
 
     def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16):
         self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
