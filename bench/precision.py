@@ -150,22 +150,6 @@ def build_steps(step: str, minilm_len: int, reference: bool) -> dict:
     return steps, batch
 
 
-def interleaved(steps: dict, warmup: int, rounds: int) -> tuple[dict, dict]:
-    """{key: wall seconds of each round} and {key: CPU seconds (user + system, all threads) of each
-    round}: warm-up steps first, then one step of each model per round."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    wall, cpu = {key: [] for key in steps}, {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, fn in steps.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            fn()
-            wall[key].append(time.perf_counter() - start)
-            cpu[key].append(time.process_time() - cpu_start)
-    return wall, cpu
-
-
 def print_step_table(step: str, batch: dict, wall: dict, cpu: dict):
     """Wall s/step, best (median), and the best CPU s/step of each library in each precision."""
     shape = "×".join(map(str, batch["input_ids"].shape))
@@ -213,7 +197,7 @@ def main():
     print_raw_table(raw_rates(rounds=5))
     for step in chosen:
         steps, batch = build_steps(step, args.minilm_len, not args.no_reference)
-        print_step_table(step, batch, *interleaved(steps, args.warmup, args.rounds))
+        print_step_table(step, batch, *vs_peft.interleaved(steps, args.warmup, args.rounds))
         del steps
     print(f"\nbest of {args.rounds} interleaved rounds (median in brackets) after {args.warmup} warm-up steps "
           f"each; {load_average()} at the end")

@@ -187,20 +187,26 @@ def make_batch(model_name: str, vocab_size: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "kind": shape["kind"]}
 
 
-def interleaved_medians(steps: dict, warmup: int, repeats: int, with_cpu: bool = False):
-    """Run each callable `warmup` times, then `repeats` rounds of one call each; median seconds per call
-    (and, `with_cpu`, the median CPU seconds — user + system, steadier on a shared machine — as well)."""
+def interleaved(steps: dict, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """{key: wall seconds of each round} and {key: CPU seconds (user + system, all threads) of each
+    round}: each callable `warmup` times first, then one call of each per round."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in steps}
-    cpu_times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
+    wall, cpu = {key: [] for key in steps}, {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fn in steps.items():
             start, cpu_start = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-            cpu_times[name].append(time.process_time() - cpu_start)
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - cpu_start)
+    return wall, cpu
+
+
+def interleaved_medians(steps: dict, warmup: int, repeats: int, with_cpu: bool = False):
+    """Median seconds per call of interleaved() (and, `with_cpu`, the median CPU seconds — user + system,
+    steadier on a shared machine — as well)."""
+    times, cpu_times = interleaved(steps, warmup, repeats)
     wall = {name: statistics.median(t) for name, t in times.items()}
     return (wall, {name: statistics.median(t) for name, t in cpu_times.items()}) if with_cpu else wall
 
