@@ -1,9 +1,11 @@
 """DPO on real data: SmolLM2-135M-Instruct learns to prefer the right Rotten Tomatoes label to the wrong one.
 
     python bench/dpo.py                         # the tables of docs/dpo.md
+    python bench/dpo.py --quality-only          # only the reward-accuracy table
+    python bench/dpo.py --quality-only --reuse-runs   # finish a stopped run: keeps the training runs that ended
     python bench/dpo.py --costs-only            # only the cost of a step (on the data a full run wrote)
     python bench/dpo.py --costs-only --mmap-threshold 131072   # peak RSS that follows the live tensors
-    python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --test 16
+    python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --validation 8 --test 16
 
 The pairs are rotten_tomatoes_preference's (preference.py): each review sentence asked as
 rotten_tomatoes_instruct asks it ("Is this movie review positive or negative? Answer with one word."),

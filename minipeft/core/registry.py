@@ -180,7 +180,7 @@ def get_method(name: str) -> Method:
 # another kind of task, where it was measured: instruction tuning (kind "sft") with LoRA and QLoRA adapts every
 # linear layer at 1e-3, the README's SFT run (SmolLM2-135M-Instruct on rotten_tomatoes_instruct, 60 steps of
 # 16: exact match 0.837 with LoRA, 0.845 with QLoRA); DPO on preference pairs (kind "dpo") at 5e-4, docs/dpo.md's
-# run from SmolLM2-135M-Instruct (LoRA's own 2e-3 made DPO's steps noisy there, and undid an SFT adapter).
+# best run, from SmolLM2-135M-Instruct (LoRA's own 2e-3 gave the lowest reward accuracy there, from either start).
 # train.py uses it when --lr and the options are not given.
 TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
     "sft": {"lora": {"lr": 1e-3, "targets": ["all"]}, "qlora": {"lr": 1e-3, "targets": ["all"]}},
