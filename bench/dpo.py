@@ -1,9 +1,11 @@
 """DPO on real data: SmolLM2-135M-Instruct learns to prefer the right Rotten Tomatoes label to the wrong one.
 
     python bench/dpo.py                         # the tables of docs/dpo.md
+    python bench/dpo.py --quality-only          # only the reward-accuracy table
+    python bench/dpo.py --quality-only --reuse-runs   # finish a stopped run: keeps the training runs that ended
     python bench/dpo.py --costs-only            # only the cost of a step (on the data a full run wrote)
     python bench/dpo.py --costs-only --mmap-threshold 131072   # peak RSS that follows the live tensors
-    python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --test 16
+    python bench/dpo.py --model tiny-llama --train-pairs 32 --dpo-steps 4 --sft-steps 4 --validation 8 --test 16
 
 The pairs are rotten_tomatoes_preference's (preference.py): each review sentence asked as
 rotten_tomatoes_instruct asks it ("Is this movie review positive or negative? Answer with one word."),
@@ -62,10 +64,14 @@ def write_data(out: Path, n_train: int, n_validation: int, n_test: int, seed: in
     return out / "pairs", out / "sft"
 
 
-def run(script: str, *args, out: Path | None = None, label: str | None = None) -> str:
-    """Run a script of the repository (into a fresh `out` folder); its stdout (stops the benchmark with its
-    stderr if it fails). Its CPU seconds go to CPU_SECONDS[label or the out folder's name]."""
+def run(script: str, *args, out: Path | None = None, label: str | None = None, keep_finished: bool = False) -> str:
+    """Run a script of the repository (into a fresh `out` folder, unless keep_finished and it holds a finished
+    run); its stdout (stops the benchmark with its stderr if it fails). Its CPU seconds go to
+    CPU_SECONDS[label or the out folder's name]."""
     if out is not None:
+        if keep_finished and finished(out):
+            print(f"  {out} holds a finished run: kept (--reuse-runs)", flush=True)
+            return ""
         shutil.rmtree(out, ignore_errors=True)
         args = (*args, "--out", out)
     command = [sys.executable, str(ROOT / script), *map(str, args)]
@@ -79,6 +85,12 @@ def run(script: str, *args, out: Path | None = None, label: str | None = None) -
     print(f"  {cpu:.0f} CPU seconds", flush=True)
     CPU_SECONDS[label or Path(out or script).name] = cpu
     return done.stdout
+
+
+def finished(out: Path) -> bool:
+    """Whether `out` holds a run that ended: its metrics.jsonl ends with the summary row."""
+    log = out / "metrics.jsonl"
+    return log.is_file() and json.loads(log.read_text().splitlines()[-1])["event"] == "summary"
 
 
 def summary(out: Path) -> dict:
@@ -134,16 +146,20 @@ def main():
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="checkpoints/bench-dpo", help="where the data and the runs go")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per DPO step, conversations per SFT step")
-    p.add_argument("--train-pairs", type=int, default=160, help="training pairs drawn (SFT: their prompts)")
-    p.add_argument("--dpo-steps", type=int, default=40)
-    p.add_argument("--sft-steps", type=int, default=20)
+    p.add_argument("--train-pairs", type=int, default=1600, help="training pairs drawn (SFT: their prompts)")
+    p.add_argument("--dpo-steps", type=int, default=200)
+    p.add_argument("--sft-steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-4, help="DPO's peak learning rate from the SFT adapter")
-    p.add_argument("--base-lr", type=float, default=1e-3, help="DPO's peak learning rate from the base model")
+    p.add_argument("--base-lr", type=float, default=5e-4, help="DPO's peak learning rate from the base model")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--validation", type=int, default=8, help="held-out pairs scored during training")
-    p.add_argument("--test", type=int, default=64, help="held-out pairs scored before and after")
+    p.add_argument("--validation", type=int, default=128, help="held-out pairs scored during training")
+    p.add_argument("--test", type=int, default=512, help="held-out pairs scored before and after")
     p.add_argument("--cost-steps", type=int, default=4, help="steps timed per kind (after one warm-up)")
     p.add_argument("--costs-only", action="store_true", help="only the cost of a step (the data must be there)")
+    p.add_argument("--quality-only", action="store_true", help="only the quality table (no cost of a step)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="keep the training runs already finished in --out (to finish a benchmark that was stopped; "
+                        "they must have been run with the same settings)")
     p.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="cost of a step: allocations this large or larger are returned to the system when freed "
                         "(mp.memory.mmap_large_tensors; 131072: the peak RSS follows the live tensors, steps slow "
@@ -158,19 +174,20 @@ def main():
     pairs, sft_rows = write_data(out / "data", args.train_pairs, args.validation, args.test)
     common = ["--model", args.model, "--targets", "all", "--max-len", "256", "--save-every", "0"]
     run("train.py", *common, "--task", sft_rows, "--steps", args.sft_steps, "--batch-size", args.batch_size,
-        "--eval-generate", "0", out=out / "runs/sft")
+        "--eval-generate", "0", out=out / "runs/sft", keep_finished=args.reuse_runs)
     results = {}
     for start, extra in (("base model", ["--lr", args.base_lr]),
                          ("SFT adapter", ["--lr", args.lr, "--init-adapter", out / "runs/sft/adapter"])):
         folder = out / "runs" / f"dpo-{start.split()[0].lower()}"
         run("train.py", *common, "--task", pairs, "--steps", args.dpo_steps, "--batch-size", args.batch_size,
             "--beta", args.beta, "--precompute-reference", "--eval-every", max(1, args.dpo_steps // 4), *extra,
-            out=folder)
+            out=folder, keep_finished=args.reuse_runs)
         em = exact_match(run("eval.py", "--model", args.model, "--task", sft_rows, "--adapter", folder / "adapter",
                              "--max-len", "256", label=f"eval.py {folder.name}"))
         results[start] = (summary(folder), em)
     report(args, summary(out / "runs/sft"), results)
-    report_costs(measure_costs())
+    if not args.quality_only:
+        report_costs(measure_costs())
 
 
 def measure_costs() -> list[dict]:

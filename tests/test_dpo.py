@@ -389,6 +389,22 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
             assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (mine["step"], key)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dpo_has_its_own_learning_rate_and_lr_overrides_it(method, pairs_file, tmp_path, capsys):
+    """Without --lr a DPO run trains at DPO's default (not instruction data's nor the method's own), on every
+    linear layer; --lr replaces it."""
+    lr, options = mp.task_defaults(method, "dpo")
+    assert lr < mp.task_defaults(method, "sft")[0] and lr < mp.get_method(method).lr and options == {"targets": ["all"]}
+    quick = ["--model", "tiny-llama", "--task", pairs_file, "--method", method, "--batch-size", "2", "--steps", "1",
+             "--eval-every", "0", "--skip-test-before", "--save-every", "0"]
+    for extra, expected in (([], lr), (["--lr", "3e-3"], 3e-3)):
+        code, _, err = run_main([*quick, *extra, "--out", tmp_path / str(expected)], capsys)
+        assert code == 0, err
+        start = json.loads((tmp_path / str(expected) / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["config"]["lr"] == expected and start["method"]["options"]["targets"] == ["all"]
+    assert f"preference pairs (DPO): lr {lr:g}, targets=['all']" in cli.list_methods()
+
+
 def test_bad_dpo_input_is_one_clear_error(pairs_file, tmp_path, capsys):
     """One sentence, exit code 2, nothing written."""
     same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 10)

@@ -195,15 +195,18 @@ def get_method(name: str) -> Method:
 # What replaces a method's defaults (Method.lr and its options' defaults, chosen on MiniLM classification) on
 # another kind of task, where it was measured: instruction tuning (kind "sft") with LoRA and QLoRA adapts every
 # linear layer at 1e-3, the README's SFT run (SmolLM2-135M-Instruct on rotten_tomatoes_instruct, 60 steps of
-# 16: exact match 0.837 with LoRA, 0.845 with QLoRA). train.py uses it when --lr and the options are not given.
+# 16: exact match 0.837 with LoRA, 0.845 with QLoRA); DPO on preference pairs (kind "dpo") at 5e-4, docs/dpo.md's
+# best run, from SmolLM2-135M-Instruct (LoRA's own 2e-3 gave the lowest reward accuracy there, from either start).
+# train.py uses it when --lr and the options are not given.
 TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
     "sft": {"lora": {"lr": 1e-3, "targets": ["all"]}, "qlora": {"lr": 1e-3, "targets": ["all"]}},
+    "dpo": {"lora": {"lr": 5e-4, "targets": ["all"]}, "qlora": {"lr": 5e-4, "targets": ["all"]}},
 }
 
 
 def task_defaults(method: str, kind: str) -> tuple[float, dict]:
-    """(peak learning rate, option defaults) of `method` on a task of `kind` ("classification", "sft" or
-    "lm"): TASK_DEFAULTS's where it has them, else the method's own lr and no options (its defaults).
+    """(peak learning rate, option defaults) of `method` on a task of `kind` ("classification", "sft", "lm"
+    or "dpo"): TASK_DEFAULTS's where it has them, else the method's own lr and no options (its defaults).
 
         lr, options = mp.task_defaults("lora", "sft")   # 1e-3, {"targets": ["all"]}
         mp.apply(model, "lora", **options); trainer.TrainConfig(lr=lr, ...)

@@ -26,7 +26,8 @@ from minipeft.formats.readers import parse_columns
 from minipeft.run.trainer import Stopped
 
 
-KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM"}
+KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM",
+              "dpo": "preference pairs (DPO)"}
 
 
 def add_model_and_task_flags(parser: argparse.ArgumentParser, model_default: str | None = "minilm",
