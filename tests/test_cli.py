@@ -174,19 +174,22 @@ def test_eval_takes_the_base_model_from_the_adapter_and_scores_a_file_whole(trai
     assert unknown.returncode == 2 and "does not record its base model; give it with --model" in unknown.stderr
 
 
-def test_eval_every_zero_switches_validation_off(reviews, tmp_path):
-    """Default: four validation passes, after steps ⌈k·steps/4⌉ (6 steps: 2, 3, 5, 6); --eval-every 0: none."""
+def test_eval_every_zero_switches_evaluation_off(reviews, tmp_path):
+    """Default: four validation passes, after steps ⌈k·steps/4⌉ (6 steps: 2, 3, 5, 6), and the test split
+    scored before and after; --eval-every 0: no validation and no test score, unless --test asks for it."""
     import train as train_cli
 
-    def validated(name, *flags):
+    def evaluated(name, *flags):
         out = tmp_path / name
         train_cli.main(["--model", "tiny-bert", "--task", str(reviews), "--steps", "6", "--batch-size", "4",
-                        "--skip-test-before", "--out", str(out), *flags])
+                        "--out", str(out), *flags])
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [r["step"] for r in rows if r["event"] == "validation"]
-    assert validated("default") == [2, 3, 5, 6]
-    assert validated("off", "--eval-every", "0") == []
-    assert validated("every4", "--eval-every", "4") == [4, 6]
+        tested = [r["event"] for r in rows if r["event"] == "test_before" or r.get("test_after")]
+        return [r["step"] for r in rows if r["event"] == "validation"], tested
+    assert evaluated("default") == ([2, 3, 5, 6], ["test_before", "summary"])
+    assert evaluated("off", "--eval-every", "0") == ([], [])
+    assert evaluated("test", "--eval-every", "0", "--test", "--skip-test-before") == ([], ["summary"])
+    assert evaluated("every4", "--eval-every", "4", "--no-test") == ([4, 6], [])
     assert trainer.validation_steps(2, None) == {1, 2} and trainer.validation_steps(100, None) == {25, 50, 75, 100}
 
 

@@ -50,7 +50,8 @@ def add_training_flags(t):
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this")
     t.add_argument("--eval-every", type=int, default=None,
                    help="steps between validation passes, and after the last step; None: four per run, after "
-                        "steps ceil(k x steps / 4); 0: no validation")
+                        "steps ceil(k x steps / 4); 0: no evaluation at all (no validation, and the test split "
+                        "is not scored unless --test)")
     t.add_argument("--model-dropout", type=model_dropout, default=0.0, metavar="P|model",
                    help="dropout in the model's own layers (embeddings, attention weights, sub-layer outputs), "
                         "or 'model' for the checkpoint's own (MiniLM: 0.1). Off by default: attention then runs "
@@ -71,6 +72,9 @@ def add_training_flags(t):
                         "took 0.89x eager's, a gain only runs of a few hundred steps or more win back (docs/speed.md)")
     t.add_argument("--train-on-prompt", action=SWITCH, default=False,
                    help="instruction data: put the prompt's tokens in the loss too (default: only the answers)")
+    t.add_argument("--test", action=SWITCH, default=None,
+                   help="score the test split after training, and before unless --skip-test-before (default: "
+                        "yes, unless --eval-every 0)")
     t.add_argument("--skip-test-before", action=SWITCH, default=False,
                    help="do not score the test split before training (saves a pass over it; the base model's "
                         "score is eval.py's)")
@@ -234,7 +238,7 @@ def train_config(args, precision: str, device: torch.device, objective: str | No
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         batching=args.batching, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         max_grad_norm=args.clip, eval_every=args.eval_every, eval_generate=args.eval_generate,
-        test_before=not args.skip_test_before,
+        test=args.test, test_before=not args.skip_test_before,
         seed=args.seed, out=args.out, overwrite=args.overwrite, save_every=args.save_every,
         max_bad_steps=args.max_bad_steps, resume=args.resume, stop_at=args.stop_at,
         run={"model": str(args.model), "task": tasks.sources_text(args.task), "max_len": args.max_len,

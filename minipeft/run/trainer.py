@@ -80,7 +80,8 @@ class TrainConfig:
     eval_every: int | None = None  # steps between validation passes (and the last); None: four per run; 0: none
     eval_batch_size: int = 64
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
-    test_before: bool = True  # score the test split before training (the base model's result)
+    test: bool | None = None  # score the test split after training (and before); None: unless eval_every is 0
+    test_before: bool = True  # score the test split before training too (the base model's result)
     seed: int = 0
     out: str | None = None  # None: the resume folder, or a new one (checkpoint.new_run_folder)
     overwrite: bool = False  # out may hold another run: its files are removed once every check has passed
@@ -95,6 +96,12 @@ class TrainConfig:
         """lr, or when lr is None the learning rate of the model's method for this kind of task
         (registry.task_defaults, as train.py)."""
         return self.lr if self.lr is not None else task_defaults(model.peft_config["method"], kind)[0]
+
+    @property
+    def scores_test(self) -> bool:
+        """Whether the run scores its test split: test, or when test is None, unless eval_every is 0 (a run
+        without evaluation, such as a smoke test, spends its time training)."""
+        return self.test if self.test is not None else self.eval_every != 0
 
 
 # how the training split is cut into batches: each shuffled batch holds examples of about one length
@@ -284,7 +291,7 @@ class TrainingRun:
         else:
             log.record(event="start", config=asdict(self.cfg), method=self.model.peft_config, steps=self.steps,
                        world_size=self.world_size, versions=versions())
-        if self.progress.test_before is None and self.cfg.test_before:
+        if self.progress.test_before is None and self.cfg.test_before and self.cfg.scores_test:
             self.progress.test_before = self.evaluate("test")
             log.record(event="test_before", **self.progress.test_before)
         self.net = self.model if self.world_size == 1 or is_sharded(self.model) else data_parallel(self.model)
@@ -366,7 +373,7 @@ class TrainingRun:
         with whole(self.model, only=0):  # FSDP: the trainable parameters gathered in rank 0 (all enter)
             if self.rank == 0:
                 save_adapter(self.model, adapter_dir)
-        after = self.evaluate("test")
+        after = self.evaluate("test") if self.cfg.scores_test else None
         summary = make_summary(self.model, self.cfg, self.progress, self.steps, after, adapter_dir, self.saved,
                                self.world_size, self.data.info)
         summary.update(first_and_median_step(self.step_seconds))

@@ -60,7 +60,7 @@ RUNS = Path("checkpoints")  # where a run given no --out gets a folder of its ow
 
 # options that may change when a run is resumed: where and how often it saves, evaluates and stops
 MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "max_bad_steps",
-                        "eval_every", "eval_batch_size", "init_adapter")
+                        "eval_every", "eval_batch_size", "test", "init_adapter")
 OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
               "device_type": "--device type", "dpo": "--beta and --dpo-loss"}
