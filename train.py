@@ -151,9 +151,15 @@ def memory_ledger(model, task, args) -> dict:
 
 def precompute_reference(model, task, config, rank: int):
     """--precompute-reference: every pair's reference log-probabilities, stored with the pairs."""
+    from tqdm.auto import tqdm
+
     from minipeft.core import dpo
     start = time.perf_counter()
-    task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size)
+
+    def bar(name):
+        return lambda batches: tqdm(batches, desc=f"reference log-probabilities ({name})", unit="batch",
+                                    leave=False, dynamic_ncols=True, disable=rank != 0)
+    task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size, bar(name))
                    for name, split in task.splits.items()}
     if rank == 0:
         print(f"reference log-probabilities of {sum(map(len, task.splits.values())):,} pairs "

@@ -147,13 +147,14 @@ def evaluate(model, dataset, loss: DPOLoss, batch_size: int, processes) -> dict:
 
 
 @torch.no_grad()
-def precompute_reference(model, dataset, batch_size: int = 64):
+def precompute_reference(model, dataset, batch_size: int = 64, progress=iter):
     """The split with each pair's reference log-probabilities stored (PreferenceDataset.reference, (N, 2)),
-    computed once with the adapters switched off, in batches of similar length."""
+    computed once with the adapters switched off, in batches of similar length. `progress` wraps the
+    batches' start offsets (a progress bar, for instance)."""
     device = next(model.parameters()).device
     values = torch.empty(len(dataset), 2)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size)):
         indices = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
         values[indices] = reference_logps(model, batch).float().cpu().view(2, -1).T  # (B, 2)
