@@ -86,6 +86,16 @@ def test_resume_needs_no_flags(text, tmp_path, capsys):
     assert [r["loss"] for r in logged(stopped, "step")] == [r["loss"] for r in logged(whole, "step")]
 
 
+def test_a_resume_may_change_how_the_run_evaluates(text, tmp_path, capsys):
+    """--eval-every and --test decide what is scored, not what is trained: a resume may change them."""
+    out = tmp_path / "run"
+    assert run_main(train_cli.main, ["--config", write_yaml(tmp_path / "a.yaml", settings_of(text, out)),
+                                     "--stop-at", "3"], capsys)[0] == 0
+    code, err = run_main(train_cli.main, ["--resume", out, "--eval-every", "0", "--no-test"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in logged(out, "validation")] == [3] and logged(out, "summary")[0]["test_after"] is None
+
+
 def test_every_difference_is_named_at_once(text, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(train_cli.main, ["--config", write_yaml(tmp_path / "a.yaml", settings_of(text, out)),
