@@ -445,3 +445,18 @@ def test_torchrun_two_processes_equal_one(pairs_file, tmp_path):
     for mine, theirs in zip(steps_of(one), steps_of(two), strict=True):
         for key in ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"):
             assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (mine["step"], key)
+
+
+def test_bench_hamlet_pairs_are_read_as_a_preference_folder(tmp_path):
+    """bench/hamlet_pairs.py (docs/dpo.md's second task): three splits of later and later scenes, every pair a
+    true next line against another line, read by train.py's preference reader."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "hamlet_pairs.py"), "--out", str(tmp_path / "pairs"),
+                           "--train", "40", "--validation", "8", "--test", "16"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = {split: [json.loads(line) for line in (tmp_path / "pairs" / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "validation", "test")}
+    assert [len(r) for r in rows.values()] == [40, 8, 16]
+    assert all(r["chosen"] != r["rejected"] and len(r["rejected"].split()) >= 3 for split in rows.values() for r in split)
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test"]}
+    data = preference.load_preferences(tmp_path / "pairs", byte_tokenizer(), max_len=512)
+    assert [len(data.splits[split]) for split in ("train", "validation", "test")] == [40, 8, 16]
