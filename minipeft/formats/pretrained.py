@@ -73,7 +73,6 @@ from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -423,9 +422,20 @@ def weights_to_come():
     (Transformer.reset_buffers) are skipped, since a meta tensor holds no values and arithmetic on one
     imports about 75 MiB of torch's compiler stack (torch._dynamo, sympy). reset_buffers() makes the tables
     once weights are in."""
-    with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda tensor, *args, **kwargs: tensor), \
-            mock.patch.object(Transformer, "reset_buffers", lambda self: None):
+    with torch.device("meta"), _replaced(nn.init, "normal_", lambda tensor, *args, **kwargs: tensor), \
+            _replaced(Transformer, "reset_buffers", lambda self: None):
         yield
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, stand_in):
+    """owner.name is stand_in inside the `with`, and its own value again after it, also after an exception."""
+    original = getattr(owner, name)
+    setattr(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------------------------------------
