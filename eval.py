@@ -33,7 +33,7 @@ DEFAULT_MODEL = "minilm"  # without --model and --adapter
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a model (and adapter), generate text or chat.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpWithDefaults)
     cli.add_model_and_task_flags(p, model_default=None, model_help="; None: the base model the --adapter was "
                                  "trained on, as its config records it (minilm without --adapter)")
     cli.add_device_flags(p)

@@ -21,7 +21,7 @@ DTYPES = tuple(dict.fromkeys(d for dtypes in FORMATS.values() for d in dtypes))
 
 def build_parser():
     p = argparse.ArgumentParser(description="Export a model (and its adapter) to transformers, llama.cpp or peft.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpWithDefaults)
     p.add_argument("--model", default=None, help="the base model: a named model, an HF folder or a .gguf file "
                    "(default: the base the adapter records)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="the adapter to export with the model: an adapter "

@@ -109,6 +109,22 @@ def test_list_methods_and_help():
             assert option.help.split(":")[0] in " ".join(helped.stdout.split())
 
 
+def test_help_says_each_default_once():
+    """A flag whose help names its default gets no second "(default: …)" from argparse; the others get one."""
+    import re
+
+    import eval as eval_cli
+    import export as export_cli
+    import train as train_cli
+    texts = [" ".join(parser.format_help().split())
+             for parser in (train_cli.build_parser(), eval_cli.build_parser(), export_cli.build_parser())]
+    for text in texts:
+        assert not re.search(r"\(default: [^)]*\) \(default: ", text)
+    assert "--seed SEED seed for initialization, shuffling and dropout (default: 0)" in texts[0]
+    assert "--test, --no-test score the test split after training, and before unless --skip-test-before (default: " \
+           "yes, unless --eval-every 0) --skip-test-before" in texts[0]
+
+
 def test_generate_on_a_causal_model():
     result = run("eval.py", "--model", "tiny-gpt2", "--generate", "Hello", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr

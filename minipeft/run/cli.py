@@ -26,6 +26,13 @@ from minipeft.formats.readers import parse_columns
 from minipeft.run.trainer import Stopped
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's "(default: …)", unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
 KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM",
               "dpo": "preference pairs (DPO)"}
 

@@ -16,7 +16,7 @@ SWITCH = argparse.BooleanOptionalAction  # --pack and --no-pack: a config file's
 def build_parser(method: str | None = None):
     """train.py's flags; the method options of every method, or (method) of that one only."""
     p = argparse.ArgumentParser(description="Fine-tune a model with a parameter-efficient method.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpWithDefaults)
     cli.add_model_and_task_flags(p)
     cli.add_device_flags(p)
     cli.add_import_flag(p)
