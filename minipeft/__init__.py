@@ -9,8 +9,8 @@ import importlib
 
 _WHERE = {  # public name -> module that defines it
     **dict.fromkeys(("Transformer", "ModelConfig", "KVCache"), "core.model"),
-    **dict.fromkeys(("Method", "Option", "apply", "get_method", "merge", "register", "task_defaults",
-                     "trainable_state_dict", "unmerge"), "core.registry"),
+    **dict.fromkeys(("Method", "Option", "apply", "get_method", "register"), "core.registry"),
+    **dict.fromkeys(("merge", "task_defaults", "trainable_state_dict", "unmerge"), "core.adapted"),
     "adapters_disabled": "core.disable",
     "from_pretrained": "formats.pretrained",
     **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "formats.adapter_io"),

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft.core import registry
+from minipeft.core import adapted
 from minipeft.core import loop
 from minipeft.core.dora import DoRALinear
 from minipeft.core.lora import LoRALinear, residual_init
@@ -65,7 +65,7 @@ def test_residual_inits_keep_every_promise(init, flavor, tmp_path):
     base_out = tiny_model(flavor).eval()(idx, attention_mask=mask)
     model = mp.apply(tiny_model(flavor), "lora", rank=4, targets="all", init=init)
     torch.testing.assert_close(model.eval()(idx, attention_mask=mask), base_out, atol=1e-5, rtol=0)
-    assert model.num_parameters(trainable_only=True) == registry.expected_trainable_parameters(model)
+    assert model.num_parameters(trainable_only=True) == adapted.expected_trainable_parameters(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = loop.make_optimizer(model.train(), lr=1e-2, weight_decay=0.1)
     loss_of(model, idx, mask).backward()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import minipeft as mp
 from minipeft.formats import adapter_io
-from minipeft.core import registry
+from minipeft.core import adapted
 from minipeft.core import loop
 from conftest import (FLAVORS, build, case_params, conformance_cases, example_options, loss_of, perturb_trainable,
                       tiny_batch, tiny_model, tiny_tokenizer)
@@ -69,7 +69,7 @@ def test_exactly_the_trainable_parameters_get_gradients(method, example, flavor,
 @pytest.mark.parametrize("method, example, flavor, head", CASES)
 def test_trainable_count_matches_formula(method, example, flavor, head):
     model = build(method, example, flavor, head)
-    assert model.num_parameters(trainable_only=True) == registry.expected_trainable_parameters(model)
+    assert model.num_parameters(trainable_only=True) == adapted.expected_trainable_parameters(model)
     assert set(mp.trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -4,7 +4,7 @@ import torch
 
 import minipeft as mp
 import minipeft.fast
-from minipeft.core import registry
+from minipeft.core import adapted
 from minipeft.core.lora import LoRALinear
 from minipeft.core.qlora import QLoRALinear
 from minipeft.core.targets import find as find_targets
@@ -103,7 +103,7 @@ def test_4bit_layers_still_count_as_model_weights(flavor):
     base = tiny_model(flavor)
     qlora = tiny_model(flavor)
     mp.apply(qlora, "qlora", rank=2)
-    lora_params = registry.expected_trainable_parameters(qlora)
+    lora_params = adapted.expected_trainable_parameters(qlora)
     total = sum(p.numel() for p in qlora.parameters()) + values_in_4bit_layers(qlora)
     assert total == sum(p.numel() for p in base.parameters()) + lora_params
     base_tensors = [*base.parameters(), *base.buffers()]  # buffers: RoPE tables (llama)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minipeft as mp
-from minipeft.core import registry
+from minipeft.core import adapted
 from minipeft.core import selective
 from conftest import FLAVORS, tiny_model
 
@@ -54,7 +54,7 @@ def test_trains_exactly_the_documented_parameters(method, options, flavor, head)
     model = mp.apply(tiny_model(flavor, n_classes=HEADS[head]), method, **options)
     expected = expected_names(model, method, **options)
     assert trainable_names(model) == expected
-    assert registry.expected_trainable_parameters(model) == model.num_parameters(trainable_only=True)
+    assert adapted.expected_trainable_parameters(model) == model.num_parameters(trainable_only=True)
     everything = method == "last_k" and options["layers"] == model.cfg.n_layer and model.cfg.tie_embeddings
     if method != "full" and not everything:  # (every block and a head that is the embedding: all of it)
         assert len(expected) < len(list(model.parameters())), "something must stay frozen"
@@ -127,7 +127,7 @@ def test_parameter_counts_on_real_shapes(shape):
         for n_classes in (None, 3):
             model = mp.apply(meta_model(shape, n_classes=n_classes), method, **options)
             real = model.num_parameters(trainable_only=True)
-            assert registry.expected_trainable_parameters(model) == real, (method, n_classes)
+            assert adapted.expected_trainable_parameters(model) == real, (method, n_classes)
             if method == "full" and n_classes is None:
                 assert real == total
 

@@ -49,7 +49,7 @@ from . import dpo
 from .data import IGNORE_INDEX
 from .dpo import DPOLoss
 from .generate import complete
-from .registry import lr_factors
+from .adapted import lr_factors
 
 
 class OneProcess:

@@ -1,6 +1,6 @@
 """The method registry: what a PEFT method declares (`Method`, `Option`), the registry itself
-(`METHODS`, `register`), and the operations that work the same for every method (`apply`,
-`merge`/`unmerge`, `trainable_state_dict`).
+(`METHODS`, `register`), and `apply`, which adds a method to a model the same way for every method
+(what works on the model after that, whatever its method — merging, its trainable tensors — is adapted.py).
 
     apply(model, "lora", rank=8)
       1. the options are checked against the method's declared Options and completed with their defaults
@@ -17,8 +17,8 @@
     parameter_count     parameter_count(cfg, **options): the trainable-parameter formula (no classifier)
     options             Option(name, type, default, help, choices): train.py builds its flags from them
     examples            option sets the conformance suite (tests/test_methods.py) runs through every promise
-    lr                  a default peak learning rate that works on the built-in tasks (TASK_DEFAULTS may
-                        replace it, and option defaults, for a kind of task: task_defaults)
+    lr                  a default peak learning rate that works on the built-in tasks (adapted.TASK_DEFAULTS
+                        may replace it, and option defaults, for a kind of task)
     promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
     uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
     lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
@@ -36,8 +36,6 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 from .fingerprint import base_fingerprint
 from .model import FLAVORS
@@ -192,29 +190,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-# What replaces a method's defaults (Method.lr and its options' defaults, chosen on MiniLM classification) on
-# another kind of task, where it was measured: instruction tuning (kind "sft") with LoRA and QLoRA adapts every
-# linear layer at 1e-3, the README's SFT run (SmolLM2-135M-Instruct on rotten_tomatoes_instruct, 60 steps of
-# 16: exact match 0.837 with LoRA, 0.845 with QLoRA); DPO on preference pairs (kind "dpo") at 5e-4, docs/dpo.md's
-# best run, from SmolLM2-135M-Instruct (LoRA's own 2e-3 gave the lowest reward accuracy there, from either start).
-# train.py uses it when --lr and the options are not given.
-TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
-    "sft": {"lora": {"lr": 1e-3, "targets": ["all"]}, "qlora": {"lr": 1e-3, "targets": ["all"]}},
-    "dpo": {"lora": {"lr": 5e-4, "targets": ["all"]}, "qlora": {"lr": 5e-4, "targets": ["all"]}},
-}
-
-
-def task_defaults(method: str, kind: str) -> tuple[float, dict]:
-    """(peak learning rate, option defaults) of `method` on a task of `kind` ("classification", "sft", "lm"
-    or "dpo"): TASK_DEFAULTS's where it has them, else the method's own lr and no options (its defaults).
-
-        lr, options = mp.task_defaults("lora", "sft")   # 1e-3, {"targets": ["all"]}
-        mp.apply(model, "lora", **options); trainer.TrainConfig(lr=lr, ...)
-    """
-    row = dict(TASK_DEFAULTS.get(kind, {}).get(get_method(method).name, {}))
-    return row.pop("lr", METHODS[method].lr), row
-
-
 AFTER_APPLY: list[Callable] = []  # f(model) run after every apply; scale/precision.py adds its cast
 
 
@@ -245,61 +220,4 @@ def apply(model, method: str, tokenizer=None, **options):
     model.base_parameter_names = getattr(model, "base_parameter_names", None) or base_names  # disable.py
     for hook in AFTER_APPLY:
         hook(model)
-    return model
-
-
-def expected_trainable_parameters(model) -> int:
-    """The method's formula (+ a fresh classifier head), for comparison with the real count."""
-    spec = get_method(model.peft_config["method"])
-    count = spec.parameter_count(model.cfg, **model.peft_config["options"])
-    if model.cfg.n_classes:
-        count += model.cfg.d_model * model.cfg.n_classes + model.cfg.n_classes  # weight + bias
-    return count
-
-
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Exactly the parameters with requires_grad, by their names in the model."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def lr_factors(model) -> dict[str, float]:
-    """{parameter name: learning-rate factor} for the parameters the model's method wants trained faster or
-    slower than the rest (LoRA+'s B); {} when all learn at the same rate, or for a model that is not
-    minipeft's (bench/parity.py steps transformers + peft with the same optimizer). make_optimizer reads it."""
-    config = getattr(model, "peft_config", None)
-    if not isinstance(config, dict):
-        return {}
-    spec = get_method(config["method"])
-    if spec.lr_factors is None:
-        return {}
-    return spec.lr_factors(model, **config["options"])
-
-
-def _mergeable_layers(model):
-    spec = get_method(model.peft_config["method"]) if model.peft_config else None
-    adapters = model.adapters  # methods/multi.py
-    if adapters is not None and len(adapters.configs) > 1:
-        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side "
-                         f"({', '.join(adapters.configs)}), "
-                         "which share its base weights; merge one adapter into a model of its own")
-    if spec is None or not spec.mergeable:
-        name = spec.name if spec else "no method"
-        mergeable = [n for n, method in methods().items() if method.mergeable]
-        raise ValueError(f"{name} cannot be merged into the base weights; mergeable methods are: "
-                         f"{', '.join(mergeable)}")
-    return [m for m in model.modules() if hasattr(m, "merge") and m is not model]
-
-
-def merge(model):
-    """Fold the method into the base weights (same outputs, no extra inference cost). Merging twice
-    adds the update once."""
-    for layer in _mergeable_layers(model):
-        layer.merge()
-    return model
-
-
-def unmerge(model):
-    """Undo merge(): the base weights come back (up to float rounding) and the method is live again."""
-    for layer in _mergeable_layers(model):
-        layer.unmerge()
     return model

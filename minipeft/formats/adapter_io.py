@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minipeft.core.registry import apply, trainable_state_dict
+from minipeft.core.adapted import trainable_state_dict
+from minipeft.core.registry import apply
 
 from .atomic import atomic_write
 from .pretrained import NAMED_MODELS

@@ -19,7 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 from minipeft.formats.tasks import parse_sources
-from minipeft.core.registry import TASK_DEFAULTS, get_method, methods, task_defaults
+from minipeft.core.adapted import TASK_DEFAULTS, task_defaults
+from minipeft.core.registry import get_method, methods
 from minipeft.scale.precision import PRECISIONS
 from minipeft.formats.pretrained import NAMED_MODELS
 from minipeft.formats.readers import parse_columns

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from minipeft.core.dpo import DPOLoss
 from minipeft.core.loop import StepResult, evaluate, exact_match, make_optimizer, make_scheduler, train_step
 from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
-from minipeft.core.registry import task_defaults
+from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
 from minipeft.scale import checkpoint
 from minipeft.scale.checkpoint import Progress
@@ -94,7 +94,7 @@ class TrainConfig:
 
     def peak_lr(self, model, kind: str) -> float:
         """lr, or when lr is None the learning rate of the model's method for this kind of task
-        (registry.task_defaults, as train.py)."""
+        (adapted.task_defaults, as train.py)."""
         return self.lr if self.lr is not None else task_defaults(model.peft_config["method"], kind)[0]
 
     @property
