@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import Method, Option, register
-from .wrap import FrozenLinear
+from .lora import FrozenLinear
 
 KINDS = ("houlsby", "pfeiffer")
 

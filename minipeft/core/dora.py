@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from . import targets as linear_targets
 from .lora import LORA_OPTIONS, RSLORA, LoRALinear, lora_parameter_count
 from .registry import Method, register
-from .wrap import wrap
 
 
 class DoRALinear(LoRALinear):
@@ -71,7 +70,7 @@ class DoRALinear(LoRALinear):
 
 
 def apply_dora(model, rank: int, alpha: float, dropout: float, targets: list[str], rslora: bool = False):
-    wrap(model, targets, lambda layer: DoRALinear(layer, rank, alpha, dropout, rslora))
+    linear_targets.wrap(model, targets, lambda layer: DoRALinear(layer, rank, alpha, dropout, rslora))
 
 
 def dora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:

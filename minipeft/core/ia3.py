@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import FrozenLinear, wrap
+from .lora import FrozenLinear
+from .targets import wrap
 
 
 class IA3Linear(FrozenLinear):

@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import DeltaLinear, wrap
+from .delta import DeltaLinear
+from .targets import wrap
 
 
 class LoHaLinear(DeltaLinear):

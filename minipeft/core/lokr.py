@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import DeltaLinear, wrap
+from .delta import DeltaLinear
+from .targets import wrap
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

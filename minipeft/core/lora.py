@@ -36,8 +36,8 @@ Merging: W ← W + s·BA gives the same outputs with no extra inference cost; `u
 (the base comes back up to float rounding of the subtraction). Merging is explicit (mp.merge), never a side
 effect of `.eval()`.
 
-`LoRALinear` *is* an nn.Linear (a wrap.FrozenLinear: the base's own `weight` and `bias` under their keys, as
-torchtune does), with `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its
+`LoRALinear` *is* an nn.Linear (a FrozenLinear: the base's own `weight` and `bias` under their keys, as
+torchtune does; DoRA, IA³, VeRA, LoHa and LoKr wrap their layers in a FrozenLinear too), with `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its
 parent. QLoRA (qlora.py) and DoRA (dora.py) reuse its pieces: `add_lora` and the LoRA path.
 """
 import math
@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from .model import Dropout
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import FrozenLinear, wrap
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # these move part of W into the adapter
@@ -83,6 +82,22 @@ def residual_init(weight: torch.Tensor, rank: int, scale: float, init: str) -> t
         return root[:, None] * Vh[:rank], U[:, :rank] * root
     Q, R = torch.linalg.qr(weight)  # olora: W = QR, Q with orthonormal columns
     return R[:rank].contiguous(), Q[:, :rank].contiguous()
+
+
+class FrozenLinear(nn.Linear):
+    """A linear layer over `base`'s weight and bias (the same Parameters, not copies). Subclasses add a
+    method's parameters; `changes_base` says whether creating it rewrote the base weight (PiSSA does)."""
+
+    changes_base = False
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+
+    def base_layer(self) -> "FrozenLinear":
+        """This layer without the method: a plain FrozenLinear over the same weight and bias (disable.py)."""
+        return FrozenLinear(self)
 
 
 class LoRALinear(FrozenLinear):
@@ -137,7 +152,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, targets: list[str
     """Wrap every targeted linear layer of every block in a LoRALinear (the registry froze the base)."""
     if lr_ratio <= 0:
         raise ValueError(f"lr_ratio must be > 0, got {lr_ratio}")
-    wrap(model, targets, lambda layer: LoRALinear(layer, rank, alpha, dropout, rslora, init))
+    linear_targets.wrap(model, targets, lambda layer: LoRALinear(layer, rank, alpha, dropout, rslora, init))
 
 
 def lora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:

@@ -5,7 +5,8 @@
     gate        blocks[i].mlp.gate               the gate of a gated MLP (SwiGLU, GeGLU: cfg.gated)
 
 `targets` is a list of these names, or ["all"] for every one the model has. LoRA and QLoRA (and any
-method that wraps linear layers by name) find their layers here.
+method that wraps linear layers by name) find their layers here, and `wrap` replaces each by the method's
+wrapper.
 
 peft's names work too: a layer's transformers module name (HF_MODULES), or any dotted end of it, stands
 for every target whose module ends with it, as peft matches `target_modules` (peft_names): GPT-2's
@@ -89,3 +90,9 @@ def find(model, targets) -> list[tuple[object, str]]:
             parent_name, attr = TARGETS[t].split(".")
             found.append((getattr(block, parent_name), attr))
     return found
+
+
+def wrap(model, targets, make) -> None:
+    """setattr(parent, name, make(layer)) for every targeted linear layer of every block."""
+    for parent, attr in find(model, targets):
+        setattr(parent, attr, make(getattr(parent, attr)))

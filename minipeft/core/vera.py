@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from .model import Dropout
 from . import targets as linear_targets
 from .registry import Method, Option, register
-from .wrap import DeltaMerge, FrozenLinear, wrap
+from .delta import DeltaMerge
+from .lora import FrozenLinear
+from .targets import wrap
 
 
 class SharedProjections(nn.Module):

@@ -78,7 +78,7 @@ import torch.nn as nn
 from minipeft.fast.losses import tile_elements
 from minipeft.core.model import OffsetRMSNorm
 from minipeft.core.nf4 import Linear4bit
-from minipeft.core.wrap import FrozenLinear
+from minipeft.core.lora import FrozenLinear
 from minipeft.scale.precision import attention_in_fp32, precision_of, weight_bytes
 
 # Resident size of Python 3.11 + torch 2.13 (CPU build) + minipeft once a training step has run (the

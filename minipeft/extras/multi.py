@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from minipeft.core import targets as linear_targets
 from minipeft.core.disable import base_view
 from minipeft.core.registry import methods, get_method
-from minipeft.core.wrap import FrozenLinear
+from minipeft.core.lora import FrozenLinear
 
 BASE = "base"  # the name of no adapter, in adapter_names
 DEFAULT = "default"  # the name an adapter applied the usual way (mp.apply, load_adapter without name) gets
