@@ -17,8 +17,6 @@
     torchrun --nproc_per_node 2 train.py ... --fsdp        # the same, each process holding 1/2 of the model
 """
 import contextlib
-import json
-import time
 
 import torch
 
@@ -26,8 +24,8 @@ import minipeft as mp
 from minipeft.formats import tasks
 from minipeft.run import cli, runconfig, trainer, watch
 from minipeft.run.train_args import (DEFAULT_METHOD, build_parser, check_before_loading, check_context_length,
-                                     check_numbers, check_task_flags, pack_training_split, resolve_objective,
-                                     train_config)
+                                     check_numbers, check_task_flags, memory_ledger, pack_training_split,
+                                     precompute_reference, resolve_objective, train_config)
 from minipeft.scale import checkpoint, precision, processes
 
 
@@ -79,7 +77,7 @@ def main(argv):
         records = [runconfig.SettingsFile(settings), *watch.writers(args.log, settings)]
         summary = trainer.train(model, task, config, writers=records)
         if rank == 0:
-            print_results(summary, config.out, ledger, held)
+            trainer.print_results(summary, config.out, ledger, held)
     except BaseException:
         if new_folder is not None and rank == 0:
             with contextlib.suppress(OSError):  # removed only while empty: a run that wrote nothing
@@ -139,47 +137,6 @@ def load_task(args, tokenizer, objective: str | None):
                                            chat_template=args.chat_template)
     return tasks.load_task(sources, tokenizer, max_len=args.max_len, seed=args.seed, columns=columns,
                            chat_template=args.chat_template, train_on_prompt=args.train_on_prompt)
-
-
-def memory_ledger(model, task, args) -> dict:
-    """--memory-report: the ledger for the longest training batch (batches are padded to their longest example)."""
-    longest, rows = max(map(len, task.splits["train"].input_ids)), args.batch_size
-    if task.kind == "dpo":  # a batch of pairs has a chosen and a rejected row per pair
-        longest, rows = max(longest, *map(len, task.splits["train"].rejected_ids)), 2 * args.batch_size
-    return mp.memory_report(model, rows, longest, padded=True)
-
-
-def precompute_reference(model, task, config, rank: int):
-    """--precompute-reference: every pair's reference log-probabilities, stored with the pairs."""
-    from tqdm.auto import tqdm
-
-    from minipeft.core import dpo
-    start = time.perf_counter()
-
-    def bar(name):
-        return lambda batches: tqdm(batches, desc=f"reference log-probabilities ({name})", unit="batch",
-                                    leave=False, dynamic_ncols=True, disable=rank != 0)
-    task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size, bar(name))
-                   for name, split in task.splits.items()}
-    if rank == 0:
-        print(f"reference log-probabilities of {sum(map(len, task.splits.values())):,} pairs "
-              f"precomputed in {time.perf_counter() - start:.1f} s")
-
-
-def print_results(summary: dict, out: str, ledger: dict | None, held: dict | None):
-    """The summary, (--memory-report) the memory ledger against the measured peak, and (--fsdp) the bytes each
-    process held."""
-    print(trainer.format_summary(summary))
-    print(f"output folder        {out}")
-    if ledger is not None:
-        print(mp.format_report(ledger))
-        print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
-              f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
-              "peak also covers loading and evaluation)")
-    if held is not None:
-        from minipeft.scale import sharding
-        print(sharding.format_bytes_per_process(held))
-    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
 
 
 if __name__ == "__main__":

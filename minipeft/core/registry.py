@@ -10,22 +10,10 @@
       5. model.peft_config = {"method", "options", "base_fingerprint"}
       6. what the outer rings add (AFTER_APPLY: a model held in bf16 casts the new parameters)
 
-`Method` is the one extension point. A method declares everything the rest of minipeft needs, once:
-
-    name, description   what `train.py --list-methods` prints
-    apply               apply(model, **options): wrap / fill slots / unfreeze (the base is frozen already)
-    parameter_count     parameter_count(cfg, **options): the trainable-parameter formula (no classifier)
-    options             Option(name, type, default, help, choices): train.py builds its flags from them
-    examples            option sets the conformance suite (tests/test_methods.py) runs through every promise
-    lr                  a default peak learning rate that works on the built-in tasks (adapted.TASK_DEFAULTS
-                        may replace it, and option defaults, for a kind of task)
-    promises            flavors it fits, exact_at_init (output = base output), mergeable (mp.merge folds it)
-    uses_tokenizer      apply also receives the tokenizer (prompt tuning's init="text")
-    lr_factors          lr_factors(model, **options) -> {parameter name: factor}: parameters that learn at
-                        factor × lr (LoRA+'s B); the trainer's optimizer gives them their own group
-    side_by_side        several adapters of it can share one base model (multi.py: load_adapter(name=...),
-                        set_adapter, one adapter per row of a batch); changes_base(**options) says whether
-                        apply rewrites the frozen base weights (PiSSA), which rules that out
+`Method` is the one extension point: a method declares, once, everything the rest of minipeft needs
+(each field is commented where it is declared below; `train.py --list-methods` prints name and description,
+train.py builds its flags from the Options, the conformance suite tests/test_methods.py runs every example
+through every promise).
 
 What the modules a method inserts keep for backward, the memory ledger measures (extras/memory.py): a
 method declares nothing about its activations. A user's method in a file of their own registers the
@@ -98,18 +86,18 @@ class Option:
 class Method:
     name: str
     description: str
-    apply: Callable  # apply(model, **options): wraps/unfreezes; the base is already frozen
+    apply: Callable  # apply(model, **options): wrap / fill slots / unfreeze; the base is frozen already
     parameter_count: Callable  # parameter_count(cfg, **options): what the method trains (no classifier)
-    options: tuple[Option, ...] = ()
+    options: tuple[Option, ...] = ()  # its keyword options, each a flag of train.py
     examples: tuple[dict, ...] = ({},)  # option sets the conformance suite runs; {} = the defaults
-    lr: float = 1e-3  # a default peak learning rate that works for this method on the built-in tasks
-    flavors: tuple = FLAVORS
+    lr: float = 1e-3  # a default peak learning rate on the built-in tasks (adapted.TASK_DEFAULTS may replace it)
+    flavors: tuple = FLAVORS  # the model flavors it fits
     exact_at_init: bool = True  # output equals the base model's right after apply
     mergeable: bool = False  # mp.merge folds it into the base weights
-    uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options)
-    lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: lr factor}
-    side_by_side: bool = False  # several adapters of it can share a base model (multi.py)
-    changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights
+    uses_tokenizer: bool = False  # apply(model, tokenizer=..., **options): prompt tuning's init="text"
+    lr_factors: Callable | None = None  # lr_factors(model, **options) -> {parameter name: factor of lr} (LoRA+'s B)
+    side_by_side: bool = False  # several adapters of it can share a base model (extras/multi.py)
+    changes_base: Callable = lambda **options: False  # apply rewrites the frozen base weights (PiSSA): not side by side
     defaults: dict = field(init=False, repr=False)
 
     def __post_init__(self):

@@ -1,6 +1,7 @@
 """The flags of train.py and the checks on them, run before anything loads: what a flag may hold, which
 flags fit which task and objective, and the TrainConfig they make (run/trainer.py)."""
 import argparse
+import time
 
 import torch
 
@@ -263,3 +264,28 @@ def check_before_loading(args):
     if args.fsdp:
         from minipeft.scale import sharding
         sharding.check_launch()
+
+
+def memory_ledger(model, task, args) -> dict:
+    """--memory-report: the ledger for the longest training batch (batches are padded to their longest example)."""
+    longest, rows = max(map(len, task.splits["train"].input_ids)), args.batch_size
+    if task.kind == "dpo":  # a batch of pairs has a chosen and a rejected row per pair
+        longest, rows = max(longest, *map(len, task.splits["train"].rejected_ids)), 2 * args.batch_size
+    from minipeft.extras import memory
+    return memory.memory_report(model, rows, longest, padded=True)
+
+
+def precompute_reference(model, task, config, rank: int):
+    """--precompute-reference: every pair's reference log-probabilities, stored with the pairs."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+
+    def bar(name):
+        return lambda batches: tqdm(batches, desc=f"reference log-probabilities ({name})", unit="batch",
+                                    leave=False, dynamic_ncols=True, disable=rank != 0)
+    task.splits = {name: dpo.precompute_reference(model, split, config.eval_batch_size, bar(name))
+                   for name, split in task.splits.items()}
+    if rank == 0:
+        print(f"reference log-probabilities of {sum(map(len, task.splits.values())):,} pairs "
+              f"precomputed in {time.perf_counter() - start:.1f} s")

@@ -504,6 +504,23 @@ def format_summary(s: dict) -> str:
 # versions
 
 
+def print_results(summary: dict, out: str, ledger: dict | None, held: dict | None):
+    """The summary, (--memory-report) the memory ledger against the measured peak, and (--fsdp) the bytes each
+    process held."""
+    print(format_summary(summary))
+    print(f"output folder        {out}")
+    if ledger is not None:
+        from minipeft.extras import memory
+        print(memory.format_report(ledger))
+        print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
+              f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
+              "peak also covers loading and evaluation)")
+    if held is not None:
+        from minipeft.scale import sharding
+        print(sharding.format_bytes_per_process(held))
+    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
+
+
 def versions() -> dict:
     """The versions a run used; minipeft's is the commit of a git checkout, else the installed package's."""
     return {"python": platform.python_version(), "torch": torch.__version__,
