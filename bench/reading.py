@@ -1,5 +1,6 @@
 """What a reader meets: the statements the headline run executes (coverage), the modules `import minipeft`
-loads, and the size of minipeft/core/ (lines per file, the longest function).
+loads, the files a reader opens from train.py to the LoRA update, and the size of minipeft/core/ (lines per
+file, the longest function).
 
     python bench/reading.py                 # the headline run for 5 steps, then the tables
     python bench/reading.py --per-file      # every executed file, not only the total per folder
@@ -10,6 +11,7 @@ Needs coverage (requirements-dev.txt). The run: train.py --method lora --rank 8 
 import argparse
 import ast
 import collections
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,17 @@ def modules_on_import() -> int:
     return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
 
 
+def lora_reading_path() -> dict[str, int]:
+    """{file: lines} a reader opens to follow train.py to the LoRA update: train.py, the file of `mp.apply`,
+    and the files of LoRALinear and of every base class minipeft defines for it."""
+    sys.path.insert(0, str(ROOT))
+    import minipeft
+    from minipeft.core.lora import LoRALinear
+    files = [ROOT / "train.py", Path(inspect.getsourcefile(minipeft.apply))]
+    files += [Path(inspect.getsourcefile(c)) for c in LoRALinear.__mro__ if c.__module__.startswith("minipeft")]
+    return {str(f.relative_to(ROOT)): len(f.read_text().splitlines()) for f in dict.fromkeys(files)}
+
+
 def core_sizes() -> tuple[dict[str, int], tuple[int, str]]:
     lines, longest = {}, (0, "")
     for path in sorted((ROOT / "minipeft" / "core").glob("*.py")):
@@ -62,6 +75,9 @@ def main():
     print(f"| **total ({len(executed)} files)** | **{sum(executed.values()):,}** |\n")
     lines, (length, where) = core_sizes()
     print(f"`import minipeft` loads {modules_on_import()} minipeft modules")
+    path = lora_reading_path()
+    print(f"from train.py to the LoRA update: {len(path)} files, {sum(path.values())} lines "
+          f"({', '.join(f'{f} {n}' for f, n in path.items())})")
     print(f"minipeft/core/: {sum(lines.values()):,} lines in {len(lines)} files, the longest {max(lines.values())} "
           f"({max(lines, key=lines.get)}); the longest function {length} lines ({where})")
 

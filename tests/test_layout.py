@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import reading  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "minipeft" / "core"
 ALLOWED = {"torch", "numpy"} | set(sys.stdlib_module_names)
@@ -75,6 +78,12 @@ def test_import_minipeft_loads_few_modules():
     count = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                                check=True).stdout)
     assert count <= 15
+
+
+def test_train_py_to_the_lora_update_is_three_files_and_550_lines():
+    """train.py, registry.py (mp.apply) and lora.py (LoRALinear and its one base class), as bench/reading.py counts."""
+    path = reading.lora_reading_path()
+    assert len(path) <= 3 and sum(path.values()) <= 550, path
 
 
 def test_lora_linear_has_one_base_class():
