@@ -132,7 +132,8 @@ def prepare_hf_folder(model_name: str):
         hf = transformers.GPT2LMHeadModel(config)
     else:
         import minipeft as mp
-        from minipeft.formats.pretrained import HF_PREFIXES, LLAMA_RULES, _their_name
+        from minipeft.formats.pretrained import HF_PREFIXES, LLAMA_RULES
+        from minipeft.formats.weights import their_name
         ours, _ = mp.from_pretrained("smollm2")
         c = ours.cfg
         config = transformers.LlamaConfig(
@@ -146,7 +147,7 @@ def prepare_hf_folder(model_name: str):
         for name, tensor in ours.state_dict().items():
             if name.startswith("rope_") or (name == "head.weight" and c.tie_embeddings):
                 continue
-            theirs = _their_name(name, LLAMA_RULES)
+            theirs = their_name(name, LLAMA_RULES)
             state[theirs if theirs.startswith("lm_head") else HF_PREFIXES["llama"] + theirs] = tensor
         hf.load_state_dict(state, strict=False, assign=True)
         hf.tie_weights()

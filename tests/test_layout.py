@@ -80,6 +80,36 @@ def test_import_minipeft_loads_few_modules():
     assert count <= 15
 
 
+def package_imports() -> dict[str, set[str]]:
+    """{module: the minipeft modules it imports}, for every module of minipeft/, imports inside functions too
+    (`from .x import y` counts as minipeft...x.y when y is a module, else as minipeft...x)."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "minipeft").rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        graph[module] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                graph[module] |= {alias.name for alias in node.names} & files.keys()
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = ".".join(part for part in (base if node.level else "", node.module) if part)
+                graph[module] |= {f"{name}.{a.name}" if f"{name}.{a.name}" in files else name for a in node.names}
+        graph[module] = (graph[module] & files.keys()) - {module}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module of minipeft imports, directly or through others, a module that imports it back."""
+    graph = package_imports()
+
+    def reaches(start, goal, seen):
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
 def test_train_py_to_the_lora_update_is_three_files_and_550_lines():
     """train.py, registry.py (mp.apply) and lora.py (LoRALinear and its one base class), as bench/reading.py counts."""
     path = reading.lora_reading_path()

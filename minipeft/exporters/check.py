@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from minipeft.core.model import Transformer
-from minipeft.formats.pretrained import weights_to_come
+from minipeft.formats.weights import weights_to_come
 
 PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the question:", "I loved this film!")
 # largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'

@@ -32,7 +32,7 @@ import torch.nn as nn
 from minipeft.extras import multi
 from minipeft.core.registry import get_method
 from minipeft.core.model import Transformer
-from minipeft.formats.pretrained import weights_to_come
+from minipeft.formats.weights import weights_to_come
 from minipeft.core.nf4 import Linear4bit, dequantize_4bit, quantize_4bit
 from minipeft import peft_format
 

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from minipeft.core.model import Transformer
 
 from .gguf_file import GGUFFile
-from .pretrained import Rule, build_model, load_weights
+from .weights import Rule, build_model, load_weights
 from .tokenization import gguf_tokenizer
 
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}

@@ -51,9 +51,9 @@ How names map, theirs -> ours (transformers' base-model prefixes `transformer.`,
 The HF rules (HF_RULES) are the one place these names are written: peft adapters name the same
 transformers modules, and peft_format.py reads them from here (hf_module_names).
 
-Every tensor is checked: a key we need and do not find, a key we do not know, or a shape that does not
-fit stops with a ValueError naming them; IGNORED lists the keys skipped on purpose. Weights are
-converted to fp32.
+Every tensor is checked (weights.py, which applies the rules for HF folders and GGUF files alike): a key
+we need and do not find, a key we do not know, or a shape that does not fit stops with a ValueError naming
+them; IGNORED lists the keys skipped on purpose. Weights are converted to fp32.
 
 GPT-2 stores its projections as `Conv1D`, weight (in, out): we transpose to nn.Linear's (out, in) and
 cut the fused c_attn (d, 3d) into q, k, v.
@@ -64,18 +64,14 @@ that shape, else fresh) and no LM head weights are loaded. BERT-style pretrainin
 transform, the pooler) are skipped: our encoder LM head is the bare tied embedding, so its MLM logits
 differ from BertForMaskedLM's while the hidden states of `encode` match BertModel's exactly.
 """
-import contextlib
 import json
 import pickle
-import re
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
 from tokenizers import Tokenizer
 
 from . import hub
@@ -83,6 +79,7 @@ from .assets import asset_path
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
+from .weights import Rule, build_model, load_weights, our_names
 
 __all__ = ["from_pretrained", "byte_tokenizer", "bytes_to_unicode", "END_OF_TEXT", "HF_MODEL_TYPES", "NAMED_MODELS",
            "hf_module_names"]
@@ -172,13 +169,7 @@ def _tiny_model(name: str, overrides: dict) -> tuple[Transformer, Tokenizer]:
 
 
 # ---------------------------------------------------------------------------------------------
-# name mapping, shared by HF folders and GGUF files (gguf_model.py)
-#
-# A rule is (their name, our name or names, transform). Names are templates: {i} is a layer number
-# and {p} is "weight" or "bias". A transform gets (tensor, cfg) and returns one tensor per our name.
-
-Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor | tuple[torch.Tensor, ...]]
-Rule = tuple[str, str | tuple[str, ...], Transform | None]
+# HF folders: their weight names -> ours (weights.py applies the rules)
 
 
 def _conv1d(w, cfg):  # GPT-2 Conv1D weight (in, out) -> nn.Linear weight (out, in)
@@ -304,39 +295,6 @@ IGNORED = {  # full-match regexes of keys skipped on purpose, and why
 }
 
 
-def template_regex(template: str) -> re.Pattern:
-    """"h.{i}.ln_1.{p}" -> a regex matching "h.3.ln_1.weight" with groups i="3", p="weight"."""
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(pattern)
-
-
-def _our_names(template: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (template,) if isinstance(template, str) else template
-
-
-def _rename(theirs: Mapping[str, torch.Tensor], rules: list[Rule], ignored: list[str], prefix: str,
-            cfg: ModelConfig):
-    """Their state dict -> (ours: our name -> fp32 tensor, origin: our name -> their key, unknown:
-    their keys that no rule claims). Rules and `ignored` match keys with `prefix` removed."""
-    compiled = [(template_regex(their), _our_names(ours), transform) for their, ours, transform in rules]
-    ours, origin, unknown = {}, {}, []
-    for key, tensor in theirs.items():
-        short_key = key.removeprefix(prefix)
-        if any(re.fullmatch(pattern, short_key) for pattern in ignored):
-            continue
-        for regex, our_templates, transform in compiled:
-            if match := regex.fullmatch(short_key):
-                values = transform(tensor, cfg) if transform else tensor
-                values = values if isinstance(values, tuple) else (values,)
-                for template, value in zip(our_templates, values):
-                    name = template.format(**match.groupdict())
-                    ours[name], origin[name] = value.float(), key
-                break
-        else:
-            unknown.append(key)
-    return ours, origin, unknown
-
-
 def hf_module_names(flavor: str) -> dict[str, str]:
     """Our module -> the transformers module holding its weights (under HF_PREFIXES[flavor]), read off
     the rename rules in their order, so every HF name is written once, in the rules. For gpt2:
@@ -346,7 +304,7 @@ def hf_module_names(flavor: str) -> dict[str, str]:
     is their row order in it. peft_format.py names the layers of peft adapters with this."""
     names = {}
     for theirs, ours, _ in HF_RULES[flavor]:
-        for template in _our_names(ours):
+        for template in our_names(ours):
             names.setdefault(_module_of(template), _module_of(theirs))
     return names
 
@@ -354,88 +312,6 @@ def hf_module_names(flavor: str) -> dict[str, str]:
 def _module_of(template: str) -> str:
     """"h.{i}.ln_1.{p}" -> "h.{i}.ln_1": a tensor's name without its last part (weight, bias)."""
     return template.rsplit(".", 1)[0]
-
-
-def _their_name(our_name: str, rules: list[Rule]) -> str:
-    """The checkpoint key a rule would have turned into `our_name` (for messages about missing keys)."""
-    for their, ours, _ in rules:
-        for template in _our_names(ours):
-            if match := template_regex(template).fullmatch(our_name):
-                return their.format(**match.groupdict())
-    return our_name
-
-
-def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: list[Rule],
-                  ignored: list[str], source: str, prefix: str = "") -> None:
-    """Rename `theirs` into our names, check every key and shape, and copy the tensors into `model`.
-    Messages name keys as the checkpoint spells them; a missing key without `prefix`."""
-    cfg = model.cfg
-    ours, origin, unknown = _rename(theirs, rules, ignored, prefix, cfg)
-    score = ours.pop("score.weight", None)  # a …ForSequenceClassification's classifier
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if cfg.n_classes or cfg.tie_embeddings:  # a classifier, or tok_emb itself: no LM head to load
-        for name in ("head.weight", "head.bias"):
-            expected.pop(name, None)
-            if ours.pop(name, None) is not None:
-                origin.pop(name)
-    unknown += sorted({origin[name] for name in ours.keys() - expected.keys()})  # e.g. a layer too many
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) in the checkpoint: {', '.join(unknown)}")
-    missing = sorted({_their_name(name, rules) for name in expected.keys() - ours.keys()})
-    if missing:
-        raise ValueError(f"{source}: key(s) missing from the checkpoint: {', '.join(missing)}")
-    wrong = [f"{origin[name]} gives {tuple(ours[name].shape)} for {name}, which needs {shape}"
-             for name, shape in expected.items() if tuple(ours[name].shape) != shape]
-    if wrong:
-        raise ValueError(f"{source}: shape mismatch (does config.json describe these weights?): "
-                         + "; ".join(wrong))
-    model.load_state_dict(ours, strict=False, assign=True)  # the loaded tensors become the parameters
-    _finish(model, score)
-
-
-def _finish(model: Transformer, score: torch.Tensor | None) -> None:
-    """What a model built as shapes only still needs once its weights are in: its RoPE tables, the
-    tie of a tied head, and a classifier head (the checkpoint's `score` if it fits, else a fresh one)."""
-    cfg = model.cfg
-    model.reset_buffers()
-    if cfg.n_classes:
-        model.add_classifier(cfg.n_classes)
-        if score is not None and score.shape == model.head.weight.shape:
-            with torch.no_grad():  # a …ForSequenceClassification's classifier: score has no bias
-                model.head.weight.copy_(score)
-                model.head.bias.zero_()
-    elif cfg.tie_embeddings:
-        model.head.weight = model.tok_emb.weight
-
-
-def build_model(checkpoint_config: dict, overrides: dict, source: str) -> Transformer:
-    """The model as shapes only (weights_to_come): load_weights puts the loaded tensors in, _finish the rest."""
-    cfg = ModelConfig(**{**checkpoint_config, **overrides, "extra": {"source": source}})
-    with weights_to_come():
-        return Transformer(cfg)
-
-
-@contextlib.contextmanager
-def weights_to_come():
-    """Inside, a Transformer is built as shapes only, for weights that come next: on the meta device (no
-    memory), with nothing computed for it: the random init (nn.init.normal_) and the RoPE tables
-    (Transformer.reset_buffers) are skipped, since a meta tensor holds no values and arithmetic on one
-    imports about 75 MiB of torch's compiler stack (torch._dynamo, sympy). reset_buffers() makes the tables
-    once weights are in."""
-    with torch.device("meta"), _replaced(nn.init, "normal_", lambda tensor, *args, **kwargs: tensor), \
-            _replaced(Transformer, "reset_buffers", lambda self: None):
-        yield
-
-
-@contextlib.contextmanager
-def _replaced(owner, name: str, stand_in):
-    """owner.name is stand_in inside the `with`, and its own value again after it, also after an exception."""
-    original = getattr(owner, name)
-    setattr(owner, name, stand_in)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ from safetensors.torch import load_file, save_file
 
 from minipeft.core import targets as linear_targets
 from minipeft.core.registry import apply
-from minipeft.formats import pretrained
+from minipeft.formats import pretrained, weights
 from minipeft.formats.assets import asset_path
 from minipeft.formats.atomic import atomic_write
 
@@ -212,7 +212,7 @@ class PeftLayout:
         for flavor in (cfg.flavor, *(f for f in MODULES if f != cfg.flavor)):
             body = re.escape(pretrained.HF_PREFIXES[flavor])
             for target, (template, _) in MODULES[flavor].items():
-                module_pattern = pretrained.template_regex(template).pattern  # {i}: group "i"
+                module_pattern = weights.template_regex(template).pattern  # {i}: group "i"
                 if match := re.fullmatch(f"(?:{body})?{module_pattern}", module):
                     if flavor != cfg.flavor:
                         others.append(flavor)

@@ -11,7 +11,7 @@ import torch
 
 from minipeft.core import targets as linear_targets
 from minipeft.core.model import Transformer
-from minipeft.formats.pretrained import weights_to_come
+from minipeft.formats.weights import weights_to_come
 from minipeft.core.registry import apply
 
 
