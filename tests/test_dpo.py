@@ -381,9 +381,12 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     continued = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
     assert continued["test_before"] == pytest.approx(summary["test_after"], abs=1e-6)
     code, out, err = run_main(dpo_args(pairs_file, tmp_path / "b", "--precompute-reference", "--grad-accum", "2",
-                                       "--batch-size", "2"), capsys)  # batches of 4 random pairs, cut in two
+                                       "--batch-size", "2", "--memory-report"), capsys)  # 4 random pairs, cut in two
     assert code == 0, err
     assert "reference log-probabilities of 60 pairs precomputed" in out
+    train = preference.load_preferences(pairs_file, mp.from_pretrained("tiny-llama")[1], max_len=128, seed=0)
+    longest = max(map(len, [*train.splits["train"].input_ids, *train.splits["train"].rejected_ids]))
+    assert f"memory ledger: batch 4 × {longest} tokens" in out  # a micro-batch of 2 pairs is 4 rows
     for mine, theirs in zip(steps, steps_of(tmp_path / "b")):
         for key in ("loss", "grad_norm", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"):
             assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (mine["step"], key)
