@@ -137,6 +137,24 @@ def test_random_absmax_bit_patterns_are_the_core(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_writes_exactly_n_values(threads):
+    """Called directly on a longer buffer of sentinels: the n values are the core's, nothing after them is
+    touched (an odd n, a last block of 1, 31 and 33 values, on every path)."""
+    for blocksize, n in [(32, 1), (32, 33), (32, 95), (64, 64 * 5 + 31), (128, 128 * 3 + 33), (64, 64 * 4)]:
+        state = plain_state((n,), "nf4", blocksize, torch.rand(math.ceil(n / blocksize)) + 0.5)
+        packed = random_bytes(n, seed=n)
+        for dtype, kind in nf4_native.OUT_KINDS.items():
+            for path in paths():
+                out = torch.full((n + 64,), -7.0, dtype=dtype)
+                nf4_native.library().dequantize_nf4(packed.data_ptr(), n, nf4_native._codes["nf4"].data_ptr(),
+                                                    blocksize, nf4_native.absmax_struct(state), out.data_ptr(),
+                                                    kind, threads, path)
+                assert_same_bits(out[:n], core.dequantize_4bit(packed, state, dtype))
+                assert bool((out[n:] == -7.0).all()), (dtype, path, n)
+
+
+@needs_compiler
 def test_output_has_the_state_shape_and_default_dtype(monkeypatch):
     w = torch.randn(3, 5, 7)
     packed, state = core.quantize_4bit(w, "nf4", 32, True)
