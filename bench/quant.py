@@ -92,7 +92,7 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected, dequantize) -> b
             and torch.equal(dequantize(packed, state), expected))
 
 
-NATIVE_PATHS = {2: "AVX-512", 1: "AVX2", 0: "plain C"}
+NATIVE_LOOPS = {2: "AVX-512", 1: "AVX2", 0: "plain C"}
 SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q and o; k and v; gate and up; down
 
 
@@ -122,7 +122,7 @@ def smollm2_shapes_table(rounds: int):
     """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ: the fast twin's torch code and its native
     kernel (nf4_native.c, what the fast twin runs on CPU when a C compiler is there) against bitsandbytes."""
     native = nf4_native.library() is not None and nf4_native.enabled()
-    kernel = f"native loop {NATIVE_PATHS[nf4_native.path]}" if native else "native kernel unavailable"
+    kernel = f"native loop {NATIVE_LOOPS[nf4_native.loop]}" if native else "native kernel unavailable"
     print(f"\nDequantization on SmolLM2-135M's weight shapes, NF4 + double quantization, block size 64, "
           f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_description()}; "
           f"{kernel}; {load_average()}\n")

@@ -1,4 +1,4 @@
-"""minipeft/fast/nf4_native.c (through nf4_native.py): bit for bit core.nf4.dequantize_4bit on every path the
+"""minipeft/fast/nf4_native.c (through nf4_native.py): bit for bit core.nf4.dequantize_4bit on every loop the
 kernel has (AVX-512, AVX2, plain C: the ones this CPU runs), 1 and 2 threads, every block size, both code
 books, with and without double quantization, fp32/bf16/fp16 output — on absmax values made to land on the
 rounding corners (ties, subnormals, fp16 overflow, zeros, inf and NaN); and the hook in fast.nf4: it runs the
@@ -24,7 +24,7 @@ def native_on(monkeypatch):
 
 def paths() -> list[int]:
     """The kernel's loops this CPU can run: 2 AVX-512, 1 AVX2, 0 plain C."""
-    return list(range(nf4_native.path + 1)) if nf4_native.library() is not None else [0]
+    return list(range(nf4_native.loop + 1)) if nf4_native.library() is not None else [0]
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
@@ -34,8 +34,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
 
 
 def native(packed, state, dtype, path, threads, monkeypatch):
-    """The kernel on one path and thread count (it must run: a compiler is there)."""
-    monkeypatch.setattr(nf4_native, "path", path)
+    """The kernel on one loop and thread count (it must run: a compiler is there)."""
+    monkeypatch.setattr(nf4_native, "loop", path)
     before, calls = torch.get_num_threads(), nf4_native.calls
     torch.set_num_threads(threads)
     try:
@@ -140,7 +140,7 @@ def test_random_absmax_bit_patterns_are_the_core(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_kernel_writes_exactly_n_values(threads):
     """Called directly on a longer buffer of sentinels: the n values are the core's, nothing after them is
-    touched (an odd n, a last block of 1, 31 and 33 values, on every path)."""
+    touched (an odd n, a last block of 1, 31 and 33 values, on every loop)."""
     for blocksize, n in [(32, 1), (32, 33), (32, 95), (64, 64 * 5 + 31), (128, 128 * 3 + 33), (64, 64 * 4)]:
         state = plain_state((n,), "nf4", blocksize, torch.rand(math.ceil(n / blocksize)) + 0.5)
         packed = random_bytes(n, seed=n)
@@ -158,10 +158,10 @@ def test_the_kernel_writes_exactly_n_values(threads):
 def test_output_has_the_state_shape_and_default_dtype(monkeypatch):
     w = torch.randn(3, 5, 7)
     packed, state = core.quantize_4bit(w, "nf4", 32, True)
-    out = native(packed, state, None, nf4_native.path, 1, monkeypatch)
+    out = native(packed, state, None, nf4_native.loop, 1, monkeypatch)
     assert out.shape == (3, 5, 7) and out.dtype == torch.float32
     state.dtype = torch.float16
-    assert native(packed, state, None, nf4_native.path, 1, monkeypatch).dtype == torch.float16
+    assert native(packed, state, None, nf4_native.loop, 1, monkeypatch).dtype == torch.float16
 
 
 # ---------------------------------------------------------------------------------- the hook, the fallback
@@ -215,8 +215,8 @@ def test_a_failing_build_falls_back(monkeypatch, tmp_path):
 def test_a_fresh_cache_builds_one_library(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(nf4_native, "_library", None)
-    monkeypatch.setattr(nf4_native, "path", None)
-    assert nf4_native.library() is not None and nf4_native.path in (0, 1, 2)
+    monkeypatch.setattr(nf4_native, "loop", None)
+    assert nf4_native.library() is not None and nf4_native.loop in (0, 1, 2)
     built = list((tmp_path / "minipeft" / "native").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
 
