@@ -28,9 +28,13 @@ def paths() -> list[int]:
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
+    """The same bits, except that a NaN may be any NaN: which one torch writes for a NaN depends on its
+    CPU kernel (vectorized: 0xFFFF in bf16; its scalar fallback: 0x7FC0), and no weight is NaN."""
     assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.isnan(), b.isnan()), "NaN in other places"
     as_int = {4: torch.int32, 2: torch.int16}[a.element_size()]
-    assert torch.equal(a.view(as_int), b.view(as_int)), (a.view(-1)[:8], b.view(-1)[:8])
+    numbers = ~b.isnan()
+    assert torch.equal(a.view(as_int)[numbers], b.view(as_int)[numbers]), (a.view(-1)[:8], b.view(-1)[:8])
 
 
 def native(packed, state, dtype, path, threads, monkeypatch):
