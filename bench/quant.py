@@ -38,6 +38,7 @@ import bitsandbytes.functional as bnb  # noqa: E402
 
 from minipeft.core import nf4 as quant  # noqa: E402
 from minipeft.fast import nf4 as fast  # noqa: E402
+from minipeft.fast import nf4_native  # noqa: E402
 from machine import cpu_description, load_average  # noqa: E402  (bench/machine.py)
 
 
@@ -91,6 +92,7 @@ def same_as_bnb(packed, state, ref_packed, ref_state, expected, dequantize) -> b
             and torch.equal(dequantize(packed, state), expected))
 
 
+NATIVE_LOOPS = {2: "AVX-512", 1: "AVX2", 0: "plain C"}
 SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q and o; k and v; gate and up; down
 
 
@@ -107,13 +109,25 @@ def best_us(functions, rounds: int) -> list[float]:
     return best
 
 
+def torch_twin_dequantize(packed, state, dtype):
+    """fast.dequantize_4bit with its native kernel switched off (MINIPEFT_NATIVE=0): the torch code alone."""
+    os.environ["MINIPEFT_NATIVE"] = "0"
+    try:
+        return fast.dequantize_4bit(packed, state, dtype)
+    finally:
+        del os.environ["MINIPEFT_NATIVE"]
+
+
 def smollm2_shapes_table(rounds: int):
-    """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ, fast twin against bitsandbytes."""
+    """Dequantization of SmolLM2-135M's weight shapes, NF4 + DQ: the fast twin's torch code and its native
+    kernel (nf4_native.c, what the fast twin runs on CPU when a C compiler is there) against bitsandbytes."""
+    native = nf4_native.library() is not None and nf4_native.enabled()
+    kernel = f"native loop {NATIVE_LOOPS[nf4_native.loop]}" if native else "native kernel unavailable"
     print(f"\nDequantization on SmolLM2-135M's weight shapes, NF4 + double quantization, block size 64, "
           f"threads {torch.get_num_threads()}, best wall time of {rounds} interleaved calls | {cpu_description()}; "
-          f"{load_average()}\n")
-    print("| shape | output | fast µs | bnb µs | fast / bnb |")
-    print("|---|---|---:|---:|---:|")
+          f"{kernel}; {load_average()}\n")
+    print("| shape | output | torch twin µs | native µs | bnb µs | torch twin / bnb | native / bnb |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
         for shape in SMOLLM2_SHAPES:
             w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -121,10 +135,15 @@ def smollm2_shapes_table(rounds: int):
             ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             ref_state = copy.copy(ref_state)
             ref_state.dtype = dtype  # bitsandbytes dequantizes into the state's dtype
-            ours, theirs = best_us([lambda: fast.dequantize_4bit(packed, state, dtype),
-                                    lambda: bnb.dequantize_4bit(ref_packed, ref_state)], rounds)
-            print(f"| {shape[0]} × {shape[1]} | {str(dtype).removeprefix('torch.')} | {ours:.0f} | {theirs:.0f} "
-                  f"| {ours / theirs:.2f} |", flush=True)
+            functions = [lambda: torch_twin_dequantize(packed, state, dtype),
+                         lambda: nf4_native.dequantize_4bit(packed, state, dtype),
+                         lambda: bnb.dequantize_4bit(ref_packed, ref_state)]
+            if native:
+                twin, ours, theirs = best_us(functions, rounds)
+            else:  # the torch twin and bitsandbytes only
+                (twin, theirs), ours = best_us(functions[::2], rounds), math.nan
+            print(f"| {shape[0]} × {shape[1]} | {str(dtype).removeprefix('torch.')} | {twin:.0f} | {ours:.0f} "
+                  f"| {theirs:.0f} | {twin / theirs:.2f} | {ours / theirs:.2f} |", flush=True)
 
 
 def perplexity_ladder(blocksize: int, max_len: int):

@@ -463,7 +463,11 @@ FAST_SHAPES = [(7,), (130, 33), (601, 999)]  # odd sizes, partial blocks, and se
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("blocksize", quant.BLOCKSIZES)
-def test_fast_quantize_and_dequantize_are_the_core_bit_for_bit(blocksize, quant_type, double_quant):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch"])
+def test_fast_quantize_and_dequantize_are_the_core_bit_for_bit(monkeypatch, native, blocksize, quant_type,
+                                                               double_quant):
+    """Both versions of the fast dequantizer: its native kernel (where a C compiler is) and its torch code."""
+    monkeypatch.setenv("MINIPEFT_NATIVE", native)
     for shape in FAST_SHAPES:
         w = randn(*shape, seed=math.prod(shape)) * 0.02
         packed, state = quant.quantize_4bit(w, quant_type, blocksize, double_quant)
@@ -479,6 +483,7 @@ def test_fast_dequantize_across_chunk_boundaries(monkeypatch, quant_type):
     """Chunks of 64 values: every path of the twin's loop (fp32 in place, bf16/fp16 through the buffer) crosses
     many chunk boundaries and ends in a partial block, with odd padding and double-quantization groups."""
     monkeypatch.setattr(fast_nf4, "CHUNKS", dict.fromkeys(fast_nf4.CHUNKS, 64))
+    monkeypatch.setenv("MINIPEFT_NATIVE", "0")  # the torch code's chunks (the native kernel has none)
     for shape, blocksize in [((7,), 32), ((130, 33), 32), ((301, 7), 64), ((257, 129), 128)]:
         w = randn(*shape, seed=math.prod(shape))
         packed, state = quant.quantize_4bit(w, quant_type, blocksize, double_quant=True)

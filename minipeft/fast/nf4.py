@@ -7,7 +7,10 @@ the core against bitsandbytes). What is different:
                       search), the work done a chunk of 256K values at a time (small temporaries, in cache)
     dequantize_4bit   each byte decoded to its pair of fp32 values by one 64-bit look-up (int32 indices),
                       written into the fp32 output itself (bf16/fp16: a reused chunk buffer), then scaled
-                      by absmax in place; the double-quantized absmax in five torch calls
+                      by absmax in place; the double-quantized absmax in five torch calls. On CPU the
+                      native kernel in nf4_native.c/.py goes first (one pass on torch's threads, the
+                      same bits; MINIPEFT_NATIVE=0 switches it off); this torch code is its portable
+                      fallback (no C compiler, other devices)
     Linear4bit        a custom autograd function that keeps no dequantized weight for backward: it
                       dequantizes again there (and under activation checkpointing takes the rerun's copy),
                       and runs both matmuls in autocast's dtype, with autocast off
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from minipeft.core.nf4 import (CODES, DOUBLE_QUANT_BLOCKSIZE, QuantState, check_packed, check_quantize_input,
                                quantized_state)
+from minipeft.fast import nf4_native
 
 
 # ---------------------------------------------------------------------------------------- autocast
@@ -168,8 +172,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """core.nf4.dequantize_4bit, the same bits, in three passes over the weights. Each byte decodes to its
     pair of fp32 values as one 64-bit look-up (index_select with int32 indices: no int64 copy of the bytes),
     written where the fp32 result goes — the output itself, or for bf16/fp16 a chunk buffer copied out
-    after; then code · absmax, in place, rounded once into the output's dtype."""
+    after; then code · absmax, in place, rounded once into the output's dtype. On CPU the native kernel
+    (nf4_native.py) does it all in one pass when it can."""
     check_packed(packed, state)
+    if packed.device.type == "cpu" and (out := nf4_native.dequantize_4bit(packed, state, dtype)) is not None:
+        return out
     n, blocksize, dtype = state.numel, state.blocksize, dtype or state.dtype
     packed = packed.reshape(-1)
     absmax = block_absmax(state)  # (n_blocks,) fp32
