@@ -4,9 +4,12 @@ file, the longest function).
 
     python bench/reading.py                 # the headline run for 5 steps, then the tables
     python bench/reading.py --per-file      # every executed file, not only the total per folder
+    python bench/reading.py --run qlora     # the statements of another run (sft, qlora: SmolLM2, 2 steps)
 
-Needs coverage (requirements-dev.txt). The run: train.py --method lora --rank 8 --steps 5 --eval-every 5
---skip-test-before --save-every 0 (MiniLM on Rotten Tomatoes, as the README's headline, cut short).
+Needs coverage (requirements-dev.txt). The headline run: train.py --method lora --rank 8 --steps 5
+--eval-every 5 --skip-test-before --save-every 0 (MiniLM on Rotten Tomatoes, as the README's, cut short);
+sft and qlora: SmolLM2-135M-Instruct on rotten_tomatoes_instruct, every linear layer, 2 steps of 8, no
+evaluation (qlora with activation checkpointing, as the README's QLoRA run).
 """
 import argparse
 import ast
@@ -18,15 +21,21 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ["train.py", "--method", "lora", "--rank", "8", "--steps", "5", "--eval-every", "5", "--skip-test-before",
-       "--save-every", "0"]
+SMOLLM2_SFT = ["--model", "smollm2", "--task", "rotten_tomatoes_instruct", "--targets", "all", "--steps", "2",
+               "--batch-size", "8", "--eval-every", "0", "--save-every", "0"]
+RUNS = {
+    "headline": ["--method", "lora", "--rank", "8", "--steps", "5", "--eval-every", "5", "--skip-test-before",
+                 "--save-every", "0"],
+    "sft": ["--method", "lora", *SMOLLM2_SFT],
+    "qlora": ["--method", "qlora", "--grad-checkpoint", *SMOLLM2_SFT],
+}
 
 
-def executed_statements(out: Path) -> dict[str, int]:
-    """{file: statements executed} for minipeft/ and train.py during the run."""
+def executed_statements(run: list[str], out: Path) -> dict[str, int]:
+    """{file: statements executed} for minipeft/ and train.py during `train.py *run`."""
     data = out / "coverage.data"
     subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", "--include=minipeft/*,train.py",
-                    *RUN, "--out", str(out / "run")], cwd=ROOT, check=True, capture_output=True)
+                    "train.py", *run, "--out", str(out / "run")], cwd=ROOT, check=True, capture_output=True)
     import coverage
     cov = coverage.Coverage(data_file=str(data))
     cov.load()
@@ -63,13 +72,14 @@ def core_sizes() -> tuple[dict[str, int], tuple[int, str]]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-file", action="store_true", help="list every executed file")
+    parser.add_argument("--run", choices=RUNS, default="headline", help="the train.py run to count")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        executed = executed_statements(Path(tmp))
+        executed = executed_statements(RUNS[args.run], Path(tmp))
     folders = collections.Counter()
     for file, count in executed.items():
         folders[str(Path(file).parent) if "/" in file else file] += count
-    print(f"| executed by `{' '.join(RUN)}` | statements |\n|---|---:|")
+    print(f"| executed by `train.py {' '.join(RUNS[args.run])}` | statements |\n|---|---:|")
     for name, count in (sorted(executed.items()) if args.per_file else folders.most_common()):
         print(f"| {name} | {count:,} |")
     print(f"| **total ({len(executed)} files)** | **{sum(executed.values()):,}** |\n")
