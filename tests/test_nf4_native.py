@@ -234,6 +234,7 @@ def test_what_the_kernel_cannot_take_falls_back(monkeypatch):
     assert nf4_native.dequantize_4bit(strided, state, torch.float32) is None
     assert nf4_native.dequantize_4bit(packed, state, torch.float64) is None
     assert_same_bits(fast_nf4.dequantize_4bit(strided, state, torch.float32), core.dequantize_4bit(packed, state))
-    assert torch.equal(fast_nf4.dequantize_4bit(packed, state, torch.float64), core.dequantize_4bit(packed, state, torch.float64))
+    assert torch.equal(fast_nf4.dequantize_4bit(packed, state, torch.float64),
+                       core.dequantize_4bit(packed, state, torch.float64))
     half_state = plain_state(state.shape, "nf4", 64, state.absmax.half())
     assert nf4_native.dequantize_4bit(packed, half_state, torch.float32) is None

@@ -37,8 +37,9 @@ Merging: W ← W + s·BA gives the same outputs with no extra inference cost; `u
 effect of `.eval()`.
 
 `LoRALinear` *is* an nn.Linear (a FrozenLinear: the base's own `weight` and `bias` under their keys, as
-torchtune does; DoRA, IA³, VeRA, LoHa and LoKr wrap their layers in a FrozenLinear too), with `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its
-parent. QLoRA (qlora.py) and DoRA (dora.py) reuse its pieces: `add_lora` and the LoRA path.
+torchtune does), with `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its
+parent. QLoRA (qlora.py) and DoRA (dora.py) reuse its pieces: `add_lora` and the LoRA path; IA³, VeRA, LoHa
+and LoKr wrap their layers in a FrozenLinear too.
 """
 import math
 
