@@ -268,17 +268,16 @@ def check_before_loading(args):
 
 def memory_ledger(model, task, args) -> dict:
     """--memory-report: the ledger for the longest training batch (batches are padded to their longest example)."""
+    from minipeft.extras import memory
     longest, rows = max(map(len, task.splits["train"].input_ids)), args.batch_size
     if task.kind == "dpo":  # a batch of pairs has a chosen and a rejected row per pair
         longest, rows = max(longest, *map(len, task.splits["train"].rejected_ids)), 2 * args.batch_size
-    from minipeft.extras import memory
     return memory.memory_report(model, rows, longest, padded=True)
 
 
 def precompute_reference(model, task, config, rank: int):
     """--precompute-reference: every pair's reference log-probabilities, stored with the pairs."""
     from tqdm.auto import tqdm
-
     start = time.perf_counter()
 
     def bar(name):
