@@ -7,14 +7,12 @@ run summary (the rest is starting Python, loading the model and the data, and sa
 Prints the CPU and the load above the table: on a shared machine the wall time holds whatever else runs.
 """
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from machine import cpu_description, load_average
+from runs import train_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ["--model", "smollm2", "--task", "rotten_tomatoes_instruct", "--steps", "10", "--eval-every", "0"]
@@ -27,13 +25,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "train.py", *flags, "--out", str(out)], cwd=ROOT,
-                              capture_output=True, text=True)
+        training = train_summary(ROOT, flags, out)["train_seconds"]
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"train.py {' '.join(flags)} failed:\n{done.stderr[-2000:]}")
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    training = next(row for row in rows if row["event"] == "summary")["train_seconds"]
     print(f"{cpu_description()}; {load_average()}\n")
     print("| run | wall s | training s | training / wall |\n|---|---:|---:|---:|")
     print(f"| `python train.py {' '.join(flags)}` | {wall:.1f} | {training:.1f} | {training / wall:.0%} |")

@@ -14,13 +14,13 @@ The CPU flags that matter and the load average are printed above the table: on a
 rounds disagree, and only the best of them is a figure.
 """
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from machine import cpu_description, load_average
+from runs import train_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--save-every", "0", "--skip-test-before", "--eval-every", "0"]
@@ -36,12 +36,7 @@ RUNS = {
 def seconds_per_step(checkout: Path, run: str, out: Path) -> dict:
     """One run of train.py in `checkout`: {"mean": its summary's s/step, "median": the median step after the
     first, or None from a commit whose summary does not have it}."""
-    cmd = [sys.executable, "train.py", *RUNS[run], *COMMON, "--out", str(out), "--overwrite"]
-    done = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed in {checkout}:\n{done.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = next(r for r in rows if r["event"] == "summary")
+    summary = train_summary(checkout, [*RUNS[run], *COMMON, "--overwrite"], out)
     return {"mean": summary["seconds_per_step"], "median": summary.get("median_step_seconds")}
 
 
