@@ -19,16 +19,25 @@ def core_files():
     return sorted(CORE.glob("*.py"))
 
 
+MODULES = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+           for p in (ROOT / "minipeft").rglob("*.py")}  # every module of minipeft, by its dotted name
+
+
 def imported_modules(path: Path) -> list[tuple[str, int]]:
-    """(module name, line) of every import in a core file; `from . import x` is minipeft.core, `from .. import`
-    minipeft."""
+    """(module name, line) of every import in a file of minipeft/, imports inside functions too; relative
+    imports resolved (`from . import x` in core is minipeft.core.x), and `from m import y` is m.y when y is a
+    module of minipeft, else m."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            package = ["minipeft.core", "minipeft"][node.level - 1] if node.level else ""
-            found.append((".".join(part for part in (package, node.module) if part), node.lineno))
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            name = ".".join(part for part in (base, node.module) if part)
+            found += [(f"{name}.{a.name}" if f"{name}.{a.name}" in MODULES else name, node.lineno)
+                      for a in node.names]
     return found
 
 
@@ -81,23 +90,9 @@ def test_import_minipeft_loads_few_modules():
 
 
 def package_imports() -> dict[str, set[str]]:
-    """{module: the minipeft modules it imports}, for every module of minipeft/, imports inside functions too
-    (`from .x import y` counts as minipeft...x.y when y is a module, else as minipeft...x)."""
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "minipeft").rglob("*.py")}
-    graph = {}
-    for module, path in files.items():
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        graph[module] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                graph[module] |= {alias.name for alias in node.names} & files.keys()
-            elif isinstance(node, ast.ImportFrom):
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                name = ".".join(part for part in (base if node.level else "", node.module) if part)
-                graph[module] |= {f"{name}.{a.name}" if f"{name}.{a.name}" in files else name for a in node.names}
-        graph[module] = (graph[module] & files.keys()) - {module}
-    return graph
+    """{module: the minipeft modules it imports}, for every module of minipeft/."""
+    return {module: {name for name, _ in imported_modules(path)} & MODULES.keys() - {module}
+            for module, path in MODULES.items()}
 
 
 def test_no_import_cycles():
