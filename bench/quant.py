@@ -111,11 +111,15 @@ def best_us(functions, rounds: int) -> list[float]:
 
 def torch_twin_dequantize(packed, state, dtype):
     """fast.dequantize_4bit with its native kernel switched off (MINIPEFT_NATIVE=0): the torch code alone."""
+    before = os.environ.get("MINIPEFT_NATIVE")
     os.environ["MINIPEFT_NATIVE"] = "0"
     try:
         return fast.dequantize_4bit(packed, state, dtype)
     finally:
-        del os.environ["MINIPEFT_NATIVE"]
+        if before is None:
+            del os.environ["MINIPEFT_NATIVE"]
+        else:
+            os.environ["MINIPEFT_NATIVE"] = before
 
 
 def smollm2_shapes_table(rounds: int):

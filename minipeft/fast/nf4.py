@@ -175,7 +175,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     after; then code · absmax, in place, rounded once into the output's dtype. On CPU the native kernel
     (nf4_native.py) does it all in one pass when it can."""
     check_packed(packed, state)
-    if packed.device.type == "cpu" and (out := nf4_native.dequantize_4bit(packed, state, dtype)) is not None:
+    if (out := nf4_native.dequantize_4bit(packed, state, dtype)) is not None:  # None: not on CPU, or no kernel
         return out
     n, blocksize, dtype = state.numel, state.blocksize, dtype or state.dtype
     packed = packed.reshape(-1)
