@@ -206,7 +206,8 @@ def main(argv):
         print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "
               "classifier head is freshly initialized (a chance-level baseline)")
     with torch.no_grad():
-        metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size)
+        objective = trainer.preference_objective(trainer.TrainConfig()) if task.kind == "dpo" else None
+        metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size, objective=objective)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "
           f"{trainer.headline(metrics)}")
 

@@ -111,7 +111,7 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
         method = mp.get_method(model.peft_config["method"])
     check_context_length(model, args.max_len, args.model)  # again, with the method's virtual tokens
     if objective == "dpo":  # the reference model is this one with its adapter switched off
-        from minipeft.core.disable import check_can_disable
+        from minipeft.extras.disable import check_can_disable
         check_can_disable(model)
     if args.pack:
         pack_training_split(model, task, args.max_len)

@@ -110,7 +110,8 @@ def time_steps(kind: str, args) -> dict:
     import torch
 
     import minipeft as mp
-    from minipeft.core import dpo, loop
+    from minipeft.core import loop
+    from minipeft.extras import dpo
     from minipeft.formats import tasks
     if args.mmap_threshold:
         mp.memory.mmap_large_tensors(args.mmap_threshold)
@@ -133,7 +134,8 @@ def time_steps(kind: str, args) -> dict:
     for step in range(args.cost_steps + 1):
         batch = split.collate([(step * rows + i) % len(split) for i in range(rows)])
         started, started_cpu = time.perf_counter(), time.process_time()
-        loop.train_step(model, optimizer, scheduler, iter([batch]), "sft" if kind == "sft" else "dpo")
+        loop.train_step(model, optimizer, scheduler, iter([batch]), "sft" if kind == "sft" else "dpo",
+                        objective=None if kind == "sft" else dpo.DPOLoss())
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
     return {"kind": kind, "rows": 2 * args.batch_size, "cpu": statistics.median(cpu[1:]),

@@ -11,7 +11,7 @@ _WHERE = {  # public name -> module that defines it
     **dict.fromkeys(("Transformer", "ModelConfig", "KVCache"), "core.model"),
     **dict.fromkeys(("Method", "Option", "apply", "get_method", "register"), "core.registry"),
     **dict.fromkeys(("merge", "task_defaults", "trainable_state_dict", "unmerge"), "core.adapted"),
-    "adapters_disabled": "core.disable",
+    "adapters_disabled": "extras.disable",
     "from_pretrained": "formats.pretrained",
     **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "formats.adapter_io"),
     "apply_chat_template": "formats.chat",

@@ -1,5 +1,5 @@
-"""Preference tuning: `mp.adapters_disabled` (methods/disable.py), preference pairs (preference.py), the DPO
-and IPO losses (dpo.py) and `train.py --objective dpo`.
+"""Preference tuning: `mp.adapters_disabled` (extras/disable.py), preference pairs (preference.py), the DPO
+and IPO losses (extras/dpo.py) and `train.py --objective dpo`.
 
 The reference everywhere is what users would otherwise run: the base model before mp.apply for
 adapters_disabled (every method of mp.METHODS that can switch off, with its adapter moved off its init),
@@ -24,7 +24,8 @@ import minipeft as mp
 import eval as eval_cli
 import train as train_cli
 from minipeft.run import cli
-from minipeft.core import dpo, loop
+from minipeft.core import loop
+from minipeft.extras import dpo
 from minipeft.formats import preference
 from minipeft.formats.chat import PLAIN_TEMPLATE, chat_format
 from minipeft.fast.losses import lm_loss
@@ -258,11 +259,11 @@ def test_accumulated_micro_batches_equal_one_batch_of_pairs(tmp_path):
     for parts in ([[0, 1, 2, 3]], [[0], [1, 2, 3]]):
         model.zero_grad()
         loss, examples, sums = loop.accumulate_gradients(model, iter([split.collate(p) for p in parts]), "dpo",
-                                                         len(parts), torch.device("cpu"))
+                                                         len(parts), torch.device("cpu"), objective=dpo.DPOLoss())
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[len(parts)] = (loss, examples, dpo.step_metrics(sums), grads)
+        results[len(parts)] = (loss, examples, dpo.DPOLoss().step_metrics(sums), grads)
     (loss_1, examples_1, metrics_1, grads_1), (loss_2, examples_2, metrics_2, grads_2) = results[1], results[2]
-    assert examples_1 == examples_2 == 4 and loop.loss_terms(split.collate([0, 1, 2]), "dpo") == 3
+    assert examples_1 == examples_2 == 4 and dpo.DPOLoss().terms(split.collate([0, 1, 2])) == 3
     assert loss_1 == pytest.approx(loss_2, abs=1e-6) and loss_1 == pytest.approx(metrics_1["loss"], abs=1e-6)
     assert metrics_1 == pytest.approx(metrics_2, abs=1e-6)
     assert max((grads_1[n] - grads_2[n]).abs().max().item() for n in grads_1) < 1e-6

@@ -17,7 +17,7 @@ a warmup ratio, except that the warmup runs one step ahead: transformers' first 
 and moves no weight, so a one-step run with warmup trains nothing. Without warmup the two are equal.
 
 The loss of a step is the mean over every labelled token of its global batch (classification: over its
-examples; preference pairs, dpo.py: over its pairs), however the batch is split into micro-batches,
+examples; an objective's own terms, e.g. preference pairs), however the batch is split into micro-batches,
 processes or packed rows:
 
     L = 1/N · Σ_processes Σ_micro Σ_i ℓ_i        ℓ_i the cross-entropy of labelled token (or example) i
@@ -31,9 +31,10 @@ the number of processes W before backward.
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
 no state for them. Biases and norm weights (1-D tensors) get no weight decay.
 
-Two hooks let the outer rings in without changing a line here: `processes` (OneProcess: the sums over
-the other processes, none here; scale/processes.py's Processes adds them up across torchrun's processes)
-and `scaling` (NoLossScaling; fp16's dynamic loss scaling in scale/precision.py). The whole run around
+Three hooks let the outer rings in without changing a line here: `processes` (OneProcess: the sums over
+the other processes, none here; scale/processes.py's Processes adds them up across torchrun's processes),
+`scaling` (NoLossScaling; fp16's dynamic loss scaling in scale/precision.py) and `objective` (Objective: a
+loss other than cross-entropy, such as extras/dpo.py's preference losses). The whole run around
 train_step — the data, validation, checkpoints, signals, the summary — is run/trainer.py's `train`.
 """
 import contextlib
@@ -41,13 +42,12 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from . import dpo
 from .data import IGNORE_INDEX
-from .dpo import DPOLoss
 from .generate import complete
 from .adapted import lr_factors
 
@@ -93,6 +93,23 @@ class NoLossScaling:
 ONE_PROCESS, NO_LOSS_SCALING = OneProcess(), NoLossScaling()
 
 
+class Objective(Protocol):
+    """A loss the loop does not know, brought by an outer ring (extras/dpo.py's DPOLoss): what a batch
+    adds to the step's loss and metrics, and how a split is scored."""
+
+    def losses(self, net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch's summed loss, its metric sums: added up over micro-batches and processes)."""
+
+    def terms(self, batch: dict) -> int:
+        """How many terms the batch adds to the loss (the N the step's loss divides by)."""
+
+    def step_metrics(self, sums: torch.Tensor) -> dict:
+        """The step's metrics from the metric sums over its global batch."""
+
+    def evaluate(self, model, dataset, batch_size: int, processes: OneProcess) -> dict:
+        """The metrics over a whole split (every process calls)."""
+
+
 MODEL_INPUTS = ("attention_mask", "position_ids", "document_ids")  # batch keys the model reads (packing: all)
 
 
@@ -101,6 +118,8 @@ def loss_fn(model, batch, kind: str, reduction: str = "mean") -> torch.Tensor:
     sft: labels -100 elsewhere, e.g. on the prompt; the LM logits are computed for those tokens only, a
     tile at a time). reduction "mean" divides the summed terms by their number (loss_terms), "sum" not.
     The datasets' labels are already the next tokens, aligned with input_ids: the model's shift_labels."""
+    if kind == "dpo":
+        raise ValueError("preference pairs train and score with their own loss: pass objective=DPOLoss()")
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if kind == "classification":
         logits = model(batch["input_ids"], **inputs).float()  # (B, C)
@@ -109,10 +128,8 @@ def loss_fn(model, batch, kind: str, reduction: str = "mean") -> torch.Tensor:
 
 
 def loss_terms(batch, kind: str) -> int:
-    """How many terms the batch adds to a loss: its examples (classification), pairs (dpo) or labelled tokens."""
+    """How many terms the batch adds to a loss: its examples (classification) or labelled tokens."""
     labels = batch["labels"]
-    if kind == "dpo":
-        return int(batch["examples"])
     return len(labels) if kind == "classification" else int((labels != IGNORE_INDEX).sum())
 
 
@@ -122,13 +139,12 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProcess = ONE_PROCESS,
-             dpo_loss: DPOLoss | None = None) -> dict:
+             objective: Objective | None = None) -> dict:
     """Accuracy (classification) or mean token loss and perplexity (lm, sft: over the labelled tokens)
     over a whole split; with several processes each scores its shard and the sums are added up (every
-    process must call). Exact match of generated answers is `exact_match`. Preference pairs:
-    dpo.evaluate's reward accuracy, margin and loss (dpo_loss: β and the variant)."""
-    if kind == "dpo":
-        return dpo.evaluate(model, dataset, dpo_loss or DPOLoss(), batch_size, processes)
+    process must call). Exact match of generated answers is `exact_match`. With an objective: its own."""
+    if objective is not None:
+        return objective.evaluate(model, dataset, batch_size, processes)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -258,27 +274,26 @@ class StepResult:
     loss_scale: float | None = None  # fp16-mixed: the loss scale this step used (None without scaling)
     overflow: bool = False  # fp16-mixed: the scaled gradient overflowed; the scaler skipped the update
     #                         and lowered loss_scale (expected now and then: not a divergence)
-    metrics: dict | None = None  # preference pairs: dpo.step_metrics (reward margin, accuracy, rewards)
+    metrics: dict | None = None  # an objective's step_metrics (preference pairs: reward margin, accuracy, …)
 
 
 def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, processes: OneProcess = ONE_PROCESS,
-                         scaling: NoLossScaling = NO_LOSS_SCALING, dpo_loss: DPOLoss | None = None):
+                         scaling: NoLossScaling = NO_LOSS_SCALING, objective: Objective | None = None):
     """Forward and backward over the next grad_accum micro-batches of `batches`, each scaled so that the
     gradients add up to those of the step's loss L (the mean over the N labelled tokens, examples or pairs
     of all micro-batches of all processes; module docstring). Returns (W · this process's share of L, the
-    examples of the step on all processes, and for preference pairs this process's dpo sums, else None):
+    examples of the step on all processes, and with an objective this process's metric sums, else None):
     averaged over the processes, the first is L."""
     W = processes.size
     micro_batches = [to_device(next(batches), device) for _ in range(grad_accum)]
-    terms = sum(loss_terms(b, kind) for b in micro_batches)
+    terms = sum(objective.terms(b) if objective else loss_terms(b, kind) for b in micro_batches)
     terms = int(processes.total(torch.tensor(terms, dtype=torch.int64, device=device)))  # N
     loss_sum, examples, sums = 0.0, 0, None
     for micro, batch in enumerate(micro_batches):
         with processes.backward_context(net, last=micro == grad_accum - 1):
-            if kind == "dpo":  # preference pairs: the reference pass, the policy's, and the pairs' losses
-                pairs = dpo.pair_losses(net, batch, dpo_loss or DPOLoss())
-                summed = pairs.losses.sum()
-                sums = pairs.sums() if sums is None else sums + pairs.sums()
+            if objective is not None:
+                summed, batch_sums = objective.losses(net, batch)
+                sums = batch_sums if sums is None else sums + batch_sums
             else:
                 summed = loss_fn(net, batch, kind, reduction="sum")
             loss = summed * (W / max(terms, 1))
@@ -291,21 +306,21 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, proce
 
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
                processes: OneProcess = ONE_PROCESS, stop_requested: bool = False,
-               scaling: NoLossScaling = NO_LOSS_SCALING, dpo_loss: DPOLoss | None = None) -> StepResult:
+               scaling: NoLossScaling = NO_LOSS_SCALING, objective: Objective | None = None) -> StepResult:
     """One optimizer step, as run/trainer.py's train() takes it and bench/parity.py measures it: forward and
     backward over grad_accum micro-batches drawn from the iterator `batches`, the loss (and stop_requested,
     this process's) agreed across the processes, the gradient clipped to max_grad_norm, an AdamW step unless
     the loss or the gradient is not finite, the schedule advanced either way, the gradients freed.
 
     `net` is the model, in training mode (or the wrapper data parallel puts around it); `kind` is the task's
-    ("classification", "lm", "sft" or "dpo"; dpo_loss: β and the variant of the preference loss, dpo.py)."""
+    ("classification", "lm", "sft" or "dpo"); `objective` replaces the cross-entropy (Objective)."""
     device = next(net.parameters()).device
     loss_scale = scaling.scale()
     lr = scheduler.get_last_lr()[0]  # before the schedule advances below
-    loss, examples, sums = accumulate_gradients(net, batches, kind, grad_accum, device, processes, scaling, dpo_loss)
+    loss, examples, sums = accumulate_gradients(net, batches, kind, grad_accum, device, processes, scaling, objective)
     agreed = processes.total(torch.tensor([loss, float(stop_requested)], dtype=torch.float64, device=device))
     loss, interrupted = agreed[0].item() / processes.size, agreed[1].item() > 0
-    metrics = None if sums is None else dpo.step_metrics(processes.total(sums))
+    metrics = None if sums is None else objective.step_metrics(processes.total(sums))
     trainable = [p for p in net.parameters() if p.requires_grad]
     scaling.unscale(optimizer)
     grad_norm = processes.whole_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))

@@ -205,7 +205,7 @@ def apply(model, method: str, tokenizer=None, **options):
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}
-    model.base_parameter_names = getattr(model, "base_parameter_names", None) or base_names  # disable.py
+    model.base_parameter_names = getattr(model, "base_parameter_names", None) or base_names  # extras/disable.py
     for hook in AFTER_APPLY:
         hook(model)
     return model

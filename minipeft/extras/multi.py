@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipeft.core import targets as linear_targets
-from minipeft.core.disable import base_view
+from minipeft.extras.disable import base_view
 from minipeft.core.registry import methods, get_method
 from minipeft.core.lora import FrozenLinear
 

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from minipeft.core import dpo
+from minipeft.extras import dpo
 from minipeft.formats import tasks
 from minipeft.scale import checkpoint
 from minipeft.run import cli, runconfig, trainer, watch

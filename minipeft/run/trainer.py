@@ -43,11 +43,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from minipeft.core.dpo import DPOLoss
 from minipeft.core.loop import StepResult, evaluate, exact_match, make_optimizer, make_scheduler, train_step
 from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.adapted import task_defaults
@@ -64,6 +64,12 @@ def whole(model, optimizer=None, only: int | None = None):
         return contextlib.nullcontext()
     from minipeft.scale.sharding import whole as gathered
     return gathered(model, optimizer, only)
+
+
+def preference_objective(cfg):
+    """The DPO loss the run's preference pairs train with (cfg.dpo, or DPO's defaults)."""
+    from minipeft.extras.dpo import DPOLoss
+    return cfg.dpo or DPOLoss()
 
 
 @dataclass
@@ -90,7 +96,7 @@ class TrainConfig:
     resume: str | None = None  # a run's output folder (or one of its checkpoints) to continue
     stop_at: int | None = None  # save a checkpoint and stop after this step (resume later)
     run: dict = field(default_factory=dict)  # what else defines the run: model, task, max_len, ...
-    dpo: DPOLoss | None = None  # preference pairs: β and the loss variant (None: DPOLoss's defaults)
+    dpo: Any = None  # preference pairs: extras/dpo.py's DPOLoss, β and the loss variant (None: its defaults)
 
     def peak_lr(self, model, kind: str) -> float:
         """lr, or when lr is None the learning rate of the model's method for this kind of task
@@ -251,7 +257,7 @@ class TrainingRun:
             checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model, data.kind))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
-        self.dpo_loss = cfg.dpo or DPOLoss()  # read for preference pairs only
+        self.objective = preference_objective(cfg) if data.kind == "dpo" else None  # core/loop.py's Objective
         self.validation_steps = validation_steps(self.steps, cfg.eval_every)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
@@ -318,7 +324,7 @@ class TrainingRun:
                 result = train_step(self.net, self.optimizer, self.scheduler, batches, self.data.kind,
                                     cfg.grad_accum, cfg.max_grad_norm, self.processes,
                                     stop_requested=stop.signum is not None, scaling=self.scaling,
-                                    dpo_loss=self.dpo_loss)
+                                    objective=self.objective)
                 self.step_seconds.append(time.perf_counter() - start)
                 progress.count(step, result.examples, self.step_seconds[-1], result.finite or result.overflow)
                 bar.set_postfix_str(f"loss {result.loss:.4f}, {progress.train_seconds / progress.step:.3f} s/step, "
@@ -400,7 +406,7 @@ class TrainingRun:
         validation example's loss when eval_generate is 0)."""
         dataset, kind = self.data.splits[split], self.data.kind
         if kind != "sft" or (split == "validation" and not self.cfg.eval_generate):
-            return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.processes, self.dpo_loss)
+            return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.processes, self.objective)
         metrics = {}
         if split == "validation":
             dataset = dataset.head(self.cfg.eval_generate)

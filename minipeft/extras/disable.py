@@ -33,8 +33,8 @@ from contextlib import contextmanager
 
 import torch
 
-from . import targets as linear_targets
-from .registry import get_method
+from minipeft.core import targets as linear_targets
+from minipeft.core.registry import get_method
 
 
 def method_layers(model, skip=frozenset()) -> dict[tuple, torch.nn.Module]:

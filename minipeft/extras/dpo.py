@@ -40,8 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
-from .disable import adapters_disabled
+from minipeft.core.data import IGNORE_INDEX
+from minipeft.extras.disable import adapters_disabled
 
 VARIANTS = ("sigmoid", "ipo")
 METRICS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward", "policy_accuracy")
@@ -86,6 +86,37 @@ class DPOLoss:
         chosen_logps, rejected_logps = policy.detach().chunk(2)
         return Pairs(losses, self.beta * chosen.detach(), self.beta * rejected.detach(), chosen_logps, rejected_logps)
 
+    # what core/loop.py asks of an Objective
+    def losses(self, net, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' summed loss (the reference pass, then the policy's) and their metric sums."""
+        pairs = pair_losses(net, batch, self)
+        return pairs.losses.sum(), pairs.sums()
+
+    def terms(self, batch: dict) -> int:
+        """The pairs of the batch: a step's loss is the mean over its pairs."""
+        return int(batch["examples"])
+
+    def step_metrics(self, sums: torch.Tensor) -> dict:
+        """A step's metrics from the sums over its global batch, without the policy's own preference (kept
+        for evaluation)."""
+        metrics = summarize(sums)
+        metrics.pop("policy_accuracy")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, batch_size: int, processes) -> dict:
+        """METRICS over a split of pairs (each process scores its shard and `processes` adds up the sums:
+        core/loop.py's OneProcess; every process must call)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)
+        for batch in dataset.batches(batch_size, rank=processes.rank, world_size=processes.size, sort_by_length=True):
+            if len(batch["input_ids"]):  # this process's shard of the last batch may be empty
+                sums += pair_losses(model, {k: v.to(device) for k, v in batch.items()}, self).sums()
+        model.train(was_training)
+        return summarize(processes.total(sums))
+
 
 def answer_logps(model, batch: dict) -> torch.Tensor:
     """(2B,) log π(y|x) of each row: minus the summed cross-entropy of its labelled tokens (fp32)."""
@@ -121,29 +152,6 @@ def summarize(sums: torch.Tensor) -> dict:
     """The means of METRICS from Pairs.sums added over batches (and processes)."""
     *totals, count = sums.tolist()
     return {name: total / max(count, 1) for name, total in zip(METRICS, totals)}
-
-
-def step_metrics(sums: torch.Tensor) -> dict:
-    """A step's metrics from the sums over its global batch, without the policy's own preference (kept
-    for evaluation)."""
-    metrics = summarize(sums)
-    metrics.pop("policy_accuracy")
-    return metrics
-
-
-@torch.no_grad()
-def evaluate(model, dataset, loss: DPOLoss, batch_size: int, processes) -> dict:
-    """METRICS over a split of pairs (each process scores its shard and `processes` adds up the sums:
-    core/loop.py's OneProcess; every process must call)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)
-    for batch in dataset.batches(batch_size, rank=processes.rank, world_size=processes.size, sort_by_length=True):
-        if len(batch["input_ids"]):  # this process's shard of the last batch may be empty
-            sums += pair_losses(model, {k: v.to(device) for k, v in batch.items()}, loss).sums()
-    model.train(was_training)
-    return summarize(processes.total(sums))
 
 
 @torch.no_grad()
