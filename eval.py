@@ -19,7 +19,7 @@ import torch
 
 import minipeft as mp
 from minipeft.formats import chat, preference
-from minipeft.run import cli
+from minipeft.run import cli, exact_match
 from minipeft.core import data, loop
 from minipeft.formats import tasks
 from minipeft.run import trainer
@@ -157,12 +157,12 @@ def chat_loop(model, tokenizer, args, lines=None):
 def score_instructions(model, tokenizer, task, args):
     """Exact match of greedy answers on an instruction task's split; every prediction written to a file."""
     dataset = task.splits[args.split]
-    result = loop.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
+    result = exact_match.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
                                  args.max_new_tokens)
     default = (Path(args.adapter).resolve().parent if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
     path = Path(args.out) if args.out else default
     rows = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "answer": answer, "prediction": pred,
-             "correct": loop.normalize_answer(pred) == loop.normalize_answer(answer)}
+             "correct": exact_match.normalize_answer(pred) == exact_match.normalize_answer(answer)}
             for prompt, answer, pred in zip(dataset.prompts, dataset.answers, result["predictions"])]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split} "

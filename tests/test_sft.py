@@ -11,6 +11,7 @@ import torch
 import minipeft as mp
 from minipeft.core import data, loop
 from minipeft.formats import tasks
+from minipeft.run import exact_match
 from minipeft.formats.pretrained import byte_tokenizer
 from tests.conftest import tiny_model
 
@@ -276,6 +277,6 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
 
 
 def test_exact_match_and_choice_accuracy_read_the_answer():
-    assert loop.normalize_answer("  Positive. ") == "positive"
-    assert loop.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
-    assert loop.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only
+    assert exact_match.normalize_answer("  Positive. ") == "positive"
+    assert exact_match.first_choice("This review is positive, not negative.", ["negative", "positive"]) == "positive"
+    assert exact_match.first_choice("Unpositively so", ["negative", "positive"]) is None  # whole words only

@@ -39,7 +39,6 @@ train_step — the data, validation, checkpoints, signals, the summary — is ru
 """
 import contextlib
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,7 +47,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .generate import complete
 from .adapted import lr_factors
 
 
@@ -142,7 +140,7 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
              objective: Objective | None = None) -> dict:
     """Accuracy (classification) or mean token loss and perplexity (lm, sft: over the labelled tokens)
     over a whole split; with several processes each scores its shard and the sums are added up (every
-    process must call). Exact match of generated answers is `exact_match`. With an objective: its own."""
+    process must call). Exact match of generated answers: run/exact_match.py. With an objective: its own."""
     if objective is not None:
         return objective.evaluate(model, dataset, batch_size, processes)
     was_training = model.training
@@ -169,50 +167,6 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
         return {"accuracy": correct / max(total, 1)}
     loss = loss_sum / max(total, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-def normalize_answer(text: str) -> str:
-    """What exact match compares: lower case, spaces collapsed, no surrounding punctuation or quotes."""
-    return " ".join(text.lower().split()).strip(" .,;:!?\"'`")
-
-
-MAX_CHOICES = 20  # a split with at most this many distinct answers is also scored as a choice among them
-
-
-def first_choice(prediction: str, choices: list[str]) -> str | None:
-    """The normalized choice the prediction names first, as a whole word ("This review is positive." ->
-    "positive"); None if it names none."""
-    text = normalize_answer(prediction)
-    found = [(m.start(), c) for c in choices if (m := re.search(rf"\b{re.escape(c)}\b", text))]
-    return min(found)[1] if found else None
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, dataset, eos_id: int | None, batch_size: int = 32, limit: int | None = None,
-                max_new_tokens: int | None = None) -> dict:
-    """Greedy answers to the prompts of an sft split (the first `limit`), compared with the reference
-    answers after normalize_answer: {"exact_match", "examples", "predictions"}, and "choice_accuracy"
-    when the split has few distinct answers (a label set): how often the answer the prediction names
-    first is the right one (a chatty "This review is positive." counts). Prompts go in batches of
-    similar length (less padding); each answer may run a few tokens past the longest reference."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if max_new_tokens is None:
-        max_new_tokens = max(len(tokenizer.encode(a, add_special_tokens=False).ids) for a in dataset.answers[:n]) + 3
-    order = sorted(range(n), key=lambda i: len(dataset.prompts[i]))
-    predictions = [""] * n
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
-        texts = complete(model, tokenizer, [dataset.prompts[i] for i in rows], max_new_tokens, eos_id=eos_id,
-                         pad_id=dataset.pad_id)
-        for i, text in zip(rows, texts):
-            predictions[i] = text
-    answers = [normalize_answer(a) for a in dataset.answers[:n]]
-    correct = sum(normalize_answer(p) == a for p, a in zip(predictions, answers))
-    result = {"exact_match": correct / max(n, 1), "examples": n, "predictions": predictions}
-    choices = sorted(set(answers))
-    if len(choices) <= MAX_CHOICES:
-        result["choice_accuracy"] = sum(first_choice(p, choices) == a for p, a in zip(predictions, answers)) / max(n, 1)
-    return result
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from minipeft.core.loop import StepResult, evaluate, exact_match, make_optimizer, make_scheduler, train_step
+from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
+from minipeft.run.exact_match import exact_match
 from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
