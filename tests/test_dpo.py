@@ -269,6 +269,18 @@ def test_accumulated_micro_batches_equal_one_batch_of_pairs(tmp_path):
     assert max((grads_1[n] - grads_2[n]).abs().max().item() for n in grads_1) < 1e-6
 
 
+def test_the_loop_refuses_pairs_without_their_objective(tmp_path):
+    """Pairs scored or trained with the cross-entropy would give a perplexity that looks like a result:
+    core/loop.py asks for the DPO objective instead."""
+    model, tokenizer = mp.from_pretrained("tiny-llama")
+    mp.apply(model, "lora", rank=4)
+    split = tiny_pairs(tokenizer, tmp_path, n=4)
+    with pytest.raises(ValueError, match="objective=DPOLoss"):
+        loop.evaluate(model, split, "dpo")
+    with pytest.raises(ValueError, match="objective=DPOLoss"):
+        loop.accumulate_gradients(model, iter([split.collate([0, 1])]), "dpo", 1, torch.device("cpu"))
+    assert set(loop.evaluate(model, split, "dpo", objective=dpo.DPOLoss())) == set(dpo.METRICS)
+
 def test_precomputed_reference_equals_the_pass_with_the_adapter_off(tmp_path):
     """Reference log-probabilities computed once before training give the loss and gradients of the
     reference pass under adapters_disabled (up to the padding of other batches)."""
