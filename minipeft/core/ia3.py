@@ -52,13 +52,10 @@ class IA3Linear(FrozenLinear):
             self._fold(1 / self.ia3_l)
             self.merged = False
 
-    def _fold(self, factor):
-        if self.scale_input:
-            self.weight.mul_(factor)  # columns: W diag(l)
-        else:
-            self.weight.mul_(factor[:, None])  # rows: diag(l) W
-            if self.bias is not None:
-                self.bias.mul_(factor)
+    def _fold(self, factor):  # input scaling: W diag(l) (columns); output scaling: diag(l) W and l ⊙ b (rows)
+        self.weight.mul_(factor if self.scale_input else factor[:, None])
+        if self.bias is not None and not self.scale_input:
+            self.bias.mul_(factor)
 
 
 def _check(cfg, targets, feedforward) -> tuple[tuple, tuple]:

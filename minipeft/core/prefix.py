@@ -14,12 +14,10 @@ embedding, which trains more stably; after training, `fold(model)` keeps only it
     [P_k ; P_v](all layers) = W_2 tanh(W_1 E + b_1) + b_2      E: (P × d), W_1: (h × d), W_2: (L·2·d_kv × h)
 
 Initialization: direct prefixes ~ N(0, 0.02²); with the MLP, E ~ N(0, 0.02²) and nn.Linear's own init; so
-the output differs slightly from the base model's at initialization.
-Trainable parameters (L layers, d_kv = n_kv_head · head_dim):
+the output differs slightly from the base model's at initialization. Not mergeable: the virtual tokens
+are extra keys, not a weight change. Trainable parameters (L layers, d_kv = n_kv_head · head_dim):
     direct:   L · 2 · P · d_kv
     with MLP: P·d + (d·h + h) + (h · L·2·d_kv + L·2·d_kv)
-Works with grouped-query attention (prefixes have n_kv_head heads) and with padding masks (prefix
-positions are always visible). Not mergeable: the virtual tokens are extra keys, not a weight change.
 """
 import torch
 import torch.nn as nn
@@ -54,14 +52,6 @@ class PrefixTuning(nn.Module):
         k, v = table.permute(1, 2, 0, 3)  # each (Hkv, P, hd)
         return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)  # (B, Hkv, P, hd)
 
-    @torch.no_grad()
-    def fold(self):  # replace the MLP by its output: the same prefixes, no MLP at inference
-        if hasattr(self, "prefix"):
-            return
-        table = torch.cat([self.layer_table(i) for i in range(self.n_layer)], dim=1)  # (P, L·2·d_kv)
-        del self.embedding, self.mlp_in, self.mlp_out
-        self.prefix = nn.Parameter(table.clone())
-
 
 class LayerPrefix:
     """One layer's `Attention.prefix` slot: a view of the shared PrefixTuning module (not a Module, so its
@@ -85,9 +75,14 @@ def apply_prefix(model, length: int, mlp_hidden: int):
         block.attn.prefix = LayerPrefix(model.prefix_tuning, i)
 
 
+@torch.no_grad()
 def fold(model):
-    """Fold the reparameterization MLP away after training; the adapter then saves as mlp_hidden=0."""
-    model.prefix_tuning.fold()
+    """Replace the MLP by its output after training (the same prefixes); the adapter then saves as mlp_hidden=0."""
+    tuning = model.prefix_tuning
+    if not hasattr(tuning, "prefix"):
+        table = torch.cat([tuning.layer_table(i) for i in range(tuning.n_layer)], dim=1)  # (P, L·2·d_kv)
+        del tuning.embedding, tuning.mlp_in, tuning.mlp_out
+        tuning.prefix = nn.Parameter(table.clone())
     model.peft_config["options"]["mlp_hidden"] = 0
     return model
 
