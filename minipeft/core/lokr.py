@@ -13,8 +13,7 @@ low-rank) larger one. With out = a·b and in = c·d (a ≤ b, c ≤ d, from `fac
         │ W1[1,0]·W2  W1[1,1]·W2  … │   (a·b) × (c·d) = out × in
         └ …                         ┘
 
-`decompose_both` factors W1 too (W1a W1b, rank r) when r < max(a, c)/2; `decompose_factor` f > 0 asks
-for the factor pair (f, dim/f) where f divides the dimension, -1 for the pair nearest √dim.
+`decompose_both` factors W1 too (W1a W1b, rank r) when r < max(a, c)/2; `decompose_factor`: see `factorization`.
 
 Initialization (peft's): W1 = 0 (W1a = 0 when decomposed), W2's factors Kaiming-uniform, so ΔW = 0: the
 model starts exactly as the pretrained one. Trainable parameters per adapted layer: a·c (or r·(a + c))

@@ -1,8 +1,7 @@
 """Selective fine-tuning: train a chosen subset of the pretrained parameters, add nothing.
 
     full     every parameter                            (the baseline every PEFT method is judged by)
-    head     the output head only                       "feature-based": the encoder is a frozen
-                                                        feature extractor (Raschka, "Finetuning LLMs")
+    head     the output head only                       "feature-based": a frozen encoder (Raschka, "Finetuning LLMs")
     last_k   the last `layers` blocks, ln_f and head    "fine-tuning II" in the same blog series
     bitfit   every bias term                            Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199
 
