@@ -6,19 +6,17 @@ updates the direction with LoRA (lora.py):
     W' = m ⊙ (W + s·BA) / ‖W + s·BA‖          ‖·‖: the L2 norm of each output row (out,)
     h  = x W'ᵀ + b
 
-              x ─► W + s·BA (frozen W, LoRA's A, B) ─► ÷ ‖W + s·BA‖ (a constant) ─► × m ─► + b ─► h
-
-The norm is treated as a constant in backward (detached), as the paper (section 4.3) and peft do: it then
-keeps nothing for backward and costs no gradient memory. Written as an addition to the frozen layer's
-output, with g = m / ‖W + s·BA‖ (out,) and d the LoRA input path's dropout:
+The norm is a constant in backward (detached), as in the paper (section 4.3) and peft: it keeps nothing for
+backward. As an addition to the frozen layer's output, with g = m / ‖W + s·BA‖ (out,) and d the LoRA input
+path's dropout:
 
     h = (x Wᵀ + b) + (g − 1)·(d(x) Wᵀ) + g·s·(d(x) Aᵀ Bᵀ)
 
 which is W'x + b when d is the identity (evaluation, or dropout 0) and peft's arithmetic in training.
 
-Initialization: LoRA's (A Kaiming-uniform, B = 0) and m = ‖W‖, so g = 1 exactly and the model starts
-exactly as the pretrained one. Trainable parameters: r·(in + out) + out per adapted layer (LoRA's plus the
-magnitude). Merging: W ← g·(W + s·BA) (g from the unmerged weight, kept for unmerge: W ← W/g − s·BA).
+Initialization: LoRA's (A Kaiming-uniform, B = 0) and m = ‖W‖, so g = 1 and the model starts exactly as the
+pretrained one. Trainable parameters: r·(in + out) + out per adapted layer (LoRA's plus the magnitude).
+Merging: W ← g·(W + s·BA), with g from the unmerged weight, kept for unmerge: W ← W/g − s·BA.
 """
 import torch
 import torch.nn as nn
@@ -34,12 +32,9 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base, rank, alpha, dropout, rslora)
-        with torch.no_grad():
-            self.magnitude = nn.Parameter(self.weight.norm(dim=1).detach().clone())  # m = ‖W‖ per row (out,)
-        self.to(base.weight.device)
+        self.magnitude = nn.Parameter(self.weight.norm(dim=1).detach().clone())  # m = ‖W‖ per row (out,)
 
-    def direction_norm(self) -> torch.Tensor:
-        """‖W + s·BA‖ per output row (out,), as a constant: no gradient flows through it."""
+    def direction_norm(self) -> torch.Tensor:  # ‖W + s·BA‖ per output row (out,), a constant: no gradient
         with torch.no_grad():
             return (self.weight + self.delta_weight()).norm(dim=1)
 
@@ -74,7 +69,6 @@ def apply_dora(model, rank: int, alpha: float, dropout: float, targets: list[str
 
 
 def dora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
-    """LoRA's n_layer · Σ_targets r·(in + out), plus a magnitude per output row: n_layer · Σ_targets out."""
     magnitudes = cfg.n_layer * sum(linear_targets.shape(cfg, t)[1] for t in linear_targets.validate(cfg, targets))
     return lora_parameter_count(cfg, rank, targets) + magnitudes
 

@@ -1,20 +1,17 @@
 """(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022,
 https://arxiv.org/abs/2205.05638).
 
-Learned vectors rescale activations elementwise: the keys and values, and the feed-forward network's inner
+Learned vectors rescale activations elementwise: the keys, the values and the feed-forward network's inner
 activation (the input of its down projection):
 
     k = l_k ⊙ (W_k x + b_k)        v = l_v ⊙ (W_v x + b_v)        FFN: W_down (l_ff ⊙ act(W_up x)) + b_down
 
-For any targeted linear layer that is: output scaling h = (W x + b) ⊙ l with l: (out,), or, for a target
-listed in `feedforward`, input scaling h = W (x ⊙ l) + b with l: (in,).
-
-        x ─► W ─► + b ─► ⊙ l ─► h                    x ─► ⊙ l ─► W ─► + b ─► h     (feedforward)
+On a targeted linear layer this is output scaling, h = (W x + b) ⊙ l with l: (out,), or, for a target
+listed in `feedforward`, input scaling, h = W (x ⊙ l) + b with l: (in,).
 
 Initialization: l = 1, exactly the base model. Trainable parameters: n_layer · Σ_targets (in for a
 feedforward target, else out); on k, v and down of GPT-2-small (12 layers, d 768, d_ff 3072):
 12 · (768 + 768 + 3072) = 55,296, 0.04 % of its 124 M.
-
 Merging folds l into the weight: W ← diag(l) W and b ← l ⊙ b (output scaling), or W ← W diag(l) (input
 scaling); unmerging divides again (exact up to float rounding while no l is 0).
 """
@@ -25,7 +22,6 @@ import torch.nn.functional as F
 from . import targets as linear_targets
 from .registry import Method, Option, register
 from .lora import FrozenLinear
-from .targets import wrap
 
 
 class IA3Linear(FrozenLinear):
@@ -56,13 +52,10 @@ class IA3Linear(FrozenLinear):
             self._fold(1 / self.ia3_l)
             self.merged = False
 
-    def _fold(self, factor):
-        if self.scale_input:
-            self.weight.mul_(factor)  # columns: W diag(l)
-        else:
-            self.weight.mul_(factor[:, None])  # rows: diag(l) W
-            if self.bias is not None:
-                self.bias.mul_(factor)
+    def _fold(self, factor):  # input scaling: W diag(l) (columns); output scaling: diag(l) W and l ⊙ b (rows)
+        self.weight.mul_(factor if self.scale_input else factor[:, None])
+        if self.bias is not None and not self.scale_input:
+            self.bias.mul_(factor)
 
 
 def _check(cfg, targets, feedforward) -> tuple[tuple, tuple]:
@@ -78,11 +71,10 @@ def _check(cfg, targets, feedforward) -> tuple[tuple, tuple]:
 def apply_ia3(model, targets: list[str], feedforward: list[str]):
     targets, feedforward = _check(model.cfg, targets, feedforward)
     for t in targets:
-        wrap(model, [t], lambda layer: IA3Linear(layer, scale_input=t in feedforward))
+        linear_targets.wrap(model, [t], lambda layer: IA3Linear(layer, scale_input=t in feedforward))
 
 
 def ia3_parameter_count(cfg, targets: list[str], feedforward: list[str], **_) -> int:
-    """n_layer · Σ_targets (in if feedforward else out)."""
     targets, feedforward = _check(cfg, targets, feedforward)
     return cfg.n_layer * sum(linear_targets.shape(cfg, t)[0 if t in feedforward else 1] for t in targets)
 

@@ -9,12 +9,11 @@ layer through a gate that starts at zero:
         q ─┬─► attention over the real tokens ──────────────────────────┐
            └─► attention over the K adaption prompts ─► × gate (0 init) ─┴─► + ─► o
 
-Because the gate g (one per head) is exactly zero at initialization, the model's output equals the
-base model's, and the prompts start to matter only as the gate learns to open: early training is not
-disturbed by random prompts. The prompts carry no position (no RoPE), so caching is unaffected.
+The gate g (one per head) is exactly zero at initialization, so the model starts as the base model and
+random prompts do not disturb early training; they matter only as the gate opens. The prompts carry no
+position (no RoPE), so caching is unaffected.
 
-Initialization: A ~ N(0, 0.02²), g = 0. Trainable parameters: L · (K · d + n_head).
-Not mergeable.
+Initialization: A ~ N(0, 0.02²), g = 0. Trainable parameters: L · (K · d + n_head). Not mergeable.
 """
 import math
 
@@ -31,15 +30,10 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(0.02 * torch.randn(length, cfg.d_model))  # (K, d)
         self.gate = nn.Parameter(torch.zeros(cfg.n_head))  # (H,)
 
-    def forward(self, q, k_proj, v_proj):
-        """q (B, H, T, hd) -> gated attention output over the adaption prompts (B, H, T, hd)."""
-        K = self.prompt.shape[0]
+    def forward(self, q, k_proj, v_proj):  # q (B, H, T, hd) -> gated attention over the prompts (B, H, T, hd)
         group = self.n_head // self.n_kv_head  # grouped-query attention: heads sharing a kv head
-
-        def heads(proj):  # (K, d) -> (H, K, hd)
-            return proj(self.prompt).view(K, self.n_kv_head, self.head_dim).transpose(0, 1) \
-                .repeat_interleave(group, dim=0)
-        keys, values = heads(k_proj), heads(v_proj)
+        keys, values = (proj(self.prompt).view(-1, self.n_kv_head, self.head_dim).transpose(0, 1)
+                        .repeat_interleave(group, dim=0) for proj in (k_proj, v_proj))  # each (H, K, hd)
         scores = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)  # (B, H, T, K)
         return self.gate.view(1, -1, 1, 1) * (scores @ values)
 

@@ -5,17 +5,12 @@ The update of a frozen weight W (out × in) is the elementwise (Hadamard) produc
 which can reach rank r² with the parameters of two rank-r LoRAs:
 
     ΔW = (α/r) · (W1a W1b) ⊙ (W2a W2b)        W1a, W2a: (out × r),  W1b, W2b: (r × in)
-    h  = x (W + ΔW)ᵀ + b
-
-        W1a (out×r) ─► @ W1b (r×in) ─┐
-                                     ⊙ ─► × α/r ─► ΔW ─► + W (frozen) ─► x (W + ΔW)ᵀ + b
-        W2a (out×r) ─► @ W2b (r×in) ─┘
+    h  = x (W + ΔW)ᵀ + b                       ΔW formed in full each forward pass (delta.py)
 
 Initialization (peft's): W1a, W1b, W2a Kaiming-uniform (nn.Linear's init), W2b = 0, so ΔW = 0 and the
 model starts exactly as the pretrained one. Trainable parameters: 2r · (in + out) per adapted layer (twice
 LoRA's at the same r); r=8 on q and v of a 12-layer d=768 model: 12 · 2 · 2 · 8 · 1536 = 589,824.
-Merging: W ← W + ΔW. ΔW is formed in full each forward pass (out × in: cheap next to the activations of a
-batch, and it makes the update one matmul with W).
+Merging: W ← W + ΔW.
 """
 import math
 
@@ -25,7 +20,6 @@ import torch.nn as nn
 from . import targets as linear_targets
 from .registry import Method, Option, register
 from .delta import DeltaLinear
-from .targets import wrap
 
 
 class LoHaLinear(DeltaLinear):
@@ -47,12 +41,12 @@ class LoHaLinear(DeltaLinear):
 
 
 def apply_loha(model, rank: int, alpha: float, targets: list[str]):
-    wrap(model, targets, lambda layer: LoHaLinear(layer, rank, alpha))
+    linear_targets.wrap(model, targets, lambda layer: LoHaLinear(layer, rank, alpha))
 
 
 def loha_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
-    """n_layer · Σ_targets 2r · (in + out)."""
-    return cfg.n_layer * sum(2 * rank * sum(linear_targets.shape(cfg, t)) for t in linear_targets.validate(cfg, targets))
+    targets = linear_targets.validate(cfg, targets)
+    return cfg.n_layer * sum(2 * rank * sum(linear_targets.shape(cfg, t)) for t in targets)
 
 
 register(Method(

@@ -13,14 +13,12 @@ low-rank) larger one. With out = a·b and in = c·d (a ≤ b, c ≤ d, from `fac
         │ W1[1,0]·W2  W1[1,1]·W2  … │   (a·b) × (c·d) = out × in
         └ …                         ┘
 
-`decompose_both` factors W1 too (W1a W1b, rank r) when r < max(a, c)/2; `decompose_factor` f > 0 asks
-for the factor pair (f, dim/f) where f divides the dimension, -1 for the pair nearest √dim.
+`decompose_both` factors W1 too (W1a W1b, rank r) when r < max(a, c)/2; `decompose_factor`: see `factorization`.
 
 Initialization (peft's): W1 = 0 (W1a = 0 when decomposed), W2's factors Kaiming-uniform, so ΔW = 0: the
 model starts exactly as the pretrained one. Trainable parameters per adapted layer: a·c (or r·(a + c))
 + b·d (or r·(b + d)); for a 768 × 768 weight at r = 8, 768 = 24·32 gives W1 (24 × 24) and, as 8 < 32/2,
-W2 = (32 × 8)(8 × 32): 576 + 512 = 1,088 (LoRA r=8: 12,288).
-Merging: W ← W + ΔW.
+W2 = (32 × 8)(8 × 32): 576 + 512 = 1,088 (LoRA r=8: 12,288). Merging: W ← W + ΔW.
 """
 import math
 
@@ -30,7 +28,6 @@ import torch.nn as nn
 from . import targets as linear_targets
 from .registry import Method, Option, register
 from .delta import DeltaLinear
-from .targets import wrap
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -46,16 +43,13 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 def lokr_shapes(out_features: int, in_features: int, rank: int, decompose_both: bool, factor: int) -> dict:
     """{parameter name: shape} of a LoKr layer: W1 (a, c) or its factors, W2 (b, d) or its factors."""
     (a, b), (c, d) = factorization(out_features, factor), factorization(in_features, factor)
-    shapes = {}
     if decompose_both and rank < max(a, c) / 2:
-        shapes.update(lokr_w1_a=(a, rank), lokr_w1_b=(rank, c))
+        shapes = {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, c)}
     else:
-        shapes.update(lokr_w1=(a, c))
+        shapes = {"lokr_w1": (a, c)}
     if rank < max(b, d) / 2:
-        shapes.update(lokr_w2_a=(b, rank), lokr_w2_b=(rank, d))
-    else:
-        shapes.update(lokr_w2=(b, d))
-    return shapes
+        return shapes | {"lokr_w2_a": (b, rank), "lokr_w2_b": (rank, d)}
+    return shapes | {"lokr_w2": (b, d)}
 
 
 class LoKrLinear(DeltaLinear):
@@ -63,16 +57,13 @@ class LoKrLinear(DeltaLinear):
         super().__init__(base)
         self.rank, self.scale = rank, alpha / rank
         shapes = lokr_shapes(base.out_features, base.in_features, rank, decompose_both, decompose_factor)
-        for name, shape in shapes.items():
-            setattr(self, name, nn.Parameter(torch.empty(shape, device=base.weight.device)))
-        for name in shapes:  # W1 (or W1a) = 0: ΔW = 0 at init; the other factors Kaiming-uniform
-            if name in ("lokr_w1", "lokr_w1_a"):
-                nn.init.zeros_(getattr(self, name))
-            else:
-                nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        for name, shape in shapes.items():  # W1 (or W1a) = 0, so ΔW = 0 at init; the other factors Kaiming-uniform
+            weight = nn.Parameter(torch.zeros(shape, device=base.weight.device))
+            if name not in ("lokr_w1", "lokr_w1_a"):
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            setattr(self, name, weight)
 
-    def factor(self, which: str) -> torch.Tensor:
-        """W1 or W2, as it is or as the product of its two factors."""
+    def factor(self, which: str) -> torch.Tensor:  # W1 or W2, as it is or as the product of its two factors
         if hasattr(self, f"lokr_{which}"):
             return getattr(self, f"lokr_{which}")
         return getattr(self, f"lokr_{which}_a") @ getattr(self, f"lokr_{which}_b")
@@ -81,24 +72,18 @@ class LoKrLinear(DeltaLinear):
         return torch.kron(self.factor("w1"), self.factor("w2")) * self.scale
 
 
-def _check(rank: int, decompose_factor: int):
+def apply_lokr(model, rank: int, alpha: float, targets: list[str], decompose_both: bool, decompose_factor: int):
     if rank < 1:
         raise ValueError(f"LoKr rank must be >= 1, got {rank}")
     if decompose_factor != -1 and decompose_factor < 1:
         raise ValueError(f"decompose_factor must be -1 (near √dim) or >= 1, got {decompose_factor}")
-
-
-def apply_lokr(model, rank: int, alpha: float, targets: list[str], decompose_both: bool, decompose_factor: int):
-    _check(rank, decompose_factor)
-    wrap(model, targets, lambda layer: LoKrLinear(layer, rank, alpha, decompose_both, decompose_factor))
+    linear_targets.wrap(model, targets, lambda layer: LoKrLinear(layer, rank, alpha, decompose_both, decompose_factor))
 
 
 def lokr_parameter_count(cfg, rank: int, targets: list[str], decompose_both: bool, decompose_factor: int, **_) -> int:
-    """n_layer · Σ_targets (size of W1 or its factors + size of W2 or its factors), from lokr_shapes."""
-    return cfg.n_layer * sum(
-        sum(math.prod(shape) for shape in
-            lokr_shapes(*reversed(linear_targets.shape(cfg, t)), rank, decompose_both, decompose_factor).values())
-        for t in linear_targets.validate(cfg, targets))
+    layers = [lokr_shapes(*reversed(linear_targets.shape(cfg, t)), rank, decompose_both, decompose_factor)
+              for t in linear_targets.validate(cfg, targets)]
+    return cfg.n_layer * sum(math.prod(shape) for shapes in layers for shape in shapes.values())
 
 
 register(Method(

@@ -1,29 +1,23 @@
 """Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190).
 
-Every layer gets P trainable "virtual tokens" that exist only as keys and values: attention
-concatenates them in front of the real tokens' keys/values, so every real token can attend to them,
-while the base model's weights stay frozen.
+Every layer gets P trainable "virtual tokens" that exist only as keys and values: attention puts them in
+front of the real tokens' keys/values, so every real token can attend to them; the base model stays frozen.
 
     head_i = softmax( q_i [P_k ; K]ᵀ / √d_h ) [P_v ; V]          P_k, P_v: (P × d_h) per layer and head
 
         keys:    [ P_k(layer) | k(x_1) … k(x_T) ]      the real tokens take positions P … P+T−1,
         values:  [ P_v(layer) | v(x_1) … v(x_T) ]      as if the prefix had been P real tokens before them
 
-Reparameterization (optional, mlp_hidden > 0, as in the paper): the prefixes are not trained
-directly but produced by an MLP from a smaller embedding, which trains more stably:
+Reparameterization (optional, mlp_hidden > 0, as in the paper): an MLP makes the prefixes from a smaller
+embedding, which trains more stably; after training, `fold(model)` keeps only its output:
 
     [P_k ; P_v](all layers) = W_2 tanh(W_1 E + b_1) + b_2      E: (P × d), W_1: (h × d), W_2: (L·2·d_kv × h)
 
-After training, `fold(model)` runs the MLP once and keeps only its output, so inference needs no MLP.
-
-Initialization: direct prefixes ~ N(0, 0.02²); with the MLP, E ~ N(0, 0.02²) and nn.Linear's own init.
-The output therefore differs slightly from the base model's at initialization.
-
-Trainable parameters (L layers, d_kv = n_kv_head · head_dim):
+Initialization: direct prefixes ~ N(0, 0.02²); with the MLP, E ~ N(0, 0.02²) and nn.Linear's own init; so
+the output differs slightly from the base model's at initialization. Not mergeable: the virtual tokens
+are extra keys, not a weight change. Trainable parameters (L layers, d_kv = n_kv_head · head_dim):
     direct:   L · 2 · P · d_kv
     with MLP: P·d + (d·h + h) + (h · L·2·d_kv + L·2·d_kv)
-Works with grouped-query attention (prefixes have n_kv_head heads) and with padding masks (prefix
-positions are always visible). Not mergeable: the virtual tokens are extra keys, not a weight change.
 """
 import torch
 import torch.nn as nn
@@ -46,8 +40,7 @@ class PrefixTuning(nn.Module):
         else:
             self.prefix = nn.Parameter(0.02 * torch.randn(length, total))  # (P, L·2·d_kv)
 
-    def layer_table(self, layer: int) -> torch.Tensor:
-        """(P, 2·d_kv): this layer's keys and values for the P virtual tokens."""
+    def layer_table(self, layer: int) -> torch.Tensor:  # (P, 2·d_kv): this layer's keys and values
         cols = slice(layer * self.per_layer, (layer + 1) * self.per_layer)
         if hasattr(self, "prefix"):
             return self.prefix[:, cols]
@@ -59,32 +52,18 @@ class PrefixTuning(nn.Module):
         k, v = table.permute(1, 2, 0, 3)  # each (Hkv, P, hd)
         return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)  # (B, Hkv, P, hd)
 
-    @torch.no_grad()
-    def fold(self):
-        """Replace the MLP by its output (same prefixes, no MLP at inference)."""
-        if hasattr(self, "prefix"):
-            return
-        table = torch.cat([self.layer_table(i) for i in range(self.n_layer)], dim=1)  # (P, L·2·d_kv)
-        del self.embedding, self.mlp_in, self.mlp_out
-        self.prefix = nn.Parameter(table.clone())
-
 
 class LayerPrefix:
-    """What sits in one layer's `Attention.prefix` slot: a view of the shared PrefixTuning module
-    (a plain object, not a Module, so the parameters are registered once, under `prefix_tuning`)."""
+    """One layer's `Attention.prefix` slot: a view of the shared PrefixTuning module (not a Module, so its
+    parameters are registered once, under `prefix_tuning`; `parameters()` is for the memory ledger)."""
 
     def __init__(self, tuning: PrefixTuning, layer: int):
-        self.tuning, self.layer = tuning, layer
-
-    @property
-    def length(self) -> int:
-        return self.tuning.length
+        self.tuning, self.layer, self.length = tuning, layer, tuning.length
 
     def __call__(self, batch: int):
         return self.tuning.key_values(self.layer, batch)
 
     def parameters(self):
-        """The shared module's parameters (the memory ledger asks whether they train)."""
         return self.tuning.parameters()
 
 
@@ -96,9 +75,14 @@ def apply_prefix(model, length: int, mlp_hidden: int):
         block.attn.prefix = LayerPrefix(model.prefix_tuning, i)
 
 
+@torch.no_grad()
 def fold(model):
-    """Fold the reparameterization MLP away after training; the adapter then saves as mlp_hidden=0."""
-    model.prefix_tuning.fold()
+    """Replace the MLP by its output after training (the same prefixes); the adapter then saves as mlp_hidden=0."""
+    tuning = model.prefix_tuning
+    if not hasattr(tuning, "prefix"):
+        table = torch.cat([tuning.layer_table(i) for i in range(tuning.n_layer)], dim=1)  # (P, L·2·d_kv)
+        del tuning.embedding, tuning.mlp_in, tuning.mlp_out
+        tuning.prefix = nn.Parameter(table.clone())
     model.peft_config["options"]["mlp_hidden"] = 0
     return model
 

@@ -1,28 +1,24 @@
 """Prompt tuning (Lester et al. 2021, https://arxiv.org/abs/2104.08691).
 
 P trainable "soft token" embeddings are put into the input sequence; the frozen model reads them like
-real tokens, and only they are trained:
+real tokens, and only they train:
 
-    x = [e(x_1) … e(x_T)]  →  [P_1 … P_P, e(x_1) … e(x_T)]         (bert: after [CLS])
+    x = [e(x_1) … e(x_T)]  →  [P_1 … P_P, e(x_1) … e(x_T)]
 
         causal:  [P_1 … P_P] [tok_1 … tok_T]          bert:  [CLS] [P_1 … P_P] [tok_2 … tok_T]
 
-Positions count the soft tokens, the attention mask marks them real, and the model drops them from
-its output again, so output shapes never change (model.encode / forward return T positions).
+Positions count the soft tokens, the attention mask marks them real, and the model drops them from its
+output again, so output shapes never change (model.encode / forward return T positions).
 
-Initialization (`init`): "random" ~ U(−0.5, 0.5) (the paper's random baseline); "vocab": embeddings
-of P token ids drawn at random from the vocabulary; "text": embeddings of the tokens of `init_text`,
-repeated to length P (pass the tokenizer: mp.apply(model, "prompt", init="text", init_text=...,
-tokenizer=tokenizer)).
-
+Initialization (`init`): "random" ~ U(−0.5, 0.5) (the paper's random baseline); "vocab": the embeddings of
+P random token ids; "text": the embeddings of `init_text`'s tokens, repeated to length P (pass the
+tokenizer: mp.apply(model, "prompt", init="text", init_text=..., tokenizer=tokenizer)).
 Trainable parameters: P · d. Not mergeable, and not the identity at initialization.
 """
 import torch
 import torch.nn as nn
 
 from .registry import Method, Option, register
-
-INITS = ("random", "vocab", "text")
 
 
 class SoftPrompt(nn.Module):
@@ -44,8 +40,7 @@ class SoftPrompt(nn.Module):
             return torch.cat([t[:, :i], fill, t[:, i:]], dim=1)
         return x, widen(attention_mask, 1), widen(token_type_ids, 0)
 
-    def remove(self, hidden):
-        """(B, P + T, d) -> (B, T, d): drop the soft tokens' outputs."""
+    def remove(self, hidden):  # (B, P + T, d) -> (B, T, d): drop the soft tokens' outputs
         i = self.insert_at
         return torch.cat([hidden[:, :i], hidden[:, i + self.length:]], dim=1)
 
@@ -82,7 +77,7 @@ register(Method(
     prompt_parameter_count,
     (Option("length", int, 20, "virtual tokens P (soft prompt length)"),
      Option("init", str, "random", "how the soft prompt starts: random, vocab (random token embeddings) "
-            "or text (the embeddings of init_text's tokens)", choices=INITS),
+            "or text (the embeddings of init_text's tokens)", choices=("random", "vocab", "text")),
      Option("init_text", str, None, "the text whose token embeddings start the prompt (init=text)")),
     lr=3e-2, exact_at_init=False, uses_tokenizer=True,
     examples=({}, {"length": 3, "init": "vocab"}, {"length": 5, "init": "text", "init_text": "a review"})))

@@ -1,8 +1,7 @@
 """Selective fine-tuning: train a chosen subset of the pretrained parameters, add nothing.
 
     full     every parameter                            (the baseline every PEFT method is judged by)
-    head     the output head only                       "feature-based": the encoder is a frozen
-                                                        feature extractor (Raschka, "Finetuning LLMs")
+    head     the output head only                       "feature-based": a frozen encoder (Raschka, "Finetuning LLMs")
     last_k   the last `layers` blocks, ln_f and head    "fine-tuning II" in the same blog series
     bitfit   every bias term                            Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199
 
@@ -12,11 +11,11 @@
     block 0      │ ...  │  ← full; bitfit: biases
                  └ emb  ┘  ← full
 
-Equation: none of its own; the model is unchanged and h = f(x; θ) with θ split into trainable and
-frozen parts. Initialization: the pretrained values. Trainable parameters: the size of the chosen
-subset (counted below from the config, independently of the modules).
+No equation of its own: the model is unchanged, h = f(x; θ) with θ split into trainable and frozen parts,
+initialized at the pretrained values. Trainable parameters: the chosen subset's size, counted below from the
+config's switches (model.py) alone, never from the modules or family names: one formula serves every family.
 
-A fresh classifier head is trainable under every method (registry.apply makes sure of that). A tied
+A fresh classifier head trains under every method (registry.apply adds it on top of these counts). A tied
 LM head *is* the token embedding, so `head` and `last_k` on a tied LM train the embedding table.
 """
 from .model import FAMILIES, ModelConfig
@@ -24,8 +23,7 @@ from .registry import Method, Option, register
 
 
 def apply_full(model):
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
 
 
 def apply_head(model):
@@ -51,10 +49,6 @@ def apply_bitfit(model):
             p.requires_grad_(True)
 
 
-# --- parameter-count formulas, from the config alone --------------------------------------------
-# Each counts what the method itself trains; a fresh classifier head is added on top by registry.apply.
-# They read the config's switches (model.py), never family names: one formula serves every family.
-
 def _linear(n_in, n_out, bias):
     return n_in * n_out + (n_out if bias else 0)
 
@@ -77,7 +71,7 @@ def block_parameter_count(cfg) -> int:
     return attention + qk_norms + mlp + _norms_per_block(cfg) * _norm(cfg)
 
 
-def lm_head_parameter_count(cfg) -> int:
+def head_parameter_count(cfg, **_) -> int:
     """The LM head (the token embedding itself when tied); 0 for a classifier, counted separately."""
     return 0 if cfg.n_classes else cfg.vocab_size * cfg.d_model
 
@@ -91,18 +85,12 @@ def full_parameter_count(cfg, **_) -> int:
     embeddings = cfg.vocab_size * d + cfg.type_vocab_size * d + (_norm(cfg) if cfg.emb_norm else 0)
     if cfg.positions == "learned":
         embeddings += (cfg.pos_offset + cfg.max_seq_len) * d
-    untied_head = 0 if cfg.tie_embeddings else lm_head_parameter_count(cfg)
-    return embeddings + cfg.n_layer * block_parameter_count(cfg) + final_norm_parameter_count(cfg) + \
-        untied_head
-
-
-def head_parameter_count(cfg, **_) -> int:
-    return lm_head_parameter_count(cfg)
+    untied_head = 0 if cfg.tie_embeddings else head_parameter_count(cfg)
+    return embeddings + cfg.n_layer * block_parameter_count(cfg) + final_norm_parameter_count(cfg) + untied_head
 
 
 def last_k_parameter_count(cfg, layers: int, **_) -> int:
-    return layers * block_parameter_count(cfg) + final_norm_parameter_count(cfg) + \
-        lm_head_parameter_count(cfg)
+    return layers * block_parameter_count(cfg) + final_norm_parameter_count(cfg) + head_parameter_count(cfg)
 
 
 def bitfit_parameter_count(cfg, **_) -> int:

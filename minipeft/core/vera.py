@@ -5,9 +5,6 @@ LoRA with its two matrices frozen, random and shared by every layer; each layer 
     h = x Wᵀ + b  +  λ_b ⊙ (B (λ_d ⊙ (A dropout(x))))        A: (r × in), B: (out × r) frozen, shared
                                                               λ_d: (r,), λ_b: (out,) trained, per layer
 
-        x ─────────────────► W (frozen) ──────────────────────────────┐
-        └─► dropout ─► A (shared) ─► ⊙ λ_d ─► B (shared) ─► ⊙ λ_b ────┴─► + ─► h
-
 A and B are drawn once, for the largest (out, in) among the targeted layers: A (r × max in), B (max out × r),
 and every layer uses their top-left corner, A[:, :in] and B[:out]. Both are Kaiming-uniform (bound
 √(6 / fan_in)), drawn from a torch.Generator seeded with `projection_seed`, A first: exactly as peft draws
@@ -28,12 +25,10 @@ from . import targets as linear_targets
 from .registry import Method, Option, register
 from .delta import DeltaMerge
 from .lora import FrozenLinear
-from .targets import wrap
 
 
 class SharedProjections(nn.Module):
-    """VeRA's frozen random A (r × max in) and B (max out × r), one pair for the whole model: every
-    VeRALinear holds this same module, so moving the model moves them once."""
+    """The frozen random A (r × max in) and B (max out × r), one pair held by every VeRALinear of the model."""
 
     def __init__(self, rank: int, max_in: int, max_out: int, seed: int, device=None):
         super().__init__()
@@ -53,8 +48,7 @@ class VeRALinear(DeltaMerge, FrozenLinear):
         self.vera_lambda_b = nn.Parameter(torch.zeros(base.out_features, device=device))  # λ_b (out,)
         self.vera_dropout = Dropout(dropout)
 
-    def corners(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's slices of the shared A (r, in) and B (out, r)."""
+    def corners(self) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's A (r, in) and B (out, r)
         return self.projections.A[:, :self.in_features], self.projections.B[:self.out_features]
 
     def forward(self, x):  # (…, in) -> (…, out)
@@ -76,11 +70,10 @@ def apply_vera(model, rank: int, targets: list[str], dropout: float, d_initial: 
     shapes = [linear_targets.shape(model.cfg, t) for t in linear_targets.validate(model.cfg, targets)]
     projections = SharedProjections(rank, max(i for i, _ in shapes), max(o for _, o in shapes), projection_seed,
                                     model.tok_emb.weight.device)
-    wrap(model, targets, lambda layer: VeRALinear(layer, projections, dropout, d_initial))
+    linear_targets.wrap(model, targets, lambda layer: VeRALinear(layer, projections, dropout, d_initial))
 
 
 def vera_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
-    """n_layer · Σ_targets (r + out)."""
     return cfg.n_layer * sum(rank + linear_targets.shape(cfg, t)[1] for t in linear_targets.validate(cfg, targets))
 
 
