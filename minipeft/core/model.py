@@ -81,9 +81,8 @@ def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm (Ba et al. 2016) in the input's dtype, weight and bias cast to it: under bf16-mixed a trainable
-    fp32 bias (bitfit) meets a frozen bf16 weight and bf16 activations (in fp32 the same as nn.LayerNorm; the
-    kernel accumulates its statistics in fp32 either way)."""
+    """LayerNorm (Ba et al. 2016) in the input's dtype, weight and bias cast to it: under bf16-mixed a trainable fp32
+    bias (bitfit) meets a frozen bf16 weight. In fp32 the same as nn.LayerNorm (statistics are fp32 either way)."""
 
     def forward(self, x):
         weight = None if self.weight is None else self.weight.to(x.dtype)
