@@ -1,84 +1,45 @@
-"""One transformer, many families: GPT-2, BERT, Llama, Gemma and the others are the same stack of
-blocks with different choices for positions, normalization, activation and attention. Each choice is a
-named switch of `ModelConfig`, and a family is a row of switches (`FAMILIES`): model.py reads switches,
-never family names, so adding a family adds a row here (and, in formats/pretrained.py, its weight names).
+"""One transformer (model.py), many families: GPT-2, BERT, Llama, Gemma and the others differ only in their
+choices for positions, normalization, activation and attention. Each choice is a named switch of `ModelConfig`
+and a family is a row of switches (`FAMILIES`), so adding a family adds a row here (and, in formats/pretrained.py,
+its weight names). `-` = off; sizes (head_dim, the window, the RoPE base) come from each checkpoint's config:
 
-The families (`-` = off; sizes such as head_dim, the window length or the RoPE base come from each
-checkpoint's config):
+| family     | positions | pos_offset | type_vocab_size | emb_norm | emb_scale | norm      | norm_place | act       |
+|------------|-----------|------------|-----------------|----------|-----------|-----------|------------|-----------|
+| gpt2       | learned   | 0          | 0               | -        | -         | layernorm | pre        | gelu_tanh |
+| bert       | learned   | 0          | 2               | yes      | -         | layernorm | post       | gelu      |
+| roberta    | learned   | 2          | 1               | yes      | -         | layernorm | post       | gelu      |
+| distilbert | learned   | 0          | 0               | yes      | -         | layernorm | post       | gelu      |
+| llama      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        | silu      |
+| mistral    | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        | silu      |
+| qwen2      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        | silu      |
+| qwen3      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        | silu      |
+| phi3       | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        | silu      |
+| gemma      | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | pre        | gelu_tanh |
+| gemma2     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   | gelu_tanh |
+| gemma3     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   | gelu_tanh |
 
-| family     | positions | pos_offset | type_vocab_size | emb_norm | emb_scale | norm      | norm_place |
-|------------|-----------|------------|-----------------|----------|-----------|-----------|------------|
-| gpt2       | learned   | 0          | 0               | -        | -         | layernorm | pre        |
-| bert       | learned   | 0          | 2               | yes      | -         | layernorm | post       |
-| roberta    | learned   | 2          | 1               | yes      | -         | layernorm | post       |
-| distilbert | learned   | 0          | 0               | yes      | -         | layernorm | post       |
-| llama      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| mistral    | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| qwen2      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| qwen3      | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| phi3       | rope      | 0          | 0               | -        | -         | rmsnorm   | pre        |
-| gemma      | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | pre        |
-| gemma2     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   |
-| gemma3     | rope      | 0          | 0               | -        | yes       | rmsnorm+1 | sandwich   |
+| family     | gated | causal | qkv_bias | o_bias | mlp_bias | qk_norm | layer_pattern | attn_softcap | final_softcap |
+|------------|-------|--------|----------|--------|----------|---------|---------------|--------------|---------------|
+| gpt2       | -     | yes    | yes      | yes    | yes      | -       | F             | -            | -             |
+| bert       | -     | -      | yes      | yes    | yes      | -       | F             | -            | -             |
+| roberta    | -     | -      | yes      | yes    | yes      | -       | F             | -            | -             |
+| distilbert | -     | -      | yes      | yes    | yes      | -       | F             | -            | -             |
+| llama      | yes   | yes    | -        | -      | -        | -       | F             | -            | -             |
+| mistral    | yes   | yes    | -        | -      | -        | -       | S             | -            | -             |
+| qwen2      | yes   | yes    | yes      | -      | -        | -       | F             | -            | -             |
+| qwen3      | yes   | yes    | -        | -      | -        | yes     | F             | -            | -             |
+| phi3       | yes   | yes    | -        | -      | -        | -       | S             | -            | -             |
+| gemma      | yes   | yes    | -        | -      | -        | -       | F             | -            | -             |
+| gemma2     | yes   | yes    | -        | -      | -        | -       | SF            | 50           | 30            |
+| gemma3     | yes   | yes    | -        | -      | -        | yes     | SSSSSF        | -            | -             |
 
-| family     | act       | gated | causal | qkv_bias | o_bias | mlp_bias | qk_norm |
-|------------|-----------|-------|--------|----------|--------|----------|---------|
-| gpt2       | gelu_tanh | -     | yes    | yes      | yes    | yes      | -       |
-| bert       | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| roberta    | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| distilbert | gelu      | -     | -      | yes      | yes    | yes      | -       |
-| llama      | silu      | yes   | yes    | -        | -      | -        | -       |
-| mistral    | silu      | yes   | yes    | -        | -      | -        | -       |
-| qwen2      | silu      | yes   | yes    | yes      | -      | -        | -       |
-| qwen3      | silu      | yes   | yes    | -        | -      | -        | yes     |
-| phi3       | silu      | yes   | yes    | -        | -      | -        | -       |
-| gemma      | gelu_tanh | yes   | yes    | -        | -      | -        | -       |
-| gemma2     | gelu_tanh | yes   | yes    | -        | -      | -        | -       |
-| gemma3     | gelu_tanh | yes   | yes    | -        | -      | -        | yes     |
+So Llama vs Gemma 2: Gemma 2 scales the embeddings by √d_model, normalizes with x/rms · (1 + w), puts a second
+norm on each sub-layer's output (sandwich), gates with tanh-GELU instead of SiLU, alternates sliding-window and full
+layers, and soft-caps attention logits (tanh(s/50)·50) and final logits (tanh(z/30)·30); it also scales queries by
+query_pre_attn_scalar^-0.5 (attn_scale), from its config.
 
-| family     | layer_pattern | attn_softcap | final_softcap | rope_local_theta |
-|------------|---------------|--------------|---------------|------------------|
-| gpt2       | F             | -            | -             | -                |
-| bert       | F             | -            | -             | -                |
-| roberta    | F             | -            | -             | -                |
-| distilbert | F             | -            | -             | -                |
-| llama      | F             | -            | -             | -                |
-| mistral    | S             | -            | -             | -                |
-| qwen2      | F             | -            | -             | -                |
-| qwen3      | F             | -            | -             | -                |
-| phi3       | S             | -            | -             | -                |
-| gemma      | F             | -            | -             | -                |
-| gemma2     | SF            | 50           | 30            | -                |
-| gemma3     | SSSSSF        | -            | -             | 10000            |
-
-So Llama vs Gemma 2: Gemma 2 scales the embeddings by √d_model, normalizes with x/rms · (1 + w), puts a
-second norm on each sub-layer's output (sandwich), gates with tanh-GELU instead of SiLU, alternates
-sliding-window and full layers, and soft-caps attention logits (tanh(s/50)·50) and final logits
-(tanh(z/30)·30); it also scales queries by query_pre_attn_scalar^-0.5 (attn_scale), from its config.
-
-What each switch does:
-    positions         "learned": a table pos_emb of max_seq_len (+ pos_offset) rows; "rope": rotary
-                      embeddings (Su et al. 2021) on q and k, base rope_theta, on the first rope_fraction
-                      of each head (Phi-3), optionally scaled (rope_scaling: linear, or Llama 3's)
-    pos_offset        learned positions start at this row (RoBERTa: padding_idx + 1)
-    type_vocab_size   token-type (segment) embeddings; 0 = none
-    emb_norm          a norm right after the embeddings (post-norm encoders)
-    emb_scale         token embeddings × √d_model (Gemma)
-    norm              "layernorm" (with bias), "rmsnorm" (x/rms · w) or "rmsnorm+1" (x/rms · (1 + w), w = 0
-                      at init, computed in fp32: Gemma)
-    norm_place        "pre", "post" or "sandwich" (drawn in model.py's docstring)
-    act, gated        MLP: down(act(up(x))), or gated: down(act(gate(x)) · up(x)) (SwiGLU, GeGLU)
-    causal            a token sees only earlier tokens (decoders) or all of them (encoders)
-    qkv_bias, o_bias, mlp_bias   bias terms of q/k/v, of o, of the MLP's linear layers
-    qk_norm           a norm over head_dim on every query and key head, before RoPE (Qwen3, Gemma 3)
-    layer_pattern     repeated over the layers: "S" = sliding-window layer (keys at most sliding_window - 1
-                      positions back), "F" = full attention; without a sliding_window every layer is full
-    attn_softcap      attention logits s -> tanh(s / c) · c before the mask (Gemma 2); 0 = off
-    final_softcap     LM logits z -> tanh(z / c) · c (Gemma 2); 0 = off
-    rope_local_theta  sliding layers use their own (unscaled) RoPE with this base (Gemma 3: 10k local, 1M global)
-    attn_scale        q·k is scaled by attn_scale^-0.5 (Gemma 2/3: query_pre_attn_scalar); None = head_dim
-    head_dim          set independently of d_model (Gemma, Qwen3); None = d_model / n_head
-Grouped-query attention (n_kv_head < n_head) and a tied head (tie_embeddings) are settings of every family.
+Each switch is explained at its field of `ModelConfig` below. Grouped-query attention (n_kv_head < n_head), a tied
+head (tie_embeddings), head_dim and attn_scale are settings of every family.
 """
 from dataclasses import dataclass, field
 from functools import partial
@@ -108,7 +69,7 @@ FAMILIES = {name: {**LLAMA, **differences} for name, differences in {
     "gemma2": dict(_GEMMA, norm_place="sandwich", layer_pattern="SF", attn_softcap=50.0, final_softcap=30.0),
     "gemma3": dict(_GEMMA, norm_place="sandwich", layer_pattern="SSSSSF", qk_norm=True, rope_local_theta=10_000.0),
 }.items()}
-FLAVORS = tuple(FAMILIES)  # the name older code and the public API use for a family
+FLAVORS = tuple(FAMILIES)  # the public API's name for the families
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
 CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm", "rmsnorm+1"),
@@ -125,38 +86,38 @@ class ModelConfig:
     n_kv_head: int | None = None  # grouped-query attention; None = n_head
     d_model: int = 64
     d_ff: int | None = None  # None = 4 · d_model
-    head_dim: int | None = None  # None = d_model / n_head
+    head_dim: int | None = None  # set apart from d_model (Gemma, Qwen3); None = d_model / n_head
     max_seq_len: int = 512  # positions: the learned table or the RoPE cache
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the RoPE base
     rope_fraction: float = 1.0  # RoPE on the first rope_fraction of each head's dimensions (Phi-3)
     rope_scaling: dict | None = None  # {"rope_type": "linear", "factor"} or Llama 3's {"rope_type": "llama3", ...}
-    sliding_window: int | None = None  # the window of "S" layers (layer_pattern); None = every layer full
-    attn_scale: float | None = None  # scores q·k / √attn_scale; None = head_dim
+    sliding_window: int | None = None  # "S" layers see keys at most sliding_window - 1 back; None = every layer full
+    attn_scale: float | None = None  # scores q·k / √attn_scale (Gemma 2/3: query_pre_attn_scalar); None = head_dim
     tie_embeddings: bool = True  # head.weight is tok_emb.weight (LM head only)
     dropout: float = 0.0  # residual, embedding and attention dropout
     n_classes: int | None = None  # set: forward returns class logits from a fresh linear head
     pool: str = "mean"  # encoder classifier pooling: "cls" or "mean" (causal models: the last real token)
     pad_token_id: int = 0
-    # the family's switches (see the module docstring); None = the family's value
-    positions: str | None = None
-    pos_offset: int | None = None
-    type_vocab_size: int | None = None
-    emb_norm: bool | None = None
-    emb_scale: bool | None = None
-    norm: str | None = None
-    norm_place: str | None = None
-    act: str | None = None
-    gated: bool | None = None
-    causal: bool | None = None
-    qkv_bias: bool | None = None
-    o_bias: bool | None = None
-    mlp_bias: bool | None = None
-    qk_norm: bool | None = None
-    layer_pattern: str | None = None
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    rope_local_theta: float | None = None
+    # the family's switches (the tables above); None = the family's value
+    positions: str | None = None  # "learned": a table pos_emb; "rope": rotary embeddings (Su et al. 2021) on q and k
+    pos_offset: int | None = None  # learned positions start at this row (RoBERTa: padding_idx + 1)
+    type_vocab_size: int | None = None  # token-type (segment) embeddings; 0 = none
+    emb_norm: bool | None = None  # a norm right after the embeddings (post-norm encoders)
+    emb_scale: bool | None = None  # token embeddings × √d_model (Gemma)
+    norm: str | None = None  # "layernorm" (with bias), "rmsnorm" (x/rms · w), "rmsnorm+1" (x/rms · (1 + w): Gemma)
+    norm_place: str | None = None  # "pre", "post" or "sandwich" (drawn in model.py's docstring)
+    act: str | None = None  # the MLP: down(act(up(x)))
+    gated: bool | None = None  # gated MLP: down(act(gate(x)) · up(x)) (SwiGLU, GeGLU)
+    causal: bool | None = None  # a token sees only earlier tokens (decoders) or all of them (encoders)
+    qkv_bias: bool | None = None  # bias terms of q, k and v
+    o_bias: bool | None = None  # bias terms of o
+    mlp_bias: bool | None = None  # bias terms of the MLP's linear layers
+    qk_norm: bool | None = None  # a norm over head_dim on every query and key head, before RoPE (Qwen3, Gemma 3)
+    layer_pattern: str | None = None  # repeated over the layers: "S" = sliding-window layer, "F" = full attention
+    attn_softcap: float | None = None  # attention logits s -> tanh(s / c) · c before the mask (Gemma 2); 0 = off
+    final_softcap: float | None = None  # LM logits z -> tanh(z / c) · c (Gemma 2); 0 = off
+    rope_local_theta: float | None = None  # sliding layers' own unscaled RoPE base (Gemma 3: 10k local, 1M global)
     extra: dict = field(default_factory=dict)  # provenance (source name, token ids) — not used by the math
 
     def __post_init__(self):

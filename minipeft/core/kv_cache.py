@@ -1,6 +1,5 @@
-"""The KV cache of incremental decoding: the keys and values of every token a model has seen so far, so
-that each new token attends to them without recomputing them (model.py's Attention appends to it;
-generate.py and fewshot.py create and share them).
+"""The KV cache of incremental decoding: the keys and values of every token seen so far, so that a new token attends
+to them without recomputing them (model.py's Attention appends; generate.py and extras/fewshot.py create it).
 
     per layer: k, v  (B, Hkv, T_seen, head_dim)
 """
@@ -8,8 +7,7 @@ import torch
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, for incremental decoding.
-    `forward(idx, cache=c)` appends the new tokens' keys/values and reads the old ones."""
+    """One (k, v) pair per layer; `forward(idx, cache=c)` appends the new tokens' keys/values and reads the old."""
 
     def __init__(self, n_layer: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer

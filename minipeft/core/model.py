@@ -1,6 +1,6 @@
-"""The transformer of every family: GPT-2, BERT, Llama, Gemma and the others are this one stack of
-blocks, switched by `ModelConfig` (families.py: the switches and the table of families). The code reads
-switches, never family names.
+"""The transformer of every family: GPT-2, BERT, Llama, Gemma and the others are this one stack of blocks,
+switched by `ModelConfig` (families.py: the switches and the table of families). The code reads switches,
+never family names.
 
     idx (B, T) ──tok_emb (× √d: emb_scale)──┬─ + pos_emb (learned positions) + type_emb ─ emb_ln (emb_norm)
                                             │
@@ -16,20 +16,16 @@ switches, never family names.
 
 Module names are the same in every family (`blocks[i].attn.{q,k,v,o}`, `blocks[i].mlp.{up,gate,down}`,
 `blocks[i].{ln1,ln2}`, `tok_emb`, `pos_emb`, `ln_f`, `head`; sandwich blocks add `ln1_post`, `ln2_post`,
-qk_norm adds `attn.q_norm`, `attn.k_norm`), so a PEFT method that targets "q" finds the same projection
-in all of them. PEFT methods never edit the math here: LoRA and adapters replace `nn.Linear` modules by
-name, and the slots `Attention.prefix`, `Attention.adaption` and `Transformer.prompt` (all `None` by
-default) are where prefix tuning, LLaMA-Adapter and prompt tuning plug in (see their files). Attention
-is one call to F.scaled_dot_product_attention (`attention`, which a ring may swap: scale/precision.py
-under bf16 on the CPU), written out instead (`attention_with_dropout`) when training with dropout or
-soft-capping attention logits, which SDPA cannot do. The LM loss is
-F.cross_entropy over the logits (`lm_loss`). minipeft.fast.enable() swaps in faster twins of `lm_loss`
-(tiled: the logits never exist whole) and `dropout`.
+qk_norm adds `attn.q_norm`, `attn.k_norm`), so a PEFT method that targets "q" finds the same projection in
+all of them. PEFT methods never edit the math here: LoRA and adapters replace `nn.Linear` modules by name;
+prefix tuning, LLaMA-Adapter and prompt tuning fill the slots `Attention.prefix`, `Attention.adaption` and
+`Transformer.prompt` (None by default).
 
 Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
 import functools
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -45,9 +41,8 @@ IGNORE_INDEX = -100  # a label that counts in no loss (F.cross_entropy's ignore_
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale the
-    others by 1/(1 - p), so the expected value is unchanged; x itself in eval mode. Called through this
-    module's global, so that minipeft.fast.enable() can swap in its twin (fast/dropout.py)."""
+    """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale the others
+    by 1/(1 - p); x itself in eval mode. A global, so that minipeft.fast.enable() can swap in its twin."""
     return F.dropout(x, p, training)
 
 
@@ -59,19 +54,17 @@ class Dropout(nn.Dropout):
 
 
 def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v in one fused kernel (flash attention on the CPU): q (B, H, T, hd);
-    k, v (B, Hkv, S, hd), gqa: Hkv < H; mask as in attention_with_dropout. Returns (B, H, T, hd). Called
-    through this module's global, so that a ring can swap it (scale/precision.py does, for bf16 on the CPU)."""
+    """softmax(q kᵀ · scale + mask) v in one fused kernel (flash attention on the CPU), shapes and mask as in
+    attention_with_dropout; gqa: Hkv < H. A global, so that a ring can swap it (scale/precision.py, bf16)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
 def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale: float | None = None,
                            softcap: float | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v with dropout on the attention weights, written out: what
-    F.scaled_dot_product_attention computes, whose CPU kernels have no dropout (with dropout_p > 0 it
-    falls back to these same steps, its mask drawn by torch, not by `dropout`) and no soft-capping (Gemma 2's
-    s -> tanh(s / softcap) · softcap, before the mask). q (B, H, T, hd); k, v (B, Hkv, S, hd);
-    mask: boolean (B or 1, 1, T, S), True = may attend; scale: default 1/√hd. Returns (B, H, T, hd)."""
+    """softmax(q kᵀ · scale + mask) v with dropout on the attention weights, written out: the CPU kernels of
+    F.scaled_dot_product_attention have no dropout (with dropout_p > 0 it falls back to these steps, its mask
+    drawn by torch, not by `dropout`) and no soft-capping (Gemma 2's s -> tanh(s / softcap) · softcap, before
+    the mask). q (B, H, T, hd); k, v (B, Hkv, S, hd); mask: boolean (B or 1, 1, T, S), True = may attend."""
     if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves H / Hkv query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -88,9 +81,8 @@ def attention_with_dropout(q, k, v, mask, is_causal: bool, drop: Dropout, scale:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm (Ba et al. 2016) in the input's dtype, its weight and bias cast to it: under bf16-mixed a
-    trainable fp32 bias (bitfit) meets a frozen bf16 weight and bf16 activations (in fp32 the same as
-    nn.LayerNorm; the kernel accumulates its statistics in fp32 either way)."""
+    """LayerNorm (Ba et al. 2016) in the input's dtype, weight and bias cast to it: under bf16-mixed a trainable fp32
+    bias (bitfit) meets a frozen bf16 weight. In fp32 the same as nn.LayerNorm (statistics are fp32 either way)."""
 
     def forward(self, x):
         weight = None if self.weight is None else self.weight.to(x.dtype)
@@ -118,12 +110,8 @@ class OffsetRMSNorm(nn.RMSNorm):
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     """The family's norm over the last `dim` (default d_model) features."""
-    dim = dim or cfg.d_model
-    if cfg.norm == "layernorm":
-        return LayerNorm(dim, eps=cfg.norm_eps)
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, eps=cfg.norm_eps)
-    return OffsetRMSNorm(dim, eps=cfg.norm_eps)
+    norm = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "rmsnorm+1": OffsetRMSNorm}[cfg.norm]
+    return norm(dim or cfg.d_model, eps=cfg.norm_eps)
 
 
 class Attention(nn.Module):
@@ -139,9 +127,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
         self.scale = (cfg.attn_scale or hd) ** -0.5
         self.attn_drop = Dropout(cfg.dropout)  # on the attention weights
-        # slots filled by PEFT methods (None = plain attention):
-        self.prefix = None  # methods/prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
-        self.adaption = None  # methods/llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
+        self.prefix = None  # PEFT slot, methods/prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
+        self.adaption = None  # PEFT slot, methods/llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
 
     def forward(self, x, mask, rope=None, cache=None, layer_idx=0):
         cfg = self.cfg
@@ -161,9 +148,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T_past + T, hd)
         is_causal = mask is None and cfg.causal and k.shape[2] == T
         if cfg.attn_softcap or (self.training and cfg.dropout > 0):
-            y = attention_with_dropout(q, k, v, mask, is_causal, self.attn_drop, self.scale,
-                                       cfg.attn_softcap)  # (B, H, T, hd)
-        else:  # one fused kernel (flash attention on CPU)
+            y = attention_with_dropout(q, k, v, mask, is_causal, self.attn_drop, self.scale, cfg.attn_softcap)
+        else:
             y = attention(q, k, v, mask, is_causal, self.scale, cfg.n_kv_head != cfg.n_head)  # (B, H, T, hd)
         if self.adaption is not None:
             y = y + self.adaption(q, self.k, self.v)  # (B, H, T, hd)
@@ -216,9 +202,9 @@ def init_weights(module: nn.Module):
 
 
 def loss_targets(labels, shift_labels, causal: bool, reduction: str) -> torch.Tensor:
-    """The targets (B, T) aligned with the inputs: shift_labels as given, or labels as transformers takes
-    them (the inputs, −100 where no loss), shifted for a causal model: targets[:, t] = labels[:, t + 1] and
-    none (−100) at the end. A masked LM's labels are its targets."""
+    """The targets (B, T) aligned with the inputs: shift_labels as given, or labels as transformers takes them
+    (the inputs, −100 where no loss), shifted for a causal model: targets[:, t] = labels[:, t + 1], −100 at the
+    end. A masked LM's labels are its targets."""
     if (labels is None) == (shift_labels is None):
         raise ValueError("give labels (the inputs, shifted inside) or shift_labels (already shifted), not both")
     if reduction not in ("mean", "sum", "none"):
@@ -235,10 +221,9 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal
         z_i = h_i Wᵀ                                  (V,) the head's logits (no bias), in fp32
         z_i ← c · tanh(z_i / c)                       Gemma 2's final soft-cap c (cfg.final_softcap)
 
-    hidden (B, T, d) final hidden states; weight (V, d) the LM head's; labels or shift_labels (B, T) as
-    `loss_targets` takes them. reduction "sum": the summed loss instead of the mean; "none": each token's
-    (B, T), 0 where unlabelled (a row's sum is minus its labelled tokens' log-probability, what DPO needs).
-    A mean over no labelled token is nan, as in transformers."""
+    hidden (B, T, d); weight (V, d) the LM head's. reduction "sum": the summed loss; "none": each token's (B, T),
+    0 where unlabelled (a row's sum is minus its log-probability, what DPO needs). A mean over no labelled token
+    is nan, as in transformers. A global: minipeft.fast.enable() swaps in a tiled twin (no whole logits)."""
     targets = loss_targets(labels, shift_labels, causal, reduction)  # (B, T)
     logits = F.linear(hidden, weight).float()  # (B, T, V)
     if softcap:
@@ -248,14 +233,11 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal
 
 
 def in_compute_context(forward):
-    """Run a forward method inside the model's `compute_context(model, device)` when one is set (the
-    precision ring, scale/precision.py, sets one that autocasts to the compute dtype), on the device of the
-    token ids; without one, as written."""
+    """Run a forward method inside the model's `compute_context(model, device)` when one is set (the precision
+    ring sets one that autocasts), on the device of the token ids; without one, as written."""
     @functools.wraps(forward)
     def run(self, idx, *args, **kwargs):
-        if self.compute_context is None:
-            return forward(self, idx, *args, **kwargs)
-        with self.compute_context(self, idx.device):
+        with nullcontext() if self.compute_context is None else self.compute_context(self, idx.device):
             return forward(self, idx, *args, **kwargs)
     return run
 
@@ -287,14 +269,13 @@ class Transformer(nn.Module):
         self.prompt = None  # prompt.py: module inserting soft tokens into the embeddings (B, T, d)
         self.adapters = None  # extras/multi.py: adapters side by side, routed per row by adapter_names
         self.checkpointing = False  # recompute each block's activations in backward
-        # set by mp.apply: {"method", "options", "base_fingerprint"}; None for a plain base model
-        self.peft_config: dict | None = None
+        self.peft_config: dict | None = None  # set by mp.apply: {"method", "options", "base_fingerprint"}
         self.precision = "fp32"  # scale/precision.py: the name of the precision the weights are cast for
         self.compute_context = None  # scale/precision.py: (model, device) -> the context forward runs in
 
     def reset_buffers(self):
-        """Compute the buffers no checkpoint holds, the RoPE tables (max_seq_len, rotary_dim): at build
-        time, and again once a loader (formats/pretrained.py) has put a checkpoint's weights in."""
+        """Compute the buffers no checkpoint holds, the RoPE tables (max_seq_len, rotary_dim): at build time, and
+        again once a loader (formats/pretrained.py) has put a checkpoint's weights in."""
         cfg = self.cfg
         tables = {"rope": (cfg.rope_theta, cfg.rope_scaling)} if cfg.positions == "rope" else {}
         if cfg.positions == "rope" and cfg.rope_local_theta:  # sliding layers' own RoPE (Gemma 3)
@@ -305,8 +286,7 @@ class Transformer(nn.Module):
             self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     def add_classifier(self, n_classes: int):
-        """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains; under
-        another precision, set_precision casts it)."""
+        """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains)."""
         self.cfg.n_classes = n_classes
         self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
         init_weights(self.head)
@@ -332,8 +312,8 @@ class Transformer(nn.Module):
         return self.prompt_length + self.prefix_length
 
     def embed(self, idx, attention_mask, token_type_ids, position_ids, past: int, with_prompt: bool):
-        """idx (B, T) -> the first block's input (B, T', d), the padding mask and each token's position
-        ((T',) or (B, T')); T' = T, plus the soft prompt's tokens when with_prompt. `past`: keys before."""
+        """idx (B, T) -> the first block's input (B, T', d), the padding mask and each token's position ((T',) or
+        (B, T')); T' = T, plus the soft prompt's tokens when with_prompt. `past`: keys before."""
         cfg = self.cfg
         x = self.tok_emb(idx)  # (B, T, d)
         if cfg.emb_scale:  # Gemma: × √d_model, in the embedding's dtype
@@ -356,9 +336,9 @@ class Transformer(nn.Module):
     @in_compute_context
     def encode(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                position_ids=None, document_ids=None, adapter_names=None):
-        """idx (B, T) token ids -> final hidden states (B, T, d_model). position_ids (B, T): each token's
-        position (default 0, 1, ... after the cache); document_ids (B, T): packed rows, a token attends
-        only within its document; adapter_names: the adapter each row runs (extras/multi.py)."""
+        """idx (B, T) token ids -> final hidden states (B, T, d_model). position_ids (B, T): each token's position
+        (default 0, 1, ... after the cache); document_ids (B, T): packed rows, a token attends only within its
+        document; adapter_names: the adapter each row runs (extras/multi.py)."""
         if self.adapters is not None:
             self.adapters.route(adapter_names, idx)
         elif adapter_names is not None:
@@ -375,9 +355,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             mask, rope = masks[block.window], ropes[block.window]
             if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                # keep only the block's input; backward reruns the block (non-reentrant: fine when x
-                # needs no grad) with the RNG state restored, so dropout draws the same masks again.
-                # Never with a KV cache: the rerun would append its keys/values a second time.
+                # keep only the block's input; backward reruns the block (non-reentrant: fine when x needs no
+                # grad) with the RNG state restored, so dropout draws the same masks again. Never with a KV
+                # cache: the rerun would append its keys/values a second time.
                 x = checkpoint(block, x, mask, rope, None, use_reentrant=False, preserve_rng_state=True)
             else:
                 x = block(x, mask, rope, cache)
@@ -401,11 +381,8 @@ class Transformer(nn.Module):
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                 position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
                 reduction="mean"):
-        """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes.
-        With labels (B, T) (transformers' convention: the inputs, shifted inside; -100 = no loss) or
-        shift_labels (B, T) (already aligned with idx): the mean LM loss instead (`lm_loss`);
-        reduction="sum" gives the summed loss of the labelled tokens instead of their mean, "none" each
-        token's (B, T), 0 where unlabelled. The other arguments are encode's."""
+        """(B, T) -> LM logits (B, T, vocab), or class logits (B, n_classes) when cfg.n_classes; with labels or
+        shift_labels, the LM loss instead (`lm_loss`, which says how `reduction` works). The rest are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):
             raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
@@ -421,6 +398,5 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, use_cache: bool = True, eos_id: int | None = None):
-        """Greedy decoding, idx (B, T) -> (B, T + new): a thin call into generate.py, where sampling,
-        stop strings and batches of prompts of different lengths are (generate.generate)."""
+        """Greedy decoding, idx (B, T) -> (B, T + new); sampling, stop strings and ragged batches: generate.py."""
         return greedy(self, idx, max_new_tokens, use_cache, eos_id)

@@ -1,6 +1,5 @@
-"""Where each token sits and which keys it sees: rotary position embeddings (RoPE), the positions of
-tokens after a KV cache or a method's virtual tokens, and the attention mask (causal, sliding window,
-padding, packed documents). model.py calls these; they hold no weights.
+"""Where each token sits and which keys it sees: rotary position embeddings (RoPE), the positions of tokens after a
+KV cache or a method's virtual tokens, and the attention mask (causal, sliding window, padding, packed documents).
 """
 import math
 
@@ -11,10 +10,10 @@ from .families import ModelConfig
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """The rotation speeds (rotary_dim/2,) of rotate-half RoPE: pair j turns by theta^(-2j/rotary_dim)
-    per position. Scaled RoPE slows them down for longer contexts: "linear" divides every speed by
-    `factor`; "llama3" (Llama 3.1) divides only the slow ones (wavelength above original / low_freq_factor),
-    keeps the fast ones (below original / high_freq_factor) and blends linearly in between."""
+    """The rotation speeds (rotary_dim/2,) of rotate-half RoPE: pair j turns by theta^(-2j/rotary_dim) per position.
+    Scaled RoPE slows them for long contexts: "linear" divides every speed by `factor`; "llama3" (Llama 3.1) divides
+    only the slow ones (wavelength > original / low_freq_factor), keeps the fast ones (< original / high_freq_factor)
+    and blends linearly in between."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     if scaling is None:
         return inv_freq
@@ -36,8 +35,8 @@ def rope_tables(rotary_dim: int, max_seq_len: int, theta: float, scaling: dict |
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd) rotated pairwise: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves paired.
-    With tables narrower than hd (partial RoPE, Phi-3) only the first cos.shape[-1] dimensions turn."""
+    """x (B, H, T, hd) rotated pairwise: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves paired. With tables
+    narrower than hd (partial RoPE, Phi-3) only the first cos.shape[-1] dimensions turn."""
     rotary_dim = cos.shape[-1]
     if rotary_dim < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
@@ -47,8 +46,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def token_positions(model, past: int, T: int, position_ids, device, with_prompt: bool = False):
-    """Each token's position: past, past + 1, ... (T,), or per row (B, T) from position_ids, which
-    count a sequence's own tokens (packed rows restart them; left-padded rows skip the padding)."""
+    """Each token's position: past, past + 1, ... (T,), or per row (B, T) from position_ids, which count a sequence's
+    own tokens (packed rows restart them; left-padded rows skip the padding)."""
     if position_ids is None:
         return torch.arange(past, past + T, device=device)
     positions = position_ids + model.virtual_tokens  # the method's virtual tokens (prefix, soft prompt) first
@@ -62,9 +61,8 @@ def token_positions(model, past: int, T: int, position_ids, device, with_prompt:
 
 
 def rope_at(model, positions, window):
-    """(cos, sin) at these positions, (T, rotary_dim) each, or (B, 1, T, rotary_dim) for per-row
-    positions (B, T): a sliding layer's own RoPE where the family has one (Gemma 3), else the global
-    one; None without RoPE."""
+    """(cos, sin) at these positions, (T, rotary_dim) each, or (B, 1, T, rotary_dim) for per-row positions (B, T):
+    a sliding layer's own RoPE where the family has one (Gemma 3), else the global one; None without RoPE."""
     if model.cfg.positions != "rope":
         return None
     name = "rope_local" if window is not None and model.cfg.rope_local_theta else "rope"
@@ -73,11 +71,10 @@ def rope_at(model, positions, window):
 
 
 def attention_mask_for(cfg: ModelConfig, attention_mask, T: int, past: int, window, document_ids, device):
-    """Boolean (B or 1, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal
-    path (or no mask at all) gives the same answer. `past` keys (cached tokens or prefix virtual
-    tokens) come before the T current ones and are always real. A sliding `window` hides keys
-    window or more positions back; `document_ids` (B, T) (packed rows) hide other documents' tokens.
-    The mask is made on `device`, the model's."""
+    """Boolean (B or 1, 1, T, past + T) mask where True = may attend, or None when SDPA's own causal path (or no
+    mask at all) gives the same answer. `past` keys (cached tokens or prefix virtual tokens) come before the T
+    current ones and are always real. A sliding `window` hides keys window or more positions back; `document_ids`
+    (B, T) (packed rows) hide other documents' tokens."""
     if attention_mask is not None and not attention_mask.is_meta and bool(attention_mask.all()):
         attention_mask = None  # no padding: as if no mask was given, so SDPA takes its fast path
     total = past + T
@@ -95,8 +92,8 @@ def attention_mask_for(cfg: ModelConfig, attention_mask, T: int, past: int, wind
         allowed = allowed & F.pad(same, (past, 0), value=True)[:, None]  # (B, 1, T, total)
     if attention_mask is not None:
         keys_real = F.pad(attention_mask.bool(), (past, 0), value=True)[:, None, None, -total:]
-        # a padding query would otherwise see no key at all (NaN); letting it see itself keeps
-        # the row finite and changes no real token's output
+        # a padding query would otherwise see no key at all (NaN); seeing itself keeps the row finite
+        # and changes no real token's output
         itself = torch.zeros(T, total, dtype=torch.bool, device=device)
         itself[torch.arange(T), past + torch.arange(T)] = True
         allowed = (allowed & keys_real) | itself  # (B, 1, T, total)
