@@ -127,8 +127,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
         self.scale = (cfg.attn_scale or hd) ** -0.5
         self.attn_drop = Dropout(cfg.dropout)  # on the attention weights
-        self.prefix = None  # PEFT slot, methods/prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
-        self.adaption = None  # PEFT slot, methods/llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
+        self.prefix = None  # PEFT slot, prefix.py: callable(batch) -> key/value prefixes, each (B, Hkv, P, hd)
+        self.adaption = None  # PEFT slot, llama_adapter.py: module(q, k_proj, v_proj) -> gated extra output
 
     def forward(self, x, mask, rope=None, cache=None, layer_idx=0):
         cfg = self.cfg
