@@ -49,7 +49,6 @@ import torch
 from tqdm.auto import tqdm
 
 from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
-from minipeft.run.exact_match import exact_match
 from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
@@ -408,6 +407,7 @@ class TrainingRun:
         dataset, kind = self.data.splits[split], self.data.kind
         if kind != "sft" or (split == "validation" and not self.cfg.eval_generate):
             return evaluate(self.model, dataset, kind, self.cfg.eval_batch_size, self.processes, self.objective)
+        from minipeft.run.exact_match import exact_match  # generation: instruction data only
         metrics = {}
         if split == "validation":
             dataset = dataset.head(self.cfg.eval_generate)
