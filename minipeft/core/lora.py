@@ -27,12 +27,10 @@ A's (the paper suggests 16), in its own AdamW parameter group (`lr_factors`).
 Trainable parameters: r · (in + out) per adapted layer; r=4 on q and v of GPT-2 medium (24 layers, d=1024):
 24 · 2 · 4 · 2048 = 393,216.
 
-Merging: W ← W + s·BA gives the same outputs at no extra inference cost; `unmerge` subtracts it again.
-Merging is explicit (mp.merge), never a side effect of `.eval()`.
+Merging (mp.merge, never a side effect of `.eval()`): W ← W + s·BA, the same outputs at no extra inference cost.
 
 `LoRALinear` *is* an nn.Linear (a FrozenLinear: the base's own `weight` and `bias` under their keys), with
-`lora_A` and `lora_B` beside them; it replaces the wrapped layer on its parent. QLoRA and DoRA reuse
-`add_lora` and the LoRA path; IA³, VeRA, LoHa and LoKr wrap their layers in a FrozenLinear too.
+`lora_A` and `lora_B` beside them; it replaces the wrapped layer on its parent. Other methods reuse its pieces.
 """
 import math
 
@@ -153,10 +151,8 @@ def lora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
 
 
 def lora_lr_factors(model, lr_ratio: float = 1.0, **_) -> dict[str, float]:
-    """LoRA+: every B learns lr_ratio times faster than the rest."""
-    if lr_ratio == 1.0:
-        return {}
-    return {name: lr_ratio for name, _ in model.named_parameters() if name.endswith("lora_B")}
+    """LoRA+: every B learns lr_ratio times faster than the rest (none is listed when lr_ratio is 1)."""
+    return {name: lr_ratio for name, _ in model.named_parameters() if name.endswith("lora_B") and lr_ratio != 1.0}
 
 
 # the options LoRA and QLoRA share, and LoRA's own
