@@ -6,7 +6,8 @@
 
 `targets` is a list of these names, or ["all"] for every one the model has. peft's names work too: a layer's
 transformers module name (HF_MODULES), or any dotted end of it, stands for every target whose module ends with
-it, as peft matches `target_modules`: GPT-2's "c_attn" is q, k and v, its "c_proj" o and down, "attn.c_proj" o.
+it, as peft matches `target_modules`: GPT-2's "c_attn" is q, k and v, its "c_proj" o and down, "attn.c_proj"
+only o.
 """
 import difflib
 from functools import cache
@@ -59,8 +60,7 @@ def validate(cfg, targets) -> tuple[str, ...]:
 
 @cache
 def peft_names(flavor: str) -> dict[str, tuple[str, ...]]:
-    """peft's names for a family's layers (each target's transformers module name and every dotted end of it)
-    -> our targets."""
+    """peft's names for a family's layers (every dotted end of each target's module name) -> our targets."""
     names = {}
     for target, module in HF_MODULES[flavor].items():
         parts = module.split(".")  # "self_attn.q_proj" -> ["self_attn", "q_proj"]
