@@ -1,21 +1,13 @@
-"""What works the same on any model a method was applied to (registry.apply), whatever the method:
-
-    trainable_state_dict(model)     the tensors it trains, by name: what an adapter file holds
-    lr_factors(model)               parameters that learn at factor × lr (LoRA+'s B): loop.make_optimizer
-    task_defaults(method, kind)     the learning rate and options that fit a kind of task (TASK_DEFAULTS)
-    merge(model) / unmerge(model)   fold the update into the base weights and take it out again
-    expected_trainable_parameters   the method's formula for how many parameters it trains (the tests)
-"""
+"""What works the same on any model a method was applied to (registry.apply), whatever the method: its
+trainable tensors, its learning-rate factors, the defaults that fit a kind of task, merge and unmerge."""
 import torch
 
 from .registry import get_method, methods
 
-# What replaces a method's defaults (Method.lr and its options' defaults, chosen on MiniLM classification) on
-# another kind of task, where it was measured: instruction tuning (kind "sft") with LoRA and QLoRA adapts every
-# linear layer at 1e-3, the README's SFT run (SmolLM2-135M-Instruct on rotten_tomatoes_instruct, 60 steps of
-# 16: exact match 0.837 with LoRA, 0.845 with QLoRA); DPO on preference pairs (kind "dpo") at 5e-4, docs/dpo.md's
-# best run, from SmolLM2-135M-Instruct (LoRA's own 2e-3 gave the lowest reward accuracy there, from either start).
-# train.py uses it when --lr and the options are not given.
+# What replaces a method's defaults (Method.lr and its options', chosen on MiniLM classification) on another kind
+# of task, where it was measured. Instruction tuning ("sft"): every linear layer at 1e-3, the README's SFT run
+# (SmolLM2-135M-Instruct, exact match 0.837 with LoRA, 0.845 with QLoRA). DPO ("dpo"): 5e-4, docs/dpo.md's best
+# run (LoRA's own 2e-3 gave the lowest reward accuracy there).
 TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
     "sft": {"lora": {"lr": 1e-3, "targets": ["all"]}, "qlora": {"lr": 1e-3, "targets": ["all"]}},
     "dpo": {"lora": {"lr": 5e-4, "targets": ["all"]}, "qlora": {"lr": 5e-4, "targets": ["all"]}},
@@ -23,11 +15,10 @@ TASK_DEFAULTS = {  # kind of task -> method -> {"lr": ..., option: value}
 
 
 def task_defaults(method: str, kind: str) -> tuple[float, dict]:
-    """(peak learning rate, option defaults) of `method` on a task of `kind` ("classification", "sft", "lm"
-    or "dpo"): TASK_DEFAULTS's where it has them, else the method's own lr and no options (its defaults).
+    """(peak learning rate, option defaults) of `method` on a task of `kind`: TASK_DEFAULTS's where it has them,
+    else the method's own lr and no options. train.py uses them when --lr and the options are not given.
 
         lr, options = mp.task_defaults("lora", "sft")   # 1e-3, {"targets": ["all"]}
-        mp.apply(model, "lora", **options); trainer.TrainConfig(lr=lr, ...)
     """
     spec = get_method(method)
     row = dict(TASK_DEFAULTS.get(kind, {}).get(spec.name, {}))
@@ -44,41 +35,37 @@ def expected_trainable_parameters(model) -> int:
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Exactly the parameters with requires_grad, by their names in the model."""
+    """Exactly the parameters with requires_grad, by their names in the model: what an adapter file holds."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def lr_factors(model) -> dict[str, float]:
     """{parameter name: learning-rate factor} for the parameters the model's method wants trained faster or
-    slower than the rest (LoRA+'s B); {} when all learn at the same rate, or for a model that is not
-    minipeft's (bench/parity.py steps transformers + peft with the same optimizer). make_optimizer reads it."""
+    slower than the rest (LoRA+'s B), for loop.make_optimizer; {} when all learn at one rate, or for a model
+    that is not minipeft's."""
     config = getattr(model, "peft_config", None)
-    if not isinstance(config, dict):
-        return {}
-    spec = get_method(config["method"])
-    if spec.lr_factors is None:
+    spec = get_method(config["method"]) if isinstance(config, dict) else None
+    if spec is None or spec.lr_factors is None:
         return {}
     return spec.lr_factors(model, **config["options"])
 
 
 def _mergeable_layers(model):
     spec = get_method(model.peft_config["method"]) if model.peft_config else None
-    adapters = model.adapters  # methods/multi.py
+    adapters = model.adapters  # extras/multi.py
     if adapters is not None and len(adapters.configs) > 1:
-        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side "
-                         f"({', '.join(adapters.configs)}), "
-                         "which share its base weights; merge one adapter into a model of its own")
+        names = ", ".join(adapters.configs)
+        raise ValueError(f"this model has {len(adapters.configs)} adapters side by side ({names}), which share its "
+                         "base weights; merge one adapter into a model of its own")
     if spec is None or not spec.mergeable:
-        name = spec.name if spec else "no method"
-        mergeable = [n for n, method in methods().items() if method.mergeable]
-        raise ValueError(f"{name} cannot be merged into the base weights; mergeable methods are: "
-                         f"{', '.join(mergeable)}")
+        mergeable = ", ".join(name for name, method in methods().items() if method.mergeable)
+        raise ValueError(f"{spec.name if spec else 'no method'} cannot be merged into the base weights; "
+                         f"mergeable methods are: {mergeable}")
     return [m for m in model.modules() if hasattr(m, "merge") and m is not model]
 
 
 def merge(model):
-    """Fold the method into the base weights (same outputs, no extra inference cost). Merging twice
-    adds the update once."""
+    """Fold the method into the base weights (same outputs, no extra inference cost); merging twice adds it once."""
     for layer in _mergeable_layers(model):
         layer.merge()
     return model

@@ -1,13 +1,7 @@
-"""Data sets as the loop sees them: tokenized examples, batched on demand (collation with dynamic padding,
-shuffling, length grouping, packing). formats/tasks.py reads files and built-in data sets into them.
+"""Data sets as the loop sees them: tokenized examples, batched on demand (padded, shuffled, grouped by length or
+packed). formats/tasks.py reads files and built-in data sets into them.
 
-Packing -- `Dataset.packed(max_len)`: each batch's examples share rows of max_len tokens (first fit,
-longest first) instead of being padded; `position_ids` restart at every example and `document_ids`
-keep attention inside it (a block-diagonal causal mask), so the loss and gradients are those of the
-padded batch, computed on fewer rows. Token-level tasks only (lm, sft).
-
-Batches: `Dataset.batches()` yields dicts of long tensors, padded on the right to the longest
-example of the batch with `pad_id`:
+`Dataset.batches()` yields dicts of long tensors, padded on the right to the batch's longest example with `pad_id`:
 
     input_ids       (B, T)
     attention_mask  (B, T)  1 = real token, 0 = padding
@@ -15,18 +9,15 @@ example of the batch with `pad_id`:
                     (B, T)  next-token ids, -100 at padding   (lm, sft; -100 is ignored by cross_entropy;
                             sft also -100 on the prompt)
 
-Shuffling is a permutation fixed by (seed, epoch). With world_size > 1 every step consumes one global
-batch of batch_size * world_size examples, and rank r takes the interleaved shard
-global_batch[r::world_size]; together the ranks' batches of a step are exactly the single-process
-global batch for the same seed and epoch.
+Shuffling is a permutation fixed by (seed, epoch). With world_size > 1 every step consumes one global batch of
+batch_size * world_size examples, and rank r takes the interleaved shard global_batch[r::world_size]: together
+the ranks' batches of a step are exactly the single-process global batch.
 
-Length grouping -- `Dataset.grouped_by_length()`: padding to the longest example of a random batch
-wastes compute (Rotten Tomatoes under MiniLM's tokenizer: 1.79 tokens computed per real token at
-batch size 16). A grouped split shuffles as above, cuts the permutation into groups of
-LENGTH_GROUP global batches, sorts each group by length, cuts it into global batches and shuffles
-those batches (same generator): every batch holds examples of about one length, each batch is still a
-random draw from the split, and an epoch still sees every example once. Evaluation sorts the whole
-split by length (`batches(sort_by_length=True)`), which changes nothing but the padding.
+Length grouping (`grouped_by_length()`): padding a random batch to its longest example wastes compute (Rotten
+Tomatoes, MiniLM's tokenizer, batch size 16: 1.79 tokens computed per real token). A grouped split sorts each run
+of LENGTH_GROUP shuffled global batches by length, cuts it into batches again and shuffles those (same generator):
+each batch holds examples of about one length yet is a random draw, and an epoch still sees every example once.
+Evaluation sorts the whole split by length (`batches(sort_by_length=True)`), which changes nothing but the padding.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -37,83 +28,67 @@ import torch
 
 from .model import IGNORE_INDEX  # the label value the loss skips
 
-LENGTH_GROUP = 32  # global batches per group of a length-grouped epoch (see "Length grouping")
+LENGTH_GROUP = 32  # global batches per group of a length-grouped epoch
+COLUMNS = ("input_ids", "labels", "prompts", "answers")  # a Dataset's lists of one entry per example
 
 
 @dataclass
 class Dataset:
-    """One split: tokenized examples, batched on demand with dynamic padding.
-
-    input_ids[i] is a list of token ids. labels[i] is a class id (kind "classification") or a list of
-    target ids as long as input_ids[i] (kind "lm").
-    """
-
+    """One split. labels[i] is a class id (kind "classification") or a list of target ids as long as
+    input_ids[i] (kinds "lm", "sft")."""
     kind: str
-    input_ids: list[list[int]]
+    input_ids: list[list[int]]  # token ids of each example
     labels: list
     pad_id: int
-    # kind "sft" only: each example's prompt for generation (the conversation up to its last answer,
-    # ending with the template's generation prompt) and that answer's text, for exact-match scoring
+    # kind "sft" only: each example's prompt for generation (the conversation up to its last answer, ending
+    # with the template's generation prompt) and that answer's text, for exact-match scoring
     prompts: list[list[int]] | None = None
     answers: list[str] | None = None
-    pack_len: int | None = None  # set (packed()): collate packs each batch into rows of this many tokens
-    group_by_length: bool = False  # set (grouped_by_length()): shuffled batches hold examples of about one length
+    pack_len: int | None = None  # set by packed()
+    group_by_length: bool = False  # set by grouped_by_length()
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def _with_columns(self, column) -> "Dataset":
+        """A copy whose every column of COLUMNS is column(name) (a column that is None stays None)."""
+        return replace(self, **{name: column(name) for name in COLUMNS if getattr(self, name) is not None})
+
     def head(self, n: int | None) -> "Dataset":
         """The first n examples (all of them when n is None)."""
-        if n is None:
-            return self
-        return replace(self, input_ids=self.input_ids[:n], labels=self.labels[:n],
-                       prompts=self.prompts and self.prompts[:n], answers=self.answers and self.answers[:n])
+        return self if n is None else self._with_columns(lambda name: getattr(self, name)[:n])
 
     def select(self, indices: list[int]) -> "Dataset":
         """The examples at `indices`, in that order (an index may repeat)."""
-        def pick(column):
-            return None if column is None else [column[i] for i in indices]
-        return replace(self, input_ids=pick(self.input_ids), labels=pick(self.labels),
-                       prompts=pick(self.prompts), answers=pick(self.answers))
+        return self._with_columns(lambda name: [getattr(self, name)[i] for i in indices])
 
     @staticmethod
     def concat(parts: list["Dataset"]) -> "Dataset":
         """The examples of every part, one part after the other (with the first part's settings)."""
-        def join(name):
-            return None if getattr(parts[0], name) is None else [x for part in parts for x in getattr(part, name)]
-        return replace(parts[0], input_ids=join("input_ids"), labels=join("labels"), prompts=join("prompts"),
-                       answers=join("answers"))
+        return parts[0]._with_columns(lambda name: [x for part in parts for x in getattr(part, name)])
 
     def packed(self, max_len: int) -> "Dataset":
-        """The same examples, batched by packing (see pack_examples); token-level tasks only."""
+        """The same examples, each batch packed into rows of max_len tokens instead of padded (pack_examples)."""
         if self.kind == "classification":
             raise ValueError("--pack needs a task with a label per token (instruction data or text); a "
                              "classification task has one label per example, so its examples cannot share a row")
         return replace(self, pack_len=max_len)
 
     def grouped_by_length(self) -> "Dataset":
-        """The same examples, shuffled into batches of about one length (see "Length grouping")."""
+        """The same examples, shuffled into batches of about one length."""
         return replace(self, group_by_length=True)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
         """Number of steps `batches` yields (the same on every rank)."""
         global_batch_size = batch_size * world_size
-        if drop_last:
-            return len(self) // global_batch_size
-        return math.ceil(len(self) / global_batch_size)
+        return len(self) // global_batch_size if drop_last else math.ceil(len(self) / global_batch_size)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                sort_by_length: bool = False) -> Iterator[dict]:
-        """Yield this rank's padded batches, one per step.
-
-        Each step takes the next global batch of batch_size * world_size examples (in file order,
-        longest first when sort_by_length is set, or in a permutation fixed by (seed, epoch) when
-        shuffle is set, grouped by length if this split is) and returns its rank-th interleaved shard.
-        With drop_last=False the last global batch may be short, and a rank whose shard of it is empty
-        gets a batch with zero rows (input_ids of shape (0, 0)) so every rank takes the same number of
-        steps; use drop_last=True for training with world_size > 1 to avoid this.
-        """
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 1, drop_last: bool = False, sort_by_length: bool = False) -> Iterator[dict]:
+        """Yield this rank's batches, one per step, from global batches in file order, longest first
+        (sort_by_length) or shuffled. With drop_last=False the last global batch may be short, and a rank
+        whose shard of it is empty gets a batch with zero rows (input_ids (0, 0)) so that every rank takes
+        the same number of steps; train with drop_last=True when world_size > 1."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size; "
                              f"got batch_size={batch_size}, rank={rank}, world_size={world_size}")
@@ -133,9 +108,7 @@ class Dataset:
             yield self.collate(global_batch[rank::world_size])
 
     def _length_grouped(self, global_batches: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
-        """The same examples in batches of the same sizes, each of about one length: every
-        LENGTH_GROUP consecutive batches are pooled, sorted by length and cut again, then all batches
-        are shuffled."""
+        """The same examples in batches of the same sizes, each of about one length (see the module docstring)."""
         regrouped = []
         for start in range(0, len(global_batches), LENGTH_GROUP):
             group = global_batches[start:start + LENGTH_GROUP]
@@ -146,17 +119,15 @@ class Dataset:
         return [regrouped[i] for i in rng.permutation(len(regrouped))]
 
     def collate(self, indices: list[int]) -> dict:
-        """Pad the examples at `indices` on the right to the longest one (or pack them into rows of
-        pack_len tokens); see the module docstring."""
+        """One batch of the examples at `indices`, padded (or packed); see the module docstring."""
         if self.pack_len is not None:
             return pack_examples([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
                                  self.pack_len, self.pad_id)
-        seq_len = max((len(self.input_ids[i]) for i in indices), default=0)
-        batch_size = len(indices)
-        input_ids = torch.full((batch_size, seq_len), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)  # (B, T)
+        shape = (len(indices), max((len(self.input_ids[i]) for i in indices), default=0))  # (B, T)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
         if self.kind != "classification":
-            labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+            labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (B, T)
         else:
             labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)  # (B,)
         for row, i in enumerate(indices):
@@ -171,7 +142,6 @@ class Dataset:
 @dataclass
 class TaskData:
     """A loaded task: its kind, three splits, and what a model head needs to know."""
-
     kind: str  # "classification" | "lm" | "sft"
     splits: dict[str, Dataset]  # keys "train", "validation", "test"
     n_classes: int | None  # None for lm and sft
@@ -183,9 +153,8 @@ class TaskData:
 
 
 def pack_examples(input_ids: list[list[int]], labels: list[list[int]], max_len: int, pad_id: int) -> dict:
-    """Examples packed into as few rows of at most max_len tokens as first-fit-decreasing finds, each
-    example whole in one row. Besides input_ids, attention_mask and labels (B, T) as for padding, a
-    packed batch carries
+    """Examples packed whole into as few rows of at most max_len tokens as first-fit-decreasing finds. Besides
+    input_ids, attention_mask and labels (B, T) as for padding, a packed batch carries
 
         position_ids  (B, T)  0, 1, 2, ... restarting at every example (padding: 0)
         document_ids  (B, T)  which example of the row a token is (1, 2, ...; padding 0): attention
@@ -194,15 +163,15 @@ def pack_examples(input_ids: list[list[int]], labels: list[list[int]], max_len: 
 
     so the model computes for every example exactly what it would alone in a padded batch."""
     rows: list[list[int]] = []  # indices of the examples in each row
-    room: list[int] = []
+    room: list[int] = []  # free tokens left in each row
     for i in sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i])):
         length = len(input_ids[i])
         if length > max_len:
             raise ValueError(f"an example of {length} tokens does not fit a packed row of {max_len}")
-        row = next((r for r, free in enumerate(room) if free >= length), None)
-        if row is None:
-            rows.append([]), room.append(max_len)
-            row = len(rows) - 1
+        row = next((r for r, free in enumerate(room) if free >= length), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(max_len)
         rows[row].append(i)
         room[row] -= length
     width = max((max_len - free for free in room), default=0)

@@ -9,37 +9,28 @@ A frozen linear layer W (out × in) learns only a low-rank update:
               └─► dropout ─► A (r×in) ─► B (out×r) ─► × s
 
 The scale s is α/r, or α/√r with `rslora` (rank-stabilized LoRA, Kalajdzievski 2023,
-https://arxiv.org/abs/2312.03732: with α/r the update of a higher rank learns more slowly; α/√r keeps the
-learning dynamics stable as r grows). Either way a learning rate tuned at one rank carries over.
+https://arxiv.org/abs/2312.03732: under α/r a higher rank learns more slowly, α/√r keeps it stable as r grows).
 
 Initialization (`init`), each as peft has it:
-    kaiming   A ~ Kaiming-uniform (as nn.Linear initializes its weight), B = 0: BA = 0, so the model starts
-              exactly as the pretrained one.
+    kaiming   A ~ Kaiming-uniform (nn.Linear's init), B = 0: BA = 0, the model starts exactly as the pretrained one.
     gaussian  A ~ N(0, 1/r²), B = 0: exact at init too.
-    pissa     PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): W = U S Vᵀ; the top-r singular
-              triplets move into the adapter, A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s), and W keeps the residual
-              W − s·BA. The adapter trains the principal directions of W.
-    olora     OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): W = QR; A = R[:r], B = Q[:, :r],
-              W keeps W − s·BA (orthonormal B).
-PiSSA and OLoRA rewrite the frozen base weight (to W − s·B₀A₀), so W + s·BA equals the pretrained W at init
-only up to float rounding, and a saved adapter means "on the residual of this base": loading it computes the
-same residual again.
+    pissa     PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): W = U S Vᵀ; the top-r singular triplets
+              move into the adapter, A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s): it trains the principal directions of W.
+    olora     OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): W = QR; A = R[:r], B = Q[:, :r].
+PiSSA and OLoRA leave the frozen base weight the residual W − s·B₀A₀, so W + s·BA equals the pretrained W at
+init only up to float rounding, and a saved adapter means "on the residual of this base" (loading it computes
+the same residual again).
 
 LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): `lr_ratio` gives B a learning rate lr_ratio ×
-A's (the paper suggests 16); the method declares it (`lr_factors`) and the trainer's AdamW puts B in its
-own parameter group.
+A's (the paper suggests 16), in its own AdamW parameter group (`lr_factors`).
 
-Trainable parameters: r · (in + out) per adapted layer. Examples: r=4 on a 1000×1000 weight: 8,000;
-r=4 on q and v of a GPT-2-medium shape (24 layers, d=1024): 24 · 2 · 4 · 2048 = 393,216.
+Trainable parameters: r · (in + out) per adapted layer; r=4 on q and v of GPT-2 medium (24 layers, d=1024):
+24 · 2 · 4 · 2048 = 393,216.
 
-Merging: W ← W + s·BA gives the same outputs with no extra inference cost; `unmerge` subtracts it again
-(the base comes back up to float rounding of the subtraction). Merging is explicit (mp.merge), never a side
-effect of `.eval()`.
+Merging (mp.merge, never a side effect of `.eval()`): W ← W + s·BA, the same outputs at no extra inference cost.
 
-`LoRALinear` *is* an nn.Linear (a FrozenLinear: the base's own `weight` and `bias` under their keys, as
-torchtune does), with `lora_A` and `lora_B` beside them; it replaces the wrapped layer by setattr on its
-parent. QLoRA (qlora.py) and DoRA (dora.py) reuse its pieces: `add_lora` and the LoRA path; IA³, VeRA, LoHa
-and LoKr wrap their layers in a FrozenLinear too.
+`LoRALinear` *is* an nn.Linear (a FrozenLinear: the base's own `weight` and `bias` under their keys), with
+`lora_A` and `lora_B` beside them; it replaces the wrapped layer on its parent. Other methods reuse its pieces.
 """
 import math
 
@@ -56,8 +47,7 @@ RESIDUAL_INITS = ("pissa", "olora")  # these move part of W into the adapter
 
 
 def add_lora(layer: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool = False) -> None:
-    """Give `layer` (in_features -> out_features) LoRA's trained pair, A Kaiming-uniform (r, in) and
-    B = 0 (out, r), its scale s (α/r, or α/√r with rsLoRA) and the dropout of its input path."""
+    """Give `layer` LoRA's trained pair A (r, in), B = 0 (out, r), its scale s and its input path's dropout."""
     in_features, out_features = layer.in_features, layer.out_features
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -88,7 +78,6 @@ def residual_init(weight: torch.Tensor, rank: int, scale: float, init: str) -> t
 class FrozenLinear(nn.Linear):
     """A linear layer over `base`'s weight and bias (the same Parameters, not copies). Subclasses add a
     method's parameters; `changes_base` says whether creating it rewrote the base weight (PiSSA does)."""
-
     changes_base = False
 
     def __init__(self, base: nn.Linear):
@@ -102,12 +91,11 @@ class FrozenLinear(nn.Linear):
 
 
 class LoRALinear(FrozenLinear):
-    """A frozen linear layer (the base's own `weight` and `bias`, under those keys) with LoRA's `lora_A`
-    and `lora_B` beside them: h = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ."""
+    """h = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ: the frozen base's `weight` and `bias`, `lora_A` and `lora_B`."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "kaiming"):
-        super().__init__(base)  # self.weight, self.bias = base.weight, base.bias: frozen, under their keys
+        super().__init__(base)  # self.weight, self.bias = base.weight, base.bias
         add_lora(self, rank, alpha, dropout, rslora)
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / rank)
@@ -163,9 +151,8 @@ def lora_parameter_count(cfg, rank: int, targets: list[str], **_) -> int:
 
 
 def lora_lr_factors(model, lr_ratio: float = 1.0, **_) -> dict[str, float]:
-    """LoRA+: every B learns lr_ratio times faster than the rest."""
-    return {name: lr_ratio for name, _ in model.named_parameters() if name.endswith("lora_B")} \
-        if lr_ratio != 1.0 else {}
+    """LoRA+: every B learns lr_ratio times faster than the rest (none is listed when lr_ratio is 1)."""
+    return {name: lr_ratio for name, _ in model.named_parameters() if name.endswith("lora_B") and lr_ratio != 1.0}
 
 
 # the options LoRA and QLoRA share, and LoRA's own
@@ -173,15 +160,13 @@ LORA_OPTIONS = (
     Option("rank", int, 8, "LoRA rank r (>= 1)"),
     Option("alpha", float, 16.0, "LoRA scale numerator: the update is multiplied by alpha / rank"),
     Option("dropout", float, 0.0, "dropout on the LoRA input path (the model's own dropout is --model-dropout)"),
-    Option("targets", list, ["q", "v"], "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'"),
-)
+    Option("targets", list, ["q", "v"], "comma-separated linear layers to adapt: q,k,v,o,up,gate,down or 'all'"))
 RSLORA = Option("rslora", bool, False, "rank-stabilized scale alpha / sqrt(rank) instead of alpha / rank")
 LORA_ONLY_OPTIONS = (
     RSLORA,
     Option("init", str, "kaiming", "initialization: kaiming or gaussian A with B = 0 (exact at init); pissa "
            "(top singular triplets of W) or olora (QR of W), which leave W the residual", choices=INITS),
-    Option("lr_ratio", float, 1.0, "LoRA+: B's learning rate is lr_ratio times A's (the paper suggests 16)"),
-)
+    Option("lr_ratio", float, 1.0, "LoRA+: B's learning rate is lr_ratio times A's (the paper suggests 16)"))
 
 register(Method(
     "lora", "low-rank updates BA on the targeted linear layers (Hu et al. 2021; rsLoRA, PiSSA, OLoRA, LoRA+)",

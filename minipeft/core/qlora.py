@@ -5,17 +5,12 @@ absmax scaling, optionally double-quantized) and dequantized for each matmul:
 
     h = x dequant(W_4bit)ᵀ + b  +  (α / r) · dropout(x) Aᵀ Bᵀ          A, B in full precision
 
-              x ──────────────► dequant(W_4bit) (frozen) ─┐
-              │                                            + ──► h
-              └─► dropout ─► A (r×in) ─► B (out×r) ───────► × α/r
+Every linear layer of every block is quantized (unless mp.from_pretrained(..., quantize=) did it already, in
+the same format); LoRA goes on the targets; embeddings, norms and the head stay in full precision.
 
-Every linear layer of every block is quantized (unless mp.from_pretrained(..., quantize=) did it
-already, in the same format); LoRA goes on the targets; embeddings, norms and the head stay in full
-precision. `QLoRALinear` *is* a Linear4bit (the same buffers) with LoRA's A and B beside them.
-
-Initialization: LoRA's (A Kaiming-uniform, B = 0), so the output equals the *quantized* base model's,
-not the original's: the 4-bit rounding is there from the start. Trainable parameters: LoRA's,
-n_layer · Σ_targets r · (in + out). Not mergeable: folding BA into 4-bit codes would round it away.
+Initialization: LoRA's (A Kaiming-uniform, B = 0), so the output equals the *quantized* base model's, not the
+original's: the 4-bit rounding is there from the start. Trainable parameters: LoRA's, n_layer · Σ_targets
+r · (in + out). Not mergeable: folding BA into 4-bit codes would round it away.
 """
 import torch.nn as nn
 
@@ -37,7 +32,7 @@ def share_4bit(layer: nn.Module, base: Linear4bit) -> nn.Module:
 
 
 class QLoRALinear(Linear4bit):
-    """A Linear4bit over the base's buffers with LoRA's A, B, scale and dropout (lora.add_lora) beside them."""
+    """A Linear4bit over the base's very buffers with LoRA's A, B, scale and dropout (add_lora) beside them."""
 
     def __init__(self, base: Linear4bit, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
@@ -48,8 +43,7 @@ class QLoRALinear(Linear4bit):
     def forward(self, x):  # (…, in) -> (…, out)
         return super().forward(x) + self.lora_update(x)
 
-    # LoRA's path, as LoRALinear computes it: s · dropout(x) Aᵀ Bᵀ, and s·BA
-    lora_update, delta_weight = LoRALinear.lora_update, LoRALinear.delta_weight
+    lora_update, delta_weight = LoRALinear.lora_update, LoRALinear.delta_weight  # s · dropout(x) Aᵀ Bᵀ and s·BA
 
     def base_layer(self) -> Linear4bit:
         """The frozen 4-bit layer alone, over the same codes, state and bias (disable.py)."""
@@ -62,8 +56,7 @@ def apply_qlora(model, rank: int, alpha: float, dropout: float, targets: list[st
                 blocksize: int, double_quant: bool):
     """Quantize every linear layer of every block to 4 bits, then put LoRA on the targets."""
     quantize_blocks(model, quant, blocksize, double_quant)
-    for parent, attr in linear_targets.find(model, targets):
-        setattr(parent, attr, QLoRALinear(getattr(parent, attr), rank, alpha, dropout))
+    linear_targets.wrap(model, targets, lambda layer: QLoRALinear(layer, rank, alpha, dropout))
 
 
 register(Method(

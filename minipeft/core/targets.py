@@ -4,20 +4,16 @@
     up down     blocks[i].mlp.{up,down}          the feed-forward layers
     gate        blocks[i].mlp.gate               the gate of a gated MLP (SwiGLU, GeGLU: cfg.gated)
 
-`targets` is a list of these names, or ["all"] for every one the model has. LoRA and QLoRA (and any
-method that wraps linear layers by name) find their layers here, and `wrap` replaces each by the method's
-wrapper.
-
-peft's names work too: a layer's transformers module name (HF_MODULES), or any dotted end of it, stands
-for every target whose module ends with it, as peft matches `target_modules` (peft_names): GPT-2's
-"c_attn" is q, k and v, its "c_proj" o and down, "attn.c_proj" only o.
+`targets` is a list of these names, or ["all"] for every one the model has. peft's names work too: a layer's
+transformers module name (HF_MODULES), or any dotted end of it, stands for every target whose module ends with
+it, as peft matches `target_modules`: GPT-2's "c_attn" is q, k and v, its "c_proj" o and down, "attn.c_proj"
+only o.
 """
 import difflib
 from functools import cache
 
 TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
            "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down"}
-
 
 _LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -41,8 +37,7 @@ def present(cfg) -> tuple[str, ...]:
 
 
 def validate(cfg, targets) -> tuple[str, ...]:
-    """["q", "v"], peft's ["q_proj", "v_proj"] or ["all"] -> the validated short names (ValueError naming
-    the valid ones)."""
+    """["q", "v"], peft's ["q_proj", "v_proj"] or ["all"] -> the short names (ValueError naming the valid ones)."""
     if list(targets) == ["all"]:
         return present(cfg)
     aliases = peft_names(cfg.flavor)
@@ -65,8 +60,7 @@ def validate(cfg, targets) -> tuple[str, ...]:
 
 @cache
 def peft_names(flavor: str) -> dict[str, tuple[str, ...]]:
-    """peft's names for a family's layers -> our targets: each target's transformers module name and
-    every dotted end of it (GPT-2's "attn.c_attn" and "c_attn": q, k, v; its "c_proj": o and down)."""
+    """peft's names for a family's layers (every dotted end of each target's module name) -> our targets."""
     names = {}
     for target, module in HF_MODULES[flavor].items():
         parts = module.split(".")  # "self_attn.q_proj" -> ["self_attn", "q_proj"]
@@ -84,12 +78,8 @@ def shape(cfg, target: str) -> tuple[int, int]:
 
 def find(model, targets) -> list[tuple[object, str]]:
     """[(parent module, attribute name)] of every targeted linear layer in every block."""
-    found = []
-    for block in model.blocks:
-        for t in validate(model.cfg, targets):
-            parent_name, attr = TARGETS[t].split(".")
-            found.append((getattr(block, parent_name), attr))
-    return found
+    names = [TARGETS[t].split(".") for t in validate(model.cfg, targets)]  # [("attn", "q"), ...]
+    return [(getattr(block, parent), attr) for block in model.blocks for parent, attr in names]
 
 
 def wrap(model, targets, make) -> None:
