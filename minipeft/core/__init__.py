@@ -19,9 +19,7 @@ the training loop. Nothing here imports the rest of minipeft.
     vera.py            VeRA: frozen shared random low-rank matrices, trained scaling vectors
     loha.py, lokr.py   LyCORIS' LoHa (Hadamard product) and LoKr (Kronecker product) updates (delta.py)
     fingerprint.py     which base model an adapter belongs to
-    disable.py         adapters_disabled: the base model's outputs under any method (DPO's reference)
     data.py            datasets: collation, shuffling, length grouping, packing, label masks
     loop.py            AdamW groups, warmup + cosine, train_step with accumulation and clipping, evaluate
-    dpo.py             the DPO and IPO losses, the reference being the model with its adapter off
     generate.py        greedy and sampled generation with a KV cache (kv_cache.py)
 """

@@ -86,7 +86,7 @@ class FrozenLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
 
     def base_layer(self) -> "FrozenLinear":
-        """This layer without the method: a plain FrozenLinear over the same weight and bias (disable.py)."""
+        """This layer without the method: a plain FrozenLinear over the same weight and bias (extras/disable.py)."""
         return FrozenLinear(self)
 
 

@@ -46,7 +46,7 @@ class QLoRALinear(Linear4bit):
     lora_update, delta_weight = LoRALinear.lora_update, LoRALinear.delta_weight  # s · dropout(x) Aᵀ Bᵀ and s·BA
 
     def base_layer(self) -> Linear4bit:
-        """The frozen 4-bit layer alone, over the same codes, state and bias (disable.py)."""
+        """The frozen 4-bit layer alone, over the same codes, state and bias (extras/disable.py)."""
         plain = Linear4bit.__new__(Linear4bit)
         nn.Module.__init__(plain)
         return share_4bit(plain, self)
