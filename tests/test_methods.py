@@ -4,6 +4,10 @@ init, mergeable, its parameter-count formula). A new method is tested here just 
 (DESIGN.md, "Tests that every method must pass"); a method in a file of your own joins with
 `--method-file FILE` (tests/conftest.py). Which combinations run by default, and which only under
 `-m exhaustive`, conftest.conformance_cases says."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,6 +20,7 @@ from conftest import (FLAVORS, build, case_params, conformance_cases, example_op
                       tiny_batch, tiny_model, tiny_tokenizer)
 
 CASES = case_params()
+ROOT = Path(__file__).resolve().parent.parent
 WARMUPS = ("none", "no_grad", "eval")
 
 
@@ -253,6 +258,15 @@ def test_register_refuses_a_clash():
     with pytest.raises(ValueError, match="unknown option"):  # an example must use declared options
         mp.Method("typo", "bad example", lambda model: None, lambda cfg: 0, examples=({}, {"rnak": 2}))
 
+
+@pytest.mark.parametrize("first", ["lora", "qlora", "selective"])
+def test_methods_keep_their_order_whichever_file_is_imported_first(first):
+    """A reader's `from minipeft.core.lora import LoRALinear` registers LoRA alone; the other built-ins join
+    later, in the registry's order (train.py --list-methods prints it)."""
+    code = (f"import minipeft.core.{first}; from minipeft.core import registry; "
+            "print(list(registry.methods()) == list(registry.BUILT_IN))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "True", done.stderr
 
 def test_adapter_from_another_base_model_is_refused(tmp_path):
     model = mp.apply(tiny_model("gpt2", seed=0), "lora")

@@ -152,8 +152,9 @@ def methods() -> dict[str, Method]:
 def register(method: Method, replace: bool = False) -> Method:
     """Add `method` to METHODS (so mp.apply, train.py and the conformance suite know it). An option
     name another method uses already must have the same type: the CLI has one flag per name."""
-    if not _loading_built_in:  # a user's method is checked against every built-in one
-        methods()
+    built_in_file = f"{__package__}.{BUILT_IN.get(method.name)}"
+    if not _loading_built_in and method.apply.__module__ != built_in_file:  # a user's method is checked
+        methods()  # against every built-in one (a built-in file imported directly registers its own alone)
     if method.name in METHODS and not replace:
         raise ValueError(f"a method named {method.name!r} is registered already; pick another name "
                          "(or register(..., replace=True))")
