@@ -1,8 +1,8 @@
 """Preference tuning with an adapter: DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) and IPO
 (Azar et al. 2023, https://arxiv.org/abs/2310.12036), the reference model being the model itself with its
-adapter switched off (methods/disable.py): no second copy of the weights.
+adapter switched off (disable.py): no second copy of the weights.
 
-For a prompt x with a chosen answer y_c and a rejected one y_r (preference.py):
+For a prompt x with a chosen answer y_c and a rejected one y_r (formats/preference.py):
 
     log π(y|x) = Σ_t log π(y_t | x, y_<t)               summed over the answer's tokens (labels ≠ −100)
     r(y)       = β · (log π(y|x) − log π_ref(y|x))       the implicit reward: how much likelier the policy π
@@ -30,7 +30,7 @@ from the first step (trl instead keeps a frozen copy of the starting adapter as 
 
 A batch of B pairs is 2B rows, the chosen answers first, so a pair's two answers share a forward pass. The
 loss of a step is the mean over the P pairs of the global batch, L = 1/P · Σ_p ℓ_p, however they are split
-into micro-batches and processes (trainer.py; loss_terms = P). Metrics (means over the pairs): loss, reward
+into micro-batches and processes (core/loop.py, with DPOLoss as its Objective: terms = P). Metrics (means over the pairs): loss, reward
 margin z, reward accuracy (z > 0; a tie counts as wrong, as trl counts it), chosen and rejected rewards;
 evaluation adds the policy's own preference, how often log π(y_c) > log π(y_r).
 """
