@@ -30,9 +30,9 @@ from the first step (trl instead keeps a frozen copy of the starting adapter as 
 
 A batch of B pairs is 2B rows, the chosen answers first, so a pair's two answers share a forward pass. The
 loss of a step is the mean over the P pairs of the global batch, L = 1/P · Σ_p ℓ_p, however they are split
-into micro-batches and processes (core/loop.py, with DPOLoss as its Objective: terms = P). Metrics (means over the pairs): loss, reward
-margin z, reward accuracy (z > 0; a tie counts as wrong, as trl counts it), chosen and rejected rewards;
-evaluation adds the policy's own preference, how often log π(y_c) > log π(y_r).
+into micro-batches and processes (core/loop.py, with DPOLoss as its Objective: terms = P). Metrics (means
+over the pairs): loss, reward margin z, reward accuracy (z > 0; a tie counts as wrong, as trl counts it),
+chosen and rejected rewards; evaluation adds the policy's own preference, how often log π(y_c) > log π(y_r).
 """
 from dataclasses import dataclass, replace
 from typing import NamedTuple
