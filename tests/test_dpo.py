@@ -198,7 +198,7 @@ def test_one_step_equals_trls_dpo_trainer(variant, llama_folder, tmp_path):
     dataset = preference.load_preferences(pairs_folder(tmp_path / "pairs", ROWS), tokenizer, max_len=128)
     dataset = dataset.splits["train"]
     batch = dataset.collate(list(range(len(ROWS))))
-    pairs = dpo.pair_losses(ours, batch, dpo.DPOLoss(beta=0.1, variant=variant))
+    pairs = dpo.pair_losses(ours, batch, dpo.DPOLoss(variant=variant))  # β: ours by default, trl's by default
     loss = pairs.losses.mean()
     loss.backward()
 
@@ -207,7 +207,7 @@ def test_one_step_equals_trls_dpo_trainer(variant, llama_folder, tmp_path):
     hf_tokenizer.chat_template = PLAIN_TEMPLATE  # the template minipeft gives a model without one
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[variant], report_to=[], use_cpu=True,
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=[variant], report_to=[], use_cpu=True,
                          per_device_train_batch_size=len(ROWS), max_length=None)
     theirs = trl.DPOTrainer(model=transformers.LlamaForCausalLM.from_pretrained(llama_folder), args=args,
                             train_dataset=datasets.Dataset.from_list(ROWS), processing_class=hf_tokenizer,
@@ -266,6 +266,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_pairs(tmp_path):
     assert examples_1 == examples_2 == 4 and dpo.DPOLoss().terms(split.collate([0, 1, 2])) == 3
     assert loss_1 == pytest.approx(loss_2, abs=1e-6) and loss_1 == pytest.approx(metrics_1["loss"], abs=1e-6)
     assert metrics_1 == pytest.approx(metrics_2, abs=1e-6)
+    assert set(metrics_1) == set(dpo.METRICS) - {"policy_accuracy"}  # the policy's own preference: evaluation's
     assert max((grads_1[n] - grads_2[n]).abs().max().item() for n in grads_1) < 1e-6
 
 
@@ -280,6 +281,16 @@ def test_the_loop_refuses_pairs_without_their_objective(tmp_path):
     with pytest.raises(ValueError, match="objective=DPOLoss"):
         loop.accumulate_gradients(model, iter([split.collate([0, 1])]), "dpo", 1, torch.device("cpu"))
     assert set(loop.evaluate(model, split, "dpo", objective=dpo.DPOLoss())) == set(dpo.METRICS)
+
+def test_evaluation_runs_without_dropout(tmp_path):
+    """Scoring pairs twice gives the same metrics: evaluation switches dropout off (LoRA's here)."""
+    model, tokenizer = mp.from_pretrained("tiny-llama")
+    mp.apply(model, "lora", rank=4, dropout=0.5)
+    perturb_trainable(model)
+    split = tiny_pairs(tokenizer, tmp_path, n=8)
+    model.train()
+    first, second = (dpo.DPOLoss().evaluate(model, split, 4, loop.ONE_PROCESS) for _ in range(2))
+    assert first == second and model.training
 
 def test_precomputed_reference_equals_the_pass_with_the_adapter_off(tmp_path):
     """Reference log-probabilities computed once before training give the loss and gradients of the

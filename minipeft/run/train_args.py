@@ -248,7 +248,13 @@ def train_config(args, precision: str, device: torch.device, objective: str | No
              "train_on_prompt": args.train_on_prompt, "chat_template": args.chat_template,
              "precision": precision, "device_type": device.type,
              **({"precompute_reference": args.precompute_reference} if objective == "dpo" else {})},
-        dpo=dpo.DPOLoss(args.beta or 0.1, args.dpo_loss or "sigmoid") if objective == "dpo" else None)
+        dpo=preference_loss(args) if objective == "dpo" else None)
+
+
+def preference_loss(args) -> "dpo.DPOLoss":
+    """DPOLoss with the --beta and --dpo-loss given, its own defaults for the others."""
+    given = {"beta": args.beta, "variant": args.dpo_loss}
+    return dpo.DPOLoss(**{name: value for name, value in given.items() if value is not None})
 
 
 def check_before_loading(args):
