@@ -24,6 +24,7 @@ from minipeft.core import data, loop
 from minipeft.formats import tasks
 from minipeft.run import trainer
 from minipeft.extras import fewshot
+from minipeft.extras.dpo import DPOLoss
 from minipeft.formats.atomic import atomic_write
 from minipeft.core.generate import Sampling, TextStreamer, generate
 
@@ -158,7 +159,7 @@ def score_instructions(model, tokenizer, task, args):
     """Exact match of greedy answers on an instruction task's split; every prediction written to a file."""
     dataset = task.splits[args.split]
     result = exact_match.exact_match(model, tokenizer, dataset, task.info["eos_id"], args.batch_size, args.limit,
-                                 args.max_new_tokens)
+                                     args.max_new_tokens)
     default = (Path(args.adapter).resolve().parent if args.adapter else Path(".")) / f"predictions-{args.split}.jsonl"
     path = Path(args.out) if args.out else default
     rows = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "answer": answer, "prediction": pred,
@@ -206,7 +207,7 @@ def main(argv):
         print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "
               "classifier head is freshly initialized (a chance-level baseline)")
     with torch.no_grad():
-        objective = trainer.preference_objective(trainer.TrainConfig()) if task.kind == "dpo" else None
+        objective = DPOLoss() if task.kind == "dpo" else None  # preference pairs: reward accuracy and margin
         metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size, objective=objective)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "
           f"{trainer.headline(metrics)}")

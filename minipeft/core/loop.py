@@ -240,7 +240,7 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, proce
     averaged over the processes, the first is L."""
     W = processes.size
     micro_batches = [to_device(next(batches), device) for _ in range(grad_accum)]
-    terms = sum(objective.terms(b) if objective else loss_terms(b, kind) for b in micro_batches)
+    terms = sum(objective.terms(b) if objective is not None else loss_terms(b, kind) for b in micro_batches)
     terms = int(processes.total(torch.tensor(terms, dtype=torch.int64, device=device)))  # N
     loss_sum, examples, sums = 0.0, 0, None
     for micro, batch in enumerate(micro_batches):
