@@ -129,11 +129,14 @@ AVX512 = "avx512f" in cpu_flags()
 
 
 def bnb_avx512_kernel_misplaces_blocks(shape, blocksize) -> bool:
-    """Whether bitsandbytes' native AVX-512 dequantize kernel runs here on a tensor whose rows do not each
-    hold whole blocks: it runs on a CPU with avx512f for an even last dimension and blocks below 2048
-    (else bitsandbytes falls back to its Python code), and there it gives some elements of a row that
-    starts inside a block the absmax of another block (bitsandbytes 0.50.2: e.g. (128, 96) in blocks of 64)."""
-    return AVX512 and shape[-1] % 2 == 0 and blocksize < 2048 and shape[-1] % blocksize != 0
+    """Whether bitsandbytes' native AVX-512 dequantize kernel runs here where it is wrong (bitsandbytes 0.50.2).
+    Its native kernel takes an even last dimension; the library routes blocks of 2048 and more to its Python
+    code instead, but only when torch's own CPU capability is AVX512 (not under ATEN_CPU_CAPABILITY=avx2 on
+    the same CPU). The kernel's AVX-512 loop, chosen by the CPU flag avx512f, gives some elements of a row
+    that starts inside a block the absmax of another block (e.g. (128, 96) in blocks of 64), and mixes up
+    blocks of 2048 and more (the accuracy issue the library's own comment names)."""
+    native = shape[-1] % 2 == 0 and not (torch.backends.cpu.get_cpu_capability() == "AVX512" and blocksize >= 2048)
+    return AVX512 and native and (shape[-1] % blocksize != 0 or blocksize >= 2048)
 
 
 def assert_bnb_dequantize_follows_definition(ref_packed, ref_state, expected):
@@ -144,8 +147,7 @@ def assert_bnb_dequantize_follows_definition(ref_packed, ref_state, expected):
     got = bnb.dequantize_4bit(ref_packed, ref_state).reshape(expected.shape)  # a 1-D even input comes as (1, n)
     if not torch.equal(got, expected) and bnb_avx512_kernel_misplaces_blocks(expected.shape, ref_state.blocksize):
         pytest.xfail("bitsandbytes' AVX-512 dequantize kernel (CPU flag avx512f) takes another block's absmax "
-                     f"when the last dimension ({expected.shape[-1]}) is not a multiple of the block size "
-                     f"({ref_state.blocksize})")
+                     f"for a last dimension of {expected.shape[-1]} in blocks of {ref_state.blocksize}")
     assert torch.equal(got, expected)
 
 
@@ -392,7 +394,8 @@ def test_linear4bit_has_no_parameters_and_passes_gradients_to_input():
     assert not any(b.requires_grad for b in layer.buffers())
     x = randn(2, 96).requires_grad_()
     layer(x).sum().backward()
-    assert torch.allclose(x.grad, layer.dequantized_weight().sum(0).expand(2, -1))
+    # the same column sums, added up in another order by the matmul than by sum(0)
+    torch.testing.assert_close(x.grad, layer.dequantized_weight().sum(0).expand(2, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_linear4bit_storage_and_bits_per_parameter():
