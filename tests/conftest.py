@@ -82,6 +82,15 @@ TINY_EXTRAS = {
 }
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as lscpu lists them (read from /proc/cpuinfo; none known elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def tiny_config(flavor: str, n_classes=None, **overrides) -> mp.ModelConfig:
     """A 2-layer model small enough to run a backward pass in milliseconds (TINY_EXTRAS per family)."""
     kw = dict(flavor=flavor, vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64,

@@ -413,6 +413,8 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     assert f"memory ledger: batch 4 × {longest} tokens" in out  # a micro-batch of 2 pairs is 4 rows
     for mine, theirs in zip(steps, steps_of(tmp_path / "b")):
         for key in ("loss", "grad_norm", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"):
+            if key == "reward_accuracy" and mine["step"] == 1:  # LoRA's B = 0: every margin is rounding (±1e-8),
+                continue  # and which side of 0 it falls depends on the CPU's kernels
             assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (mine["step"], key)
 
 

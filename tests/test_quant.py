@@ -7,7 +7,6 @@ disagree with each other: so minipeft's dequantized values are checked against c
 here, and bitsandbytes' dequantize is compared with that same definition only where its kernel follows it
 (`assert_bnb_dequantize_follows_definition`). The suite passes on AVX2 and on AVX-512 CPUs alike."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 import minipeft.fast
 from minipeft.core import nf4 as quant
 from minipeft.fast import nf4 as fast_nf4
+from conftest import cpu_flags
 
 try:
     import bitsandbytes.functional as bnb
@@ -115,15 +115,6 @@ def test_dequantize_is_code_times_absmax(shape, quant_type, double_quant, dtype)
 
 
 # ---------------------------------------------------------------------------------- bitsandbytes' kernels
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as lscpu lists them (read from /proc/cpuinfo; none known elsewhere)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
 
 AVX512 = "avx512f" in cpu_flags()
 
