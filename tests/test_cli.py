@@ -209,14 +209,17 @@ def test_eval_every_zero_switches_evaluation_off(reviews, tmp_path):
     assert trainer.validation_steps(2, None) == {1, 2} and trainer.validation_steps(100, None) == {25, 50, 75, 100}
 
 
-def test_train_runs_the_fast_twins(reviews, tmp_path):
-    """train.py trains with minipeft.fast's twins in (the Python API keeps the readable core until asked)."""
+@pytest.mark.parametrize("method, model", [("lora", "tiny-bert"), ("qlora", "tiny-llama")])
+def test_train_runs_the_fast_twins(method, model, reviews, tmp_path):
+    """train.py trains with minipeft.fast's twins in, NF4's where the model has 4-bit layers (the Python API
+    keeps the readable core until asked)."""
     import minipeft.fast
     import train as train_cli
     minipeft.fast.disable()
-    train_cli.main(["--model", "tiny-bert", "--task", str(reviews), "--steps", "1", "--batch-size", "4",
+    train_cli.main(["--model", model, "--task", str(reviews), "--method", method, "--steps", "1", "--batch-size", "4",
                     "--skip-test-before", "--eval-every", "0", "--out", str(tmp_path)])
-    assert minipeft.fast.enabled()
+    assert minipeft.fast.enabled(nf4=False) and minipeft.fast.enabled() == (method == "qlora")
+    minipeft.fast.disable()
 
 
 def test_adapter_from_another_base_is_refused(trained, reviews):

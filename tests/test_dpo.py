@@ -184,6 +184,12 @@ def gradients_in_peft_names(model, folder: Path) -> dict:
     return load_file(folder / "adapter_model.safetensors")
 
 
+def test_train_py_offers_every_variant():
+    """train.py's --dpo-loss choices, written out so that other runs need not load extras/dpo.py."""
+    from minipeft.run.train_args import DPO_VARIANTS
+    assert DPO_VARIANTS == dpo.VARIANTS
+
+
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")  # transformers' notes to trl
 @pytest.mark.parametrize("variant", dpo.VARIANTS)
 def test_one_step_equals_trls_dpo_trainer(variant, llama_folder, tmp_path):

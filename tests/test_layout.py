@@ -1,6 +1,7 @@
 """The layout a reader relies on: minipeft/core/ is the lesson and imports nothing of the rings around it;
 its files and functions stay short; `import minipeft` loads (almost) nothing; LoRA is one class."""
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,27 @@ def test_import_minipeft_loads_few_modules():
     count = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                                check=True).stdout)
     assert count <= 15
+
+
+UNUSED_BY_A_LORA_RUN = ("minipeft.core.nf4", "minipeft.core.qlora", "minipeft.core.generate", "minipeft.fast.nf4",
+                        "minipeft.fast.nf4_native", "minipeft.extras.dpo", "minipeft.extras.disable",
+                        "minipeft.extras.memory", "minipeft.formats.hub", "minipeft.scale.sharding")
+
+
+def test_a_lora_run_loads_no_module_it_does_not_use(tmp_path):
+    """train.py with LoRA on a causal-LM task: no 4-bit quantizer or its fast twin, no preference loss,
+    generation, memory ledger, hub cache or sharding is imported (each waits until a run asks for it)."""
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print(' '.join(m for m in sys.modules if m.startswith('minipeft'))))\n"
+            f"sys.argv = ['train.py', '--model', 'tiny-llama', '--task', 'hamlet', '--steps', '1', '--batch-size', '2', "
+            f"'--max-len', '16', '--eval-every', '0', '--skip-test-before', '--out', {str(tmp_path / 'run')!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert "minipeft.core.lora" in loaded and "minipeft.fast.losses" in loaded  # the run did run
+    assert not loaded & set(UNUSED_BY_A_LORA_RUN), sorted(loaded & set(UNUSED_BY_A_LORA_RUN))
 
 
 def package_imports() -> dict[str, set[str]]:

@@ -99,7 +99,7 @@ def test_from_pretrained_straight_into_4bit_then_qlora():
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_4bit_layers_still_count_as_model_weights(flavor):
-    from minipeft.core.nf4 import values_in_4bit_layers
+    from minipeft.scale.precision import values_in_4bit_layers
     base = tiny_model(flavor)
     qlora = tiny_model(flavor)
     mp.apply(qlora, "qlora", rank=2)

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .families import ACTIVATIONS, FAMILIES, FLAVORS, ROPE_SCALINGS, ModelConfig  # noqa: F401 (their home here too)
-from .generate import greedy
 from .kv_cache import KVCache
 from .positions import apply_rope, attention_mask_for, rope_at, rope_tables, token_positions
 
@@ -399,4 +398,5 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, use_cache: bool = True, eos_id: int | None = None):
         """Greedy decoding, idx (B, T) -> (B, T + new); sampling, stop strings and ragged batches: generate.py."""
+        from .generate import greedy
         return greedy(self, idx, max_new_tokens, use_cache, eos_id)

@@ -315,21 +315,6 @@ def bits_per_parameter(module: nn.Module) -> float:
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
-def values_in_4bit_layers(model: nn.Module) -> int:
-    """How many weights and biases the model's Linear4bit layers hold (buffers, so model.parameters()
-    does not count them)."""
-    return sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-               for m in model.modules() if isinstance(m, Linear4bit))
-
-
-def tensors_of_4bit_layers(model: nn.Module) -> list[torch.Tensor]:
-    """The codes, quantization state and biases of the model's Linear4bit layers: buffers, or frozen
-    parameters once sharding.py has made them parameters for FSDP to shard (a method's trainable
-    parameters inside such a layer are not among them)."""
-    return [t for m in model.modules() if isinstance(m, Linear4bit)
-            for t in [*m.buffers(recurse=False), *(p for p in m.parameters(recurse=False) if not p.requires_grad)]]
-
-
 def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
                     double_quant: bool = True) -> nn.Module:
     """Replace every nn.Linear inside the model's blocks (attention and MLP projections) by a frozen

@@ -34,7 +34,7 @@ states'); the log-sum-exp, the softmax, the loss and a trained head's gradient a
 import torch
 
 from minipeft.core.model import IGNORE_INDEX, loss_targets
-from minipeft.fast.nf4 import autocast_off, matmul_dtype
+from minipeft.fast.autocast import autocast_off, matmul_dtype
 
 CHUNK_SIZE = 1024  # tokens per tile
 VOCAB_BLOCK = 4096  # rows of the head's weight (vocabulary entries) per tile

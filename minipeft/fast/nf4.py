@@ -15,7 +15,6 @@ the core against bitsandbytes). What is different:
                       dequantizes again there (and under activation checkpointing takes the rerun's copy),
                       and runs both matmuls in autocast's dtype, with autocast off
 """
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,23 +24,7 @@ import torch.nn.functional as F
 from minipeft.core.nf4 import (CODES, DOUBLE_QUANT_BLOCKSIZE, QuantState, check_packed, check_quantize_input,
                                quantized_state)
 from minipeft.fast import nf4_native
-
-
-# ---------------------------------------------------------------------------------------- autocast
-
-def autocast_off(device_type: str):
-    """A context with autocast off on this device type (nothing to switch off where autocast does not exist,
-    e.g. on the meta device)."""
-    if not torch.amp.is_autocast_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's own."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
-    return torch.get_autocast_dtype(device) if autocast else x.dtype
+from minipeft.fast.autocast import autocast_off, matmul_dtype
 
 
 # ------------------------------------------------------------------------------------ rounding tables

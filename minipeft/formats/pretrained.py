@@ -74,7 +74,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from . import hub
 from .assets import asset_path
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
@@ -133,9 +132,11 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     source = str(name_or_path)
     path = asset_path(source) if source in ASSET_MODELS else Path(name_or_path)
     revision = None
-    if source not in TINY_MODELS and hub.is_hub_id(source):  # ORG/NAME: from the Hugging Face cache
-        path = hub.model_path(source)
-        revision = (path if path.is_dir() else path.parent).name  # the snapshot's commit
+    if "/" in source and source not in TINY_MODELS:
+        from . import hub
+        if hub.is_hub_id(source):  # ORG/NAME: from the Hugging Face cache
+            path = hub.model_path(source)
+            revision = (path if path.is_dir() else path.parent).name  # the snapshot's commit
     if source in TINY_MODELS:
         model, tokenizer = _tiny_model(source, overrides)
     elif path.is_dir():

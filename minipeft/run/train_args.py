@@ -5,13 +5,13 @@ import time
 
 import torch
 
-from minipeft.extras import dpo
 from minipeft.formats import tasks
 from minipeft.scale import checkpoint
 from minipeft.run import cli, runconfig, trainer, watch
 
 DEFAULT_METHOD = "lora"
 SWITCH = argparse.BooleanOptionalAction  # --pack and --no-pack: a config file's `pack: true` can be undone
+DPO_VARIANTS = ("sigmoid", "ipo")  # extras/dpo.py's VARIANTS, loaded only by a DPO run (a test keeps them equal)
 
 
 def build_parser(method: str | None = None):
@@ -119,7 +119,7 @@ def add_preference_flags(d):
                         "pairs, the task's own loss for any other task")
     d.add_argument("--beta", type=float, default=None,
                    help="DPO's β, how far the policy may move from the reference; 0.1 if not given")
-    d.add_argument("--dpo-loss", choices=dpo.VARIANTS, default=None,
+    d.add_argument("--dpo-loss", choices=DPO_VARIANTS, default=None,
                    help="sigmoid: DPO's −log σ(β·margin); ipo: IPO's (margin per token − 1/(2β))²; sigmoid if "
                         "not given")
     d.add_argument("--precompute-reference", action=SWITCH, default=False,
@@ -251,8 +251,9 @@ def train_config(args, precision: str, device: torch.device, objective: str | No
         dpo=preference_loss(args) if objective == "dpo" else None)
 
 
-def preference_loss(args) -> "dpo.DPOLoss":
-    """DPOLoss with the --beta and --dpo-loss given, its own defaults for the others."""
+def preference_loss(args):
+    """extras/dpo.py's DPOLoss with the --beta and --dpo-loss given, its own defaults for the others."""
+    from minipeft.extras import dpo
     given = {"beta": args.beta, "variant": args.dpo_loss}
     return dpo.DPOLoss(**{name: value for name, value in given.items() if value is not None})
 
@@ -284,6 +285,7 @@ def memory_ledger(model, task, args) -> dict:
 def precompute_reference(model, task, config, rank: int):
     """--precompute-reference: every pair's reference log-probabilities, stored with the pairs."""
     from tqdm.auto import tqdm
+    from minipeft.extras import dpo
     start = time.perf_counter()
 
     def bar(name):

@@ -49,12 +49,12 @@ import torch
 from tqdm.auto import tqdm
 
 from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
-from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
 from minipeft.scale import checkpoint
 from minipeft.scale.checkpoint import Progress
-from minipeft.scale.precision import LossScaling, loss_scaling, weight_bytes
+from minipeft.scale.precision import (LossScaling, loss_scaling, tensors_of_4bit_layers, values_in_4bit_layers,
+                                      weight_bytes)
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
 
 

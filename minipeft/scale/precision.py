@@ -44,6 +44,7 @@ the tensors it combines with, so `model.to(device)` is all a model needs.
 """
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,6 @@ from minipeft.core import model as core_model
 from minipeft.core import registry
 from minipeft.core.fingerprint import embedding_sample
 from minipeft.core.loop import NO_LOSS_SCALING, NoLossScaling
-from minipeft.core.nf4 import tensors_of_4bit_layers, values_in_4bit_layers
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,30 @@ def _mps_bf16_works() -> bool:
         return True
     except (RuntimeError, TypeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------- 4-bit layers
+
+def four_bit_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's 4-bit layers (QLoRA's frozen base: core/nf4.py's Linear4bit). Only that file makes
+    them, so while it was never imported there are none, and a run without them does not load it."""
+    nf4 = sys.modules.get("minipeft.core.nf4")
+    return [] if nf4 is None else [m for m in model.modules() if isinstance(m, nf4.Linear4bit)]
+
+
+def values_in_4bit_layers(model: nn.Module) -> int:
+    """How many weights and biases the model's 4-bit layers hold (buffers, so model.parameters() does not
+    count them)."""
+    return sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+               for m in four_bit_layers(model))
+
+
+def tensors_of_4bit_layers(model: nn.Module) -> list[torch.Tensor]:
+    """The codes, quantization state and biases of the model's 4-bit layers: buffers, or frozen parameters
+    once sharding.py has made them parameters for FSDP to shard (a method's trainable parameters inside
+    such a layer are not among them)."""
+    return [t for m in four_bit_layers(model)
+            for t in [*m.buffers(recurse=False), *(p for p in m.parameters(recurse=False) if not p.requires_grad)]]
 
 
 # ---------------------------------------------------------------------------------------- precision
