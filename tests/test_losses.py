@@ -209,3 +209,21 @@ def test_trainer_summed_loss_is_the_labelled_tokens_cross_entropy(version):
 def test_labels_on_a_classifier_are_refused():
     with pytest.raises(ValueError, match="LM head"):
         tiny_model("gpt2", n_classes=2)(tiny_batch()[0], labels=tiny_batch()[0])
+
+
+def test_fast_twins_come_in_and_go_out_whatever_the_order():
+    """enable(nf4=False) then enable() (NF4's twins the second time), enable() twice: disable() always
+    brings back the core's own functions, never a twin it saw as the current version."""
+    from minipeft.core import nf4 as core_nf4
+    fast.disable()
+    fast.enable(nf4=False)
+    assert fast.enabled(nf4=False) and not fast.enabled()
+    fast.enable()
+    fast.enable()
+    assert fast.enabled()
+    fast.disable()
+    owners = [owner for owner, _, _ in fast.twins()]
+    assert not any(getattr(owner, name) is twin for owner, name, twin in fast.twins())
+    assert {getattr(owner, name).__module__ for owner, name, _ in fast.twins()} == {"minipeft.core.model",
+                                                                                   "minipeft.core.nf4"}
+    assert core_nf4 in owners
