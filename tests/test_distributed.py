@@ -136,3 +136,26 @@ def test_two_processes_equal_one_process_with_an_unused_parameter(text, tmp_path
     tiny_run(text, one, batch_size=4)  # 4 = 2 per process × 2 processes
     assert max_difference(adapter(one), adapter(two)) < 1e-6
     assert torch.equal(adapter(two)["unused"], torch.ones(3))  # no gradient, no update, no weight decay
+
+
+@pytest.mark.parametrize("world_size, code", [("2", 2), ("2", None), ("1", 2), ("1", None)])
+def test_a_torchrun_process_leaves_without_finalization(world_size, code):
+    """processes.exit_process: under torchrun (WORLD_SIZE > 1) with the code and the printed text flushed,
+    but without the interpreter's finalization (no atexit handler runs: that is where gloo's threads abort
+    a process that FSDP2 ran in); alone, as sys.exit does (or nothing for None)."""
+    script = ("import atexit, sys\n"
+              "from minipeft.scale.processes import exit_process\n"
+              "atexit.register(print, 'finalized')\n"
+              "print('error: the run says why', end='', file=sys.stderr)\n"
+              "print('summary', end='')\n"
+              f"exit_process({code})\n"
+              "print(' and goes on')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a pipe normally is
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "WORLD_SIZE": world_size, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == (code or 0) and done.stderr == "error: the run says why"
+    if world_size == "2":
+        assert done.stdout == "summary"
+    else:
+        assert done.stdout.startswith("summary") and "finalized" in done.stdout
+        assert ("goes on" in done.stdout) == (code is None)

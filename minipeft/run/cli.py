@@ -25,6 +25,7 @@ from minipeft.scale.precision import PRECISIONS
 from minipeft.formats.pretrained import NAMED_MODELS
 from minipeft.formats.readers import parse_columns
 from minipeft.run.trainer import Stopped
+from minipeft.scale.processes import exit_process
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -171,21 +172,23 @@ def run(main, argv=None):
 
     A training run that stops early on purpose (trainer.Stopped) prints why and exits with its code:
     0 at --stop-at, 128 + the signal's number when interrupted (130 Ctrl-C, 143 SIGTERM), 1 when it
-    diverged."""
+    diverged. A process torchrun started leaves through processes.exit_process, which says why."""
     argv = sys.argv[1:] if argv is None else argv
+    code = None
     try:
         main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError) as e:
         if "--debug" in argv:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Stopped as e:
         if "--debug" in argv:
             traceback.print_exc()
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike; rank 0 says why
             print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    exit_process(code)  # under torchrun at once, without the interpreter's finalization

@@ -61,6 +61,21 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def exit_process(code: int | None):
+    """Leave as a script ends: sys.exit(code), or nothing for None (main returned). A process of several
+    that torchrun started instead leaves at once with os._exit, stdout and stderr flushed, skipping the
+    interpreter's finalization: once FSDP2's DTensors have held the process group, destroy_process_group
+    no longer ends gloo's worker threads, and one that frees a finished collective's tensors while the
+    interpreter finalizes cannot take the GIL and aborts the process ("terminate called without an active
+    exception", SIGABRT), in place of the run's own exit code (tests/conftest.py, spawn_gloo_group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    if code is not None:
+        sys.exit(code)
+
+
 def device_for_process() -> torch.device:
     """The device a process trains on: its own GPU under torchrun with CUDA, else the CPU."""
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
