@@ -132,7 +132,7 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     source = str(name_or_path)
     path = asset_path(source) if source in ASSET_MODELS else Path(name_or_path)
     revision = None
-    if "/" in source and source not in TINY_MODELS:
+    if "/" in source:  # maybe ORG/NAME
         from . import hub
         if hub.is_hub_id(source):  # ORG/NAME: from the Hugging Face cache
             path = hub.model_path(source)
