@@ -628,3 +628,22 @@ def test_a_repeated_signal_within_the_grace_time_is_the_same_request(capsys):
         # the handlers are back to what they were before, even while still inside `with`
         assert signal.getsignal(signal.SIGINT) is before
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("raised, code, said", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (trainer.Stopped("stopped at step 3 (--stop-at)", 0), 0, "stopped at step 3"),
+    (ValueError("no such task"), 2, "error: no such task"),
+])
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_run_exits_with_the_code_of_what_stopped_main(raised, code, said, debug, capsys):
+    """cli.run: one line on stderr and the exit code; the traceback only with --debug (Ctrl-C never
+    needs one); a main that returns leaves cli.run without exiting."""
+    def main(argv):
+        raise raised
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(main, ["--debug"] if debug else [])
+    err = capsys.readouterr().err
+    assert exit_.value.code == code and said in err
+    assert ("Traceback" in err) == (debug and not isinstance(raised, KeyboardInterrupt))
+    assert cli.run(lambda argv: None, []) is None
