@@ -118,7 +118,7 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
     model.checkpointing = args.grad_checkpoint
     mp.set_precision(model, precision_name).to(device)
     # the fast twins of the core's kernels, the same results in less time (minipeft/fast/); NF4's for 4-bit layers
-    mp.fast.enable(nf4=bool(mp.precision.four_bit_layers(model)))
+    mp.fast.enable(nf4=bool(precision.four_bit_layers(model)))
     if args.compile:  # the forward pass compiled by torch.compile; backward follows through AOTAutograd
         model.compile()
     return model, task, method
