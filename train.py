@@ -26,7 +26,7 @@ from minipeft.run import cli, runconfig, trainer, watch
 from minipeft.run.train_args import (DEFAULT_METHOD, build_parser, check_before_loading, check_context_length,
                                      check_numbers, check_task_flags, memory_ledger, pack_training_split,
                                      precompute_reference, resolve_objective, train_config)
-from minipeft.scale import checkpoint, precision, processes
+from minipeft.scale import output, precision, processes
 
 
 def main(argv):
@@ -53,9 +53,9 @@ def main(argv):
         model, task, method = prepare(args, method, device, chosen.name, objective)
         config = train_config(args, chosen.name, device, objective)
         if config.resume and not config.out:
-            config.out = str(checkpoint.run_folder(config.resume))
+            config.out = str(output.run_folder(config.resume))
         if not config.out:  # a new folder of its own, named on the first line
-            new_folder = checkpoint.new_run_folder(config.run, method.name)
+            new_folder = output.new_run_folder(config.run, method.name)
             config.out = str(new_folder)
         ledger = memory_ledger(model, task, args) if args.memory_report else None
         if args.precompute_reference:  # once, before training (and before sharding: it switches the adapter off)

@@ -23,7 +23,7 @@ from minipeft.formats import tasks
 from minipeft.run import trainer
 from minipeft.scale.processes import Processes
 from minipeft.scale import sharding
-from minipeft.scale.checkpoint import Progress
+from minipeft.run.trainer import Progress
 from conftest import join_gloo_group, random_words_file, spawn_gloo_group
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -92,16 +92,19 @@ def test_import_minipeft_loads_few_modules():
 
 UNUSED_BY_A_LORA_RUN = ("minipeft.core.nf4", "minipeft.core.qlora", "minipeft.core.generate", "minipeft.fast.nf4",
                         "minipeft.fast.nf4_native", "minipeft.extras.dpo", "minipeft.extras.disable",
-                        "minipeft.extras.memory", "minipeft.formats.hub", "minipeft.scale.sharding")
+                        "minipeft.extras.memory", "minipeft.formats.hub", "minipeft.scale.sharding",
+                        "minipeft.scale.checkpoint")
 
 
 def test_a_lora_run_loads_no_module_it_does_not_use(tmp_path):
-    """train.py with LoRA on a causal-LM task: no 4-bit quantizer or its fast twin, no preference loss,
-    generation, memory ledger, hub cache or sharding is imported (each waits until a run asks for it)."""
+    """train.py with LoRA on a causal-LM task, saving no checkpoint: no 4-bit quantizer or its fast twin, no
+    preference loss, generation, memory ledger, hub cache, sharding or checkpoint code is imported (each
+    waits until a run asks for it)."""
     code = ("import atexit, runpy, sys\n"
             "atexit.register(lambda: print(' '.join(m for m in sys.modules if m.startswith('minipeft'))))\n"
             f"sys.argv = ['train.py', '--model', 'tiny-llama', '--task', 'hamlet', '--steps', '1', '--batch-size', '2', "
-            f"'--max-len', '16', '--eval-every', '0', '--skip-test-before', '--out', {str(tmp_path / 'run')!r}]\n"
+            f"'--max-len', '16', '--eval-every', '0', '--skip-test-before', '--save-every', '0', "
+            f"'--out', {str(tmp_path / 'run')!r}]\n"
             "runpy.run_path('train.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import train as train_cli
-from minipeft.scale import checkpoint, processes
+from minipeft.scale import output, processes
 from minipeft.run import cli
 from minipeft.core import loop
 from minipeft.run import trainer
@@ -423,10 +423,10 @@ def test_a_run_without_out_that_fails_leaves_no_folder(tmp_path, text, monkeypat
 
 
 def test_new_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.time, "strftime", lambda _: "20260101-120000")  # both in one second
+    monkeypatch.setattr(output.time, "strftime", lambda _: "20260101-120000")  # both in one second
     run = {"model": "smollm2", "task": tmp_path / "my data.jsonl"}
     (tmp_path / "my data.jsonl").write_text("")
-    a, b = (checkpoint.new_run_folder(run, "lora", parent=tmp_path / "runs") for _ in range(2))
+    a, b = (output.new_run_folder(run, "lora", parent=tmp_path / "runs") for _ in range(2))
     assert a.name == "smollm2-my_data-lora-20260101-120000" and b.name == a.name + "-2"
     assert a.is_dir() and b.is_dir()
 

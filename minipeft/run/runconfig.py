@@ -30,7 +30,7 @@ import yaml
 from . import cli
 from minipeft.core import registry
 from minipeft.formats.atomic import atomic_write
-from minipeft.scale.checkpoint import flag_value, run_folder
+from minipeft.scale.output import flag_value, run_folder
 
 SETTINGS_FILE = "config.yaml"
 # how one invocation starts, stops or reports, not what the run is: not saved in config.yaml

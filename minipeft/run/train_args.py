@@ -6,7 +6,7 @@ import time
 import torch
 
 from minipeft.formats import tasks
-from minipeft.scale import checkpoint
+from minipeft.scale import output
 from minipeft.run import cli, runconfig, trainer, watch
 
 DEFAULT_METHOD = "lora"
@@ -261,13 +261,13 @@ def preference_loss(args):
 def check_before_loading(args):
     """Fail fast, before loading anything: an --out that cannot be written or holds another run, an
     unreadable --resume checkpoint, --fsdp without torchrun."""
-    out = args.out or (checkpoint.run_folder(args.resume) if args.resume else None)
+    out = args.out or (output.run_folder(args.resume) if args.resume else None)
     if out is None:
-        checkpoint.check_writable(checkpoint.RUNS)
+        output.check_writable(output.RUNS)
     else:
-        checkpoint.check_output_folder(out, resume=args.resume, overwrite=args.overwrite)
+        output.check_output_folder(out, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
-        checkpoint.read_state(args.resume)
+        output.read_state(args.resume)
     if args.fsdp:
         from minipeft.scale import sharding
         sharding.check_launch()

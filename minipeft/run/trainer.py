@@ -51,8 +51,7 @@ from tqdm.auto import tqdm
 from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
 from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
-from minipeft.scale import checkpoint
-from minipeft.scale.checkpoint import Progress
+from minipeft.scale import output
 from minipeft.scale.precision import (LossScaling, loss_scaling, tensors_of_4bit_layers, values_in_4bit_layers,
                                       weight_bytes)
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
@@ -89,7 +88,7 @@ class TrainConfig:
     test: bool | None = None  # score the test split after training (and before); None: unless eval_every is 0
     test_before: bool = True  # score the test split before training too (the base model's result)
     seed: int = 0
-    out: str | None = None  # None: the resume folder, or a new one (checkpoint.new_run_folder)
+    out: str | None = None  # None: the resume folder, or a new one (output.new_run_folder)
     overwrite: bool = False  # out may hold another run: its files are removed once every check has passed
     save_every: int = 100  # steps between checkpoints, and one at the end; 0: only when stopped early
     max_bad_steps: int = 10  # non-finite steps in a row that stop the run
@@ -110,6 +109,44 @@ class TrainConfig:
         return self.test if self.test is not None else self.eval_every != 0
 
 
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # the next batch of `epoch`
+    examples: int = 0
+    train_seconds: float = 0.0
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    bad_streak: int = 0  # of them, in a row up to `step`
+    test_before: dict | None = None
+    validation: list = field(default_factory=list)  # [{"step": s, **metrics}, ...]
+
+    def count(self, step: int, examples: int, seconds: float, finite: bool):
+        self.step, self.examples = step, self.examples + examples
+        self.train_seconds += seconds
+        self.bad_steps += not finite
+        self.bad_streak = 0 if finite else self.bad_streak + 1
+
+
+# options that may change when a run is resumed: where and how often it saves, evaluates and stops
+MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "max_bad_steps",
+                        "eval_every", "eval_batch_size", "test", "init_adapter")
+
+
+def run_options(cfg, world_size: int, sharded: bool = False) -> dict:
+    """What determines a run's results, as a checkpoint stores it: the training options of `cfg`, cfg.run
+    (model, task, ...), the number of processes and, for a model sharded with FSDP (sharding.py),
+    "sharding": "fsdp"; not where or how often it saves or evaluates."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", *MAY_CHANGE_ON_RESUME)}
+    options.update({k: v for k, v in cfg.run.items() if k not in MAY_CHANGE_ON_RESUME})
+    options["world_size"] = world_size
+    if sharded:  # absent otherwise, as in checkpoints older than --fsdp
+        options["sharding"] = "fsdp"
+    return json.loads(json.dumps(options))
+
+
 # how the training split is cut into batches: each shuffled batch holds examples of about one length
 # (data.Dataset.grouped_by_length: little padding), or batches as drawn, padded to their longest example
 BATCHING = ("by-length", "random")
@@ -122,7 +159,6 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
 
 
 def peak_memory_bytes() -> int:
@@ -252,9 +288,9 @@ class TrainingRun:
         self.model, self.data = model, data
         self.processes = Processes()
         self.rank, self.world_size = self.processes.rank, self.processes.size
-        out = cfg.out or (checkpoint.run_folder(cfg.resume) if cfg.resume else None)
+        out = cfg.out or (output.run_folder(cfg.resume) if cfg.resume else None)
         if out is not None:
-            checkpoint.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
+            output.check_output_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
         self.cfg = cfg = replace(cfg, lr=cfg.peak_lr(model, data.kind))
         self.steps = count_steps(data.splits["train"], cfg, self.world_size)
         self.objective = preference_objective(cfg) if data.kind == "dpo" else None  # core/loop.py's Objective
@@ -262,14 +298,15 @@ class TrainingRun:
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps)
         self.scaling = loss_scaling(model, next(model.parameters()).device)  # fp16-mixed: LossScaling
-        self.options = checkpoint.run_options(cfg, self.world_size, sharded=is_sharded(model))
+        self.options = run_options(cfg, self.world_size, sharded=is_sharded(model))
         check_same_options(self.options, self.world_size)
         self.progress, self.resumed = Progress(), None
         if cfg.resume:
+            from minipeft.scale import checkpoint  # loaded by a run that saves or resumes only
             self.resumed = checkpoint.load(cfg.resume)
             checkpoint.check_resumable(self.resumed, model, self.options, self.steps)
             with whole(model, self.optimizer):  # FSDP: every process keeps its rows of what is restored
-                self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler)
+                self.progress = checkpoint.restore(self.resumed, model, self.optimizer, self.scheduler, Progress)
             if self.steps != self.resumed.state["steps"]:  # --steps changed: the schedule spans the new count
                 self.scheduler = make_scheduler(self.optimizer, cfg.warmup, self.steps, done=self.progress.step)
             if isinstance(self.scaling, LossScaling):
@@ -280,9 +317,9 @@ class TrainingRun:
         self.log, self.net = None, None  # set by start()
         self.step_seconds = []  # this process's steps, timed (the first builds kernels; with --compile, compiles)
         # every check has passed: only now may the output folder change
-        self.out = Path(out) if out is not None else checkpoint.new_run_folder(cfg.run, model.peft_config["method"])
+        self.out = Path(out) if out is not None else output.new_run_folder(cfg.run, model.peft_config["method"])
         self.cfg = replace(cfg, out=str(self.out))
-        if cfg.overwrite and self.rank == 0 and (removed := checkpoint.remove_run_files(self.out)):
+        if cfg.overwrite and self.rank == 0 and (removed := output.remove_run_files(self.out)):
             self.say(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
 
     def start(self, log: MetricsLog):
@@ -302,6 +339,7 @@ class TrainingRun:
             log.record(event="test_before", **self.progress.test_before)
         self.net = self.model if self.world_size == 1 or is_sharded(self.model) else data_parallel(self.model)
         if self.resumed:
+            from minipeft.scale import checkpoint
             checkpoint.restore_rng(self.resumed, self.rank)
         else:
             torch.manual_seed(self.cfg.seed + self.rank)  # dropout; rank 0 draws what a single process would
@@ -388,6 +426,7 @@ class TrainingRun:
 
     def save(self):
         """Every process calls this (the RNG states are gathered); rank 0 writes the checkpoint."""
+        from minipeft.scale import checkpoint  # loaded by a run that saves or resumes only
         rng = checkpoint.rng_states(self.world_size)
         path = self.out / f"checkpoint-{self.progress.step}"
         with whole(self.model, self.optimizer, only=0):  # FSDP: parameters and AdamW's state, in rank 0

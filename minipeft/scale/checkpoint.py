@@ -19,26 +19,18 @@ a crash at any moment leaves the previous checkpoint or the new one, never half 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. After a new checkpoint is in
 place the older checkpoint-<step> folders are removed, so a run keeps one (the last good one).
 
-One run per output folder, so nothing is lost without being asked: `check_output_folder` stops a
-run whose --out holds another run's files (metrics.jsonl, adapter/, checkpoints) unless it is that run,
-resumed, or --overwrite lets `remove_run_files` delete them once every check has passed (the folder's
-other files stay); a run given no --out gets a new folder of its own (`new_run_folder`).
+The output folder around them, one run per folder, is output.py's.
 
 Resuming (trainer.py calls these before it writes anything): `check_resumable` requires the
-checkpoint's base model (by fingerprint), method, method options and run options (`run_options`) to be
-this run's, where only what MAY_CHANGE_ON_RESUME names (where and how often a run saves, evaluates and
-stops) may differ; `restore` then puts the parameters, AdamW's state and the scheduler back and returns
-the `Progress`.
+checkpoint's base model (by fingerprint), method, method options and run options (trainer.run_options) to
+be this run's, where only where and how often a run saves, evaluates and stops may differ; `restore` then
+puts the parameters, AdamW's state and the scheduler back and returns the run's progress.
 """
-import itertools
 import json
 import os
 import random
-import re
 import shutil
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,19 +40,9 @@ from safetensors.torch import load_file, save_file
 
 from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, copy_parameters, save_adapter
 from minipeft.formats.atomic import atomic_write
+from minipeft.scale.output import CHECKPOINT_FOLDER, FORMAT_VERSION, LATEST, STATE_JSON, flag_value, read_state
 
-FORMAT_VERSION = 1
-LATEST = "latest_checkpoint"
-STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
-FOLDER = re.compile(r"checkpoint-\d+")
-# with the checkpoint folders: what a run writes in its --out (train.py's config.yaml and watch.py's logs too)
-RUN_FILES = ("metrics.jsonl", "adapter", LATEST, "config.yaml", "metrics.csv", "plot.png", "tensorboard", "wandb")
-RUNS = Path("checkpoints")  # where a run given no --out gets a folder of its own (new_run_folder)
-
-# options that may change when a run is resumed: where and how often it saves, evaluates and stops
-MAY_CHANGE_ON_RESUME = ("out", "overwrite", "resume", "save_every", "stop_at", "max_bad_steps",
-                        "eval_every", "eval_batch_size", "test", "init_adapter")
 OLDER_VERSIONS_DID = {"precision": "fp32", "batching": "random"}  # run options added later, as they were before
 FLAG_NAMES = {"max_grad_norm": "--clip", "world_size": "processes",  # for messages; else --the-name
               "device_type": "--device type", "dpo": "--beta and --dpo-loss"}
@@ -72,27 +54,6 @@ class Checkpoint:
     state: dict  # trainer_state.json
     tensors: dict[str, torch.Tensor]  # trainer_state.safetensors
     parameters: dict[str, torch.Tensor]  # adapter.safetensors
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint and restored on resume."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # the next batch of `epoch`
-    examples: int = 0
-    train_seconds: float = 0.0
-    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
-    bad_streak: int = 0  # of them, in a row up to `step`
-    test_before: dict | None = None
-    validation: list = field(default_factory=list)  # [{"step": s, **metrics}, ...]
-
-    def count(self, step: int, examples: int, seconds: float, finite: bool):
-        self.step, self.examples = step, self.examples + examples
-        self.train_seconds += seconds
-        self.bad_steps += not finite
-        self.bad_streak = 0 if finite else self.bad_streak + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +82,7 @@ def save(out: Path, model, optimizer, state: dict, rng: dict[str, torch.Tensor])
     tmp.rename(final)
     atomic_write(out / LATEST, lambda tmp: Path(tmp).write_text(name))
     for old in out.iterdir():  # older checkpoints, and leftovers of interrupted saves
-        ours = FOLDER.fullmatch(old.name) or old.name.startswith(".checkpoint-")
+        ours = CHECKPOINT_FOLDER.fullmatch(old.name) or old.name.startswith(".checkpoint-")
         if ours and old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -167,49 +128,7 @@ def _fsync_folder(folder: Path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# finding and loading
-
-
-def find(path) -> Path:
-    """The checkpoint folder that `path` means: a run's output folder (its latest checkpoint) or a
-    checkpoint-<step> folder itself."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        if not (path / name / STATE_JSON).is_file():
-            raise ValueError(f"{path / LATEST} names {name!r}, which is not a complete checkpoint "
-                             f"folder in {path}; resume from another checkpoint or start a new run")
-        return path / name
-    if (path / STATE_JSON).is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {path}: no such folder; give the --out folder of the run "
-                                "to continue")
-    raise ValueError(f"--resume {path}: no checkpoint there (no {LATEST} or {STATE_JSON}); give the "
-                     "--out folder of a run started by train.py, or one of its checkpoint-<step> folders")
-
-
-def run_folder(path) -> Path:
-    """The output folder of the run that `path` (as given to --resume) belongs to."""
-    path = Path(path)
-    return path.parent if (path / STATE_JSON).is_file() and not (path / LATEST).is_file() else path
-
-
-def read_state(path) -> tuple[Path, dict]:
-    """(checkpoint folder, its trainer_state.json), checked to be readable; no tensors are read."""
-    folder = find(path)
-    file = folder / STATE_JSON
-    try:
-        state = json.loads(file.read_text())
-        state["step"], state["steps"], state["progress"]["epoch"], state["progress"]["batch"]
-        state["run"], state["method"], state["optimizer"]["param_groups"], state["python_rng"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{file} is corrupt ({type(e).__name__}: {e}); this checkpoint cannot be "
-                         "resumed: resume from another copy or start a new run") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} has format_version {state.get('format_version')!r}; this minipeft "
-                         f"reads version {FORMAT_VERSION}")
-    return folder, state
+# loading (output.find names the folder)
 
 
 def load(path) -> Checkpoint:
@@ -274,23 +193,6 @@ def restore_rng(checkpoint: Checkpoint, rank: int = 0):
 # resuming: is the checkpoint this run's?
 
 
-def run_options(cfg, world_size: int, sharded: bool = False) -> dict:
-    """What determines a run's results, as a checkpoint stores it: the training options of `cfg` (a
-    trainer.TrainConfig), cfg.run (model, task, ...), the number of processes and, for a model sharded
-    with FSDP (sharding.py), "sharding": "fsdp"; not where or how often it saves or evaluates."""
-    options = {k: v for k, v in asdict(cfg).items() if k not in ("run", *MAY_CHANGE_ON_RESUME)}
-    options.update({k: v for k, v in cfg.run.items() if k not in MAY_CHANGE_ON_RESUME})
-    options["world_size"] = world_size
-    if sharded:  # absent otherwise, as in checkpoints older than --fsdp
-        options["sharding"] = "fsdp"
-    return json.loads(json.dumps(options))
-
-
-def flag_value(option: str, value):
-    """A run option's value as its flag takes it (--model-dropout model: the checkpoint's own dropout)."""
-    return "model" if option == "model_dropout" and value is None else value
-
-
 def check_resumable(ckpt: Checkpoint, model, options: dict, steps: int | None = None):
     """The checkpoint must come from the same base model, method and options as this run; every
     difference is named in one message. `steps`: this run's step count; it may differ from the
@@ -353,116 +255,14 @@ def _sharding_difference(saved_run: dict, options: dict):
             "the model", f"resume it {fix}")
 
 
-def restore(ckpt: Checkpoint, model, optimizer, scheduler) -> Progress:
-    """Trainable parameters, optimizer and scheduler as saved, and the run's Progress; the RNG comes
-    back later, just before the first step (restore_rng)."""
+def restore(ckpt: Checkpoint, model, optimizer, scheduler, progress_type):
+    """Trainable parameters, optimizer and scheduler as saved, and the run's progress as `progress_type`
+    (trainer.Progress); the RNG comes back later, just before the first step (restore_rng)."""
     restore_parameters(model, ckpt)
     restore_optimizer(optimizer, ckpt)
     try:
         scheduler.load_state_dict(ckpt.state["scheduler"])
-        return Progress(**ckpt.state["progress"])
+        return progress_type(**ckpt.state["progress"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {ckpt.path}: {STATE_JSON} is corrupt ({e}); resume "
                          "from another copy or start a new run") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# the output folder: one run per folder
-
-
-def check_writable(folder: Path):
-    """Stop before any work if `folder` (or, while it does not exist, its nearest existing parent)
-    cannot be written."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--out {folder}: {existing} is a file, not a folder; choose another --out")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {folder}: cannot write in {existing} ({e.strerror}); choose a writable "
-                         "folder") from None
-
-
-def run_files(out: Path) -> list[str]:
-    """What a run writes in its output folder (metrics.jsonl, adapter/, latest_checkpoint,
-    checkpoint-<step>/ and the temporary folders of a save) that `out` holds, by name."""
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    ours = [p for p in out.iterdir()
-            if p.name in RUN_FILES or FOLDER.fullmatch(p.name) or p.name.startswith(".checkpoint-")]
-    return sorted(p.name + "/" * p.is_dir() for p in ours)
-
-
-def check_output_folder(out: Path, resume=None, overwrite: bool = False):
-    """Stop before any work if `out` cannot be written, or if it holds another run's files (run_files):
-    they are kept unless this run is that run, resumed, or `overwrite` lets it replace them."""
-    out = Path(out)
-    check_writable(out)
-    same_run = resume is not None and run_folder(resume).resolve() == out.resolve()
-    if same_run and overwrite:
-        raise ValueError(f"--overwrite would delete the run that --resume {resume} continues; give one "
-                         "or the other")
-    found = run_files(out)
-    if not found or same_run or overwrite:
-        return
-    try:
-        folder, state = read_state(out)
-        unfinished = state["step"] < state["steps"]
-    except (ValueError, OSError):  # no checkpoint yet, or one that cannot be read: still another run's
-        unfinished = False
-    if unfinished:
-        raise ValueError(f"--out {out} holds an unfinished run ({folder.name}, step {state['step']} of "
-                         f"{state['steps']}); continue it with --resume {out}, replace it with --overwrite, "
-                         "or choose another --out")
-    raise ValueError(f"--out {out} holds another run ({', '.join(found)}); replace it with --overwrite, "
-                     "choose another --out, or give none for a new folder")
-
-
-def remove_run_files(out: Path) -> list[str]:
-    """--overwrite: delete the previous run's files in `out` (run_files; the folder's other files stay),
-    so that its metrics.jsonl, adapter and checkpoints cannot mix with this run's. Returns their names."""
-    found = run_files(out)
-    for name in found:
-        path = Path(out) / name.rstrip("/")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return found
-
-
-def new_run_folder(run: dict, method: str, parent: Path = RUNS) -> Path:
-    """The output folder of a run given none, created now so that no other run takes it:
-    <parent>/<model>-<task>-<method>-<YYYYmmdd-HHMMSS>, with -2, -3, ... if that is taken (model and
-    task as `run` names them, when it does). Under torchrun every process must call this: rank 0
-    creates the folder and the others get its name."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        name = [str(_create_run_folder(run, method, parent)) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(name, src=0)
-        return Path(name[0])
-    return _create_run_folder(run, method, parent)
-
-
-def _create_run_folder(run: dict, method: str, parent: Path) -> Path:
-    words = [_short_name(run[key]) for key in ("model", "task") if run.get(key) is not None]
-    base = "-".join([*words, method, time.strftime("%Y%m%d-%H%M%S")])
-    for n in itertools.count(1):
-        folder = Path(parent) / (base if n == 1 else f"{base}-{n}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:  # a run started in the same second
-            continue
-
-
-def _short_name(source) -> str:
-    """A model or task as a folder name takes it: a file by its stem (my_chats.jsonl -> my_chats), a
-    folder by its name, a named one as it is; characters other than letters, digits, '.', '_' and '-'
-    become '_'."""
-    path = Path(str(source))
-    return re.sub(r"[^\w.-]+", "_", path.stem if path.is_file() else path.name) or "run"

@@ -31,7 +31,7 @@ Checkpoints stay in the single-process format. `whole(model, optimizer)` (every 
 swaps the trainable parameters and AdamW's moments for whole tensors: with only=0 they are gathered in
 rank 0 alone, which saves the adapter and the optimizer state as usual inside it; a resumed run loads
 into whole tensors in every process, each keeping its own rows on leaving. A checkpoint records that
-it was sharded (checkpoint.run_options), so it resumes only under --fsdp with the same number of
+it was sharded (trainer.run_options), so it resumes only under --fsdp with the same number of
 processes.
 
 Gradients are averaged, not summed, over gloo too. pytorch issue #162338 ("Incorrect AVG reduction
