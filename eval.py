@@ -22,7 +22,7 @@ from minipeft.formats import chat, preference
 from minipeft.run import cli, exact_match
 from minipeft.core import data, loop
 from minipeft.formats import tasks
-from minipeft.run import trainer
+from minipeft.run import report
 from minipeft.extras import fewshot
 from minipeft.extras.dpo import DPOLoss
 from minipeft.formats.atomic import atomic_write
@@ -211,7 +211,7 @@ def main(argv):
         objective = DPOLoss() if task.kind == "dpo" else None  # preference pairs: reward accuracy and margin
         metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size, objective=objective)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.task} {args.split}: "
-          f"{trainer.headline(metrics)}")
+          f"{report.headline(metrics)}")
 
 
 if __name__ == "__main__":

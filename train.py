@@ -22,7 +22,7 @@ import torch
 
 import minipeft as mp
 from minipeft.formats import tasks
-from minipeft.run import cli, runconfig, trainer, watch
+from minipeft.run import cli, report, runconfig, trainer, watch
 from minipeft.run.train_args import (DEFAULT_METHOD, build_parser, check_before_loading, check_context_length,
                                      check_numbers, check_task_flags, memory_ledger, pack_training_split,
                                      precompute_reference, resolve_objective, train_config)
@@ -77,7 +77,7 @@ def main(argv):
         records = [runconfig.SettingsFile(settings), *watch.writers(args.log, settings)]
         summary = trainer.train(model, task, config, writers=records)
         if rank == 0:
-            trainer.print_results(summary, config.out, ledger, held)
+            report.print_results(summary, config.out, ledger, held)
     except BaseException:
         if new_folder is not None and rank == 0:
             with contextlib.suppress(OSError):  # removed only while empty: a run that wrote nothing

@@ -188,7 +188,7 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
     import torch
     import minipeft as mp
     from minipeft.core import loop
-    from minipeft.run import trainer
+    from minipeft.run import report
     if mmap_threshold:
         mp.memory.mmap_large_tensors(mmap_threshold)
     if library == "minipeft":
@@ -234,7 +234,7 @@ def run_one(model_name: str, config: str, library: str, steps: int, trace: bool,
             print(f"[{library} {model_name} {config}] step {step}: " + ", ".join(
                 f"{k} RSS {v['VmRSS'] / 2**20:.0f} (peak {v['VmHWM'] / 2**20:.0f}) MiB" for k, v in
                 phases[-1].items()), file=sys.stderr, flush=True)
-    return {"model": model_name, "config": config, "library": library, "peak_rss": trainer.peak_memory_bytes(),
+    return {"model": model_name, "config": config, "library": library, "peak_rss": report.peak_memory_bytes(),
             "peak_reset": reset, "setup_rss": setup_rss, "seconds_per_step": sum(times) / max(1, len(times)),
             "cpu_seconds_per_step": sum(cpu_times) / max(1, len(cpu_times)),
             "loss": losses[0], "trainable": trainable, "ledger": ledger, "threads": torch.get_num_threads()}

@@ -41,7 +41,7 @@ from minipeft import METHODS
 from minipeft.formats import tasks
 from minipeft.extras import fewshot  # noqa: E402
 from minipeft.core.loop import evaluate  # noqa: E402
-from minipeft.run.trainer import headline  # noqa: E402
+from minipeft.run.report import headline  # noqa: E402
 
 mp.fast.enable()  # minipeft as train.py runs it: the fast twins of the core (minipeft/fast/)
 

@@ -22,7 +22,7 @@ from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.core import model as core_model
-from minipeft.run import trainer
+from minipeft.run import report, trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
 
@@ -146,7 +146,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert result.overflow and not result.finite and result.loss_scale == 2.0 ** 40
     assert scaling.scale() == 2.0 ** 39
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-    row = trainer.step_row(1, result)
+    row = report.step_row(1, result)
     assert row["skipped"].startswith("fp16 gradient overflow") and row["loss"] == result.loss
     assert row["lr"] == 1e-2  # the rate of the skipped step, not of the next one
 

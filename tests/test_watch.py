@@ -169,7 +169,7 @@ def test_a_run_records_the_commit_of_a_checkout_or_a_worktree(tmp_path):
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
-    code = "from minipeft.run.trainer import _git_commit; print(_git_commit())"
+    code = "from minipeft.run.report import _git_commit; print(_git_commit())"
     worktree = tmp_path / "worktree"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree)], cwd=root, check=True)
     try:

@@ -11,7 +11,7 @@ torchrun, and the summary.
 Metrics go to `<out>/metrics.jsonl` (and to train()'s writers: watch.py, runconfig.py), the adapter to
 `<out>/adapter/` (written atomically by adapter_io.save_adapter). `train` runs in three parts
 (TrainingRun): every check and the restore of a resumed checkpoint before anything is written, then the
-loop, then the last checkpoint, the adapter and the summary.
+loop, then the last checkpoint, the adapter and the summary (its rows and lines: report.py).
 
 Checkpoints (scale/checkpoint.py: `<out>/checkpoint-<step>/`) hold the trainable parameters, AdamW's
 state, the scheduler, the RNG states and the data position (epoch, batch). The batches of an epoch are a
@@ -32,14 +32,10 @@ trained as it is, without the DDP wrapper: fully_shard reduce-scatters the avera
 and checkpoints are saved and restored inside sharding.whole, so they hold whole tensors as usual.
 """
 import contextlib
-import importlib.metadata
 import json
 import math
-import platform
 import random
-import resource
 import signal
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,10 +46,10 @@ from tqdm.auto import tqdm
 
 from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
 from minipeft.core.adapted import task_defaults
-from minipeft.formats.adapter_io import ADAPTER_WEIGHTS, save_adapter
+from minipeft.formats.adapter_io import save_adapter
 from minipeft.scale import output
-from minipeft.scale.precision import (LossScaling, loss_scaling, tensors_of_4bit_layers, values_in_4bit_layers,
-                                      weight_bytes)
+from minipeft.run.report import first_and_median_step, headline, make_summary, step_row, versions
+from minipeft.scale.precision import LossScaling, loss_scaling
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
 
 
@@ -159,21 +155,6 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def peak_memory_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def headline(metrics: dict | None) -> str:
-    if metrics is None:
-        return "not scored"
-    if "reward_accuracy" in metrics:
-        return f"reward accuracy {metrics['reward_accuracy']:.4f}, margin {metrics['reward_margin']:.4f}"
-    if "exact_match" in metrics:
-        return f"exact match {metrics['exact_match']:.4f}"
-    return f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics \
-        else f"perplexity {metrics['perplexity']:.2f}"
 
 
 def steps_changed(before: int, steps: int, step: int, lr: float) -> str:
@@ -462,23 +443,6 @@ class TrainingRun:
             tqdm.write(message)
 
 
-# ----------------------------------------------------------------------------------------------------
-# what a run reports
-
-
-def step_row(step: int, result: StepResult) -> dict:
-    lr = result.lr
-    scale = {} if result.loss_scale is None else {"loss_scale": result.loss_scale}
-    if result.finite:
-        return dict(event="step", step=step, loss=result.loss, grad_norm=result.grad_norm, lr=lr, **scale,
-                    **{k: v for k, v in (result.metrics or {}).items() if k != "loss"})
-    if result.overflow:
-        return dict(event="step", step=step, loss=result.loss, grad_norm=None, lr=lr, **scale,
-                    skipped="fp16 gradient overflow: loss scale lowered")
-    return dict(event="step", step=step, loss=None, grad_norm=None, lr=lr, **scale,
-                skipped="non-finite loss or gradient")
-
-
 def diverged_message(progress: Progress, cfg: TrainConfig, saved, saved_step) -> str:
     first = progress.step - progress.bad_streak + 1
     kept = (f"the last good checkpoint, {saved} (step {saved_step}), is kept" if saved
@@ -486,117 +450,3 @@ def diverged_message(progress: Progress, cfg: TrainConfig, saved, saved_step) ->
     return (f"stopped: the loss or gradient was not finite for {progress.bad_streak} steps in a row "
             f"(steps {first}-{progress.step}, --max-bad-steps {cfg.max_bad_steps}); {kept}. Lower --lr "
             "or check the data")
-
-
-def make_summary(model, cfg, progress: Progress, steps: int, after: dict, adapter_dir: Path, saved,
-                 world_size: int, data_info: dict | None = None) -> dict:
-    four_bit = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or parameters under FSDP
-    total = sum(p.numel() for p in model.parameters() if id(p) not in four_bit) + values_in_4bit_layers(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights, weights_fp32 = weight_bytes(model), weight_bytes(model, as_fp32=True)  # as the memory ledger
-    adapter_file = adapter_dir / ADAPTER_WEIGHTS
-    return {
-        "method": model.peft_config["method"], "options": model.peft_config["options"],
-        "steps": steps, "trainable_parameters": trainable, "total_parameters": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
-        "frozen_weight_bytes": weights["frozen"] + weights["frozen_4bit"],
-        "frozen_weight_fp32_bytes": weights_fp32["frozen"] + weights_fp32["frozen_4bit"],
-        "peak_memory_bytes": peak_memory_bytes(), "seconds_per_step": progress.train_seconds / steps,
-        "train_seconds": progress.train_seconds, "test_before": progress.test_before, "test_after": after,
-        "adapter": str(adapter_dir), "checkpoint": str(saved), "skipped_steps": progress.bad_steps,
-        "seed": cfg.seed, "world_size": world_size,
-        "examples_per_step": cfg.batch_size * world_size * cfg.grad_accum, "versions": versions(),
-        "data": data_info or {},  # instruction data: row shape, chat template, rows cut to --max-len
-    }
-
-
-def first_and_median_step(seconds: list[float]) -> dict:
-    """The first step apart from the median of the others: the first builds the kernels, and with --compile
-    compiles the model (a new batch shape may recompile later ones, which the median leaves out)."""
-    if not seconds:
-        return {}
-    return {"first_step_seconds": seconds[0], "median_step_seconds": statistics.median(seconds[1:] or seconds)}
-
-
-def format_summary(s: dict) -> str:
-    v = s["versions"]
-    return "\n".join([
-        f"method               {s['method']} {s['options']}",
-        f"trainable parameters {s['trainable_parameters']:,} of {s['total_parameters']:,} "
-        f"({s['trainable_percent']:.3f}%)",
-        f"adapter file         {s['adapter_bytes']:,} bytes  ({s['adapter']})",
-        f"checkpoint           {s['checkpoint']}",
-        f"frozen weights       {s['frozen_weight_bytes'] / 2**20:,.1f} MiB in memory "
-        f"({s['frozen_weight_fp32_bytes'] / 2**20:,.1f} MiB if fp32)",
-        f"peak memory (RSS)    {s['peak_memory_bytes'] / 2**20:,.0f} MiB",
-        f"time                 {s['train_seconds']:.1f} s for {s['steps']} steps "
-        f"({s['seconds_per_step']:.3f} s/step), {s['examples_per_step']} examples per step on "
-        f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''}",
-        *([f"first step           {s['first_step_seconds']:.2f} s (kernels built on first use; compiling, with --compile), "
-           f"then a median of {s['median_step_seconds']:.3f} s/step"] if "first_step_seconds" in s else []),
-        f"skipped steps        {s['skipped_steps']} (non-finite loss or gradient)",
-        *([f"instruction data     {d['shape']} rows, chat template {d['template']}, {d['truncated']} rows cut "
-           f"from the left to --max-len, loss on {'every token' if d['train_on_prompt'] else 'the answers'}"]
-          if (d := s.get("data")) else []),
-        f"test before          {headline(s['test_before'])}",
-        f"test after           {headline(s['test_after'])}",
-        f"seed                 {s['seed']} (torch {v['torch']}, python {v['python']}, "
-        f"minipeft {v['minipeft']})",
-    ])
-
-
-# ----------------------------------------------------------------------------------------------------
-# versions
-
-
-def print_results(summary: dict, out: str, ledger: dict | None, held: dict | None):
-    """The summary, (--memory-report) the memory ledger against the measured peak, and (--fsdp) the bytes each
-    process held."""
-    print(format_summary(summary))
-    print(f"output folder        {out}")
-    if ledger is not None:
-        from minipeft.extras import memory
-        print(memory.format_report(ledger))
-        print(f"  measured peak RSS              {summary['peak_memory_bytes'] / 2**20:10,.1f} MiB   "
-              f"(ledger / measured {ledger['total'] / summary['peak_memory_bytes']:.2f}; the measured "
-              "peak also covers loading and evaluation)")
-    if held is not None:
-        from minipeft.scale import sharding
-        print(sharding.format_bytes_per_process(held))
-    print(json.dumps({k: summary[k] for k in ("test_before", "test_after")}))
-
-
-def versions() -> dict:
-    """The versions a run used; minipeft's is the commit of a git checkout, else the installed package's."""
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "minipeft": _git_commit() or _installed_version() or "unknown"}
-
-
-def _installed_version() -> str | None:
-    try:
-        return importlib.metadata.version("minipeft")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """The commit of a minipeft git checkout, read from .git (no git needed); None if not one."""
-    root = Path(__file__).resolve().parents[2]
-    git = root / ".git"
-    try:
-        if git.is_file():  # a worktree: .git names its own folder, whose commondir holds the refs
-            git = root / git.read_text().split("gitdir:", 1)[1].strip()
-        common = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[len("ref: "):]
-        if (common / ref).is_file():
-            return (common / ref).read_text().strip()[:12]
-        for line in (common / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:12]
-    except OSError:
-        pass
-    return None
