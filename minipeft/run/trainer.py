@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 from minipeft.core.loop import StepResult, evaluate, make_optimizer, make_scheduler, train_step
 from minipeft.core.adapted import task_defaults
 from minipeft.formats.adapter_io import save_adapter
-from minipeft.scale import output
 from minipeft.run.report import first_and_median_step, headline, make_summary, step_row, versions
+from minipeft.scale import output
 from minipeft.scale.precision import LossScaling, loss_scaling
 from minipeft.scale.processes import Processes, StopSignal, check_same_options, data_parallel, is_sharded
 
