@@ -514,6 +514,18 @@ def test_resume_from_a_checkpoint_folder_into_another_out(tmp_path, text, unfini
     assert hashes(unfinished) == before
 
 
+def test_resume_from_a_checkpoint_folder_continues_in_its_run_folder(tmp_path, text, unfinished, finished):
+    """--resume <out>/checkpoint-4 without --out: the run goes on in <out> (its settings, its metrics.jsonl,
+    its adapter), not inside the checkpoint folder."""
+    run = tmp_path / "unfinished"
+    shutil.copytree(unfinished, run)
+    train_cli.main([str(a) for a in lm_args(text, None, "--resume", run / "checkpoint-4")])
+    assert step_losses(run) == step_losses(finished)  # steps 1-4 as stopped, 5-8 resumed
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    assert (run / "latest_checkpoint").read_text() == "checkpoint-8"
+    assert not (run / "checkpoint-4").exists()  # the older checkpoint goes once a newer one is in place
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, text, signum):
     out = tmp_path / "run"
