@@ -383,6 +383,7 @@ def test_overwrite_replaces_another_run_and_keeps_other_files(tmp_path, text, fi
     old = tmp_path / "old"
     shutil.copytree(finished, old)
     (old / "notes.txt").write_text("the user's own file")
+    (old / "adapter" / "from_the_old_run.txt").write_text("goes with the old adapter")  # folders go whole
     old_adapter = hashes(old / "adapter")
     code, printed = run_printing(lm_args(text, old, "--steps", "2", "--overwrite"), capsys)
     assert code == 0, printed
@@ -392,7 +393,7 @@ def test_overwrite_replaces_another_run_and_keeps_other_files(tmp_path, text, fi
     assert sorted(p.name for p in old.iterdir()) == ["adapter", "checkpoint-2", "config.yaml", "latest_checkpoint",
                                                      "metrics.csv", "metrics.jsonl", "notes.txt", "plot.png"]
     assert (old / "notes.txt").read_text() == "the user's own file"
-    assert hashes(old / "adapter") != old_adapter
+    assert hashes(old / "adapter") != old_adapter and not (old / "adapter" / "from_the_old_run.txt").exists()
 
 
 def test_runs_without_out_get_new_folders_of_their_own(tmp_path, text, monkeypatch, capsys):
