@@ -52,20 +52,26 @@ def step_row(step: int, result: StepResult) -> dict:
                 skipped="non-finite loss or gradient")
 
 
+def frozen_weight_bytes(model, as_fp32: bool = False) -> int:
+    """The frozen weights' bytes as the memory ledger counts them: full-precision and 4-bit (`as_fp32`: were
+    every frozen value an fp32 number)."""
+    weights = weight_bytes(model, as_fp32=as_fp32)
+    return weights["frozen"] + weights["frozen_4bit"]
+
+
 def make_summary(model, cfg, progress, steps: int, after: dict, adapter_dir: Path, saved,
                  world_size: int, data_info: dict | None = None) -> dict:
     four_bit = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or parameters under FSDP
     total = sum(p.numel() for p in model.parameters() if id(p) not in four_bit) + values_in_4bit_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights, weights_fp32 = weight_bytes(model), weight_bytes(model, as_fp32=True)  # as the memory ledger
     adapter_file = adapter_dir / ADAPTER_WEIGHTS
     return {
         "method": model.peft_config["method"], "options": model.peft_config["options"],
         "steps": steps, "trainable_parameters": trainable, "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
         "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
-        "frozen_weight_bytes": weights["frozen"] + weights["frozen_4bit"],
-        "frozen_weight_fp32_bytes": weights_fp32["frozen"] + weights_fp32["frozen_4bit"],
+        "frozen_weight_bytes": frozen_weight_bytes(model),
+        "frozen_weight_fp32_bytes": frozen_weight_bytes(model, as_fp32=True),
         "peak_memory_bytes": peak_memory_bytes(), "seconds_per_step": progress.train_seconds / steps,
         "train_seconds": progress.train_seconds, "test_before": progress.test_before, "test_after": after,
         "adapter": str(adapter_dir), "checkpoint": str(saved), "skipped_steps": progress.bad_steps,
