@@ -6,8 +6,8 @@
 `check_output_folder` stops a run whose --out holds another run's files unless it is that run, resumed,
 or --overwrite lets `remove_run_files` delete them once every check has passed (the folder's other files
 stay); a run given no --out gets a new folder of its own (`new_run_folder`). `find` and `read_state`
-name a run's checkpoint and read its trainer_state.json, no tensors: a run that saves none, or that only
-checks the checkpoint it will resume, never loads checkpoint.py.
+name a run's checkpoint and read its trainer_state.json, no tensors, so train.py checks the checkpoint to
+resume before loading anything with this file alone, and a run that saves none never loads checkpoint.py.
 """
 import itertools
 import json
