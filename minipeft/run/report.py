@@ -61,6 +61,7 @@ def frozen_weight_bytes(model, as_fp32: bool = False) -> int:
 
 def make_summary(model, cfg, progress, steps: int, after: dict, adapter_dir: Path, saved,
                  world_size: int, data_info: dict | None = None) -> dict:
+    """The run's summary: metrics.jsonl's last row, which format_summary prints (`progress`: trainer.Progress)."""
     four_bit = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or parameters under FSDP
     total = sum(p.numel() for p in model.parameters() if id(p) not in four_bit) + values_in_4bit_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
