@@ -34,9 +34,15 @@ RUNS = {
 def executed_statements(run: list[str], out: Path) -> dict[str, int]:
     """{file: statements executed} for minipeft/ and train.py during `train.py *run`."""
     data = out / "coverage.data"
-    subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", "--include=minipeft/*,train.py",
-                    "train.py", *run, "--out", str(out / "run")], cwd=ROOT, check=True, capture_output=True)
-    import coverage
+    try:
+        import coverage
+    except ImportError:
+        sys.exit("bench/reading.py needs coverage: pip install -r requirements-dev.txt")
+    done = subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}",
+                           "--include=minipeft/*,train.py", "train.py", *run, "--out", str(out / "run")],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"train.py {' '.join(run)} failed:\n{done.stderr[-3000:]}")
     cov = coverage.Coverage(data_file=str(data))
     cov.load()
     found = cov.get_data()
