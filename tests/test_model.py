@@ -193,3 +193,37 @@ def test_attention_with_dropout_is_sdpa_without_dropping(case):
     ours = core_model.attention_with_dropout(q, k, v, mask, causal, no_drop)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [core_model.RMSNorm, core_model.OffsetRMSNorm])
+def test_norms_compute_in_fp64_for_an_fp64_model(norm):
+    """Norms compute in fp32 when x is narrower, and an fp64 model stays in fp64: x / rms(x) written out."""
+    layer = norm(16, eps=1e-6).double()
+    with torch.no_grad():
+        layer.weight.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e3
+    scale = layer.weight + 1 if norm is core_model.OffsetRMSNorm else layer.weight
+    expected = x / (x.square().mean(-1, keepdim=True) + 1e-6).sqrt() * scale
+    assert layer(x).dtype == torch.float64
+    assert (layer(x) - expected).abs().max().item() < 1e-13
+    half = x.bfloat16()
+    assert (layer.bfloat16()(half).float() - expected.float()).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("fast_twin", [False, True])
+def test_lm_loss_of_an_fp64_model_is_fp64(fast_twin):
+    """The LM loss (core's and the tiled twin) sums in fp32, or in fp64 for fp64 hidden states: equal to
+    F.cross_entropy over fp64 logits, value and gradient, within 1e-12."""
+    from minipeft.fast import losses
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, generator=g)
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    loss_fn = losses.lm_loss if fast_twin else core_model.lm_loss
+    loss = loss_fn(hidden, weight, shift_labels=targets, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, hidden)
+    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected.item()) < 1e-12 * expected.item()
+    assert (grad - expected_grad).abs().max().item() < 1e-12

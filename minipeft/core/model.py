@@ -89,22 +89,30 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is narrower (bf16, fp16), else as it is: norms and the loss never compute below fp32,
+    and an fp64 model computes in fp64 throughout."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) · w, normalized in fp32 whatever x's dtype and cast back
-    before the weight multiplies, as transformers' Llama does (in fp32 the same as nn.RMSNorm)."""
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) · w, normalized in fp32 (or wider) whatever x's dtype and
+    cast back before the weight multiplies, as transformers' Llama does (in fp32 the same as nn.RMSNorm)."""
 
     def forward(self, x):
-        return F.rms_norm(x.float(), self.normalized_shape, None, self.eps).type_as(x) * self.weight
+        return F.rms_norm(at_least_fp32(x), self.normalized_shape, None, self.eps).type_as(x) * self.weight
 
 
 class OffsetRMSNorm(nn.RMSNorm):
-    """Gemma's RMSNorm: x / rms(x) · (1 + w), with w = 0 at init, computed in fp32 whatever x's dtype."""
+    """Gemma's RMSNorm: x / rms(x) · (1 + w), with w = 0 at init, computed in fp32 (or wider) whatever x's
+    dtype."""
 
     def reset_parameters(self):
         nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        return F.rms_norm(x.float(), self.normalized_shape, 1 + self.weight.float(), self.eps).type_as(x)
+        x32 = at_least_fp32(x)
+        return F.rms_norm(x32, self.normalized_shape, 1 + self.weight.to(x32.dtype), self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -217,14 +225,14 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal
     """The LM loss over the N labelled tokens, as transformers computes it:
 
         loss = 1/N · Σ_i −log softmax(z_i)[t_i]      over the tokens i whose target t_i ≠ −100
-        z_i = h_i Wᵀ                                  (V,) the head's logits (no bias), in fp32
+        z_i = h_i Wᵀ                                  (V,) the head's logits (no bias), in fp32 or wider
         z_i ← c · tanh(z_i / c)                       Gemma 2's final soft-cap c (cfg.final_softcap)
 
     hidden (B, T, d); weight (V, d) the LM head's. reduction "sum": the summed loss; "none": each token's (B, T),
     0 where unlabelled (a row's sum is minus its log-probability, what DPO needs). A mean over no labelled token
     is nan, as in transformers. A global: minipeft.fast.enable() swaps in a tiled twin (no whole logits)."""
     targets = loss_targets(labels, shift_labels, causal, reduction)  # (B, T)
-    logits = F.linear(hidden, weight).float()  # (B, T, V)
+    logits = at_least_fp32(F.linear(hidden, weight))  # (B, T, V)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)

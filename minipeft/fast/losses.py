@@ -26,14 +26,15 @@ all of W (154 MiB for GPT-2) to do little arithmetic. The loss's forward + backw
 4 × 256 tokens took 16 CPU s in 8 MiB chunks of 41 tokens, 6 s in 1024 × 4096 tiles, and 4.5 s as one
 F.cross_entropy over the whole logits (which skips the recomputation). Rows whose target is −100 never
 reach the head. The head runs in the dtype the forward pass computes in (autocast's, else the hidden
-states'); the log-sum-exp, the softmax, the loss and a trained head's gradient are summed in fp32.
+states'); the log-sum-exp, the softmax, the loss and a trained head's gradient are summed in fp32
+(fp64 for an fp64 model).
 
     loss = model(idx, labels=idx)             # transformers' convention: labels = inputs, shifted inside
     loss = model(idx, shift_labels=targets)   # targets already aligned with idx (minipeft's datasets)
 """
 import torch
 
-from minipeft.core.model import IGNORE_INDEX, loss_targets
+from minipeft.core.model import IGNORE_INDEX, at_least_fp32, loss_targets
 from minipeft.fast.autocast import autocast_off, matmul_dtype
 
 CHUNK_SIZE = 1024  # tokens per tile
@@ -46,8 +47,9 @@ def tile_elements(vocab_size: int, tokens: int, chunk_size: int = CHUNK_SIZE, vo
 
 
 def _capped_logits(h, weight, softcap):
-    """(C, d) @ (K, d)^T -> fp32 logits (C, K) and, under a soft-cap, tanh(z / c) (backward needs it)."""
-    z = (h @ weight.T).float()  # (C, K)
+    """(C, d) @ (K, d)^T -> logits (C, K) in fp32 (fp64 for an fp64 model) and, under a soft-cap,
+    tanh(z / c) (backward needs it)."""
+    z = at_least_fp32(h @ weight.T)  # (C, K)
     if not softcap:
         return z, None
     tanh = torch.tanh(z.div_(softcap))
@@ -71,11 +73,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
             h, t = hidden[rows].to(dtype), targets[rows]  # (N, d), (N,)
             w = weight.to(dtype)  # (V, d); no copy when it is already in that dtype
-            lse = torch.full((len(rows),), -torch.inf, device=hidden.device)  # (N,) fp32
+            wide = torch.promote_types(dtype, torch.float32)  # what sums run in: fp32, or fp64 for fp64
+            lse = torch.full((len(rows),), -torch.inf, dtype=wide, device=hidden.device)  # (N,)
             for part, block in _tiles(len(rows), len(w), chunk_size, vocab_block):
                 z, _ = _capped_logits(h[part], w[block], softcap)  # (C, K)
                 lse[part] = torch.logaddexp(lse[part], torch.logsumexp(z, dim=1))
-            target_logits = (h * w[t]).sum(1, dtype=torch.float32)  # (N,) h_i · W[t_i]
+            target_logits = (h * w[t]).sum(1, dtype=wide)  # (N,) h_i · W[t_i]
             if softcap:
                 target_logits = torch.tanh(target_logits / softcap) * softcap
             losses = lse - target_logits  # (N,)
@@ -92,8 +95,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         if ctx.per_token:  # (M,) -> the labelled rows' (N, 1), one factor per row of a tile
             grad_total = grad_total[rows, None]
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_hidden else None  # (N, d)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None  # (V, d)
+        wide = lse.dtype  # fp32, or fp64 for an fp64 model
+        grad_h = torch.zeros(h.shape, dtype=wide, device=h.device) if want_hidden else None  # (N, d)
+        grad_weight = torch.zeros_like(weight, dtype=wide) if want_weight else None  # (V, d)
         with autocast_off(h.device.type):
             w = weight.to(dtype)
             for part, block in _tiles(len(rows), len(w), ctx.chunk_size, ctx.vocab_block):
@@ -106,9 +110,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 if softcap:  # d(c · tanh(z / c))/dz = 1 − tanh²
                     grad_z.mul_(tanh.square_().neg_().add_(1))
                 if want_hidden:
-                    grad_h[part] += (grad_z.to(dtype) @ w[block]).float()  # (C, d)
+                    grad_h[part] += (grad_z.to(dtype) @ w[block]).to(wide)  # (C, d)
                 if want_weight:
-                    grad_weight[block].addmm_(grad_z.T, h[part].float())  # (K, d)
+                    grad_weight[block].addmm_(grad_z.T, h[part].to(wide))  # (K, d)
         grad_hidden = None
         if want_hidden:
             grad_hidden = h.new_zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype)  # (M, d)
