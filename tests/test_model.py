@@ -227,3 +227,14 @@ def test_lm_loss_of_an_fp64_model_is_fp64(fast_twin):
     assert loss.dtype == torch.float64
     assert abs(loss.item() - expected.item()) < 1e-12 * expected.item()
     assert (grad - expected_grad).abs().max().item() < 1e-12
+
+
+def test_classification_loss_of_an_fp64_model_is_fp64():
+    """loop.loss_fn's classification loss takes an fp64 classifier's logits as they are (fp32 for narrower)."""
+    from minipeft.core import loop
+    model = tiny_model("bert", n_classes=3).double().eval()
+    idx, mask = tiny_batch()
+    batch = {"input_ids": idx, "attention_mask": mask, "labels": torch.tensor([0, 2, 1])}
+    loss = loop.loss_fn(model, batch, "classification", reduction="sum")
+    expected = F.cross_entropy(model(idx, attention_mask=mask), batch["labels"], reduction="sum")
+    assert loss.dtype == torch.float64 and abs(loss.item() - expected.item()) < 1e-12 * expected.item()

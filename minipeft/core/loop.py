@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+from .model import at_least_fp32
 from .adapted import lr_factors
 
 
@@ -120,7 +121,7 @@ def loss_fn(model, batch, kind: str, reduction: str = "mean") -> torch.Tensor:
         raise ValueError("preference pairs train and score with their own loss: pass objective=DPOLoss()")
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if kind == "classification":
-        logits = model(batch["input_ids"], **inputs).float()  # (B, C)
+        logits = at_least_fp32(model(batch["input_ids"], **inputs))  # (B, C)
         return F.cross_entropy(logits, batch["labels"], reduction=reduction)
     return model(batch["input_ids"], shift_labels=batch["labels"], reduction=reduction, **inputs)
 
