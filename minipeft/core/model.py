@@ -111,8 +111,8 @@ class OffsetRMSNorm(nn.RMSNorm):
         nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        x32 = at_least_fp32(x)
-        return F.rms_norm(x32, self.normalized_shape, 1 + self.weight.to(x32.dtype), self.eps).type_as(x)
+        wide = at_least_fp32(x)
+        return F.rms_norm(wide, self.normalized_shape, 1 + self.weight.to(wide.dtype), self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
