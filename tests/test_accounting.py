@@ -4,7 +4,7 @@ long, the same 8 as 2 micro-batches of 4 (gradient accumulation), as 2 processes
 torch.multiprocessing with gloo) and packed into shared rows give the same gradients and the same
 logged loss, within 1e-10 relative, and the same adapter after a few optimizer steps.
 
-The model is in float64, which minipeft computes in throughout (norms and the loss included). In float32
+The model is in float64, in which minipeft's norms and losses compute too (fp32 for narrower). In float32
 the splits differ by rounding alone (2.6e-7 and 4.5e-7 in the gradients on one CPU), which differs from CPU
 to CPU, and three AdamW steps amplify it where a gradient is near zero (Adam divides each element by its
 own running scale): 4.3e-6 in the adapter of two processes on an AMD EPYC. In float64 every split is within

@@ -90,8 +90,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 when it is narrower (bf16, fp16), else as it is: norms and the loss never compute below fp32,
-    and an fp64 model computes in fp64 throughout."""
+    """x in fp32 when it is narrower (bf16, fp16), else as it is: norms and the losses never compute below
+    fp32, and compute in fp64 for an fp64 model."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
