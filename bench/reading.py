@@ -31,8 +31,9 @@ RUNS = {
 }
 
 
-def executed_statements(run: list[str], out: Path) -> dict[str, int]:
-    """{file: statements executed} for minipeft/ and train.py during `train.py *run`."""
+def executed_statements(run: list[str], out: Path) -> dict[str, tuple[int, int]]:
+    """{file: (statements executed, of which inside a function)} for minipeft/ and train.py during
+    `train.py *run`. The others ran at import: imports, constants, every `def` and `class` line."""
     data = out / "coverage.data"
     try:
         import coverage
@@ -45,8 +46,23 @@ def executed_statements(run: list[str], out: Path) -> dict[str, int]:
         sys.exit(f"train.py {' '.join(run)} failed:\n{done.stderr[-3000:]}")
     cov = coverage.Coverage(data_file=str(data))
     cov.load()
-    found = cov.get_data()
-    return {str(Path(f).relative_to(ROOT)): len(found.lines(f) or []) for f in found.measured_files()}
+    executed = {}
+    for file in cov.get_data().measured_files():
+        # statements as `coverage report` counts them: a statement over several lines is one (the lines the
+        # tracer saw would count a multi-line list or call once per line)
+        _, statements, _, missing, _ = cov.analysis2(file)
+        ran = set(statements) - set(missing)
+        executed[str(Path(file).relative_to(ROOT))] = (len(ran), len(ran & function_body_lines(Path(file))))
+    return executed
+
+
+def function_body_lines(path: Path) -> set[int]:
+    """The line numbers inside the bodies of the functions (and methods) of a file."""
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines.update(n.lineno for statement in node.body for n in ast.walk(statement) if hasattr(n, "lineno"))
+    return lines
 
 
 def modules_on_import() -> int:
@@ -82,13 +98,17 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         executed = executed_statements(RUNS[args.run], Path(tmp))
-    folders = collections.Counter()
-    for file, count in executed.items():
-        folders[str(Path(file).parent) if "/" in file else file] += count
-    print(f"| executed by `train.py {' '.join(RUNS[args.run])}` | statements |\n|---|---:|")
-    for name, count in (sorted(executed.items()) if args.per_file else folders.most_common()):
-        print(f"| {name} | {count:,} |")
-    print(f"| **total ({len(executed)} files)** | **{sum(executed.values()):,}** |\n")
+    folders = collections.defaultdict(lambda: [0, 0])
+    for file, counts in executed.items():
+        for i, count in enumerate(counts):
+            folders[str(Path(file).parent) if "/" in file else file][i] += count
+    rows = sorted(executed.items()) if args.per_file else sorted(folders.items(), key=lambda row: -row[1][0])
+    print(f"| executed by `train.py {' '.join(RUNS[args.run])}` | statements | of which after import |\n"
+          "|---|---:|---:|")
+    for name, (count, in_functions) in rows:
+        print(f"| {name} | {count:,} | {in_functions:,} |")
+    total, in_functions = (sum(counts[i] for counts in executed.values()) for i in (0, 1))
+    print(f"| **total ({len(executed)} files)** | **{total:,}** | **{in_functions:,}** |\n")
     lines, (length, where) = core_sizes()
     print(f"`import minipeft` loads {modules_on_import()} minipeft modules")
     path = lora_reading_path()
