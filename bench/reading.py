@@ -1,6 +1,6 @@
-"""What a reader meets: the statements the headline run executes (coverage), the modules `import minipeft`
-loads, the files a reader opens from train.py to the LoRA update, and the size of minipeft/core/ (lines per
-file, the longest function).
+"""What a reader meets: the statements the headline run executes (as `coverage report` counts them, and how
+many of them ran after import), the modules `import minipeft` loads, the files a reader opens from train.py
+to the LoRA update, and the size of minipeft/core/ (lines per file, the longest function).
 
     python bench/reading.py                 # the headline run for 5 steps, then the tables
     python bench/reading.py --per-file      # every executed file, not only the total per folder
