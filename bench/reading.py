@@ -44,15 +44,21 @@ def executed_statements(run: list[str], out: Path) -> dict[str, tuple[int, int]]
                           cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"train.py {' '.join(run)} failed:\n{done.stderr[-3000:]}")
+    return counted_statements(data, ROOT)
+
+
+def counted_statements(data: Path, root: Path) -> dict[str, tuple[int, int]]:
+    """{file relative to root: (statements executed, of which inside a function)} from a coverage data file,
+    statements as `coverage report` counts them: a statement over several lines is one (the lines the
+    tracer saw would count a multi-line list or call once per line)."""
+    import coverage
     cov = coverage.Coverage(data_file=str(data))
     cov.load()
     executed = {}
     for file in cov.get_data().measured_files():
-        # statements as `coverage report` counts them: a statement over several lines is one (the lines the
-        # tracer saw would count a multi-line list or call once per line)
         _, statements, _, missing, _ = cov.analysis2(file)
         ran = set(statements) - set(missing)
-        executed[str(Path(file).relative_to(ROOT))] = (len(ran), len(ran & function_body_lines(Path(file))))
+        executed[str(Path(file).relative_to(root))] = (len(ran), len(ran & function_body_lines(Path(file))))
     return executed
 
 

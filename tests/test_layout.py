@@ -136,6 +136,26 @@ def test_train_py_to_the_lora_update_is_three_files_and_550_lines():
     assert len(path) <= 3 and sum(path.values()) <= 550, path
 
 
+def test_reading_counts_statements_as_coverage_report_does(tmp_path):
+    """A statement over several lines is one, and those inside a function ran after import."""
+    pytest.importorskip("coverage")
+    script = tmp_path / "script.py"
+    script.write_text("import math\n"                      # 1 statement at import
+                      "RULES = [math.floor(1.5),\n"          # 1, over three lines
+                      "         math.floor(2.5),\n"
+                      "         math.ceil(0.5)]\n"
+                      "def twice(x):\n"                      # 1 (the def)
+                      "    return max(x,\n"                  # 1 after import, over two lines
+                      "               2 * x)\n"
+                      "def unused():\n"                      # 1 (the def); its body never runs
+                      "    return 0\n"
+                      "twice(3)\n")                          # 1
+    data = tmp_path / "coverage.data"
+    subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", str(script)], check=True,
+                   cwd=tmp_path)
+    assert reading.counted_statements(data, tmp_path) == {"script.py": (6, 1)}
+
+
 def test_lora_linear_has_one_base_class():
     from minipeft.core.lora import LoRALinear
     assert len(LoRALinear.__bases__) == 1
