@@ -116,7 +116,8 @@ def main():
     total, in_functions = (sum(counts[i] for counts in executed.values()) for i in (0, 1))
     print(f"| **total ({len(executed)} files)** | **{total:,}** | **{in_functions:,}** |\n")
     lines, (length, where) = core_sizes()
-    print(f"`import minipeft` loads {modules_on_import()} minipeft modules")
+    loaded = modules_on_import()
+    print(f"`import minipeft` loads {loaded} minipeft module{'' if loaded == 1 else 's'}")
     path = lora_reading_path()
     print(f"from train.py to the LoRA update: {len(path)} files, {sum(path.values())} lines "
           f"({', '.join(f'{f} {n}' for f, n in path.items())})")
