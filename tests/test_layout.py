@@ -139,6 +139,7 @@ def test_train_py_to_the_lora_update_is_three_files_and_550_lines():
 def test_reading_counts_statements_as_coverage_report_does(tmp_path):
     """A statement over several lines is one, and those inside a function ran after import."""
     pytest.importorskip("coverage")
+    tmp_path = tmp_path.resolve()  # coverage names files by their real path
     script = tmp_path / "script.py"
     script.write_text("import math\n"                      # 1 statement at import
                       "RULES = [math.floor(1.5),\n"          # 1, over three lines
