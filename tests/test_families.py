@@ -48,7 +48,9 @@ def hf_configs():
     shorter than the 12-token batch, GQA everywhere it exists, tied and untied heads both present. Every
     field minipeft reads from config.json is set to a value that is neither transformers' default nor
     minipeft's fallback for a missing field (norm eps, RoPE base and scaling, head_dim, activation, tied
-    head, biases, windows and layer types, soft-caps, query scale), so parity fails if one is not read."""
+    head, biases, windows and layer types, soft-caps, query scale), so parity fails if one is not read.
+    Llama's RoPE scaling puts its rotation speeds in all three of llama3's regimes: kept (pair 0), blended
+    (pairs 1 and 2) and slowed by the factor (the rest)."""
     t = transformers
     return {
         "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, vocab_size=V,
@@ -64,7 +66,7 @@ def hf_configs():
         "llama": (t.LlamaConfig(**DECODER, rms_norm_eps=1e-3, head_dim=16, attention_bias=True, mlp_bias=True,
                                 hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, rope_parameters=rope(
                                     500.0, "llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=8)), t.LlamaForCausalLM),
+                                    original_max_position_embeddings=32)), t.LlamaForCausalLM),
         "mistral": (t.MistralConfig(**DECODER, rms_norm_eps=2e-3, head_dim=16, sliding_window=4, hidden_act="gelu",
                                     tie_word_embeddings=True, rope_parameters=rope(300.0)), t.MistralForCausalLM),
         "qwen2": (t.Qwen2Config(**DECODER, rms_norm_eps=3e-3, head_dim=16, tie_word_embeddings=True,
