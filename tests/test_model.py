@@ -63,6 +63,18 @@ def test_kv_cache_matches_full_forward(flavor):
     assert torch.equal(model.generate(idx[:, :4], 10), model.generate(idx[:, :4], 10, use_cache=False))
 
 
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+@pytest.mark.parametrize("past", [1, 2])
+def test_several_tokens_after_a_cache_see_only_earlier_tokens(flavor, past):
+    """Tokens fed together after `past` cached ones (a chunked prompt) attend causally among themselves, as in
+    one pass over the whole row: the mask must be built for any past > 0, one cached token included."""
+    model = tiny_model(flavor).eval()
+    idx, _ = tiny_batch(B=1)
+    cache = mp.KVCache(model.cfg.n_layer)
+    chunks = [model(idx[:, :past], cache=cache), model(idx[:, past:], cache=cache)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx), atol=1e-5, rtol=0)
+
+
 def test_tied_head_shares_the_embedding():
     model = tiny_model("gpt2")
     assert model.head.weight is model.tok_emb.weight

@@ -171,6 +171,21 @@ def test_packed_rows_restart_positions_and_number_their_examples():
     assert batch["labels"][1].tolist() == [9, 9, 9, 9, -100, -100, -100, -100] and int(batch["examples"]) == 3
 
 
+@pytest.mark.parametrize("flavor", ["llama", "gpt2"])
+def test_rows_packed_to_the_last_token_keep_each_example_to_itself(flavor):
+    """Rows that packing fills exactly carry no padding (an all-ones attention mask, which the model treats as no
+    mask at all): each example's logits are still those of the example alone."""
+    model = tiny_model(flavor).eval()
+    examples = [list(range(3, 8)), list(range(20, 23)), list(range(40, 48))]  # 5 + 3 tokens and 8: two full rows
+    batch = data.pack_examples(examples, examples, max_len=8, pad_id=0)
+    assert batch["input_ids"].tolist() == [examples[2], examples[0] + examples[1]]  # longest first
+    assert batch["attention_mask"].all()
+    packed = model(batch["input_ids"], **{k: batch[k] for k in loop.MODEL_INPUTS})  # (2, 8, V)
+    alone = [model(torch.tensor([example]))[0] for example in examples]
+    for got, want in zip([packed[1, :5], packed[1, 5:], packed[0]], alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_classification_and_prompt_tuning_cannot_be_packed():
     import train as train_cli
     classes = data.Dataset("classification", [[1, 2]], [0], pad_id=0)

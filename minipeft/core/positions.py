@@ -45,7 +45,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def token_positions(model, past: int, T: int, position_ids, device, with_prompt: bool = False):
+def token_positions(model, past: int, T: int, position_ids, device, with_prompt: bool):
     """Each token's position: past, past + 1, ... (T,), or per row (B, T) from position_ids, which count a sequence's
     own tokens (packed rows restart them; left-padded rows skip the padding)."""
     if position_ids is None:
