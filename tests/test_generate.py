@@ -1,5 +1,7 @@
 """Tests for minipeft/core/generate.py: batched left-padded generation equals one-by-one, the cache changes
 nothing, sampling (temperature, top-k, top-p, seed), end-of-text and stop strings, streaming."""
+import io
+
 import pytest
 import torch
 
@@ -15,9 +17,26 @@ def one_by_one(model, prompts, n, **options):
     return [generate(model, [p], n, **options)[0] for p in prompts]
 
 
+def sharp(model):
+    """The model with its query and key weights 20 times larger. At init attention is nearly uniform, so a
+    wrong position or a key that should be hidden hardly changes a greedy token; sharpened, it does."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.q.weight", "attn.k.weight")):
+                p.mul_(20)
+    return model
+
+
+def forward_shapes(model) -> list:
+    """The (B, T) of every token batch the model embeds from now on (a list that grows)."""
+    shapes = []
+    model.tok_emb.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_batched_left_padded_equals_one_by_one(flavor):
-    model = tiny_model(flavor).eval()
+    model = sharp(tiny_model(flavor)).eval()
     assert generate(model, PROMPTS, 8) == one_by_one(model, PROMPTS, 8)
 
 
@@ -34,11 +53,23 @@ def test_first_step_logits_do_not_depend_on_the_padding(flavor):
             torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prompt_start_is_computed_once_with_the_same_result():
-    model = tiny_model("llama").eval()
-    prompts = [[11, 12, 13, 14] + p for p in PROMPTS]  # a common "system prompt"
-    assert generate(model, prompts, 6) == one_by_one(model, prompts, 6)
-    assert generate(model, prompts, 6) == generate(model, prompts, 6, use_cache=False)
+@pytest.mark.parametrize("own", [
+    [[70, 71, 72], [80, 81, 82, 83], [90, 91, 92]],  # the rows part after the common start
+    [[70], [70, 71, 72], [70, 80]],  # the shortest prompt is all common start: it keeps its last token
+    [p + [3] for p in PROMPTS],  # rows of other lengths: left padding after the common start
+])
+def test_shared_prompt_start_is_computed_once_with_the_same_result(own):
+    model = sharp(tiny_model("llama")).eval()
+    prompts = [[11, 12, 13, 14] + p for p in own]  # a common "system prompt" of 4 tokens
+    shapes = forward_shapes(model)
+    batched = generate(model, prompts, 6)
+    width = max(len(p) for p in own)
+    assert shapes == [(1, 4), (len(prompts), width)] + [(len(prompts), 1)] * 5  # the start once, then one token a step
+    assert batched == one_by_one(model, prompts, 6)
+    assert batched == generate(model, prompts, 6, use_cache=False)
+    shapes.clear()
+    generate(model, prompts[:1], 2)
+    assert shapes == [(1, len(prompts[0])), (1, 1)]  # one prompt: nothing to share
 
 
 @pytest.mark.parametrize("method, options", [("prompt", {"length": 3}), ("prefix", {"length": 4}),
@@ -54,9 +85,11 @@ def test_batched_generation_through_a_method(method, options):
 
 
 def test_cache_changes_nothing_and_greedy_keeps_the_prompt():
-    model = tiny_model("gpt2").eval()
+    model = sharp(tiny_model("gpt2")).eval()
     idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    shapes = forward_shapes(model)
     out = greedy(model, idx, 7)
+    assert shapes == [(2, 5)] + [(2, 1)] * 6  # the cache is on by default: one new token a step
     assert out.shape == (2, 12) and torch.equal(out[:, :5], idx)
     assert torch.equal(out, greedy(model, idx, 7, use_cache=False))
     assert out[:, 5:].tolist() == generate(model, idx.tolist(), 7)
@@ -76,13 +109,48 @@ def test_end_of_text_stops_a_row_and_is_not_returned():
 def test_stop_strings_cut_the_text():
     model, tokenizer = mp.from_pretrained("tiny-gpt2")
     prompt = [tokenizer.encode("Hello").ids]
-    text = complete(model, tokenizer, prompt, 12)[0]
-    assert len(text) >= 6
-    stop = text[3:5]
-    cut = complete(model, tokenizer, prompt, 12, stop=[stop])[0]
+    sampling = Sampling(temperature=1.0, seed=0)  # varied text (greedy repeats one character)
+    text = complete(model, tokenizer, prompt, 12, sampling=sampling)[0]
+    stop = next(c for i, c in enumerate(text) if i >= 2 and c.isascii() and c.isprintable() and c not in text[:i])
+    cut = complete(model, tokenizer, prompt, 12, stop=[stop], sampling=sampling)[0]
     assert cut == text.split(stop)[0]
+    tokens = generate(model, prompt, 12, stop=[stop], tokenizer=tokenizer, sampling=sampling)[0]
+    assert stop in tokenizer.decode(tokens) and stop not in tokenizer.decode(tokens[:-1])  # it stopped there
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, prompt, 3, stop=["x"])
+
+
+def test_generation_ends_at_the_model_length():
+    """At the model's last position generation stops; greedy adds no end-of-text token to a row cut there."""
+    model = tiny_model("llama").eval()  # 64 positions; PROMPTS left-padded to 7 tokens
+    idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    assert [len(out) for out in generate(model, PROMPTS, 100)] == [64 - 7] * len(PROMPTS)
+    unused = min(set(range(model.cfg.vocab_size)) - set(greedy(model, idx, 100).flatten().tolist()))
+    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 64)
+    mp.apply(model, "prefix")  # its virtual tokens take positions too
+    room = 64 - model.virtual_tokens - 7
+    assert [len(out) for out in generate(model, PROMPTS, 100)] == [room] * len(PROMPTS)
+    unused = min(set(range(model.cfg.vocab_size)) - set(greedy(model, idx, 100).flatten().tolist()))
+    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 64 - model.virtual_tokens)
+
+
+def test_greedy_repeats_end_of_text_after_a_row_ends():
+    model = sharp(tiny_model("llama")).eval()
+    idx = torch.tensor([[5, 17, 33, 2], [9, 4, 60, 61]])
+    free = greedy(model, idx, 8)[:, 4:].tolist()
+    eos = free[0][2]  # row 0 ends at its third new token
+    ended = [row[:row.index(eos) + 1] if eos in row else row for row in free]
+    width = max(len(row) for row in ended)
+    expected = [row + [eos] * (width - len(row)) for row in ended]
+    assert greedy(model, idx, 8, eos_id=eos)[:, 4:].tolist() == expected
+    assert greedy(model, idx[:1], 8, eos_id=eos)[0, 4:].tolist() == free[0][:3]  # ends with its end-of-text token
+
+
+def test_generation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    model = tiny_model("llama", dropout=0.5)
+    model.train()
+    out = generate(model, PROMPTS, 6)
+    assert model.training and out == generate(model.eval(), PROMPTS, 6)  # no dropout while generating
 
 
 def test_next_token_rules():
@@ -95,6 +163,8 @@ def test_next_token_rules():
     assert set(draws) == {0, 1}  # .61 < .7, so the second token is needed; .83 reaches it
     draws = [next_tokens(logits, Sampling(temperature=1.0, top_p=0.5), g).item() for _ in range(50)]
     assert set(draws) == {0}
+    halves = torch.tensor([[0.5, 0.25, 0.25]]).log()  # the first token alone reaches p = 0.5 exactly
+    assert {next_tokens(halves, Sampling(temperature=1.0, top_p=0.5), g).item() for _ in range(50)} == {0}
     hot = [next_tokens(logits, Sampling(temperature=100.0), g).item() for _ in range(400)]
     assert set(hot) == {0, 1, 2, 3}  # a high temperature flattens the distribution
 
@@ -144,6 +214,13 @@ def test_streamer_prints_what_is_returned(capsys):
     out = generate(model, [tokenizer.encode("Once").ids], 10, on_token=streamer)[0]
     assert capsys.readouterr().out == tokenizer.decode(out)
     assert streamer.tokens == out
+
+
+def test_streamer_prints_to_the_file_it_is_given(capsys):
+    streamer = TextStreamer(byte_tokenizer(), file=(file := io.StringIO()))
+    for byte in b"ok":
+        streamer(0, byte)
+    assert file.getvalue() == "ok" and capsys.readouterr().out == ""
 
 
 def test_streamer_waits_for_a_whole_character(capsys):
