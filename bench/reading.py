@@ -113,7 +113,7 @@ def main():
           "|---|---:|---:|")
     for name, (count, in_functions) in rows:
         print(f"| {name} | {count:,} | {in_functions:,} |")
-    total, in_functions = (sum(counts[i] for counts in executed.values()) for i in (0, 1))
+    total, in_functions = map(sum, zip(*executed.values()))
     print(f"| **total ({len(executed)} files)** | **{total:,}** | **{in_functions:,}** |\n")
     lines, (length, where) = core_sizes()
     loaded = modules_on_import()
