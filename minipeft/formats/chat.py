@@ -191,3 +191,20 @@ def encode_conversation(tokenizer, fmt: ChatFormat, messages: list[dict]) -> tup
     is_answer = [any(tok_start < end and tok_end > start for start, end in spans)  # overlaps an answer
                  for tok_start, tok_end in encoding.offsets]
     return encoding.ids, is_answer
+
+
+def encode_last_answer(tokenizer, fmt: ChatFormat, messages: list[dict], max_len: int, eos_id: int | None,
+                       where: str) -> tuple[list[int], list[bool], int, int]:
+    """(ids, is_answer, start, cut) of a conversation that ends with an assistant turn, for training: the
+    end-of-text token added when the template does not close the last answer with it, then `cut` tokens
+    taken from the left so that at most max_len remain; ids[start:] is the last answer. An answer that
+    leaves no room for its prompt is a ValueError naming `where`."""
+    ids, is_answer = encode_conversation(tokenizer, fmt, messages)
+    start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # the template writes nothing after it
+    if eos_id is not None and eos_id not in ids[start:]:  # the template did not end the answer
+        ids, is_answer = ids + [eos_id], is_answer + [True]
+    cut = max(0, len(ids) - max_len)
+    if cut >= start:
+        raise ValueError(f"{where} takes {len(ids) - start} tokens, which leaves no room for the prompt in "
+                         f"--max-len {max_len}; raise --max-len")
+    return ids[cut:], is_answer[cut:], start - cut, cut

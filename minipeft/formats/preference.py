@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from .chat import chat_format, check_messages, encode_conversation
+from .chat import check_messages, encode_last_answer
 from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
 from minipeft.formats.tasks import (PREFERENCE_ROW as ROW_HELP, PREFERENCE_TASK as BUILT_IN, REVIEW_INSTRUCTION, SPLITS,
-                                    _rotten_tomatoes, default_pad_id, split_80_10_10)
+                                    _rotten_tomatoes, chat_setup, split_80_10_10)
 from .readers import read_utf8
-
 
 
 @dataclass
@@ -81,11 +80,7 @@ def load_preferences(source, tokenizer, max_len: int = 256, seed: int = 0, pad_i
                      chat_template=None) -> TaskData:
     """Pairs of `source` (module docstring) as kind "dpo", each answer in the chat template after its prompt."""
     shape, split_rows, files = _preference_rows(source, seed)
-    fmt = chat_format(tokenizer, chat_template)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    eos_id = tokenizer.token_to_id(fmt.eos_token) if fmt.eos_token else None
-    pad_id = default_pad_id(tokenizer) if pad_id is None else pad_id
+    fmt, eos_id, pad_id = chat_setup(tokenizer, chat_template, pad_id)
     splits, truncated = {}, 0
     for split in SPLITS:
         if not split_rows[split]:
@@ -110,17 +105,8 @@ def encode_answer(tokenizer, fmt, prompt: list[dict], answer: str, where: str, m
     """(input_ids, labels, cut?) of the prompt's messages followed by the assistant's answer: labels on the
     answer's tokens only (the targets already shifted: labels[i] is the token after input_ids[i]), cut from
     the left to max_len tokens."""
-    ids, is_answer = encode_conversation(tokenizer, fmt, prompt + [{"role": "assistant", "content": answer}])
-    end = max(t for t, answering in enumerate(is_answer) if answering) + 1
-    start = max((t for t in range(end) if not is_answer[t]), default=-1) + 1  # the answer: ids[start:end]
-    ids = ids[:end]  # what a template writes after the last answer belongs to no answer
-    if eos_id is not None and eos_id not in ids[start:]:  # the template did not end the answer
-        ids = ids + [eos_id]
-    cut = max(0, len(ids) - max_len)
-    if cut >= start:
-        raise ValueError(f"{where} takes {len(ids) - start} tokens, which leaves no room for the prompt in "
-                         f"--max-len {max_len}; raise --max-len")
-    ids, start = ids[cut:], start - cut
+    ids, _, start, cut = encode_last_answer(tokenizer, fmt, prompt + [{"role": "assistant", "content": answer}],
+                                            max_len, eos_id, where)
     labels = [token if i + 1 >= start else IGNORE_INDEX for i, token in enumerate(ids[1:])]
     return ids[:-1], labels, cut > 0
 

@@ -475,22 +475,26 @@ def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_i
     """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
     shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
     to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
-    from .chat import encode_conversation  # here: chat.py (and jinja2) load only for instruction data
+    from .chat import encode_last_answer  # here: chat.py (and jinja2) load only for instruction data
     messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ids, is_answer = encode_conversation(tokenizer, fmt, messages[:last + 1])
-    answer_start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # where the last answer begins
-    if eos_id is not None and eos_id not in ids[answer_start:]:  # the template did not end the answer
-        ids, is_answer = ids + [eos_id], is_answer + [True]
-    cut = max(0, len(ids) - max_len)
-    if cut >= answer_start:
-        raise ValueError(f"{conversation.where}: its last answer takes {len(ids) - answer_start} tokens, which "
-                         f"leaves no room for the prompt in --max-len {max_len}; raise --max-len")
-    ids, is_answer = ids[cut:], is_answer[cut:]
+    ids, is_answer, start, cut = encode_last_answer(tokenizer, fmt, messages[:last + 1], max_len, eos_id,
+                                                    f"{conversation.where}: its last answer")
     labels = [t if train_on_prompt or answer else IGNORE_INDEX for t, answer in zip(ids[1:], is_answer[1:])]
     prompt = tokenizer.encode(fmt.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
-    prompt = prompt[-(max_len - (len(ids) - (answer_start - cut))):]
+    prompt = prompt[-(max_len - (len(ids) - start)):]
     return ids[:-1], labels, prompt, messages[last]["content"], cut > 0
+
+
+def chat_setup(tokenizer: Tokenizer, chat_template, pad_id: int | None):
+    """(chat format, end-of-text id or None, pad id) for tokenizing conversations to train on; the tokenizer
+    set to neither pad nor truncate (the loaders cut and pad themselves)."""
+    from .chat import chat_format  # here: chat.py (and jinja2) load only for conversations
+    fmt = chat_format(tokenizer, chat_template)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    eos_id = tokenizer.token_to_id(fmt.eos_token) if fmt.eos_token else None
+    return fmt, eos_id, default_pad_id(tokenizer) if pad_id is None else pad_id
 
 
 def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 0, pad_id: int | None = None,
@@ -499,14 +503,8 @@ def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 
     docstring; `source` may also be the tables readers.read_source returned) as kind "sft": each
     example is its conversation rendered in the chat template (the model's own, `chat_template` FILE,
     or the plain fallback), labels only on the answers."""
-    from .chat import chat_format
     shape, split_rows, names = _instruct_rows(source, seed)
-    fmt = chat_format(tokenizer, chat_template)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    eos = fmt.eos_token
-    eos_id = tokenizer.token_to_id(eos) if eos else None
-    pad_id = default_pad_id(tokenizer) if pad_id is None else pad_id
+    fmt, eos_id, pad_id = chat_setup(tokenizer, chat_template, pad_id)
     splits, truncated = {}, 0
     for split in SPLITS:
         if not split_rows[split]:
