@@ -99,6 +99,33 @@ def test_a_template_that_is_not_prefix_consistent_is_refused(tmp_path):
         chat.encode_conversation(tokenizer, chat.chat_format(tokenizer), CONVERSATIONS[1][1:])
 
 
+def test_training_tokens_end_the_last_answer_once_and_lose_their_left(tmp_path):
+    """encode_last_answer: the end-of-text token is added only when the template does not write it after
+    the last answer; a cut takes tokens from the left (the answer keeps its place at the end); an answer
+    with no room left for its prompt names the row."""
+    tokenizer, eos = byte_tokenizer(), 256
+    messages = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "yes"}]
+    without_eos = tmp_path / "no_eos.jinja"
+    without_eos.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant:{% endif %}")
+    cases = {  # template -> the last answer's tokens, decoded
+        None: " yes<|endoftext|>\n",  # the plain fallback writes it
+        without_eos: " yes\n<|endoftext|>",  # added after what the template wrote
+    }
+    for template, answer in cases.items():
+        fmt = chat.chat_format(tokenizer, template)
+        ids, is_answer, start, cut = chat.encode_last_answer(tokenizer, fmt, messages, 64, eos, "row 1")
+        assert cut == 0 and len(ids) == len(is_answer) and ids.count(eos) == 1
+        assert tokenizer.decode(ids[start:], skip_special_tokens=False) == answer
+        assert all(is_answer[start:]) and not is_answer[start - 1]
+        shorter = chat.encode_last_answer(tokenizer, fmt, messages, len(ids) - 1, eos, "row 1")
+        assert shorter == (ids[1:], is_answer[1:], start - 1, 1)
+        no_eos = chat.encode_last_answer(tokenizer, fmt, messages, 64, None, "row 1")[0]
+        assert no_eos == (ids if template is None else ids[:-1])
+        with pytest.raises(ValueError, match=f"row 1 takes {len(ids) - start} tokens, which leaves no room"):
+            chat.encode_last_answer(tokenizer, fmt, messages, len(ids) - start, eos, "row 1")
+
+
 def test_hf_folder_settings(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{{ bos_token }}x", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))

@@ -331,6 +331,7 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     a = preference.load_preferences(write_jsonl(tmp_path / "text.jsonl", text), tokenizer, max_len=64)
     b = preference.load_preferences(write_jsonl(tmp_path / "messages.jsonl", messages), tokenizer, max_len=64)
     assert a.kind == "dpo" and a.info["shape"] == "preference (text)" and b.info["shape"] == "preference (messages)"
+    assert a.info["truncated"] == 0
     batch = a.splits["train"].collate([0, 1])
     assert torch.equal(batch["input_ids"], b.splits["train"].collate([0, 1])["input_ids"])
     assert int(batch["examples"]) == 2 and batch["input_ids"].shape[0] == 4
@@ -339,6 +340,32 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     assert all((row == PAD).sum() == 1 for row in batch["labels"])
     cut = preference.load_preferences(write_jsonl(tmp_path / "cut.jsonl", text), tokenizer, max_len=12)
     assert cut.info["truncated"] == 10 and len(cut.splits["train"].input_ids[0]) == 11
+
+
+def test_pairs_ignore_the_tokenizers_own_padding_and_truncation(tmp_path):
+    """The loader tokenizes whole sequences and pads batches itself, whatever the tokenizer was set to do."""
+    rows = [{"prompt": f"Is {i} good?", "chosen": "yes, it is", "rejected": "no"} for i in range(10)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    configured = byte_tokenizer()
+    configured.enable_truncation(max_length=4)
+    configured.enable_padding(length=40, pad_id=PAD)
+    for split in ("train", "test"):
+        plain = preference.load_preferences(path, byte_tokenizer(), max_len=64).splits[split]
+        ours = preference.load_preferences(path, configured, max_len=64).splits[split]
+        assert (ours.input_ids, ours.rejected_ids, ours.labels) == (plain.input_ids, plain.rejected_ids, plain.labels)
+
+
+def test_the_first_pairs_of_a_split_keep_their_reference(tmp_path):
+    """head(n), as eval.py --limit cuts a split: the first n pairs, both answers and their precomputed
+    reference log-probabilities; head(None) is the whole split."""
+    model, tokenizer = mp.from_pretrained("tiny-llama")
+    mp.apply(model, "lora", rank=4)
+    split = dpo.precompute_reference(model, tiny_pairs(tokenizer, tmp_path), batch_size=4)
+    first = split.head(3)
+    assert len(first) == 3 and split.head(None) is split
+    assert (first.rejected_ids, first.rejected_labels) == (split.rejected_ids[:3], split.rejected_labels[:3])
+    assert torch.equal(first.reference, split.reference[:3])
+    assert torch.equal(first.collate([0, 2])["input_ids"], split.collate([0, 2])["input_ids"])
 
 
 @pytest.mark.parametrize("row,message", [
