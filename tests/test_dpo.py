@@ -340,6 +340,9 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     assert all((row == PAD).sum() == 1 for row in batch["labels"])
     cut = preference.load_preferences(write_jsonl(tmp_path / "cut.jsonl", text), tokenizer, max_len=12)
     assert cut.info["truncated"] == 10 and len(cut.splits["train"].input_ids[0]) == 11
+    longest = len(a.splits["train"].input_ids[0]) + 1  # prompt ⊕ "yes": one token longer than prompt ⊕ "no"
+    by_one = preference.load_preferences(write_jsonl(tmp_path / "one.jsonl", text), tokenizer, max_len=longest - 1)
+    assert by_one.info["truncated"] == 5  # every chosen sequence lost one token, no rejected one
 
 
 def test_pairs_ignore_the_tokenizers_own_padding_and_truncation(tmp_path):
@@ -368,6 +371,20 @@ def test_the_first_pairs_of_a_split_keep_their_reference(tmp_path):
     assert torch.equal(first.collate([0, 2])["input_ids"], split.collate([0, 2])["input_ids"])
 
 
+def test_rotten_tomatoes_preference_is_the_instruction_task_with_the_other_label_rejected():
+    """Each pair of the built-in task: rotten_tomatoes_instruct's question and answer (the same sentences,
+    split by movie in the same way), the other label rejected."""
+    from minipeft.formats import tasks
+    _, questions, _ = tasks._instruct_rows("rotten_tomatoes_instruct", seed=0)
+    shape, pairs, _ = preference._preference_rows(preference.BUILT_IN, seed=0)
+    assert shape == "messages" and preference.BUILT_IN == "rotten_tomatoes_preference"
+    for split in tasks.SPLITS:
+        assert len(pairs[split]) == len(questions[split]) > 0
+        for (_, prompt, answers), question in zip(pairs[split], questions[split]):
+            assert prompt == question.messages[:1] and answers["chosen"] == question.messages[1]["content"]
+            assert {answers["chosen"], answers["rejected"]} == {"positive", "negative"}
+
+
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 2: the chosen and the rejected answer are the same"),
     ({"prompt": "p", "chosen": " ", "rejected": "b"}, "line 2: the chosen answer is empty"),
@@ -378,6 +395,8 @@ def test_the_first_pairs_of_a_split_keep_their_reference(tmp_path):
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: 'chosen' must be a list of one message"),
     ({"prompt": [{"role": "assistant", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt ends with an assistant turn"),
+    ({"prompt": [{"role": "robot", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt: message 0 is not"),
 ])
 def test_bad_rows_are_named_by_file_and_line(row, message, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, row])
@@ -425,6 +444,7 @@ def test_train_dpo_logs_rewards_and_precomputing_changes_nothing(pairs_file, tmp
     code, out, err = run_main(dpo_args(pairs_file, tmp_path / "a"), capsys)
     assert code == 0, err
     assert "test before          reward accuracy 0.0000" in out
+    assert "preference (text) rows, chat template the plain fallback" in out and "loss on the answers" in out
     steps = steps_of(tmp_path / "a")
     assert len(steps) == 6 and steps[0]["loss"] == pytest.approx(0.693147, abs=1e-6)  # −log σ(0)
     assert {"reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"} <= steps[0].keys()

@@ -85,11 +85,28 @@ def test_long_rows_are_cut_from_the_prompt_and_counted(tmp_path):
     task = tasks.load_task(write_jsonl(tmp_path / "long.jsonl", rows), tokenizer, max_len=36)
     assert task.info["truncated"] == 10  # "User: " + n x's + "\nAssistant: yes<eos>\n" is n + 23 tokens
     for split in tasks.SPLITS:
-        for ids, labels in zip(task.splits[split].input_ids, task.splits[split].labels):
+        for ids, labels, prompt in zip(task.splits[split].input_ids, task.splits[split].labels,
+                                       task.splits[split].prompts):
             assert len(ids) <= 35 and decoded_labels(tokenizer, labels) == " yes<|endoftext|>\n"
+            answer = sum(label != data.IGNORE_INDEX for label in labels)
+            assert ids[:len(prompt)] == prompt and len(prompt) + answer == len(ids) + 1  # the prompt cut alike
+    assert tasks.load_task(write_jsonl(tmp_path / "long.jsonl", rows), tokenizer, max_len=32).info["truncated"] == 20
     with pytest.raises(ValueError, match=r"line \d+: its last answer takes 43 tokens.* raise --max-len"):
         tasks.load_task(write_jsonl(tmp_path / "huge.jsonl", [{"prompt": "a", "completion": "y" * 40}] * 10),
                        tokenizer, max_len=36)
+
+
+def test_a_tokenizer_that_adds_special_tokens_adds_none_to_conversations(tmp_path):
+    """The template writes every special token: a tokenizer whose post-processor adds a start token (as
+    Llama's do) gives the same rows and generation prompts as one that adds nothing."""
+    from tokenizers.processors import TemplateProcessing
+    adds = byte_tokenizer()
+    adds.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", EOS)])
+    assert adds.encode("hi").ids[0] == EOS
+    path = write_jsonl(tmp_path / "sums.jsonl", sums(10))
+    plain, theirs = (tasks.load_task(path, tokenizer, max_len=64).splits["train"]
+                     for tokenizer in (byte_tokenizer(), adds))
+    assert (theirs.input_ids, theirs.labels, theirs.prompts) == (plain.input_ids, plain.labels, plain.prompts)
 
 
 def test_rotten_tomatoes_instruct_is_rotten_tomatoes_as_questions():
