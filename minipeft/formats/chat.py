@@ -200,7 +200,7 @@ def encode_last_answer(tokenizer, fmt: ChatFormat, messages: list[dict], max_len
     taken from the left so that at most max_len remain; ids[start:] is the last answer. An answer that
     leaves no room for its prompt is a ValueError naming `where`."""
     ids, is_answer = encode_conversation(tokenizer, fmt, messages)
-    start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # the template writes nothing after it
+    start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # the last answer runs to the end
     if eos_id is not None and eos_id not in ids[start:]:  # the template did not end the answer
         ids, is_answer = ids + [eos_id], is_answer + [True]
     cut = max(0, len(ids) - max_len)
