@@ -16,6 +16,7 @@ import minipeft as mp
 from minipeft.formats import adapter_io
 from minipeft.core import adapted
 from minipeft.core import loop
+from minipeft.core import registry
 from conftest import (FLAVORS, build, case_params, conformance_cases, example_options, loss_of, perturb_trainable,
                       tiny_batch, tiny_model, tiny_tokenizer)
 
@@ -43,12 +44,13 @@ def applied_options(model) -> dict:
 
 @pytest.mark.parametrize("method, example, flavor, head", CASES)
 def test_output_equals_base_at_init(method, example, flavor, head):
-    if not mp.METHODS[method].exact_at_init:
-        pytest.skip(f"{method} does not promise identity at init")
+    """Right after apply the output is the base model's exactly where the method promises it; where it
+    does not (virtual tokens, a 4-bit base) the output differs, so the promise is not merely left out."""
     idx, mask = tiny_batch()
     base = tiny_model(flavor, n_classes=2 if head == "classifier" else None).eval()
     adapted = build(method, example, flavor, head).eval()
-    assert torch.equal(adapted(idx, attention_mask=mask), base(idx, attention_mask=mask))
+    same = torch.equal(adapted(idx, attention_mask=mask), base(idx, attention_mask=mask))
+    assert same == mp.METHODS[method].exact_at_init
 
 
 @pytest.mark.parametrize("method, example, flavor, head, warmup_pass", warmup_params())
@@ -241,7 +243,8 @@ def test_option_text_converts_to_the_declared_type():
     assert options["alpha"].convert("8") == 8.0 and isinstance(options["alpha"].convert(8), float)
     assert options["targets"].convert("q, v,down") == ["q", "v", "down"]
     assert options["targets"].convert(("q", "v")) == ["q", "v"]
-    assert options["double_quant"].convert("false") is False
+    for words, value in ((("true", "Yes", "1"), True), (("FALSE", "no", "0"), False)):
+        assert all(options["double_quant"].convert(word) is value for word in words)
     init_text = next(o for o in mp.METHODS["prompt"].options if o.name == "init_text")
     assert init_text.convert("42") == "42"  # text stays text, whatever it looks like
     with pytest.raises(ValueError, match="takes true or false"):
@@ -267,6 +270,35 @@ def test_methods_keep_their_order_whichever_file_is_imported_first(first):
             "print(list(registry.methods()) == list(registry.BUILT_IN))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_a_users_method_is_checked_against_every_built_in_one():
+    """Registering a method of one's own loads the built-ins first (so an option clash with one not yet
+    loaded is caught, and the built-ins keep their places in front); asking for one built-in loads its
+    file alone."""
+    code = ("import sys, minipeft as mp; from minipeft.core import registry; mp.get_method('lora'); "
+            "print(sorted(m for m in sys.modules if m.startswith('minipeft.core.') and m.split('.')[-1] in "
+            "set(registry.BUILT_IN.values()))); "
+            "mp.register(mp.Method('mine', 'mine', lambda model, alpha: None, lambda cfg, alpha: 0, "
+            "(mp.Option('alpha', float, 1.0, 'a scale'),))); print(list(registry.METHODS)[-1], len(registry.METHODS)); "
+            "mp.register(mp.Method('clash', 'clash', lambda model, blocksize: None, lambda cfg, blocksize: 0, "
+            "(mp.Option('blocksize', str, '64', 'as text'),)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    loaded, registered = done.stdout.splitlines()
+    assert loaded == "['minipeft.core.lora']"
+    assert registered == f"mine {len(registry.BUILT_IN) + 1}"  # after every built-in
+    assert "option 'blocksize' of 'clash' is str, but 'qlora' declares it int" in done.stderr
+
+
+def test_a_failed_apply_leaves_the_model_as_it_was():
+    """A method that refuses its options after the base was frozen unfreezes it again: the model trains
+    as before and takes a method."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown target"):
+        mp.apply(model, "lora", targets=["nope"])
+    assert all(p.requires_grad for p in model.parameters()) and not model.peft_config
+    mp.apply(model, "lora")
+
 
 def test_adapter_from_another_base_model_is_refused(tmp_path):
     model = mp.apply(tiny_model("gpt2", seed=0), "lora")
