@@ -307,6 +307,31 @@ def test_adapter_from_another_base_model_is_refused(tmp_path):
         mp.load_adapter(tiny_model("gpt2", seed=1), tmp_path / "a")
 
 
+def fingerprint_of(vocab_size=1024, changed_row=None, **config):
+    """base_fingerprint of a llama-shaped model whose token embedding holds fixed values (row changed_row
+    altered), independent of any random generator."""
+    from minipeft.core.fingerprint import base_fingerprint
+    model = mp.Transformer(mp.ModelConfig(**{**dict(flavor="llama", vocab_size=vocab_size, n_layer=2, n_head=4,
+                                                    d_model=32, max_seq_len=64), **config}))
+    with torch.no_grad():
+        weight = model.tok_emb.weight
+        weight.copy_(torch.arange(weight.numel()).view_as(weight) % 251 / 251)
+        if changed_row is not None:
+            weight[changed_row] += 1
+    return base_fingerprint(model)
+
+
+def test_the_fingerprint_tells_bases_apart_and_keeps_its_value():
+    """The fingerprint hashes the sizes, any switch set unlike the family's row, and every (vocab // 256)-th
+    row of the token embedding. Its value for a fixed model is written out: saved adapters hold fingerprints
+    computed this way, and a change to how it is computed would refuse every one of them."""
+    base = fingerprint_of()
+    assert base == "c82c5c1af1c2a729"
+    assert fingerprint_of(d_ff=64) != base and fingerprint_of(qkv_bias=True) != base  # a size, a switch
+    assert fingerprint_of(changed_row=4) != base  # 1024 // 256 = 4: rows 0, 4, 8, ... are hashed
+    assert fingerprint_of(changed_row=5) == base  # the others are not
+
+
 def test_corrupt_adapter_is_refused(tmp_path):
     model = mp.apply(tiny_model("gpt2"), "lora")
     mp.save_adapter(model, tmp_path / "a")
