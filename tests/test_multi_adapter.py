@@ -104,6 +104,17 @@ def test_checkpointing_recomputes_with_the_same_rows(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0)
 
 
+def test_one_adapter_loaded_by_name_merges_as_if_alone(tmp_path):
+    """Merging is refused only while several adapters share the base: one loaded by name merges, and the
+    merged model gives the outputs of the model that trained it."""
+    (folder, alone), = saved_adapters("llama", tmp_path, {"a": ("lora", {"targets": ["all"]})}).values()
+    model = tiny_model("llama")
+    mp.load_adapter(model, folder, name="a")
+    idx, mask = tiny_batch()
+    mp.merge(model)
+    torch.testing.assert_close(output(model.eval(), idx, mask), output(alone, idx, mask), atol=1e-6, rtol=0)
+
+
 def test_bad_input_changes_nothing(tmp_path):
     adapters = saved_adapters("gpt2", tmp_path, {"a": ("lora", {}), "b": ("ia3", {})})
     model = tiny_model("gpt2")

@@ -233,6 +233,7 @@ def test_train_reports_exact_match_and_the_data(sft_run):
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     lr, options = mp.task_defaults("lora", "sft")  # instruction data's defaults, not classification's
     assert start["config"]["lr"] == lr == 1e-3 and start["method"]["options"]["targets"] == options["targets"] == ["all"]
+    assert mp.task_defaults("qlora", "sft") == (lr, options)  # QLoRA trains as LoRA does
     summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["data"]["truncated"] == 0 and "exact_match" in summary["test_after"]
     validation = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
