@@ -63,7 +63,10 @@ def test_adapters_disabled_gives_the_base_models_outputs(method, example, flavor
     trains_base = [n for n, p in model.named_parameters() if p.requires_grad and n in base_names]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if trains_base:
-        with pytest.raises(ValueError, match="switching it off cannot give the base model's outputs"):
+        what = "a fresh classifier head" if head == "classifier" and all(n.startswith("head.") for n in trains_base) \
+            else "weights of the base model itself"
+        with pytest.raises(ValueError, match=f"^{method} trains {what}.* switching it off cannot give the base "
+                                             "model's outputs"):
             with mp.adapters_disabled(model):
                 pass
     else:
@@ -75,6 +78,16 @@ def test_adapters_disabled_gives_the_base_models_outputs(method, example, flavor
             raise RuntimeError("inside")
     with torch.no_grad():
         assert torch.equal(model(idx, attention_mask=mask), adapted)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_adapters_disabled_puts_back_what_was_trainable():
+    """Whatever the code inside does to requires_grad (here: it unfreezes the base it sees), leaving the
+    context puts back which parameters train."""
+    model = mp.apply(tiny_model("llama"), "lora", rank=2)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with mp.adapters_disabled(model):
+        model.requires_grad_(True)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
