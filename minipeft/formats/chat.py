@@ -24,7 +24,9 @@ For training, `encode_conversation` also says which tokens are the assistant's: 
 conversation up to each assistant turn with the generation prompt (P_i) and through that turn (F_i);
 the characters F_i adds to P_i are that answer, closing tokens included (<|im_end|>: what teaches the
 model to stop). A template for which the full rendering does not start with each P_i and F_i cannot be
-split this way and is refused by name.
+split this way and is refused by name. `encode_last_answer` then readies a conversation for training, SFT rows
+and preference pairs alike: the end-of-text token added where the template leaves it out, the start cut off
+to fit max_len.
 """
 import functools
 import json
