@@ -1,7 +1,7 @@
 """minipeft: parameter-efficient fine-tuning written out by hand, in plain PyTorch.
 
 The lesson is minipeft/core/ (the model, the methods, the quantizer, the loop); the folders around it
-read files (formats/), write peft's format (peft_format.py), run at scale (scale/), go fast (fast/),
+read files (formats/), write peft's format (peft_format/), run at scale (scale/), go fast (fast/),
 export (export/), add extras (extras/) and drive runs from the command line (run/). `import minipeft`
 loads none of them: each name below is imported the first time it is used.
 """

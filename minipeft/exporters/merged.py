@@ -18,7 +18,7 @@ What a 4-bit merge would lose. Serving the merged model in 4 bits again rounds W
 and a small update can fall inside one step of it. `requantization_report` measures, layer by layer,
 
     survival = ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖          Q: quantize to NF4 (blocks of 64, double quantization)
-                                                  and back (quant.py, bitsandbytes' format)
+                                                  and back (core/nf4.py, bitsandbytes' format)
 
 1 means the 4-bit model moves by the whole update; near 0, the rounding swallowed it; above 1, rounding
 noise of the size of the update came with it. W is the base as it was trained on: for QLoRA the

@@ -9,7 +9,7 @@ An adapter is a folder with two files, both written atomically (atomic.py: temp 
 Loading applies the saved method (with the saved options) to the fresh base model, checks the base
 fingerprint (fingerprint.py), so an adapter trained on one base model is never silently applied to
 another, then copies the tensors in, checking every name and shape. `save_adapter(..., format="peft")`
-writes peft's layout instead, and `load_adapter` reads either (peft_format.py says how the two map).
+writes peft's layout instead, and `load_adapter` reads either (peft_format/ says how the two map).
 Nothing is pickled.
 """
 import json
@@ -34,7 +34,7 @@ FORMATS = ("minipeft", "peft")
 
 def save_adapter(model, path, format: str = "minipeft", name: str | None = None):
     """Write the trainable parameters and the method's config to the folder `path`: format "minipeft"
-    (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format.py).
+    (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format/).
     `name`: which of several adapters side by side (methods/multi.py; default: the active one), written
     as if it were the model's only adapter."""
     if format not in FORMATS:

@@ -12,7 +12,7 @@ The snapshot of refs/main is an ordinary HF folder (pretrained.py loads it); a s
 that is not there is downloaded with huggingface_hub (config, tokenizer, safetensors weights), where it
 is installed and HF_HUB_OFFLINE is not set; otherwise, or when the download fails, one sentence says so.
 The model keeps the hub id as its source and the commit as its revision (model.cfg.extra), so adapters
-(adapter_io.py) and peft adapters (peft_format.py) name them.
+(adapter_io.py) and peft adapters (peft_format/) name them.
 """
 import os
 import re

@@ -49,7 +49,7 @@ How names map, theirs -> ours (transformers' base-model prefixes `transformer.`,
     GGUF    llama.cpp's names: gguf_model.py
 
 The HF rules (HF_RULES) are the one place these names are written: peft adapters name the same
-transformers modules, and peft_format.py reads them from here (hf_module_names).
+transformers modules, and peft_format/ reads them from here (hf_module_names).
 
 Every tensor is checked (weights.py, which applies the rules for HF folders and GGUF files alike): a key
 we need and do not find, a key we do not know, or a shape that does not fit stops with a ValueError naming
@@ -302,7 +302,7 @@ def hf_module_names(flavor: str) -> dict[str, str]:
     {"tok_emb": "wte", ..., "blocks.{i}.attn.q": "h.{i}.attn.c_attn", "blocks.{i}.attn.k": "h.{i}.attn.c_attn",
     "blocks.{i}.attn.v": "h.{i}.attn.c_attn", "blocks.{i}.attn.o": "h.{i}.attn.c_proj", ...}. Modules cut
     from one fused module (q, k, v from c_attn) follow each other in the order the rule cuts them, which
-    is their row order in it. peft_format.py names the layers of peft adapters with this."""
+    is their row order in it. peft_format/ names the layers of peft adapters with this."""
     names = {}
     for theirs, ours, _ in HF_RULES[flavor]:
         for template in our_names(ours):
