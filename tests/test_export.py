@@ -83,7 +83,8 @@ def test_a_decoder_classifier_exports_as_sequence_classification(family, tmp_pat
     model = tuned(family, n_classes=3)
     with torch.no_grad():
         model.head.bias.zero_()  # transformers' score layer has no bias
-    mp.export(model, tmp_path / "out", format="hf")
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert report.check.adapter_change > 0  # the fresh head counts as the method's: the base is still compared
     hf = transformers_model(tmp_path / "out")
     assert type(hf).__name__.endswith("ForSequenceClassification") and hf.config.num_labels == 3
     assert largest_difference(model, hf, family, n_classes=3) < 1e-4
@@ -119,6 +120,24 @@ def test_every_mergeable_method_exports_merged(method, tmp_path):
     model = tuned("llama", method=method)
     mp.export(model, tmp_path / "out", format="hf")
     assert largest_difference(model, transformers_model(tmp_path / "out"), "llama") < 1e-4
+
+
+def test_a_model_merged_in_memory_exports_as_before_and_is_still_checked_against_its_base(tmp_path):
+    model = tuned("llama")
+    unmerged = mp.export(model, tmp_path / "unmerged", format="hf")
+    mp.merge(model)
+    merged = mp.export(model, tmp_path / "merged", format="hf")
+    assert merged.check.adapter_change == pytest.approx(unmerged.check.adapter_change, rel=1e-4)
+    assert largest_difference(model, transformers_model(tmp_path / "merged"), "llama") < 1e-4
+
+
+def test_a_method_that_trains_base_parameters_exports_without_a_base_to_compare(tmp_path):
+    model = tuned("gpt2", method="bitfit")  # the biases of the base itself train: no copy of the base is kept
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert report.check.adapter_change is None
+    assert largest_difference(model, transformers_model(tmp_path / "out"), "gpt2") < 1e-4
+    with pytest.raises(ValueError, match="bitfit trains the base model's own parameters, which a peft adapter"):
+        mp.export(model, tmp_path / "peft", format="peft")
 
 
 def test_a_method_no_weight_can_hold_is_refused_naming_the_formats_that_can(tmp_path):
