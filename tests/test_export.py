@@ -37,7 +37,7 @@ FAMILY_OVERRIDES = {"distilbert": dict(norm_eps=1e-12), "phi3": dict(head_dim=8)
 def tuned(flavor, n_classes=None, method="lora", **options):
     """A tiny model of the family with a trained-looking adapter (moved off its initialization)."""
     model = tiny_model(flavor, n_classes=n_classes, **FAMILY_OVERRIDES.get(flavor, {}))
-    mp.apply(model, method, **({"rank": 2, "targets": ["all"]} if method == "lora" else {}), **options)
+    mp.apply(model, method, **{**({"rank": 2, "targets": ["all"]} if method == "lora" else {}), **options})
     perturb_trainable(model)
     return model.eval()
 
@@ -145,6 +145,29 @@ def test_a_method_no_weight_can_hold_is_refused_naming_the_formats_that_can(tmp_
         mp.export(tuned("llama", method="prefix"), tmp_path / "prefix", format="hf")
     with pytest.raises(ValueError, match="adapter adds modules .* no other format has this method"):
         mp.export(tuned("llama", method="adapter"), tmp_path / "adapter", format="hf")
+
+
+def test_gguf_lora_refuses_what_llama_cpps_lora_cannot_apply(tmp_path):
+    refused = [(tuned("gpt2"), "format 'gguf-lora' holds llama, qwen2, qwen3, gemma3 models .* not gpt2; export it "
+                               "with format 'hf'"),
+               (tuned("llama", method="dora"), "format 'gguf-lora' holds LoRA and QLoRA adapters .* not dora; export "
+                                               "the merged model with format 'gguf'"),
+               (tuned("llama", init="pissa"), "a pissa LoRA rewrote the base weights it sits on"),
+               (tuned("llama", n_classes=2), "this one has a classifier head; format 'gguf-lora' cannot hold it")]
+    for i, (model, message) in enumerate(refused):
+        with pytest.raises(ValueError, match=message):
+            mp.export(model, tmp_path / str(i), format="gguf-lora")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options", [{}, {"rslora": True, "targets": ["q", "v"]}])
+def test_a_gguf_lora_export_read_back_is_the_model_in_memory(options, tmp_path):
+    """The file's pairs, mapped onto a plain base and applied as a LoRA of the file's α (with rsLoRA: s·r),
+    give the model's logits; llama.cpp itself runs it in test_export_llama_cpp.py."""
+    model = tuned("llama", **options)
+    report = mp.export(model, tmp_path / "out", format="gguf-lora")
+    assert set(report.files) == {"adapter.gguf", "Modelfile"}
+    assert report.check.largest_difference < 1e-5 and report.check.adapter_change > 1e-3
 
 
 def test_an_untrained_adapter_is_an_error_not_a_file(tmp_path):
