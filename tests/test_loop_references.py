@@ -14,7 +14,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import minipeft as mp
-from minipeft.core import loop
+from minipeft.core import data, loop
 from minipeft.formats import tasks
 from minipeft.run import trainer
 from conftest import perturb_trainable, tiny_model, tiny_tokenizer
@@ -180,3 +180,29 @@ def test_a_step_with_a_finite_loss_and_an_infinite_gradient_is_skipped():
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm) and not result.finite
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert scheduler.last_epoch == 1
+
+
+def test_evaluation_scores_the_whole_split_in_eval_mode_and_puts_the_training_mode_back():
+    """evaluate against the split scored one example at a time with F.cross_entropy, dropout off: the loss is
+    the mean over every labelled token of the split (not a mean of batch means), the accuracy over every
+    example; the batches are padded and sorted by length. A model with dropout, handed over in training mode,
+    is scored without it and comes back in training mode."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 9, 5, 14, 2)]
+    next_tokens = [row[1:] + [loop.IGNORE_INDEX] for row in rows]
+    classes = [2, 0, 1, 1, 0]
+    for kind, labels in (("lm", next_tokens), ("classification", classes)):
+        model = tiny_model("llama", n_classes=3 if kind == "classification" else None, dropout=0.3).train()
+        got = loop.evaluate(model, data.Dataset(kind, rows, labels, pad_id=0), kind, batch_size=2)
+        assert model.training
+        model.eval()
+        with torch.no_grad():
+            outputs = [model(torch.tensor([row]))[0] for row in rows]  # (T, V) or (C,) each
+        if kind == "lm":
+            token_losses = torch.cat([torch.nn.functional.cross_entropy(out, torch.tensor(label), reduction="none")
+                                      for out, label in zip(outputs, labels)])
+            assert got["loss"] == pytest.approx(token_losses.sum().item() / sum(len(r) - 1 for r in rows), rel=1e-5)
+            assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-9)
+        else:
+            right = sum(int(out.argmax() == label) for out, label in zip(outputs, labels))
+            assert got == {"accuracy": right / len(rows)} and 0 < right < len(rows)
