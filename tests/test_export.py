@@ -23,6 +23,7 @@ import torch
 
 import minipeft as mp
 from minipeft.core.model import FAMILIES
+from minipeft.exporters import check
 from conftest import perturb_trainable, tiny_batch, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -168,6 +169,47 @@ def test_a_gguf_lora_export_read_back_is_the_model_in_memory(options, tmp_path):
     report = mp.export(model, tmp_path / "out", format="gguf-lora")
     assert set(report.files) == {"adapter.gguf", "Modelfile"}
     assert report.check.largest_difference < 1e-5 and report.check.adapter_change > 1e-3
+
+
+def test_the_check_holds_an_export_to_the_model_within_the_rounding_of_its_dtype():
+    """check.compare's rules on logits made up to sit either side of each bound (largest logit 4):
+    max |reloaded − memory| ≤ TOLERANCES[dtype] · 4, where the wider of the dtype written and the precision
+    trained in counts; an update the rounding took away, and one that changes nothing, are refused."""
+    memory = [torch.tensor([[1.0, -4.0, 2.0], [1.0, 1.05, -1.0]], dtype=torch.float64)]  # one probe, two positions
+    base = [memory[0] - 0.3]
+
+    def compare(difference, dtype, precision="fp32", base=base):
+        """reloaded = memory with `difference` added to one logit (a number) or to all (a tensor)."""
+        if not torch.is_tensor(difference):
+            difference, shift = torch.zeros_like(memory[0]), difference
+            difference[0, 2] = shift
+        return check.compare(["probe"], [memory[0] + difference], memory, base, dtype, precision)
+
+    passed = compare(3e-4, "fp32")
+    assert (passed.largest_difference, passed.scale, passed.argmax_agreement) == (pytest.approx(3e-4), 4.0, 1.0)
+    assert passed.adapter_change == pytest.approx(0.3) and "the adapter changes them by up to 0.3" in str(passed)
+    for dtype, allowed, refused in (("fp32", 3e-4, 5e-4), ("fp16", 0.07, 0.09), ("bf16", 0.35, 0.45),
+                                    ("q8_0", 0.35, 0.45)):
+        compare(allowed, dtype)
+        with pytest.raises(ValueError, match="the export, read back, does not compute the model in memory"):
+            compare(refused, dtype)
+    compare(0.07, "fp32", precision="fp16-mixed")  # trained in fp16: its rounding is allowed in an fp32 file
+    flipped = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0]], dtype=torch.float64)  # position 2: 1.1 > 1.05
+    assert compare(flipped, "bf16").argmax_agreement == 0.5
+    with pytest.raises(ValueError, match="the adapter's change is lost in the rounding"):
+        compare(base[0] - memory[0], "bf16")  # the file holds the base: within bf16's bound, no nearer the model
+    with pytest.raises(ValueError, match="leaves its logits equal to the base model's"):
+        compare(0.0, "fp32", base=memory)
+    without_base = compare(0.0, "fp32", base=None)
+    assert without_base.adapter_change is None and "adapter" not in str(without_base)
+
+
+def test_a_model_left_in_training_mode_with_dropout_is_checked_without_it(tmp_path):
+    model = tuned("llama", dropout=0.5).train()  # LoRA's dropout: training-mode logits would differ every call
+    report = mp.export(model, tmp_path / "out", format="hf")
+    assert model.training and report.check.largest_difference < 1e-4
+    batch = check.probes(model, None)  # no tokenizer: seeded random ids, one right-padded batch
+    assert [len(logits) for logits in check.logits_on(model, batch)] == batch.mask.sum(1).tolist() == [12, 14, 16]
 
 
 def test_an_untrained_adapter_is_an_error_not_a_file(tmp_path):
