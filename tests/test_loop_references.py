@@ -206,3 +206,17 @@ def test_evaluation_scores_the_whole_split_in_eval_mode_and_puts_the_training_mo
         else:
             right = sum(int(out.argmax() == label) for out, label in zip(outputs, labels))
             assert got == {"accuracy": right / len(rows)} and 0 < right < len(rows)
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama", "gemma2"])
+def test_weight_decay_falls_on_weight_matrices_and_embeddings_not_on_biases_or_norms(flavor):
+    """The rule of transformers' Trainer (get_decay_parameter_names: no decay for biases and the weights of
+    layer norms, which it finds by HF's module names), on every parameter of a fully trained model."""
+    model = mp.apply(tiny_model(flavor), "full")
+    optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p): group["weight_decay"] > 0 for group in optimizer.param_groups for p in group["params"]}
+    expected = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            expected[id(p)] = not (name == "bias" or isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)))
+    assert decayed == expected and any(expected.values()) and not all(expected.values())
