@@ -75,13 +75,15 @@ SPLITS = {  # how the 8 examples are fed to one process: micro-batches of exampl
 
 
 def step_of(model, batches: list[dict], world_size: int = 1):
-    """(the step's logged loss, the gradients of the trainable parameters) for these micro-batches."""
+    """(the step's logged loss, the gradients of the trainable parameters, the examples it counts for all
+    processes) for these micro-batches."""
     processes = Processes() if world_size > 1 else loop.ONE_PROCESS
-    loss, _, _ = loop.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"), processes)
+    loss, examples, _ = loop.accumulate_gradients(model, iter(batches), "sft", len(batches), torch.device("cpu"),
+                                                  processes)
     loss = processes.total(torch.tensor(loss, dtype=torch.float64)).item() / world_size
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    return loss, grads
+    return loss, grads, examples
 
 
 def trained(model, batches: list[dict], world_size: int = 1) -> dict:
@@ -105,7 +107,8 @@ def reference():
     """The whole batch of 8 as one micro-batch: loss, gradients, and the parameters after STEPS steps."""
     examples = sft_examples()
     batch = [examples.collate(list(range(8)))]
-    loss, grads = step_of(lora_model(), batch)
+    loss, grads, counted = step_of(lora_model(), batch)
+    assert counted == 8
     return loss, grads, trained(lora_model(), batch)
 
 
@@ -113,7 +116,8 @@ def reference():
 def test_accumulation_equals_one_batch(split, reference):
     examples = sft_examples()
     batches = [examples.collate(indices) for indices in SPLITS[split]]
-    loss, grads = step_of(lora_model(), batches)
+    loss, grads, counted = step_of(lora_model(), batches)
+    assert counted == 8
     assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
     assert relative(grads, reference[1]) <= TOLERANCE
     assert relative(trained(lora_model(), batches), reference[2]) <= TOLERANCE
@@ -123,7 +127,8 @@ def test_packed_equals_one_batch(reference):
     examples = sft_examples().packed(max_len=64)
     batch = examples.collate(list(range(8)))
     assert len(batch["input_ids"]) < 8  # rows really are shared
-    loss, grads = step_of(lora_model(), [batch])
+    loss, grads, counted = step_of(lora_model(), [batch])
+    assert counted == 8  # the packed rows hold 8 examples
     assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
     assert relative(grads, reference[1]) <= TOLERANCE
     assert relative(trained(lora_model(), [batch]), reference[2]) <= TOLERANCE
@@ -183,14 +188,14 @@ def _worker(rank, world_size, folder):
         for layout in ("ddp", "fsdp"):
             model = lora_model()
             net = data_parallel(model) if layout == "ddp" else sharding.shard(model)
-            loss, grads = step_of(net, mine, world_size)
+            loss, grads, counted = step_of(net, mine, world_size)
             params = trained(net, mine, world_size)
             if layout == "fsdp":
                 grads = {n: sharding.whole_tensor(g) for n, g in grads.items()}
                 with sharding.whole(net):
                     params = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
             unwrap = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731 (DDP's prefix)
-            results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params)}
+            results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params), "examples": counted}
         if rank == 0:
             torch.save(results, Path(folder) / "results.pt")
     finally:
@@ -207,6 +212,7 @@ def two_processes(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_two_processes_equal_one_batch(layout, two_processes, reference):
     result = two_processes[layout]
+    assert result["examples"] == 8  # each process counts the step's global batch, not its own 4
     assert abs(result["loss"] - reference[0]) <= TOLERANCE * reference[0]
     assert relative(result["grads"], reference[1]) <= TOLERANCE
     assert relative(result["trained"], reference[2]) <= TOLERANCE
