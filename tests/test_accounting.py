@@ -86,14 +86,17 @@ def step_of(model, batches: list[dict], world_size: int = 1):
     return loss, grads, examples
 
 
-def trained(model, batches: list[dict], world_size: int = 1) -> dict:
-    """The trainable parameters after STEPS AdamW steps on the same micro-batches each step."""
+def trained(model, batches: list[dict], world_size: int = 1) -> tuple[dict, list[tuple[float, float]]]:
+    """The trainable parameters after STEPS AdamW steps on the same micro-batches each step, and each step's
+    logged (loss, gradient norm)."""
     optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.01)
     scheduler = loop.make_scheduler(optimizer, warmup=0.0, steps=STEPS)
+    logged = []
     for _ in range(STEPS):
-        loop.train_step(model, optimizer, scheduler, iter(batches), "sft", len(batches), 1.0,
-                        Processes() if world_size > 1 else loop.ONE_PROCESS)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        step = loop.train_step(model, optimizer, scheduler, iter(batches), "sft", len(batches), 1.0,
+                               Processes() if world_size > 1 else loop.ONE_PROCESS)
+        logged.append((step.loss, step.grad_norm))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, logged
 
 
 def relative(a: dict, b: dict) -> float:
@@ -104,12 +107,15 @@ def relative(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference():
-    """The whole batch of 8 as one micro-batch: loss, gradients, and the parameters after STEPS steps."""
+    """The whole batch of 8 as one micro-batch: loss, gradients, the parameters after STEPS steps and each
+    step's logged (loss, gradient norm)."""
     examples = sft_examples()
     batch = [examples.collate(list(range(8)))]
     loss, grads, counted = step_of(lora_model(), batch)
     assert counted == 8
-    return loss, grads, trained(lora_model(), batch)
+    params, logged = trained(lora_model(), batch)
+    assert abs(logged[0][0] - loss) <= TOLERANCE * loss  # train_step logs the loss of its first step
+    return loss, grads, params, logged
 
 
 @pytest.mark.parametrize("split", [s for s in SPLITS if s != "one batch"])
@@ -120,7 +126,7 @@ def test_accumulation_equals_one_batch(split, reference):
     assert counted == 8
     assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
     assert relative(grads, reference[1]) <= TOLERANCE
-    assert relative(trained(lora_model(), batches), reference[2]) <= TOLERANCE
+    assert relative(trained(lora_model(), batches)[0], reference[2]) <= TOLERANCE
 
 
 def test_packed_equals_one_batch(reference):
@@ -131,7 +137,7 @@ def test_packed_equals_one_batch(reference):
     assert counted == 8  # the packed rows hold 8 examples
     assert abs(loss - reference[0]) <= TOLERANCE * reference[0]
     assert relative(grads, reference[1]) <= TOLERANCE
-    assert relative(trained(lora_model(), [batch]), reference[2]) <= TOLERANCE
+    assert relative(trained(lora_model(), [batch])[0], reference[2]) <= TOLERANCE
 
 
 def test_averaging_means_would_be_far_off(reference, capsys):
@@ -189,13 +195,14 @@ def _worker(rank, world_size, folder):
             model = lora_model()
             net = data_parallel(model) if layout == "ddp" else sharding.shard(model)
             loss, grads, counted = step_of(net, mine, world_size)
-            params = trained(net, mine, world_size)
+            params, logged = trained(net, mine, world_size)
             if layout == "fsdp":
                 grads = {n: sharding.whole_tensor(g) for n, g in grads.items()}
                 with sharding.whole(net):
                     params = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
             unwrap = lambda d: {n.removeprefix("module."): t for n, t in d.items()}  # noqa: E731 (DDP's prefix)
-            results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params), "examples": counted}
+            results[layout] = {"loss": loss, "grads": unwrap(grads), "trained": unwrap(params), "examples": counted,
+                              "logged": logged}
         if rank == 0:
             torch.save(results, Path(folder) / "results.pt")
     finally:
@@ -216,6 +223,9 @@ def test_two_processes_equal_one_batch(layout, two_processes, reference):
     assert abs(result["loss"] - reference[0]) <= TOLERANCE * reference[0]
     assert relative(result["grads"], reference[1]) <= TOLERANCE
     assert relative(result["trained"], reference[2]) <= TOLERANCE
+    for (loss, grad_norm), (one_loss, one_grad_norm) in zip(result["logged"], reference[3], strict=True):
+        assert abs(loss - one_loss) <= TOLERANCE * one_loss
+        assert abs(grad_norm - one_grad_norm) <= TOLERANCE * one_grad_norm
 
 
 def test_processes_with_different_options_stop(tmp_path):
