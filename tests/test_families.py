@@ -249,6 +249,22 @@ def test_soft_caps_always_change_logits():
     assert not torch.allclose(no_attention_cap(idx)[:, 1:], ours[:, 1:])  # the first token sees itself only
 
 
+def test_the_rows_numbers_are_transformers_config_defaults():
+    """What a row fixes beyond the checkpoint's config (soft-caps, the sliding/full layer pattern, Gemma 3's
+    local RoPE base) is what transformers assumes for the family when a config leaves it out."""
+    def pattern(layer_types):
+        return "".join("S" if kind == "sliding_attention" else "F" for kind in layer_types)
+
+    gemma2, gemma3 = transformers.Gemma2Config(), transformers.Gemma3TextConfig()
+    row2, row3 = families.FAMILIES["gemma2"], families.FAMILIES["gemma3"]
+    assert (row2["attn_softcap"], row2["final_softcap"]) == (gemma2.attn_logit_softcapping,
+                                                             gemma2.final_logit_softcapping)
+    assert row3["rope_local_theta"] == gemma3.rope_parameters["sliding_attention"]["rope_theta"]
+    for row, config in ((row2, gemma2), (row3, gemma3)):
+        n = len(config.layer_types)
+        assert pattern(config.layer_types) == (row["layer_pattern"] * n)[:n]
+
+
 def test_the_docstring_table_is_the_family_rows():
     """families.py's docstring tables (the lesson) say exactly what FAMILIES (the data) holds."""
     shown = {"yes": True, "-": None, "0": 0}
@@ -279,10 +295,19 @@ def test_the_docstring_table_is_the_family_rows():
     (dict(flavor="gemma3", layer_pattern="SX"), "layer_pattern is a string of S"),
     (dict(flavor="llama", rope_scaling={"rope_type": "yarn", "factor": 2}), "rope_scaling 'yarn' is not supported"),
     (dict(flavor="phi3", d_model=32, n_head=4, rope_fraction=0.375), "even number of rotated dimensions"),
+    (dict(flavor="mistral", sliding_window=0, layer_pattern="S"), "sliding_window must be >= 1, not 0"),
+    (dict(flavor="gemma2", attn_softcap=-1.0), "soft-caps must be positive"),
+    (dict(flavor="bert", pool="max"), "pool must be 'cls' or 'mean', not 'max'"),
 ])
 def test_contradictory_switches_are_one_sentence(kw, message):
     with pytest.raises(ValueError, match=message):
         mp.ModelConfig(**kw)
+
+
+def test_the_smallest_settings_the_checks_allow_build():
+    """The bounds themselves pass: a window of one token (each token sees itself), soft-caps of 0 (off)."""
+    cfg = mp.ModelConfig(flavor="mistral", sliding_window=1, layer_pattern="S", attn_softcap=0.0, final_softcap=0.0)
+    assert cfg.window(0) == 1
 
 
 # ---------------------------------------------------------------------------------------------

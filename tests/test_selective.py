@@ -67,6 +67,8 @@ def test_the_documented_parameters_are_the_ones_we_think():
     assert not {"blocks.0.attn.q.weight", "ln_f.weight", "tok_emb.weight"} & trainable_names(gpt2)
     bert = mp.apply(tiny_model("bert"), "bitfit")
     assert "emb_ln.bias" in trainable_names(bert) and "pos_emb.weight" not in trainable_names(bert)
+    qwen2 = mp.apply(tiny_model("qwen2"), "bitfit")  # biases on q, k and v alone: enough for bitfit
+    assert trainable_names(qwen2) == {f"blocks.{i}.attn.{p}.bias" for i in range(2) for p in "qkv"}
     llama = mp.apply(tiny_model("llama"), "last_k", layers=1)
     assert {"blocks.1.mlp.gate.weight", "ln_f.weight", "head.weight"} <= trainable_names(llama)
     assert not any(name.startswith("blocks.0.") for name in trainable_names(llama))
