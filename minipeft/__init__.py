@@ -2,7 +2,7 @@
 
 The lesson is minipeft/core/ (the model, the methods, the quantizer, the loop); the folders around it
 read files (formats/), write peft's format (peft_format/), run at scale (scale/), go fast (fast/),
-export (export/), add extras (extras/) and drive runs from the command line (run/). `import minipeft`
+export (exporters/), add extras (extras/) and drive runs from the command line (run/). `import minipeft`
 loads none of them: each name below is imported the first time it is used.
 """
 import importlib

@@ -35,7 +35,7 @@ FORMATS = ("minipeft", "peft")
 def save_adapter(model, path, format: str = "minipeft", name: str | None = None):
     """Write the trainable parameters and the method's config to the folder `path`: format "minipeft"
     (above) or "peft" (peft's adapter_config.json + adapter_model.safetensors, see peft_format/).
-    `name`: which of several adapters side by side (methods/multi.py; default: the active one), written
+    `name`: which of several adapters side by side (extras/multi.py; default: the active one), written
     as if it were the model's only adapter."""
     if format not in FORMATS:
         raise ValueError(f"unknown adapter format {format!r}; valid formats are: {', '.join(FORMATS)}")
@@ -100,7 +100,7 @@ def load_adapter(model, path, tokenizer=None, name: str | None = None):
     checks that it was trained on this base model, then copies the weights in. A peft folder (found by
     its config) goes to peft_format.load, which maps peft's names and layouts onto ours. `tokenizer`:
     for methods that read text when applied (prompt tuning with init="text"). `name`: load it beside
-    the adapters the model has (methods/multi.py: set_adapter, adapter_names=[...] per row); without
+    the adapters the model has (extras/multi.py: set_adapter, adapter_names=[...] per row); without
     it, into the model's adapter (the active one, with several)."""
     path = Path(path)
     config = read_adapter_config(path)
