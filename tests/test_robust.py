@@ -21,11 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 import eval as eval_cli
+import minipeft as mp
 import train as train_cli
-from minipeft.scale import output, processes
+from minipeft.scale import checkpoint, output, processes
 from minipeft.run import cli
 from minipeft.core import loop
 from minipeft.run import trainer
+from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -660,3 +662,19 @@ def test_cli_run_exits_with_the_code_of_what_stopped_main(raised, code, said, de
     assert exit_.value.code == code and said in err
     assert ("Traceback" in err) == (debug and not isinstance(raised, KeyboardInterrupt))
     assert cli.run(lambda argv: None, []) is None
+
+
+def test_a_checkpoint_of_the_same_step_replaces_the_one_left_in_the_folder(tmp_path):
+    """A run that saves step 3 where an earlier run in the same folder left checkpoint-3: the new one takes
+    its place whole, and nothing of the old one (or of the renaming) stays behind."""
+    model = mp.apply(tiny_model("llama"), "lora", rank=2)
+    optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.0)
+    for value in (1.0, 2.0):  # the earlier run's B, then this run's
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.fill_(value)
+        checkpoint.save(tmp_path, model, optimizer, {"step": 3, "steps": 10}, checkpoint.rng_states())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", checkpoint.LATEST]
+    saved = load_file(str(tmp_path / "checkpoint-3" / checkpoint.ADAPTER_WEIGHTS))
+    assert {float(t.unique()) for name, t in saved.items() if "lora_B" in name} == {2.0}
