@@ -164,6 +164,19 @@ def test_family_matches_transformers(family, folders):
     assert diff < 1e-4
 
 
+def test_a_gpt2_config_without_n_inner_has_a_feed_forward_four_times_n_embd(tmp_path):
+    """GPT-2's own config.json has "n_inner": null (transformers then uses 4 · n_embd); the configs above
+    all set it."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=V, pad_token_id=PAD)
+    assert config.n_inner is None
+    torch.manual_seed(0)
+    hf = perturbed(transformers.GPT2LMHeadModel(config)).eval()
+    hf.save_pretrained(tmp_path)
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    model, _ = from_pretrained(tmp_path)
+    assert model.cfg.d_ff == 128 and largest_difference("gpt2", hf, model) < 1e-4
+
+
 def test_the_switches_are_read_from_each_config(folders):
     cfg = {family: from_pretrained(folder)[0].cfg for family, (_, folder) in folders.items()}
     assert cfg["roberta"].pos_offset == 3 and cfg["roberta"].max_seq_len == 64
