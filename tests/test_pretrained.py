@@ -490,6 +490,18 @@ def test_unknown_and_missing_keys_are_named(gpt2_folder, tmp_path):
         from_pretrained(missing)
 
 
+def test_a_layer_more_than_config_json_says_is_named(gpt2_folder, tmp_path):
+    """Weights of 2 blocks under a config of 1: the second block's keys map to names our model does not
+    have, and are refused by their names in the checkpoint (not dropped by a non-strict load)."""
+    _, folder = gpt2_folder
+    copy_with_weights(folder, tmp_path, load_file(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_layer"] == 2
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in the checkpoint: transformer.h.1.attn.c_attn.bias, "):
+        from_pretrained(tmp_path)
+
+
 def test_shape_mismatch_is_named(gpt2_folder, tmp_path):
     _, folder = gpt2_folder
     copy_with_weights(folder, tmp_path, load_file(folder / "model.safetensors"))
