@@ -136,6 +136,23 @@ def test_steps_extends_a_finished_run(text, tmp_path, capsys):
     assert hashes(out) == before
 
 
+def test_steps_may_end_a_stopped_run_sooner_but_not_at_or_before_its_checkpoint(text, tmp_path, capsys):
+    """A run stopped at step 3 of 6 resumes with --steps 4 (one step more, on a schedule of 4), but --steps 3
+    would end where it already is: refused, with nothing written."""
+    out = tmp_path / "run"
+    assert run_main(train_cli.main, ["--config", write_yaml(tmp_path / "a.yaml", settings_of(text, out)),
+                                     "--stop-at", "3"], capsys)[0] == 0
+    before = hashes(out)
+    code, err = run_main(train_cli.main, ["--resume", out, "--steps", "3"], capsys)
+    assert code == 2 and "is at step 3, which this run's 3 steps do not pass; give more than 3 --steps" in err
+    assert hashes(out) == before
+    code, err = run_main(train_cli.main, ["--resume", out, "--steps", "4"], capsys)
+    assert code == 0, err
+    steps = logged(out, "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[3]["lr"] == pytest.approx(1e-3 * loop.warmup_cosine(math.ceil(0.06 * 4), 4)(3))
+
+
 @pytest.mark.parametrize("text, message", [
     ("batch_sise: 4\n", "unknown key 'batch_sise'; did you mean 'batch_size'? the keys are the flags of this "
                         "command: model, task"),
