@@ -47,6 +47,36 @@ def test_smollm2_template_matches_transformers_token_for_token(smollm2_tokenizer
         assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt) == list(expected)
 
 
+# What a template may use beyond SmolLM2's own: block tags on lines of their own (trim_blocks drops the newline
+# after a tag, lstrip_blocks the spaces before one), tojson and its options, bos_token, loop controls, strftime_now
+FEATURES_TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+    {% if message.role == 'system' %}
+        {% continue %}
+    {% endif %}
+[{{ message.role }}] {{ message | tojson }}
+    {{ message | tojson(indent=2, sort_keys=True) }} {{ message.content | tojson(ensure_ascii=True) }}
+{% endfor %}
+{% if strftime_now is defined %}{{ strftime_now("%Y") | length }} digits{% endif %}
+{% if add_generation_prompt %}[assistant]{% endif %}"""
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_what_templates_use_renders_as_in_transformers(smollm2_tokenizers, generation_prompt, tmp_path):
+    ours, theirs = smollm2_tokenizers
+    path = tmp_path / "features.jinja"
+    path.write_text(FEATURES_TEMPLATE)
+    texts = []
+    for messages in CONVERSATIONS:
+        text = theirs.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tokenize=False,
+                                          add_generation_prompt=generation_prompt)
+        assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt, tokenize=False,
+                                      chat_template=path) == text
+        texts.append(text)
+    assert all(t.startswith("<|im_start|>\n[user] {") and "4 digits" in t for t in texts)
+    assert "system" not in texts[1] and "❄️" in texts[2] and "\\u2744" in texts[2]
+
+
 def test_answer_tokens_are_the_assistant_turns(smollm2_tokenizers):
     tokenizer, _ = smollm2_tokenizers
     fmt = chat.chat_format(tokenizer)
@@ -74,7 +104,7 @@ def test_template_file_overrides_and_sees_special_tokens(tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}\n{% endfor %}")
     text = mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False, chat_template=template)
-    assert text == "[user] What is the capital of France?<|endoftext|>\n"  # trim_blocks ate the newline after %}
+    assert text == "[user] What is the capital of France?<|endoftext|>\n"
     assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False) == "model template"
 
 
@@ -82,6 +112,8 @@ def test_template_file_overrides_and_sees_special_tokens(tmp_path):
     ("{{ messages.__class__.__mro__ }}", "failed to render"),  # sandbox: no Python internals
     ("{% set _ = messages.append(1) %}", "failed to render"),  # immutable: the input cannot change
     ("{{ raise_exception('only user turns') }}", "only user turns"),
+    ("{{ messages | length / 0 }}", "failed to render: ZeroDivisionError"),  # the template's own arithmetic
+    ("{{ messages | tojson(colour=1) }}", "failed to render: TypeError"),
     ("{% for m in messages %}{{ m.content | upper }", "not valid jinja2"),
 ])
 def test_a_template_that_fails_names_itself(tmp_path, template, message):

@@ -16,9 +16,10 @@ chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's 
 
 Templates are rendered as transformers renders them (so the tokens are the same): jinja2's immutable
 sandbox (a template is code from a download: it may not touch Python objects' internals or change
-what it is given), trim_blocks and lstrip_blocks, loop controls, a `raise_exception(message)` function
-and a `tojson` filter; the text is then tokenized without adding special tokens (the template wrote
-them). A base model without a template gets PLAIN_TEMPLATE ("User: ...\\nAssistant: ...<eos>").
+what it is given), trim_blocks and lstrip_blocks, loop controls, the functions `raise_exception(message)`
+and `strftime_now(format)` and a `tojson` filter; the text is then tokenized without adding special
+tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
+("User: ...\\nAssistant: ...<eos>").
 
 For training, `encode_conversation` also says which tokens are the assistant's: it renders the
 conversation up to each assistant turn with the generation prompt (P_i) and through that turn (F_i);
@@ -28,6 +29,7 @@ split this way and is refused by name. `encode_last_answer` then readies a conve
 and preference pairs alike: the end-of-text token added where the template leaves it out, the start cut off
 to fit max_len.
 """
+import datetime
 import functools
 import json
 from pathlib import Path
@@ -59,8 +61,14 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
-def _tojson(value, indent=None):
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """`x | tojson(...)`: plain json.dumps with transformers' options (jinja2's own escapes HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    """`strftime_now("%d %b %Y")`: today's date, which Llama 3's templates write into the system turn."""
+    return datetime.datetime.now().strftime(fmt)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -68,6 +76,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     return env
 
 
@@ -86,10 +95,12 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
     try:
         return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                  **special_tokens)
-    except jinja2.TemplateError as error:
-        raise TemplateError(f"chat template {name} failed to render: {error}") from None
     except TemplateError as error:
         raise TemplateError(f"chat template {name} refused the conversation: {error}") from None
+    except jinja2.TemplateError as error:
+        raise TemplateError(f"chat template {name} failed to render: {error}") from None
+    except Exception as error:  # the template's own code failed: 1 / 0, a filter given a wrong argument, ...
+        raise TemplateError(f"chat template {name} failed to render: {type(error).__name__}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
