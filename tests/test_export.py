@@ -35,9 +35,10 @@ ENCODERS = ("bert", "roberta", "distilbert")
 FAMILY_OVERRIDES = {"distilbert": dict(norm_eps=1e-12), "phi3": dict(head_dim=8)}
 
 
-def tuned(flavor, n_classes=None, method="lora", **options):
-    """A tiny model of the family with a trained-looking adapter (moved off its initialization)."""
-    model = tiny_model(flavor, n_classes=n_classes, **FAMILY_OVERRIDES.get(flavor, {}))
+def tuned(flavor, n_classes=None, method="lora", config=None, **options):
+    """A tiny model of the family (`config`: settings of its ModelConfig) with a trained-looking adapter
+    (moved off its initialization)."""
+    model = tiny_model(flavor, n_classes=n_classes, **{**FAMILY_OVERRIDES.get(flavor, {}), **(config or {})})
     mp.apply(model, method, **{**({"rank": 2, "targets": ["all"]} if method == "lora" else {}), **options})
     perturb_trainable(model)
     return model.eval()
@@ -224,6 +225,37 @@ def test_a_setting_the_family_config_cannot_hold_is_refused(tmp_path):
     model = tiny_model("llama", sliding_window=4, layer_pattern="S")  # transformers' Llama has no sliding window
     with pytest.raises(ValueError, match=r"llama config.json cannot hold windows=\[4, 4\]"):
         mp.export(model, tmp_path / "out", format="hf")
+
+
+@pytest.mark.parametrize("family, n_classes, settings", [
+    ("gemma2", None, dict(attn_scale=None, attn_softcap=None, final_softcap=None)),  # head_dim, no caps
+    ("gemma2", None, dict(attn_softcap=0.0, final_softcap=0.0)),  # 0: off
+    ("gemma2", None, dict(layer_pattern="F", sliding_window=None)),  # Gemma's configs need a window all the same
+    ("gemma3", None, dict(layer_pattern="F")),
+    ("mistral", None, dict(sliding_window=None, rope_local_theta=100.0)),  # no sliding layer uses it
+    ("llama", 3, dict(pool="cls")),  # a decoder classifier reads the last token, whatever pool says
+])
+def test_settings_that_change_nothing_or_that_the_config_holds_export(family, n_classes, settings, tmp_path):
+    model = tuned(family, n_classes=n_classes, config=settings)
+    if n_classes:
+        with torch.no_grad():
+            model.head.bias.zero_()
+    mp.export(model, tmp_path / "out", format="hf")
+    assert largest_difference(model, transformers_model(tmp_path / "out"), family, n_classes) < 1e-4
+
+
+@pytest.mark.parametrize("family, settings, lost", [
+    ("llama", dict(rope_fraction=0.5), "rope_fraction=0.5"),  # partial RoPE: Phi-3's attention only
+    ("qwen2", dict(rope_fraction=0.5), "rope_fraction=0.5"),
+    ("mistral", dict(rope_local_theta=100.0), "rope_local_theta=100.0"),  # its sliding layers would use it
+    ("gemma2", dict(rope_local_theta=100.0), "rope_local_theta=100.0"),
+    ("llama", dict(attn_scale=12.0), "attn_scale=12.0"),
+    ("llama", dict(final_softcap=3.0), "final_softcap=3.0"),
+])
+def test_settings_the_family_config_cannot_hold_are_named(family, settings, lost, tmp_path):
+    with pytest.raises(ValueError, match=f"a {family} config.json cannot hold {re.escape(lost)} "):
+        mp.export(tuned(family, config=settings), tmp_path / "out", format="hf")
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_requests_are_refused_before_anything_is_written(tmp_path):

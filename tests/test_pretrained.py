@@ -176,6 +176,12 @@ def test_older_llama_config_with_top_level_rope_theta(llama_folder, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3"):
         from_pretrained(tmp_path)
+    config["rope_scaling"] = None
+    config["partial_rotary_factor"] = 0.5  # Phi-3's setting: transformers' Llama would rotate whole heads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported: transformers' llama rotates "
+                                         "whole heads"):
+        from_pretrained(tmp_path)
 
 
 def test_n_classes_builds_a_fresh_head_and_skips_the_lm_head(llama_folder):

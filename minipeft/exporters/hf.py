@@ -94,7 +94,7 @@ def _encoder_fields(cfg: ModelConfig) -> dict:
 def _rope_parameters(cfg: ModelConfig) -> dict:
     """transformers 5's rope_parameters (Gemma 3: one entry per layer type)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
-    if cfg.rope_fraction != 1:
+    if cfg.flavor == "phi3":  # the one family whose attention rotates part of each head (Llama's would not)
         rope["partial_rotary_factor"] = cfg.rope_fraction
     if cfg.flavor == "gemma3":
         return {"full_attention": rope, "sliding_attention": {"rope_type": "default",
@@ -125,9 +125,10 @@ def _whole(x: float) -> int | float:
 def _decoder_fields(cfg: ModelConfig) -> dict:
     windows = [cfg.window(i) for i in range(cfg.n_layer)]
     sliding = any(w is not None for w in windows)
+    needs_window = sliding or cfg.flavor in ("gemma2", "gemma3")  # Gemma's configs want one even if unused
     possible = dict(
         head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
-        sliding_window=cfg.sliding_window if sliding else None, use_sliding_window=sliding,
+        sliding_window=(cfg.sliding_window or cfg.max_seq_len) if needs_window else None, use_sliding_window=sliding,
         max_window_layers=cfg.n_layer, layer_types=["sliding_attention" if w else "full_attention" for w in windows],
         partial_rotary_factor=cfg.rope_fraction, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
         hidden_activation=_activation(cfg), query_pre_attn_scalar=_whole(cfg.attn_scale or cfg.head_dim),
