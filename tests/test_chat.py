@@ -23,14 +23,23 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizers():
+def tokenizers(asset: str):
     """Ours (from our GGUF loader) and transformers' own tokenizer read from the same GGUF file."""
     transformers = pytest.importorskip("transformers")
-    _, ours = mp.from_pretrained("smollm2")
-    path = asset_path("smollm2")
+    _, ours = mp.from_pretrained(asset)
+    path = asset_path(asset)
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers():
+    return tokenizers("smollm2")
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizers():  # a tokenizer that adds <bos> to what it encodes, unlike SmolLM2's
+    return tokenizers("gemma3-270m")
 
 
 @pytest.mark.parametrize("generation_prompt", [False, True])
@@ -62,19 +71,35 @@ FEATURES_TEMPLATE = """{{ bos_token }}
 
 
 @pytest.mark.parametrize("generation_prompt", [False, True])
-def test_what_templates_use_renders_as_in_transformers(smollm2_tokenizers, generation_prompt, tmp_path):
-    ours, theirs = smollm2_tokenizers
+@pytest.mark.parametrize("asset, bos", [("smollm2", "<|im_start|>"), ("gemma3-270m", "<bos>")])
+def test_what_templates_use_renders_as_in_transformers(asset, bos, generation_prompt, request, tmp_path):
+    ours, theirs = request.getfixturevalue(f"{asset.split('-')[0]}_tokenizers")
     path = tmp_path / "features.jinja"
     path.write_text(FEATURES_TEMPLATE)
     texts = []
     for messages in CONVERSATIONS:
-        text = theirs.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tokenize=False,
-                                          add_generation_prompt=generation_prompt)
-        assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt, tokenize=False,
-                                      chat_template=path) == text
+        text, ids = (theirs.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tokenize=tokenize,
+                                                add_generation_prompt=generation_prompt) for tokenize in (False, True))
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        for tokenize, expected in ((False, text), (True, list(ids))):
+            assert mp.apply_chat_template(ours, messages, add_generation_prompt=generation_prompt, tokenize=tokenize,
+                                          chat_template=path) == expected
         texts.append(text)
-    assert all(t.startswith("<|im_start|>\n[user] {") and "4 digits" in t for t in texts)
+    assert all(t.startswith(f"{bos}\n[user] {{") and "4 digits" in t for t in texts)
     assert "system" not in texts[1] and "❄️" in texts[2] and "\\u2744" in texts[2]
+
+
+def test_training_tokens_of_a_tokenizer_that_adds_bos_are_the_templates_own(gemma3_tokenizers):
+    """Gemma's tokenizer adds <bos> to what it encodes; a template writes its own, so training adds none."""
+    ours, theirs = gemma3_tokenizers
+    fmt = chat.chat_format(ours)
+    assert fmt.name == chat.PLAIN_NAME  # Gemma 3 270M is a base model: the plain fallback
+    assert ours.encode("x").ids[0] == ours.token_to_id("<bos>")
+    for messages in CONVERSATIONS[1:]:
+        expected = theirs.apply_chat_template(messages, chat_template=chat.PLAIN_TEMPLATE, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert chat.encode_conversation(ours, fmt, messages)[0] == list(expected)
+        assert ours.token_to_id("<bos>") not in expected
 
 
 def test_answer_tokens_are_the_assistant_turns(smollm2_tokenizers):
