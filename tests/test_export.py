@@ -20,11 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import minipeft as mp
 from minipeft.core.model import FAMILIES
 from minipeft.exporters import check
+from minipeft.formats import chat
 from conftest import perturb_trainable, tiny_batch, tiny_model
+from minipeft.formats.tokenization import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -78,6 +81,19 @@ def test_hf_export_of_every_family_runs_in_transformers(family, tmp_path):
     diff = largest_difference(model, hf, family)
     print(f"\n{family}: {type(hf).__name__}, largest |difference| from minipeft's model: {diff:.2e}")
     assert diff < 1e-4
+    pooling = ["1_Pooling"] if family in ENCODERS else []  # tiny encoders pool by the mean
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(["config.json", "generation_config.json", "model.safetensors", *pooling])
+    hf.save_pretrained(tmp_path / "theirs")  # the names and shapes transformers itself writes for the model
+    theirs = tensor_shapes(tmp_path / "theirs" / "model.safetensors")
+    if family in ("bert", "roberta"):  # BertModel's pooler, which minipeft has no use for (it loads untrained)
+        theirs = {name: shape for name, shape in theirs.items() if not name.startswith("pooler.")}
+    assert tensor_shapes(tmp_path / "out" / "model.safetensors") == theirs
+
+
+def tensor_shapes(path) -> dict[str, list[int]]:
+    with safe_open(path, "pt") as f:
+        return {name: f.get_slice(name).get_shape() for name in f.keys()}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
@@ -105,7 +121,34 @@ def test_large_exports_are_sharded_and_load(tmp_path):
     report = mp.export(model, tmp_path / "out", format="hf", max_shard_bytes=20_000)
     shards = [f for f in report.files if f.startswith("model-")]
     assert len(shards) > 2 and "model.safetensors.index.json" in report.files
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    nbytes = {}  # tensor -> its bytes, from the shard the index names
+    for shard in shards:
+        with safe_open(tmp_path / "out" / shard, "pt") as f:
+            nbytes.update({name: f.get_tensor(name).nbytes for name in f.keys()})
+            assert all(index["weight_map"][name] == shard for name in f.keys())
+    assert nbytes.keys() == index["weight_map"].keys() and index["metadata"]["total_size"] == sum(nbytes.values())
+    in_order = [[n for n in index["weight_map"] if index["weight_map"][n] == shard] for shard in shards]  # as written
+    for names, following in zip(in_order, in_order[1:]):  # each shard took tensors until the next did not fit
+        size = sum(nbytes[n] for n in names)
+        assert size <= 20_000 < size + nbytes[following[0]]
+    assert sum(nbytes[n] for n in in_order[-1]) <= 20_000
     assert largest_difference(model, transformers_model(tmp_path / "out"), "qwen3") < 1e-4
+
+
+def test_token_ids_the_model_does_not_record_come_from_its_tokenizer(tmp_path):
+    tokenizer = byte_tokenizer()  # its end-of-text token, id 256, is the model's eos; it has no bos
+    tokenizer.bos_token = "<|endoftext|>"  # as a loader records it
+    model = tuned("llama", config=dict(vocab_size=tokenizer.get_vocab_size(), pad_token_id=256))
+    assert "bos_token_id" not in model.cfg.extra and "eos_token_id" not in model.cfg.extra
+    mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == generation["eos_token_id"] == 256
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert theirs.eos_token_id == theirs.pad_token_id == 256
+    text = "Well , I 'm here . Are n't you ?"  # what clean_up_tokenization_spaces would rewrite
+    assert theirs.decode(theirs(text)["input_ids"]) == tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -299,6 +342,8 @@ def real_model_parity(model, tokenizer, folder, text) -> tuple[float, float]:
     messages = [{"role": "user", "content": "Is this review positive? 'A delight.'"}]
     ids = tokenizer.encode(text).ids
     assert theirs_tok(text)["input_ids"] == ids
+    assert (theirs_tok.bos_token, theirs_tok.eos_token) == (tokenizer.bos_token, chat.eos_token(tokenizer))
+    assert theirs_tok.pad_token_id == model.cfg.pad_token_id  # batches pad as the model was trained
     assert theirs_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         mp.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     merged, _ = mp.from_pretrained(folder)  # minipeft's merged model: the export read back
