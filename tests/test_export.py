@@ -192,13 +192,25 @@ def test_a_method_no_weight_can_hold_is_refused_naming_the_formats_that_can(tmp_
         mp.export(tuned("llama", method="adapter"), tmp_path / "adapter", format="hf")
 
 
+def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match="llama.cpp's llama applies RoPE to whole heads, and this model to 0.5 of "
+                                         "each; format 'gguf' cannot hold it"):
+        mp.export(tuned("llama", config=dict(rope_fraction=0.5, rope_scaling=None)), tmp_path / "a", format="gguf")
+    with pytest.raises(ValueError, match="llama.cpp's gemma3 needs layers with a sliding window .* and this model has "
+                                         "none; format 'gguf' cannot hold it, format 'hf' can"):
+        mp.export(tuned("gemma3", config=dict(layer_pattern="F", rope_scaling=None)), tmp_path / "b", format="gguf")
+    assert not any(tmp_path.iterdir())
+
+
 def test_gguf_lora_refuses_what_llama_cpps_lora_cannot_apply(tmp_path):
     refused = [(tuned("gpt2"), "format 'gguf-lora' holds llama, qwen2, qwen3, gemma3 models .* not gpt2; export it "
                                "with format 'hf'"),
                (tuned("llama", method="dora"), "format 'gguf-lora' holds LoRA and QLoRA adapters .* not dora; export "
                                                "the merged model with format 'gguf'"),
                (tuned("llama", init="pissa"), "a pissa LoRA rewrote the base weights it sits on"),
-               (tuned("llama", n_classes=2), "this one has a classifier head; format 'gguf-lora' cannot hold it")]
+               (tuned("llama", n_classes=2), "this one has a classifier head; format 'gguf-lora' cannot hold it"),
+               (tuned("qwen2", config=dict(rope_fraction=0.5)), "llama.cpp's qwen2 applies RoPE to whole heads, and "
+                                                               "this model to 0.5 of each; format 'gguf-lora' cannot")]
     for i, (model, message) in enumerate(refused):
         with pytest.raises(ValueError, match=message):
             mp.export(model, tmp_path / str(i), format="gguf-lora")

@@ -205,9 +205,11 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, out_features // n_heads // 2, d).transpose(1, 2).reshape(out_features, d)
 
 
-def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", label_as: str | None = None):
+def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", label_as: str | None = None,
+               rope_dims: int | None = None):
     """The tiny HF Llama as a llama.cpp GGUF with a byte-level vocabulary. 2-D weights are stored as
-    `tensor_type` (norms stay F32, like llama.cpp); `label_as` mislabels them with another type."""
+    `tensor_type` (norms stay F32, like llama.cpp); `label_as` mislabels them with another type;
+    `rope_dims`: the rope.dimension_count written."""
     c, sd = hf.config, hf.state_dict()
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
                "output_norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
@@ -221,6 +223,8 @@ def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", 
         for name, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
             tensors[f"blk.{i}.{name}.weight"] = llama_cpp_permute(tensors[f"blk.{i}.{name}.weight"], heads)
     writer = gguf_writer(path, architecture, c)
+    if rope_dims is not None:
+        writer.add_rope_dimension_count(rope_dims)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt2")
     writer.add_token_list([bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"])
@@ -314,6 +318,15 @@ def test_gguf_unsupported_architecture(tmp_path, llama_folder):
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3, "
                                          "gemma3"):
         from_pretrained(path)
+
+
+def test_gguf_with_rope_on_part_of_each_head_is_refused(tmp_path, llama_folder):
+    hf, _ = llama_folder
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    assert from_pretrained(write_gguf(tmp_path / "whole.gguf", hf, rope_dims=head_dim))[0].cfg.rope_fraction == 1
+    with pytest.raises(ValueError, match=f"rope.dimension_count {head_dim // 2} is not the head size {head_dim}; "
+                                         "llama applies RoPE to whole heads"):
+        from_pretrained(write_gguf(tmp_path / "half.gguf", hf, rope_dims=head_dim // 2))
 
 
 def test_truncated_gguf(tmp_path, tiny_gguf):

@@ -60,7 +60,8 @@ INVERSES = {
 
 
 def architecture(cfg, fmt: str) -> str:
-    """llama.cpp's architecture for the model (ValueError naming the ones this format holds)."""
+    """llama.cpp's architecture for the model; a ValueError for a model llama.cpp cannot run (another family,
+    a classifier, RoPE on part of each head, Gemma 3 without sliding layers), naming what can hold it."""
     if cfg.flavor not in ARCHITECTURES:
         raise ValueError(f"format {fmt!r} holds {', '.join(ARCHITECTURES)} models (the GGUF architectures minipeft "
                          f"reads back), not {cfg.flavor}; export it with format 'hf' (llama.cpp's "
@@ -68,7 +69,14 @@ def architecture(cfg, fmt: str) -> str:
     if cfg.n_classes:
         raise ValueError(f"llama.cpp runs language models, and this one has a classifier head; format {fmt!r} "
                          "cannot hold it (format 'hf' can, for decoder families)")
-    return ARCHITECTURES[cfg.flavor]
+    arch = ARCHITECTURES[cfg.flavor]
+    if cfg.rope_fraction != 1:
+        raise ValueError(f"llama.cpp's {arch} applies RoPE to whole heads, and this model to {cfg.rope_fraction:g} "
+                         f"of each; format {fmt!r} cannot hold it")
+    if arch == "gemma3" and not any(cfg.window(i) for i in range(cfg.n_layer)):
+        raise ValueError(f"llama.cpp's gemma3 needs layers with a sliding window (it stops the program without "
+                         f"one), and this model has none; format {fmt!r} cannot hold it, format 'hf' can")
+    return arch
 
 
 def gguf_names(cfg) -> dict[str, tuple[str, object]]:
