@@ -94,8 +94,6 @@ def _encoder_fields(cfg: ModelConfig) -> dict:
 def _rope_parameters(cfg: ModelConfig) -> dict:
     """transformers 5's rope_parameters (Gemma 3: one entry per layer type)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
-    if cfg.flavor == "phi3":  # the one family whose attention rotates part of each head (Llama's would not)
-        rope["partial_rotary_factor"] = cfg.rope_fraction
     if cfg.flavor == "gemma3":
         return {"full_attention": rope, "sliding_attention": {"rope_type": "default",
                                                               "rope_theta": cfg.rope_local_theta}}
@@ -109,7 +107,7 @@ _DECODER_EXTRAS = {
     "qwen2": ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"),
     "qwen3": ("head_dim", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers",
               "layer_types"),
-    "phi3": ("sliding_window", "partial_rotary_factor", "resid_pdrop", "embd_pdrop"),
+    "phi3": ("sliding_window", "partial_rotary_factor", "resid_pdrop", "embd_pdrop"),  # RoPE on part of each head
     "gemma": ("head_dim", "attention_bias", "hidden_activation"),
     "gemma2": ("head_dim", "attention_bias", "hidden_activation", "sliding_window", "layer_types",
                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
