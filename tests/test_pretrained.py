@@ -179,8 +179,8 @@ def test_older_llama_config_with_top_level_rope_theta(llama_folder, tmp_path):
     config["rope_scaling"] = None
     config["partial_rotary_factor"] = 0.5  # Phi-3's setting: transformers' Llama would rotate whole heads
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported: transformers' llama rotates "
-                                         "whole heads"):
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported: transformers' llama applies "
+                                         "RoPE to whole heads"):
         from_pretrained(tmp_path)
 
 

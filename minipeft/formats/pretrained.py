@@ -443,7 +443,7 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
         layer_pattern=_layer_pattern(c, family),
         **_rope_settings(c, source, "full_attention" if family == "gemma3" else None))
     _require(family == "phi3" or config["rope_fraction"] == 1, source, f"partial_rotary_factor "
-             f"{config['rope_fraction']} is not supported: transformers' {family} rotates whole heads")
+             f"{config['rope_fraction']} is not supported: transformers' {family} applies RoPE to whole heads")
     if "attention_bias" in c:  # Llama, Qwen3, Gemma: q, k, v and o together
         config.update(qkv_bias=bool(c["attention_bias"]), o_bias=bool(c["attention_bias"]))
     if "mlp_bias" in c:
