@@ -26,6 +26,7 @@ import minipeft as mp
 from minipeft.core.model import FAMILIES
 from minipeft.exporters import check
 from minipeft.formats import chat
+from minipeft.formats.assets import asset_path
 from conftest import perturb_trainable, tiny_batch, tiny_model
 from minipeft.formats.tokenization import byte_tokenizer
 
@@ -500,7 +501,9 @@ def test_minilm_from_its_hf_folder_exports_to_transformers(tmp_path):
     mp.apply(model, "lora", rank=4, targets=["q", "v", "up"])
     perturb_trainable(model, seed=5)
     mp.export(model, tmp_path / "out", format="hf", tokenizer=tokenizer)
-    assert json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
+    pooling = json.loads((tmp_path / "out" / "1_Pooling" / "config.json").read_text())
+    source = json.loads((asset_path("minilm") / "1_Pooling" / "config.json").read_text())  # sentence-transformers'
+    assert pooling["pooling_mode_mean_tokens"] and pooling == {key: source[key] for key in pooling}
     hf = transformers_model(tmp_path / "out")
     text = "A gripping, beautifully shot film; the ending falls flat."
     encoded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text, return_tensors="pt")
