@@ -602,6 +602,24 @@ def test_mixed_classification_sources_share_their_label_names(tmp_path):
             [alone.label_names[i] for i in alone.splits["train"].labels]
 
 
+def test_mixed_sources_are_read_through_columns_only_where_they_have_them(tmp_path):
+    """--columns renames the columns of the sources that have them; a source with none of them is read as it
+    is (so differently named files mix), and one with some but not all is still an error."""
+    columns = {"prompt": "question", "completion": "answer"}
+    named = write_jsonl(tmp_path / "named.jsonl", qa_rows(20))
+    plain = write_jsonl(tmp_path / "plain.jsonl", as_fields(qa_rows(20)[::-1], prompt="question", completion="answer"))
+    mixed = tasks.load_task([named, plain], byte_tokenizer(), max_len=64, columns=columns)
+    alone = [tasks.load_task(named, byte_tokenizer(), max_len=64, columns=columns),
+             tasks.load_task(plain, byte_tokenizer(), max_len=64)]
+    for split in ("validation", "test"):
+        assert mixed.splits[split].input_ids == alone[0].splits[split].input_ids + alone[1].splits[split].input_ids
+    assert sorted(mixed.splits["train"].input_ids) == sorted(alone[0].splits["train"].input_ids +
+                                                             alone[1].splits["train"].input_ids)
+    half = write_jsonl(tmp_path / "half.jsonl", [{"question": r["question"], "reply": r["answer"]} for r in qa_rows()])
+    with pytest.raises(ValueError, match=r"half\.jsonl line 1 has no field 'answer' \(--columns completion=answer\)"):
+        tasks.load_task([named, half], byte_tokenizer(), max_len=64, columns=columns)
+
+
 # bad input: one sentence naming the file, the line or row, and the fix
 
 
@@ -658,6 +676,9 @@ def test_every_reader_names_its_bad_rows(tmp_path):
     write(tmp_path / "pairs.json", json.dumps(pairs))
     with pytest.raises(ValueError, match=r"pairs\.json row 3: an empty completion"):
         tasks.load_task(tmp_path / "pairs.json", byte_tokenizer())
+    write(tmp_path / "listed.json", json.dumps([pairs[0], ["a", "b"]]))
+    with pytest.raises(ValueError, match=r"listed\.json row 2 is not a JSON object"):
+        tasks.load_task(tmp_path / "listed.json", byte_tokenizer())
     write(tmp_path / "chats.csv", 'messages\n"[{""role"": ""assistant"", ""content"": ""a""}]"\n"[{""role"": ""user""\n')
     with pytest.raises(ValueError, match=r"chats\.csv line 3: 'messages' is text but not valid JSON"):
         tasks.load_task(tmp_path / "chats.csv", byte_tokenizer())
