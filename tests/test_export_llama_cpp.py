@@ -50,10 +50,13 @@ def llama_logits(path, ids, lora=None) -> torch.Tensor:
 
 
 def llama_vocabulary(path, text: str) -> tuple[list[int], dict]:
-    """llama.cpp's token ids for `text` (no <bos> added) and the file's metadata, from the vocabulary alone."""
+    """llama.cpp's token ids for `text` (no <bos> added) and the file's metadata, from the vocabulary alone;
+    the ids read back (detokenized) must give the text again."""
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
-        return llm.tokenize(text.encode(), add_bos=False, special=True), dict(llm.metadata)
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert llm.detokenize(ids, special=True).decode() == text
+        return ids, dict(llm.metadata)
     finally:
         llm.close()
 
