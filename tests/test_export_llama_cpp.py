@@ -27,6 +27,7 @@ from minipeft.formats.assets import asset_path
 from minipeft.exporters.check import plain_model
 from minipeft.exporters.hf import hf_config
 from minipeft.exporters.merged import base_weights
+from minipeft.formats.gguf_file import GGUFFile
 from minipeft.formats.tokenization import END_OF_TEXT, byte_level_bpe, bytes_to_unicode
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -121,6 +122,9 @@ def test_merged_gguf_export_agrees_with_minipeft_in_llama_cpp(smollm2_lora, pass
     text = HAMLET[40_000:40_400] + "\n<|im_start|>user\nHi 2024!<|im_end|>"
     ids, metadata = llama_vocabulary(path, text)
     assert ids == tokenizer.encode(text).ids and metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    vocabulary = [{k: v for k, v in GGUFFile(file).metadata.items() if k.startswith("tokenizer.")}
+                  for file in (path, asset_path("smollm2"))]
+    assert vocabulary[0] == vocabulary[1]  # the source file's vocabulary, as it was
 
 
 def test_gguf_lora_on_the_quantized_base_does_what_the_adapter_does(smollm2_lora, passage, lora_file):
@@ -200,4 +204,11 @@ def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, override
         ours = model(torch.tensor([ids]))[0]
     print(f"\ntiny {flavor} in llama.cpp: largest |logit difference| {(theirs - ours).abs().max():.2e}")
     assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
-    assert llama_vocabulary(tmp_path / "out" / "model.gguf", HAMLET[:300])[0] == tokenizer.encode(HAMLET[:300]).ids
+    ids, metadata = llama_vocabulary(tmp_path / "out" / "model.gguf", HAMLET[:300])
+    assert ids == tokenizer.encode(HAMLET[:300]).ids
+    # llama-cpp-python renders chats with the file's template, as minipeft does (a base model: the plain one)
+    messages = [{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": "Nay, answer me."},
+                {"role": "user", "content": "Long live the king!"}]
+    prompt = llama_cpp.llama_chat_format.Jinja2ChatFormatter(metadata["tokenizer.chat_template"], END_OF_TEXT, "")
+    assert prompt(messages=messages).prompt == mp.apply_chat_template(tokenizer, messages, add_generation_prompt=True,
+                                                                      tokenize=False)

@@ -118,12 +118,10 @@ def architecture_metadata(cfg, arch: str) -> dict:
             "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
             "rope.dimension_count": cfg.rotary_dim, "rope.freq_base": float(cfg.rope_theta),
             "vocab_size": cfg.vocab_size}
-    if arch == "gemma3":
-        windows = [cfg.window(i) is not None for i in range(cfg.n_layer)]
-        if cfg.sliding_window and any(windows):
-            meta.update({"attention.sliding_window": cfg.sliding_window,
-                         "attention.sliding_window_pattern": windows,
-                         "rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)})
+    if arch == "gemma3":  # some layer slides: architecture() refuses a Gemma 3 without
+        meta.update({"attention.sliding_window": cfg.sliding_window,
+                     "attention.sliding_window_pattern": [cfg.window(i) is not None for i in range(cfg.n_layer)],
+                     "rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)})
     return {f"{arch}.{key}": value for key, value in meta.items()}
 
 
