@@ -1,8 +1,9 @@
 """GGUF exports run by llama.cpp itself (llama-cpp-python, built from source; .ci/run builds and caches it):
 
 - gguf: the merged fp32 / f16 export of a LoRA-tuned SmolLM2 agrees with minipeft on the argmax at every
-  position of a teacher-forced Hamlet passage and on 16 greedy tokens; tiny qwen2, qwen3 and gemma3 models
-  (sliding window, q/k norms, biases) give llama.cpp minipeft's logits;
+  position of a teacher-forced Hamlet passage and on 16 greedy tokens; tiny llama, qwen2, qwen3 and gemma3
+  models (sliding window, q/k norms, biases) give llama.cpp minipeft's logits, and their vocabularies (each
+  pre-tokenizer the export names) minipeft's tokens;
 - gguf-lora: on the unmodified Q4_1 SmolLM2 base GGUF, the adapter changes llama.cpp's logits as it changes
   minipeft's (correlation ≥ 0.9, the same size), and llama.cpp's own convert_lora_to_gguf.py, run on
   minipeft's peft export, gives the same logits as minipeft's file.
@@ -28,7 +29,7 @@ from minipeft.exporters.check import plain_model
 from minipeft.exporters.hf import hf_config
 from minipeft.exporters.merged import base_weights
 from minipeft.formats.gguf_file import GGUFFile
-from minipeft.formats.tokenization import END_OF_TEXT, byte_level_bpe, bytes_to_unicode
+from minipeft.formats.tokenization import END_OF_TEXT, GGUF_PRE_TOKENIZERS, byte_level_bpe, bytes_to_unicode
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -160,38 +161,41 @@ def test_llama_cpps_converter_on_the_peft_export_gives_the_same_logits(smollm2_l
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def tiny_tokenizer() -> Tokenizer:
-    """Byte-level BPE with one merge ("Ġ" + "t" = id 256) and <|endoftext|> (257): the smallest vocabulary
-    llama.cpp loads (it needs merges)."""
+def tiny_tokenizer(pre: str = "gpt-2") -> Tokenizer:
+    """Byte-level BPE with three merges ("Ġ" + "t", "1" + "2", "(" + "t": ids 256-258) and <|endoftext|> (259):
+    the smallest vocabulary llama.cpp loads (it needs merges), cut into pieces by the pre-tokenizer llama.cpp
+    calls `pre` (gpt-2, smollm or qwen2). Whether "12" or "(t" merge shows how the text was cut."""
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    vocab["Ġt"] = 256
-    tokenizer = byte_level_bpe(vocab, [("Ġ", "t")])
+    vocab.update({"Ġt": 256, "12": 257, "(t": 258})
+    tokenizer = byte_level_bpe(vocab, [("Ġ", "t"), ("1", "2"), ("(", "t")])
+    tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
     tokenizer.eos_token = END_OF_TEXT
     return tokenizer
 
 
-def tiny_decoder(flavor, **overrides):
-    """A tiny model with tiny_tokenizer's 258 tokens."""
-    cfg = mp.ModelConfig(**{**dict(vocab_size=258, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
-                                   pad_token_id=257, extra={"source": f"tiny-{flavor}"}), "flavor": flavor, **overrides})
+def tiny_decoder(flavor, pre: str = "gpt-2", **overrides):
+    """A tiny model with tiny_tokenizer's 260 tokens."""
+    cfg = mp.ModelConfig(**{**dict(vocab_size=260, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
+                                   pad_token_id=259, extra={"source": f"tiny-{flavor}"}), "flavor": flavor, **overrides})
     torch.manual_seed(0)
     model = mp.Transformer(cfg).eval()
     with torch.no_grad():  # norms off their init (1 or 0), so a wrong offset shows
         for name, p in model.named_parameters():
             if "ln" in name or "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape))
-    return model, tiny_tokenizer()
+    return model, tiny_tokenizer(pre)
 
 
-@pytest.mark.parametrize("flavor, overrides", [
-    ("llama", dict(tie_embeddings=False)),
-    ("qwen2", dict()),
-    ("qwen3", dict(head_dim=32)),
-    ("gemma3", dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6, rope_local_theta=1e4)),
+@pytest.mark.parametrize("flavor, pre, overrides", [  # each of the pre-tokenizers the export names once at least
+    ("llama", "smollm", dict(tie_embeddings=False)),
+    ("qwen2", "qwen2", dict()),
+    ("qwen3", "gpt-2", dict(head_dim=32)),
+    ("gemma3", "gpt-2", dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6,
+                             rope_local_theta=1e4)),
 ])
-def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, overrides, tmp_path):
-    model, tokenizer = tiny_decoder(flavor, **overrides)
+def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, overrides, tmp_path):
+    model, tokenizer = tiny_decoder(flavor, pre, **overrides)
     mp.apply(model, "lora", rank=2, targets=["all"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -204,8 +208,9 @@ def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, override
         ours = model(torch.tensor([ids]))[0]
     print(f"\ntiny {flavor} in llama.cpp: largest |logit difference| {(theirs - ours).abs().max():.2e}")
     assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
-    ids, metadata = llama_vocabulary(tmp_path / "out" / "model.gguf", HAMLET[:300])
-    assert ids == tokenizer.encode(HAMLET[:300]).ids
+    text = HAMLET[:300] + " In 1212,\n(they said) it's 12:12."  # gpt-2 merges "12", qwen2 "(t", smollm neither
+    ids, metadata = llama_vocabulary(tmp_path / "out" / "model.gguf", text)
+    assert metadata["tokenizer.ggml.pre"] == pre and ids == tokenizer.encode(text).ids
     # llama-cpp-python renders chats with the file's template, as minipeft does (a base model: the plain one)
     messages = [{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": "Nay, answer me."},
                 {"role": "user", "content": "Long live the king!"}]
