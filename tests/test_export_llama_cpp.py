@@ -211,6 +211,8 @@ def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, ove
     text = HAMLET[:300] + " In 1212,\n(they said) it's 12:12."  # gpt-2 merges "12", qwen2 "(t", smollm neither
     ids, metadata = llama_vocabulary(tmp_path / "out" / "model.gguf", text)
     assert metadata["tokenizer.ggml.pre"] == pre and ids == tokenizer.encode(text).ids
+    # the model records no bos or eos id: the tokenizer's end-of-text token is its eos, and it has no bos
+    assert metadata["tokenizer.ggml.eos_token_id"] == "259" and "tokenizer.ggml.bos_token_id" not in metadata
     # llama-cpp-python renders chats with the file's template, as minipeft does (a base model: the plain one)
     messages = [{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": "Nay, answer me."},
                 {"role": "user", "content": "Long live the king!"}]
