@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, processors
 
 import minipeft as mp
 from minipeft.formats.assets import asset_path
@@ -52,12 +52,13 @@ def llama_logits(path, ids, lora=None) -> torch.Tensor:
 
 
 def llama_vocabulary(path, text: str) -> tuple[list[int], dict]:
-    """llama.cpp's token ids for `text` (no <bos> added) and the file's metadata, from the vocabulary alone;
-    the ids read back (detokenized) must give the text again."""
+    """llama.cpp's token ids for `text` (<bos> first if the file asks for it) and the file's metadata, from
+    the vocabulary alone; the ids read back (detokenized) must give the text again."""
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-        assert llm.detokenize(ids, special=True).decode() == text
+        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+        body = ids[1:] if ids[:1] == [llm.token_bos()] else ids
+        assert llm.detokenize(body, special=True).decode() == text
         return ids, dict(llm.metadata)
     finally:
         llm.close()
@@ -161,20 +162,25 @@ def test_llama_cpps_converter_on_the_peft_export_gives_the_same_logits(smollm2_l
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def tiny_tokenizer(pre: str = "gpt-2") -> Tokenizer:
+def tiny_tokenizer(pre: str = "gpt-2", bos: bool = False) -> Tokenizer:
     """Byte-level BPE with three merges ("Ġ" + "t", "1" + "2", "(" + "t": ids 256-258) and <|endoftext|> (259):
     the smallest vocabulary llama.cpp loads (it needs merges), cut into pieces by the pre-tokenizer llama.cpp
-    calls `pre` (gpt-2, smollm or qwen2). Whether "12" or "(t" merge shows how the text was cut."""
+    calls `pre` (gpt-2, smollm or qwen2). Whether "12" or "(t" merge shows how the text was cut. `bos`: it
+    puts <|endoftext|> before what it encodes, as Gemma's and Llama 3's put their <bos>."""
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     vocab.update({"Ġt": 256, "12": 257, "(t": 258})
     tokenizer = byte_level_bpe(vocab, [("Ġ", "t"), ("1", "2"), ("(", "t")])
     tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
     tokenizer.eos_token = END_OF_TEXT
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{END_OF_TEXT} $A",
+                                                                 special_tokens=[(END_OF_TEXT, 259)])
+        tokenizer.bos_token = END_OF_TEXT
     return tokenizer
 
 
-def tiny_decoder(flavor, pre: str = "gpt-2", **overrides):
+def tiny_decoder(flavor, pre: str = "gpt-2", bos: bool = False, **overrides):
     """A tiny model with tiny_tokenizer's 260 tokens."""
     cfg = mp.ModelConfig(**{**dict(vocab_size=260, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
                                    pad_token_id=259, extra={"source": f"tiny-{flavor}"}), "flavor": flavor, **overrides})
@@ -184,18 +190,18 @@ def tiny_decoder(flavor, pre: str = "gpt-2", **overrides):
         for name, p in model.named_parameters():
             if "ln" in name or "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape))
-    return model, tiny_tokenizer(pre)
+    return model, tiny_tokenizer(pre, bos)
 
 
-@pytest.mark.parametrize("flavor, pre, overrides", [  # each of the pre-tokenizers the export names once at least
-    ("llama", "smollm", dict(tie_embeddings=False)),
-    ("qwen2", "qwen2", dict()),
-    ("qwen3", "gpt-2", dict(head_dim=32)),
-    ("gemma3", "gpt-2", dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6,
-                             rope_local_theta=1e4)),
+@pytest.mark.parametrize("flavor, pre, bos, overrides", [  # each pre-tokenizer the export names, with and without <bos>
+    ("llama", "smollm", False, dict(tie_embeddings=False)),
+    ("qwen2", "qwen2", False, dict()),
+    ("qwen3", "gpt-2", False, dict(head_dim=32)),
+    ("gemma3", "gpt-2", True, dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6,
+                                   rope_local_theta=1e4)),
 ])
-def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, overrides, tmp_path):
-    model, tokenizer = tiny_decoder(flavor, pre, **overrides)
+def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, bos, overrides, tmp_path):
+    model, tokenizer = tiny_decoder(flavor, pre, bos, **overrides)
     mp.apply(model, "lora", rank=2, targets=["all"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -210,9 +216,10 @@ def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, ove
     assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
     text = HAMLET[:300] + " In 1212,\n(they said) it's 12:12."  # gpt-2 merges "12", qwen2 "(t", smollm neither
     ids, metadata = llama_vocabulary(tmp_path / "out" / "model.gguf", text)
-    assert metadata["tokenizer.ggml.pre"] == pre and ids == tokenizer.encode(text).ids
-    # the model records no bos or eos id: the tokenizer's end-of-text token is its eos, and it has no bos
-    assert metadata["tokenizer.ggml.eos_token_id"] == "259" and "tokenizer.ggml.bos_token_id" not in metadata
+    assert metadata["tokenizer.ggml.pre"] == pre and ids == tokenizer.encode(text).ids  # <bos> as ours adds it
+    # the model records no bos or eos id: they come from the tokenizer (end-of-text the eos; a bos if it has one)
+    assert metadata["tokenizer.ggml.eos_token_id"] == "259" and metadata.get("tokenizer.ggml.bos_token_id") == \
+        ("259" if bos else None) and (ids[0] == 259) == bos
     # llama-cpp-python renders chats with the file's template, as minipeft does (a base model: the plain one)
     messages = [{"role": "user", "content": "Who's there?"}, {"role": "assistant", "content": "Nay, answer me."},
                 {"role": "user", "content": "Long live the king!"}]
