@@ -28,7 +28,7 @@ from minipeft.exporters import check
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from conftest import perturb_trainable, tiny_batch, tiny_model
-from minipeft.formats.tokenization import byte_tokenizer
+from minipeft.formats.tokenization import byte_level_bpe, byte_tokenizer, bytes_to_unicode
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -200,6 +200,16 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="llama.cpp's gemma3 needs layers with a sliding window .* and this model has "
                                          "none; format 'gguf' cannot hold it, format 'hf' can"):
         mp.export(tuned("gemma3", config=dict(layer_pattern="F", rope_scaling=None)), tmp_path / "b", format="gguf")
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()} | {"Ġt": 256}
+    tokenizer = byte_level_bpe(vocab, [("Ġ", "t")])  # llama.cpp's vocabulary needs merges
+    for family, settings, message in [
+            ("llama", {}, "format 'gguf' holds unscaled RoPE only .* and this model scales it \\(llama3\\)"),
+            ("gemma3", dict(rope_scaling=None), "llama.cpp scales Gemma 3's attention by head_dim\\^-0.5, and this "
+                                                "model by 12.0\\^-0.5"),
+            ("qwen2", dict(final_softcap=3.0), "a GGUF qwen2 file cannot hold final_softcap=3.0")]:
+        with pytest.raises(ValueError, match=message):
+            mp.export(tuned(family, config=dict(settings, vocab_size=257)), tmp_path / family, format="gguf",
+                      tokenizer=tokenizer)
     assert not any(tmp_path.iterdir())
 
 
