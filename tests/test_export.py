@@ -210,6 +210,11 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
         with pytest.raises(ValueError, match=message):
             mp.export(tuned(family, config=dict(settings, vocab_size=257)), tmp_path / family, format="gguf",
                       tokenizer=tokenizer)
+    # a split regex of which the export knows no llama.cpp name (Llama 3's is one)
+    other_split = byte_level_bpe(vocab, [("Ġ", "t")], split=r"\p{N}{1,3}| ?\p{L}+|\s+")
+    with pytest.raises(ValueError, match="the tokenizer's pre-tokenizer is not one llama.cpp names"):
+        mp.export(tuned("qwen2", config=dict(vocab_size=257)), tmp_path / "split", format="gguf",
+                  tokenizer=other_split)
     assert not any(tmp_path.iterdir())
 
 
