@@ -182,8 +182,8 @@ def tiny_tokenizer(pre: str = "gpt-2", bos: bool = False) -> Tokenizer:
 
 def tiny_decoder(flavor, pre: str = "gpt-2", bos: bool = False, **overrides):
     """A tiny model with tiny_tokenizer's 260 tokens."""
-    cfg = mp.ModelConfig(**{**dict(vocab_size=260, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
-                                   pad_token_id=259, extra={"source": f"tiny-{flavor}"}), "flavor": flavor, **overrides})
+    sizes = dict(vocab_size=260, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, pad_token_id=259)
+    cfg = mp.ModelConfig(**{**sizes, "extra": {"source": f"tiny-{flavor}"}, "flavor": flavor, **overrides})
     torch.manual_seed(0)
     model = mp.Transformer(cfg).eval()
     with torch.no_grad():  # norms off their init (1 or 0), so a wrong offset shows
