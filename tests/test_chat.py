@@ -1,5 +1,6 @@
-"""Tests for minipeft/formats/chat.py: the model's own chat template, token for token as transformers renders it,
-the sandbox, template errors, the plain fallback and the answer spans that SFT labels come from."""
+"""Tests for minipeft/formats/chat.py: the model's own chat template, token for token as transformers renders it
+(and a template using what SmolLM2's does not, on SmolLM2's and Gemma 3's tokenizers), the sandbox, template
+errors, the plain fallback and the answer spans that SFT labels come from."""
 import json
 
 import pytest
@@ -71,9 +72,9 @@ FEATURES_TEMPLATE = """{{ bos_token }}
 
 
 @pytest.mark.parametrize("generation_prompt", [False, True])
-@pytest.mark.parametrize("asset, bos", [("smollm2", "<|im_start|>"), ("gemma3-270m", "<bos>")])
-def test_what_templates_use_renders_as_in_transformers(asset, bos, generation_prompt, request, tmp_path):
-    ours, theirs = request.getfixturevalue(f"{asset.split('-')[0]}_tokenizers")
+@pytest.mark.parametrize("pair, bos", [("smollm2_tokenizers", "<|im_start|>"), ("gemma3_tokenizers", "<bos>")])
+def test_what_templates_use_renders_as_in_transformers(pair, bos, generation_prompt, request, tmp_path):
+    ours, theirs = request.getfixturevalue(pair)
     path = tmp_path / "features.jinja"
     path.write_text(FEATURES_TEMPLATE)
     texts = []
