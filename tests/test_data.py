@@ -620,6 +620,15 @@ def test_mixed_sources_are_read_through_columns_only_where_they_have_them(tmp_pa
         tasks.load_task([named, half], byte_tokenizer(), max_len=64, columns=columns)
 
 
+def test_mixed_sources_with_numbered_labels_number_them_as_one_file_would(tmp_path):
+    first = write_csv(tmp_path / "first.csv", toy_rows([0, 1]))
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": t, "label": l} for t, l in toy_rows([1, 3])])
+    mixed = tasks.load_task([first, second], byte_tokenizer(), max_len=16)
+    one_file = tasks.load_task(write_csv(tmp_path / "one.csv", toy_rows([0, 1, 3])), byte_tokenizer(), max_len=16)
+    assert mixed.label_names == one_file.label_names == ["0", "1", "2", "3"] and mixed.n_classes == 4
+    assert sorted(mixed.splits["train"].labels) == sorted(one_file.splits["train"].labels + [1] * 8)
+
+
 # bad input: one sentence naming the file, the line or row, and the fix
 
 
