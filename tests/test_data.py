@@ -293,6 +293,8 @@ def test_lm_text_too_short(tmp_path):
         tasks.load_lm(write(tmp_path / "short.txt", "hello"), byte_tokenizer(), max_len=10)
     with pytest.raises(ValueError, match=r"empty\.txt has 0 tokens"):
         tasks.load_lm(write(tmp_path / "empty.txt", ""), byte_tokenizer())
+    shortest = tasks.load_lm(write(tmp_path / "33.txt", "x" * 33), byte_tokenizer(), max_len=10)  # 3 windows of 11
+    assert [len(shortest.splits[split]) for split in tasks.SPLITS] == [1, 1, 1]
 
 
 def test_lm_rejects_other_sources(tmp_path):
