@@ -199,6 +199,7 @@ def tiny_decoder(flavor, pre: str = "gpt-2", bos: bool = False, **overrides):
     ("qwen3", "gpt-2", False, dict(head_dim=32)),
     ("gemma3", "gpt-2", True, dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6,
                                    rope_local_theta=1e4)),
+    ("gemma3", "gpt-2", False, dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_fraction=0.5)),  # partial
 ])
 def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, bos, overrides, tmp_path):
     model, tokenizer = tiny_decoder(flavor, pre, bos, **overrides)

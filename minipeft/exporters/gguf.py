@@ -32,7 +32,8 @@ import torch
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from minipeft.formats.gguf_file import GGUFFile
-from minipeft.formats.gguf_model import GGUF_ARCHITECTURES, gguf_config, gguf_k, gguf_q, gguf_rules, minus_one
+from minipeft.formats.gguf_model import (GGUF_ARCHITECTURES, PARTIAL_ROPE, gguf_config, gguf_k, gguf_q, gguf_rules,
+                                         minus_one)
 from minipeft.formats.pretrained import ASSET_MODELS
 from minipeft.formats.tokenization import QWEN2_SPLIT
 from .hf import unheld
@@ -61,7 +62,8 @@ INVERSES = {
 
 def architecture(cfg, fmt: str) -> str:
     """llama.cpp's architecture for the model; a ValueError for a model llama.cpp cannot run (another family,
-    a classifier, RoPE on part of each head, Gemma 3 without sliding layers), naming what can hold it."""
+    a classifier, RoPE on part of each head but in Gemma 3, Gemma 3 without sliding layers), naming what can
+    hold it."""
     if cfg.flavor not in ARCHITECTURES:
         raise ValueError(f"format {fmt!r} holds {', '.join(ARCHITECTURES)} models (the GGUF architectures minipeft "
                          f"reads back), not {cfg.flavor}; export it with format 'hf' (llama.cpp's "
@@ -70,7 +72,7 @@ def architecture(cfg, fmt: str) -> str:
         raise ValueError(f"llama.cpp runs language models, and this one has a classifier head; format {fmt!r} "
                          "cannot hold it (format 'hf' can, for decoder families)")
     arch = ARCHITECTURES[cfg.flavor]
-    if cfg.rope_fraction != 1:
+    if cfg.rope_fraction != 1 and arch not in PARTIAL_ROPE:
         raise ValueError(f"llama.cpp's {arch} applies RoPE to whole heads, and this model to {cfg.rope_fraction:g} "
                          f"of each; format {fmt!r} cannot hold it")
     if arch == "gemma3" and not any(cfg.window(i) for i in range(cfg.n_layer)):

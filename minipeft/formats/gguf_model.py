@@ -102,6 +102,9 @@ def load_gguf(path: Path, overrides: dict, source: str) -> tuple[Transformer, To
     return model, tokenizer
 
 
+PARTIAL_ROPE = ("gemma3",)  # llama.cpp's architectures that apply RoPE to part of each head (the others refuse)
+
+
 def gguf_config(meta: dict, architecture: str, tensor_names: list[str], path: Path) -> dict:
     """ModelConfig fields from the metadata, which llama.cpp names `<architecture>.<key>`."""
     def get(key, default=_REQUIRED):
@@ -114,13 +117,14 @@ def gguf_config(meta: dict, architecture: str, tensor_names: list[str], path: Pa
         raise ValueError(f"{path}: RoPE scaling is not supported; only the default (unscaled) RoPE is")
     n_head, d_model = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", d_model // n_head)
-    if get("rope.dimension_count", head_dim) != head_dim:  # llama.cpp refuses such a file too
+    if architecture not in PARTIAL_ROPE and get("rope.dimension_count", head_dim) != head_dim:  # as llama.cpp
         raise ValueError(f"{path}: rope.dimension_count {get('rope.dimension_count')} is not the head size "
                          f"{head_dim}; {architecture} applies RoPE to whole heads")
     config = dict(
         flavor=GGUF_ARCHITECTURES[architecture], vocab_size=len(get("tokenizer.ggml.tokens")),
         n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
-        d_model=d_model, d_ff=get("feed_forward_length"), head_dim=head_dim, max_seq_len=get("context_length"),
+        d_model=d_model, d_ff=get("feed_forward_length"), head_dim=head_dim,
+        rope_fraction=get("rope.dimension_count", head_dim) / head_dim, max_seq_len=get("context_length"),
         norm_eps=get("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensor_names,  # no output.weight: the head is tok_emb
         pad_token_id=get("tokenizer.ggml.padding_token_id", 0))
