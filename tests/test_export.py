@@ -203,7 +203,9 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
     vocab = {char: byte for byte, char in bytes_to_unicode().items()} | {"Ġt": 256}
     tokenizer = byte_level_bpe(vocab, [("Ġ", "t")])  # llama.cpp's vocabulary needs merges
     for family, settings, message in [
-            ("llama", {}, "format 'gguf' holds unscaled RoPE only .* and this model scales it \\(llama3\\)"),
+            ("qwen2", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+             "llama.cpp reads Llama 3's RoPE scaling in llama files only, and this is a qwen2 model"),
             ("gemma3", dict(rope_scaling=None), "llama.cpp scales Gemma 3's attention by head_dim\\^-0.5, and this "
                                                 "model by 12.0\\^-0.5"),
             ("qwen2", dict(final_softcap=3.0), "a GGUF qwen2 file cannot hold final_softcap=3.0")]:

@@ -193,12 +193,18 @@ def tiny_decoder(flavor, pre: str = "gpt-2", bos: bool = False, **overrides):
     return model, tiny_tokenizer(pre, bos)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # heads of 16: speed 0 kept, 1 and 2 blended, the rest slowed
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+
+
 @pytest.mark.parametrize("flavor, pre, bos, overrides", [  # each pre-tokenizer the export names, with and without <bos>
     ("llama", "smollm", False, dict(tie_embeddings=False)),
-    ("qwen2", "qwen2", False, dict()),
+    ("llama", "smollm", False, dict(rope_scaling=LLAMA3_ROPE)),
+    ("qwen2", "qwen2", False, dict(rope_scaling=LINEAR_ROPE)),
     ("qwen3", "gpt-2", False, dict(head_dim=32)),
     ("gemma3", "gpt-2", True, dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_theta=1e6,
-                                   rope_local_theta=1e4)),
+                                   rope_local_theta=1e4, rope_scaling=LINEAR_ROPE, final_softcap=3.0)),
     ("gemma3", "gpt-2", False, dict(head_dim=32, sliding_window=6, layer_pattern="SF", rope_fraction=0.5)),  # partial
 ])
 def test_tiny_models_of_each_gguf_architecture_run_in_llama_cpp(flavor, pre, bos, overrides, tmp_path):
@@ -257,3 +263,36 @@ def test_a_q8_0_export_runs_in_llama_cpp_as_minipeft_reads_it(d_model, tmp_path)
     # at d_model 64 (0.4 % at 48, mostly fp16), correlation 0.9998
     assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
     assert torch.corrcoef(torch.stack([theirs.flatten(), ours.flatten()]))[0, 1] > 0.999
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return mp.from_pretrained("smollm2")[1]
+
+
+@pytest.mark.skipif(not (CONVERTERS / "convert_hf_to_gguf.py").exists(),
+                    reason=f"llama.cpp's converters are not unpacked at {CONVERTERS} (.ci/run does it)")
+@pytest.mark.parametrize("flavor, overrides", [
+    ("llama", dict(rope_scaling=LLAMA3_ROPE)),  # written as the rope_freqs tensor: each speed's divisor
+    ("gemma3", dict(head_dim=32, sliding_window=6, layer_pattern="SSSSSF", n_layer=6, rope_scaling=LINEAR_ROPE,
+                    final_softcap=3.0)),  # the converter writes no layer pattern: llama.cpp's default, every 6th
+])
+def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, overrides, smollm2_tokenizer,
+                                                                       tmp_path):
+    """What users do with a model of the hub: llama.cpp's convert_hf_to_gguf.py on its folder (here the hf
+    export of a tiny model with SmolLM2's vocabulary, which the converter knows), then the GGUF file into
+    minipeft: the model's logits, and llama.cpp's on the same file."""
+    model, _ = tiny_decoder(flavor, vocab_size=smollm2_tokenizer.get_vocab_size(), pad_token_id=2, **overrides)
+    mp.export(model, tmp_path / "hf", format="hf", tokenizer=smollm2_tokenizer)
+    converted = tmp_path / "converted.gguf"
+    subprocess.run([sys.executable, str(CONVERTERS / "convert_hf_to_gguf.py"), str(tmp_path / "hf"), "--outtype",
+                    "f32", "--outfile", str(converted)], check=True, capture_output=True)
+    ids = smollm2_tokenizer.encode(HAMLET[1000:1040]).ids
+    read, _ = mp.from_pretrained(converted)
+    with torch.no_grad():
+        ours, back = model(torch.tensor([ids]))[0], read(torch.tensor([ids]))[0]
+    theirs = llama_logits(converted, ids)
+    print(f"\nconvert_hf_to_gguf.py on a tiny {flavor}: read back, largest |logit difference| "
+          f"{(back - ours).abs().max():.2e}; in llama.cpp {(theirs - ours).abs().max():.2e}")
+    assert read.cfg.rope_scaling == overrides["rope_scaling"] and (back - ours).abs().max() < 1e-5
+    assert (theirs - ours).abs().max() < 1e-3

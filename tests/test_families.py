@@ -25,7 +25,7 @@ from minipeft.core import model as model_module
 from minipeft.formats.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
 from minipeft.formats.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
 from conftest import tiny_batch, tiny_model
-from test_pretrained import gguf_writer, write_out
+from test_pretrained import gguf_writer, llama_cpp_permute, write_out
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -385,7 +385,8 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "sel
 
 
 def gguf_tensors(hf, architecture):
-    """llama.cpp's names for a transformers model's weights (Gemma 3: norms as 1 + w, its four norms)."""
+    """llama.cpp's names for a transformers model's weights (Gemma 3: norms as 1 + w, its four norms; Llama: q
+    and k rows as llama.cpp's RoPE pairs them, and Llama 3's RoPE scaling as each speed's divisor)."""
     sandwich = architecture == "gemma3"
     names = dict(GGUF_NAMES, post_attention_layernorm="post_attention_norm" if sandwich else "ffn_norm",
                  pre_feedforward_layernorm="ffn_norm", post_feedforward_layernorm="post_ffw_norm")
@@ -396,6 +397,14 @@ def gguf_tensors(hf, architecture):
         tensors[f"blk.{i}.{names[module]}.{kind}"] = value
     if not hf.config.tie_word_embeddings:
         tensors["output.weight"] = hf.lm_head.weight
+    if architecture == "llama":
+        c = hf.config
+        for i in range(c.num_hidden_layers):
+            for name, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
+                tensors[f"blk.{i}.{name}.weight"] = llama_cpp_permute(tensors[f"blk.{i}.{name}.weight"], heads)
+        if c.rope_parameters["rope_type"] == "llama3":  # transformers' own speeds, unscaled over scaled
+            rotary = hf.model.rotary_emb
+            tensors["rope_freqs.weight"] = type(rotary).compute_default_rope_parameters(c)[0] / rotary.inv_freq
     return {k: (v + 1 if sandwich and "norm" in k else v).detach().float().numpy() for k, v in tensors.items()}
 
 
@@ -406,6 +415,11 @@ def write_gguf(path, hf, architecture):
         writer.add_sliding_window(c.sliding_window)
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
         writer.add_rope_freq_base_swa(c.rope_parameters["sliding_attention"]["rope_theta"])
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([bytes_to_unicode()[b] for b in range(V)])
     for name, values in gguf_tensors(hf, architecture).items():
@@ -413,30 +427,44 @@ def write_gguf(path, hf, architecture):
     return write_out(writer, path)
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "gemma3"])
-def test_gguf_architectures_match_transformers(architecture, tmp_path):
+LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)  # speeds kept (pair 0), blended (1, 2), slowed (the rest)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-one-blended", "qwen2", "qwen3", "gemma3"])
+def test_gguf_architectures_match_transformers(case, tmp_path):
     """Every metadata key minipeft reads holds a value that is neither transformers' default nor minipeft's
-    fallback for a missing key (RoPE bases, norm eps, head_dim, Gemma 3's layer pattern)."""
-    t = transformers
-    config = {"qwen2": t.Qwen2Config(**DECODER, rms_norm_eps=2e-3, head_dim=16, rope_parameters=rope(300.0),
+    fallback for a missing key (RoPE bases and scaling, norm eps, head_dim, Gemma 3's layer pattern and
+    soft-cap). Llama 3's RoPE scaling comes as the divisor of each speed; with one speed blended, many
+    parameters give the same divisors."""
+    t, architecture = transformers, case.split("-")[0]
+    llama3 = dict(LLAMA3_ROPE, high_freq_factor=2.0, original_max_position_embeddings=20) \
+        if case == "llama-one-blended" else LLAMA3_ROPE
+    config = {"llama": t.LlamaConfig(**DECODER, rms_norm_eps=1e-3, head_dim=16, tie_word_embeddings=False,
+                                     rope_parameters=dict(llama3, rope_theta=500.0)),
+              "qwen2": t.Qwen2Config(**DECODER, rms_norm_eps=2e-3, head_dim=16, rope_parameters=rope(300.0),
                                      tie_word_embeddings=False),
               "qwen3": t.Qwen3Config(**DECODER, rms_norm_eps=3e-3, head_dim=16, rope_parameters=rope(400.0),
                                      tie_word_embeddings=True),
               # llama.cpp scales Gemma 3's queries by head_dim^-0.5 (no metadata key): query_pre_attn_scalar = head_dim
               "gemma3": t.Gemma3TextConfig(**dict(DECODER, num_hidden_layers=3), rms_norm_eps=4e-3, head_dim=16,
-                                           sliding_window=4, query_pre_attn_scalar=16,
+                                           sliding_window=4, query_pre_attn_scalar=16, final_logit_softcapping=5.0,
                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                           rope_parameters={"full_attention": rope(100.0),
+                                           rope_parameters={"full_attention": rope(100.0, "linear", factor=3.0),
                                                             "sliding_attention": rope(50.0)})}[architecture]
     torch.manual_seed(0)
-    cls = {"qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM, "gemma3": t.Gemma3ForCausalLM}[architecture]
+    cls = {"llama": t.LlamaForCausalLM, "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM,
+           "gemma3": t.Gemma3ForCausalLM}[architecture]
     hf = perturbed(cls(config)).eval()
     model, _ = from_pretrained(write_gguf(tmp_path / f"{architecture}.gguf", hf, architecture))
     assert model.cfg.flavor == architecture
-    if architecture == "gemma3":  # not the defaults (every sixth layer full, local RoPE base 10k)
-        assert (model.cfg.layer_pattern, model.cfg.rope_local_theta) == ("SSF", 50.0)
+    if architecture == "gemma3":  # not the defaults (every sixth layer full, local RoPE base 10k, no soft-cap)
+        assert (model.cfg.layer_pattern, model.cfg.rope_local_theta, model.cfg.final_softcap) == ("SSF", 50.0, 5.0)
+        assert model.cfg.rope_scaling == {"rope_type": "linear", "factor": 3.0}
+    if case == "llama":  # the same parameters back from the speeds' divisors
+        assert model.cfg.rope_scaling == LLAMA3_ROPE
     diff = largest_difference(architecture, hf, model)
-    print(f"\n{architecture} GGUF (F32): largest |difference| with and without right padding: {diff:.2e}")
+    print(f"\n{case} GGUF (F32): largest |difference| with and without right padding: {diff:.2e}")
     assert diff < 1e-4
 
 

@@ -206,10 +206,10 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", label_as: str | None = None,
-               rope_dims: int | None = None):
+               metadata: dict | None = None, tensors_added: dict | None = None):
     """The tiny HF Llama as a llama.cpp GGUF with a byte-level vocabulary. 2-D weights are stored as
     `tensor_type` (norms stay F32, like llama.cpp); `label_as` mislabels them with another type;
-    `rope_dims`: the rope.dimension_count written."""
+    `metadata`: more <architecture>.* keys; `tensors_added`: more tensors."""
     c, sd = hf.config, hf.state_dict()
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
                "output_norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
@@ -222,9 +222,11 @@ def write_gguf(path, hf, tensor_type: str = "F32", architecture: str = "llama", 
             tensors[f"blk.{i}.{name}.weight"] = sd[f"model.layers.{i}.{theirs}.weight"]
         for name, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
             tensors[f"blk.{i}.{name}.weight"] = llama_cpp_permute(tensors[f"blk.{i}.{name}.weight"], heads)
+    tensors.update(tensors_added or {})
     writer = gguf_writer(path, architecture, c)
-    if rope_dims is not None:
-        writer.add_rope_dimension_count(rope_dims)
+    for key, value in (metadata or {}).items():
+        add = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}
+        add[type(value)](f"{architecture}.{key}", value)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt2")
     writer.add_token_list([bytes_to_unicode()[b] for b in range(256)] + ["<|endoftext|>"])
@@ -323,10 +325,31 @@ def test_gguf_unsupported_architecture(tmp_path, llama_folder):
 def test_gguf_with_rope_on_part_of_each_head_is_refused(tmp_path, llama_folder):
     hf, _ = llama_folder
     head_dim = hf.config.hidden_size // hf.config.num_attention_heads
-    assert from_pretrained(write_gguf(tmp_path / "whole.gguf", hf, rope_dims=head_dim))[0].cfg.rope_fraction == 1
+    whole = write_gguf(tmp_path / "whole.gguf", hf, metadata={"rope.dimension_count": head_dim})
+    assert from_pretrained(whole)[0].cfg.rope_fraction == 1
     with pytest.raises(ValueError, match=f"rope.dimension_count {head_dim // 2} is not the head size {head_dim}; "
                                          "llama applies RoPE to whole heads"):
-        from_pretrained(write_gguf(tmp_path / "half.gguf", hf, rope_dims=head_dim // 2))
+        from_pretrained(write_gguf(tmp_path / "half.gguf", hf, metadata={"rope.dimension_count": head_dim // 2}))
+
+
+@pytest.mark.parametrize("architecture, metadata, tensors_added, message", [
+    ("llama", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, {},
+     "RoPE scaling 'yarn' is not supported; supported: linear, and Llama 3's"),
+    ("llama", {"attention.key_length": 8, "attention.value_length": 4}, {},
+     "attention.value_length 4 is not attention.key_length 8; minipeft's heads have one size"),
+    ("llama", {"attention.causal": False}, {}, "attention.causal is false .* llama attends to the tokens before only"),
+    ("llama", {}, {"rope_freqs.weight": torch.tensor([1.0, 1.0, 3.0, 1.0, 5.0, 5.0, 5.0, 5.0])},  # not falling
+     "rope_freqs.weight divides RoPE's speeds otherwise than Llama 3's scaling"),
+    ("llama", {}, {"rope_freqs.weight": torch.ones(4)}, "rope_freqs.weight has shape \\(4,\\), and RoPE turns 8 pairs"),
+    ("qwen2", {}, {"rope_freqs.weight": torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 4.0, 4.0, 4.0])},
+     "a qwen2 file with rope_freqs.weight is not one llama.cpp's converter writes"),
+], ids=["yarn", "value-length", "not-causal", "rope-freqs-not-llama3", "rope-freqs-shape", "rope-freqs-in-qwen2"])
+def test_gguf_settings_minipeft_cannot_compute_are_refused(architecture, metadata, tensors_added, message, tmp_path,
+                                                           llama_folder):
+    path = write_gguf(tmp_path / "m.gguf", llama_folder[0], architecture=architecture, metadata=metadata,
+                      tensors_added=tensors_added)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(path)
 
 
 def test_truncated_gguf(tmp_path, tiny_gguf):

@@ -1,8 +1,8 @@
 """A model as one GGUF file llama.cpp runs (format "gguf"), written with the `gguf` package:
 
     general.architecture   llama, qwen2, qwen3 or gemma3 (the architectures pretrained.py reads back)
-    <arch>.*               sizes, RoPE base, norm epsilon; Gemma 3 its sliding window, which layers slide
-                           and the sliding layers' RoPE base
+    <arch>.*               sizes, RoPE base and linear scaling, norm epsilon; Gemma 3 its sliding window,
+                           which layers slide, the sliding layers' RoPE base and its final soft-cap
     tokenizer.*            the vocabulary, and the chat template minipeft renders conversations with
     tensors                llama.cpp's names: pretrained.py's GGUF rules read backwards
 
@@ -13,6 +13,7 @@ The tensors, as llama.cpp's own converter (convert_hf_to_gguf.py) lays them out:
                    to 2j + 1 (the inverse of gguf_model.unpermute_rope_rows)
     Gemma norms    stored as 1 + w (llama.cpp multiplies by the weight; Gemma computes x · (1 + w))
     a tied head    no output.weight: llama.cpp reads token_embd for it
+    Llama 3 RoPE   rope_freqs: the divisor of each RoPE speed (Llama 3's scaling has no metadata key)
 
 dtype: fp32, fp16, bf16 or q8_0 for the matrices (q8_0: blocks of 32 values, one fp16 scale each; a
 matrix whose rows do not divide into blocks falls back to fp16); norms and biases stay fp32, as
@@ -29,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from minipeft.core.model import ModelConfig
+from minipeft.core.positions import rope_inv_freq
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from minipeft.formats.gguf_file import GGUFFile
-from minipeft.formats.gguf_model import (GGUF_ARCHITECTURES, PARTIAL_ROPE, gguf_config, gguf_k, gguf_q, gguf_rules,
-                                         minus_one)
+from minipeft.formats.gguf_model import (GGUF_ARCHITECTURES, PARTIAL_ROPE, ROPE_FREQS, gguf_config, gguf_k, gguf_q,
+                                         gguf_rules, minus_one)
 from minipeft.formats.pretrained import ASSET_MODELS
 from minipeft.formats.tokenization import QWEN2_SPLIT
 from .hf import unheld
@@ -62,8 +65,8 @@ INVERSES = {
 
 def architecture(cfg, fmt: str) -> str:
     """llama.cpp's architecture for the model; a ValueError for a model llama.cpp cannot run (another family,
-    a classifier, RoPE on part of each head but in Gemma 3, Gemma 3 without sliding layers), naming what can
-    hold it."""
+    a classifier, RoPE on part of each head but in Gemma 3, Llama 3's RoPE scaling but in Llama, Gemma 3
+    without sliding layers), naming what can hold it."""
     if cfg.flavor not in ARCHITECTURES:
         raise ValueError(f"format {fmt!r} holds {', '.join(ARCHITECTURES)} models (the GGUF architectures minipeft "
                          f"reads back), not {cfg.flavor}; export it with format 'hf' (llama.cpp's "
@@ -75,6 +78,9 @@ def architecture(cfg, fmt: str) -> str:
     if cfg.rope_fraction != 1 and arch not in PARTIAL_ROPE:
         raise ValueError(f"llama.cpp's {arch} applies RoPE to whole heads, and this model to {cfg.rope_fraction:g} "
                          f"of each; format {fmt!r} cannot hold it")
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3" and arch != "llama":
+        raise ValueError(f"llama.cpp reads Llama 3's RoPE scaling in llama files only, and this is a {arch} model; "
+                         f"format {fmt!r} cannot hold it, format 'hf' can")
     if arch == "gemma3" and not any(cfg.window(i) for i in range(cfg.n_layer)):
         raise ValueError(f"llama.cpp's gemma3 needs layers with a sliding window (it stops the program without "
                          f"one), and this model has none; format {fmt!r} cannot hold it, format 'hf' can")
@@ -120,10 +126,14 @@ def architecture_metadata(cfg, arch: str) -> dict:
             "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
             "rope.dimension_count": cfg.rotary_dim, "rope.freq_base": float(cfg.rope_theta),
             "vocab_size": cfg.vocab_size}
+    if (cfg.rope_scaling or {}).get("rope_type") == "linear":  # Llama 3's is the rope_freqs tensor
+        meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling["factor"])})
     if arch == "gemma3":  # some layer slides: architecture() refuses a Gemma 3 without
         meta.update({"attention.sliding_window": cfg.sliding_window,
                      "attention.sliding_window_pattern": [cfg.window(i) is not None for i in range(cfg.n_layer)],
                      "rope.freq_base_swa": float(cfg.rope_local_theta or cfg.rope_theta)})
+        if cfg.final_softcap:
+            meta["final_logit_softcapping"] = float(cfg.final_softcap)
     return {f"{arch}.{key}": value for key, value in meta.items()}
 
 
@@ -196,15 +206,20 @@ def byte_level_vocabulary(tokenizer, cfg) -> dict:
     return meta
 
 
-def check_metadata_holds(cfg, arch: str, meta: dict, tensor_names: list[str], path: Path) -> None:
-    """ValueError naming what the metadata cannot express, read back by pretrained.py's GGUF reader."""
-    if cfg.rope_scaling:
-        raise ValueError(f"format 'gguf' holds unscaled RoPE only (minipeft reads no GGUF RoPE scaling), and this "
-                         f"model scales it ({cfg.rope_scaling['rope_type']}); export it with format 'hf'")
+def rope_speeds(cfg) -> torch.Tensor:
+    return rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
+def check_metadata_holds(cfg, arch: str, meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """ValueError naming what the metadata cannot express, read back by pretrained.py's GGUF reader (RoPE
+    scaling by the speeds it gives: Llama 3's comes back from the rope_freqs tensor as an equal one)."""
     if arch == "gemma3" and (cfg.attn_scale or cfg.head_dim) != cfg.head_dim:
         raise ValueError(f"llama.cpp scales Gemma 3's attention by head_dim^-0.5, and this model by "
                          f"{cfg.attn_scale}^-0.5; format 'gguf' cannot hold it, format 'hf' can")
-    if lost := unheld(cfg, gguf_config(meta, arch, tensor_names, path)):
+    read_back = gguf_config(meta, arch, list(tensors), path, tensors.get(ROPE_FREQS))
+    if torch.allclose(rope_speeds(cfg), rope_speeds(ModelConfig(**read_back)), rtol=1e-5, atol=0):
+        read_back["rope_scaling"] = cfg.rope_scaling
+    if lost := unheld(cfg, read_back):
         raise ValueError(f"a GGUF {arch} file cannot hold {', '.join(lost)} (llama.cpp's {arch} architecture has no "
                          "such setting); export it with format 'hf'")
 
@@ -244,6 +259,8 @@ def gguf_tensors(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue  # llama.cpp reads token_embd for a tied head
         theirs, transform = names[ours]
         tensors[theirs] = to_gguf(transform, w, cfg)
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # each RoPE speed's divisor, as llama.cpp's converter
+        tensors[ROPE_FREQS] = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta) / rope_speeds(cfg)
     return tensors
 
 
@@ -255,7 +272,7 @@ def write_gguf(model, weights: dict[str, torch.Tensor], path: Path, dtype: str, 
     arch = architecture(cfg, "gguf")
     tensors = gguf_tensors(cfg, weights)
     meta = {**architecture_metadata(cfg, arch), **tokenizer_metadata(cfg, tokenizer, chat_template)}
-    check_metadata_holds(cfg, arch, meta, list(tensors), path)
+    check_metadata_holds(cfg, arch, meta, tensors, path)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(f"{cfg.extra.get('source') or cfg.flavor} (minipeft export)")
