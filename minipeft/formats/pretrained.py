@@ -430,7 +430,7 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     """Llama and the families that follow its config layout (Mistral, Qwen2/3, Phi-3, Gemma 1/2/3)."""
     family = HF_MODEL_TYPES[c["model_type"]]
     _require(not c.get("use_bidirectional_attention"), source, "bidirectional attention is not supported")
-    uses_window = c.get("use_sliding_window", True)  # Qwen: the window is off unless this is set
+    uses_window = c.get("use_sliding_window", True)  # Qwen (HF_DEFAULTS): the window is off unless this is set
     config = dict(
         flavor=family, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
         n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -464,6 +464,19 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     return config
 
 
+# what transformers' config class of a family assumes for a field config.json leaves out, where that is not the
+# fallback the readers above use (a file written by hand or by an older tool may leave any field out)
+HF_DEFAULTS = {
+    "roberta": dict(pad_token_id=1),
+    "mistral": dict(sliding_window=4096),
+    "qwen2": dict(use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(use_sliding_window=False, max_window_layers=28),
+    "phi3": dict(rms_norm_eps=1e-5),
+    "gemma2": dict(sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3": dict(sliding_window=4096, query_pre_attn_scalar=256, rope_theta=1_000_000.0),
+}
+
 HF_CONFIGS = {"gpt2": _gpt2_config, "bert": _bert_config, "roberta": _bert_config, "distilbert": _distilbert_config,
               **{t: _decoder_config for t in HF_MODEL_TYPES if t not in ("gpt2", "bert", "roberta", "distilbert")}}
 
@@ -482,7 +495,9 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; "
                          f"supported: {', '.join(HF_MODEL_TYPES)}")
     try:
-        return HF_MODEL_TYPES[model_type], HF_CONFIGS[model_type](config, folder, source or str(folder))
+        family = HF_MODEL_TYPES[model_type]
+        with_defaults = {**HF_DEFAULTS.get(family, {}), **config}
+        return family, HF_CONFIGS[model_type](with_defaults, folder, source or str(folder))
     except KeyError as error:
         raise ValueError(f"{config_file} has no {error.args[0]!r}, which a {model_type} config needs; "
                          "save the model's config again (transformers: model.config.save_pretrained(folder))"
