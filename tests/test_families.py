@@ -227,6 +227,11 @@ EDITED_CONFIGS = [  # (family, fields left out of config.json, fields set in it)
     ("qwen2", ["use_sliding_window", "layer_types"], {}),  # Qwen's window is off unless asked for
     ("gemma2", ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"], {}),
     ("gemma3", ["query_pre_attn_scalar", "sliding_window", "rope_parameters"], {}),  # sliding layers: local RoPE
+    # fields a family's transformers class does not read: its biases are fixed, its layers all slide
+    ("mistral", [], {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", [], {"attention_bias": False, "mlp_bias": True}),
+    ("phi3", [], {"attention_bias": True, "mlp_bias": True, "layer_types": TWO_TYPES[::-1]}),
+    ("gemma2", ["layer_types"], {"mlp_bias": True, "sliding_window_pattern": 3}),  # Gemma 3 reads the pattern
 ]
 
 

@@ -426,9 +426,17 @@ def _hf_activation(c: dict, family: str) -> str:
     return c.get("hidden_act", "silu")
 
 
+# config.json fields that only some families' transformers classes read; the others ignore them (their bias
+# terms are fixed, all their layers attend alike), so they are dropped before reading. Mistral: transformers'
+# Auto classes load a Mistral config with layer_types as a Ministral, whose layers follow them
+ONLY_READ_BY = {"attention_bias": ("llama", "qwen3", "gemma", "gemma2", "gemma3"), "mlp_bias": ("llama",),
+                "layer_types": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3"), "sliding_window_pattern": ("gemma3",)}
+
+
 def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     """Llama and the families that follow its config layout (Mistral, Qwen2/3, Phi-3, Gemma 1/2/3)."""
     family = HF_MODEL_TYPES[c["model_type"]]
+    c = {field: value for field, value in c.items() if family in ONLY_READ_BY.get(field, (family,))}
     _require(not c.get("use_bidirectional_attention"), source, "bidirectional attention is not supported")
     uses_window = c.get("use_sliding_window", True)  # Qwen (HF_DEFAULTS): the window is off unless this is set
     config = dict(
@@ -444,7 +452,7 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
         **_rope_settings(c, source, "full_attention" if family == "gemma3" else None))
     _require(family == "phi3" or config["rope_fraction"] == 1, source, f"partial_rotary_factor "
              f"{config['rope_fraction']} is not supported: transformers' {family} applies RoPE to whole heads")
-    if "attention_bias" in c:  # Llama, Qwen3, Gemma: q, k, v and o together
+    if "attention_bias" in c:  # q, k, v and o together
         config.update(qkv_bias=bool(c["attention_bias"]), o_bias=bool(c["attention_bias"]))
     if "mlp_bias" in c:
         config["mlp_bias"] = bool(c["mlp_bias"])
