@@ -219,7 +219,7 @@ def test_older_gemma3_config_layout(folders, tmp_path):
 LEFT_OUT = {"pad_token_id": "pad_token_id", "rms_norm_eps": "norm_eps", "sliding_window": "sliding_window",
             "query_pre_attn_scalar": "attn_scale", "attn_logit_softcapping": "attn_softcap",
             "final_logit_softcapping": "final_softcap", "use_sliding_window": None, "layer_types": None,
-            "rope_parameters": None}
+            "rope_parameters": None, "tie_word_embeddings": None}
 EDITED_CONFIGS = [  # (family, fields left out of config.json, fields set in it)
     ("roberta", ["pad_token_id"], {}),  # positions start after RobertaConfig's pad id 1
     ("phi3", ["rms_norm_eps"], {}),  # 1e-5 for Phi-3, 1e-6 for the others
@@ -232,6 +232,10 @@ EDITED_CONFIGS = [  # (family, fields left out of config.json, fields set in it)
     ("qwen2", [], {"attention_bias": False, "mlp_bias": True}),
     ("phi3", [], {"attention_bias": True, "mlp_bias": True, "layer_types": TWO_TYPES[::-1]}),
     ("gemma2", ["layer_types"], {"mlp_bias": True, "sliding_window_pattern": 3}),  # Gemma 3 reads the pattern
+    # a tied head (GPT-2's and Gemma's default) where the checkpoint has its own: transformers keeps that one
+    ("gpt2", ["tie_word_embeddings"], {}),
+    ("gemma", ["tie_word_embeddings"], {}),
+    ("gemma3", [], {"tie_word_embeddings": True}),
 ]
 
 

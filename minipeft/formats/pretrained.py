@@ -78,7 +78,7 @@ from .assets import asset_path
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
-from .weights import Rule, build_model, load_weights, our_names
+from .weights import Rule, build_model, load_weights, our_names, their_name
 
 __all__ = ["from_pretrained", "byte_tokenizer", "bytes_to_unicode", "END_OF_TEXT", "HF_MODEL_TYPES", "NAMED_MODELS",
            "hf_module_names"]
@@ -515,6 +515,8 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
 def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transformer, Tokenizer]:
     family, checkpoint_config = read_hf_config(folder, source)
     weights = _read_hf_weights(folder)
+    if checkpoint_config["tie_embeddings"] and _own_lm_head(weights, family):
+        checkpoint_config["tie_embeddings"] = False  # as transformers does, saying so in a warning
     if "score.weight" in weights and "n_classes" not in overrides:  # a …ForSequenceClassification
         overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
     model = build_model(checkpoint_config, overrides, source)
@@ -523,6 +525,15 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
     for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
     return model, tokenizer
+
+
+def _own_lm_head(weights: Mapping[str, torch.Tensor], family: str) -> bool:
+    """Whether the checkpoint has an LM head (lm_head.weight) that is not its token embeddings: transformers
+    keeps such a head apart even where config.json ties the two (a .bin file of a tied model stores the head
+    as an equal copy, which stays tied)."""
+    embedding = their_name("tok_emb.weight", HF_RULES[family])
+    stored = [weights[key] for key in (HF_PREFIXES[family] + embedding, embedding) if key in weights]
+    return "lm_head.weight" in weights and bool(stored) and not torch.equal(weights["lm_head.weight"], stored[0])
 
 
 def _read_hf_weights(folder: Path) -> Mapping[str, torch.Tensor]:
