@@ -236,6 +236,8 @@ EDITED_CONFIGS = [  # (family, fields left out of config.json, fields set in it)
     ("gpt2", ["tie_word_embeddings"], {}),
     ("gemma", ["tie_word_embeddings"], {}),
     ("gemma3", [], {"tie_word_embeddings": True}),
+    ("bert", [], {"is_decoder": True}),  # causal attention
+    ("roberta", [], {"is_decoder": True}),
 ]
 
 

@@ -347,7 +347,7 @@ def _gpt2_config(c: dict, folder: Path, source: str) -> dict:
 
 
 def _bert_config(c: dict, folder: Path, source: str) -> dict:
-    """BERT and RoBERTa (whose positions start at padding_idx + 1)."""
+    """BERT and RoBERTa (whose positions start at padding_idx + 1); is_decoder makes their attention causal."""
     _require(c.get("position_embedding_type", "absolute") == "absolute", source,
              "only absolute position embeddings are supported")
     family = HF_MODEL_TYPES[c["model_type"]]
@@ -358,7 +358,7 @@ def _bert_config(c: dict, folder: Path, source: str) -> dict:
                 max_seq_len=c["max_position_embeddings"] - offset, pos_offset=offset,
                 type_vocab_size=c.get("type_vocab_size", 2), act=_activation(c.get("hidden_act", "gelu"), source),
                 norm_eps=c.get("layer_norm_eps", 1e-12), dropout=c.get("hidden_dropout_prob", 0.0),
-                tie_embeddings=True, pad_token_id=pad, pool=_bert_pooling(folder))
+                tie_embeddings=True, pad_token_id=pad, pool=_bert_pooling(folder), causal=bool(c.get("is_decoder")))
 
 
 def _distilbert_config(c: dict, folder: Path, source: str) -> dict:
