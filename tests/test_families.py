@@ -22,7 +22,7 @@ import torch
 import minipeft as mp
 from minipeft.core import families
 from minipeft.core import model as model_module
-from minipeft.formats.pretrained import HF_PREFIXES, from_pretrained, hf_module_names
+from minipeft.formats.pretrained import HF_PREFIXES, from_pretrained, hf_module_names, read_hf_config
 from minipeft.formats.tokenization import NoTokenizer, byte_tokenizer, bytes_to_unicode
 from conftest import tiny_batch, tiny_model
 from test_pretrained import gguf_writer, llama_cpp_permute, write_out
@@ -213,6 +213,66 @@ def test_older_gemma3_config_layout(folders, tmp_path):
     reread = transformers.Gemma3TextConfig.from_pretrained(tmp_path)  # transformers reads it so too
     assert reread.rope_parameters == hf.config.rope_parameters and reread.layer_types == hf.config.layer_types
     assert largest_difference("gemma3", hf, model) < 1e-4
+
+
+# config.json fields left out (transformers then takes its config class's default) -> our field holding it
+LEFT_OUT = {"pad_token_id": "pad_token_id", "rms_norm_eps": "norm_eps", "sliding_window": "sliding_window",
+            "query_pre_attn_scalar": "attn_scale", "attn_logit_softcapping": "attn_softcap",
+            "final_logit_softcapping": "final_softcap", "use_sliding_window": None, "layer_types": None,
+            "rope_parameters": None, "tie_word_embeddings": None}
+EDITED_CONFIGS = [  # (family, fields left out of config.json, fields set in it)
+    ("roberta", ["pad_token_id"], {}),  # positions start after RobertaConfig's pad id 1
+    ("phi3", ["rms_norm_eps"], {}),  # 1e-5 for Phi-3, 1e-6 for the others
+    ("mistral", ["sliding_window"], {}),
+    ("qwen2", ["use_sliding_window", "layer_types"], {}),  # Qwen's window is off unless asked for
+    ("gemma2", ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"], {}),
+    ("gemma3", ["query_pre_attn_scalar", "sliding_window", "rope_parameters"], {}),  # sliding layers: local RoPE
+    # fields a family's transformers class does not read: its biases are fixed, its layers all slide
+    ("mistral", [], {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", [], {"attention_bias": False, "mlp_bias": True}),
+    ("phi3", [], {"attention_bias": True, "mlp_bias": True, "layer_types": TWO_TYPES[::-1]}),
+    ("gemma2", ["layer_types"], {"mlp_bias": True, "sliding_window_pattern": 3}),  # Gemma 3 reads the pattern
+    # a tied head (GPT-2's and Gemma's default) where the checkpoint has its own: transformers keeps that one
+    ("gpt2", ["tie_word_embeddings"], {}),
+    ("gemma", ["tie_word_embeddings"], {}),
+    ("gemma3", [], {"tie_word_embeddings": True}),
+    ("bert", [], {"is_decoder": True}),  # causal attention
+    ("roberta", [], {"is_decoder": True}),
+]
+
+
+@pytest.mark.parametrize("family, removed, added", EDITED_CONFIGS,
+                         ids=[f"{family}-{'-'.join([*removed, *added])}" for family, removed, added in EDITED_CONFIGS])
+def test_an_edited_config_loads_as_transformers_reads_it(family, removed, added, folders, tmp_path):
+    """A config.json with fields left out (a file written by hand or an older tool) or set where our tiny
+    models do not set them: the same logits as transformers' Auto class on the folder, and each field left
+    out holds transformers' default (a default the 12-token batch cannot show, like a window of 4096)."""
+    _, folder = folders[family]
+    config = json.loads((folder / "config.json").read_text())
+    for field in removed:
+        del config[field]
+    (tmp_path / "config.json").write_text(json.dumps({**config, **added}))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    auto = transformers.AutoModel if family in ENCODERS else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(tmp_path).eval()
+    model, _ = from_pretrained(tmp_path)
+    for field in removed:
+        if LEFT_OUT[field]:
+            assert (getattr(model.cfg, LEFT_OUT[field]) or None) == getattr(hf.config, field), field
+    assert largest_difference(family, hf, model) < 1e-4
+
+
+def test_qwen_slides_from_layer_28_when_config_json_says_not_where(tmp_path):
+    """Qwen2's sliding layers are those from max_window_layers on: 28 in transformers when config.json has
+    neither it nor layer_types (too many layers to compare logits here; the pattern is the point)."""
+    transformers.Qwen2Config(**dict(DECODER, num_hidden_layers=30), use_sliding_window=True,
+                             sliding_window=4).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["max_window_layers"], config["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).layer_types
+    assert read_hf_config(tmp_path)[1]["layer_pattern"] == "".join(
+        "S" if kind == "sliding_attention" else "F" for kind in theirs) == "F" * 28 + "SS"
 
 
 def test_hf_module_names_are_transformers_modules(folders):

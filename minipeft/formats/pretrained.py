@@ -78,7 +78,7 @@ from .assets import asset_path
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
-from .weights import Rule, build_model, load_weights, our_names
+from .weights import Rule, build_model, load_weights, our_names, their_name
 
 __all__ = ["from_pretrained", "byte_tokenizer", "bytes_to_unicode", "END_OF_TEXT", "HF_MODEL_TYPES", "NAMED_MODELS",
            "hf_module_names"]
@@ -347,7 +347,7 @@ def _gpt2_config(c: dict, folder: Path, source: str) -> dict:
 
 
 def _bert_config(c: dict, folder: Path, source: str) -> dict:
-    """BERT and RoBERTa (whose positions start at padding_idx + 1)."""
+    """BERT and RoBERTa (whose positions start at padding_idx + 1); is_decoder makes their attention causal."""
     _require(c.get("position_embedding_type", "absolute") == "absolute", source,
              "only absolute position embeddings are supported")
     family = HF_MODEL_TYPES[c["model_type"]]
@@ -358,7 +358,7 @@ def _bert_config(c: dict, folder: Path, source: str) -> dict:
                 max_seq_len=c["max_position_embeddings"] - offset, pos_offset=offset,
                 type_vocab_size=c.get("type_vocab_size", 2), act=_activation(c.get("hidden_act", "gelu"), source),
                 norm_eps=c.get("layer_norm_eps", 1e-12), dropout=c.get("hidden_dropout_prob", 0.0),
-                tie_embeddings=True, pad_token_id=pad, pool=_bert_pooling(folder))
+                tie_embeddings=True, pad_token_id=pad, pool=_bert_pooling(folder), causal=bool(c.get("is_decoder")))
 
 
 def _distilbert_config(c: dict, folder: Path, source: str) -> dict:
@@ -426,11 +426,19 @@ def _hf_activation(c: dict, family: str) -> str:
     return c.get("hidden_act", "silu")
 
 
+# config.json fields that only some families' transformers classes read; the others ignore them (their bias
+# terms are fixed, all their layers attend alike), so they are dropped before reading. Mistral: transformers'
+# Auto classes load a Mistral config with layer_types as a Ministral, whose layers follow them
+ONLY_READ_BY = {"attention_bias": ("llama", "qwen3", "gemma", "gemma2", "gemma3"), "mlp_bias": ("llama",),
+                "layer_types": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3"), "sliding_window_pattern": ("gemma3",)}
+
+
 def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     """Llama and the families that follow its config layout (Mistral, Qwen2/3, Phi-3, Gemma 1/2/3)."""
     family = HF_MODEL_TYPES[c["model_type"]]
+    c = {field: value for field, value in c.items() if family in ONLY_READ_BY.get(field, (family,))}
     _require(not c.get("use_bidirectional_attention"), source, "bidirectional attention is not supported")
-    uses_window = c.get("use_sliding_window", True)  # Qwen: the window is off unless this is set
+    uses_window = c.get("use_sliding_window", True)  # Qwen (HF_DEFAULTS): the window is off unless this is set
     config = dict(
         flavor=family, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
         n_head=c["num_attention_heads"], n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -444,7 +452,7 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
         **_rope_settings(c, source, "full_attention" if family == "gemma3" else None))
     _require(family == "phi3" or config["rope_fraction"] == 1, source, f"partial_rotary_factor "
              f"{config['rope_fraction']} is not supported: transformers' {family} applies RoPE to whole heads")
-    if "attention_bias" in c:  # Llama, Qwen3, Gemma: q, k, v and o together
+    if "attention_bias" in c:  # q, k, v and o together
         config.update(qkv_bias=bool(c["attention_bias"]), o_bias=bool(c["attention_bias"]))
     if "mlp_bias" in c:
         config["mlp_bias"] = bool(c["mlp_bias"])
@@ -464,6 +472,19 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
     return config
 
 
+# what transformers' config class of a family assumes for a field config.json leaves out, where that is not the
+# fallback the readers above use (a file written by hand or by an older tool may leave any field out)
+HF_DEFAULTS = {
+    "roberta": dict(pad_token_id=1),
+    "mistral": dict(sliding_window=4096),
+    "qwen2": dict(use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(use_sliding_window=False, max_window_layers=28),
+    "phi3": dict(rms_norm_eps=1e-5),
+    "gemma2": dict(sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3": dict(sliding_window=4096, query_pre_attn_scalar=256, rope_theta=1_000_000.0),
+}
+
 HF_CONFIGS = {"gpt2": _gpt2_config, "bert": _bert_config, "roberta": _bert_config, "distilbert": _distilbert_config,
               **{t: _decoder_config for t in HF_MODEL_TYPES if t not in ("gpt2", "bert", "roberta", "distilbert")}}
 
@@ -482,7 +503,9 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; "
                          f"supported: {', '.join(HF_MODEL_TYPES)}")
     try:
-        return HF_MODEL_TYPES[model_type], HF_CONFIGS[model_type](config, folder, source or str(folder))
+        family = HF_MODEL_TYPES[model_type]
+        with_defaults = {**HF_DEFAULTS.get(family, {}), **config}
+        return family, HF_CONFIGS[model_type](with_defaults, folder, source or str(folder))
     except KeyError as error:
         raise ValueError(f"{config_file} has no {error.args[0]!r}, which a {model_type} config needs; "
                          "save the model's config again (transformers: model.config.save_pretrained(folder))"
@@ -492,6 +515,8 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
 def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transformer, Tokenizer]:
     family, checkpoint_config = read_hf_config(folder, source)
     weights = _read_hf_weights(folder)
+    if checkpoint_config["tie_embeddings"] and _own_lm_head(weights, family):
+        checkpoint_config["tie_embeddings"] = False  # as transformers does, saying so in a warning
     if "score.weight" in weights and "n_classes" not in overrides:  # a …ForSequenceClassification
         overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
     model = build_model(checkpoint_config, overrides, source)
@@ -500,6 +525,15 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
     for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
     return model, tokenizer
+
+
+def _own_lm_head(weights: Mapping[str, torch.Tensor], family: str) -> bool:
+    """Whether the checkpoint has an LM head (lm_head.weight) that is not its token embeddings: transformers
+    keeps such a head apart even where config.json ties the two (a .bin file of a tied model stores the head
+    as an equal copy, which stays tied)."""
+    embedding = their_name("tok_emb.weight", HF_RULES[family])
+    stored = [weights[key] for key in (HF_PREFIXES[family] + embedding, embedding) if key in weights]
+    return "lm_head.weight" in weights and bool(stored) and not torch.equal(weights["lm_head.weight"], stored[0])
 
 
 def _read_hf_weights(folder: Path) -> Mapping[str, torch.Tensor]:
