@@ -218,7 +218,7 @@ TO_PEFT = [  # (base, method, options); every pair that is exact
     ("bert", "lora", dict(rank=4, alpha=8, targets="q,v")),
     ("bert", "lora", dict(rank=2, alpha=4, targets="k,o,up,down")),  # bert's FFN output by full path
     ("llama", "lora", dict(rank=4, alpha=8, targets="q,v")),  # grouped-query attention
-    ("llama", "lora", dict(rank=2, alpha=8, targets="all")),
+    ("llama", "lora", dict(rank=2, alpha=8, targets="all", dropout=0.1)),  # loaded back for inference: dropout off
     ("minilm", "lora", dict(rank=4, alpha=8, targets="q,v")),
     ("gpt2", "prompt", dict(length=4)),
     ("llama", "prompt", dict(length=4)),
@@ -328,6 +328,9 @@ FROM_PEFT = [  # (base, classifier?, peft config); trained with peft, loaded int
                  id="llama-lora-q,v-layer1"),
     pytest.param("llama", False, lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
                                                          task_type="CAUSAL_LM"), id="llama-lora-all-linear"),
+    pytest.param("llama", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         lora_dropout=0.3, task_type="CAUSAL_LM"),
+                 id="llama-lora-dropout"),  # loaded into an eval model: its dropout stays off
     pytest.param("llama", True, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                         task_type="SEQ_CLS"), id="llama-lora-classifier"),
     pytest.param("minilm", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
