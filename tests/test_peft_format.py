@@ -173,8 +173,9 @@ def gradient_differences(model, path, base, virtual=0, peft_lacks=()) -> dict[st
     idx, mask = batch()
     prompt_learning = model.peft_config["method"] in ("prompt", "prefix")  # peft loads these frozen only
     theirs = peft.PeftModel.from_pretrained(base, path, is_trainable=not prompt_learning).double().eval()
-    if prompt_learning:
-        theirs.prompt_encoder.requires_grad_(True)
+    if prompt_learning:  # the prompt table and a classifier's copy (modules_to_save)
+        for name, p in theirs.named_parameters():
+            p.requires_grad_(name.startswith("prompt_encoder.") or ".modules_to_save." in name)
     trained = {peft_file_key(n): p for n, p in theirs.named_parameters() if p.requires_grad}
     loss = probe_loss(theirs_out(theirs, idx, mask, virtual), mask)
     peft_grads = dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))
@@ -346,6 +347,8 @@ FROM_PEFT = [  # (base, classifier?, peft config); trained with peft, loaded int
     pytest.param("llama", False, lambda: peft.PrefixTuningConfig(
         num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16, task_type="CAUSAL_LM"),
         id="llama-prefix-mlp"),
+    pytest.param("llama", True, lambda: peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
+                 id="llama-prefix-classifier"),  # prompt learning keys the classifier base_model.score.weight
     pytest.param("phi3", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"],
                                                         task_type="CAUSAL_LM"), id="phi3-lora-fused"),
     pytest.param("qwen2", True, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -509,6 +512,13 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
                  peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), base=bert_cls)
     with pytest.raises(ValueError, match="pooler"):
         mp.load_adapter(ours_base("bert", n_classes=2), tmp_path / "bc")
+
+    peft_adapter(folders, tmp_path / "pc", "llama", peft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
+                 classifier=True)
+    with pytest.raises(ValueError, match="prompt tuning with a classifier .* last position, padding or not"):
+        mp.load_adapter(ours_base("llama", n_classes=2), tmp_path / "pc")
+    with pytest.raises(ValueError, match="prompt tuning with a classifier is not exchangeable"):
+        mp.save_adapter(mp.apply(ours_base("llama", n_classes=2), "prompt", length=4), tmp_path / "x", format="peft")
 
     trained_head = train(mp.apply(ours_base("gpt2", n_classes=2), "lora"), ours_out)
     with pytest.raises(ValueError, match="score layer has no bias, but this classifier head's bias is non-zero"):

@@ -1,6 +1,8 @@
 """Prefix tuning in peft's files (peft_type PREFIX_TUNING), both ways."""
 import torch
 
+from . import PROMPT_ROOT
+
 
 class PrefixTuningInPeft:
     """Prefix tuning in peft's files (peft_type PREFIX_TUNING): one table
@@ -13,6 +15,7 @@ class PrefixTuningInPeft:
     false, and load any prefixes as mlp_hidden=0."""
 
     peft_type = "PREFIX_TUNING"
+    root = PROMPT_ROOT  # its classifier's key: base_model.score.weight
 
     def to_peft(self, model, layout) -> tuple[dict, dict]:
         cfg, tuning = model.cfg, model.prefix_tuning
