@@ -513,6 +513,13 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
     with pytest.raises(ValueError, match="pooler"):
         mp.load_adapter(ours_base("bert", n_classes=2), tmp_path / "bc")
 
+    with pytest.raises(ValueError, match="DistilBertModel as past key values, which it does not take"):
+        mp.save_adapter(mp.apply(ours_base("distilbert"), "prefix", length=4), tmp_path / "x", format="peft")
+    peft_adapter(folders, tmp_path / "dp", "distilbert", peft.PrefixTuningConfig(
+        num_virtual_tokens=4, token_dim=32, num_layers=2, num_attention_heads=4, task_type="FEATURE_EXTRACTION"))
+    with pytest.raises(ValueError, match="prefix tuning on distilbert is not exchangeable with peft"):
+        mp.load_adapter(ours_base("distilbert"), tmp_path / "dp")
+
     peft_adapter(folders, tmp_path / "pc", "llama", peft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
                  classifier=True)
     with pytest.raises(ValueError, match="prompt tuning with a classifier .* last position, padding or not"):

@@ -86,7 +86,8 @@ Refused, with a ValueError saying why:
 - an encoder classifier: BertForSequenceClassification reads [CLS] through the pretrained pooler
   (dense + tanh), RoBERTa's and DistilBERT's classifiers have two layers; ours is one.
 - methods minipeft does not have (AdaLoRA, BOFT, ...) and methods without a peft hook.
-- what a method's hook refuses (prompt tuning on the encoders, see prompt.py).
+- what a method's hook refuses (prompt tuning on the encoders or with a classifier, see prompt.py; prefix
+  tuning on distilbert, prefix.py).
 peft keeps no fingerprint of the base weights, so the base check is what the files allow: the
 architecture (module names), every shape, the config's layer/head counts, and, when
 `base_model_name_or_path` is a local folder, its config.json against this model.
