@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every base model is a local fold
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minipeft as mp
 from minipeft.formats.assets import asset_path
@@ -540,6 +540,36 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
         mp.load_adapter(ours_base("gpt2"), tmp_path / "cls")
     with pytest.raises(ValueError, match="already has method 'lora'; load a peft adapter into a fresh base"):
         mp.load_adapter(mp.apply(ours_base("gpt2", n_classes=2), "lora"), tmp_path / "cls")
+
+
+def lower_rank(tensors):
+    """Layer 0's q_proj LoRA cut from rank 4 to 2, which the config (r=4, no rank_pattern) does not say."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_"
+    tensors[key + "A.weight"] = tensors[key + "A.weight"][:2].contiguous()
+    tensors[key + "B.weight"] = tensors[key + "B.weight"][:, :2].contiguous()
+
+
+@pytest.mark.parametrize("config_edit, tensor_edit, message", [
+    ({"r": 8}, None, "q_proj has rank 4 in its tensors but 8 in its config"),
+    ({}, lower_rank, "layers.0.self_attn.q_proj has rank 2 in its tensors but 4 in its config"),
+    ({"r": "4"}, None, "corrupt: r is '4', where peft writes an integer"),
+    ({"lora_alpha": "8"}, None, "corrupt: lora_alpha is '8', where peft writes a number"),
+    ({"use_rslora": "false"}, None, "corrupt: use_rslora is 'false', where peft writes true or false"),
+    ({"alpha_pattern": ["q_proj"]}, None, r"corrupt: alpha_pattern is \['q_proj'\], where peft writes an object"),
+], ids=["r-not-the-tensors", "a-module-of-another-rank", "r-string", "alpha-string", "rslora-string", "pattern-list"])
+def test_malformed_peft_folders_are_refused(config_edit, tensor_edit, message, folders, ours_base, tmp_path):
+    """A config that disagrees with its tensors (which peft refuses to load) or holds a field of another JSON type
+    is refused with a ValueError naming the field: loaded, it would get a scale peft never computes."""
+    path = peft_adapter(folders, tmp_path / "a", "llama",
+                        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **config_edit}))
+    if tensor_edit:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        tensor_edit(tensors)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        mp.load_adapter(ours_base("llama"), path)
 
 
 def test_a_users_method_gets_a_peft_hook_of_its_own(folders, ours_base, tmp_path):

@@ -357,6 +357,7 @@ def read_config(path) -> dict:
                          f"minipeft loads {', '.join(ours)}")
     method = next((m for m in ours[kind] if getattr(HOOKS[m], "accepts", lambda _: True)(raw)), ours[kind][0])
     hook = HOOKS[method]
+    _check_field_types(raw, path)
     if hasattr(hook, "check_config"):
         hook.check_config(raw, path)
     if not (path / PEFT_WEIGHTS).exists():
@@ -368,6 +369,27 @@ def read_config(path) -> dict:
             "base": {"source": raw.get("base_model_name_or_path"),
                      "config": {"n_classes": head[0] if head else None}},
             "peft": raw}
+
+
+# the config fields the hooks read as numbers, flags or tables, and the JSON types peft writes them as
+FIELD_TYPES = {**dict.fromkeys(("r", "num_virtual_tokens", "projection_prng_key", "decompose_factor"), int),
+               **dict.fromkeys(("lora_alpha", "alpha", "lora_dropout", "vera_dropout", "d_initial"), (int, float)),
+               **dict.fromkeys(("use_rslora", "use_dora", "decompose_both"), bool),
+               **dict.fromkeys(("rank_pattern", "alpha_pattern"), dict)}
+JSON_NAMES = {int: "an integer", (int, float): "a number", bool: "true or false", dict: "an object of numbers"}
+
+
+def _check_field_types(raw: dict, path: Path) -> None:
+    """A field of FIELD_TYPES holding another JSON type (a string "8", a list of patterns) is refused here,
+    not met later as a TypeError or as a truthy string; a pattern's values are numbers."""
+    def fits(value, types) -> bool:  # JSON's true is no number, and 1 is no flag
+        return isinstance(value, types) and isinstance(value, bool) == (types is bool)
+    for field, types in FIELD_TYPES.items():
+        value = raw.get(field)
+        if value is not None and not (fits(value, types) and (types is not dict or all(
+                fits(v, (int, float)) for v in value.values()))):
+            raise ValueError(f"{path / PEFT_CONFIG} is corrupt: {field} is {value!r}, where peft writes "
+                             f"{JSON_NAMES[types]}; save the adapter again")
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple]:

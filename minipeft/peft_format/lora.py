@@ -126,7 +126,11 @@ class LoRAInPeft:
                                  f"{tuple(B.shape)}, this model's layer is {out_features}×{in_features}; "
                                  "load the base model it was trained on")
             rank = A.shape[0]
-            alpha = layout.pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            configured = layout.pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+            if rank != configured:  # peft would refuse the file; its scale would be alpha / the config's rank
+                raise ValueError(f"adapter {layout.path}: {module} has rank {rank} in its tensors but {configured} "
+                                 "in its config (r, rank_pattern), so peft cannot load it; save the adapter again")
+            alpha = layout.pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
             scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
             if init in RESIDUAL_INITS:  # on the original base: ΔW = s [B, −B₀] [A; A₀], rank 2r
                 weight = torch.cat([model.blocks[layer].get_submodule(linear_targets.TARGETS[t]).weight for t in held])
