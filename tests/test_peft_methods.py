@@ -152,7 +152,8 @@ def test_vera_matrices_are_peft_s(folders, ours_base, tmp_path):
     ("gpt2", "loha", dict(targets="o"), "not GPT-2's Conv1D"),  # peft's LyCORIS layers are nn.Linear only
     ("gpt2", "lokr", dict(targets="up"), "not GPT-2's Conv1D"),
     ("gpt2", "ia3", dict(targets="q,down", feedforward="q"), "adapts q, k, v as one module"),
-    ("gpt2", "lora", dict(targets="q,v", init="pissa"), "peft factorizes q, k and v as one matrix"),
+    ("gpt2", "lora", dict(targets="q,v", init="pissa"), "gpt2's fused c_attn .* peft factorizes q, k, v as one matrix"),
+    ("phi3", "lora", dict(targets="q,o", init="pissa"), "phi3's fused qkv_proj .*; use targets o, down, or"),
     ("gpt2", "lora", dict(targets="o", init="olora"), "factorizes GPT-2's Conv1D weights transposed"),
 ])
 def test_what_cannot_be_exact_is_refused(name, method, options, message, ours_base, tmp_path):

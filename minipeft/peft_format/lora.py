@@ -83,7 +83,7 @@ class LoRAInPeft:
         # the adapted targets of each transformers module, in row order: [("q", "v"), ("o",), ...]
         groups = list(dict.fromkeys(tuple(t for t in layout.fused(target) if t in targets) for target in targets))
         init = options.get("init", "kaiming")
-        _check_residual(init, [layout.fused(group[0]) for group in groups], cfg)
+        _check_residual(init, [layout.fused(group[0]) for group in groups], layout)
         tensors, carried = {}, {}  # carried: peft's name of each exported module -> how many targets it holds
         for i, block in enumerate(model.blocks):
             for group in groups:
@@ -111,7 +111,7 @@ class LoRAInPeft:
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
         cfg = model.cfg
         init = config.get("init_lora_weights", True)
-        _check_residual(init, [], cfg)  # (a fused module converts exactly on the way in)
+        _check_residual(init, [], layout)  # (a fused module converts exactly on the way in)
         updates = {}  # (layer, target) -> (A, B, scale)
         for module, pair in _lora_pairs(tensors, layout).items():
             layer, held = layout.locate(module)
@@ -141,13 +141,18 @@ class LoRAInPeft:
         return _padded_to_one_rank(cfg, updates, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")))
 
 
-def _check_residual(init: str, modules: list[tuple], cfg) -> None:
-    """PiSSA / OLoRA adapters move between peft and minipeft only where both factorize the same matrix."""
+def _check_residual(init: str, modules: list[tuple], layout) -> None:
+    """PiSSA / OLoRA adapters move between peft and minipeft only where both factorize the same matrix:
+    not on a fused module (`modules`: the targets each exported module holds), nor on GPT-2's Conv1D for OLoRA."""
     if init not in RESIDUAL_INITS:
         return
-    if any(len(held) > 1 for held in modules):
-        raise ValueError(f"a {init} adapter on GPT-2's fused c_attn is not exchangeable: peft factorizes q, k and v "
-                         "as one matrix, minipeft each one; use targets o, up, down, or init=kaiming")
+    cfg = layout.cfg
+    held = next((held for held in modules if len(held) > 1), None)
+    if held:
+        module = layout.modules[held[0]][0].rpartition(".")[2]
+        apart = ", ".join(t for t in layout.modules if len(layout.fused(t)) == 1)
+        raise ValueError(f"a {init} adapter on {cfg.flavor}'s fused {module} is not exchangeable: peft factorizes "
+                         f"{', '.join(held)} as one matrix, minipeft each one; use targets {apart}, or init=kaiming")
     if init == "olora" and cfg.flavor == "gpt2":
         raise ValueError("an olora adapter on gpt2 is not exchangeable: peft's OLoRA factorizes GPT-2's Conv1D "
                          "weights transposed (in × out); use init=pissa or kaiming")
