@@ -56,10 +56,12 @@ class LoRAInPeft:
     # config fields naming features minipeft's LoRA lacks: field -> what it is
     features_we_lack = {"use_dora": "DoRA", "lora_bias": "a LoRA bias", "bias": "trained base biases",
                         "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
-                        "target_parameters": "LoRA on nn.Parameters", "alora_invocation_tokens": "aLoRA"}
+                        "target_parameters": "LoRA on nn.Parameters", "alora_invocation_tokens": "aLoRA",
+                        "use_bdlora": "block-diagonal LoRA factors (BD-LoRA)", "kasa_config": "KaSA",
+                        "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing"}
 
     # init_lora_weights values whose tensors mean a plain LoRA (they only chose the starting point)
-    plain_inits = (True, False, "gaussian", "eva", "orthogonal")
+    plain_inits = (True, False, "gaussian", "eva", "orthogonal", "mica")  # (MiCA: B starts from W's minor vectors)
 
     def accepts(self, config: dict) -> bool:
         return not config.get("use_dora")  # dora.py takes those
