@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every base model is a local fold
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minipeft as mp
 from minipeft.formats.assets import asset_path
@@ -173,8 +173,9 @@ def gradient_differences(model, path, base, virtual=0, peft_lacks=()) -> dict[st
     idx, mask = batch()
     prompt_learning = model.peft_config["method"] in ("prompt", "prefix")  # peft loads these frozen only
     theirs = peft.PeftModel.from_pretrained(base, path, is_trainable=not prompt_learning).double().eval()
-    if prompt_learning:
-        theirs.prompt_encoder.requires_grad_(True)
+    if prompt_learning:  # the prompt table and a classifier's copy (modules_to_save)
+        for name, p in theirs.named_parameters():
+            p.requires_grad_(name.startswith("prompt_encoder.") or ".modules_to_save." in name)
     trained = {peft_file_key(n): p for n, p in theirs.named_parameters() if p.requires_grad}
     loss = probe_loss(theirs_out(theirs, idx, mask, virtual), mask)
     peft_grads = dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))
@@ -218,7 +219,7 @@ TO_PEFT = [  # (base, method, options); every pair that is exact
     ("bert", "lora", dict(rank=4, alpha=8, targets="q,v")),
     ("bert", "lora", dict(rank=2, alpha=4, targets="k,o,up,down")),  # bert's FFN output by full path
     ("llama", "lora", dict(rank=4, alpha=8, targets="q,v")),  # grouped-query attention
-    ("llama", "lora", dict(rank=2, alpha=8, targets="all")),
+    ("llama", "lora", dict(rank=2, alpha=8, targets="all", dropout=0.1)),  # loaded back for inference: dropout off
     ("minilm", "lora", dict(rank=4, alpha=8, targets="q,v")),
     ("gpt2", "prompt", dict(length=4)),
     ("llama", "prompt", dict(length=4)),
@@ -328,6 +329,9 @@ FROM_PEFT = [  # (base, classifier?, peft config); trained with peft, loaded int
                  id="llama-lora-q,v-layer1"),
     pytest.param("llama", False, lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
                                                          task_type="CAUSAL_LM"), id="llama-lora-all-linear"),
+    pytest.param("llama", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         lora_dropout=0.3, task_type="CAUSAL_LM"),
+                 id="llama-lora-dropout"),  # loaded into an eval model: its dropout stays off
     pytest.param("llama", True, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                         task_type="SEQ_CLS"), id="llama-lora-classifier"),
     pytest.param("minilm", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
@@ -343,6 +347,8 @@ FROM_PEFT = [  # (base, classifier?, peft config); trained with peft, loaded int
     pytest.param("llama", False, lambda: peft.PrefixTuningConfig(
         num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16, task_type="CAUSAL_LM"),
         id="llama-prefix-mlp"),
+    pytest.param("llama", True, lambda: peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
+                 id="llama-prefix-classifier"),  # prompt learning keys the classifier base_model.score.weight
     pytest.param("phi3", False, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"],
                                                         task_type="CAUSAL_LM"), id="phi3-lora-fused"),
     pytest.param("qwen2", True, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -507,6 +513,20 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
     with pytest.raises(ValueError, match="pooler"):
         mp.load_adapter(ours_base("bert", n_classes=2), tmp_path / "bc")
 
+    with pytest.raises(ValueError, match="DistilBertModel as past key values, which it does not take"):
+        mp.save_adapter(mp.apply(ours_base("distilbert"), "prefix", length=4), tmp_path / "x", format="peft")
+    peft_adapter(folders, tmp_path / "dp", "distilbert", peft.PrefixTuningConfig(
+        num_virtual_tokens=4, token_dim=32, num_layers=2, num_attention_heads=4, task_type="FEATURE_EXTRACTION"))
+    with pytest.raises(ValueError, match="prefix tuning on distilbert is not exchangeable with peft"):
+        mp.load_adapter(ours_base("distilbert"), tmp_path / "dp")
+
+    peft_adapter(folders, tmp_path / "pc", "llama", peft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
+                 classifier=True)
+    with pytest.raises(ValueError, match="prompt tuning with a classifier .* last position, padding or not"):
+        mp.load_adapter(ours_base("llama", n_classes=2), tmp_path / "pc")
+    with pytest.raises(ValueError, match="prompt tuning with a classifier is not exchangeable"):
+        mp.save_adapter(mp.apply(ours_base("llama", n_classes=2), "prompt", length=4), tmp_path / "x", format="peft")
+
     trained_head = train(mp.apply(ours_base("gpt2", n_classes=2), "lora"), ours_out)
     with pytest.raises(ValueError, match="score layer has no bias, but this classifier head's bias is non-zero"):
         mp.save_adapter(trained_head, tmp_path / "x", format="peft")
@@ -520,6 +540,36 @@ def test_what_cannot_be_exact_is_refused(folders, ours_base, tmp_path):
         mp.load_adapter(ours_base("gpt2"), tmp_path / "cls")
     with pytest.raises(ValueError, match="already has method 'lora'; load a peft adapter into a fresh base"):
         mp.load_adapter(mp.apply(ours_base("gpt2", n_classes=2), "lora"), tmp_path / "cls")
+
+
+def lower_rank(tensors):
+    """Layer 0's q_proj LoRA cut from rank 4 to 2, which the config (r=4, no rank_pattern) does not say."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_"
+    tensors[key + "A.weight"] = tensors[key + "A.weight"][:2].contiguous()
+    tensors[key + "B.weight"] = tensors[key + "B.weight"][:, :2].contiguous()
+
+
+@pytest.mark.parametrize("config_edit, tensor_edit, message", [
+    ({"r": 8}, None, "q_proj has rank 4 in its tensors but 8 in its config"),
+    ({}, lower_rank, "layers.0.self_attn.q_proj has rank 2 in its tensors but 4 in its config"),
+    ({"r": "4"}, None, "corrupt: r is '4', where peft writes an integer"),
+    ({"lora_alpha": "8"}, None, "corrupt: lora_alpha is '8', where peft writes a number"),
+    ({"use_rslora": "false"}, None, "corrupt: use_rslora is 'false', where peft writes true or false"),
+    ({"alpha_pattern": ["q_proj"]}, None, r"corrupt: alpha_pattern is \['q_proj'\], where peft writes an object"),
+], ids=["r-not-the-tensors", "a-module-of-another-rank", "r-string", "alpha-string", "rslora-string", "pattern-list"])
+def test_malformed_peft_folders_are_refused(config_edit, tensor_edit, message, folders, ours_base, tmp_path):
+    """A config that disagrees with its tensors (which peft refuses to load) or holds a field of another JSON type
+    is refused with a ValueError naming the field: loaded, it would get a scale peft never computes."""
+    path = peft_adapter(folders, tmp_path / "a", "llama",
+                        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **config_edit}))
+    if tensor_edit:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        tensor_edit(tensors)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        mp.load_adapter(ours_base("llama"), path)
 
 
 def test_a_users_method_gets_a_peft_hook_of_its_own(folders, ours_base, tmp_path):

@@ -92,6 +92,8 @@ FROM_PEFT = [  # (base, peft config): trained with peft, loaded here
                                                   init_lora_weights="olora"), id="llama-olora"),
     pytest.param("bert", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                  init_lora_weights="gaussian"), id="bert-lora-gaussian"),
+    pytest.param("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights="mica"), id="llama-lora-mica"),  # a plain LoRA
     pytest.param("gpt2", lambda: peft.IA3Config(), id="gpt2-ia3-default"),
     pytest.param("bert", lambda: peft.IA3Config(), id="bert-ia3-default"),
     pytest.param("llama", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
@@ -152,7 +154,8 @@ def test_vera_matrices_are_peft_s(folders, ours_base, tmp_path):
     ("gpt2", "loha", dict(targets="o"), "not GPT-2's Conv1D"),  # peft's LyCORIS layers are nn.Linear only
     ("gpt2", "lokr", dict(targets="up"), "not GPT-2's Conv1D"),
     ("gpt2", "ia3", dict(targets="q,down", feedforward="q"), "adapts q, k, v as one module"),
-    ("gpt2", "lora", dict(targets="q,v", init="pissa"), "peft factorizes q, k and v as one matrix"),
+    ("gpt2", "lora", dict(targets="q,v", init="pissa"), "gpt2's fused c_attn .* peft factorizes q, k, v as one matrix"),
+    ("phi3", "lora", dict(targets="q,o", init="pissa"), "phi3's fused qkv_proj .*; use targets o, down, or"),
     ("gpt2", "lora", dict(targets="o", init="olora"), "factorizes GPT-2's Conv1D weights transposed"),
 ])
 def test_what_cannot_be_exact_is_refused(name, method, options, message, ours_base, tmp_path):
@@ -171,8 +174,11 @@ def test_what_cannot_be_exact_is_refused(name, method, options, message, ours_ba
     ("gpt2", lambda: peft.LoraConfig(target_modules=["c_fc"], init_lora_weights="olora"), "olora"),
     ("gpt2", lambda: peft.IA3Config(target_modules=["c_attn"], feedforward_modules=["c_attn"]), "as one module"),
     ("gpt2", lambda: peft.AdaLoraConfig(total_step=10, target_modules=["c_attn"]), "peft ADALORA adapter"),
+    ("llama", lambda: peft.LoraConfig(target_modules=["q_proj", "v_proj"], use_bdlora=peft.BdLoraConfig(
+        target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)), "uses block-diagonal LoRA"),
+    ("llama", lambda: peft.LoraConfig(target_modules=["q_proj"], kasa_config=peft.KasaConfig()), "uses KaSA"),
 ], ids=["vera-c_attn", "loha-rank-dropout", "lokr-module-dropout", "lokr-rank-pattern", "pissa-niter",
-        "olora-gpt2", "ia3-c_attn-input", "adalora"])
+        "olora-gpt2", "ia3-c_attn-input", "adalora", "bdlora", "kasa"])
 def test_peft_adapters_we_cannot_reproduce_are_refused(name, make_config, message, folders, ours_base, tmp_path):
     peft_adapter(folders, tmp_path / "a", name, make_config())
     model = ours_base(name)

@@ -203,6 +203,7 @@ def apply(model, method: str, tokenizer=None, **options):
         for p in trainable:
             p.requires_grad_(True)
         raise
+    model.train(model.training)  # new modules start in training mode: an eval model's dropout must stay off
     if model.cfg.n_classes:
         model.head.requires_grad_(True)
     model.peft_config = {"method": method, "options": resolved, "base_fingerprint": fingerprint}

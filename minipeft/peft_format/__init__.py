@@ -28,6 +28,8 @@ and the hook has
                                                        tensors are read
     hook.accepts(config)                            optional: whether this hook takes a config of its
                                                        peft_type (lora and dora share LORA)
+    hook.root                                       optional: peft's prefix of the classifier's key, ROOT
+                                                       unless the method is prompt learning (PROMPT_ROOT)
 
 Both directions raise ValueError, naming what differs, for what they cannot map exactly. `layout` is a
 PeftLayout: the adapter's folder (for messages) and how transformers and peft name this model's layers.
@@ -69,11 +71,13 @@ row order, and a method's hook says how it writes them.
 The classifier (peft's modules_to_save):
 
     base_model.model.score.weight  (n_classes, d)   -> head.weight, head.bias = 0
+    base_model.score.weight        the same under prompt and prefix tuning, whose PeftModel holds the
+                                   transformers model itself (not a tuner model wrapping it)
 
 Decoder classifiers match (*ForSequenceClassification reads the last real token as we do), but their
 `score` has no bias: ours exports only while its bias is zero (e.g. a head that came from peft). With
 prompt tuning, peft hands the classifier embeddings, in which transformers cannot see padding, so it
-reads the last position: equal on unpadded batches.
+reads the last position, padding or not: refused (prompt.py).
 
 Exact, and tested against transformers + peft: LoRA on all three original families and on phi3 (fused),
 qwen2, gemma3, roberta and distilbert, prefix tuning on gpt2, bert, llama and gemma3, prompt tuning on
@@ -82,7 +86,8 @@ Refused, with a ValueError saying why:
 - an encoder classifier: BertForSequenceClassification reads [CLS] through the pretrained pooler
   (dense + tanh), RoBERTa's and DistilBERT's classifiers have two layers; ours is one.
 - methods minipeft does not have (AdaLoRA, BOFT, ...) and methods without a peft hook.
-- what a method's hook refuses (prompt tuning on the encoders, see prompt.py).
+- what a method's hook refuses (prompt tuning on the encoders or with a classifier, see prompt.py; prefix
+  tuning on distilbert, prefix.py).
 peft keeps no fingerprint of the base weights, so the base check is what the files allow: the
 architecture (module names), every shape, the config's layer/head counts, and, when
 `base_model_name_or_path` is a local folder, its config.json against this model.
@@ -105,7 +110,8 @@ from minipeft.formats.atomic import atomic_write
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE = "adapter_model.bin"  # older peft default; a pickle, which we never read
-ROOT = "base_model.model."  # peft's prefix of every layer's and modules_to_save key
+ROOT = "base_model.model."  # peft's prefix of every layer's key and (but under prompt learning) modules_to_save's
+PROMPT_ROOT = "base_model."  # the prefix of modules_to_save keys under prompt learning (hook.root)
 
 # the transformers class an exported adapter is for: (family, has a classifier) -> (class, peft task_type).
 # Our encoder LM head is the bare tied embedding, not BertForMaskedLM's, so an encoder adapter is for the
@@ -286,7 +292,7 @@ def to_peft(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if hook is None:
         raise ValueError(f"format='peft' writes {', '.join(HOOKS)} adapters, not {method!r}; "
                          "save this one with the default format='minipeft'")
-    tensors, modules_to_save = _classifier_to_peft(model)
+    tensors, modules_to_save = _classifier_to_peft(model, getattr(hook, "root", ROOT))
     _, task_type = TRANSFORMERS_MODELS[(cfg.flavor, bool(cfg.n_classes))]
     body = "" if task_type == BARE_BODY_TASK else pretrained.HF_PREFIXES[cfg.flavor]
     config = {"peft_type": hook.peft_type, "task_type": task_type, "inference_mode": True,
@@ -308,7 +314,7 @@ def _base_name(cfg) -> str | None:
     return str(local.resolve()) if local.exists() else source
 
 
-def _classifier_to_peft(model) -> tuple[dict, list | None]:
+def _classifier_to_peft(model, root: str) -> tuple[dict, list | None]:
     cfg = model.cfg
     if not cfg.n_classes:
         return {}, None
@@ -322,7 +328,7 @@ def _classifier_to_peft(model) -> tuple[dict, list | None]:
         raise ValueError(f"{cls_name}'s score layer has no bias, but this classifier head's bias is "
                          "non-zero, so transformers would compute other logits; export the adapter of a "
                          "model without n_classes instead")
-    return {ROOT + "score.weight": model.head.weight}, ["score"]
+    return {root + "score.weight": model.head.weight}, ["score"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,17 +357,39 @@ def read_config(path) -> dict:
                          f"minipeft loads {', '.join(ours)}")
     method = next((m for m in ours[kind] if getattr(HOOKS[m], "accepts", lambda _: True)(raw)), ours[kind][0])
     hook = HOOKS[method]
+    _check_field_types(raw, path)
     if hasattr(hook, "check_config"):
         hook.check_config(raw, path)
     if not (path / PEFT_WEIGHTS).exists():
         pickle_hint = f" ({PEFT_PICKLE} is a pickle, which minipeft never reads: re-save it with peft's " \
                       "save_pretrained(..., safe_serialization=True))" if (path / PEFT_PICKLE).exists() else ""
         raise FileNotFoundError(f"{path} has no {PEFT_WEIGHTS}{pickle_hint}")
-    head = _tensor_shapes(path).get(ROOT + "score.weight")
+    head = _tensor_shapes(path).get(getattr(hook, "root", ROOT) + "score.weight")
     return {"format": "peft", "method": method,
             "base": {"source": raw.get("base_model_name_or_path"),
                      "config": {"n_classes": head[0] if head else None}},
             "peft": raw}
+
+
+# the config fields the hooks read as numbers, flags or tables, and the JSON types peft writes them as
+FIELD_TYPES = {**dict.fromkeys(("r", "num_virtual_tokens", "projection_prng_key", "decompose_factor"), int),
+               **dict.fromkeys(("lora_alpha", "alpha", "lora_dropout", "vera_dropout", "d_initial"), (int, float)),
+               **dict.fromkeys(("use_rslora", "use_dora", "decompose_both"), bool),
+               **dict.fromkeys(("rank_pattern", "alpha_pattern"), dict)}
+JSON_NAMES = {int: "an integer", (int, float): "a number", bool: "true or false", dict: "an object of numbers"}
+
+
+def _check_field_types(raw: dict, path: Path) -> None:
+    """A field of FIELD_TYPES holding another JSON type (a string "8", a list of patterns) is refused here,
+    not met later as a TypeError or as a truthy string; a pattern's values are numbers."""
+    def fits(value, types) -> bool:  # JSON's true is no number, and 1 is no flag
+        return isinstance(value, types) and isinstance(value, bool) == (types is bool)
+    for field, types in FIELD_TYPES.items():
+        value = raw.get(field)
+        if value is not None and not (fits(value, types) and (types is not dict or all(
+                fits(v, (int, float)) for v in value.values()))):
+            raise ValueError(f"{path / PEFT_CONFIG} is corrupt: {field} is {value!r}, where peft writes "
+                             f"{JSON_NAMES[types]}; save the adapter again")
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple]:
@@ -383,8 +411,8 @@ def load(model, path):
                          "load a peft adapter into a fresh base model")
     _check_base(model, raw, path)
     tensors = load_file(str(path / PEFT_WEIGHTS))
-    head = _classifier_from_peft(model, tensors, path)
     hook = hooks()[config["method"]]
+    head = _classifier_from_peft(model, tensors, path, getattr(hook, "root", ROOT))
     options, weights = hook.from_peft(model, raw, tensors, PeftLayout(model.cfg, path))
     apply(model, config["method"], **options)
     params = dict(model.named_parameters())
@@ -415,14 +443,15 @@ def _check_base(model, raw: dict, path: Path):
                          f"{'; '.join(differ)}; load the base model it was trained on")
 
 
-def _classifier_from_peft(model, tensors: dict, path: Path) -> torch.Tensor | None:
-    """Pop the modules_to_save classifier from `tensors` and check it fits the model's head."""
+def _classifier_from_peft(model, tensors: dict, path: Path, root: str) -> torch.Tensor | None:
+    """Pop the modules_to_save classifier (keyed under `root`, the hook's) from `tensors` and check it fits
+    the model's head."""
     n_classes = model.cfg.n_classes
-    if any(k.startswith((ROOT + "classifier.", ROOT + "pre_classifier.")) for k in tensors):
+    if any(k.startswith((root + "classifier.", root + "pre_classifier.")) for k in tensors):
         raise ValueError(f"adapter {path} carries an encoder's classifier (BertForSequenceClassification reads [CLS] "
                          "through the pretrained pooler, dense + tanh; RoBERTa's and DistilBERT's have two "
                          "layers), which minipeft's one-layer head is not; it cannot be loaded exactly")
-    head = tensors.pop(ROOT + "score.weight", None)
+    head = tensors.pop(root + "score.weight", None)
     if head is None and n_classes:
         raise ValueError(f"adapter {path} has no classifier head, but this model has one; "
                          "load the base model without n_classes")

@@ -56,10 +56,12 @@ class LoRAInPeft:
     # config fields naming features minipeft's LoRA lacks: field -> what it is
     features_we_lack = {"use_dora": "DoRA", "lora_bias": "a LoRA bias", "bias": "trained base biases",
                         "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
-                        "target_parameters": "LoRA on nn.Parameters", "alora_invocation_tokens": "aLoRA"}
+                        "target_parameters": "LoRA on nn.Parameters", "alora_invocation_tokens": "aLoRA",
+                        "use_bdlora": "block-diagonal LoRA factors (BD-LoRA)", "kasa_config": "KaSA",
+                        "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing"}
 
     # init_lora_weights values whose tensors mean a plain LoRA (they only chose the starting point)
-    plain_inits = (True, False, "gaussian", "eva", "orthogonal")
+    plain_inits = (True, False, "gaussian", "eva", "orthogonal", "mica")  # (MiCA: B starts from W's minor vectors)
 
     def accepts(self, config: dict) -> bool:
         return not config.get("use_dora")  # dora.py takes those
@@ -83,7 +85,7 @@ class LoRAInPeft:
         # the adapted targets of each transformers module, in row order: [("q", "v"), ("o",), ...]
         groups = list(dict.fromkeys(tuple(t for t in layout.fused(target) if t in targets) for target in targets))
         init = options.get("init", "kaiming")
-        _check_residual(init, [layout.fused(group[0]) for group in groups], cfg)
+        _check_residual(init, [layout.fused(group[0]) for group in groups], layout)
         tensors, carried = {}, {}  # carried: peft's name of each exported module -> how many targets it holds
         for i, block in enumerate(model.blocks):
             for group in groups:
@@ -111,7 +113,7 @@ class LoRAInPeft:
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
         cfg = model.cfg
         init = config.get("init_lora_weights", True)
-        _check_residual(init, [], cfg)  # (a fused module converts exactly on the way in)
+        _check_residual(init, [], layout)  # (a fused module converts exactly on the way in)
         updates = {}  # (layer, target) -> (A, B, scale)
         for module, pair in _lora_pairs(tensors, layout).items():
             layer, held = layout.locate(module)
@@ -126,7 +128,11 @@ class LoRAInPeft:
                                  f"{tuple(B.shape)}, this model's layer is {out_features}×{in_features}; "
                                  "load the base model it was trained on")
             rank = A.shape[0]
-            alpha = layout.pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            configured = layout.pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+            if rank != configured:  # peft would refuse the file; its scale would be alpha / the config's rank
+                raise ValueError(f"adapter {layout.path}: {module} has rank {rank} in its tensors but {configured} "
+                                 "in its config (r, rank_pattern), so peft cannot load it; save the adapter again")
+            alpha = layout.pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
             scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
             if init in RESIDUAL_INITS:  # on the original base: ΔW = s [B, −B₀] [A; A₀], rank 2r
                 weight = torch.cat([model.blocks[layer].get_submodule(linear_targets.TARGETS[t]).weight for t in held])
@@ -137,13 +143,18 @@ class LoRAInPeft:
         return _padded_to_one_rank(cfg, updates, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")))
 
 
-def _check_residual(init: str, modules: list[tuple], cfg) -> None:
-    """PiSSA / OLoRA adapters move between peft and minipeft only where both factorize the same matrix."""
+def _check_residual(init: str, modules: list[tuple], layout) -> None:
+    """PiSSA / OLoRA adapters move between peft and minipeft only where both factorize the same matrix:
+    not on a fused module (`modules`: the targets each exported module holds), nor on GPT-2's Conv1D for OLoRA."""
     if init not in RESIDUAL_INITS:
         return
-    if any(len(held) > 1 for held in modules):
-        raise ValueError(f"a {init} adapter on GPT-2's fused c_attn is not exchangeable: peft factorizes q, k and v "
-                         "as one matrix, minipeft each one; use targets o, up, down, or init=kaiming")
+    cfg = layout.cfg
+    held = next((held for held in modules if len(held) > 1), None)
+    if held:
+        module = layout.modules[held[0]][0].rpartition(".")[2]
+        apart = ", ".join(t for t in layout.modules if len(layout.fused(t)) == 1)
+        raise ValueError(f"a {init} adapter on {cfg.flavor}'s fused {module} is not exchangeable: peft factorizes "
+                         f"{', '.join(held)} as one matrix, minipeft each one; use targets {apart}, or init=kaiming")
     if init == "olora" and cfg.flavor == "gpt2":
         raise ValueError("an olora adapter on gpt2 is not exchangeable: peft's OLoRA factorizes GPT-2's Conv1D "
                          "weights transposed (in × out); use init=pissa or kaiming")

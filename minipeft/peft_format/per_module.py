@@ -130,7 +130,8 @@ class LycorisInPeft(PerModuleInPeft):
 
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
         found = self.gather(tensors, layout)
-        options = {"rank": config["r"], "alpha": float(config["alpha"]), "targets": present_targets(found),
+        options = {"rank": config.get("r", 8), "alpha": float(config.get("alpha", 8)),  # peft's defaults
+                   "targets": present_targets(found),
                    **{field: config.get(field, default) for field, default in self.fields.items()}}
         values = {f"blocks.{i}.{linear_targets.TARGETS[t]}.{name}": value
                   for (i, t), theirs in found.items() for name, value in theirs.items()}

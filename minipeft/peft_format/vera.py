@@ -38,8 +38,9 @@ class VeRAInPeft(PerModuleInPeft):
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
         shared = {name: tensors.pop(key).float() for name, key in self.SHARED.items() if key in tensors}
         found = self.gather(tensors, layout)
-        options = {"rank": config["r"], "targets": present_targets(found), "dropout": config.get("vera_dropout", 0.0),
-                   "d_initial": config.get("d_initial", 0.1), "projection_seed": config.get("projection_prng_key", 0)}
+        options = {"rank": config.get("r", 256), "targets": present_targets(found),  # peft's defaults, as below
+                   "dropout": config.get("vera_dropout", 0.0), "d_initial": config.get("d_initial", 0.1),
+                   "projection_seed": config.get("projection_prng_key", 0)}
         values = {f"blocks.{i}.{linear_targets.TARGETS[t]}.{name}": value
                   for (i, t), theirs in found.items() for name, value in theirs.items()}
         values = fitted(model, "vera", options, values, layout.path)  # left-out layers: λ_b = 0, no update
