@@ -72,6 +72,21 @@ def test_shared_prompt_start_is_computed_once_with_the_same_result(own):
     assert shapes == [(1, len(prompts[0])), (1, 1)]  # one prompt: nothing to share
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2"])
+def test_shared_prompt_start_with_a_sliding_window(family):
+    """Padding after a shared start would sit inside a padded row's window, in the slots the shared tokens
+    fill when the row runs alone (row 0 drew other tokens from its first one); rows of different lengths
+    are left-padded whole instead. Rows of one length still share the start."""
+    model = sharp(tiny_model(family)).eval()
+    start = [11, 12, 13, 14]
+    prompts = [start + [50], start + [51, 52, 53, 54, 55, 56], start + [60, 61, 62]]
+    assert generate(model, prompts, 8) == one_by_one(model, prompts, 8)
+    shapes = forward_shapes(model)
+    same_length = [start + [50, 51], start + [60, 61]]
+    assert generate(model, same_length, 3) == one_by_one(model, same_length, 3)
+    assert shapes[:3] == [(1, 4), (2, 2), (2, 1)]
+
+
 @pytest.mark.parametrize("method, options", [("prompt", {"length": 3}), ("prefix", {"length": 4}),
                                              ("lora", {})])
 def test_batched_generation_through_a_method(method, options):

@@ -99,11 +99,13 @@ def _start(model, prompts: list[list[int]], pad_id: int, use_cache: bool, device
     """(cache, input_ids, attention_mask, position_ids) to begin decoding. Tokens every prompt begins
     with (a system prompt, an instruction) are run once, for one row, and their keys and values shared
     by all rows; the rest is left-padded after them: [shared][pad pad][own tokens]. Without padding the
-    model's own positions are right, and position_ids is None."""
+    model's own positions are right, and position_ids is None. Not with a sliding window and rows of
+    different lengths: the padding would take slots of the window that the shared tokens fill alone."""
     first = prompts[0]
     shared = min(len(p) for p in prompts) - 1  # every row keeps at least one token of its own
     shared = next((i for i in range(shared) if any(p[i] != first[i] for p in prompts)), shared)
-    if not use_cache or len(prompts) == 1 or shared == 0:
+    windowed = any(block.window for block in model.blocks) and len({len(p) for p in prompts}) > 1
+    if not use_cache or len(prompts) == 1 or shared == 0 or windowed:
         ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
         if bool(mask.all()):  # no padding: the positions are the model's own 0, 1, 2, ...
             positions = None
