@@ -131,6 +131,13 @@ def test_stop_strings_cut_the_text():
     assert cut == text.split(stop)[0]
     tokens = generate(model, prompt, 12, stop=[stop], tokenizer=tokenizer, sampling=sampling)[0]
     assert stop in tokenizer.decode(tokens) and stop not in tokenizer.decode(tokens[:-1])  # it stopped there
+    # a str is one stop string, as transformers' stop_strings reads it, not a set of characters
+    assert complete(model, tokenizer, prompt, 12, stop=stop, sampling=sampling)[0] == cut
+    assert (absent := stop + "\x00") not in text
+    assert complete(model, tokenizer, prompt, 12, stop=absent, sampling=sampling)[0] == text
+    # "" is in every text: like transformers, generation stops after the first token, and the answer is empty
+    assert len(generate(model, prompt, 12, stop=[""], tokenizer=tokenizer, sampling=sampling)[0]) == 1
+    assert complete(model, tokenizer, prompt, 12, stop=["", stop], sampling=sampling) == [""]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, prompt, 3, stop=["x"])
 

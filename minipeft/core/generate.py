@@ -125,13 +125,18 @@ def _check_model(model, prompts):
         raise ValueError("every prompt needs at least one token")
 
 
+def _stop_strings(stop) -> tuple[str, ...]:
+    """One stop string or several, as transformers' stop_strings takes them (a str is one, not its characters)."""
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
 class _Stops:
     """Which rows are done: an end-of-text token, or a stop string in the decoded new text."""
 
     def __init__(self, n: int, eos_id, stop, tokenizer):
-        if stop and tokenizer is None:
+        self.eos_id, self.stop, self.tokenizer = eos_id, _stop_strings(stop), tokenizer
+        if self.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer (to read the text)")
-        self.eos_id, self.stop, self.tokenizer = eos_id, tuple(stop), tokenizer
         self.done = [False] * n
 
     def update(self, outputs: list[list[int]], new: list[int]) -> list[int]:
@@ -187,9 +192,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
 
 def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop=(), **options) -> list[str]:
     """The decoded answers of `generate`, each cut before the first stop string it contains."""
+    stop = _stop_strings(stop)
     outputs = generate(model, prompts, max_new_tokens, stop=stop, tokenizer=tokenizer, **options)
     texts = [tokenizer.decode(tokens) for tokens in outputs]
-    return [min((t.split(s)[0] for s in stop), key=len) if stop else t for t in texts]
+    return [min((t[:t.index(s)] for s in stop if s in t), key=len, default=t) for t in texts]
 
 
 def greedy(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
