@@ -143,17 +143,43 @@ def test_stop_strings_cut_the_text():
 
 
 def test_generation_ends_at_the_model_length():
-    """At the model's last position generation stops; greedy adds no end-of-text token to a row cut there."""
+    """The last token is chosen at the model's last position (it is never read back), so a sequence ends one
+    token past the model's length; greedy adds no end-of-text token to a row cut there."""
     model = tiny_model("llama").eval()  # 64 positions; PROMPTS left-padded to 7 tokens
     idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
-    assert [len(out) for out in generate(model, PROMPTS, 100)] == [64 - 7] * len(PROMPTS)
+    assert [len(out) for out in generate(model, PROMPTS, 100)] == [64 - 7 + 1] * len(PROMPTS)
+    assert len(generate(model, [list(range(1, 65))], 3)[0]) == 1  # a prompt as long as the model: one token
     unused = min(set(range(model.cfg.vocab_size)) - set(greedy(model, idx, 100).flatten().tolist()))
-    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 64)
+    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 65)
     mp.apply(model, "prefix")  # its virtual tokens take positions too
-    room = 64 - model.virtual_tokens - 7
+    room = 64 - model.virtual_tokens - 7 + 1
     assert [len(out) for out in generate(model, PROMPTS, 100)] == [room] * len(PROMPTS)
     unused = min(set(range(model.cfg.vocab_size)) - set(greedy(model, idx, 100).flatten().tolist()))
-    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 64 - model.virtual_tokens)
+    assert greedy(model, idx, 100, eos_id=unused).shape == (2, 65 - model.virtual_tokens)
+    with pytest.raises(ValueError, match=f"a prompt of 64 tokens is longer than the {64 - model.virtual_tokens} positions"):
+        generate(model, [list(range(1, 65))], 3)
+
+
+def test_greedy_tokens_equal_transformers_up_to_the_model_length(tmp_path):
+    """transformers' generate on the same GPT-2 weights (learned positions: both stop at the same place):
+    a left-padded batch of prompts of different lengths, and a prompt one token short of the model's
+    length, which gets two new tokens (minipeft stopped one short: one token, and none at 64)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=97, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.attn.c_attn.weight.mul_(20)  # sharp attention (see `sharp`); c_attn holds q, k and v
+    hf.save_pretrained(tmp_path)
+    model = mp.from_pretrained(str(tmp_path))[0].eval()
+    for prompts, n in [(PROMPTS, 10), ([list(range(3, 66))], 2), ([list(range(3, 67))], 1)]:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+        assert generate(model, prompts, n) == theirs
 
 
 def test_greedy_repeats_end_of_text_after_a_row_ends():
@@ -231,6 +257,12 @@ def test_bad_sampling_options():
             Sampling(**options)
     with pytest.raises(ValueError, match="classifier"):
         generate(tiny_model("gpt2", n_classes=2), PROMPTS, 2)
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):  # it returned no tokens
+        generate(model, PROMPTS, -1)
+    with pytest.raises(ValueError, match="eos_id is one token id"):  # a list was never matched: no row stopped
+        generate(model, PROMPTS, 2, eos_id=[2, 3])
+    assert generate(model, PROMPTS, 0) == [[]] * len(PROMPTS)
 
 
 def test_streamer_prints_what_is_returned(capsys):

@@ -118,11 +118,23 @@ def _start(model, prompts: list[list[int]], pad_id: int, use_cache: bool, device
     return shared_cache(prefix, len(prompts)), ids, mask, positions
 
 
-def _check_model(model, prompts):
+def _check_model(model, prompts, max_new_tokens: int):
     if not model.cfg.causal or model.cfg.n_classes:
         raise ValueError("generation needs a causal LM (no classifier head)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    longest, limit = max(len(p) for p in prompts), model.cfg.max_seq_len - model.virtual_tokens
+    if longest > limit:
+        raise ValueError(f"a prompt of {longest} tokens is longer than the {limit} positions the model reads "
+                         "(its method's virtual tokens taken); shorten it")
+
+
+def _room(model, width: int) -> int:
+    """How many tokens prompts of `width` columns can get: the last one is chosen at the model's last
+    position and never read back."""
+    return model.cfg.max_seq_len - model.virtual_tokens - width + 1
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
@@ -134,6 +146,8 @@ class _Stops:
     """Which rows are done: an end-of-text token, or a stop string in the decoded new text."""
 
     def __init__(self, n: int, eos_id, stop, tokenizer):
+        if isinstance(eos_id, (list, tuple, set)):
+            raise ValueError(f"eos_id is one token id, not {eos_id}: pass the one that ends the answers")
         self.eos_id, self.stop, self.tokenizer = eos_id, _stop_strings(stop), tokenizer
         if self.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer (to read the text)")
@@ -162,7 +176,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     """The new tokens of each prompt (without the end-of-text token), generated together in one
     left-padded batch; see the module docstring. Without the cache every step reruns the whole
     sequence (slow; a check that the cache changes nothing)."""
-    _check_model(model, prompts)
+    _check_model(model, prompts, max_new_tokens)
     sampling = sampling or Sampling()
     was_training = model.training
     model.eval()
@@ -171,8 +185,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     cache, ids, mask, positions = _start(model, prompts, pad_id, use_cache, device)
     outputs, stops = [[] for _ in prompts], _Stops(len(prompts), eos_id, stop, tokenizer)
     step_ids, step_positions = ids, positions
-    room = model.cfg.max_seq_len - model.virtual_tokens - mask.shape[1]
-    for _ in range(min(max_new_tokens, room)):
+    for _ in range(min(max_new_tokens, _room(model, mask.shape[1]))):
         logits = model(step_ids, attention_mask=mask, cache=cache, position_ids=step_positions)[:, -1]  # (B, V)
         new = next_tokens(logits, sampling, generator)  # (B,)
         for row in stops.update(outputs, new.tolist()):
@@ -203,7 +216,7 @@ def greedy(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True
     """Greedy continuation of equal-length prompts (Transformer.generate): idx (B, T) -> (B, T + new),
     a row's end-of-text token included and repeated after it while other rows go on."""
     outputs = generate(model, idx.tolist(), max_new_tokens, eos_id=eos_id, use_cache=use_cache)
-    limit = min(max_new_tokens, model.cfg.max_seq_len - model.virtual_tokens - idx.shape[1])
+    limit = min(max_new_tokens, _room(model, idx.shape[1]))
     ended = [o + [eos_id] if eos_id is not None and len(o) < limit else o for o in outputs]  # stopped at eos
     width = max(len(o) for o in ended)
     tail = [o + [eos_id] * (width - len(o)) for o in ended]  # only rows that ended are short
