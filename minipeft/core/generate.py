@@ -20,7 +20,8 @@ in the last column and the rows generate in lockstep:
 The first forward pass fills the KV cache with the prompts' keys and values (the tokens all prompts
 start with, such as a system prompt, are run once and shared); after it each step feeds one token per
 row (B, 1). A row stops at the end-of-text token (`eos_id`) or once its text contains a
-stop string; the batch stops when every row has, or after max_new_tokens. `on_token(row, id)` is called
+stop string; the batch stops when every row has, or after max_new_tokens, or once a token has been chosen
+at the model's last position (the widest prompt decides, for every row). `on_token(row, id)` is called
 for each new token as it is chosen (TextStreamer prints row 0 to the terminal as it grows).
 """
 import sys
