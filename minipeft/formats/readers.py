@@ -17,6 +17,8 @@ Row shapes (ROW_SHAPES), one per source; the shape says what kind of task the da
 
     text/label          {"text": "A gorgeous, witty film.", "label": "positive"}      classification
     prompt/completion   {"prompt": "What is 2 + 2?", "completion": "4"}              instruction tuning
+                        or trl's conversational one: "prompt" a list of messages, "completion" a list of
+                        one assistant message
     messages            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
     sharegpt            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
     alpaca              {"instruction": "Add one.", "input": "41", "output": "42"}    (input optional)
@@ -326,16 +328,16 @@ def labelled_text(record: Record) -> tuple[str, str]:
 def conversation(record: Record, shape: str) -> list[dict]:
     """An instruction row as messages [{"role", "content"}, ...], the last answer last. Prompt/completion
     and Alpaca rows are one user turn and one assistant turn (Alpaca's input follows the instruction
-    after a blank line). An empty answer, no answer, or a malformed field is an error naming the row."""
+    after a blank line); a conversational prompt/completion row (trl's) is its prompt's messages and its
+    completion's one assistant message. An empty answer, no answer, or a malformed field is an error
+    naming the row."""
     fields, where = record.fields, record.where
     if shape in ("messages", "sharegpt"):
         key = "messages" if shape == "messages" else "conversations"
         turns = _json_column(fields[key], key, where)
-        from .chat import check_messages  # here: chat.py (and jinja2) load only for conversations
-        try:
-            messages = check_messages(_sharegpt_messages(turns, where) if shape == "sharegpt" else turns)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+        messages = _checked(_sharegpt_messages(turns, where) if shape == "sharegpt" else turns, where)
+    elif shape == "prompt/completion" and isinstance(fields["prompt"], list):
+        messages = _conversational_pair(fields["prompt"], fields["completion"], where)
     else:
         prompt_key, answer_key = ("prompt", "completion") if shape == "prompt/completion" else ("instruction", "output")
         extra = fields.get("input") if shape == "alpaca" else None
@@ -353,6 +355,29 @@ def conversation(record: Record, shape: str) -> list[dict]:
     return messages
 
 
+def _checked(messages, where: str) -> list[dict]:
+    """chat.check_messages, its error naming the row."""
+    from .chat import check_messages  # here: chat.py (and jinja2) load only for conversations
+    try:
+        return check_messages(messages)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _conversational_pair(prompt: list, completion, where: str) -> list[dict]:
+    """trl's conversational prompt/completion: the prompt's messages (ending with the turn the answer
+    replies to) and a completion of one assistant message, as one conversation."""
+    prompt = _checked(prompt, f"{where}: the prompt")
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the prompt ends with an assistant turn; end it with the turn the completion "
+                         "replies to")
+    if not (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict)
+            and completion[0].get("role") == "assistant" and isinstance(completion[0].get("content"), str)):
+        raise ValueError(f"{where}: the prompt is a list of messages, so 'completion' must be a list of one "
+                         'message {"role": "assistant", "content": "..."}')
+    return prompt + completion
+
+
 def _json_column(value, key: str, where: str):
     """A conversation as stored: a list, or (CSV, parquet) JSON text holding one."""
     if not isinstance(value, str):
@@ -367,11 +392,13 @@ def _json_column(value, key: str, where: str):
 def _sharegpt_messages(turns, where: str) -> list[dict]:
     """ShareGPT's [{"from": "human", "value": ...}, {"from": "gpt", ...}] as messages."""
     if not isinstance(turns, list):
-        raise ValueError(f"'conversations' is {type(turns).__name__}, not a list of {{\"from\", \"value\"}} turns")
+        raise ValueError(f"{where}: 'conversations' is {type(turns).__name__}, not a list of {{\"from\", \"value\"}} "
+                         "turns")
     messages = []
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i} is not {{\"from\": one of {', '.join(SHAREGPT_ROLES)}, \"value\": a string}}")
+            raise ValueError(f"{where}: turn {i} is not {{\"from\": one of {', '.join(SHAREGPT_ROLES)}, \"value\": a "
+                             "string}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return messages

@@ -59,9 +59,10 @@ Instruction tuning (SFT) -- `load_instruct(source, tokenizer)`, kind "sft"
     conversation (readers.conversation) and is written in the chat template (chat.py: the model's
     own, a --chat-template file, or the plain fallback for base models). Labels are -100 except on
     the assistant turns' tokens (their closing token, e.g. <|im_end|>, included), so the loss is on
-    the answers only (train_on_prompt: on every token); the end-of-text token closes each answer
-    (added after the last one if the template does not write it). A conversation longer than max_len
-    tokens loses tokens from its left, never from its last answer, and is counted in
+    the answers only (a prompt/completion row's: on its completion only, as trl's completion_only_loss;
+    train_on_prompt: on every token, and turns after the last answer are refused); the end-of-text
+    token closes each answer (added after the last one if the template does not write it). A
+    conversation longer than max_len tokens loses tokens from its left, never from its last answer, and is counted in
     `TaskData.info["truncated"]`. Each example also keeps its prompt (the conversation up to its last
     answer, ending with the generation prompt) and that answer's text, for exact-match evaluation.
 
@@ -471,16 +472,24 @@ def split_80_10_10(rows: list, seed: int, name, what: str) -> dict[str, list]:
     return {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}
 
 
-def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool):
+def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool,
+                 last_only: bool):
     """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
-    shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
-    to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
+    shifted by one, -100 where a token is not an answer's (last_only: not the last answer's) unless
+    train_on_prompt, cut from the left to max_len tokens; the prompt is the rendering up to the last
+    answer with the generation prompt. Turns after the last answer are left out (they are not trained on,
+    so train_on_prompt refuses them)."""
     from .chat import encode_last_answer  # here: chat.py (and jinja2) load only for instruction data
     messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if train_on_prompt and last < len(messages) - 1:
+        raise ValueError(f"{conversation.where}: the conversation goes on after its last answer (a "
+                         f"{messages[-1]['role']} turn), which --train-on-prompt would leave out of training; end "
+                         "it with the assistant's answer")
     ids, is_answer, start, cut = encode_last_answer(tokenizer, fmt, messages[:last + 1], max_len, eos_id,
                                                     f"{conversation.where}: its last answer")
-    labels = [t if train_on_prompt or answer else IGNORE_INDEX for t, answer in zip(ids[1:], is_answer[1:])]
+    learned = [train_on_prompt or (answer and (i >= start or not last_only)) for i, answer in enumerate(is_answer)]
+    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids[1:], learned[1:])]
     prompt = tokenizer.encode(fmt.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
     prompt = prompt[-(max_len - (len(ids) - start)):]
     return ids[:-1], labels, prompt, messages[last]["content"], cut > 0
@@ -505,11 +514,13 @@ def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 
     or the plain fallback), labels only on the answers."""
     shape, split_rows, names = _instruct_rows(source, seed)
     fmt, eos_id, pad_id = chat_setup(tokenizer, chat_template, pad_id)
+    last_only = shape == "prompt/completion"  # as trl: a conversational prompt's own answers are context
     splits, truncated = {}, 0
     for split in SPLITS:
         if not split_rows[split]:
             raise ValueError(f"{names[split]} gives the {split} split no rows; add some")
-        examples = [_sft_example(tokenizer, fmt, row, max_len, eos_id, train_on_prompt) for row in split_rows[split]]
+        examples = [_sft_example(tokenizer, fmt, row, max_len, eos_id, train_on_prompt, last_only)
+                    for row in split_rows[split]]
         truncated += sum(example[4] for example in examples)
         input_ids, labels, prompts, answers, _ = (list(column) for column in zip(*examples))
         splits[split] = Dataset("sft", input_ids, labels, pad_id, prompts=prompts, answers=answers)
