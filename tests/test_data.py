@@ -713,6 +713,30 @@ def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
         tasks.load_task(write_jsonl(tmp_path / "rows.jsonl", rows), byte_tokenizer())
 
 
+@pytest.mark.parametrize("name, text, message", [
+    # datasets reads the first as "text" and the second as "text.1"; csv.DictReader kept the last one
+    ("twice.csv", "text,label,text\nfirst,1,second\n", r"twice\.csv names the column 'text' twice in its header"),
+    # pandas makes the first field an index and shifts the rest; csv.DictReader dropped the extra field
+    ("extra.csv", "text,label\nhi,1\nwell, yes,0\n",
+     r"extra\.csv line 3 has 3 fields but the header names 2 columns; quote the fields that hold commas"),
+    # datasets refuses ("specified twice"); json.loads kept the last value
+    ("twice.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0, "text": "c"}\n',
+     r"twice\.jsonl line 2 names the key 'text' twice in one object; keep one"),
+    ("twice.json", '[{"prompt": "a", "completion": "b", "completion": "c"}]',
+     r"twice\.json names the key 'completion' twice in one object"),
+])
+def test_ambiguous_files_are_refused_not_read_one_way(tmp_path, name, text, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.load_task(write(tmp_path / name, text), byte_tokenizer())
+
+
+def test_preference_rows_naming_a_key_twice_are_refused(tmp_path):
+    from minipeft.formats import preference
+    path = write(tmp_path / "pairs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "c"}\n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl line 1 names the key 'chosen' twice in one object"):
+        preference.read_pairs(path)
+
+
 def test_sources_of_different_kinds_do_not_mix(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", as_fields(qa_rows(), prompt="question", completion="answer"))
     classes = write_csv(tmp_path / "classes.csv", toy_rows(["a", "b"]))

@@ -152,6 +152,23 @@ def _read_file(path: Path, renaming: tuple[dict, bool]) -> Table:
     return _table(str(path), header, rows, renaming)
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice: json.loads would keep the last value silently, datasets refuses."""
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise DuplicateKey(f"names the key {next(k for k in keys if keys.count(k) > 1)!r} twice in one object; "
+                           "keep one")
+    return dict(pairs)
+
+
+def json_loads(text: str):
+    """json.loads, refusing an object that names a key twice (DuplicateKey, its message to follow the place)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _jsonl_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     text = read_utf8(path)
     if not text.strip():
@@ -161,7 +178,9 @@ def _jsonl_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_loads(line)
+        except DuplicateKey as err:
+            raise ValueError(f"{path} line {number} {err}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); make each line one "
                              'object like {"text": "...", "label": 1}') from None
@@ -179,7 +198,9 @@ def _json_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     if not text.lstrip().startswith("["):  # JSON lines under a .json name
         return _jsonl_rows(path)
     try:
-        records = json.loads(text)
+        records = json_loads(text)
+    except DuplicateKey as err:
+        raise ValueError(f"{path} {err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); a .json file holds one "
                          "array of objects, or one object per line") from None
@@ -194,12 +215,22 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a header line naming the columns, then one example per row")
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
     try:
-        # line_num is the line where the row ends (a quoted text may span lines)
-        return list(reader.fieldnames or []), [(f"{path} line {reader.line_num}", record) for record in reader]
+        header = list(reader.fieldnames or [])
+        twice = [column for i, column in enumerate(header) if column in header[:i]]
+        if twice:
+            raise ValueError(f"{path} names the column {twice[0]!r} twice in its header; rename one of them")
+        for record in reader:
+            where = f"{path} line {reader.line_num}"  # the line where the row ends (a quoted text may span lines)
+            if None in record:  # DictReader's place for the fields past the header's
+                raise ValueError(f"{where} has {len(header) + len(record[None])} fields but the header names "
+                                 f"{len(header)} columns; quote the fields that hold commas")
+            rows.append((where, record))
     except csv.Error as err:
         raise ValueError(f"{path} line {reader.line_num} is not valid CSV ({err}); fix the quoting "
                          "on that line") from None
+    return header, rows
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
