@@ -707,6 +707,11 @@ def test_every_reader_names_its_bad_rows(tmp_path):
                                          r"conversations \(ShareGPT\), or instruction and output \(Alpaca\)"),
     ([{"text": "a", "label": 1}, {"prompt": "a", "completion": "b"}],
      r"line 2 is a prompt/completion row but line 1 is a text/label row; use one shape per file"),
+    # trl's language-modelling rows and preference pairs: said so, not "name the completion column"
+    ([{"text": "Once upon a time"}], r"line 1 has a 'text' field and no 'label' \(its fields are: text\); text rows "
+                                     r"are read as classification, .* give the text as a \.txt file"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], r"line 1 is a preference pair \(its fields are: prompt, "
+                                                       r"chosen, rejected\); DPO reads pairs from a \.jsonl file"),
 ])
 def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
     with pytest.raises(ValueError, match=message):

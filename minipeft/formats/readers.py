@@ -319,6 +319,14 @@ def _first_shape(where: str, fields: dict, own_names: list[str], tabular: bool) 
         return shape
     word = "column" if tabular else "field"
     listed = f"its {word}s are: {', '.join(own_names) or 'none'}"
+    if "chosen" in fields and "rejected" in fields:  # trl's preference rows, which preference.py reads
+        raise ValueError(f"{where} is a preference pair ({listed}); DPO reads pairs from a .jsonl file of "
+                         '{"prompt", "chosen", "rejected"} rows, or a folder of train, validation and test .jsonl '
+                         "files: write the pairs as JSON lines")
+    if set(fields) == {"text"}:  # trl's language-modelling rows
+        raise ValueError(f"{where} has a 'text' {word} and no 'label' ({listed}); text rows are read as "
+                         f"classification, so name the label {word} with --columns label=NAME, or, to train a "
+                         "language model on plain text, give the text as a .txt file")
     # a shape of which some fields are there: name the ones missing
     partial = max(ROW_SHAPES, key=lambda s: sum(f in fields for f in ROW_SHAPES[s][1]))
     needed = ROW_SHAPES[partial][1]
