@@ -560,6 +560,36 @@ def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):
         tasks.load_task(tmp_path / "no_validation", byte_tokenizer())
 
 
+def test_class_label_columns_keep_their_names_and_ids(tmp_path):
+    """A datasets ClassLabel label column (saved to disk, or written to parquet by datasets) gives the task its
+    class names and number, its integers the class ids, as datasets reads them back (names were "0", "1", and
+    2 classes for 3: the few-shot prompts and the reports spoke of "0" and "1")."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"review": datasets.Value("string"),
+                                  "stars": datasets.ClassLabel(names=["pos", "neg", "neutral"])})
+    rows = {"review": [f"review {i}" for i in range(20)], "stars": [i % 2 for i in range(20)]}
+    saved = datasets.Dataset.from_dict(rows, features=features)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    saved.to_parquet(str(tmp_path / "saved.parquet"))
+    columns = {"text": "review", "label": "stars"}
+    for source in ("saved", "saved.parquet"):
+        task = tasks.load_task(tmp_path / source, byte_tokenizer(), max_len=32, columns=columns)
+        theirs = (datasets.load_from_disk(str(tmp_path / source)) if source == "saved" else
+                  datasets.load_dataset("parquet", data_files=str(tmp_path / source), split="train",
+                                        cache_dir=str(tmp_path / "cache")))
+        assert task.label_names == theirs.features["stars"].names and task.n_classes == 3, source
+        label_of = dict(zip(theirs["review"], theirs["stars"]))
+        for split in tasks.SPLITS:
+            texts = [byte_tokenizer().decode(ids) for ids in task.splits[split].input_ids]
+            assert task.splits[split].labels == [label_of[text] for text in texts]
+    unlabelled = datasets.Dataset.from_dict({"review": rows["review"], "stars": [-1] * 10 + [0, 1] * 5},
+                                            features=features)
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(ValueError, match=r"has label -1, which is not a class of its ClassLabel column \(0 to 2: "
+                                         r"pos, neg, neutral\)"):
+        tasks.load_task(tmp_path / "unlabelled", byte_tokenizer(), columns=columns)
+
+
 def test_classification_columns_from_csv_and_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     rows = toy_rows(["neg", "pos"])

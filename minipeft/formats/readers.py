@@ -67,6 +67,7 @@ class Table(NamedTuple):
     shape: str  # a key of ROW_SHAPES
     records: list[Record]
     renamed: bool  # its columns were read under the names `columns` gives
+    class_names: list[str] | None = None  # a datasets ClassLabel label column's names, by class id
 
 
 def read_source(path: Path, columns: dict | None = None, if_present: bool = False) -> dict[str, Table]:
@@ -149,7 +150,7 @@ def _read_file(path: Path, renaming: tuple[dict, bool]) -> Table:
     header, rows = readers[path.suffix](path)
     if not rows:
         raise ValueError(f"{path} has a header but no rows; add one example per row")
-    return _table(str(path), header, rows, renaming)
+    return _table(str(path), header, rows, renaming, _parquet_features(path) if path.suffix == ".parquet" else None)
 
 
 class DuplicateKey(ValueError):
@@ -242,6 +243,16 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     return table.column_names, [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
 
 
+def _parquet_features(path: Path) -> dict | None:
+    """The columns' datasets features ({"label": {"_type": "ClassLabel", "names": [...]}, ...}) that datasets
+    writes into a parquet file's metadata and reads back, if it wrote them."""
+    metadata = _optional("pyarrow.parquet", "pyarrow", f"read {path}").read_schema(path).metadata or {}
+    try:
+        return json.loads(metadata[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):  # not written by datasets, or not as it writes them
+        return None
+
+
 def _read_saved_dataset(path: Path, renaming: tuple[dict, bool]) -> dict[str, Table]:
     datasets = _optional("datasets", "datasets", f"read {path}, a folder written by datasets' save_to_disk")
     saved = datasets.load_from_disk(str(path))
@@ -259,7 +270,7 @@ def _dataset_table(name: str, dataset, renaming: tuple[dict, bool]) -> Table:
     rows = [(f"{name} row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
     if not rows:
         raise ValueError(f"{name} has no rows; add some")
-    return _table(name, dataset.column_names, rows, renaming)
+    return _table(name, dataset.column_names, rows, renaming, dataset.features.to_dict())
 
 
 def _optional(module: str, package: str, purpose: str):
@@ -274,10 +285,12 @@ def _optional(module: str, package: str, purpose: str):
 # columns and shapes
 
 
-def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], renaming: tuple[dict, bool]) -> Table:
+def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], renaming: tuple[dict, bool],
+           features: dict | None = None) -> Table:
     """The rows with the columns of `renaming` = ({field: column}, if_present) read as those fields, every
     row checked to have the first row's shape. `header`: the columns of a CSV, parquet file or data set
-    (None for JSON, whose rows each name theirs; the first row's decide if_present)."""
+    (None for JSON, whose rows each name theirs; the first row's decide if_present). `features`: datasets'
+    description of the columns, whose ClassLabel label column names the classes its integers number."""
     columns, if_present = renaming
     if if_present and not set(columns.values()) & set(rows[0][1] if header is None else header):
         columns = {}
@@ -296,7 +309,9 @@ def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], re
         elif this != shape:
             raise _not_of_shape(where, fields, this, shape, first)
         records.append(Record(index, where, fields))
-    return Table(name, shape, records, bool(columns))
+    label = (features or {}).get(columns.get("label", "label"), {})
+    class_names = label.get("names") if isinstance(label, dict) and label.get("_type") == "ClassLabel" else None
+    return Table(name, shape, records, bool(columns), class_names)
 
 
 def _check_columns(where: str, present: list[str], columns: dict, word: str = "column"):

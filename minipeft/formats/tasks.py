@@ -26,7 +26,9 @@ numbered over the union of the sources' label names (by the rule below).
 Classification -- `load_classification(source, tokenizer)`
     Labels: if every label is a non-negative whole number, the labels are the class ids themselves
     (n_classes = largest + 1, label_names "0", "1", ...); otherwise every label is a class name and
-    names are numbered in sorted order (so "neg"/"pos" -> 0/1, and "-1"/"1" -> 0/1).
+    names are numbered in sorted order (so "neg"/"pos" -> 0/1, and "-1"/"1" -> 0/1). A label column
+    that datasets describes as a ClassLabel (a saved data set, a parquet file datasets wrote) holds the
+    class ids of its names: label_names and n_classes are the ClassLabel's.
     A row with empty text or no label is an error (not silently skipped): a blank row is almost
     always a bug in the export, and dropping it would quietly change the data set.
 
@@ -277,7 +279,8 @@ def load_classification(source, tokenizer: Tokenizer, max_len: int = 128, seed: 
     else:
         tables = source if isinstance(source, dict) else readers.read_source(Path(source))
         split_rows, split_names = _classification_rows(tables, seed)
-        split_texts, split_labels, label_names = _encode_labels(split_rows, split_names)
+        class_names = next(iter(tables.values())).class_names
+        split_texts, split_labels, label_names = _encode_labels(split_rows, split_names, class_names)
 
     if max_len <= tokenizer.num_special_tokens_to_add(is_pair=False):
         raise ValueError(f"max_len={max_len} leaves no room for text next to the tokenizer's "
@@ -359,8 +362,10 @@ def _split_rows(name: str, rows: list[_Row], seed: int) -> dict[str, list[_Row]]
     return {split: sorted(split_rows[split]) for split in SPLITS}
 
 
-def _encode_labels(split_rows: dict, split_names: dict) -> tuple[dict, dict, list[str]]:
-    """Texts and class ids per split, and label_names, from the label strings of the rows."""
+def _encode_labels(split_rows: dict, split_names: dict, class_names: list[str] | None = None
+                   ) -> tuple[dict, dict, list[str]]:
+    """Texts and class ids per split, and label_names, from the label strings of the rows (`class_names`: a
+    datasets ClassLabel's, whose integers the labels are)."""
     train_labels = {row.label for row in split_rows["train"]}
     if len(train_labels) < 2:
         raise ValueError(f"{split_names['train']} has only one label ({next(iter(train_labels))!r}); "
@@ -372,7 +377,16 @@ def _encode_labels(split_rows: dict, split_names: dict) -> tuple[dict, dict, lis
                                  f"data {split_names['train']}; remove those rows or add training examples "
                                  "with that label")
 
-    if all(re.fullmatch(r"\d+", label) for label in train_labels):  # class ids already
+    if class_names:  # a datasets ClassLabel column: its integers and its names
+        wrong = next((label for label in sorted(train_labels) if not re.fullmatch(r"\d+", label)
+                      or int(label) >= len(class_names)), None)
+        if wrong is not None:
+            raise ValueError(f"{split_names['train']} has label {wrong}, which is not a class of its ClassLabel "
+                             f"column (0 to {len(class_names) - 1}: {', '.join(class_names)}); remove its rows "
+                             "(datasets writes -1 for a row without a label)")
+        label_names = list(class_names)
+        class_id = {label: int(label) for label in train_labels}
+    elif all(re.fullmatch(r"\d+", label) for label in train_labels):  # class ids already
         label_names = [str(i) for i in range(max(int(label) for label in train_labels) + 1)]
         class_id = {label: int(label) for label in train_labels}
     else:  # class names, numbered in sorted order
