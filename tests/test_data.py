@@ -371,7 +371,7 @@ def test_load_task_dispatch(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.parquet does not exist"):
         tasks.load_task(tmp_path / "data.parquet", byte_tokenizer())
     write(tmp_path / "data.xml", "<rows/>")
-    with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.parquet file"):
+    with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.tsv, \.parquet file"):
         tasks.load_task(tmp_path / "data.xml", byte_tokenizer())
 
 
@@ -456,7 +456,7 @@ def test_directory_missing_a_split(tmp_path):
     write_csv(tmp_path / "train.csv", toy_rows(["a", "b"]))
     write_csv(tmp_path / "test.csv", toy_rows(["a", "b"]))
     with pytest.raises(ValueError, match=r"has no validation\.jsonl or validation\.json or validation\.csv or "
-                                         r"validation\.parquet; a data folder needs"):
+                                         r"validation\.tsv or validation\.parquet; a data folder needs"):
         tasks.load_classification(tmp_path, byte_tokenizer())
 
 
@@ -525,6 +525,8 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     write(tmp_path / "pairs.json", json.dumps(pairs))
     with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([["prompt", "completion"]] + [[r["prompt"], r["completion"]] for r in pairs])
+    with open(tmp_path / "pairs.tsv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["prompt", "completion"]] + [list(r.values()) for r in pairs])
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
     pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chats.parquet")  # a list of structs
@@ -532,11 +534,18 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
         csv.writer(f).writerows([["messages"]] + [[json.dumps(c["messages"])] for c in chats])
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "saved"))
     datasets.Dataset.from_list(pairs).to_json(tmp_path / "lines.json")  # JSON lines, under a .json name
-    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
+    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.tsv", None), ("pairs.parquet", None), ("saved", None),
                           ("qa.parquet", {"prompt": "question", "completion": "answer"}),
                           ("chats.parquet", None), ("chats.csv", None)]:
         task = tasks.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
         assert same_examples(task, expected), name
+
+
+def test_tsv_rows_are_datasets_rows(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = write(tmp_path / "rows.tsv", 'text\tlabel\r\n"a\ttab, a comma"\tpos\r\n"two\nlines"\tneg\r\n\r\n')
+    theirs = datasets.load_dataset("csv", data_files=str(path), sep="\t", split="train", cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in readers.read_source(path)["all"].records] == theirs.to_list()
 
 
 def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):

@@ -7,6 +7,7 @@ Sources (`read_source`):
     .json     a JSON array of objects (Alpaca's own file, for one)         "FILE row N"
               or JSON lines, as datasets' to_json writes them              "FILE line N"
     .csv      a header line naming the columns; every value is text        "FILE line N" (the row's last)
+    .tsv      the same, the fields separated by tabs                       "FILE line N"
     .parquet  columns of any type, read with pyarrow (pip install pyarrow) "FILE row N"
     a folder written by Hugging Face datasets' `save_to_disk` (pip install datasets): one data set
               (read as one file), or a DatasetDict whose train, validation and test splits are used
@@ -40,7 +41,7 @@ from typing import NamedTuple
 
 
 SPLITS = ("train", "validation", "test")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # shape -> (kind of task, the fields that identify it); looked up in this order
 ROW_SHAPES = {"messages": ("sft", ("messages",)), "sharegpt": ("sft", ("conversations",)),
               "prompt/completion": ("sft", ("prompt", "completion")), "alpaca": ("sft", ("instruction", "output")),
@@ -143,7 +144,8 @@ def _split_file(folder: Path, split: str) -> Path:
 
 
 def _read_file(path: Path, renaming: tuple[dict, bool]) -> Table:
-    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".tsv": _tsv_rows,
+               ".parquet": _parquet_rows}
     if path.suffix not in readers:
         raise ValueError(f"{path} is not a {', '.join(FILE_SUFFIXES)} file or a folder; give data in one of "
                          "those, or a folder written by datasets' save_to_disk")
@@ -211,11 +213,15 @@ def _json_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     return None, [(f"{path} row {number}", record) for number, record in enumerate(records, start=1)]
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    return _csv_rows(path, delimiter="\t")
+
+
+def _csv_rows(path: Path, delimiter: str = ",") -> tuple[list[str], list[tuple[str, dict]]]:
     text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a header line naming the columns, then one example per row")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
     try:
         header = list(reader.fieldnames or [])
@@ -226,7 +232,8 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
             where = f"{path} line {reader.line_num}"  # the line where the row ends (a quoted text may span lines)
             if None in record:  # DictReader's place for the fields past the header's
                 raise ValueError(f"{where} has {len(header) + len(record[None])} fields but the header names "
-                                 f"{len(header)} columns; quote the fields that hold commas")
+                                 f"{len(header)} columns; quote the fields that hold "
+                                 f"{'commas' if delimiter == ',' else 'tabs'}")
             rows.append((where, record))
     except csv.Error as err:
         raise ValueError(f"{path} line {reader.line_num} is not valid CSV ({err}); fix the quoting "

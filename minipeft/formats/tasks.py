@@ -2,7 +2,7 @@
 
 `load_task(sources, tokenizer)` loads a task: three splits (train / validation / test) in a `TaskData`.
 A source is a built-in data set, a .txt file, or any file or folder readers.py reads (.jsonl, .json,
-.csv, .parquet, a folder of split files, a folder written by datasets' save_to_disk); the shape of its
+.csv, .tsv, .parquet, a folder of split files, a folder written by datasets' save_to_disk); the shape of its
 rows says the kind of task:
 
     kind             sources                                      rows (readers.py)
@@ -99,7 +99,7 @@ PREFERENCE_ROW = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the
                   'messages and "chosen", "rejected" each a list of one assistant message')
 KIND_NAMES = {"classification": "classification data (text/label rows)", "lm": "plain text (causal LM)",
               "sft": "instruction data (prompt/completion, messages, ShareGPT or Alpaca rows)"}
-SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv or "
+SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv, .tsv or "
                 ".parquet file, a folder of train/validation/test files, or a folder written by datasets' "
                 "save_to_disk")
 
