@@ -781,6 +781,11 @@ def test_preference_rows_naming_a_key_twice_are_refused(tmp_path):
         preference.read_pairs(path)
 
 
+def test_a_preference_file_with_a_byte_order_mark_is_preference_data(tmp_path):
+    path = write(tmp_path / "pairs.jsonl", '\ufeff{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert tasks.is_preference_source(path)  # it was sent to instruction tuning, which refused it
+
+
 def test_sources_of_different_kinds_do_not_mix(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", as_fields(qa_rows(), prompt="question", completion="answer"))
     classes = write_csv(tmp_path / "classes.csv", toy_rows(["a", "b"]))

@@ -167,7 +167,7 @@ def is_preference_source(source) -> bool:
     file = path / "train.jsonl" if path.is_dir() else path
     if file.suffix != ".jsonl" or not file.is_file():
         return False
-    with open(file, encoding="utf-8", errors="replace") as f:
+    with open(file, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark dropped, as read_utf8 does
         first = next((line for line in f if line.strip()), "")
     try:
         record = json.loads(first)
