@@ -768,6 +768,8 @@ def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
      r"twice\.jsonl line 2 names the key 'text' twice in one object; keep one"),
     ("twice.json", '[{"prompt": "a", "completion": "b", "completion": "c"}]',
      r"twice\.json names the key 'completion' twice in one object"),
+    ("twice.csv", 'messages\n"[{""role"": ""user"", ""content"": ""a"", ""role"": ""assistant""}]"\n',
+     r"twice\.csv line 2: 'messages' names the key 'role' twice in one object"),
 ])
 def test_ambiguous_files_are_refused_not_read_one_way(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=message):

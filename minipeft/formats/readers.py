@@ -444,7 +444,9 @@ def _json_column(value, key: str, where: str):
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return json_loads(value)
+    except DuplicateKey as err:
+        raise ValueError(f"{where}: '{key}' {err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: '{key}' is text but not valid JSON ({err.msg}); write the conversation "
                          'as a JSON list like [{"role": "user", "content": "..."}, ...]') from None
