@@ -371,7 +371,7 @@ def test_load_task_dispatch(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.parquet does not exist"):
         tasks.load_task(tmp_path / "data.parquet", byte_tokenizer())
     write(tmp_path / "data.xml", "<rows/>")
-    with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.parquet file"):
+    with pytest.raises(ValueError, match=r"data\.xml is not a \.jsonl, \.json, \.csv, \.tsv, \.parquet file"):
         tasks.load_task(tmp_path / "data.xml", byte_tokenizer())
 
 
@@ -456,7 +456,7 @@ def test_directory_missing_a_split(tmp_path):
     write_csv(tmp_path / "train.csv", toy_rows(["a", "b"]))
     write_csv(tmp_path / "test.csv", toy_rows(["a", "b"]))
     with pytest.raises(ValueError, match=r"has no validation\.jsonl or validation\.json or validation\.csv or "
-                                         r"validation\.parquet; a data folder needs"):
+                                         r"validation\.tsv or validation\.parquet; a data folder needs"):
         tasks.load_classification(tmp_path, byte_tokenizer())
 
 
@@ -525,6 +525,8 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
     write(tmp_path / "pairs.json", json.dumps(pairs))
     with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([["prompt", "completion"]] + [[r["prompt"], r["completion"]] for r in pairs])
+    with open(tmp_path / "pairs.tsv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["prompt", "completion"]] + [list(r.values()) for r in pairs])
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
     pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chats.parquet")  # a list of structs
@@ -532,11 +534,18 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
         csv.writer(f).writerows([["messages"]] + [[json.dumps(c["messages"])] for c in chats])
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "saved"))
     datasets.Dataset.from_list(pairs).to_json(tmp_path / "lines.json")  # JSON lines, under a .json name
-    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.parquet", None), ("saved", None),
+    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.tsv", None), ("pairs.parquet", None), ("saved", None),
                           ("qa.parquet", {"prompt": "question", "completion": "answer"}),
                           ("chats.parquet", None), ("chats.csv", None)]:
         task = tasks.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)
         assert same_examples(task, expected), name
+
+
+def test_tsv_rows_are_datasets_rows(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = write(tmp_path / "rows.tsv", 'text\tlabel\r\n"a\ttab, a comma"\tpos\r\n"two\nlines"\tneg\r\n\r\n')
+    theirs = datasets.load_dataset("csv", data_files=str(path), sep="\t", split="train", cache_dir=str(tmp_path / "c"))
+    assert [r.fields for r in readers.read_source(path)["all"].records] == theirs.to_list()
 
 
 def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):
@@ -558,6 +567,36 @@ def test_folders_of_split_files_and_saved_dataset_dicts(tmp_path):
     with pytest.raises(ValueError, match=r"no_validation has the splits train, test; a saved DatasetDict needs train, "
                                          r"validation and test \(or train alone"):
         tasks.load_task(tmp_path / "no_validation", byte_tokenizer())
+
+
+def test_class_label_columns_keep_their_names_and_ids(tmp_path):
+    """A datasets ClassLabel label column (saved to disk, or written to parquet by datasets) gives the task its
+    class names and number, its integers the class ids, as datasets reads them back (names were "0", "1", and
+    2 classes for 3: the few-shot prompts and the reports spoke of "0" and "1")."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"review": datasets.Value("string"),
+                                  "stars": datasets.ClassLabel(names=["pos", "neg", "neutral"])})
+    rows = {"review": [f"review {i}" for i in range(20)], "stars": [i % 2 for i in range(20)]}
+    saved = datasets.Dataset.from_dict(rows, features=features)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    saved.to_parquet(str(tmp_path / "saved.parquet"))
+    columns = {"text": "review", "label": "stars"}
+    for source in ("saved", "saved.parquet"):
+        task = tasks.load_task(tmp_path / source, byte_tokenizer(), max_len=32, columns=columns)
+        theirs = (datasets.load_from_disk(str(tmp_path / source)) if source == "saved" else
+                  datasets.load_dataset("parquet", data_files=str(tmp_path / source), split="train",
+                                        cache_dir=str(tmp_path / "cache")))
+        assert task.label_names == theirs.features["stars"].names and task.n_classes == 3, source
+        label_of = dict(zip(theirs["review"], theirs["stars"]))
+        for split in tasks.SPLITS:
+            texts = [byte_tokenizer().decode(ids) for ids in task.splits[split].input_ids]
+            assert task.splits[split].labels == [label_of[text] for text in texts]
+    unlabelled = datasets.Dataset.from_dict({"review": rows["review"], "stars": [-1] * 10 + [0, 1] * 5},
+                                            features=features)
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(ValueError, match=r"has label -1, which is not a class of its ClassLabel column \(0 to 2: "
+                                         r"pos, neg, neutral\)"):
+        tasks.load_task(tmp_path / "unlabelled", byte_tokenizer(), columns=columns)
 
 
 def test_classification_columns_from_csv_and_parquet(tmp_path):
@@ -707,10 +746,46 @@ def test_every_reader_names_its_bad_rows(tmp_path):
                                          r"conversations \(ShareGPT\), or instruction and output \(Alpaca\)"),
     ([{"text": "a", "label": 1}, {"prompt": "a", "completion": "b"}],
      r"line 2 is a prompt/completion row but line 1 is a text/label row; use one shape per file"),
+    # trl's language-modelling rows and preference pairs: said so, not "name the completion column"
+    ([{"text": "Once upon a time"}], r"line 1 has a 'text' field and no 'label' \(its fields are: text\); text rows "
+                                     r"are read as classification, .* give the text as a \.txt file"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], r"line 1 is a preference pair \(its fields are: prompt, "
+                                                       r"chosen, rejected\); DPO reads pairs from a \.jsonl file"),
 ])
 def test_unknown_row_shapes_list_the_shapes_read(tmp_path, rows, message):
     with pytest.raises(ValueError, match=message):
         tasks.load_task(write_jsonl(tmp_path / "rows.jsonl", rows), byte_tokenizer())
+
+
+@pytest.mark.parametrize("name, text, message", [
+    # datasets reads the first as "text" and the second as "text.1"; csv.DictReader kept the last one
+    ("twice.csv", "text,label,text\nfirst,1,second\n", r"twice\.csv names the column 'text' twice in its header"),
+    # pandas makes the first field an index and shifts the rest; csv.DictReader dropped the extra field
+    ("extra.csv", "text,label\nhi,1\nwell, yes,0\n",
+     r"extra\.csv line 3 has 3 fields but the header names 2 columns; quote the fields that hold commas"),
+    # datasets refuses ("specified twice"); json.loads kept the last value
+    ("twice.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0, "text": "c"}\n',
+     r"twice\.jsonl line 2 names the key 'text' twice in one object; keep one"),
+    ("twice.json", '[{"prompt": "a", "completion": "b", "completion": "c"}]',
+     r"twice\.json names the key 'completion' twice in one object"),
+    ("twice.csv", 'messages\n"[{""role"": ""user"", ""content"": ""a"", ""role"": ""assistant""}]"\n',
+     r"twice\.csv line 2: 'messages' names the key 'role' twice in one object"),
+])
+def test_ambiguous_files_are_refused_not_read_one_way(tmp_path, name, text, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.load_task(write(tmp_path / name, text), byte_tokenizer())
+
+
+def test_preference_rows_naming_a_key_twice_are_refused(tmp_path):
+    from minipeft.formats import preference
+    path = write(tmp_path / "pairs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "c"}\n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl line 1 names the key 'chosen' twice in one object"):
+        preference.read_pairs(path)
+
+
+def test_a_preference_file_with_a_byte_order_mark_is_preference_data(tmp_path):
+    path = write(tmp_path / "pairs.jsonl", '\ufeff{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert tasks.is_preference_source(path)  # it was sent to instruction tuning, which refused it
 
 
 def test_sources_of_different_kinds_do_not_mix(tmp_path):

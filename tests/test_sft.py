@@ -72,11 +72,60 @@ def test_messages_and_alpaca_rows(tmp_path):
     assert "User: Say yes.\nAssistant:" in everything
 
 
+def conversational_pairs(n=10):
+    """trl's conversational prompt/completion rows: a prompt with an answer of its own, one completion."""
+    return [{"prompt": [{"role": "system", "content": "Add one."}, {"role": "user", "content": f"{i}"},
+                        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "so?"}],
+             "completion": [{"role": "assistant", "content": str(i + 1)}], "id": i} for i in range(n)]
+
+
+def test_conversational_prompt_completion_rows_learn_the_completion_only(tmp_path):
+    """The prompt's own assistant turn is context, as in trl (completion_only_loss): the rendering is the
+    messages row's, the labels those of the completion alone."""
+    tokenizer = byte_tokenizer()
+    rows = conversational_pairs()
+    task = tasks.load_task(write_jsonl(tmp_path / "conv.jsonl", rows), tokenizer, max_len=128)
+    chats = tasks.load_task(write_jsonl(tmp_path / "chats.jsonl", [{"messages": r["prompt"] + r["completion"]}
+                                                                    for r in rows]), tokenizer, max_len=128)
+    assert task.info["shape"] == "prompt/completion"
+    for split in tasks.SPLITS:
+        ours, theirs = task.splits[split], chats.splits[split]
+        assert (ours.input_ids, ours.prompts, ours.answers) == (theirs.input_ids, theirs.prompts, theirs.answers)
+        for labels, chat_labels, answer in zip(ours.labels, theirs.labels, ours.answers):
+            assert decoded_labels(tokenizer, labels) == f" {answer}<|endoftext|>\n"
+            assert decoded_labels(tokenizer, chat_labels) == f" ok<|endoftext|>\n {answer}<|endoftext|>\n"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_conversational_prompt_completion_rows_tokenize_as_trls_sft_trainer(tmp_path):
+    trl, transformers, datasets = (pytest.importorskip(m) for m in ("trl", "transformers", "datasets"))
+    from minipeft.formats.chat import PLAIN_TEMPLATE
+    rows = conversational_pairs(4)
+    for split in tasks.SPLITS:
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    ours = tasks.load_task(tmp_path, byte_tokenizer(), max_len=128).splits["train"]
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer(), eos_token="<|endoftext|>",
+                                                        pad_token="<|endoftext|>")
+    hf_tokenizer.chat_template = PLAIN_TEMPLATE  # the template minipeft gives a model without one
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=EOS + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None)
+    theirs = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                            processing_class=hf_tokenizer).train_dataset
+    for ids, labels, row in zip(ours.input_ids, ours.labels, theirs):
+        assert ids + labels[-1:] == row["input_ids"] and labels == row["labels"][1:]  # trl's labels: unshifted
+
+
 def test_train_on_prompt_labels_every_token(tmp_path):
     tokenizer = byte_tokenizer()
     task = tasks.load_task(write_jsonl(tmp_path / "s.jsonl", sums()), tokenizer, max_len=64, train_on_prompt=True)
     train = task.splits["train"]
     assert all(labels == ids[1:] + [labels[-1]] for ids, labels in zip(train.input_ids, train.labels))
+    follow_up = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                               {"role": "user", "content": "thanks"}]}] * 10
+    with pytest.raises(ValueError, match=r"line 1: the conversation goes on after its last answer \(a user turn\), "
+                                         r"which --train-on-prompt would leave out"):
+        tasks.load_task(write_jsonl(tmp_path / "follow_up.jsonl", follow_up), tokenizer, train_on_prompt=True)
 
 
 def test_long_rows_are_cut_from_the_prompt_and_counted(tmp_path):
@@ -134,6 +183,14 @@ def test_rotten_tomatoes_instruct_is_rotten_tomatoes_as_questions():
      "line 1: turn 1 is not {\"from\": one of human, user, gpt, assistant, system"),
     ([{"conversations": "hello"}], "line 1: 'conversations' is text but not valid JSON"),
     ([{"conversations": [{"from": "human", "value": "a"}]}], "line 1: the conversation has no assistant turn"),
+    ([{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+       "completion": [{"role": "assistant", "content": "c"}]}], "line 1: the prompt ends with an assistant turn"),
+    ([{"prompt": [{"role": "user", "content": "a"}], "completion": "b"}],
+     "line 1: the prompt is a list of messages, so 'completion' must be a list of one message"),
+    ([{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]}],
+     "line 1: the prompt is a list of messages, so 'completion' must be a list of one message"),
+    ([{"prompt": [{"role": "tool", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}]}],
+     "line 1: the prompt: message 0 is not"),
 ])
 def test_bad_rows_name_their_line(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)

@@ -34,7 +34,7 @@ from .chat import check_messages, encode_last_answer
 from minipeft.core.data import IGNORE_INDEX, Dataset, TaskData
 from minipeft.formats.tasks import (PREFERENCE_ROW as ROW_HELP, PREFERENCE_TASK as BUILT_IN, REVIEW_INSTRUCTION, SPLITS,
                                     _rotten_tomatoes, chat_setup, split_80_10_10)
-from .readers import read_utf8
+from .readers import DuplicateKey, json_loads, read_utf8
 
 
 @dataclass
@@ -149,7 +149,9 @@ def read_pairs(path: Path) -> tuple[str, list]:
             continue
         where = f"{path} line {number}"
         try:
-            record = json.loads(line)
+            record = json_loads(line)
+        except DuplicateKey as err:
+            raise ValueError(f"{where} {err}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{where} is not valid JSON ({err.msg}); make each line one object") from None
         this, prompt, answers = _pair(record, where)

@@ -7,6 +7,7 @@ Sources (`read_source`):
     .json     a JSON array of objects (Alpaca's own file, for one)         "FILE row N"
               or JSON lines, as datasets' to_json writes them              "FILE line N"
     .csv      a header line naming the columns; every value is text        "FILE line N" (the row's last)
+    .tsv      the same, the fields separated by tabs                       "FILE line N"
     .parquet  columns of any type, read with pyarrow (pip install pyarrow) "FILE row N"
     a folder written by Hugging Face datasets' `save_to_disk` (pip install datasets): one data set
               (read as one file), or a DatasetDict whose train, validation and test splits are used
@@ -17,6 +18,8 @@ Row shapes (ROW_SHAPES), one per source; the shape says what kind of task the da
 
     text/label          {"text": "A gorgeous, witty film.", "label": "positive"}      classification
     prompt/completion   {"prompt": "What is 2 + 2?", "completion": "4"}              instruction tuning
+                        or trl's conversational one: "prompt" a list of messages, "completion" a list of
+                        one assistant message
     messages            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
     sharegpt            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
     alpaca              {"instruction": "Add one.", "input": "41", "output": "42"}    (input optional)
@@ -38,7 +41,7 @@ from typing import NamedTuple
 
 
 SPLITS = ("train", "validation", "test")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # shape -> (kind of task, the fields that identify it); looked up in this order
 ROW_SHAPES = {"messages": ("sft", ("messages",)), "sharegpt": ("sft", ("conversations",)),
               "prompt/completion": ("sft", ("prompt", "completion")), "alpaca": ("sft", ("instruction", "output")),
@@ -65,6 +68,7 @@ class Table(NamedTuple):
     shape: str  # a key of ROW_SHAPES
     records: list[Record]
     renamed: bool  # its columns were read under the names `columns` gives
+    class_names: list[str] | None = None  # a datasets ClassLabel label column's names, by class id
 
 
 def read_source(path: Path, columns: dict | None = None, if_present: bool = False) -> dict[str, Table]:
@@ -140,14 +144,32 @@ def _split_file(folder: Path, split: str) -> Path:
 
 
 def _read_file(path: Path, renaming: tuple[dict, bool]) -> Table:
-    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".tsv": _tsv_rows,
+               ".parquet": _parquet_rows}
     if path.suffix not in readers:
         raise ValueError(f"{path} is not a {', '.join(FILE_SUFFIXES)} file or a folder; give data in one of "
                          "those, or a folder written by datasets' save_to_disk")
     header, rows = readers[path.suffix](path)
     if not rows:
         raise ValueError(f"{path} has a header but no rows; add one example per row")
-    return _table(str(path), header, rows, renaming)
+    return _table(str(path), header, rows, renaming, _parquet_features(path) if path.suffix == ".parquet" else None)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice: json.loads would keep the last value silently, datasets refuses."""
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise DuplicateKey(f"names the key {next(k for k in keys if keys.count(k) > 1)!r} twice in one object; "
+                           "keep one")
+    return dict(pairs)
+
+
+def json_loads(text: str):
+    """json.loads, refusing an object that names a key twice (DuplicateKey, its message to follow the place)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def _jsonl_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
@@ -159,7 +181,9 @@ def _jsonl_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_loads(line)
+        except DuplicateKey as err:
+            raise ValueError(f"{path} line {number} {err}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); make each line one "
                              'object like {"text": "...", "label": 1}') from None
@@ -177,7 +201,9 @@ def _json_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     if not text.lstrip().startswith("["):  # JSON lines under a .json name
         return _jsonl_rows(path)
     try:
-        records = json.loads(text)
+        records = json_loads(text)
+    except DuplicateKey as err:
+        raise ValueError(f"{path} {err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); a .json file holds one "
                          "array of objects, or one object per line") from None
@@ -187,17 +213,32 @@ def _json_rows(path: Path) -> tuple[None, list[tuple[str, dict]]]:
     return None, [(f"{path} row {number}", record) for number, record in enumerate(records, start=1)]
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+def _tsv_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    return _csv_rows(path, delimiter="\t")
+
+
+def _csv_rows(path: Path, delimiter: str = ",") -> tuple[list[str], list[tuple[str, dict]]]:
     text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path} is empty; it needs a header line naming the columns, then one example per row")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
     try:
-        # line_num is the line where the row ends (a quoted text may span lines)
-        return list(reader.fieldnames or []), [(f"{path} line {reader.line_num}", record) for record in reader]
+        header = list(reader.fieldnames or [])
+        twice = [column for i, column in enumerate(header) if column in header[:i]]
+        if twice:
+            raise ValueError(f"{path} names the column {twice[0]!r} twice in its header; rename one of them")
+        for record in reader:
+            where = f"{path} line {reader.line_num}"  # the line where the row ends (a quoted text may span lines)
+            if None in record:  # DictReader's place for the fields past the header's
+                raise ValueError(f"{where} has {len(header) + len(record[None])} fields but the header names "
+                                 f"{len(header)} columns; quote the fields that hold "
+                                 f"{'commas' if delimiter == ',' else 'tabs'}")
+            rows.append((where, record))
     except csv.Error as err:
         raise ValueError(f"{path} line {reader.line_num} is not valid CSV ({err}); fix the quoting "
                          "on that line") from None
+    return header, rows
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -207,6 +248,16 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     except Exception as err:  # pyarrow's own errors (ArrowInvalid, OSError, ...): not a parquet file
         raise ValueError(f"{path} is not a readable parquet file ({err}); write it again") from None
     return table.column_names, [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _parquet_features(path: Path) -> dict | None:
+    """The columns' datasets features ({"label": {"_type": "ClassLabel", "names": [...]}, ...}) that datasets
+    writes into a parquet file's metadata and reads back, if it wrote them."""
+    metadata = _optional("pyarrow.parquet", "pyarrow", f"read {path}").read_schema(path).metadata or {}
+    try:
+        return json.loads(metadata[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):  # not written by datasets, or not as it writes them
+        return None
 
 
 def _read_saved_dataset(path: Path, renaming: tuple[dict, bool]) -> dict[str, Table]:
@@ -226,7 +277,7 @@ def _dataset_table(name: str, dataset, renaming: tuple[dict, bool]) -> Table:
     rows = [(f"{name} row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
     if not rows:
         raise ValueError(f"{name} has no rows; add some")
-    return _table(name, dataset.column_names, rows, renaming)
+    return _table(name, dataset.column_names, rows, renaming, dataset.features.to_dict())
 
 
 def _optional(module: str, package: str, purpose: str):
@@ -241,10 +292,12 @@ def _optional(module: str, package: str, purpose: str):
 # columns and shapes
 
 
-def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], renaming: tuple[dict, bool]) -> Table:
+def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], renaming: tuple[dict, bool],
+           features: dict | None = None) -> Table:
     """The rows with the columns of `renaming` = ({field: column}, if_present) read as those fields, every
     row checked to have the first row's shape. `header`: the columns of a CSV, parquet file or data set
-    (None for JSON, whose rows each name theirs; the first row's decide if_present)."""
+    (None for JSON, whose rows each name theirs; the first row's decide if_present). `features`: datasets'
+    description of the columns, whose ClassLabel label column names the classes its integers number."""
     columns, if_present = renaming
     if if_present and not set(columns.values()) & set(rows[0][1] if header is None else header):
         columns = {}
@@ -263,7 +316,9 @@ def _table(name: str, header: list[str] | None, rows: list[tuple[str, dict]], re
         elif this != shape:
             raise _not_of_shape(where, fields, this, shape, first)
         records.append(Record(index, where, fields))
-    return Table(name, shape, records, bool(columns))
+    label = (features or {}).get(columns.get("label", "label"), {})
+    class_names = label.get("names") if isinstance(label, dict) and label.get("_type") == "ClassLabel" else None
+    return Table(name, shape, records, bool(columns), class_names)
 
 
 def _check_columns(where: str, present: list[str], columns: dict, word: str = "column"):
@@ -286,6 +341,14 @@ def _first_shape(where: str, fields: dict, own_names: list[str], tabular: bool) 
         return shape
     word = "column" if tabular else "field"
     listed = f"its {word}s are: {', '.join(own_names) or 'none'}"
+    if "chosen" in fields and "rejected" in fields:  # trl's preference rows, which preference.py reads
+        raise ValueError(f"{where} is a preference pair ({listed}); DPO reads pairs from a .jsonl file of "
+                         '{"prompt", "chosen", "rejected"} rows, or a folder of train, validation and test .jsonl '
+                         "files: write the pairs as JSON lines")
+    if set(fields) == {"text"}:  # trl's language-modelling rows
+        raise ValueError(f"{where} has a 'text' {word} and no 'label' ({listed}); text rows are read as "
+                         f"classification, so name the label {word} with --columns label=NAME, or, to train a "
+                         "language model on plain text, give the text as a .txt file")
     # a shape of which some fields are there: name the ones missing
     partial = max(ROW_SHAPES, key=lambda s: sum(f in fields for f in ROW_SHAPES[s][1]))
     needed = ROW_SHAPES[partial][1]
@@ -326,16 +389,16 @@ def labelled_text(record: Record) -> tuple[str, str]:
 def conversation(record: Record, shape: str) -> list[dict]:
     """An instruction row as messages [{"role", "content"}, ...], the last answer last. Prompt/completion
     and Alpaca rows are one user turn and one assistant turn (Alpaca's input follows the instruction
-    after a blank line). An empty answer, no answer, or a malformed field is an error naming the row."""
+    after a blank line); a conversational prompt/completion row (trl's) is its prompt's messages and its
+    completion's one assistant message. An empty answer, no answer, or a malformed field is an error
+    naming the row."""
     fields, where = record.fields, record.where
     if shape in ("messages", "sharegpt"):
         key = "messages" if shape == "messages" else "conversations"
         turns = _json_column(fields[key], key, where)
-        from .chat import check_messages  # here: chat.py (and jinja2) load only for conversations
-        try:
-            messages = check_messages(_sharegpt_messages(turns, where) if shape == "sharegpt" else turns)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+        messages = _checked(_sharegpt_messages(turns, where) if shape == "sharegpt" else turns, where)
+    elif shape == "prompt/completion" and isinstance(fields["prompt"], list):
+        messages = _conversational_pair(fields["prompt"], fields["completion"], where)
     else:
         prompt_key, answer_key = ("prompt", "completion") if shape == "prompt/completion" else ("instruction", "output")
         extra = fields.get("input") if shape == "alpaca" else None
@@ -353,12 +416,37 @@ def conversation(record: Record, shape: str) -> list[dict]:
     return messages
 
 
+def _checked(messages, where: str) -> list[dict]:
+    """chat.check_messages, its error naming the row."""
+    from .chat import check_messages  # here: chat.py (and jinja2) load only for conversations
+    try:
+        return check_messages(messages)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _conversational_pair(prompt: list, completion, where: str) -> list[dict]:
+    """trl's conversational prompt/completion: the prompt's messages (ending with the turn the answer
+    replies to) and a completion of one assistant message, as one conversation."""
+    prompt = _checked(prompt, f"{where}: the prompt")
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the prompt ends with an assistant turn; end it with the turn the completion "
+                         "replies to")
+    if not (isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict)
+            and completion[0].get("role") == "assistant" and isinstance(completion[0].get("content"), str)):
+        raise ValueError(f"{where}: the prompt is a list of messages, so 'completion' must be a list of one "
+                         'message {"role": "assistant", "content": "..."}')
+    return prompt + completion
+
+
 def _json_column(value, key: str, where: str):
     """A conversation as stored: a list, or (CSV, parquet) JSON text holding one."""
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return json_loads(value)
+    except DuplicateKey as err:
+        raise ValueError(f"{where}: '{key}' {err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: '{key}' is text but not valid JSON ({err.msg}); write the conversation "
                          'as a JSON list like [{"role": "user", "content": "..."}, ...]') from None
@@ -367,11 +455,13 @@ def _json_column(value, key: str, where: str):
 def _sharegpt_messages(turns, where: str) -> list[dict]:
     """ShareGPT's [{"from": "human", "value": ...}, {"from": "gpt", ...}] as messages."""
     if not isinstance(turns, list):
-        raise ValueError(f"'conversations' is {type(turns).__name__}, not a list of {{\"from\", \"value\"}} turns")
+        raise ValueError(f"{where}: 'conversations' is {type(turns).__name__}, not a list of {{\"from\", \"value\"}} "
+                         "turns")
     messages = []
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i} is not {{\"from\": one of {', '.join(SHAREGPT_ROLES)}, \"value\": a string}}")
+            raise ValueError(f"{where}: turn {i} is not {{\"from\": one of {', '.join(SHAREGPT_ROLES)}, \"value\": a "
+                             "string}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
     return messages

@@ -2,7 +2,7 @@
 
 `load_task(sources, tokenizer)` loads a task: three splits (train / validation / test) in a `TaskData`.
 A source is a built-in data set, a .txt file, or any file or folder readers.py reads (.jsonl, .json,
-.csv, .parquet, a folder of split files, a folder written by datasets' save_to_disk); the shape of its
+.csv, .tsv, .parquet, a folder of split files, a folder written by datasets' save_to_disk); the shape of its
 rows says the kind of task:
 
     kind             sources                                      rows (readers.py)
@@ -26,7 +26,9 @@ numbered over the union of the sources' label names (by the rule below).
 Classification -- `load_classification(source, tokenizer)`
     Labels: if every label is a non-negative whole number, the labels are the class ids themselves
     (n_classes = largest + 1, label_names "0", "1", ...); otherwise every label is a class name and
-    names are numbered in sorted order (so "neg"/"pos" -> 0/1, and "-1"/"1" -> 0/1).
+    names are numbered in sorted order (so "neg"/"pos" -> 0/1, and "-1"/"1" -> 0/1). A label column
+    that datasets describes as a ClassLabel (a saved data set, a parquet file datasets wrote) holds the
+    class ids of its names: label_names and n_classes are the ClassLabel's.
     A row with empty text or no label is an error (not silently skipped): a blank row is almost
     always a bug in the export, and dropping it would quietly change the data set.
 
@@ -59,9 +61,10 @@ Instruction tuning (SFT) -- `load_instruct(source, tokenizer)`, kind "sft"
     conversation (readers.conversation) and is written in the chat template (chat.py: the model's
     own, a --chat-template file, or the plain fallback for base models). Labels are -100 except on
     the assistant turns' tokens (their closing token, e.g. <|im_end|>, included), so the loss is on
-    the answers only (train_on_prompt: on every token); the end-of-text token closes each answer
-    (added after the last one if the template does not write it). A conversation longer than max_len
-    tokens loses tokens from its left, never from its last answer, and is counted in
+    the answers only (a prompt/completion row's: on its completion only, as trl's completion_only_loss;
+    train_on_prompt: on every token, and turns after the last answer are refused); the end-of-text
+    token closes each answer (added after the last one if the template does not write it). A
+    conversation longer than max_len tokens loses tokens from its left, never from its last answer, and is counted in
     `TaskData.info["truncated"]`. Each example also keeps its prompt (the conversation up to its last
     answer, ending with the generation prompt) and that answer's text, for exact-match evaluation.
 
@@ -96,7 +99,7 @@ PREFERENCE_ROW = ('{"prompt": "...", "chosen": "...", "rejected": "..."}, or the
                   'messages and "chosen", "rejected" each a list of one assistant message')
 KIND_NAMES = {"classification": "classification data (text/label rows)", "lm": "plain text (causal LM)",
               "sft": "instruction data (prompt/completion, messages, ShareGPT or Alpaca rows)"}
-SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv or "
+SOURCES_HELP = ("'rotten_tomatoes', 'rotten_tomatoes_instruct', 'hamlet', a .txt file, a .jsonl, .json, .csv, .tsv or "
                 ".parquet file, a folder of train/validation/test files, or a folder written by datasets' "
                 "save_to_disk")
 
@@ -164,7 +167,7 @@ def is_preference_source(source) -> bool:
     file = path / "train.jsonl" if path.is_dir() else path
     if file.suffix != ".jsonl" or not file.is_file():
         return False
-    with open(file, encoding="utf-8", errors="replace") as f:
+    with open(file, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark dropped, as read_utf8 does
         first = next((line for line in f if line.strip()), "")
     try:
         record = json.loads(first)
@@ -276,7 +279,8 @@ def load_classification(source, tokenizer: Tokenizer, max_len: int = 128, seed: 
     else:
         tables = source if isinstance(source, dict) else readers.read_source(Path(source))
         split_rows, split_names = _classification_rows(tables, seed)
-        split_texts, split_labels, label_names = _encode_labels(split_rows, split_names)
+        class_names = next(iter(tables.values())).class_names
+        split_texts, split_labels, label_names = _encode_labels(split_rows, split_names, class_names)
 
     if max_len <= tokenizer.num_special_tokens_to_add(is_pair=False):
         raise ValueError(f"max_len={max_len} leaves no room for text next to the tokenizer's "
@@ -358,8 +362,10 @@ def _split_rows(name: str, rows: list[_Row], seed: int) -> dict[str, list[_Row]]
     return {split: sorted(split_rows[split]) for split in SPLITS}
 
 
-def _encode_labels(split_rows: dict, split_names: dict) -> tuple[dict, dict, list[str]]:
-    """Texts and class ids per split, and label_names, from the label strings of the rows."""
+def _encode_labels(split_rows: dict, split_names: dict, class_names: list[str] | None = None
+                   ) -> tuple[dict, dict, list[str]]:
+    """Texts and class ids per split, and label_names, from the label strings of the rows (`class_names`: a
+    datasets ClassLabel's, whose integers the labels are)."""
     train_labels = {row.label for row in split_rows["train"]}
     if len(train_labels) < 2:
         raise ValueError(f"{split_names['train']} has only one label ({next(iter(train_labels))!r}); "
@@ -371,7 +377,16 @@ def _encode_labels(split_rows: dict, split_names: dict) -> tuple[dict, dict, lis
                                  f"data {split_names['train']}; remove those rows or add training examples "
                                  "with that label")
 
-    if all(re.fullmatch(r"\d+", label) for label in train_labels):  # class ids already
+    if class_names:  # a datasets ClassLabel column: its integers and its names
+        wrong = next((label for label in sorted(train_labels) if not re.fullmatch(r"\d+", label)
+                      or int(label) >= len(class_names)), None)
+        if wrong is not None:
+            raise ValueError(f"{split_names['train']} has label {wrong}, which is not a class of its ClassLabel "
+                             f"column (0 to {len(class_names) - 1}: {', '.join(class_names)}); remove its rows "
+                             "(datasets writes -1 for a row without a label)")
+        label_names = list(class_names)
+        class_id = {label: int(label) for label in train_labels}
+    elif all(re.fullmatch(r"\d+", label) for label in train_labels):  # class ids already
         label_names = [str(i) for i in range(max(int(label) for label in train_labels) + 1)]
         class_id = {label: int(label) for label in train_labels}
     else:  # class names, numbered in sorted order
@@ -471,16 +486,24 @@ def split_80_10_10(rows: list, seed: int, name, what: str) -> dict[str, list]:
     return {split: [rows[i] for i in sorted(parts[split])] for split in SPLITS}
 
 
-def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool):
+def _sft_example(tokenizer, fmt, conversation: Conversation, max_len: int, eos_id, train_on_prompt: bool,
+                 last_only: bool):
     """(input_ids, labels, prompt ids, answer text, cut?) of one conversation: the whole rendering
-    shifted by one, -100 where a token is not an answer's (unless train_on_prompt), cut from the left
-    to max_len tokens; the prompt is the rendering up to the last answer with the generation prompt."""
+    shifted by one, -100 where a token is not an answer's (last_only: not the last answer's) unless
+    train_on_prompt, cut from the left to max_len tokens; the prompt is the rendering up to the last
+    answer with the generation prompt. Turns after the last answer are left out (they are not trained on,
+    so train_on_prompt refuses them)."""
     from .chat import encode_last_answer  # here: chat.py (and jinja2) load only for instruction data
     messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if train_on_prompt and last < len(messages) - 1:
+        raise ValueError(f"{conversation.where}: the conversation goes on after its last answer (a "
+                         f"{messages[-1]['role']} turn), which --train-on-prompt would leave out of training; end "
+                         "it with the assistant's answer")
     ids, is_answer, start, cut = encode_last_answer(tokenizer, fmt, messages[:last + 1], max_len, eos_id,
                                                     f"{conversation.where}: its last answer")
-    labels = [t if train_on_prompt or answer else IGNORE_INDEX for t, answer in zip(ids[1:], is_answer[1:])]
+    learned = [train_on_prompt or (answer and (i >= start or not last_only)) for i, answer in enumerate(is_answer)]
+    labels = [t if learn else IGNORE_INDEX for t, learn in zip(ids[1:], learned[1:])]
     prompt = tokenizer.encode(fmt.render(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
     prompt = prompt[-(max_len - (len(ids) - start)):]
     return ids[:-1], labels, prompt, messages[last]["content"], cut > 0
@@ -505,11 +528,13 @@ def load_instruct(source, tokenizer: Tokenizer, max_len: int = 256, seed: int = 
     or the plain fallback), labels only on the answers."""
     shape, split_rows, names = _instruct_rows(source, seed)
     fmt, eos_id, pad_id = chat_setup(tokenizer, chat_template, pad_id)
+    last_only = shape == "prompt/completion"  # as trl: a conversational prompt's own answers are context
     splits, truncated = {}, 0
     for split in SPLITS:
         if not split_rows[split]:
             raise ValueError(f"{names[split]} gives the {split} split no rows; add some")
-        examples = [_sft_example(tokenizer, fmt, row, max_len, eos_id, train_on_prompt) for row in split_rows[split]]
+        examples = [_sft_example(tokenizer, fmt, row, max_len, eos_id, train_on_prompt, last_only)
+                    for row in split_rows[split]]
         truncated += sum(example[4] for example in examples)
         input_ids, labels, prompts, answers, _ = (list(column) for column in zip(*examples))
         splits[split] = Dataset("sft", input_ids, labels, pad_id, prompts=prompts, answers=answers)
