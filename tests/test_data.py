@@ -534,7 +534,8 @@ def test_instruction_rows_in_every_file_kind_read_alike(tmp_path):
         csv.writer(f).writerows([["messages"]] + [[json.dumps(c["messages"])] for c in chats])
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "saved"))
     datasets.Dataset.from_list(pairs).to_json(tmp_path / "lines.json")  # JSON lines, under a .json name
-    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.tsv", None), ("pairs.parquet", None), ("saved", None),
+    for name, columns in [("pairs.json", None), ("lines.json", None), ("pairs.csv", None), ("pairs.tsv", None),
+                          ("pairs.parquet", None), ("saved", None),
                           ("qa.parquet", {"prompt": "question", "completion": "answer"}),
                           ("chats.parquet", None), ("chats.csv", None)]:
         task = tasks.load_task(tmp_path / name, byte_tokenizer(), max_len=64, columns=columns)

@@ -156,7 +156,8 @@ def test_generation_ends_at_the_model_length():
     assert [len(out) for out in generate(model, PROMPTS, 100)] == [room] * len(PROMPTS)
     unused = min(set(range(model.cfg.vocab_size)) - set(greedy(model, idx, 100).flatten().tolist()))
     assert greedy(model, idx, 100, eos_id=unused).shape == (2, 65 - model.virtual_tokens)
-    with pytest.raises(ValueError, match=f"a prompt of 64 tokens is longer than the {64 - model.virtual_tokens} positions"):
+    limit = 64 - model.virtual_tokens
+    with pytest.raises(ValueError, match=f"a prompt of 64 tokens is longer than the {limit} positions"):
         generate(model, [list(range(1, 65))], 3)
 
 

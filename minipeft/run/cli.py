@@ -46,7 +46,7 @@ def add_model_and_task_flags(parser: argparse.ArgumentParser, model_default: str
                         f"Hugging Face cache{model_help}")
     parser.add_argument("--task", action=AppendSource, default="rotten_tomatoes", metavar="SOURCE[:WEIGHT]",
                         help="rotten_tomatoes, rotten_tomatoes_instruct, hamlet, a .txt file (causal LM), a .jsonl, "
-                             ".json, .csv or .parquet file, a folder of train/validation/test files, or a folder "
+                             ".json, .csv, .tsv or .parquet file, a folder of train/validation/test files, or a folder "
                              "written by datasets' save_to_disk. Rows of text,label are classification; "
                              "prompt/completion, messages, ShareGPT conversations or Alpaca instruction/output rows "
                              "are instruction data. Give --task more than once to mix sources of one kind: "
