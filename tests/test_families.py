@@ -489,17 +489,24 @@ def write_gguf(path, hf, architecture):
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=32)  # speeds kept (pair 0), blended (1, 2), slowed (the rest)
+# Llama 3's scaling with other regimes: (high_freq_factor, original_max_position_embeddings), the wavelengths of
+# heads of 16 at base 500 being 6.3, 13.4, 28.6, 61, ...; how many parameters give the same divisors varies
+LLAMA3_REGIMES = {"llama": (4.0, 32),
+                  "llama-one-blended": (2.0, 20),  # the slowed speeds bound the line through the blended one
+                  "llama-one-blended-near-slow": (2.0, 15),  # the kept one bounds it
+                  "llama-none-blended": (1.5, 12),  # pair 0 kept, the rest slowed
+                  "llama-all-slowed": (4.0, 4),  # linear scaling
+                  "llama-none-slowed": (4.0, 10 ** 6)}  # no scaling
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-one-blended", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("case", [*LLAMA3_REGIMES, "qwen2", "qwen3", "gemma3"])
 def test_gguf_architectures_match_transformers(case, tmp_path):
     """Every metadata key minipeft reads holds a value that is neither transformers' default nor minipeft's
     fallback for a missing key (RoPE bases and scaling, norm eps, head_dim, Gemma 3's layer pattern and
-    soft-cap). Llama 3's RoPE scaling comes as the divisor of each speed; with one speed blended, many
-    parameters give the same divisors."""
+    soft-cap). Llama 3's RoPE scaling comes as the divisor of each speed, in each of its regimes."""
     t, architecture = transformers, case.split("-")[0]
-    llama3 = dict(LLAMA3_ROPE, high_freq_factor=2.0, original_max_position_embeddings=20) \
-        if case == "llama-one-blended" else LLAMA3_ROPE
+    high, original = LLAMA3_REGIMES.get(case, (4.0, 32))
+    llama3 = dict(LLAMA3_ROPE, high_freq_factor=high, original_max_position_embeddings=original)
     config = {"llama": t.LlamaConfig(**DECODER, rms_norm_eps=1e-3, head_dim=16, tie_word_embeddings=False,
                                      rope_parameters=dict(llama3, rope_theta=500.0)),
               "qwen2": t.Qwen2Config(**DECODER, rms_norm_eps=2e-3, head_dim=16, rope_parameters=rope(300.0),
@@ -521,8 +528,9 @@ def test_gguf_architectures_match_transformers(case, tmp_path):
     if architecture == "gemma3":  # not the defaults (every sixth layer full, local RoPE base 10k, no soft-cap)
         assert (model.cfg.layer_pattern, model.cfg.rope_local_theta, model.cfg.final_softcap) == ("SSF", 50.0, 5.0)
         assert model.cfg.rope_scaling == {"rope_type": "linear", "factor": 3.0}
-    if case == "llama":  # the same parameters back from the speeds' divisors
-        assert model.cfg.rope_scaling == LLAMA3_ROPE
+    if case in ("llama", "llama-all-slowed", "llama-none-slowed"):  # the same parameters, or the same speeds'
+        assert model.cfg.rope_scaling == {"llama": LLAMA3_ROPE, "llama-none-slowed": None,
+                                          "llama-all-slowed": {"rope_type": "linear", "factor": 4.0}}[case]
     diff = largest_difference(architecture, hf, model)
     print(f"\n{case} GGUF (F32): largest |difference| with and without right padding: {diff:.2e}")
     assert diff < 1e-4
