@@ -582,6 +582,48 @@ def test_wordpiece_from_vocab_txt_matches_transformers(folders, tmp_path):
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
 
 
+def _tokenizer_files(files, tmp_path):
+    """A folder with only the tokenizer's files: trained vocab.json + merges.txt ("bpe"), MiniLM's vocab.txt and
+    tokenizer_config.json ("vocab.txt"), or MiniLM's tokenizer.json ("tokenizer.json"); and its settings."""
+    from minipeft.formats.assets import asset_path
+    if files == "bpe":
+        trained_bpe(tmp_path)
+        return {}
+    name = "vocab.txt" if files == "vocab.txt" else "tokenizer.json"
+    (tmp_path / name).write_bytes((asset_path("minilm") / name).read_bytes())
+    return json.loads((asset_path("minilm") / "tokenizer_config.json").read_text()) if files == "vocab.txt" else {}
+
+
+def _saved(content, **flags):  # a special token as transformers 4 wrote it into tokenizer_config.json
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, **flags}
+
+
+@pytest.mark.parametrize("files, family, settings", [
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer"}),  # its <|endoftext|> is a special token
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True, "add_bos_token": True,
+                     "add_eos_token": True, "bos_token": _saved("<s>"), "eos_token": "</s>"}),
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer", "pad_token": "<new>", "additional_special_tokens": ["<x>"]}),
+    ("bpe", "roberta", {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": True}),
+    ("bpe", "qwen2", {"tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": True, "add_bos_token": True}),
+    ("vocab.txt", "bert", {"cls_token": _saved("[CLS]"), "additional_special_tokens": ["[unused1]"]}),
+    ("tokenizer.json", "bert", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[unused2]",
+                                "extra_special_tokens": ["[unused1]"]}),
+])
+def test_tokenizer_config_settings_apply_as_in_transformers(files, family, settings, tmp_path):
+    """tokenizer_config.json's special tokens (named, additional, written as AddedTokens), add_prefix_space
+    and add_bos_token / add_eos_token, on a tokenizer rebuilt from vocabulary files or read from tokenizer.json."""
+    from minipeft.formats.tokenization import folder_tokenizer
+    settings = {**_tokenizer_files(files, tmp_path), **settings}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    ours = folder_tokenizer(tmp_path, family)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*TEXTS, "a<|endoftext|>b <new> <x>[unused1] [unused2]"]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                theirs(text, add_special_tokens=special)["input_ids"], (text, special)
+
+
 def test_a_folder_without_tokenizer_loads_and_says_what_is_missing(folders, tmp_path):
     hf, _ = folders["llama"]
     hf.save_pretrained(tmp_path)
