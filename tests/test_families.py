@@ -659,9 +659,11 @@ def test_every_method_works_on_every_family(method, family, tmp_path):
             getattr(test_methods, check)(method, 0, family, "lm")
 
 
-def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
+@pytest.mark.parametrize("add_bos, add_eos", [(None, None), (False, True)])  # None: the key is not written
+def test_gguf_sentencepiece_vocabulary_matches_transformers(add_bos, add_eos, tmp_path):
     """A Llama 2 style GGUF vocabulary (tokenizer.ggml.model "llama": pieces with scores, <0x..> byte
-    tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids."""
+    tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids, <s> and </s>
+    added where tokenizer.ggml.add_bos_token / add_eos_token say (<s> by default)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from minipeft.formats.assets import asset_path
     learner = Tokenizer(models.BPE())
@@ -676,7 +678,11 @@ def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
     writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
     writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))  # unknown, control, byte, normal
     writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+        writer.add_add_eos_token(add_eos)
     writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
     write_out(writer, tmp_path / "spm.gguf")
     from minipeft.formats.gguf_file import GGUFFile

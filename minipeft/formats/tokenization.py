@@ -241,8 +241,15 @@ def _post_processor(tokenizer: Tokenizer, kind: str, settings: dict, specials: d
         return processors.RobertaProcessing(token("sep_token"), token("cls_token"),
                                             trim_offsets=settings.get("trim_offsets", True),
                                             add_prefix_space=bool(settings.get("add_prefix_space")))
-    bos = [token("bos_token")] if settings.get("add_bos_token") and "bos_token" in specials else []
-    eos = [token("eos_token")] if settings.get("add_eos_token") and "eos_token" in specials else []
+
+    def end(name):  # bos or eos, where add_bos_token / add_eos_token asks for it
+        return token(f"{name}_token") if settings.get(f"add_{name}_token") and f"{name}_token" in specials else None
+    return ends_template(end("bos"), end("eos"))
+
+
+def ends_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.TemplateProcessing:
+    """Puts the (token, id) bos before and eos after a text, each where given (a pair: bos A eos bos B eos)."""
+    bos, eos = [bos] if bos else [], [eos] if eos else []
     single = " ".join([*(t for t, _ in bos), "$A", *(t for t, _ in eos)])
     pair = " ".join([single, *(f"{t}:1" for t, _ in bos), "$B:1", *(f"{t}:1" for t, _ in eos)])
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(bos + eos)))
@@ -295,12 +302,18 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(meta["tokenizer.ggml.tokens"], types)
                           if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                                 special_tokens=[(bos, bos_id)])
+    tokenizer.post_processor = ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
+                                             _gguf_end(meta, tokens, "eos", False))
     return _finish(tokenizer)
+
+
+def _gguf_end(meta: dict, tokens: list[str], end: str, default: bool) -> tuple[str, int] | None:
+    """(token, id) of the bos or eos token if tokenizer.ggml.add_{end}_token (else `default`) asks llama.cpp to
+    add it to every text, else None."""
+    token_id = meta.get(f"tokenizer.ggml.{end}_token_id")
+    if meta.get(f"tokenizer.ggml.add_{end}_token", default) and token_id is not None:
+        return tokens[token_id], token_id
+    return None
 
 
 def _gguf_byte_level(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
