@@ -660,10 +660,12 @@ def test_every_method_works_on_every_family(method, family, tmp_path):
 
 
 @pytest.mark.parametrize("add_bos, add_eos", [(None, None), (False, True)])  # None: the key is not written
-def test_gguf_sentencepiece_vocabulary_matches_transformers(add_bos, add_eos, tmp_path):
+def test_gguf_sentencepiece_vocabulary_matches_llama_cpp_and_transformers(add_bos, add_eos, tmp_path):
     """A Llama 2 style GGUF vocabulary (tokenizer.ggml.model "llama": pieces with scores, <0x..> byte
-    tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids, <s> and </s>
-    added where tokenizer.ggml.add_bos_token / add_eos_token say (<s> by default)."""
+    tokens, no merges): our rebuilt tokenizer gives llama.cpp's ids, <s> and </s> added where
+    tokenizer.ggml.add_bos_token / add_eos_token say (<s> by default), and transformers' GGUF tokenizer's
+    ids and decoded text. (transformers puts no ▁ before a text that starts with a space, nor before the
+    text after a token matched whole (<s>x -> <s> x, not <s> ▁x), unlike llama.cpp and SentencePiece.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from minipeft.formats.assets import asset_path
     learner = Tokenizer(models.BPE())
@@ -689,7 +691,13 @@ def test_gguf_sentencepiece_vocabulary_matches_transformers(add_bos, add_eos, tm
     from minipeft.formats.tokenization import gguf_tokenizer
     ours = gguf_tokenizer(GGUFFile(tmp_path / "spm.gguf").metadata, tmp_path / "spm.gguf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
-    for text in [*TEXTS, " leading space", "Ü ✓ 😀 tab\tend"]:
+    for text in [*TEXTS[:2], "Ü ✓ 😀 tab\tend"]:
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=True) == theirs.decode(
             theirs(text)["input_ids"], skip_special_tokens=True)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = llama_cpp.Llama(model_path=str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
+    for text in [*TEXTS, " leading space", "  two", "<s>[INST] hi [/INST]</s>", ""]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                vocab.tokenize(text.encode(), add_bos=special, special=True), (text, special)

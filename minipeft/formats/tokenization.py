@@ -341,11 +341,10 @@ def _gguf_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tupl
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores), fuse_unk=True,
                                      byte_fallback=True, unk_token=unk))
     space_prefix = meta.get("tokenizer.ggml.add_space_prefix", not gemma)
-    if gemma:  # spaces become ▁, nothing is prepended
-        tokenizer.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
-    else:  # Llama 2 style: spaces become ▁ and the text starts with one
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=SPIECE_SPACE, prepend_scheme="first" if space_prefix else "never", split=False)
+    spaces = normalizers.Replace(" ", SPIECE_SPACE)
+    # add_space_prefix (Llama 2 style): as in llama.cpp and SentencePiece, a ▁ starts each run of text, the first
+    # and each after a token matched whole (<s>, ...), even one that starts with a space (" x" -> "▁▁x")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), spaces]) if space_prefix else spaces
     strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(),
                                            decoders.Fuse(), *strip])
