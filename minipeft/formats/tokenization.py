@@ -130,7 +130,7 @@ def folder_tokenizer(folder: Path, family: str):
     merges.txt as `family` uses them, else a NoTokenizer. tokenizer_config.json's tokens are added
     as transformers adds them: its `added_tokens_decoder`, then its named special tokens (bos_token, ...)
     and `additional_special_tokens` that are not added tokens yet."""
-    settings = _json(folder / "tokenizer_config.json")
+    settings = tokenizer_settings(folder)
     tokenizer_file = folder / "tokenizer.json"
     if tokenizer_file.exists():
         try:
@@ -163,6 +163,16 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(_corrupt(path, error)) from None
+
+
+def tokenizer_settings(folder: Path) -> dict:
+    """tokenizer_config.json, its tokens overridden by special_tokens_map.json's when it has no added_tokens_decoder
+    (a folder saved before transformers 4.34, whose special tokens may be named only there), as transformers reads
+    them."""
+    settings = _json(folder / "tokenizer_config.json")
+    if "added_tokens_decoder" not in settings:
+        settings.update(_json(folder / "special_tokens_map.json"))
+    return settings
 
 
 def _added_token(value, special: bool = True) -> AddedToken:
@@ -368,9 +378,9 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def read_hf_chat_settings(folder: Path) -> dict:
     """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
-    chat_template.jinja, which newer transformers write instead); missing ones are None."""
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them);
+    missing ones are None."""
+    config = tokenizer_settings(folder)
 
     def token(value):  # a string, or an AddedToken written as {"content": ...}
         return value.get("content") if isinstance(value, dict) else value
