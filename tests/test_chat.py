@@ -200,7 +200,8 @@ def test_hf_folder_settings(tmp_path):
 def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path):
     transformers = pytest.importorskip("transformers")
     byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": {
         "content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}}))
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
