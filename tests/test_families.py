@@ -701,3 +701,36 @@ def test_gguf_sentencepiece_vocabulary_matches_llama_cpp_and_transformers(add_bo
         for special in (True, False):
             assert ours.encode(text, add_special_tokens=special).ids == \
                 vocab.tokenize(text.encode(), add_bos=special, special=True), (text, special)
+
+
+@pytest.mark.parametrize("pre, ends", [("gpt-2", {}), ("qwen2", {}), ("smollm", {"add_eos_token": True}),
+                                       ("llama-bpe", {"add_bos_token": True})])
+def test_gguf_byte_level_vocabulary_matches_llama_cpp(pre, ends, tmp_path):
+    """A GGUF "gpt2" vocabulary (byte-level BPE, its merges, tokenizer.ggml.pre naming the split): our rebuilt
+    tokenizer gives llama.cpp's ids, with the <s> / </s> that add_bos_token / add_eos_token ask for, <|im_start|>
+    and the user-defined <tool> matched whole, and Llama 3's whole-token rule ("Ġzqxv" is a token its merges do
+    not reach: llama-bpe takes it whole, the others spell it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    trained_bpe(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    tokens = [*sorted(vocab, key=vocab.get), "<|im_start|>", "<tool>", "Ġzqxv"]
+    writer = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 5 + [1] * (len(tokens) - 8) + [3, 4, 1])  # control, normal, user-defined
+    writer.add_token_merges([m for m in (tmp_path / "merges.txt").read_text().splitlines() if m and m[0] != "#"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    for key, value in ends.items():
+        writer.add_bool(f"tokenizer.ggml.{key}", value)
+    writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
+    write_out(writer, tmp_path / "bpe.gguf")
+    from minipeft.formats.gguf_file import GGUFFile
+    from minipeft.formats.tokenization import gguf_tokenizer
+    ours = gguf_tokenizer(GGUFFile(tmp_path / "bpe.gguf").metadata, tmp_path / "bpe.gguf")
+    theirs = llama_cpp.Llama(model_path=str(tmp_path / "bpe.gguf"), vocab_only=True, verbose=False)
+    for text in [*TEXTS, "<|im_start|>user\nx  1, 12345 zqxv<tool>\r\n\n", ""]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                theirs.tokenize(text.encode(), add_bos=special, special=True), (text, special)

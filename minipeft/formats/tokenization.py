@@ -33,6 +33,8 @@ GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_t
 # time, and letters may take one leading non-letter (its tokenizer.json's Split pre-tokenizer)
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3's (llama.cpp: "llama-bpe"): the same, but up to three digits at a time
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
 
 class NoTokenizer:
@@ -291,6 +293,8 @@ GGUF_PRE_TOKENIZERS = {
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)]),
     "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
 
@@ -332,7 +336,9 @@ def _gguf_byte_level(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; "
                          f"supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
     merges = [tuple(merge.split(" ")) for merge in meta.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    # Llama 3 takes a piece of text that is a token as that token, whether or not its merges reach it
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=pre == "llama-bpe"))
     tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
