@@ -3,7 +3,9 @@
     folder_tokenizer(folder, family)   an HF folder's tokenizer.json; without one, a tokenizer rebuilt
                                        from vocab.txt (WordPiece: BERT, DistilBERT) or vocab.json +
                                        merges.txt (byte-level BPE: GPT-2, RoBERTa, Qwen2/3); else
-                                       NoTokenizer, which says what is missing when a command needs it
+                                       NoTokenizer, which says what is missing when a command needs it;
+                                       tokenizer_config.json's tokens and switches applied as transformers
+                                       applies them
     gguf_tokenizer(metadata, path)     rebuilt from a GGUF file's vocabulary: byte-level BPE
                                        (tokenizer.ggml.model "gpt2", with its merges) or SentencePiece-
                                        style BPE ("llama": tokens with scores, merges recovered from them)
@@ -139,7 +141,7 @@ def folder_tokenizer(folder: Path, family: str):
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(_corrupt(tokenizer_file, error)) from None
-        _add_special_tokens(tokenizer, special_tokens(settings, {}))
+        _add_special_tokens(tokenizer, _special_tokens(settings, {}))
         return _finish(tokenizer)
     if (folder / "vocab.txt").exists():
         kind, vocab = "wordpiece", _wordpiece_vocab(folder / "vocab.txt")
@@ -147,7 +149,7 @@ def folder_tokenizer(folder: Path, family: str):
         kind, vocab = BPE_CLASSES.get(family, "gpt2"), _json(folder / "vocab.json")
     else:
         return NoTokenizer(folder)
-    specials = special_tokens(settings, CLASS_SPECIAL_TOKENS[kind])
+    specials = _special_tokens(settings, CLASS_SPECIAL_TOKENS[kind])
     if kind == "wordpiece":
         tokenizer = _wordpiece(vocab, settings, specials)
     else:
@@ -187,7 +189,7 @@ def _added_token(value, special: bool = True) -> AddedToken:
                       single_word=value.get("single_word", False))
 
 
-def special_tokens(settings: dict, defaults: dict) -> dict[str, AddedToken]:
+def _special_tokens(settings: dict, defaults: dict) -> dict[str, AddedToken]:
     """name -> special token: the named ones (tokenizer_config.json's, else the class's `defaults`; a null
     setting removes the default), then `additional_special_tokens` / `extra_special_tokens` as extra_0, ..."""
     named = {name: settings.get(name, defaults.get(name)) for name in SPECIAL_TOKEN_NAMES}
@@ -256,10 +258,10 @@ def _post_processor(tokenizer: Tokenizer, kind: str, settings: dict, specials: d
 
     def end(name):  # bos or eos, where add_bos_token / add_eos_token asks for it
         return token(f"{name}_token") if settings.get(f"add_{name}_token") and f"{name}_token" in specials else None
-    return ends_template(end("bos"), end("eos"))
+    return _ends_template(end("bos"), end("eos"))
 
 
-def ends_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.TemplateProcessing:
+def _ends_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.TemplateProcessing:
     """Puts the (token, id) bos before and eos after a text, each where given (a pair: bos A eos bos B eos)."""
     bos, eos = [bos] if bos else [], [eos] if eos else []
     single = " ".join([*(t for t, _ in bos), "$A", *(t for t, _ in eos)])
@@ -316,7 +318,7 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(meta["tokenizer.ggml.tokens"], types)
                           if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
-    tokenizer.post_processor = ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
+    tokenizer.post_processor = _ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
                                              _gguf_end(meta, tokens, "eos", False))
     return _finish(tokenizer)
 
