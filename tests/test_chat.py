@@ -193,6 +193,22 @@ def test_hf_folder_settings(tmp_path):
     assert tokenization.read_hf_chat_settings(tmp_path)["chat_template"] == "from the file"
 
 
+@pytest.mark.parametrize("config", [
+    {"eos_token": "</s>"},  # special_tokens_map.json's tokens override these (a folder from before transformers 4.34)
+    {"eos_token": "</s>", "added_tokens_decoder": {}},  # but not a newer folder's
+])
+def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": {
+        "content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    settings = tokenization.read_hf_chat_settings(tmp_path)
+    assert (settings["bos_token"], settings["eos_token"]) == (theirs.bos_token, theirs.eos_token)
+
+
 def test_bad_messages():
     for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hello"):
         with pytest.raises(ValueError, match="conversation|message 0"):

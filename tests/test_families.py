@@ -590,6 +590,48 @@ def test_wordpiece_from_vocab_txt_matches_transformers(folders, tmp_path):
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
 
 
+def _tokenizer_files(files, tmp_path):
+    """A folder with only the tokenizer's files: trained vocab.json + merges.txt ("bpe"), MiniLM's vocab.txt and
+    tokenizer_config.json ("vocab.txt"), or MiniLM's tokenizer.json ("tokenizer.json"); and its settings."""
+    from minipeft.formats.assets import asset_path
+    if files == "bpe":
+        trained_bpe(tmp_path)
+        return {}
+    name = "vocab.txt" if files == "vocab.txt" else "tokenizer.json"
+    (tmp_path / name).write_bytes((asset_path("minilm") / name).read_bytes())
+    return json.loads((asset_path("minilm") / "tokenizer_config.json").read_text()) if files == "vocab.txt" else {}
+
+
+def _saved(content, **flags):  # a special token as transformers 4 wrote it into tokenizer_config.json
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, **flags}
+
+
+@pytest.mark.parametrize("files, family, settings", [
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer"}),  # its <|endoftext|> is a special token
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True, "add_bos_token": True,
+                     "add_eos_token": True, "bos_token": _saved("<s>"), "eos_token": "</s>"}),
+    ("bpe", "gpt2", {"tokenizer_class": "GPT2Tokenizer", "pad_token": "<new>", "additional_special_tokens": ["<x>"]}),
+    ("bpe", "roberta", {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": True}),
+    ("bpe", "qwen2", {"tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": True, "add_bos_token": True}),
+    ("vocab.txt", "bert", {"cls_token": _saved("[CLS]"), "additional_special_tokens": ["[unused1]"]}),
+    ("tokenizer.json", "bert", {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[unused2]",
+                                "extra_special_tokens": ["[unused1]"]}),
+])
+def test_tokenizer_config_settings_apply_as_in_transformers(files, family, settings, tmp_path):
+    """tokenizer_config.json's special tokens (named, additional, written as AddedTokens), add_prefix_space
+    and add_bos_token / add_eos_token, on a tokenizer rebuilt from vocabulary files or read from tokenizer.json."""
+    from minipeft.formats.tokenization import folder_tokenizer
+    settings = {**_tokenizer_files(files, tmp_path), **settings}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    ours = folder_tokenizer(tmp_path, family)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in [*TEXTS, "a<|endoftext|>b <new> <x>[unused1] [unused2]"]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                theirs(text, add_special_tokens=special)["input_ids"], (text, special)
+
+
 def test_a_folder_without_tokenizer_loads_and_says_what_is_missing(folders, tmp_path):
     hf, _ = folders["llama"]
     hf.save_pretrained(tmp_path)
@@ -625,9 +667,13 @@ def test_every_method_works_on_every_family(method, family, tmp_path):
             getattr(test_methods, check)(method, 0, family, "lm")
 
 
-def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
+@pytest.mark.parametrize("add_bos, add_eos", [(None, None), (False, True)])  # None: the key is not written
+def test_gguf_sentencepiece_vocabulary_matches_llama_cpp_and_transformers(add_bos, add_eos, tmp_path):
     """A Llama 2 style GGUF vocabulary (tokenizer.ggml.model "llama": pieces with scores, <0x..> byte
-    tokens, no merges): our rebuilt tokenizer gives transformers' GGUF tokenizer's ids."""
+    tokens, no merges): our rebuilt tokenizer gives llama.cpp's ids, <s> and </s> added where
+    tokenizer.ggml.add_bos_token / add_eos_token say (<s> by default), and transformers' GGUF tokenizer's
+    ids and decoded text. (transformers puts no ▁ before a text that starts with a space, nor before the
+    text after a token matched whole (<s>x -> <s> x, not <s> ▁x), unlike llama.cpp and SentencePiece.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from minipeft.formats.assets import asset_path
     learner = Tokenizer(models.BPE())
@@ -642,14 +688,57 @@ def test_gguf_sentencepiece_vocabulary_matches_transformers(tmp_path):
     writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
     writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))  # unknown, control, byte, normal
     writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+        writer.add_add_eos_token(add_eos)
     writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
     write_out(writer, tmp_path / "spm.gguf")
     from minipeft.formats.gguf_file import GGUFFile
     from minipeft.formats.tokenization import gguf_tokenizer
     ours = gguf_tokenizer(GGUFFile(tmp_path / "spm.gguf").metadata, tmp_path / "spm.gguf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
-    for text in [*TEXTS, " leading space", "Ü ✓ 😀 tab\tend"]:
+    for text in [*TEXTS[:2], "Ü ✓ 😀 tab\tend"]:
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=True) == theirs.decode(
             theirs(text)["input_ids"], skip_special_tokens=True)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = llama_cpp.Llama(model_path=str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
+    for text in [*TEXTS, " leading space", "  two", "<s>[INST] hi [/INST]</s>", ""]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                vocab.tokenize(text.encode(), add_bos=special, special=True), (text, special)
+
+
+@pytest.mark.parametrize("pre, ends", [("gpt-2", {}), ("qwen2", {}), ("smollm", {"add_eos_token": True}),
+                                       ("llama-bpe", {"add_bos_token": True})])
+def test_gguf_byte_level_vocabulary_matches_llama_cpp(pre, ends, tmp_path):
+    """A GGUF "gpt2" vocabulary (byte-level BPE, its merges, tokenizer.ggml.pre naming the split): our rebuilt
+    tokenizer gives llama.cpp's ids, with the <s> / </s> that add_bos_token / add_eos_token ask for, <|im_start|>
+    and the user-defined <tool> matched whole, and Llama 3's whole-token rule ("Ġzqxv" is a token its merges do
+    not reach: llama-bpe takes it whole, the others spell it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    trained_bpe(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    tokens = [*sorted(vocab, key=vocab.get), "<|im_start|>", "<tool>", "Ġzqxv"]
+    writer = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 5 + [1] * (len(tokens) - 8) + [3, 4, 1])  # control, normal, user-defined
+    writer.add_token_merges([m for m in (tmp_path / "merges.txt").read_text().splitlines() if m and m[0] != "#"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    for key, value in ends.items():
+        writer.add_bool(f"tokenizer.ggml.{key}", value)
+    writer.add_tensor("token_embd.weight", torch.zeros(len(tokens), 4).numpy())
+    write_out(writer, tmp_path / "bpe.gguf")
+    from minipeft.formats.gguf_file import GGUFFile
+    from minipeft.formats.tokenization import gguf_tokenizer
+    ours = gguf_tokenizer(GGUFFile(tmp_path / "bpe.gguf").metadata, tmp_path / "bpe.gguf")
+    theirs = llama_cpp.Llama(model_path=str(tmp_path / "bpe.gguf"), vocab_only=True, verbose=False)
+    for text in [*TEXTS, "<|im_start|>user\nx  1, 12345 zqxv<tool>\r\n\n", ""]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == \
+                theirs.tokenize(text.encode(), add_bos=special, special=True), (text, special)

@@ -3,7 +3,9 @@
     folder_tokenizer(folder, family)   an HF folder's tokenizer.json; without one, a tokenizer rebuilt
                                        from vocab.txt (WordPiece: BERT, DistilBERT) or vocab.json +
                                        merges.txt (byte-level BPE: GPT-2, RoBERTa, Qwen2/3); else
-                                       NoTokenizer, which says what is missing when a command needs it
+                                       NoTokenizer, which says what is missing when a command needs it;
+                                       tokenizer_config.json's tokens and switches applied as transformers
+                                       applies them
     gguf_tokenizer(metadata, path)     rebuilt from a GGUF file's vocabulary: byte-level BPE
                                        (tokenizer.ggml.model "gpt2", with its merges) or SentencePiece-
                                        style BPE ("llama": tokens with scores, merges recovered from them)
@@ -33,6 +35,8 @@ GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_t
 # time, and letters may take one leading non-letter (its tokenizer.json's Split pre-tokenizer)
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3's (llama.cpp: "llama-bpe"): the same, but up to three digits at a time
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
 
 class NoTokenizer:
@@ -93,16 +97,17 @@ def byte_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], split: str | None = None) -> Tokenizer:
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], split: str | None = None,
+                   add_prefix_space: bool = False) -> Tokenizer:
     """Byte-level BPE: text is cut by GPT-2's regex (or the regex `split`), each piece spelled in the
-    byte alphabet and merged."""
+    byte alphabet and merged; add_prefix_space puts a space before a text that does not start with one."""
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -111,23 +116,47 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], split: 
 # HF folders
 
 
+# The special tokens tokenizer_config.json may name, and those transformers' tokenizer classes name when it
+# does not (BertTokenizer for vocab.txt; GPT2Tokenizer, RobertaTokenizer, Qwen2Tokenizer for vocab.json).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+CLASS_SPECIAL_TOKENS = {
+    "wordpiece": dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]"),
+    "gpt2": dict(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT),
+    "roberta": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", sep_token="</s>", pad_token="<pad>",
+                    cls_token="<s>", mask_token="<mask>"),
+    "qwen2": dict(eos_token=END_OF_TEXT, unk_token=END_OF_TEXT, pad_token=END_OF_TEXT),
+}
+BPE_CLASSES = {"roberta": "roberta", "qwen2": "qwen2", "qwen3": "qwen2"}  # family -> its vocab.json tokenizer's
+
+
 def folder_tokenizer(folder: Path, family: str):
     """The folder's tokenizer: tokenizer.json, else one rebuilt from vocab.txt or vocab.json +
-    merges.txt as `family` uses them, else a NoTokenizer."""
+    merges.txt as `family` uses them, else a NoTokenizer. tokenizer_config.json's tokens are added
+    as transformers adds them: its `added_tokens_decoder`, then its named special tokens (bos_token, ...)
+    and `additional_special_tokens` that are not added tokens yet."""
+    settings = tokenizer_settings(folder)
     tokenizer_file = folder / "tokenizer.json"
     if tokenizer_file.exists():
         try:
-            return _finish(Tokenizer.from_file(str(tokenizer_file)))
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(_corrupt(tokenizer_file, error)) from None
-    settings = _json(folder / "tokenizer_config.json")
+        _add_special_tokens(tokenizer, _special_tokens(settings, {}))
+        return _finish(tokenizer)
     if (folder / "vocab.txt").exists():
-        tokenizer = _wordpiece(folder / "vocab.txt", settings)
+        kind, vocab = "wordpiece", _wordpiece_vocab(folder / "vocab.txt")
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        tokenizer = _bpe_files(folder, family)
+        kind, vocab = BPE_CLASSES.get(family, "gpt2"), _json(folder / "vocab.json")
     else:
         return NoTokenizer(folder)
+    specials = _special_tokens(settings, CLASS_SPECIAL_TOKENS[kind])
+    if kind == "wordpiece":
+        tokenizer = _wordpiece(vocab, settings, specials)
+    else:
+        tokenizer = _bpe_files(folder, vocab, kind, settings)
     _add_configured_tokens(tokenizer, settings)
+    _add_special_tokens(tokenizer, specials)
+    tokenizer.post_processor = _post_processor(tokenizer, kind, settings, specials)
     return _finish(tokenizer)
 
 
@@ -140,40 +169,104 @@ def _json(path: Path) -> dict:
         raise ValueError(_corrupt(path, error)) from None
 
 
-def _wordpiece(vocab_file: Path, settings: dict) -> Tokenizer:
-    """BERT's tokenizer from its vocab.txt (one token per line, the id is the line number)."""
-    vocab = {line.rstrip("\n"): i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
-    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token=settings.get("unk_token", "[UNK]")))
+def tokenizer_settings(folder: Path) -> dict:
+    """tokenizer_config.json, its tokens overridden by special_tokens_map.json's when it has no added_tokens_decoder
+    (a folder saved before transformers 4.34, whose special tokens may be named only there), as transformers reads
+    them."""
+    settings = _json(folder / "tokenizer_config.json")
+    if "added_tokens_decoder" not in settings:
+        settings.update(_json(folder / "special_tokens_map.json"))
+    return settings
+
+
+def _added_token(value, special: bool = True) -> AddedToken:
+    """A token of tokenizer_config.json, a string or an AddedToken written as {"content": ..., "lstrip": ...}."""
+    if not isinstance(value, dict):
+        return AddedToken(str(value), special=special)
+    return AddedToken(value["content"], special=value.get("special", special),
+                      normalized=value.get("normalized", not value.get("special", special)),
+                      lstrip=value.get("lstrip", False), rstrip=value.get("rstrip", False),
+                      single_word=value.get("single_word", False))
+
+
+def _special_tokens(settings: dict, defaults: dict) -> dict[str, AddedToken]:
+    """name -> special token: the named ones (tokenizer_config.json's, else the class's `defaults`; a null
+    setting removes the default), then `additional_special_tokens` / `extra_special_tokens` as extra_0, ..."""
+    named = {name: settings.get(name, defaults.get(name)) for name in SPECIAL_TOKEN_NAMES}
+    extra = settings.get("additional_special_tokens") or settings.get("extra_special_tokens") or []
+    if isinstance(extra, dict):  # transformers 5 may name them: {"image_token": "<image>"}
+        extra = list(extra.values())
+    tokens = {**named, **{f"extra_{i}": token for i, token in enumerate(extra)}}
+    return {name: _added_token(token) for name, token in tokens.items() if token is not None}
+
+
+def _add_special_tokens(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -> None:
+    """Adds the special tokens that are not added tokens yet (one missing from the vocabulary gets the next id)."""
+    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    new = {}
+    for token in specials.values():
+        if token.content not in added:
+            new.setdefault(token.content, token)
+    tokenizer.add_special_tokens(list(new.values()))
+
+
+def _wordpiece_vocab(vocab_file: Path) -> dict[str, int]:
+    """vocab.txt: one token per line, the id is the line number."""
+    return {line: i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+
+
+def _wordpiece(vocab: dict[str, int], settings: dict, specials: dict[str, AddedToken]) -> Tokenizer:
+    """BERT's tokenizer (its [CLS] ... [SEP] comes from _post_processor)."""
+    unk = specials.get("unk_token")
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token=unk.content if unk else "[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
         strip_accents=settings.get("strip_accents"), lowercase=settings.get("do_lower_case", True))
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    cls, sep = settings.get("cls_token", "[CLS]"), settings.get("sep_token", "[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
-    specials = [settings.get(k, v) for k, v in (("pad_token", "[PAD]"), ("unk_token", "[UNK]"), ("cls_token", cls),
-                                                 ("sep_token", sep), ("mask_token", "[MASK]"))]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials if t in vocab])
     return tokenizer
 
 
-def _bpe_files(folder: Path, family: str) -> Tokenizer:
-    """Byte-level BPE from vocab.json and merges.txt (its first line may be a "#version" comment)."""
-    vocab = _json(folder / "vocab.json")
+def _bpe_files(folder: Path, vocab: dict[str, int], kind: str, settings: dict) -> Tokenizer:
+    """Byte-level BPE from vocab.json and merges.txt (its first line may be a "#version" comment), with
+    tokenizer_config.json's `add_prefix_space` (a space put before the text, as GPT-2 sees most words)."""
     lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    qwen = family in ("qwen2", "qwen3")
-    tokenizer = byte_level_bpe(vocab, merges, QWEN2_SPLIT if qwen else None)
-    if qwen:
+    tokenizer = byte_level_bpe(vocab, merges, QWEN2_SPLIT if kind == "qwen2" else None,
+                               bool(settings.get("add_prefix_space")))
+    if kind == "qwen2":
         tokenizer.normalizer = normalizers.NFC()
-    if family == "roberta":  # <s> text </s>
-        tokenizer.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
-        tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")
-                                      if t in vocab])
-        tokenizer.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True)])
     return tokenizer
+
+
+def _post_processor(tokenizer: Tokenizer, kind: str, settings: dict, specials: dict[str, AddedToken]):
+    """What encoding puts around a text, as transformers' classes do: BERT's [CLS] text [SEP], RoBERTa's
+    <s> text </s>; else bos and eos where tokenizer_config.json's add_bos_token / add_eos_token ask."""
+    def token(name):
+        if name not in specials:
+            raise ValueError(f"tokenizer_config.json sets {name} to null, but a {kind} tokenizer puts it around "
+                             "every text; name the token there")
+        return specials[name].content, tokenizer.token_to_id(specials[name].content)
+    if kind == "wordpiece":
+        (cls, cls_id), (sep, sep_id) = token("cls_token"), token("sep_token")
+        return processors.TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                                             special_tokens=[(cls, cls_id), (sep, sep_id)])
+    if kind == "roberta":
+        return processors.RobertaProcessing(token("sep_token"), token("cls_token"),
+                                            trim_offsets=settings.get("trim_offsets", True),
+                                            add_prefix_space=bool(settings.get("add_prefix_space")))
+
+    def end(name):  # bos or eos, where add_bos_token / add_eos_token asks for it
+        return token(f"{name}_token") if settings.get(f"add_{name}_token") and f"{name}_token" in specials else None
+    return _ends_template(end("bos"), end("eos"))
+
+
+def _ends_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.TemplateProcessing:
+    """Puts the (token, id) bos before and eos after a text, each where given (a pair: bos A eos bos B eos)."""
+    bos, eos = [bos] if bos else [], [eos] if eos else []
+    single = " ".join([*(t for t, _ in bos), "$A", *(t for t, _ in eos)])
+    pair = " ".join([single, *(f"{t}:1" for t, _ in bos), "$B:1", *(f"{t}:1" for t, _ in eos)])
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(bos + eos)))
 
 
 def _add_configured_tokens(tokenizer: Tokenizer, settings: dict) -> None:
@@ -183,9 +276,7 @@ def _add_configured_tokens(tokenizer: Tokenizer, settings: dict) -> None:
         if tokenizer.token_to_id(token["content"]) is None and tokenizer.get_vocab_size() != token_id:
             raise ValueError(f"tokenizer_config.json adds {token['content']!r} as id {token_id}, but the "
                              f"vocabulary has {tokenizer.get_vocab_size()} tokens; save the tokenizer again")
-        new = AddedToken(token["content"], special=token.get("special", False),
-                         normalized=token.get("normalized", False), lstrip=token.get("lstrip", False),
-                         rstrip=token.get("rstrip", False), single_word=token.get("single_word", False))
+        new = _added_token(token, special=False)
         (tokenizer.add_special_tokens if new.special else tokenizer.add_tokens)([new])
 
 
@@ -204,6 +295,8 @@ GGUF_PRE_TOKENIZERS = {
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)]),
     "qwen2": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
 
@@ -225,12 +318,18 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(meta["tokenizer.ggml.tokens"], types)
                           if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                                 special_tokens=[(bos, bos_id)])
+    tokenizer.post_processor = _ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
+                                             _gguf_end(meta, tokens, "eos", False))
     return _finish(tokenizer)
+
+
+def _gguf_end(meta: dict, tokens: list[str], end: str, default: bool) -> tuple[str, int] | None:
+    """(token, id) of the bos or eos token if tokenizer.ggml.add_{end}_token (else `default`) asks llama.cpp to
+    add it to every text, else None."""
+    token_id = meta.get(f"tokenizer.ggml.{end}_token_id")
+    if meta.get(f"tokenizer.ggml.add_{end}_token", default) and token_id is not None:
+        return tokens[token_id], token_id
+    return None
 
 
 def _gguf_byte_level(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
@@ -239,7 +338,9 @@ def _gguf_byte_level(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; "
                          f"supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
     merges = [tuple(merge.split(" ")) for merge in meta.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    # Llama 3 takes a piece of text that is a token as that token, whether or not its merges reach it
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=pre == "llama-bpe"))
     tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
@@ -258,11 +359,10 @@ def _gguf_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tupl
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores), fuse_unk=True,
                                      byte_fallback=True, unk_token=unk))
     space_prefix = meta.get("tokenizer.ggml.add_space_prefix", not gemma)
-    if gemma:  # spaces become ▁, nothing is prepended
-        tokenizer.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
-    else:  # Llama 2 style: spaces become ▁ and the text starts with one
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=SPIECE_SPACE, prepend_scheme="first" if space_prefix else "never", split=False)
+    spaces = normalizers.Replace(" ", SPIECE_SPACE)
+    # add_space_prefix (Llama 2 style): as in llama.cpp and SentencePiece, a ▁ starts each run of text, the first
+    # and each after a token matched whole (<s>, ...), even one that starts with a space (" x" -> "▁▁x")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), spaces]) if space_prefix else spaces
     strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(),
                                            decoders.Fuse(), *strip])
@@ -286,9 +386,9 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def read_hf_chat_settings(folder: Path) -> dict:
     """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
-    chat_template.jinja, which newer transformers write instead); missing ones are None."""
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them);
+    missing ones are None."""
+    config = tokenizer_settings(folder)
 
     def token(value):  # a string, or an AddedToken written as {"content": ...}
         return value.get("content") if isinstance(value, dict) else value
