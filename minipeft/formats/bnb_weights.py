@@ -66,9 +66,9 @@ def is_4bit(config: dict, family: str, source: str) -> bool:
 
 
 def split_4bit(weights: Mapping[str, torch.Tensor], module_names: dict[str, str], prefix: str, ignored: list[str],
-               source: str) -> tuple[Mapping[str, torch.Tensor], dict[str, tuple[torch.Tensor, QuantState]]]:
+               source: str) -> tuple[Mapping[str, torch.Tensor], dict[str, tuple[str, torch.Tensor, QuantState]]]:
     """(the weights with every 4-bit layer's packed weight replaced by a stand-in of its (out, in) shape on the
-    meta device and its state tensors left out, {our module: (packed codes, QuantState)}).
+    meta device and its state tensors left out, {our module: (their module, packed codes, QuantState)}).
 
     module_names: our module -> theirs, as templates ("blocks.{i}.attn.q" -> "layers.{i}.self_attn.q_proj");
     prefix and ignored: the family's (pretrained.py); a layer that is ignored on purpose is dropped."""
@@ -88,18 +88,22 @@ def split_4bit(weights: Mapping[str, torch.Tensor], module_names: dict[str, str]
                              f"quantize the model again with llm_int8_skip_modules naming {short!r}")
         codes, state = _read_layer(weights, module, key, source)
         stand_ins[module + ".weight"] = torch.empty(tuple(state.shape), device="meta")
-        layers[ours] = codes, state
+        layers[ours] = module, codes, state
     return _Replaced(weights, stand_ins, hidden), layers
 
 
-def install_4bit(model: nn.Module, layers: dict[str, tuple[torch.Tensor, QuantState]]) -> None:
-    """Replace each named nn.Linear (its weight a stand-in, its bias loaded) by a Linear4bit over the codes
-    and state."""
-    for name, (codes, state) in layers.items():
+def install_4bit(model: nn.Module, layers: dict[str, tuple[str, torch.Tensor, QuantState]], source: str) -> None:
+    """Replace each of our nn.Linear layers named in `layers` (its weight a stand-in, its bias loaded) by a
+    Linear4bit over their module's codes and state."""
+    for name, (module, codes, state) in layers.items():
         parent_name, child_name = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         bias = getattr(parent, child_name).bias
-        setattr(parent, child_name, Linear4bit.from_quantized(codes, state, None if bias is None else bias.detach()))
+        try:
+            layer = Linear4bit.from_quantized(codes, state, None if bias is None else bias.detach())
+        except ValueError as error:
+            raise ValueError(f"{source}: 4-bit layer {module}: {error}") from None
+        setattr(parent, child_name, layer)
 
 
 def _state_keys(module: str, state_key: str) -> list[str]:
@@ -113,30 +117,30 @@ def _read_layer(weights: Mapping[str, torch.Tensor], module: str, state_key: str
         return ValueError(f"{source}: 4-bit layer {module}: {why}")
     try:
         info = json.loads(weights[state_key].numpy().tobytes())
-        quant_type, blocksize, shape = info["quant_type"], info["blocksize"], info["shape"]
+        quant_type, blocksize, shape, nested = info["quant_type"], info["blocksize"], info["shape"], \
+            "nested_offset" in info
         codes, absmax, code_map = (weights[f"{module}.weight{name}"] for name in ("", ".absmax", ".quant_map"))
+        if nested:
+            scales, nested_map = (weights[f"{module}.weight.{name}"] for name in ("nested_absmax", "nested_quant_map"))
+            offset = torch.tensor(float(info["nested_offset"]))  # fp32, as bitsandbytes reads it
     except (KeyError, ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise fail(f"its quantization state is incomplete or unreadable ({error})") from None
     try:
         check_format(quant_type, blocksize)
     except ValueError as error:
         raise fail(f"{error}, which minipeft's Linear4bit does not take") from None
-    if codes.dtype != torch.uint8 or absmax.dtype != (torch.uint8 if "nested_offset" in info else torch.float32):
+    if codes.dtype != torch.uint8 or absmax.dtype != (torch.uint8 if nested else torch.float32):
         raise fail(f"packed codes {codes.dtype} and absmax {absmax.dtype} are not what bitsandbytes saves")
     if not (isinstance(shape, list) and len(shape) == 2):
         raise fail(f"shape {shape} is not that of a linear layer's weight (out, in)")
     if not torch.equal(code_map.float(), CODES[quant_type]):
         raise fail(f"its code book is not bitsandbytes' {quant_type}")
-    if "nested_offset" not in info:
-        tensors = {"absmax": absmax.float()}
-    else:
-        nested_map = weights.get(f"{module}.weight.nested_quant_map")
-        if info.get("nested_blocksize") != DOUBLE_QUANT_BLOCKSIZE or nested_map is None \
-                or not torch.equal(nested_map.float(), DYNAMIC_CODE):
-            raise fail(f"double quantization other than bitsandbytes' (dynamic code map, blocks of "
-                       f"{DOUBLE_QUANT_BLOCKSIZE}) is not supported")
-        tensors = {"absmax_codes": absmax, "absmax_scales": weights[f"{module}.weight.nested_absmax"].float(),
-                   "absmax_offset": torch.tensor(float(info["nested_offset"]))}
+    if nested and (info.get("nested_blocksize") != DOUBLE_QUANT_BLOCKSIZE or
+                   not torch.equal(nested_map.float(), DYNAMIC_CODE)):
+        raise fail(f"double quantization other than bitsandbytes' (dynamic code map, blocks of "
+                   f"{DOUBLE_QUANT_BLOCKSIZE}) is not supported")
+    tensors = dict(absmax_codes=absmax, absmax_scales=scales.float(), absmax_offset=offset) if nested else \
+        dict(absmax=absmax)
     return codes, QuantState.from_dict(tensors, shape, torch.float32, quant_type, blocksize)
 
 

@@ -525,7 +525,7 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
         overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
     model = build_model(checkpoint_config, overrides, source)
     load_weights(model, weights, HF_RULES[family] + CLASSIFIER_RULES, IGNORED[family], source, HF_PREFIXES[family])
-    bnb_weights.install_4bit(model, layers_4bit)
+    bnb_weights.install_4bit(model, layers_4bit, source)
     tokenizer = folder_tokenizer(folder, family)
     for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
