@@ -22,6 +22,8 @@ What each source is
                  classifier `score` as our head (bias 0) and sets n_classes; the encoders' classifiers
                  (BERT's pooler + classifier, RoBERTa's two-layer head, DistilBERT's pre_classifier) are
                  not our one-layer head, so they are skipped and the head starts fresh.
+                 Saved in bitsandbytes 4-bit (config.json's quantization_config): the block layers
+                 become Linear4bit over the file's codes and state (bnb_weights.py).
     .gguf        general.architecture llama, qwen2, qwen3 or gemma3 (gguf_model.py)
 
 How names map, theirs -> ours (transformers' base-model prefixes `transformer.`, `bert.`, `roberta.`,
@@ -111,7 +113,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     pool: "cls" or "mean", the encoder classifier pooling; by default a sentence-transformers folder's
         1_Pooling/config.json decides, else "cls".
     quantize: "nf4" or "fp4": store every block linear layer in 4 bits (block 64, double quantization)
-        as soon as it is loaded, the base QLoRA trains on (mp.apply(model, "qlora") keeps it).
+        as soon as it is loaded, the base QLoRA trains on (mp.apply(model, "qlora") keeps it). A folder saved
+        in bitsandbytes 4-bit needs no argument: its layers are 4-bit as they are stored.
     device: "auto", "cpu", "cuda", "cuda:N" or "mps" (precision.resolve_device); default: the CPU.
     dtype: a precision ("fp32", "bf16-mixed", "bf16-true", "fp16-mixed") or the frozen weights' dtype
         (torch.bfloat16 means bf16-mixed, torch.float16 fp16-mixed): the loaded weights are stored in its
