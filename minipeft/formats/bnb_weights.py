@@ -18,6 +18,7 @@ absmax_codes, absmax_scales and absmax_offset): each M becomes a Linear4bit hold
 nothing dequantized or requantized. Embeddings, norms, the LM head and the layers of llm_int8_skip_modules
 are saved in full precision and load as in any folder.
 
+    check_quantization(config["quantization_config"], ...)   # what minipeft can hold exactly, else refused
     weights, layers = split_4bit(weights, ...)   # the packed weights -> shape-only stand-ins; (codes, state)
     load_weights(model, weights, ...)            # every key and shape checked as usual (weights.py)
     install_4bit(model, layers)                  # each stand-in's nn.Linear -> Linear4bit
@@ -42,12 +43,9 @@ STATE_TENSORS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # 
 SPLIT_FAMILIES = ("gpt2", "phi3")  # layers cut from fused or transposed 4-bit weights
 
 
-def is_4bit(config: dict, family: str, source: str) -> bool:
-    """Whether config.json says the weights are bitsandbytes 4-bit; ValueError for a quantization whose
-    weights minipeft cannot hold exactly."""
-    quantization = config.get("quantization_config")
-    if not quantization:
-        return False
+def check_quantization(quantization: dict, family: str, source: str) -> None:
+    """ValueError unless config.json's quantization_config says bitsandbytes 4-bit weights minipeft can hold
+    exactly."""
     method = quantization.get("quant_method")
     if method != "bitsandbytes":
         raise ValueError(f"{source}: weights quantized with {method!r} are not supported; minipeft reads "
@@ -62,7 +60,6 @@ def is_4bit(config: dict, family: str, source: str) -> bool:
     if family in SPLIT_FAMILIES:
         raise ValueError(f"{source}: 4-bit {family} weights are not supported: minipeft would have to cut or "
                          "transpose fused 4-bit layers; load the full-precision model with quantize='nf4'")
-    return True
 
 
 def split_4bit(weights: Mapping[str, torch.Tensor], module_names: dict[str, str], prefix: str, ignored: list[str],

@@ -76,7 +76,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from . import bnb_weights
 from .assets import asset_path
 from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
@@ -519,7 +518,10 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
 def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transformer, Tokenizer]:
     family, checkpoint_config = read_hf_config(folder, source)
     weights, layers_4bit = _read_hf_weights(folder), {}
-    if bnb_weights.is_4bit(json.loads((folder / "config.json").read_text()), family, source):
+    quantized = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if quantized:  # bnb_weights.py (and with it the 4-bit quantizer) loads only for such a folder
+        from . import bnb_weights
+        bnb_weights.check_quantization(quantized, family, source)
         weights, layers_4bit = bnb_weights.split_4bit(weights, hf_module_names(family), HF_PREFIXES[family],
                                                       IGNORED[family], source)
     if checkpoint_config["tie_embeddings"] and _own_lm_head(weights, family):
@@ -528,7 +530,8 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
         overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
     model = build_model(checkpoint_config, overrides, source)
     load_weights(model, weights, HF_RULES[family] + CLASSIFIER_RULES, IGNORED[family], source, HF_PREFIXES[family])
-    bnb_weights.install_4bit(model, layers_4bit, source)
+    if layers_4bit:
+        bnb_weights.install_4bit(model, layers_4bit, source)
     tokenizer = folder_tokenizer(folder, family)
     for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
