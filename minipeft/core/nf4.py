@@ -274,24 +274,6 @@ class Linear4bit(nn.Module):
             module.bias.copy_(linear.bias.detach())
         return module
 
-    @classmethod
-    def from_quantized(cls, codes: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None) -> "Linear4bit":
-        """A layer over given packed codes and state of an (out, in) weight, taken as they are (a checkpoint
-        saved in 4 bits: formats/bnb_weights.py); ValueError if a tensor does not have its buffer's size."""
-        out_features, in_features = state.shape
-        module = cls(in_features, out_features, bias is not None, state.quant_type, state.blocksize,
-                     state.double_quant)
-        tensors = {"weight_codes": codes, **{"weight_" + name: t for name, t in state.to_dict().items()}}
-        if bias is not None:
-            tensors["bias"] = bias
-        for name, tensor in tensors.items():
-            buffer = getattr(module, name)
-            if tensor.numel() != buffer.numel():
-                raise ValueError(f"a 4-bit weight of shape {tuple(state.shape)} in blocks of {state.blocksize} "
-                                 f"needs {buffer.numel()} values of {name}, got {tensor.numel()}")
-            buffer.copy_(tensor.reshape(buffer.shape))
-        return module
-
     @property
     def quant_state(self) -> QuantState:
         """The state as a `QuantState`, viewing (not copying) this module's buffers."""

@@ -97,10 +97,29 @@ def install_4bit(model: nn.Module, layers: dict[str, tuple[str, torch.Tensor, Qu
         parent = model.get_submodule(parent_name)
         bias = getattr(parent, child_name).bias
         try:
-            layer = Linear4bit.from_quantized(codes, state, None if bias is None else bias.detach())
+            layer = _linear4bit(codes, state, None if bias is None else bias.detach())
         except ValueError as error:
             raise ValueError(f"{source}: 4-bit layer {module}: {error}") from None
         setattr(parent, child_name, layer)
+
+
+def _linear4bit(codes: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> Linear4bit:
+    """A Linear4bit over the given packed codes and state of an (out, in) weight, taken as they are;
+    ValueError if a tensor does not have its buffer's size."""
+    out_features, in_features = state.shape
+    module = Linear4bit(in_features, out_features, bias is not None, state.quant_type, state.blocksize,
+                        state.double_quant)
+    tensors = {"weight_codes": codes, **{"weight_" + name: t for name, t in state.to_dict().items()}}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, tensor in tensors.items():
+        buffer = getattr(module, name)
+        if tensor.numel() != buffer.numel():
+            raise ValueError(f"a 4-bit weight of shape {tuple(state.shape)} in blocks of {state.blocksize} "
+                             f"needs {buffer.numel()} values of {name}, got {tensor.numel()}")
+        with torch.no_grad():
+            buffer.copy_(tensor.reshape(buffer.shape))
+    return module
 
 
 def _state_keys(module: str, state_key: str) -> list[str]:
