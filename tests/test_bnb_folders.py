@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minipeft as mp
+from minipeft.core.lora import LoRALinear
 from minipeft.core.nf4 import Linear4bit
 from minipeft.formats.pretrained import HF_PREFIXES, hf_module_names
 
@@ -121,6 +122,18 @@ def test_skipped_layers_stay_full_precision(tmp_path):
         assert type(model.blocks[i].mlp.down) is torch.nn.Linear
         assert torch.equal(model.blocks[i].mlp.down.weight, hf.model.layers[i].mlp.down_proj.weight)
         assert type(model.blocks[i].mlp.up) is Linear4bit
+    # QLoRA keeps them so, as peft on the bitsandbytes model does: plain LoRA on them, the base unchanged
+    idx = torch.randint(0, SIZES["vocab_size"], (2, 12))
+    with torch.no_grad():
+        loaded = model(idx)
+    mp.apply(model, "qlora", targets=["all"])
+    down = model.blocks[0].mlp.down
+    assert type(down) is LoRALinear and torch.equal(down.weight, hf.model.layers[0].mlp.down_proj.weight)
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded)  # B = 0: the loaded model, full-precision layers included
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert type(theirs.base_model.model.model.layers[0].mlp.down_proj.base_layer) is torch.nn.Linear
 
 
 def edit_config(folder, **quantization):

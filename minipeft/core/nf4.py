@@ -319,7 +319,9 @@ def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 
                     double_quant: bool = True) -> nn.Module:
     """Replace every nn.Linear inside the model's blocks (attention and MLP projections) by a frozen
     Linear4bit; embeddings, norms and the head stay in full precision. Layers that are 4-bit already
-    are kept if their format matches, and refused (ValueError) if it does not."""
+    are kept if their format matches, and refused (ValueError) if it does not; a model that has some
+    (a checkpoint saved in 4 bits) keeps its full-precision ones too, as the checkpoint chose."""
+    saved_4bit = any(isinstance(m, Linear4bit) for m in model.blocks.modules())
     for block in model.blocks:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
@@ -328,6 +330,6 @@ def quantize_blocks(model: nn.Module, quant_type: str = "nf4", blocksize: int = 
                         raise ValueError(f"the model is already quantized as {child.quant_type}, block "
                                          f"{child.blocksize}, double_quant={child.double_quant}; ask for the "
                                          "same format or load the model unquantized")
-                elif type(child) is nn.Linear:
+                elif type(child) is nn.Linear and not saved_4bit:
                     setattr(parent, name, Linear4bit.from_linear(child, quant_type, blocksize, double_quant))
     return model

@@ -6,7 +6,8 @@ absmax scaling, optionally double-quantized) and dequantized for each matmul:
     h = x dequant(W_4bit)ᵀ + b  +  (α / r) · dropout(x) Aᵀ Bᵀ          A, B in full precision
 
 Every linear layer of every block is quantized (unless mp.from_pretrained(..., quantize=) did it already, in
-the same format); LoRA goes on the targets; embeddings, norms and the head stay in full precision.
+the same format; a checkpoint saved in 4 bits keeps the layers it stored in full precision, which get plain
+LoRA); LoRA goes on the targets; embeddings, norms and the head stay in full precision.
 
 Initialization: LoRA's (A Kaiming-uniform, B = 0), so the output equals the *quantized* base model's, not the
 original's: the 4-bit rounding is there from the start. Trainable parameters: LoRA's, n_layer · Σ_targets
@@ -56,7 +57,8 @@ def apply_qlora(model, rank: int, alpha: float, dropout: float, targets: list[st
                 blocksize: int, double_quant: bool):
     """Quantize every linear layer of every block to 4 bits, then put LoRA on the targets."""
     quantize_blocks(model, quant, blocksize, double_quant)
-    linear_targets.wrap(model, targets, lambda layer: QLoRALinear(layer, rank, alpha, dropout))
+    linear_targets.wrap(model, targets, lambda layer: QLoRALinear(layer, rank, alpha, dropout)
+                        if isinstance(layer, Linear4bit) else LoRALinear(layer, rank, alpha, dropout))
 
 
 register(Method(
