@@ -201,3 +201,61 @@ def test_8bit_folder_is_refused(tmp_path):
     hf.save_pretrained(tmp_path / "8bit")
     with pytest.raises(ValueError, match="bitsandbytes 8-bit .LLM.int8. weights are not supported"):
         mp.from_pretrained(tmp_path / "8bit")
+
+
+def perturbed(model, seed=3):
+    """`model` with every lora_B moved off zero, so its adapter changes the logits."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("base", ["4-bit folder", "quantize=nf4"])
+def test_qlora_adapter_moves_both_ways_in_peft_format(base, tmp_path):
+    """In peft a QLoRA adapter is a LoRA on a bitsandbytes 4-bit base: ours is written so, runs on that base in
+    peft (train mode: bitsandbytes dequantizes and multiplies exactly) and on the full-precision one (the usual
+    serving path: that base + the same LoRA), and peft's LoRA on the 4-bit base loads here as qlora."""
+    peft = pytest.importorskip("peft")
+    _, folder = save_4bit("llama", tmp_path)
+    full = tmp_path / "full"
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def ours_4bit():
+        return mp.from_pretrained(folder)[0] if base == "4-bit folder" else mp.from_pretrained(full, quantize="nf4")[0]
+
+    def theirs_4bit():
+        source, extra = (folder, {}) if base == "4-bit folder" else (full, dict(quantization_config=quantization))
+        return transformers.LlamaForCausalLM.from_pretrained(source, device_map="cpu", dtype=torch.float32, **extra)
+
+    idx = torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    model = perturbed(mp.apply(ours_4bit(), "qlora", rank=4, alpha=8, targets=["all"]))
+    mp.save_adapter(model, tmp_path / "ours", format="peft")
+    lora_fp = mp.apply(mp.from_pretrained(full)[0], "lora", rank=4, alpha=8, targets=["all"])
+    lora_fp.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" in k}, strict=False)
+    with torch.no_grad():
+        served_4bit = peft.PeftModel.from_pretrained(theirs_4bit(), tmp_path / "ours").train()(idx).logits
+        assert (served_4bit - model(idx)).abs().max() < 1e-4  # measured 0.0
+        full_precision = transformers.LlamaForCausalLM.from_pretrained(full)
+        served_fp = peft.PeftModel.from_pretrained(full_precision, tmp_path / "ours").eval()(idx).logits
+        assert (served_fp - lora_fp(idx)).abs().max() < 1e-5  # measured 0.0; the 4-bit rounding differs by ~0.1
+        back = mp.load_adapter(ours_4bit(), tmp_path / "ours")
+        assert back.peft_config["method"] == "qlora" and torch.equal(back(idx), model(idx))
+
+    theirs = peft.get_peft_model(theirs_4bit(), peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                                target_modules=["q_proj", "down_proj"],
+                                                                init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = mp.load_adapter(ours_4bit(), tmp_path / "theirs")
+    assert loaded.peft_config["method"] == "qlora" and loaded.peft_config["options"]["targets"] == ["q", "down"]
+    with torch.no_grad():
+        assert (loaded(idx) - theirs.train()(idx).logits).abs().max() < 1e-4  # measured 0.0
+
+    pissa = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(full),
+                                peft.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj"]))
+    pissa.save_pretrained(tmp_path / "pissa")  # on a 4-bit base, peft would quantize W - s·B₀A₀ again
+    with pytest.raises(ValueError, match="initialized with pissa, which on a base stored in 4 bits"):
+        mp.load_adapter(ours_4bit(), tmp_path / "pissa")

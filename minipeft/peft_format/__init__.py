@@ -30,6 +30,8 @@ and the hook has
                                                        peft_type (lora and dora share LORA)
     hook.root                                       optional: peft's prefix of the classifier's key, ROOT
                                                        unless the method is prompt learning (PROMPT_ROOT)
+    hook.method_for(model, options)                 optional: (the method to apply, its options) when the
+                                                       base decides it (a LoRA on a 4-bit base is qlora)
 
 Both directions raise ValueError, naming what differs, for what they cannot map exactly. `layout` is a
 PeftLayout: the adapter's folder (for messages) and how transformers and peft name this model's layers.
@@ -132,15 +134,16 @@ BARE_BODY_TASK = "FEATURE_EXTRACTION"  # peft's task type of an adapter for the 
 
 
 HOOKS: dict[str, object] = {}  # our method's name -> its peft hook (hooks() puts the built-in ones first)
-BUILT_IN = ("lora", "dora", "prefix", "prompt", "ia3", "vera", "loha", "lokr")  # each a file here holding HOOK
+BUILT_IN = {"lora": "lora", "dora": "dora", "prefix": "prefix", "prompt": "prompt", "ia3": "ia3", "vera": "vera",
+            "loha": "loha", "lokr": "lokr",
+            "qlora": "lora"}  # method -> this folder's file holding its HOOK (a QLoRA adapter is peft's LoRA)
 
 
 def hooks() -> dict[str, object]:
-    """HOOKS, with the built-in hooks in it: on the first call, the HOOK of this folder's file of each
-    built-in method's name."""
+    """HOOKS, with the built-in hooks in it: on the first call, the HOOK of each built-in method's file."""
     if not all(name in HOOKS for name in BUILT_IN):
-        for name in BUILT_IN:
-            HOOKS.setdefault(name, importlib.import_module(f"{__name__}.{name}").HOOK)
+        for name, file in BUILT_IN.items():
+            HOOKS.setdefault(name, importlib.import_module(f"{__name__}.{file}").HOOK)
     return HOOKS
 
 
@@ -414,7 +417,10 @@ def load(model, path):
     hook = hooks()[config["method"]]
     head = _classifier_from_peft(model, tensors, path, getattr(hook, "root", ROOT))
     options, weights = hook.from_peft(model, raw, tensors, PeftLayout(model.cfg, path))
-    apply(model, config["method"], **options)
+    method = config["method"]
+    if hasattr(hook, "method_for"):
+        method, options = hook.method_for(model, options)
+    apply(model, method, **options)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():

@@ -50,6 +50,14 @@ class LoRAInPeft:
     transposed). Loading such an adapter makes it a plain LoRA on the unchanged base, exactly as peft's
     own conversion does: ΔW = s(BA − B₀A₀) = s [B, −B₀] [A; A₀], rank 2r, with A₀, B₀ recomputed from the
     base weights (residual_init). LoRA+'s lr_ratio is an optimizer setting, which peft's files do not hold.
+
+    QLoRA. In peft a QLoRA adapter is this LoRA, trained on a bitsandbytes 4-bit base; so is ours (qlora's
+    A, B and scale are LoRA's, its quant options describe the base), and it is written as above (served on
+    the 4-bit base, it computes what it trained; on the full-precision one, that base + the same ΔW). A LoRA
+    adapter loaded into a model whose block layers are 4-bit (a bitsandbytes 4-bit folder, or
+    quantize="nf4") becomes qlora in those layers' format (method_for), as peft puts its LoRA on the
+    Linear4bit layers; qlora has no rsLoRA option, so its alpha becomes scale · r. A PiSSA or OLoRA adapter
+    cannot go there: peft would quantize the residual W − s·B₀A₀ again, a base minipeft does not build.
     """
 
     peft_type = "LORA"
@@ -114,6 +122,10 @@ class LoRAInPeft:
         cfg = model.cfg
         init = config.get("init_lora_weights", True)
         _check_residual(init, [], layout)  # (a fused module converts exactly on the way in)
+        if init in RESIDUAL_INITS and base_4bit_format(model):
+            raise ValueError(f"adapter {layout.path} was initialized with {init}, which on a base stored in 4 bits "
+                             "makes peft quantize the residual weights again, a base minipeft does not build; load "
+                             "it into the full-precision model")
         updates = {}  # (layer, target) -> (A, B, scale)
         for module, pair in _lora_pairs(tensors, layout).items():
             layer, held = layout.locate(module)
@@ -141,6 +153,24 @@ class LoRAInPeft:
             for t, (A_t, B_t) in _split_fused(A, B, held, cfg).items():
                 updates[(layer, t)] = (A_t, B_t, scale)
         return _padded_to_one_rank(cfg, updates, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")))
+
+    def method_for(self, model, options: dict) -> tuple[str, dict]:
+        """("lora", options), or on a model whose block layers are 4-bit ("qlora", the same LoRA in their format)."""
+        quant = base_4bit_format(model)
+        if quant is None:
+            return "lora", options
+        options = dict(options)
+        rank, rslora = options["rank"], options.pop("rslora")
+        if rslora:  # qlora's scale is alpha / r: the alpha giving rsLoRA's alpha / √r
+            options["alpha"] = options["alpha"] / math.sqrt(rank) * rank
+        return "qlora", options | dict(zip(("quant", "blocksize", "double_quant"), quant))
+
+
+def base_4bit_format(model) -> tuple[str, int, bool] | None:
+    """(quant type, blocksize, double_quant) of the model's 4-bit block layers (core/nf4.py), None if it has none."""
+    from minipeft.core.nf4 import Linear4bit  # here: a LoRA run without 4-bit layers never imports the quantizer
+    layer = next((m for m in model.blocks.modules() if isinstance(m, Linear4bit)), None)
+    return None if layer is None else (layer.quant_type, layer.blocksize, layer.double_quant)
 
 
 def _check_residual(init: str, modules: list[tuple], layout) -> None:
@@ -225,4 +255,4 @@ def _padded_to_one_rank(cfg, updates: dict, dropout: float, rslora: bool = False
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets, "rslora": rslora}, weights
 
 
-HOOK = LoRAInPeft()  # hooks() registers it for the method "lora"
+HOOK = LoRAInPeft()  # hooks() registers it for the methods "lora" and "qlora"
