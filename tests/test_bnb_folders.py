@@ -259,3 +259,8 @@ def test_qlora_adapter_moves_both_ways_in_peft_format(base, tmp_path):
     pissa.save_pretrained(tmp_path / "pissa")  # on a 4-bit base, peft would quantize W - s·B₀A₀ again
     with pytest.raises(ValueError, match="initialized with pissa, which on a base stored in 4 bits"):
         mp.load_adapter(ours_4bit(), tmp_path / "pissa")
+    dora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(full),
+                               peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    dora.save_pretrained(tmp_path / "dora")  # minipeft's 4-bit layers take LoRA only
+    with pytest.raises(ValueError, match="a dora adapter cannot go on a base stored in 4 bits"):
+        mp.load_adapter(ours_4bit(), tmp_path / "dora")

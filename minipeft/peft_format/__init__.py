@@ -30,7 +30,7 @@ and the hook has
                                                        peft_type (lora and dora share LORA)
     hook.root                                       optional: peft's prefix of the classifier's key, ROOT
                                                        unless the method is prompt learning (PROMPT_ROOT)
-    hook.method_for(model, options)                 optional: (the method to apply, its options) when the
+    hook.method_for(model, method, options)         optional: (the method to apply, its options) when the
                                                        base decides it (a LoRA on a 4-bit base is qlora)
 
 Both directions raise ValueError, naming what differs, for what they cannot map exactly. `layout` is a
@@ -419,7 +419,7 @@ def load(model, path):
     options, weights = hook.from_peft(model, raw, tensors, PeftLayout(model.cfg, path))
     method = config["method"]
     if hasattr(hook, "method_for"):
-        method, options = hook.method_for(model, options)
+        method, options = hook.method_for(model, method, options)
     apply(model, method, **options)
     params = dict(model.named_parameters())
     with torch.no_grad():
