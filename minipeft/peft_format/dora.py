@@ -6,7 +6,7 @@ import torch
 
 from minipeft.core import targets as linear_targets
 
-from .lora import LoRAInPeft
+from .lora import LoRAInPeft, base_4bit_format
 
 
 class DoRAInPeft(LoRAInPeft):
@@ -38,6 +38,9 @@ class DoRAInPeft(LoRAInPeft):
         return tensors, config
 
     def from_peft(self, model, config: dict, tensors: dict, layout) -> tuple[dict, dict]:
+        if base_4bit_format(model):
+            raise ValueError(f"adapter {layout.path} is DoRA, which minipeft's 4-bit layers do not take (they take "
+                             "LoRA only, as qlora); load it into the full-precision model")
         magnitudes = {key: tensors.pop(key) for key in list(tensors) if key.endswith("." + self.MAGNITUDE)}
         options, weights = super().from_peft(model, config, tensors, layout)
         cfg = model.cfg

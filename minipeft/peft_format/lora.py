@@ -155,14 +155,11 @@ class LoRAInPeft:
         return _padded_to_one_rank(cfg, updates, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")))
 
     def method_for(self, model, method: str, options: dict) -> tuple[str, dict]:
-        """(method, options) as read, or on a model whose block layers are 4-bit ("qlora", the same LoRA in their
-        format); a variant of LoRA (DoRA) there is refused."""
+        """(method, options) as read (lora, or dora: dora.py), or on a model whose block layers are 4-bit
+        ("qlora", the same LoRA in their format)."""
         quant = base_4bit_format(model)
         if quant is None:
             return method, options
-        if method != "lora":
-            raise ValueError(f"a {method} adapter cannot go on a base stored in 4 bits (minipeft's 4-bit layers take "
-                             "LoRA only, as qlora); load it into the full-precision model")
         options = dict(options)
         rank, rslora = options["rank"], options.pop("rslora")
         if rslora:  # qlora's scale is alpha / r: the alpha giving rsLoRA's alpha / √r
