@@ -185,6 +185,16 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
     ("train", ["--alpha", "inf"], "option 'alpha' takes a finite number, not inf"),
     ("train", ["--import", "no_such_module_xyz"], "--import no_such_module_xyz: No module named 'no_such_module_xyz'"),
     ("train", ["--log", "none,csv"], "none means no logger, so it cannot go with others"),
+    ("eval", ["--calibrate"], "--calibrate works only with --few-shot"),
+    ("eval", ["--merge"], "--merge works only with --adapter"),
+    ("eval", ["--system", "Be brief.", "--generate", "Hi"], "--system works only with --chat"),
+    ("eval", ["--chat", "--generate", "Hi"], "give one of them"),
+    ("eval", ["--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    ("eval", ["--out", "{tmp}"], "must be a file in an existing folder"),
+    ("eval", ["--task", "{pairs}", "--task", "{pairs}"], "reward accuracy reads one --task source of preference pairs"),
+    ("export", ["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number > 0, got inf"),
+    ("export", ["--nf4-report"], "the requantization report compares the merged weights with the base's"),
+    ("export", ["--chat-template", "{tmp}/none.jinja"], "error: --chat-template {tmp}/none.jinja: no such file"),
 ])
 def test_bad_flag_is_one_clear_error_and_writes_nothing(script, flags, message, reviews, tmp_path, capsys):
     """In-process (train.py on tiny-bert, eval.py and export.py on tiny-gpt2): exit code 2 naming the flag,
