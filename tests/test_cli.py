@@ -180,6 +180,7 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
     ("train", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     ("train", ["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
     ("train", ["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    ("train", ["--beta", "inf"], "--beta must be a finite number > 0, got inf"),
     ("train", ["--mmap-threshold", str(2**64)], "--mmap-threshold must be in [0, 2**31)"),
     ("train", ["--dropout", "nan"], "option 'dropout' takes a finite number, not nan"),
     ("train", ["--alpha", "inf"], "option 'alpha' takes a finite number, not inf"),
@@ -329,3 +330,12 @@ def test_train_py_and_trainconfig_share_every_default():
     assert not differ, "; ".join(differ)
     from_flags = train_cli.train_config(parser.parse_args([]), "fp32", torch.device("cpu"))
     assert dataclasses.replace(from_flags, run={}) == trainer.TrainConfig()
+
+
+def test_minipeft_without_a_subcommand_is_an_error_on_stderr(capsys):
+    """`minipeft` alone: the usage on stderr and exit code 2 (--help: on stdout, exit code 0)."""
+    from minipeft.run import command
+    for argv, code, stream in (([], 2, "err"), (["--help"], 0, "out")):
+        with pytest.raises(SystemExit) as stopped:
+            command.main(argv)
+        assert stopped.value.code == code and getattr(capsys.readouterr(), stream).startswith("usage: minipeft")

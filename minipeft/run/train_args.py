@@ -173,7 +173,7 @@ def check_numbers(args):
              ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
              ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0"),
              ("--mmap-threshold", args.mmap_threshold, 0 <= args.mmap_threshold < 2**31, "in [0, 2**31)"),  # a C int
-             ("--beta", args.beta, args.beta is None or args.beta > 0, "> 0")]
+             ("--beta", args.beta, args.beta is None or 0 < args.beta < math.inf, "a finite number > 0")]
     for flag, value, ok, allowed in rules:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
