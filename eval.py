@@ -72,16 +72,28 @@ def build_parser():
     return p
 
 
-def check_numbers(args):
+def check_flags(args):
+    """Flags out of range, or given without the flag they serve, stop before anything loads."""
     if args.few_shot is not None and args.split == "all":
         raise ValueError("--few-shot takes its examples from the training split, so it cannot score --split all; "
                          "use --split test or validation")
     for flag, value, ok, allowed in [("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
                                      ("--max-new-tokens", args.max_new_tokens,
                                       args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
-                                     ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1")]:
+                                     ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                     ("--seed", args.seed, 0 <= args.seed < 2**63, "in [0, 2**63)")]:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
+    for flag, given, needs, present in [("--calibrate", args.calibrate, "--few-shot", args.few_shot is not None),
+                                        ("--merge", args.merge, "--adapter", args.adapter),
+                                        ("--system", args.system is not None, "--chat", args.chat)]:
+        if given and not present:
+            raise ValueError(f"{flag} works only with {needs}; add {needs} or leave {flag} out")
+    if args.chat and args.generate is not None:
+        raise ValueError("--generate continues one prompt and --chat talks turn by turn; give one of them")
+    if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        raise ValueError(f"--out {args.out} must be a file in an existing folder (it gets the predictions as "
+                         "JSON lines)")
 
 
 def load_model(args):
@@ -177,7 +189,7 @@ def score_instructions(model, tokenizer, task, args):
 def main(argv):
     cli.import_user_files(argv)  # a user's method must be registered before its adapter loads
     args = build_parser().parse_args(argv)
-    check_numbers(args)
+    check_flags(args)
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad sampling flags stop before loading
     sources, columns = cli.task_flags(args)  # and bad --task weights or --columns
     model, tokenizer, n_classes = load_model(args)
@@ -185,6 +197,9 @@ def main(argv):
         return print_continuation(model, tokenizer, args)
     if args.chat:
         return chat_loop(model, tokenizer, args)
+    if len(sources) > 1 and any(tasks.is_preference_source(source) for source, _ in sources):
+        raise ValueError("reward accuracy reads one --task source of preference pairs, got "
+                         f"{tasks.sources_text(args.task)}")
     if len(sources) == 1 and tasks.is_preference_source(sources[0][0]):  # pairs: reward accuracy vs the base
         task = preference.load_preferences(sources[0][0], tokenizer, max_len=args.max_len, seed=args.seed,
                                            chat_template=args.chat_template)  # (β = 0.1)

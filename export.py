@@ -9,6 +9,7 @@
 --adapter takes an adapter folder (either format) or a training run's folder (its adapter/ inside).
 """
 import argparse
+import math
 from pathlib import Path
 
 import minipeft as mp
@@ -71,19 +72,21 @@ def load(args):
 def main(argv):
     cli.import_user_files(argv)  # a user's method must be registered before its adapter loads
     args = build_parser().parse_args(argv)
-    if args.max_shard_gb <= 0:
-        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    if not 0 < args.max_shard_gb < math.inf:
+        raise ValueError(f"--max-shard-gb must be a finite number > 0, got {args.max_shard_gb}")
+    if args.chat_template and not Path(args.chat_template).is_file():
+        raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file")
     check_request(Path(args.out), args.format, args.dtype)  # before the model loads
     model, tokenizer = load(args)
+    rows = requantization_report(model) if args.nf4_report else None  # before writing: it may refuse the model
     report = mp.export(model, args.out, format=args.format, dtype=args.dtype, tokenizer=tokenizer,
                        chat_template=args.chat_template, max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(report)
-    if args.nf4_report:
-        print_requantization_report(model)
+    if rows is not None:
+        print_requantization_report(rows)
 
 
-def print_requantization_report(model):
-    rows = requantization_report(model)
+def print_requantization_report(rows: list[tuple[str, float]]):
     survival = sorted(r for _, r in rows)
     print("how much of each layer's update a 4-bit NF4 copy keeps, |Q(W + dW) - Q(W)| / |dW| (1 = all of it):")
     for layer, ratio in rows:

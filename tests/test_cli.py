@@ -121,6 +121,7 @@ def test_help_says_each_default_once():
     for text in texts:
         assert not re.search(r"\(default: [^)]*\) \(default: ", text)
     assert "--seed SEED seed for initialization, shuffling and dropout (default: 0)" in texts[0]
+    assert "--out DIR the folder to create (it must not exist) --format" in texts[2]  # required: no default
     assert "--test, --no-test score the test split after training, and before unless --skip-test-before (default: " \
            "yes, unless --eval-every 0) --skip-test-before" in texts[0]
 
@@ -172,6 +173,45 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
         assert result.stderr.startswith("error: ") and message.lower() in result.stderr.lower(), \
             (args, result.stderr)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train", ["--epochs", "inf"], "--epochs must be a finite number > 0, got inf"),
+    ("train", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    ("train", ["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+    ("train", ["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    ("train", ["--beta", "inf"], "--beta must be a finite number > 0, got inf"),
+    ("train", ["--mmap-threshold", str(2**64)], "--mmap-threshold must be in [0, 2**31)"),
+    ("train", ["--dropout", "nan"], "option 'dropout' takes a finite number, not nan"),
+    ("train", ["--alpha", "inf"], "option 'alpha' takes a finite number, not inf"),
+    ("train", ["--import", "no_such_module_xyz"], "--import no_such_module_xyz: No module named 'no_such_module_xyz'"),
+    ("train", ["--log", "none,csv"], "none means no logger, so it cannot go with others"),
+    ("eval", ["--calibrate"], "--calibrate works only with --few-shot"),
+    ("eval", ["--merge"], "--merge works only with --adapter"),
+    ("eval", ["--system", "Be brief.", "--generate", "Hi"], "--system works only with --chat"),
+    ("eval", ["--chat", "--generate", "Hi"], "give one of them"),
+    ("eval", ["--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    ("eval", ["--out", "{tmp}"], "must be a file in an existing folder"),
+    ("eval", ["--task", "{pairs}", "--task", "{pairs}"], "reward accuracy reads one --task source of preference pairs"),
+    ("export", ["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number > 0, got inf"),
+    ("export", ["--nf4-report"], "the requantization report compares the merged weights with the base's"),
+    ("export", ["--chat-template", "{tmp}/none.jinja"], "error: --chat-template {tmp}/none.jinja: no such file"),
+])
+def test_bad_flag_is_one_clear_error_and_writes_nothing(script, flags, message, reviews, tmp_path, capsys):
+    """In-process (train.py on tiny-bert, eval.py and export.py on tiny-gpt2): exit code 2 naming the flag,
+    no traceback, no output folder."""
+    import importlib
+
+    from test_robust import run_main
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}\n' * 20)
+    flags = [f.format(tmp=tmp_path, pairs=tmp_path / "pairs.jsonl") for f in flags]
+    out = tmp_path / "out"
+    first = {"train": ["--model", "tiny-bert", "--task", reviews, "--steps", "1", "--batch-size", "4", "--out", out],
+             "eval": ["--model", "tiny-gpt2", "--task", reviews, "--limit", "2"],
+             "export": ["--model", "tiny-gpt2", "--out", out]}[script]
+    code, err = run_main(importlib.import_module(script).main, [*first, *flags], capsys)
+    assert code == 2 and "Traceback" not in err and message.format(tmp=tmp_path) in err, err
+    assert not out.exists()
 
 
 def test_eval_takes_the_base_model_from_the_adapter_and_scores_a_file_whole(trained, reviews):
@@ -290,3 +330,12 @@ def test_train_py_and_trainconfig_share_every_default():
     assert not differ, "; ".join(differ)
     from_flags = train_cli.train_config(parser.parse_args([]), "fp32", torch.device("cpu"))
     assert dataclasses.replace(from_flags, run={}) == trainer.TrainConfig()
+
+
+def test_minipeft_without_a_subcommand_is_an_error_on_stderr(capsys):
+    """`minipeft` alone: the usage on stderr and exit code 2 (--help: on stdout, exit code 0)."""
+    from minipeft.run import command
+    for argv, code, stream in (([], 2, "err"), (["--help"], 0, "out")):
+        with pytest.raises(SystemExit) as stopped:
+            command.main(argv)
+        assert stopped.value.code == code and getattr(capsys.readouterr(), stream).startswith("usage: minipeft")

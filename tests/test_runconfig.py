@@ -162,6 +162,10 @@ def test_steps_may_end_a_stopped_run_sooner_but_not_at_or_before_its_checkpoint(
     ("batching: shuffled\n", "batching must be one of by-length, random, not 'shuffled'"),
     ("rank: eight\n", "rank: option 'rank' takes an integer, not 'eight'"),
     ("log: [csv, mlflow]\n", "log: unknown logger 'mlflow'"),
+    ("alpha: .nan\n", "alpha: option 'alpha' takes a finite number, not nan"),
+    ("debug: true\n", "debug is not a setting a file can hold; give --debug on the command line"),
+    ("batch-size: 8\nbatch_size: 2\n", "sets batch_size more than once"),
+    ("steps: 5\nsteps: 1\n", "sets steps more than once"),
     ("- steps: 4\n", "must hold one 'key: value' line per flag"),
     ("steps: [4\n", "is not valid YAML"),
 ])

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import traceback
@@ -29,10 +30,13 @@ from minipeft.scale.processes import exit_process
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help adds each flag's "(default: …)", unless its help already says what the default is."""
+    """--help adds each flag's "(default: …)", unless its help already says what the default is or the
+    flag is required (export.py's --out)."""
 
     def _get_help_string(self, action):
-        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+        if action.required or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 KIND_WORDS = {"classification": "classification", "sft": "instruction data", "lm": "causal LM",
@@ -111,7 +115,19 @@ def import_user_files(argv) -> None:
             sys.modules[path.stem] = module
             spec.loader.exec_module(module)
         else:
-            importlib.import_module(name)
+            import_module(name)
+
+
+def import_module(name: str):
+    """--import NAME of a module: a module that cannot be found (or that imports one that cannot) stops
+    with one line."""
+    if not name:
+        raise ValueError("--import needs a Python file (path/to/file.py) or a module name, got ''")
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--import {name}: {e}; install the module, or give a Python file as "
+                         "path/to/file.py") from None
 
 
 def add_method_flags(parser: argparse.ArgumentParser, only: str | None = None):
@@ -134,12 +150,16 @@ def add_method_flags(parser: argparse.ArgumentParser, only: str | None = None):
 
 
 def _text_to(option):
-    """argparse's `type`: the option's own conversion (its name shows in argparse's error message)."""
+    """argparse's `type`: the option's own conversion (its name shows in argparse's error message). No
+    method option takes nan or inf: a scale or dropout of either trains nothing."""
     def convert(text):
         try:
-            return option.convert(text)
+            value = option.convert(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"option {option.name!r} takes a finite number, not {value}")
+        return value
     convert.__name__ = option.type.__name__
     return convert
 

@@ -44,8 +44,8 @@ def script_path(script: str) -> Path | None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+    if not argv or argv[0] in ("-h", "--help"):  # asked for: on stdout; no subcommand is an error: on stderr
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

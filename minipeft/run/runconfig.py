@@ -1,7 +1,7 @@
 """A run's settings in a YAML file: `train.py --config run.yaml`, and every run's settings saved in its
 folder as config.yaml, so that `train.py --resume RUN` needs no other flag.
 
-    # run.yaml: every flag of train.py is a key, written batch_size or batch-size
+    # run.yaml: every flag of train.py is a key (but --config, --debug, --help), written batch_size or batch-size
     model: smollm2
     task: examples/chats.jsonl
     targets: [q, k, v, o]        # a list, or "q,k,v,o" as on the command line
@@ -12,8 +12,9 @@ Where a setting comes from, each later one winning:
 
     the flag's default  <  the resumed run's config.yaml (--resume RUN)  <  --config FILE  <  the command line
 
-A key that is not a flag, or a value the flag does not take, stops the run before anything is loaded
-or written, naming the key (ValueError: one line, exit code 2). A null value means the flag's default.
+A key that is not a flag, a key given twice, or a value the flag does not take, stops the run before
+anything is loaded or written, naming the key (ValueError: one line, exit code 2). A null value means
+the flag's default.
 Paths in the file are read from the folder the command runs in, as on the command line.
 
 The settings saved in <out>/config.yaml are those the run used: every flag, with the method, its
@@ -35,6 +36,7 @@ from minipeft.scale.output import flag_value, run_folder
 SETTINGS_FILE = "config.yaml"
 # how one invocation starts, stops or reports, not what the run is: not saved in config.yaml
 NOT_SAVED = ("config", "resume", "out", "overwrite", "stop_at", "debug", "list_methods", "help")
+COMMAND_LINE_ONLY = ("help", "config", "debug")  # flags that are not keys of a file (--debug: the run reads argv)
 
 
 def add_config_flag(parser: argparse.ArgumentParser):
@@ -111,24 +113,29 @@ def settings_layers(argv: list[str]) -> list[tuple[str, dict, bool]]:
 def read_settings(path: Path) -> dict:
     """A YAML file's mapping of keys to values, with '-' in keys read as '_'."""
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise FileNotFoundError(f"--config {path}: {'a folder' if path.is_dir() else 'no such file'}; give a YAML file")
     try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        settings, node = yaml.safe_load(text), yaml.compose(text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())}); fix the file") from None
     if settings is None:
         return {}
     if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
         raise ValueError(f"{path} must hold one 'key: value' line per flag, e.g. 'batch_size: 16'")
+    keys = [key.value.replace("-", "_") for key, _ in node.value]  # as written: YAML keeps a repeated key's last
+    if twice := sorted({key for key in keys if keys.count(key) > 1}):
+        raise ValueError(f"{path} sets {', '.join(twice)} more than once (batch-size and batch_size are one "
+                         "key too); keep one line for each")
     return {key.replace("-", "_"): value for key, value in settings.items()}
 
 
 def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Each flag's action by its key: --batch-size -> batch_size (--config and --help are not keys)."""
+    """Each flag's action by its key: --batch-size -> batch_size (COMMAND_LINE_ONLY flags are not keys)."""
     actions = {}
     for action in parser._actions:
         long = [s for s in action.option_strings if s.startswith("--")]
-        if long and long[0] not in ("--help", "--config"):
+        if long and long[0][2:] not in COMMAND_LINE_ONLY:
             actions[long[0][2:].replace("-", "_")] = action
     return actions
 
@@ -138,6 +145,8 @@ def defaults_from(parser: argparse.ArgumentParser, settings: dict, source: str) 
     actions = flag_actions(parser)
     defaults = {}
     for key, value in settings.items():
+        if key in COMMAND_LINE_ONLY:
+            raise ValueError(f"{source}: {key} is not a setting a file can hold; give --{key} on the command line")
         if key not in actions:
             close = difflib.get_close_matches(key, actions, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""

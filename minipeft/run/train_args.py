@@ -1,6 +1,7 @@
 """The flags of train.py and the checks on them, run before anything loads: what a flag may hold, which
 flags fit which task and objective, and the TrainConfig they make (run/trainer.py)."""
 import argparse
+import math
 import time
 
 import torch
@@ -152,13 +153,15 @@ def model_dropout(value: str) -> float | None:
 
 
 def check_numbers(args):
-    """Flags that parse as numbers but make no sense stop here, naming the flag."""
+    """Flags that parse as numbers but make no sense stop here, naming the flag (inf too, where a run
+    would stop on it later or train to non-finite weights; --clip inf is no clipping)."""
     rules = [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
              ("--grad-accum", args.grad_accum, args.grad_accum >= 1, ">= 1"),
              ("--steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
-             ("--epochs", args.epochs, args.epochs > 0, "> 0"),
-             ("--lr", args.lr, args.lr is None or args.lr > 0, "> 0"),
-             ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+             ("--epochs", args.epochs, 0 < args.epochs < math.inf, "a finite number > 0"),
+             ("--lr", args.lr, args.lr is None or 0 < args.lr < math.inf, "a finite number > 0"),
+             ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, "a finite number >= 0"),
+             ("--seed", args.seed, 0 <= args.seed < 2**63, "in [0, 2**63)"),  # numpy's and torch's seeds
              ("--warmup", args.warmup, 0 <= args.warmup < 1, "in [0, 1)"),
              ("--clip", args.clip, args.clip > 0, "> 0"),
              ("--eval-every", args.eval_every, args.eval_every is None or args.eval_every >= 0, ">= 0"),
@@ -169,8 +172,8 @@ def check_numbers(args):
              ("--stop-at", args.stop_at, args.stop_at is None or args.stop_at >= 1, ">= 1"),
              ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
              ("--eval-generate", args.eval_generate, args.eval_generate >= 0, ">= 0"),
-             ("--mmap-threshold", args.mmap_threshold, args.mmap_threshold >= 0, ">= 0"),
-             ("--beta", args.beta, args.beta is None or args.beta > 0, "> 0")]
+             ("--mmap-threshold", args.mmap_threshold, 0 <= args.mmap_threshold < 2**31, "in [0, 2**31)"),  # a C int
+             ("--beta", args.beta, args.beta is None or 0 < args.beta < math.inf, "a finite number > 0")]
     for flag, value, ok, allowed in rules:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}, got {value}")

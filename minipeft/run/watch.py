@@ -46,6 +46,9 @@ def log_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if names == ("none",):
         names = ()
+    if "none" in names:
+        raise argparse.ArgumentTypeError(f"none means no logger, so it cannot go with others (got {text!r}); "
+                                         "give none alone, or leave it out")
     for name in names:
         if name not in LOGGERS:
             raise argparse.ArgumentTypeError(f"unknown logger {name!r}; choose from {', '.join(LOGGERS)} or none")
@@ -224,7 +227,8 @@ def plot(rows: list[dict], path: Path):
     if valid_loss := [(r["step"], r["loss"]) for r in validation if "loss" in r]:
         loss_ax.plot(*zip(*valid_loss), "o-", label="validation")
     loss_ax.set(title="loss", xlabel="step")
-    loss_ax.legend()
+    if finite or valid_loss:  # (every step non-finite: no line to name)
+        loss_ax.legend()
     lr_ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1)
     lr_ax.set(title="learning rate", xlabel="step")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
