@@ -1,5 +1,6 @@
 """train.py / eval.py end to end on tiny models: a real (short) run, and bad input that must stop with
 one clear line, exit code 2 and no traceback."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,18 @@ import minipeft as mp
 from minipeft.run import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def root_script(name: str):
+    """train.py, eval.py or export.py as a module, read from the repository's root by path: `import export`
+    finds bench/export.py instead once a test has put bench/ on sys.path (tests/test_layout.py does)."""
+    module = sys.modules.get(name)
+    if module is None or Path(getattr(module, "__file__", "")) != ROOT / f"{name}.py":
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module
 
 
 def run(script, *args, cwd=ROOT):
@@ -113,9 +126,7 @@ def test_help_says_each_default_once():
     """A flag whose help names its default gets no second "(default: …)" from argparse; the others get one."""
     import re
 
-    import eval as eval_cli
-    import export as export_cli
-    import train as train_cli
+    eval_cli, export_cli, train_cli = (root_script(name) for name in ("eval", "export", "train"))
     texts = [" ".join(parser.format_help().split())
              for parser in (train_cli.build_parser(), eval_cli.build_parser(), export_cli.build_parser())]
     for text in texts:
@@ -200,8 +211,6 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
 def test_bad_flag_is_one_clear_error_and_writes_nothing(script, flags, message, reviews, tmp_path, capsys):
     """In-process (train.py on tiny-bert, eval.py and export.py on tiny-gpt2): exit code 2 naming the flag,
     no traceback, no output folder."""
-    import importlib
-
     from test_robust import run_main
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}\n' * 20)
     flags = [f.format(tmp=tmp_path, pairs=tmp_path / "pairs.jsonl") for f in flags]
@@ -209,7 +218,7 @@ def test_bad_flag_is_one_clear_error_and_writes_nothing(script, flags, message, 
     first = {"train": ["--model", "tiny-bert", "--task", reviews, "--steps", "1", "--batch-size", "4", "--out", out],
              "eval": ["--model", "tiny-gpt2", "--task", reviews, "--limit", "2"],
              "export": ["--model", "tiny-gpt2", "--out", out]}[script]
-    code, err = run_main(importlib.import_module(script).main, [*first, *flags], capsys)
+    code, err = run_main(root_script(script).main, [*first, *flags], capsys)
     assert code == 2 and "Traceback" not in err and message.format(tmp=tmp_path) in err, err
     assert not out.exists()
 
