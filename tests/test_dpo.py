@@ -511,7 +511,7 @@ def test_bad_dpo_input_is_one_clear_error(pairs_file, tmp_path, capsys):
         (["--task", "rotten_tomatoes", "--objective", "dpo"], "--objective dpo trains on preference pairs"),
         (["--task", pairs_file, "--objective", "sft"], "holds preference pairs, which --objective sft cannot"),
         (["--task", "hamlet", "--beta", "0.5"], "--beta is for preference tuning"),
-        (["--task", pairs_file, "--beta", "0"], "--beta must be > 0"),
+        (["--task", pairs_file, "--beta", "0"], "--beta must be a finite number > 0"),
         (["--task", pairs_file, "--method", "last_k"], "last_k trains weights of the base model itself"),
         (["--task", pairs_file, "--method", "adapter"], "adapter trains weights of the base model itself"),
         (["--task", pairs_file, "--method", "lora", "--init", "pissa"], "rewrote the base weights"),

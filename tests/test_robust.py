@@ -231,7 +231,7 @@ def bad_train_inputs(tmp, text, reviews, finished, unfinished, other_base_adapte
                                             "--max-len", "500"),
          "512 positions minus 20 virtual tokens of the method; use --max-len 492 or less", finished),
         ("batch size 0", lm("--batch-size", "0"), "--batch-size must be >= 1, got 0", finished),
-        ("negative learning rate", lm("--lr", "-1"), "--lr must be > 0, got -1.0", finished),
+        ("negative learning rate", lm("--lr", "-1"), "--lr must be a finite number > 0, got -1.0", finished),
         ("batch larger than the data", lm("--batch-size", "1000"), "fewer than one batch of 1000", finished),
         ("empty data file", cls(make("empty.csv", "")), "empty.csv is empty", finished),
         ("no text column", cls(make("notext.csv", "review,label\ngood,1\n")), "has no 'text' column", finished),
