@@ -492,15 +492,22 @@ HF_CONFIGS = {"gpt2": _gpt2_config, "bert": _bert_config, "roberta": _bert_confi
               **{t: _decoder_config for t in HF_MODEL_TYPES if t not in ("gpt2", "bert", "roberta", "distilbert")}}
 
 
-def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
-    """(family, ModelConfig fields) from an HF folder's config.json; ValueError naming what is wrong."""
+def _config_json(folder: Path) -> dict:
+    """An HF folder's config.json as it is written; an error naming the file if it is missing or unreadable."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder} is not an HF model folder: it has no config.json")
     try:
-        config = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(_corrupt(config_file, error)) from None
+
+
+def read_hf_config(folder: Path, source: str | None = None, config: dict | None = None) -> tuple[str, dict]:
+    """(family, ModelConfig fields) from an HF folder's config.json (`config`: its contents, if already read);
+    ValueError naming what is wrong."""
+    config_file = folder / "config.json"
+    config = _config_json(folder) if config is None else config
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; "
@@ -516,10 +523,10 @@ def read_hf_config(folder: Path, source: str | None = None) -> tuple[str, dict]:
 
 
 def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transformer, Tokenizer]:
-    family, checkpoint_config = read_hf_config(folder, source)
+    config = _config_json(folder)
+    family, checkpoint_config = read_hf_config(folder, source, config)
     weights, layers_4bit = _read_hf_weights(folder), {}
-    quantized = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    if quantized:  # bnb_weights.py (and with it the 4-bit quantizer) loads only for such a folder
+    if quantized := config.get("quantization_config"):  # bnb_weights.py (and with it the 4-bit quantizer) loads only for such a folder
         from . import bnb_weights
         bnb_weights.check_quantization(quantized, family, source)
         weights, layers_4bit = bnb_weights.split_4bit(weights, hf_module_names(family), HF_PREFIXES[family],
@@ -542,9 +549,11 @@ def _own_lm_head(weights: Mapping[str, torch.Tensor], family: str) -> bool:
     """Whether the checkpoint has an LM head (lm_head.weight) that is not its token embeddings: transformers
     keeps such a head apart even where config.json ties the two (a .bin file of a tied model stores the head
     as an equal copy, which stays tied)."""
+    if "lm_head.weight" not in weights:  # (no tensor is read from the file for a folder without one)
+        return False
     embedding = their_name("tok_emb.weight", HF_RULES[family])
-    stored = [weights[key] for key in (HF_PREFIXES[family] + embedding, embedding) if key in weights]
-    return "lm_head.weight" in weights and bool(stored) and not torch.equal(weights["lm_head.weight"], stored[0])
+    stored = next((key for key in (HF_PREFIXES[family] + embedding, embedding) if key in weights), None)
+    return stored is not None and not torch.equal(weights["lm_head.weight"], weights[stored])
 
 
 def _read_hf_weights(folder: Path) -> Mapping[str, torch.Tensor]:
