@@ -340,10 +340,13 @@ def test_gguf_with_rope_on_part_of_each_head_is_refused(tmp_path, llama_folder):
     ("llama", {"attention.causal": False}, {}, "attention.causal is false .* llama attends to the tokens before only"),
     ("llama", {}, {"rope_freqs.weight": torch.tensor([1.0, 1.0, 3.0, 1.0, 5.0, 5.0, 5.0, 5.0])},  # not falling
      "rope_freqs.weight divides RoPE's speeds otherwise than Llama 3's scaling"),
+    ("llama", {}, {"rope_freqs.weight": torch.tensor([4.0, 1.0] * 4)},  # slowed, kept, ...: no line falls so
+     "rope_freqs.weight divides RoPE's speeds otherwise than Llama 3's scaling"),
     ("llama", {}, {"rope_freqs.weight": torch.ones(4)}, "rope_freqs.weight has shape \\(4,\\), and RoPE turns 8 pairs"),
     ("qwen2", {}, {"rope_freqs.weight": torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 4.0, 4.0, 4.0])},
      "a qwen2 file with rope_freqs.weight is not one llama.cpp's converter writes"),
-], ids=["yarn", "value-length", "not-causal", "rope-freqs-not-llama3", "rope-freqs-shape", "rope-freqs-in-qwen2"])
+], ids=["yarn", "value-length", "not-causal", "rope-freqs-not-llama3", "rope-freqs-rising", "rope-freqs-shape",
+        "rope-freqs-in-qwen2"])
 def test_gguf_settings_minipeft_cannot_compute_are_refused(architecture, metadata, tensors_added, message, tmp_path,
                                                            llama_folder):
     path = write_gguf(tmp_path / "m.gguf", llama_folder[0], architecture=architecture, metadata=metadata,

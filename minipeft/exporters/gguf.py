@@ -63,6 +63,15 @@ INVERSES = {
 }
 
 
+def rope_type(cfg) -> str | None:
+    """The model's RoPE scaling ("linear", "llama3"), None if unscaled."""
+    return (cfg.rope_scaling or {}).get("rope_type")
+
+
+def rope_speeds(cfg) -> torch.Tensor:
+    return rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
 def architecture(cfg, fmt: str) -> str:
     """llama.cpp's architecture for the model; a ValueError for a model llama.cpp cannot run (another family,
     a classifier, RoPE on part of each head but in Gemma 3, Llama 3's RoPE scaling but in Llama, Gemma 3
@@ -78,7 +87,7 @@ def architecture(cfg, fmt: str) -> str:
     if cfg.rope_fraction != 1 and arch not in PARTIAL_ROPE:
         raise ValueError(f"llama.cpp's {arch} applies RoPE to whole heads, and this model to {cfg.rope_fraction:g} "
                          f"of each; format {fmt!r} cannot hold it")
-    if (cfg.rope_scaling or {}).get("rope_type") == "llama3" and arch != "llama":
+    if rope_type(cfg) == "llama3" and arch != "llama":
         raise ValueError(f"llama.cpp reads Llama 3's RoPE scaling in llama files only, and this is a {arch} model; "
                          f"format {fmt!r} cannot hold it, format 'hf' can")
     if arch == "gemma3" and not any(cfg.window(i) for i in range(cfg.n_layer)):
@@ -126,7 +135,7 @@ def architecture_metadata(cfg, arch: str) -> dict:
             "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
             "rope.dimension_count": cfg.rotary_dim, "rope.freq_base": float(cfg.rope_theta),
             "vocab_size": cfg.vocab_size}
-    if (cfg.rope_scaling or {}).get("rope_type") == "linear":  # Llama 3's is the rope_freqs tensor
+    if rope_type(cfg) == "linear":  # Llama 3's is the rope_freqs tensor
         meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling["factor"])})
     if arch == "gemma3":  # some layer slides: architecture() refuses a Gemma 3 without
         meta.update({"attention.sliding_window": cfg.sliding_window,
@@ -206,8 +215,6 @@ def byte_level_vocabulary(tokenizer, cfg) -> dict:
     return meta
 
 
-def rope_speeds(cfg) -> torch.Tensor:
-    return rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 def check_metadata_holds(cfg, arch: str, meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -259,7 +266,7 @@ def gguf_tensors(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue  # llama.cpp reads token_embd for a tied head
         theirs, transform = names[ours]
         tensors[theirs] = to_gguf(transform, w, cfg)
-    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":  # each RoPE speed's divisor, as llama.cpp's converter
+    if rope_type(cfg) == "llama3":  # each RoPE speed's divisor, as llama.cpp's converter
         tensors[ROPE_FREQS] = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta) / rope_speeds(cfg)
     return tensors
 

@@ -194,12 +194,12 @@ def llama3_scaling(divisors: torch.Tensor, rotary_dim: int, theta: float, path: 
             a = max(a, (1 - sm) / (fast[-1] - xm))
         b = sm - a * xm
     a, b = float(a), float(b)
-    high, original = (1 - 1 / b, -a / b) if b < 0 else (math.nan, math.nan)
-    for high, original in ((round(high, 4), round(original)), (high, original)):  # round values where exact
+    high, original = 1 - 1 / b, -a / b  # low = 1 (b < 0 for a line falling from fast to slow)
+    speeds = rope_inv_freq(rotary_dim, theta) / divisors  # the file's
+    for high, original in ((round(high, 4), round(original)), (high, original)) if b < 0 else ():  # round if exact
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
                    "original_max_position_embeddings": original}
-        if torch.allclose(rope_inv_freq(rotary_dim, theta, scaling), rope_inv_freq(rotary_dim, theta) / divisors,
-                          rtol=1e-5, atol=0):
+        if torch.allclose(rope_inv_freq(rotary_dim, theta, scaling), speeds, rtol=1e-5, atol=0):
             return scaling
     raise ValueError(f"{path}: {ROPE_FREQS} divides RoPE's speeds otherwise than Llama 3's scaling, the only "
                      "scaling minipeft reads from it")
