@@ -133,8 +133,10 @@ def print_continuation(model, tokenizer, args):
     """--generate: the prompt, then the new text as it comes."""
     ids = tokenizer.encode(args.generate).ids
     print(args.generate, end="", flush=True)
-    generate(model, [ids], args.max_new_tokens or DEFAULT_NEW_TOKENS, on_token=TextStreamer(tokenizer),
+    streamer = TextStreamer(tokenizer)
+    generate(model, [ids], args.max_new_tokens or DEFAULT_NEW_TOKENS, on_token=streamer,
              **generation_options(args, tokenizer))
+    streamer.end()
     print()
 
 
@@ -162,6 +164,7 @@ def chat_loop(model, tokenizer, args, lines=None):
         streamer = TextStreamer(tokenizer)
         answer = generate(model, [prompt], args.max_new_tokens or DEFAULT_NEW_TOKENS, on_token=streamer,
                           **generation_options(args, tokenizer))[0]
+        streamer.end()
         print()
         text = tokenizer.decode(answer)
         messages.append({"role": "assistant", "content": min((text.split(s)[0] for s in args.stop), key=len)

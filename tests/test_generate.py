@@ -289,3 +289,15 @@ def test_streamer_waits_for_a_whole_character(capsys):
         streamer(0, byte)
     streamer(1, 65)  # another row: ignored
     assert capsys.readouterr().out == "é!"
+
+
+def test_streamer_end_prints_a_character_cut_by_the_last_token(capsys):
+    tokenizer = byte_tokenizer()
+    streamer = TextStreamer(tokenizer)
+    for byte in "aé".encode()[:2]:  # generation stopped after the first of é's two bytes
+        streamer(0, byte)
+    assert (printed := capsys.readouterr().out) == "a"
+    streamer.end()
+    assert printed + capsys.readouterr().out == tokenizer.decode(streamer.tokens) == "a\ufffd"  # the answer's text
+    streamer.end()
+    assert capsys.readouterr().out == ""

@@ -225,7 +225,8 @@ def greedy(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True
 
 
 class TextStreamer:
-    """on_token for one row: prints the text as it grows (holding back a half-decoded character)."""
+    """on_token for one row: prints the text as it grows (holding back a half-decoded character until
+    the rest comes, or `end()` is called: then the row's whole decoded text has been printed)."""
 
     def __init__(self, tokenizer, row: int = 0, file=None):
         self.tokenizer, self.row, self.file = tokenizer, row, file or sys.stdout
@@ -236,7 +237,13 @@ class TextStreamer:
             return
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):  # a UTF-8 character split across tokens: wait for the rest
-            return
+        if not text.endswith("\ufffd"):  # a UTF-8 character split across tokens: wait for the rest
+            self._show(text)
+
+    def end(self):
+        """Print what was held back: the generation stopped inside a character (decoded as \ufffd)."""
+        self._show(self.tokenizer.decode(self.tokens))
+
+    def _show(self, text: str):
         print(text[self.shown:], end="", flush=True, file=self.file)
         self.shown = len(text)
