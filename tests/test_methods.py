@@ -4,6 +4,7 @@ init, mergeable, its parameter-count formula). A new method is tested here just 
 (DESIGN.md, "Tests that every method must pass"); a method in a file of your own joins with
 `--method-file FILE` (tests/conftest.py). Which combinations run by default, and which only under
 `-m exhaustive`, conftest.conformance_cases says."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,11 @@ def test_option_text_converts_to_the_declared_type():
     assert init_text.convert("42") == "42"  # text stays text, whatever it looks like
     with pytest.raises(ValueError, match="takes true or false"):
         options["double_quant"].convert("maybe")
+    for value in (float("nan"), "inf", -math.inf):  # the Python API refuses them as the command line does
+        with pytest.raises(ValueError, match="option 'alpha' takes a finite number"):
+            options["alpha"].convert(value)
+    with pytest.raises(ValueError, match="lora: option 'dropout' takes a finite number, not nan"):
+        mp.apply(tiny_model("llama"), "lora", dropout=float("nan"))
 
 
 def test_register_refuses_a_clash():

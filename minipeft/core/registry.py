@@ -22,6 +22,7 @@ trains it.
 """
 import difflib
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,6 +64,8 @@ class Option:
             ok = all(isinstance(v, str) for v in value)
         if not ok:
             raise ValueError(f"option {self.name!r} takes {self._kind()}, not {value!r}")
+        if self.type is float and not math.isfinite(value):  # a scale or dropout of nan or inf trains nothing
+            raise ValueError(f"option {self.name!r} takes a finite number, not {value}")
         if self.choices and value not in self.choices:
             raise ValueError(f"unknown {self.name} {value!r}; choose one of {', '.join(map(str, self.choices))}")
         return value

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
-import math
 import os
 import sys
 import traceback
@@ -150,16 +149,12 @@ def add_method_flags(parser: argparse.ArgumentParser, only: str | None = None):
 
 
 def _text_to(option):
-    """argparse's `type`: the option's own conversion (its name shows in argparse's error message). No
-    method option takes nan or inf: a scale or dropout of either trains nothing."""
+    """argparse's `type`: the option's own conversion (its name shows in argparse's error message)."""
     def convert(text):
         try:
-            value = option.convert(text)
+            return option.convert(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"option {option.name!r} takes a finite number, not {value}")
-        return value
     convert.__name__ = option.type.__name__
     return convert
 
