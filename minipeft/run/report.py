@@ -104,8 +104,8 @@ def format_summary(s: dict) -> str:
         f"time                 {s['train_seconds']:.1f} s for {s['steps']} steps "
         f"({s['seconds_per_step']:.3f} s/step), {s['examples_per_step']} examples per step on "
         f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''}",
-        *([f"first step           {s['first_step_seconds']:.2f} s (kernels built on first use; compiling, with --compile), "
-           f"then a median of {s['median_step_seconds']:.3f} s/step"] if "first_step_seconds" in s else []),
+        *([f"first step           {s['first_step_seconds']:.2f} s (it builds the kernels, and under --compile compiles "
+           f"the model), then a median of {s['median_step_seconds']:.3f} s/step"] if "first_step_seconds" in s else []),
         f"skipped steps        {s['skipped_steps']} (non-finite loss or gradient)",
         *([f"instruction data     {d['shape']} rows, chat template {d['template']}, {d['truncated']} rows cut "
            f"from the left to --max-len, loss on {'every token' if d['train_on_prompt'] else 'the answers'}"]
