@@ -91,6 +91,9 @@ def check_flags(args):
             raise ValueError(f"{flag} works only with {needs}; add {needs} or leave {flag} out")
     if args.chat and args.generate is not None:
         raise ValueError("--generate continues one prompt and --chat talks turn by turn; give one of them")
+    if args.out is not None and (args.chat or args.generate is not None or args.few_shot is not None):
+        raise ValueError("--out gets the answers of an instruction task's split; --generate, --chat and "
+                         "--few-shot print theirs")
     if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
         raise ValueError(f"--out {args.out} must be a file in an existing folder (it gets the predictions as "
                          "JSON lines)")
@@ -210,6 +213,9 @@ def main(argv):
         task = tasks.load_task([(source, 1.0) for source, _ in sources], tokenizer, max_len=args.max_len,
                               seed=args.seed, chat_template=args.chat_template, columns=columns)  # (weights: training)
     args.task = tasks.sources_text(args.task)  # for the reports
+    if args.out is not None and task.kind != "sft":
+        raise ValueError(f"--out gets the answers of an instruction task's split; {args.task} is a {task.kind} "
+                         "task, whose score is printed")
     if args.split == "all":
         task.splits["all"] = data.Dataset.concat([task.splits[split] for split in tasks.SPLITS])
     if args.few_shot is not None:

@@ -203,6 +203,8 @@ def test_bad_input_is_one_clear_error(reviews, tmp_path):
     ("eval", ["--chat", "--generate", "Hi"], "give one of them"),
     ("eval", ["--seed", str(2**64)], "--seed must be in [0, 2**63)"),
     ("eval", ["--out", "{tmp}"], "must be a file in an existing folder"),
+    ("eval", ["--out", "{tmp}/p.jsonl"], "is a classification task, whose score is printed"),
+    ("eval", ["--out", "{tmp}/p.jsonl", "--generate", "Hi"], "--generate, --chat and --few-shot print theirs"),
     ("eval", ["--task", "{pairs}", "--task", "{pairs}"], "reward accuracy reads one --task source of preference pairs"),
     ("export", ["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number > 0, got inf"),
     ("export", ["--nf4-report"], "the requantization report compares the merged weights with the base's"),
