@@ -21,8 +21,10 @@ of scale 1 (alpha = rank) on all of their targets. Per adapted layer, with weigh
 These are peft's definitions (same rank rules; with one adapter every mode is linear), so the result equals
 peft's on the same adapters: exactly for cat, and up to float rounding for the others, DARE given the same
 masks. Only on GPT-2's fused c_attn do they differ: peft combines (and prunes, and factorizes) q, k and v
-as one matrix, minipeft each target on its own. And where the first adapter is rsLoRA, peft 0.21's new
-adapter keeps its α/√r scale (√rank times too strong; fixed in peft's pull request 3449): minipeft's has scale 1.
+as one matrix of the exported rank (2r or 3r), minipeft each target on its own at rank r (cat and linear
+still give peft's outputs where peft accepts them; svd, ties and DARE do not). Where the first adapter is
+rsLoRA, peft 0.21's new adapter keeps its α/√r scale (√rank times too strong; fixed in peft's pull request
+3449): minipeft's has scale 1.
 """
 import math
 import numbers
