@@ -48,17 +48,19 @@ def compare(ours, theirs, name) -> float:
         return max_diff(ours_out(ours, idx, mask), theirs_out(theirs, idx, mask), mask)
 
 
-CASES = [("linear", ["a", "b"], None), ("cat", ["a", "b", "c"], None), ("svd", ["a", "b", "c"], None),
-         ("ties", ["a", "b"], 0.5), ("linear", ["c"], None)]
+CASES = [("linear", ["a", "b"], None, None), ("cat", ["a", "b", "c"], None, None), ("svd", ["a", "b", "c"], None, None),
+         ("svd", ["c", "a"], None, 3), ("ties", ["a", "b"], 0.5, None), ("linear", ["c"], None, None),
+         # one adapter: linear whatever the mode, so svd's rank and ties' density are not read
+         ("svd", ["a"], None, 8), ("ties", ["c"], None, None)]
 
 
 @pytest.mark.parametrize("base", ["bert", "llama"])
-@pytest.mark.parametrize("how, names, density", CASES, ids=[f"{h}-{''.join(n)}" for h, n, _ in CASES])
-def test_combination_equals_peft_s(base, how, names, density, saved, folders, ours_base):
+@pytest.mark.parametrize("how, names, density, rank", CASES, ids=[f"{h}-{''.join(n)}-{r}" for h, n, _, r in CASES])
+def test_combination_equals_peft_s(base, how, names, density, rank, saved, folders, ours_base):
     ours, theirs = both(base, names, saved, folders, ours_base)
     weights = [WEIGHTS[n] for n in names]
-    mp.combine_adapters(ours, names, weights, name="mix", how=how, density=density)
-    theirs.add_weighted_adapter(names, weights, "mix", combination_type=how, density=density)
+    mp.combine_adapters(ours, names, weights, name="mix", how=how, density=density, rank=rank)
+    theirs.add_weighted_adapter(names, weights, "mix", combination_type=how, density=density, svd_rank=rank)
     assert ours.adapters.configs["mix"]["options"]["rank"] == theirs.peft_config["mix"].r
     assert compare(ours, theirs, "mix") < 1e-5
     assert compare(ours, theirs, names[0]) < 1e-5  # the inputs are untouched
@@ -81,19 +83,23 @@ def test_dare_equals_peft_s_given_the_same_masks(how, saved, folders, ours_base,
 
 
 def test_cat_is_the_weighted_sum_exactly(saved, ours_base, tmp_path):
+    """Also with an rsLoRA adapter first, whose α/√r scale peft 0.21 gives the new adapter (√10 times too strong)."""
     model = ours_base("llama")
-    for name in ("a", "c"):
+    for name in ("b", "a", "c"):
         mp.load_adapter(model, saved[("llama", name)], name=name)
-    mp.combine_adapters(model, ["a", "c"], [0.5, 2.0], name="ac", how="cat")
-    q = model.blocks[1].attn.q.layers
-    expected = 0.5 * q["a"].delta_weight() + 2.0 * q["c"].delta_weight()
-    torch.testing.assert_close(q["ac"].delta_weight(), expected, atol=1e-7, rtol=0)
-    mp.save_adapter(model, tmp_path / "ac", name="ac")  # a combination saves and loads like any LoRA
-    alone = mp.load_adapter(ours_base("llama"), tmp_path / "ac")
-    assert alone.peft_config["options"]["rank"] == 6 and alone.peft_config["options"]["targets"] == ["q", "v", "o"]
+    weights = {"b": -0.4, "a": 0.5, "c": 2.0}
+    mp.combine_adapters(model, list(weights), list(weights.values()), name="bac", how="cat")
+    for target in ("q", "v"):  # q: a and c; v: b and a
+        layers = getattr(model.blocks[1].attn, target).layers
+        expected = sum(w * layers[n].delta_weight() for n, w in weights.items() if n in layers)
+        torch.testing.assert_close(layers["bac"].delta_weight(), expected, atol=1e-7, rtol=0)
+    mp.save_adapter(model, tmp_path / "bac", name="bac")  # a combination saves and loads like any LoRA
+    alone = mp.load_adapter(ours_base("llama"), tmp_path / "bac")
+    options = alone.peft_config["options"]
+    assert options["rank"] == 10 and options["targets"] == ["q", "v", "o", "down"] and not options["rslora"]
     idx, mask = batch()
     with torch.no_grad():
-        assert max_diff(ours_out(alone, idx, mask), ours_out(mp.set_adapter(model, "ac"), idx, mask), mask) < 1e-6
+        assert max_diff(ours_out(alone, idx, mask), ours_out(mp.set_adapter(model, "bac"), idx, mask), mask) < 1e-6
 
 
 def test_what_does_not_fit_is_refused(saved, ours_base, tmp_path):
@@ -109,7 +115,12 @@ def test_what_does_not_fit_is_refused(saved, ours_base, tmp_path):
              (dict(names=["a", "c"], weights=[1]), "one weight per adapter"),
              (dict(names=["a", "c"], weights=[1, 1], how="ties"), "needs a density in"),
              (dict(names=["a", "c"], weights=[1, 1], how="mean"), "unknown how 'mean'"),
-             (dict(names=["a", "c"], weights=[1, 1], how="cat", name="a"), "named 'a' already")]
+             (dict(names=["a", "c"], weights=[1, 1], how="cat", name="a"), "named 'a' already"),
+             (dict(names="ac", weights=[1, 1], how="cat"), "names is a list of adapter names, not 'ac'"),
+             (dict(names=["a", "c"], weights=[float("nan"), 1], how="cat"), "must be finite numbers"),
+             (dict(names=["a", "c"], weights=[None, 1], how="cat"), "weights is a list of numbers"),
+             (dict(names=["a", "c"], weights=[1, 1], how="svd", rank=2.5), "a whole number >= 1"),
+             (dict(names=["a", "a"], weights=[1, 1], how="ties", density="0.5"), "needs a density in")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             mp.combine_adapters(model, **{"name": "new", **kwargs})

@@ -126,6 +126,10 @@ def test_bad_input_changes_nothing(tmp_path):
         model(idx, adapter_names=["a", "b"])
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['c'\] in adapter_names; loaded: a, b"):
         model(idx, adapter_names=["a", "c", "base"])
+    with pytest.raises(ValueError, match=r"one adapter name \(a string\) per row .*; None is not a name"):
+        model(idx, adapter_names=[None, "c", "base"])  # was sorted()'s TypeError on None and 'c'
+    with pytest.raises(ValueError, match="a list of adapter names, one per row .* not a value of type str"):
+        model(idx, adapter_names="aab")  # was read letter by letter
     with pytest.raises(ValueError, match="unknown adapter 'c'; loaded: a, b"):
         mp.set_adapter(model, "c")
     with pytest.raises(ValueError, match="unknown adapter 'c'"):

@@ -21,8 +21,14 @@ of scale 1 (alpha = rank) on all of their targets. Per adapted layer, with weigh
 These are peft's definitions (same rank rules; with one adapter every mode is linear), so the result equals
 peft's on the same adapters: exactly for cat, and up to float rounding for the others, DARE given the same
 masks. Only on GPT-2's fused c_attn do they differ: peft combines (and prunes, and factorizes) q, k and v
-as one matrix, minipeft each target on its own.
+as one matrix of the exported rank (2r or 3r), minipeft each target on its own at rank r (cat and linear
+still give peft's outputs where peft accepts them; svd, ties and DARE do not). Where the first adapter is
+rsLoRA, peft 0.21's new adapter keeps its α/√r scale (√rank times too strong; fixed in peft's pull request
+3449): minipeft's has scale 1.
 """
+import math
+import numbers
+
 import torch
 
 from . import multi
@@ -37,9 +43,11 @@ def combine_adapters(model, names: list[str], weights: list[float], name: str, h
                      density: float | None = None, rank: int | None = None):
     """Add LoRA adapter `name`, made from the loaded LoRA adapters `names` with `weights` (see the module
     docstring for `how`); `density`: the fraction TIES and DARE keep; `rank`: svd's rank."""
-    names, weights = list(names), [float(w) for w in weights]
-    options = _combined_options(model, names, weights, how, density, rank)
-    how = "linear" if len(names) == 1 else how
+    names, weights = _names_and_weights(names, weights)
+    if how not in HOWS:
+        raise ValueError(f"unknown how {how!r}; choose one of {', '.join(HOWS)}")
+    how = "linear" if len(names) == 1 else how  # as in peft: one adapter is only scaled, whatever the mode
+    options = _combined_options(model, names, how, density, rank)
     targets = options["targets"]
     factors = {}  # (id(parent), attribute) -> (A, B) of the new adapter
     for parent, attr in linear_targets.find(model, targets):
@@ -57,28 +65,46 @@ def combine_adapters(model, names: list[str], weights: list[float], name: str, h
     return multi.add_adapter(model, name, "lora", options, build)
 
 
-def _combined_options(model, names, weights, how, density, rank) -> dict:
-    """The new adapter's LoRA options, after every check (ValueError naming what does not fit)."""
-    adapters = multi._adapters(model)
-    if how not in HOWS:
-        raise ValueError(f"unknown how {how!r}; choose one of {', '.join(HOWS)}")
+def _names_and_weights(names, weights) -> tuple[list[str], list[float]]:
+    """The adapters' names and their weights as lists, after their checks (ValueError naming what does not fit)."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names is a list of adapter names, not {names!r}")
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights is a list of numbers, one per adapter, not {weights!r}") from None
     if not names or len(names) != len(weights):
         raise ValueError(f"give one weight per adapter: {len(names)} adapters, {len(weights)} weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"the weights must be finite numbers (a nan or inf would fill the adapter with them); "
+                         f"got {weights}")
+    return list(names), weights
+
+
+def _combined_options(model, names, how, density, rank) -> dict:
+    """The new adapter's LoRA options, after every check (ValueError naming what does not fit)."""
+    adapters = multi._adapters(model)
     for n in names:
         multi._check_known(adapters, n)
         if adapters.configs[n]["method"] != "lora":
-            raise ValueError(f"adapter {n!r} is {adapters.configs[n]['method']}; combine_adapters combines lora adapters")
-    if how in ("ties", "dare_linear", "dare_ties") and (density is None or not 0 < density <= 1):
+            raise ValueError(f"adapter {n!r} is {adapters.configs[n]['method']}; "
+                             "combine_adapters combines lora adapters")
+    if how in ("ties", "dare_linear", "dare_ties") and not (isinstance(density, numbers.Real) and 0 < density <= 1):
         raise ValueError(f"how={how!r} needs a density in (0, 1], the fraction of entries each adapter keeps; "
-                         f"got {density}")
+                         f"got {density!r}")
+    if how == "svd" and rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool)):
+        raise ValueError(f"rank, the rank svd cuts to, is a whole number >= 1 (or None: the largest rank given), "
+                         f"not {rank!r}")
     options = [adapters.configs[n]["options"] for n in names]
     ranks = [o["rank"] for o in options]
-    if how in EQUAL_RANKS and len(names) > 1 and len(set(ranks)) > 1:
+    if how in EQUAL_RANKS and len(set(ranks)) > 1:
         raise ValueError(f"how={how!r} mixes the factors themselves, so it needs adapters of one rank; "
                          f"{dict(zip(names, ranks))}; use how='cat' or 'svd'")
     new_rank = sum(ranks) if how == "cat" else (rank or max(ranks)) if how == "svd" else ranks[0]
     targets = [t for t in linear_targets.TARGETS if any(t in o["targets"] for o in options)]
-    return {**options[0], "rank": new_rank, "alpha": float(new_rank), "targets": targets, "init": "kaiming"}
+    # scale alpha / rank = 1, the weights and scales being inside the factors (so not rsLoRA's alpha / √rank)
+    return {**options[0], "rank": new_rank, "alpha": float(new_rank), "rslora": False, "targets": targets,
+            "init": "kaiming"}
 
 
 def _combine(present: list, how: str, density, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,13 @@ class AdapterSet:
         self.rows = None
         if adapter_names is None:
             return
+        if not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names is a list of adapter names, one per row ('{BASE}' for none), "
+                             f"not a value of type {type(adapter_names).__name__}")
+        not_names = [n for n in adapter_names if not isinstance(n, str)]
+        if not_names:
+            raise ValueError(f"adapter_names holds one adapter name (a string) per row ('{BASE}' for none); "
+                             f"{not_names[0]!r} is not a name")
         names = list(adapter_names)
         if len(names) != idx.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {idx.shape[0]} rows; "
