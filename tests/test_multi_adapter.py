@@ -157,3 +157,19 @@ def test_bad_input_changes_nothing(tmp_path):
         mp.load_adapter(tiny_model("gpt2", n_classes=2), adapters["a"][0], name="a")
     with pytest.raises(ValueError, match="adapter_names needs adapters loaded side by side"):
         tiny_model("gpt2")(idx, adapter_names=["a", "a", "a"])
+
+
+def test_generate_runs_each_row_with_its_own_adapter(tmp_path):
+    """As peft's generate(adapter_names=...): prompts that share their start (whose keys would otherwise be
+    computed once, under one adapter) each continue as their adapter alone continues them."""
+    from minipeft.core.generate import generate
+    adapters = saved_adapters("llama", tmp_path, names={n: SIDE_BY_SIDE[n] for n in ("l", "d", "h")})
+    model = tiny_model("llama")
+    for name, (folder, _) in adapters.items():
+        mp.load_adapter(model, folder, name=name)
+    names = ["h", "base", "l", "d"]
+    prompts = [[5, 6, 7, 8 + row] for row in range(len(names))]
+    mixed = generate(model.eval(), prompts, 6, adapter_names=names)
+    base = tiny_model("llama").eval()
+    alone = [generate(base if n == "base" else adapters[n][1], [p], 6)[0] for n, p in zip(names, prompts)]
+    assert mixed == alone and len({tuple(a) for a in alone}) > 1

@@ -96,17 +96,18 @@ def shared_cache(prefix: KVCache, batch_size: int) -> KVCache:
     return cache
 
 
-def _start(model, prompts: list[list[int]], pad_id: int, use_cache: bool, device):
+def _start(model, prompts: list[list[int]], pad_id: int, use_cache: bool, device, adapter_names):
     """(cache, input_ids, attention_mask, position_ids) to begin decoding. Tokens every prompt begins
     with (a system prompt, an instruction) are run once, for one row, and their keys and values shared
     by all rows; the rest is left-padded after them: [shared][pad pad][own tokens]. Without padding the
     model's own positions are right, and position_ids is None. Not with a sliding window and rows of
-    different lengths: the padding would take slots of the window that the shared tokens fill alone."""
+    different lengths: the padding would take slots of the window that the shared tokens fill alone; nor
+    with adapter_names, where each row's keys and values are its own adapter's."""
     first = prompts[0]
     shared = min(len(p) for p in prompts) - 1  # every row keeps at least one token of its own
     shared = next((i for i in range(shared) if any(p[i] != first[i] for p in prompts)), shared)
     windowed = any(block.window for block in model.blocks) and len({len(p) for p in prompts}) > 1
-    if not use_cache or len(prompts) == 1 or shared == 0 or windowed:
+    if not use_cache or len(prompts) == 1 or shared == 0 or windowed or adapter_names is not None:
         ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
         if bool(mask.all()):  # no padding: the positions are the model's own 0, 1, 2, ...
             positions = None
@@ -173,21 +174,23 @@ class _Stops:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
              eos_id: int | None = None, stop=(), tokenizer=None, on_token=None, pad_id: int = 0,
-             use_cache: bool = True) -> list[list[int]]:
+             use_cache: bool = True, adapter_names: list[str] | None = None) -> list[list[int]]:
     """The new tokens of each prompt (without the end-of-text token), generated together in one
     left-padded batch; see the module docstring. Without the cache every step reruns the whole
-    sequence (slow; a check that the cache changes nothing)."""
+    sequence (slow; a check that the cache changes nothing). adapter_names: each row's adapter, with
+    adapters loaded side by side (extras/multi.py)."""
     _check_model(model, prompts, max_new_tokens)
     sampling = sampling or Sampling()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device  # where the ids, the logits and the generator live
     generator = seeded_generator(sampling.seed, device)
-    cache, ids, mask, positions = _start(model, prompts, pad_id, use_cache, device)
+    cache, ids, mask, positions = _start(model, prompts, pad_id, use_cache, device, adapter_names)
     outputs, stops = [[] for _ in prompts], _Stops(len(prompts), eos_id, stop, tokenizer)
     step_ids, step_positions = ids, positions
     for _ in range(min(max_new_tokens, _room(model, mask.shape[1]))):
-        logits = model(step_ids, attention_mask=mask, cache=cache, position_ids=step_positions)[:, -1]  # (B, V)
+        logits = model(step_ids, attention_mask=mask, cache=cache, position_ids=step_positions,
+                       adapter_names=adapter_names)[:, -1]  # (B, V)
         new = next_tokens(logits, sampling, generator)  # (B,)
         for row in stops.update(outputs, new.tolist()):
             if on_token is not None:
