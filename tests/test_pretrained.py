@@ -195,6 +195,42 @@ def test_n_classes_builds_a_fresh_head_and_skips_the_lm_head(llama_folder):
         assert max_diff_on_real(model.encode(idx, attention_mask=mask), theirs, mask) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def llama_classifier_folder(tmp_path_factory):
+    """A tiny LlamaForSequenceClassification (3 labels) whose pad id is the byte tokenizer's, 256."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=257, max_position_embeddings=64,
+                                      pad_token_id=256, num_labels=3)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    return hf, save_hf(hf, tmp_path_factory.mktemp("llama_classifier"))
+
+
+def padded(side: str, with_mask: bool = True, last_id: int | None = None):
+    """right_padded's rows with padding (id 256) on `side`; the first row's last id set to last_id."""
+    idx, mask = right_padded(256, T=8)
+    if side == "left":
+        idx, mask = idx.flip(1), mask.flip(1)
+    idx = idx.masked_fill(mask == 0, 256)
+    if last_id is not None:
+        idx[0, -1] = last_id
+    return idx, (mask if with_mask else None)
+
+
+@pytest.mark.parametrize("idx, mask", [
+    padded("right"),
+    padded("left"),  # transformers reads the rightmost token that is not the pad id, the last one here
+    padded("right", with_mask=False),  # no mask: the pad ids themselves say where the text ends
+    padded("right", last_id=256),  # a text ending in the pad id (pad = eos) is read before it, mask or not
+], ids=["right", "left", "right-no-mask", "ends-in-pad-id"])
+def test_causal_classifier_reads_the_token_transformers_reads(idx, mask, llama_classifier_folder):
+    hf, folder = llama_classifier_folder
+    model, _ = from_pretrained(folder)
+    with torch.no_grad():
+        diff = (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max()
+    assert diff < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF written from a tiny transformers Llama
 
