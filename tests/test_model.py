@@ -120,6 +120,13 @@ def test_add_classifier_unties_and_reshapes(flavor):
     assert all(torch.equal(model.state_dict()[k], built_with_head[k]) for k in trunk)
 
 
+@pytest.mark.parametrize("n_classes", [0, -2, True, 2.5, "3"])
+def test_add_classifier_refuses_what_is_not_a_number_of_classes(n_classes):
+    """One sentence, not torch's RuntimeError or TypeError from nn.Linear (nor no head at all for 0)."""
+    with pytest.raises(ValueError, match=r"n_classes must be a whole number >= 1 \(the classes of the classifier"):
+        tiny_model("llama").add_classifier(n_classes)
+
+
 # ------------------------------------------------------------------------------------------ dropout
 # The core's dropout is F.dropout; its fast twin (minipeft/fast/dropout.py) draws four elements per random
 # number, its rate p rounded to a multiple of 2^-15. The twin is checked against F.dropout's promises.

@@ -424,6 +424,8 @@ def test_tiny_model_overrides():
     assert (len(model.blocks), model.cfg.n_kv_head, model.head.weight.shape) == (3, 2, (2, 64))
     with pytest.raises(ValueError, match="unknown config override.*n_layers"):
         from_pretrained("tiny-gpt2", n_layers=3)
+    with pytest.raises(ValueError, match="n_classes must be a whole number >= 1"):
+        from_pretrained("tiny-gpt2", n_classes=0)  # not an LM: a classifier of no class
 
 
 # ---------------------------------------------------------------------------------------------

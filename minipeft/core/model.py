@@ -25,6 +25,7 @@ Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
 import functools
+import operator
 from contextlib import nullcontext
 
 import torch
@@ -249,6 +250,19 @@ def last_real(idx, attention_mask, pad_token_id: int) -> torch.Tensor:
     return (positions * real).argmax(-1)
 
 
+def check_n_classes(n_classes) -> int:
+    """n_classes as an int, or a ValueError: a classifier needs a whole number of classes, at least 1 (1: one
+    score, as transformers' num_labels=1 regression head)."""
+    try:
+        number = None if isinstance(n_classes, bool) else operator.index(n_classes)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"n_classes must be a whole number >= 1 (the classes of the classifier head), "
+                         f"not {n_classes!r}")
+    return number
+
+
 def in_compute_context(forward):
     """Run a forward method inside the model's `compute_context(model, device)` when one is set (the precision
     ring sets one that autocasts), on the device of the token ids; without one, as written."""
@@ -304,7 +318,7 @@ class Transformer(nn.Module):
 
     def add_classifier(self, n_classes: int):
         """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains)."""
-        self.cfg.n_classes = n_classes
+        self.cfg.n_classes = n_classes = check_n_classes(n_classes)
         self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
         init_weights(self.head)
         return self

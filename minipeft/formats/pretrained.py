@@ -77,7 +77,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .assets import asset_path
-from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
+from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer, check_n_classes
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
 from .weights import Rule, build_model, load_weights, our_names, their_name
@@ -125,6 +125,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     target = resolve_device(device if device is not None else "cpu")
     precision = resolve_precision(dtype if dtype is not None else "fp32", target)  # bad input: before loading
     overrides = dict(config_overrides)
+    if n_classes is not None:  # 0 would build no classifier at all
+        n_classes = check_n_classes(n_classes)
     for key, value in (("n_classes", n_classes), ("dropout", dropout), ("pool", pool)):
         if value is not None:
             overrides[key] = value
