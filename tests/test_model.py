@@ -248,6 +248,14 @@ def test_lm_loss_of_an_fp64_model_is_fp64(fast_twin):
     assert (grad - expected_grad).abs().max().item() < 1e-12
 
 
+def test_a_classifier_refuses_labels_naming_the_loss_transformers_takes():
+    """transformers' …ForSequenceClassification takes the MSE for one label (cross-entropy over one class is 0)."""
+    model = tiny_model("llama", n_classes=1)
+    idx, mask = tiny_batch()
+    with pytest.raises(ValueError, match=r"F.cross_entropy for class ids, F.mse_loss for one label \(regression\)"):
+        model(idx, attention_mask=mask, labels=torch.tensor([0.5, -1.0, 2.0]))
+
+
 def test_classification_loss_of_an_fp64_model_is_fp64():
     """loop.loss_fn's classification loss takes an fp64 classifier's logits as they are (fp32 for narrower)."""
     from minipeft.core import loop

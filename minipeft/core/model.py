@@ -415,7 +415,9 @@ class Transformer(nn.Module):
         shift_labels, the LM loss instead (`lm_loss`, which says how `reduction` works). The rest are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):
-            raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
+            raise ValueError("labels are for the LM head; compute a classifier's loss from its logits model(idx) as "
+                             "transformers does: F.cross_entropy for class ids, F.mse_loss for one label (regression), "
+                             "F.binary_cross_entropy_with_logits for multi-label 0/1 rows")
         if self.cfg.n_classes:
             return self.head(self.drop(self.pool(hidden, idx, attention_mask)))
         if labels is not None or shift_labels is not None:
