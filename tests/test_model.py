@@ -120,6 +120,20 @@ def test_add_classifier_unties_and_reshapes(flavor):
     assert all(torch.equal(model.state_dict()[k], built_with_head[k]) for k in trunk)
 
 
+def test_classifier_dropout_only_where_transformers_has_one(flavor):
+    """In training, BertForSequenceClassification drops out the pooled vector before its classifier;
+    GPT2ForSequenceClassification and the decoders' `score` read the last hidden states as they are."""
+    model = tiny_model(flavor, n_classes=3, dropout=0.5).train()
+    idx, mask = tiny_batch()
+    head_input = {}
+    model.head.register_forward_hook(lambda module, args, output: head_input.setdefault("x", args[0]))
+    torch.manual_seed(0)
+    model(idx, attention_mask=mask)
+    torch.manual_seed(0)
+    pooled = model.pool(model.encode(idx, attention_mask=mask), idx, attention_mask=mask)
+    assert torch.equal(head_input["x"], pooled) == model.cfg.causal
+
+
 @pytest.mark.parametrize("n_classes", [0, -2, True, 2.5, "3"])
 def test_add_classifier_refuses_what_is_not_a_number_of_classes(n_classes):
     """One sentence, not torch's RuntimeError or TypeError from nn.Linear (nor no head at all for 0)."""

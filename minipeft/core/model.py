@@ -419,7 +419,9 @@ class Transformer(nn.Module):
                              "transformers does: F.cross_entropy for class ids, F.mse_loss for one label (regression), "
                              "F.binary_cross_entropy_with_logits for multi-label 0/1 rows")
         if self.cfg.n_classes:
-            return self.head(self.drop(self.pool(hidden, idx, attention_mask)))
+            pooled = self.pool(hidden, idx, attention_mask)  # (B, d)
+            # dropout before an encoder's classifier (BERT's); a decoder's (transformers' `score`) reads it as it is
+            return self.head(pooled if self.cfg.causal else self.drop(pooled))
         if labels is not None or shift_labels is not None:
             return lm_loss(hidden, self.head.weight, labels=labels, shift_labels=shift_labels,
                            softcap=self.cfg.final_softcap, causal=self.cfg.causal, reduction=reduction)
