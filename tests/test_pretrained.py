@@ -231,6 +231,19 @@ def test_causal_classifier_reads_the_token_transformers_reads(idx, mask, llama_c
     assert diff < 1e-5
 
 
+def test_a_classifier_without_a_pad_id_reads_the_last_token(tmp_path):
+    """A config.json without pad_token_id: transformers reads the last token of a lone row (it refuses batches),
+    whatever its id; ours then pads with the eos id, so a text ending in token 0 ("!" in GPT-2) keeps it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=97, eos_token_id=96)
+    hf = transformers.GPT2ForSequenceClassification(config).eval()
+    model, _ = from_pretrained(save_hf(hf, tmp_path))
+    assert hf.config.pad_token_id is None and model.cfg.pad_token_id == 96
+    idx = torch.tensor([[5, 6, 7, 0]])
+    with torch.no_grad():
+        assert (model(idx) - hf(input_ids=idx).logits).abs().max() < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF written from a tiny transformers Llama
 
