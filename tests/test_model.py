@@ -120,6 +120,27 @@ def test_add_classifier_unties_and_reshapes(flavor):
     assert all(torch.equal(model.state_dict()[k], built_with_head[k]) for k in trunk)
 
 
+def test_classifier_dropout_only_where_transformers_has_one(flavor):
+    """In training, BertForSequenceClassification drops out the pooled vector before its classifier;
+    GPT2ForSequenceClassification and the decoders' `score` read the last hidden states as they are."""
+    model = tiny_model(flavor, n_classes=3, dropout=0.5).train()
+    idx, mask = tiny_batch()
+    head_input = {}
+    model.head.register_forward_hook(lambda module, args, output: head_input.setdefault("x", args[0]))
+    torch.manual_seed(0)
+    model(idx, attention_mask=mask)
+    torch.manual_seed(0)
+    pooled = model.pool(model.encode(idx, attention_mask=mask), idx, attention_mask=mask)
+    assert torch.equal(head_input["x"], pooled) == model.cfg.causal
+
+
+@pytest.mark.parametrize("n_classes", [0, -2, True, 2.5, "3"])
+def test_add_classifier_refuses_what_is_not_a_number_of_classes(n_classes):
+    """One sentence, not torch's RuntimeError or TypeError from nn.Linear (nor no head at all for 0)."""
+    with pytest.raises(ValueError, match=r"n_classes must be a whole number >= 1 \(the classes of the classifier"):
+        tiny_model("llama").add_classifier(n_classes)
+
+
 # ------------------------------------------------------------------------------------------ dropout
 # The core's dropout is F.dropout; its fast twin (minipeft/fast/dropout.py) draws four elements per random
 # number, its rate p rounded to a multiple of 2^-15. The twin is checked against F.dropout's promises.
@@ -239,6 +260,14 @@ def test_lm_loss_of_an_fp64_model_is_fp64(fast_twin):
     assert loss.dtype == torch.float64
     assert abs(loss.item() - expected.item()) < 1e-12 * expected.item()
     assert (grad - expected_grad).abs().max().item() < 1e-12
+
+
+def test_a_classifier_refuses_labels_naming_the_loss_transformers_takes():
+    """transformers' …ForSequenceClassification takes the MSE for one label (cross-entropy over one class is 0)."""
+    model = tiny_model("llama", n_classes=1)
+    idx, mask = tiny_batch()
+    with pytest.raises(ValueError, match=r"F.cross_entropy for class ids, F.mse_loss for one label \(regression\)"):
+        model(idx, attention_mask=mask, labels=torch.tensor([0.5, -1.0, 2.0]))
 
 
 def test_classification_loss_of_an_fp64_model_is_fp64():

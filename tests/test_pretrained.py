@@ -195,6 +195,55 @@ def test_n_classes_builds_a_fresh_head_and_skips_the_lm_head(llama_folder):
         assert max_diff_on_real(model.encode(idx, attention_mask=mask), theirs, mask) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def llama_classifier_folder(tmp_path_factory):
+    """A tiny LlamaForSequenceClassification (3 labels) whose pad id is the byte tokenizer's, 256."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=257, max_position_embeddings=64,
+                                      pad_token_id=256, num_labels=3)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    return hf, save_hf(hf, tmp_path_factory.mktemp("llama_classifier"))
+
+
+def padded(side: str, with_mask: bool = True, last_id: int | None = None):
+    """right_padded's rows with padding (id 256) on `side`; the first row's last id set to last_id."""
+    idx, mask = right_padded(256, T=8)
+    if side == "left":
+        idx, mask = idx.flip(1), mask.flip(1)
+    idx = idx.masked_fill(mask == 0, 256)
+    if last_id is not None:
+        idx[0, -1] = last_id
+    return idx, (mask if with_mask else None)
+
+
+@pytest.mark.parametrize("idx, mask", [
+    padded("right"),
+    padded("left"),  # transformers reads the rightmost token that is not the pad id, the last one here
+    padded("right", with_mask=False),  # no mask: the pad ids themselves say where the text ends
+    padded("right", last_id=256),  # a text ending in the pad id (pad = eos) is read before it, mask or not
+], ids=["right", "left", "right-no-mask", "ends-in-pad-id"])
+def test_causal_classifier_reads_the_token_transformers_reads(idx, mask, llama_classifier_folder):
+    hf, folder = llama_classifier_folder
+    model, _ = from_pretrained(folder)
+    with torch.no_grad():
+        diff = (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max()
+    assert diff < 1e-5
+
+
+def test_a_classifier_without_a_pad_id_reads_the_last_token(tmp_path):
+    """A config.json without pad_token_id: transformers reads the last token of a lone row (it refuses batches),
+    whatever its id; ours then pads with the eos id, so a text ending in token 0 ("!" in GPT-2) keeps it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=97, eos_token_id=96)
+    hf = transformers.GPT2ForSequenceClassification(config).eval()
+    model, _ = from_pretrained(save_hf(hf, tmp_path))
+    assert hf.config.pad_token_id is None and model.cfg.pad_token_id == 96
+    idx = torch.tensor([[5, 6, 7, 0]])
+    with torch.no_grad():
+        assert (model(idx) - hf(input_ids=idx).logits).abs().max() < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF written from a tiny transformers Llama
 
@@ -388,6 +437,8 @@ def test_tiny_model_overrides():
     assert (len(model.blocks), model.cfg.n_kv_head, model.head.weight.shape) == (3, 2, (2, 64))
     with pytest.raises(ValueError, match="unknown config override.*n_layers"):
         from_pretrained("tiny-gpt2", n_layers=3)
+    with pytest.raises(ValueError, match="n_classes must be a whole number >= 1"):
+        from_pretrained("tiny-gpt2", n_classes=0)  # not an LM: a classifier of no class
 
 
 # ---------------------------------------------------------------------------------------------

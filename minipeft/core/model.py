@@ -25,6 +25,7 @@ Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
 import functools
+import operator
 from contextlib import nullcontext
 
 import torch
@@ -239,6 +240,29 @@ def lm_loss(hidden, weight, labels=None, shift_labels=None, softcap=None, causal
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
+def last_real(idx, attention_mask, pad_token_id: int) -> torch.Tensor:
+    """(B,) the index of each row's rightmost token that is neither masked out nor the pad id, 0 if none: the
+    token a causal classifier reads. transformers' …ForSequenceClassification takes the rightmost token that
+    is not pad_token_id (so left and right padding both work, and a text ending in the pad id, as when pad =
+    eos, is read before it); the mask is read too, since our batches may pad with another id."""
+    real = (attention_mask != 0) & (idx != pad_token_id)  # (B, T)
+    positions = torch.arange(idx.shape[1], device=idx.device)
+    return (positions * real).argmax(-1)
+
+
+def check_n_classes(n_classes) -> int:
+    """n_classes as an int, or a ValueError: a classifier needs a whole number of classes, at least 1 (1: one
+    score, as transformers' num_labels=1 regression head)."""
+    try:
+        number = None if isinstance(n_classes, bool) else operator.index(n_classes)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"n_classes must be a whole number >= 1 (the classes of the classifier head), "
+                         f"not {n_classes!r}")
+    return number
+
+
 def in_compute_context(forward):
     """Run a forward method inside the model's `compute_context(model, device)` when one is set (the precision
     ring sets one that autocasts), on the device of the token ids; without one, as written."""
@@ -294,7 +318,7 @@ class Transformer(nn.Module):
 
     def add_classifier(self, n_classes: int):
         """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains)."""
-        self.cfg.n_classes = n_classes
+        self.cfg.n_classes = n_classes = check_n_classes(n_classes)
         self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
         init_weights(self.head)
         return self
@@ -371,8 +395,8 @@ class Transformer(nn.Module):
         x = self.ln_f(x) if self.ln_f is not None else x  # (B, T, d)
         return self.prompt.remove(x) if with_prompt else x  # shapes never change: (B, T_in, d)
 
-    def pool(self, hidden, attention_mask=None):
-        """(B, T, d) -> (B, d): [CLS] or mean of real tokens (bert), last real token (causal)."""
+    def pool(self, hidden, idx, attention_mask=None):
+        """(B, T, d) -> (B, d): [CLS] or mean of real tokens (bert), last real token (causal: `last_real`)."""
         B, T, _ = hidden.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=hidden.device)
@@ -381,8 +405,7 @@ class Transformer(nn.Module):
         if not self.cfg.causal:
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        last = attention_mask.sum(1).clamp(min=1) - 1  # (B,) right padding: last real index
-        return hidden[torch.arange(B, device=hidden.device), last]
+        return hidden[torch.arange(B, device=hidden.device), last_real(idx, attention_mask, self.cfg.pad_token_id)]
 
     @in_compute_context
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
@@ -392,9 +415,13 @@ class Transformer(nn.Module):
         shift_labels, the LM loss instead (`lm_loss`, which says how `reduction` works). The rest are encode's."""
         hidden = self.encode(idx, attention_mask, token_type_ids, cache, position_ids, document_ids, adapter_names)
         if self.cfg.n_classes and (labels is not None or shift_labels is not None):
-            raise ValueError("labels are for the LM head; a classifier's loss is F.cross_entropy(model(idx), classes)")
+            raise ValueError("labels are for the LM head; compute a classifier's loss from its logits model(idx) as "
+                             "transformers does: F.cross_entropy for class ids, F.mse_loss for one label (regression), "
+                             "F.binary_cross_entropy_with_logits for multi-label 0/1 rows")
         if self.cfg.n_classes:
-            return self.head(self.drop(self.pool(hidden, attention_mask)))
+            pooled = self.pool(hidden, idx, attention_mask)  # (B, d)
+            # dropout before an encoder's classifier (BERT's); a decoder's (transformers' `score`) reads it as it is
+            return self.head(pooled if self.cfg.causal else self.drop(pooled))
         if labels is not None or shift_labels is not None:
             return lm_loss(hidden, self.head.weight, labels=labels, shift_labels=shift_labels,
                            softcap=self.cfg.final_softcap, causal=self.cfg.causal, reduction=reduction)

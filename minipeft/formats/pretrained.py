@@ -77,7 +77,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .assets import asset_path
-from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer
+from minipeft.core.model import ROPE_SCALINGS, ModelConfig, Transformer, check_n_classes
 from minipeft.scale.precision import resolve_device, resolve_precision, set_precision
 from .tokenization import END_OF_TEXT, byte_tokenizer, bytes_to_unicode, folder_tokenizer, read_hf_chat_settings
 from .weights import Rule, build_model, load_weights, our_names, their_name
@@ -125,6 +125,8 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     target = resolve_device(device if device is not None else "cpu")
     precision = resolve_precision(dtype if dtype is not None else "fp32", target)  # bad input: before loading
     overrides = dict(config_overrides)
+    if n_classes is not None:  # 0 would build no classifier at all
+        n_classes = check_n_classes(n_classes)
     for key, value in (("n_classes", n_classes), ("dropout", dropout), ("pool", pool)):
         if value is not None:
             overrides[key] = value
@@ -346,7 +348,18 @@ def _gpt2_config(c: dict, folder: Path, source: str) -> dict:
                 norm_eps=c["layer_norm_epsilon"], tie_embeddings=c.get("tie_word_embeddings", True),
                 # we have one dropout rate where GPT-2 has three (usually all equal)
                 dropout=max(c.get("resid_pdrop", 0.0), c.get("attn_pdrop", 0.0), c.get("embd_pdrop", 0.0)),
-                pad_token_id=c.get("pad_token_id") or 0)
+                pad_token_id=_causal_pad_id(c))
+
+
+def _causal_pad_id(c: dict) -> int:
+    """The pad id of a decoder: config.json's pad_token_id, else its (first) eos_token_id, the id transformers
+    users pad with, else 0. A causal classifier skips trailing pad ids (model.last_real), and 0 is a real token
+    in many vocabularies ("!" in GPT-2's, Qwen's, Llama 3's): a text ending in it would lose its last token."""
+    if c.get("pad_token_id") is not None:
+        return c["pad_token_id"]
+    eos = c.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return eos if isinstance(eos, int) and 0 <= eos < c["vocab_size"] else 0
 
 
 def _bert_config(c: dict, folder: Path, source: str) -> dict:
@@ -450,7 +463,7 @@ def _decoder_config(c: dict, folder: Path, source: str) -> dict:
         act=_activation(_hf_activation(c, family), source),
         tie_embeddings=c.get("tie_word_embeddings", family.startswith("gemma")),
         dropout=max(c.get("attention_dropout", 0.0), c.get("resid_pdrop", 0.0), c.get("embd_pdrop", 0.0)),
-        pad_token_id=c.get("pad_token_id") or 0, sliding_window=c.get("sliding_window") if uses_window else None,
+        pad_token_id=_causal_pad_id(c), sliding_window=c.get("sliding_window") if uses_window else None,
         layer_pattern=_layer_pattern(c, family),
         **_rope_settings(c, source, "full_attention" if family == "gemma3" else None))
     _require(family == "phi3" or config["rope_fraction"] == 1, source, f"partial_rotary_factor "
