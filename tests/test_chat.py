@@ -90,6 +90,36 @@ def test_what_templates_use_renders_as_in_transformers(pair, bos, generation_pro
     assert "system" not in texts[1] and "❄️" in texts[2] and "\\u2744" in texts[2]
 
 
+# What transformers hands a template besides the conversation: tools and documents (None unless given), each
+# message without its keys set to None, and a reasoning given under any name also as reasoning_content
+HANDED_TEMPLATE = """{% if tools is not none %}[tools] {{ tools | tojson }}
+{% endif %}
+{% if documents is not none %}[documents] {{ documents | map(attribute='title') | join(', ') }}
+{% endif %}
+{% for m in messages %}
+[{{ m.role }}] {% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}
+{% if 'tool_calls' in m %}[calls] {{ m.tool_calls | tojson }}{% endif %}
+{% endfor %}"""
+ASKED = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.mark.parametrize("messages, variables", [
+    (ASKED, {}),
+    (ASKED, {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+             "documents": [{"title": "Paris", "text": "Rain."}]}),
+    (ASKED + [{"role": "assistant", "content": "Rain.", "tool_calls": None, "thinking": "It says rain."}], {}),
+    (ASKED + [{"role": "assistant", "content": "Rain.", "reasoning": "It says rain."}], {}),
+])
+def test_what_transformers_hands_a_template(smollm2_tokenizers, tmp_path, messages, variables):
+    ours, theirs = smollm2_tokenizers
+    path = tmp_path / "handed.jinja"
+    path.write_text(HANDED_TEMPLATE)
+    expected = theirs.apply_chat_template(messages, chat_template=HANDED_TEMPLATE, tokenize=False, **variables)
+    assert mp.apply_chat_template(ours, messages, tokenize=False, chat_template=path, **variables) == expected
+    assert ("[tools]" in expected) == bool(variables) and "[calls]" not in expected
+    assert ("<think>It says rain.</think>" in expected) == (len(messages) > 1)
+
+
 def test_training_tokens_of_a_tokenizer_that_adds_bos_are_the_templates_own(gemma3_tokenizers):
     """Gemma's tokenizer adds <bos> to what it encodes; a template writes its own, so training adds none."""
     ours, theirs = gemma3_tokenizers
@@ -213,3 +243,6 @@ def test_bad_messages():
     for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hello"):
         with pytest.raises(ValueError, match="conversation|message 0"):
             mp.apply_chat_template(byte_tokenizer(), messages)
+    for tools in ([len], {"name": "f"}):  # a function, where transformers would read its docstring; a lone schema
+        with pytest.raises(ValueError, match="tools= takes a list of dicts"):
+            mp.apply_chat_template(byte_tokenizer(), CONVERSATIONS[0], tools=tools)

@@ -17,7 +17,8 @@ chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's 
 Templates are rendered as transformers renders them (so the tokens are the same): jinja2's immutable
 sandbox (a template is code from a download: it may not touch Python objects' internals or change
 what it is given), trim_blocks and lstrip_blocks, loop controls, the functions `raise_exception(message)`
-and `strftime_now(format)` and a `tojson` filter; the text is then tokenized without adding special
+and `strftime_now(format)` and a `tojson` filter, the variables `tools` and `documents` (None unless
+given), each message without its keys set to None; the text is then tokenized without adding special
 tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
 ("User: ...\\nAssistant: ...<eos>").
 
@@ -39,6 +40,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, in transformers' order
 
 # The fallback for base models: one line per turn, the answer ended by the end-of-text token.
 PLAIN_TEMPLATE = (
@@ -88,13 +90,27 @@ def _compiled(template: str) -> jinja2.Template:
     return _ENV.from_string(template)  # compiling costs far more than rendering: once per template
 
 
+def as_transformers_passes(message: dict) -> dict:
+    """The message as transformers hands it to a template: keys set to None left out (templates test
+    whether a key is there: `tool_calls: None` would render as a call), and a reasoning given under any of
+    REASONING_KEYS also under "reasoning_content" (the standard name) and "thinking" (gpt-oss's)."""
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
 def render(template: str, messages: list[dict], add_generation_prompt: bool = False, name: str = "template",
-           **special_tokens) -> str:
-    """The template's text for `messages` ([{"role", "content"}, ...]); special_tokens (bos_token,
-    eos_token) are visible to the template. Any failure is a TemplateError naming the template."""
+           tools: list[dict] | None = None, documents: list[dict] | None = None, **special_tokens) -> str:
+    """The template's text for `messages` ([{"role", "content"}, ...]); tools, documents and special_tokens
+    (bos_token, eos_token) are visible to the template, tools and documents as None when not given (as
+    transformers passes them: `tools is not none` is then false). Any failure is a TemplateError naming
+    the template."""
+    messages = [as_transformers_passes(message) for message in messages]
     try:
         return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **special_tokens)
+                                          tools=tools, documents=documents, **special_tokens)
     except TemplateError as error:
         raise TemplateError(f"chat template {name} refused the conversation: {error}") from None
     except jinja2.TemplateError as error:
@@ -115,8 +131,9 @@ class ChatFormat:
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return render(self.template, messages, add_generation_prompt, self.name, **self.special)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+        """render() with this template; variables: tools=, documents=."""
+        return render(self.template, messages, add_generation_prompt, self.name, **variables, **self.special)
 
 
 def tokenizer_of(tokenizer_or_model) -> Tokenizer:
@@ -159,13 +176,24 @@ def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatForma
 
 
 def apply_chat_template(tokenizer_or_model, messages: list[dict], add_generation_prompt: bool = False,
-                        tokenize: bool = True, chat_template: str | Path | None = None):
+                        tokenize: bool = True, chat_template: str | Path | None = None,
+                        tools: list[dict] | None = None, documents: list[dict] | None = None):
     """Token ids (or the text, tokenize=False) of `messages` in the model's chat template (or the
     template file `chat_template`); with add_generation_prompt the text ends where the model's answer
-    begins (SmolLM2: "<|im_start|>assistant\\n")."""
+    begins (SmolLM2: "<|im_start|>assistant\\n"). tools (JSON schemas of functions) and documents (for
+    retrieval) are shown to templates that write them, as in transformers."""
     tokenizer = tokenizer_of(tokenizer_or_model)
-    text = chat_format(tokenizer, chat_template).render(check_messages(messages), add_generation_prompt)
+    variables = {name: check_dicts(name, value) for name, value in (("tools", tools), ("documents", documents))}
+    text = chat_format(tokenizer, chat_template).render(check_messages(messages), add_generation_prompt, **variables)
     return tokenizer.encode(text, add_special_tokens=False).ids if tokenize else text
+
+
+def check_dicts(name: str, value: list[dict] | None) -> list[dict] | None:
+    """tools= or documents=, checked: None, or a list of dicts (a function's JSON schema, a document)."""
+    if value is not None and not (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+        raise ValueError(f"{name}= takes a list of dicts (a tool's JSON schema, a document's {{\"title\", \"text\"}}); "
+                         "give a function as its JSON schema")
+    return value
 
 
 def check_messages(messages) -> list[dict]:
