@@ -58,7 +58,8 @@ def test_smollm2_template_matches_transformers_token_for_token(smollm2_tokenizer
 
 
 # What a template may use beyond SmolLM2's own: block tags on lines of their own (trim_blocks drops the newline
-# after a tag, lstrip_blocks the spaces before one), tojson and its options, bos_token, loop controls, strftime_now
+# after a tag, lstrip_blocks the spaces before one), tojson and its options, bos_token, loop controls, strftime_now,
+# {% generation %} (the assistant's text for transformers' assistant mask; a scope of its own)
 FEATURES_TEMPLATE = """{{ bos_token }}
 {% for message in messages %}
     {% if message.role == 'system' %}
@@ -66,6 +67,10 @@ FEATURES_TEMPLATE = """{{ bos_token }}
     {% endif %}
 [{{ message.role }}] {{ message | tojson }}
     {{ message | tojson(indent=2, sort_keys=True) }} {{ message.content | tojson(ensure_ascii=True) }}
+    {% if message.role == 'assistant' %}
+        {% generation %}{% set inside = 1 %}{{ message.content | trim }}{% endgeneration %}
+{{ inside is defined }}
+    {% endif %}
 {% endfor %}
 {% if strftime_now is defined %}{{ strftime_now("%Y") | length }} digits{% endif %}
 {% if add_generation_prompt %}[assistant]{% endif %}"""
@@ -88,6 +93,7 @@ def test_what_templates_use_renders_as_in_transformers(pair, bos, generation_pro
         texts.append(text)
     assert all(t.startswith(f"{bos}\n[user] {{") and "4 digits" in t for t in texts)
     assert "system" not in texts[1] and "❄️" in texts[2] and "\\u2744" in texts[2]
+    assert "\nWhite hush on the field ❄️False\n" in texts[2]
 
 
 # What transformers hands a template besides the conversation: tools and documents (None unless given), each

@@ -16,7 +16,7 @@ chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's 
 
 Templates are rendered as transformers renders them (so the tokens are the same): jinja2's immutable
 sandbox (a template is code from a download: it may not touch Python objects' internals or change
-what it is given), trim_blocks and lstrip_blocks, loop controls, the functions `raise_exception(message)`
+what it is given), trim_blocks and lstrip_blocks, loop controls, {% generation %} blocks, the functions `raise_exception(message)`
 and `strftime_now(format)` and a `tojson` filter, the variables `tools` and `documents` (None unless
 given), each message without its keys set to None; the text is then tokenized without adding special
 tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
@@ -36,6 +36,7 @@ import json
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -73,9 +74,24 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+class GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`, which marks the assistant's text for transformers'
+    assistant-token mask (trl's assistant_only_loss): rendered as its body, in a scope of its own as in
+    transformers (encode_conversation finds the answers itself)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
