@@ -16,10 +16,10 @@ chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's 
 
 Templates are rendered as transformers renders them (so the tokens are the same): jinja2's immutable
 sandbox (a template is code from a download: it may not touch Python objects' internals or change
-what it is given), trim_blocks and lstrip_blocks, loop controls, {% generation %} blocks, the functions `raise_exception(message)`
-and `strftime_now(format)` and a `tojson` filter, the variables `tools` and `documents` (None unless
-given), each message without its keys set to None; the text is then tokenized without adding special
-tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
+what it is given), trim_blocks and lstrip_blocks, loop controls, {% generation %} blocks, the functions
+`raise_exception(message)` and `strftime_now(format)` and a `tojson` filter, the variables `tools` and
+`documents` (None unless given), each message without its keys set to None; the text is then tokenized
+without adding special tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
 ("User: ...\\nAssistant: ...<eos>").
 
 For training, `encode_conversation` also says which tokens are the assistant's: it renders the
