@@ -168,6 +168,12 @@ def test_template_file_overrides_and_sees_special_tokens(tmp_path):
     text = mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False, chat_template=template)
     assert text == "[user] What is the capital of France?<|endoftext|>\n"
     assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False) == "model template"
+    # the template's text itself, as transformers takes chat_template=; a string without tags names a file
+    assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False,
+                                  chat_template=template.read_text()) == text
+    for missing in (tmp_path / "none.jinja", "x" * 5000):  # the long one is no file's name (an OSError before)
+        with pytest.raises(FileNotFoundError, match="--chat-template .*: no such file"):
+            mp.apply_chat_template(tokenizer, CONVERSATIONS[0], chat_template=missing)
 
 
 @pytest.mark.parametrize("template, message", [

@@ -168,13 +168,26 @@ def eos_token(tokenizer) -> str | None:
     return next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
 
 
+def given_template(given: str | Path) -> tuple[str, str]:
+    """(template, name) of a template given instead of the model's: a str with jinja2 tags ("{{", "{%") is the
+    template itself, as transformers' apply_chat_template(chat_template=...) takes it; anything else, a file."""
+    if isinstance(given, str) and ("{{" in given or "{%" in given):
+        return given, "given as text"
+    path = Path(given)
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for a file's
+        found = False
+    if not found:
+        raise FileNotFoundError(f"--chat-template {path}: no such file")
+    return path.read_text(encoding="utf-8"), str(path)
+
+
 def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatFormat:
-    """--chat-template FILE if given, else the model's own template, else the plain fallback."""
+    """--chat-template FILE (or the template's text) if given, else the model's own template, else the
+    plain fallback."""
     if template_file is not None:
-        path = Path(template_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--chat-template {path}: no such file")
-        template, name = path.read_text(encoding="utf-8"), str(path)
+        template, name = given_template(template_file)
     elif getattr(tokenizer, "chat_template", None):
         template, name = tokenizer.chat_template, "of the model"
     else:
@@ -194,10 +207,10 @@ def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatForma
 def apply_chat_template(tokenizer_or_model, messages: list[dict], add_generation_prompt: bool = False,
                         tokenize: bool = True, chat_template: str | Path | None = None,
                         tools: list[dict] | None = None, documents: list[dict] | None = None):
-    """Token ids (or the text, tokenize=False) of `messages` in the model's chat template (or the
-    template file `chat_template`); with add_generation_prompt the text ends where the model's answer
-    begins (SmolLM2: "<|im_start|>assistant\\n"). tools (JSON schemas of functions) and documents (for
-    retrieval) are shown to templates that write them, as in transformers."""
+    """Token ids (or the text, tokenize=False) of `messages` in the model's chat template (or
+    `chat_template`: a template file, or the template's text); with add_generation_prompt the text ends
+    where the model's answer begins (SmolLM2: "<|im_start|>assistant\\n"). tools (JSON schemas of
+    functions) and documents (for retrieval) are shown to templates that write them, as in transformers."""
     tokenizer = tokenizer_of(tokenizer_or_model)
     variables = {name: check_dicts(name, value) for name, value in (("tools", tools), ("documents", documents))}
     text = chat_format(tokenizer, chat_template).render(check_messages(messages), add_generation_prompt, **variables)
