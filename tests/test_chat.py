@@ -126,6 +126,33 @@ def test_what_transformers_hands_a_template(smollm2_tokenizers, tmp_path, messag
     assert ("<think>It says rain.</think>" in expected) == (len(messages) > 1)
 
 
+PREFILLED = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "Yes, because  "}]
+
+
+@pytest.mark.parametrize("template", [
+    None,  # SmolLM2's own: the text stops before <|im_end|>
+    "{% for m in messages %}[{{ m.role }}] {{ m.content | trim }}\n{% endfor %}",  # trims the answer's spaces
+])
+def test_continue_final_message_as_in_transformers(smollm2_tokenizers, template):
+    ours, theirs = smollm2_tokenizers
+    for tokenize in (False, True):
+        expected = theirs.apply_chat_template(PREFILLED, chat_template=template, continue_final_message=True,
+                                              tokenize=tokenize, return_dict=False)
+        assert mp.apply_chat_template(ours, PREFILLED, chat_template=template, continue_final_message=True,
+                                      tokenize=tokenize) == expected
+    assert expected[-1] != ours.token_to_id("<|im_end|>")
+
+
+@pytest.mark.parametrize("template, options, message", [
+    ("{% for m in messages %}[{{ m.role }}]{% endfor %}", {}, "does not write the final message as given"),
+    (None, {"add_generation_prompt": True}, "continue_final_message and add_generation_prompt exclude each other"),
+])
+def test_continue_final_message_refused(template, options, message):
+    with pytest.raises(ValueError, match=message):
+        mp.apply_chat_template(byte_tokenizer(), PREFILLED, chat_template=template, continue_final_message=True,
+                               **options)
+
+
 def test_training_tokens_of_a_tokenizer_that_adds_bos_are_the_templates_own(gemma3_tokenizers):
     """Gemma's tokenizer adds <bos> to what it encodes; a template writes its own, so training adds none."""
     ours, theirs = gemma3_tokenizers

@@ -41,6 +41,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' mark for where a message to continue ends
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, in transformers' order
 
 # The fallback for base models: one line per turn, the answer ended by the end-of-text token.
@@ -206,15 +207,38 @@ def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatForma
 
 def apply_chat_template(tokenizer_or_model, messages: list[dict], add_generation_prompt: bool = False,
                         tokenize: bool = True, chat_template: str | Path | None = None,
-                        tools: list[dict] | None = None, documents: list[dict] | None = None):
+                        tools: list[dict] | None = None, documents: list[dict] | None = None,
+                        continue_final_message: bool = False):
     """Token ids (or the text, tokenize=False) of `messages` in the model's chat template (or
     `chat_template`: a template file, or the template's text); with add_generation_prompt the text ends
-    where the model's answer begins (SmolLM2: "<|im_start|>assistant\\n"). tools (JSON schemas of
-    functions) and documents (for retrieval) are shown to templates that write them, as in transformers."""
+    where the model's answer begins (SmolLM2: "<|im_start|>assistant\\n"), with continue_final_message
+    where the final message's text does (see continued). tools (JSON schemas of functions) and documents
+    (for retrieval) are shown to templates that write them, as in transformers."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt exclude each other: either the model "
+                         "continues the final message or it starts a new one; set one of them")
     tokenizer = tokenizer_of(tokenizer_or_model)
+    fmt, messages = chat_format(tokenizer, chat_template), check_messages(messages)
     variables = {name: check_dicts(name, value) for name, value in (("tools", tools), ("documents", documents))}
-    text = chat_format(tokenizer, chat_template).render(check_messages(messages), add_generation_prompt, **variables)
+    if continue_final_message:
+        text = continued(fmt, messages, **variables)
+    else:
+        text = fmt.render(messages, add_generation_prompt, **variables)
     return tokenizer.encode(text, add_special_tokens=False).ids if tokenize else text
+
+
+def continued(fmt: ChatFormat, messages: list[dict], **variables) -> str:
+    """The conversation's text up to the end of its final message's content, without what the template
+    writes after it (the end of the turn), for the model to go on with that message (a prefilled answer).
+    As transformers finds that end: the content is rendered with CONTINUE_TAG after it, and the text is
+    cut at the tag (before the spaces in front of it too, if the template trimmed the tag's own)."""
+    final = messages[-1]["content"]
+    text = fmt.render(messages[:-1] + [{**messages[-1], "content": final + CONTINUE_TAG}], **variables)
+    if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+        raise TemplateError(f"chat template {fmt.name} does not write the final message as given, so it cannot "
+                            "be continued; leave out continue_final_message")
+    end = text.rindex(CONTINUE_TAG.strip())
+    return text[:end] if text[end:].startswith(CONTINUE_TAG) else text[:end].rstrip()
 
 
 def check_dicts(name: str, value: list[dict] | None) -> list[dict] | None:
