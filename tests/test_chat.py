@@ -176,6 +176,34 @@ def test_answer_tokens_are_the_assistant_turns(smollm2_tokenizers):
                        "White hush on the field ❄️<|im_end|>\n")
 
 
+# Templates that mark the assistant's text with {% generation %} (trl's *_training.jinja): the answer tokens are the
+# marked ones, as transformers' assistant mask (trl's assistant_only_loss) has them
+GENERATION_TEMPLATES = [
+    # ChatML with the newline after <|im_end|> left out of the answer and an empty thinking block put in it
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}{% generation %}"
+    "{{ '<think>\n\n</think>\n\n' + m.content + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    # Phi-3's: ends with <|endoftext|> only when no generation prompt follows (no rendering is a prefix of the next)
+    "{% for m in messages %}{{ '<|' + m.role + '|>\n' }}{% if m.role == 'assistant' %}{% generation %}"
+    "{{ m.content + '<|end|>\n' }}{% endgeneration %}{% else %}{{ m.content + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+]
+
+
+@pytest.mark.parametrize("template", GENERATION_TEMPLATES)
+def test_answer_tokens_of_generation_blocks_are_transformers_assistant_mask(smollm2_tokenizers, template):
+    ours, theirs = smollm2_tokenizers
+    fmt = chat.chat_format(ours, template)
+    for messages in CONVERSATIONS[1:]:
+        expected = theirs.apply_chat_template(messages, chat_template=template, return_assistant_tokens_mask=True,
+                                              return_dict=True)
+        ids, is_answer = chat.encode_conversation(ours, fmt, messages)
+        assert (ids, [int(a) for a in is_answer]) == (list(expected["input_ids"]), list(expected["assistant_masks"]))
+        ids, is_answer, start, _ = chat.encode_last_answer(ours, fmt, messages, 512, None, "row 1")
+        assert is_answer[start] and not is_answer[start - 1]  # where the last answer starts (the template may go on)
+
+
 def test_plain_fallback_for_a_model_without_a_template():
     tokenizer = byte_tokenizer()  # no chat_template attribute: a base model
     messages = CONVERSATIONS[1]

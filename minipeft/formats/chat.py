@@ -22,8 +22,9 @@ what it is given), trim_blocks and lstrip_blocks, loop controls, {% generation %
 without adding special tokens (the template wrote them). A base model without a template gets PLAIN_TEMPLATE
 ("User: ...\\nAssistant: ...<eos>").
 
-For training, `encode_conversation` also says which tokens are the assistant's: it renders the
-conversation up to each assistant turn with the generation prompt (P_i) and through that turn (F_i);
+For training, `encode_conversation` also says which tokens are the assistant's. A template with
+{% generation %} blocks says it itself (the blocks' text, as transformers' assistant-token mask reads it).
+Otherwise each assistant turn is rendered up to it with the generation prompt (P_i) and through it (F_i);
 the characters F_i adds to P_i are that answer, closing tokens included (<|im_end|>: what teaches the
 model to stop). A template for which the full rendering does not start with each P_i and F_i cannot be
 split this way and is refused by name. `encode_last_answer` then readies a conversation for training, SFT rows
@@ -33,6 +34,7 @@ to fit max_len.
 import datetime
 import functools
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -42,6 +44,8 @@ from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' mark for where a message to continue ends
+ANSWER_MARKS = ("\ue000<generation>", "\ue000</generation>")  # around a {% generation %} block's text (U+E000: private)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # transformers' test for a template that has such blocks
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, in transformers' order
 
 # The fallback for base models: one line per turn, the answer ended by the end-of-text token.
@@ -77,8 +81,8 @@ def _strftime_now(fmt: str) -> str:
 
 class GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}`, which marks the assistant's text for transformers'
-    assistant-token mask (trl's assistant_only_loss): rendered as its body, in a scope of its own as in
-    transformers (encode_conversation finds the answers itself)."""
+    assistant-token mask (trl's assistant_only_loss): rendered as its body between ANSWER_MARKS, in a scope
+    of its own as in transformers; render() takes the marks out (answer_spans reads them first)."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -87,7 +91,7 @@ class GenerationBlock(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
     def _body(self, caller):
-        return caller()
+        return ANSWER_MARKS[0] + caller() + ANSWER_MARKS[1]
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -119,21 +123,36 @@ def as_transformers_passes(message: dict) -> dict:
 
 
 def render(template: str, messages: list[dict], add_generation_prompt: bool = False, name: str = "template",
-           tools: list[dict] | None = None, documents: list[dict] | None = None, **special_tokens) -> str:
+           tools: list[dict] | None = None, documents: list[dict] | None = None, marked: bool = False,
+           **special_tokens) -> str:
     """The template's text for `messages` ([{"role", "content"}, ...]); tools, documents and special_tokens
     (bos_token, eos_token) are visible to the template, tools and documents as None when not given (as
-    transformers passes them: `tools is not none` is then false). Any failure is a TemplateError naming
-    the template."""
+    transformers passes them: `tools is not none` is then false). `marked` keeps the ANSWER_MARKS around
+    {% generation %} blocks. Any failure is a TemplateError naming the template."""
     messages = [as_transformers_passes(message) for message in messages]
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                           tools=tools, documents=documents, **special_tokens)
+        return text if marked else unmarked(text)[0]
     except TemplateError as error:
         raise TemplateError(f"chat template {name} refused the conversation: {error}") from None
     except jinja2.TemplateError as error:
         raise TemplateError(f"chat template {name} failed to render: {error}") from None
     except Exception as error:  # the template's own code failed: 1 / 0, a filter given a wrong argument, ...
         raise TemplateError(f"chat template {name} failed to render: {type(error).__name__}: {error}") from None
+
+
+def unmarked(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    """The text without its ANSWER_MARKS, and the character span (start, end) of each marked block in it."""
+    text, spans, start = "", [], 0
+    for piece in re.split("(" + "|".join(map(re.escape, ANSWER_MARKS)) + ")", marked):
+        if piece == ANSWER_MARKS[0]:
+            start = len(text)
+        elif piece == ANSWER_MARKS[1]:
+            spans.append((start, len(text)))
+        else:
+            text += piece
+    return text, spans
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +280,15 @@ def check_messages(messages) -> list[dict]:
 
 
 def answer_spans(fmt: ChatFormat, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span (start, end) of every assistant turn in it."""
+    """The rendered conversation and the character span (start, end) of every assistant turn in it: the
+    template's {% generation %} blocks where it has them (as transformers' assistant mask, and so trl's
+    assistant_only_loss, reads them), else what each answer adds to the rendering of the turns before it."""
+    if GENERATION_TAG.search(fmt.template):
+        text, spans = unmarked(fmt.render(messages, marked=True))
+        if not spans:
+            raise TemplateError(f"chat template {fmt.name} has {{% generation %}} blocks but marks no answer of "
+                                "this conversation; give a template that marks the assistant's turns")
+        return text, spans
     text = fmt.render(messages)
     spans = []
     for i, message in enumerate(messages):
@@ -280,21 +307,29 @@ def answer_spans(fmt: ChatFormat, messages: list[dict]) -> tuple[str, list[tuple
 def encode_conversation(tokenizer, fmt: ChatFormat, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """(ids, is_answer): the conversation's tokens, and for each whether it belongs to an assistant
     turn (a token that straddles an answer's first character counts as answer)."""
+    ids, is_answer, _ = _encoded(tokenizer, fmt, messages)
+    return ids, is_answer
+
+
+def _encoded(tokenizer, fmt: ChatFormat, messages: list[dict]) -> tuple[list[int], list[bool], int]:
+    """encode_conversation's (ids, is_answer), and the index of the last answer's first token."""
     text, spans = answer_spans(fmt, messages)
     encoding = tokenizer.encode(text, add_special_tokens=False)
     is_answer = [any(tok_start < end and tok_end > start for start, end in spans)  # overlaps an answer
                  for tok_start, tok_end in encoding.offsets]
-    return encoding.ids, is_answer
+    last = spans[-1][0] if spans else len(text)
+    start = next((t for t, (_, tok_end) in enumerate(encoding.offsets) if tok_end > last), len(encoding.ids))
+    return encoding.ids, is_answer, start
 
 
 def encode_last_answer(tokenizer, fmt: ChatFormat, messages: list[dict], max_len: int, eos_id: int | None,
                        where: str) -> tuple[list[int], list[bool], int, int]:
     """(ids, is_answer, start, cut) of a conversation that ends with an assistant turn, for training: the
     end-of-text token added when the template does not close the last answer with it, then `cut` tokens
-    taken from the left so that at most max_len remain; ids[start:] is the last answer. An answer that
-    leaves no room for its prompt is a ValueError naming `where`."""
-    ids, is_answer = encode_conversation(tokenizer, fmt, messages)
-    start = max(t for t in range(len(ids)) if not is_answer[t]) + 1  # the last answer runs to the end
+    taken from the left so that at most max_len remain; ids[start:] is the last answer (and what the
+    template writes after a {% generation %} block). An answer that leaves no room for its prompt is a
+    ValueError naming `where`."""
+    ids, is_answer, start = _encoded(tokenizer, fmt, messages)
     if eos_id is not None and eos_id not in ids[start:]:  # the template did not end the answer
         ids, is_answer = ids + [eos_id], is_answer + [True]
     cut = max(0, len(ids) - max_len)
