@@ -168,7 +168,7 @@ class ChatFormat:
         self.eos_token = eos_token
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
-        """render() with this template; variables: tools=, documents=."""
+        """render() with this template; variables: tools=, documents=, marked=."""
         return render(self.template, messages, add_generation_prompt, self.name, **variables, **self.special)
 
 
