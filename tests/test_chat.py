@@ -58,7 +58,8 @@ def test_smollm2_template_matches_transformers_token_for_token(smollm2_tokenizer
 
 
 # What a template may use beyond SmolLM2's own: block tags on lines of their own (trim_blocks drops the newline
-# after a tag, lstrip_blocks the spaces before one), tojson and its options, bos_token, loop controls, strftime_now
+# after a tag, lstrip_blocks the spaces before one), tojson and its options, bos_token, loop controls, strftime_now,
+# {% generation %} (the assistant's text for transformers' assistant mask; a scope of its own)
 FEATURES_TEMPLATE = """{{ bos_token }}
 {% for message in messages %}
     {% if message.role == 'system' %}
@@ -66,6 +67,10 @@ FEATURES_TEMPLATE = """{{ bos_token }}
     {% endif %}
 [{{ message.role }}] {{ message | tojson }}
     {{ message | tojson(indent=2, sort_keys=True) }} {{ message.content | tojson(ensure_ascii=True) }}
+    {% if message.role == 'assistant' %}
+        {% generation %}{% set inside = 1 %}{{ message.content | trim }}{% endgeneration %}
+{{ inside is defined }}
+    {% endif %}
 {% endfor %}
 {% if strftime_now is defined %}{{ strftime_now("%Y") | length }} digits{% endif %}
 {% if add_generation_prompt %}[assistant]{% endif %}"""
@@ -88,6 +93,64 @@ def test_what_templates_use_renders_as_in_transformers(pair, bos, generation_pro
         texts.append(text)
     assert all(t.startswith(f"{bos}\n[user] {{") and "4 digits" in t for t in texts)
     assert "system" not in texts[1] and "❄️" in texts[2] and "\\u2744" in texts[2]
+    assert "\nWhite hush on the field ❄️False\n" in texts[2]
+
+
+# What transformers hands a template besides the conversation: tools and documents (None unless given), each
+# message without its keys set to None, and a reasoning given under any name also as reasoning_content
+HANDED_TEMPLATE = """{% if tools is not none %}[tools] {{ tools | tojson }}
+{% endif %}
+{% if documents is not none %}[documents] {{ documents | map(attribute='title') | join(', ') }}
+{% endif %}
+{% for m in messages %}
+[{{ m.role }}] {% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}
+{% if 'tool_calls' in m %}[calls] {{ m.tool_calls | tojson }}{% endif %}
+{% endfor %}"""
+ASKED = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.mark.parametrize("messages, variables", [
+    (ASKED, {}),
+    (ASKED, {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+             "documents": [{"title": "Paris", "text": "Rain."}]}),
+    (ASKED + [{"role": "assistant", "content": "Rain.", "tool_calls": None, "thinking": "It says rain."}], {}),
+    (ASKED + [{"role": "assistant", "content": "Rain.", "reasoning": "It says rain."}], {}),
+])
+def test_what_transformers_hands_a_template(smollm2_tokenizers, tmp_path, messages, variables):
+    ours, theirs = smollm2_tokenizers
+    path = tmp_path / "handed.jinja"
+    path.write_text(HANDED_TEMPLATE)
+    expected = theirs.apply_chat_template(messages, chat_template=HANDED_TEMPLATE, tokenize=False, **variables)
+    assert mp.apply_chat_template(ours, messages, tokenize=False, chat_template=path, **variables) == expected
+    assert ("[tools]" in expected) == bool(variables) and "[calls]" not in expected
+    assert ("<think>It says rain.</think>" in expected) == (len(messages) > 1)
+
+
+PREFILLED = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "Yes, because  "}]
+
+
+@pytest.mark.parametrize("template", [
+    None,  # SmolLM2's own: the text stops before <|im_end|>
+    "{% for m in messages %}[{{ m.role }}] {{ m.content | trim }}\n{% endfor %}",  # trims the answer's spaces
+])
+def test_continue_final_message_as_in_transformers(smollm2_tokenizers, template):
+    ours, theirs = smollm2_tokenizers
+    for tokenize in (False, True):
+        expected = theirs.apply_chat_template(PREFILLED, chat_template=template, continue_final_message=True,
+                                              tokenize=tokenize, return_dict=False)
+        assert mp.apply_chat_template(ours, PREFILLED, chat_template=template, continue_final_message=True,
+                                      tokenize=tokenize) == expected
+    assert expected[-1] != ours.token_to_id("<|im_end|>")
+
+
+@pytest.mark.parametrize("template, options, message", [
+    ("{% for m in messages %}[{{ m.role }}]{% endfor %}", {}, "does not write the final message as given"),
+    (None, {"add_generation_prompt": True}, "continue_final_message and add_generation_prompt exclude each other"),
+])
+def test_continue_final_message_refused(template, options, message):
+    with pytest.raises(ValueError, match=message):
+        mp.apply_chat_template(byte_tokenizer(), PREFILLED, chat_template=template, continue_final_message=True,
+                               **options)
 
 
 def test_training_tokens_of_a_tokenizer_that_adds_bos_are_the_templates_own(gemma3_tokenizers):
@@ -113,6 +176,34 @@ def test_answer_tokens_are_the_assistant_turns(smollm2_tokenizers):
                        "White hush on the field ❄️<|im_end|>\n")
 
 
+# Templates that mark the assistant's text with {% generation %} (trl's *_training.jinja): the answer tokens are the
+# marked ones, as transformers' assistant mask (trl's assistant_only_loss) has them
+GENERATION_TEMPLATES = [
+    # ChatML with the newline after <|im_end|> left out of the answer and an empty thinking block put in it
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}{% generation %}"
+    "{{ '<think>\n\n</think>\n\n' + m.content + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    # Phi-3's: ends with <|endoftext|> only when no generation prompt follows (no rendering is a prefix of the next)
+    "{% for m in messages %}{{ '<|' + m.role + '|>\n' }}{% if m.role == 'assistant' %}{% generation %}"
+    "{{ m.content + '<|end|>\n' }}{% endgeneration %}{% else %}{{ m.content + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+]
+
+
+@pytest.mark.parametrize("template", GENERATION_TEMPLATES)
+def test_answer_tokens_of_generation_blocks_are_transformers_assistant_mask(smollm2_tokenizers, template):
+    ours, theirs = smollm2_tokenizers
+    fmt = chat.chat_format(ours, template)
+    for messages in CONVERSATIONS[1:]:
+        expected = theirs.apply_chat_template(messages, chat_template=template, return_assistant_tokens_mask=True,
+                                              return_dict=True)
+        ids, is_answer = chat.encode_conversation(ours, fmt, messages)
+        assert (ids, [int(a) for a in is_answer]) == (list(expected["input_ids"]), list(expected["assistant_masks"]))
+        ids, is_answer, start, _ = chat.encode_last_answer(ours, fmt, messages, 512, None, "row 1")
+        assert is_answer[start] and not is_answer[start - 1]  # where the last answer starts (the template may go on)
+
+
 def test_plain_fallback_for_a_model_without_a_template():
     tokenizer = byte_tokenizer()  # no chat_template attribute: a base model
     messages = CONVERSATIONS[1]
@@ -132,6 +223,12 @@ def test_template_file_overrides_and_sees_special_tokens(tmp_path):
     text = mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False, chat_template=template)
     assert text == "[user] What is the capital of France?<|endoftext|>\n"
     assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False) == "model template"
+    # the template's text itself, as transformers takes chat_template=; a string without tags names a file
+    assert mp.apply_chat_template(tokenizer, CONVERSATIONS[0], tokenize=False,
+                                  chat_template=template.read_text()) == text
+    for missing in (tmp_path / "none.jinja", "x" * 5000):  # the long one is no file's name (an OSError before)
+        with pytest.raises(FileNotFoundError, match="--chat-template .*: no such file"):
+            mp.apply_chat_template(tokenizer, CONVERSATIONS[0], chat_template=missing)
 
 
 @pytest.mark.parametrize("template, message", [
@@ -213,3 +310,6 @@ def test_bad_messages():
     for messages in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hello"):
         with pytest.raises(ValueError, match="conversation|message 0"):
             mp.apply_chat_template(byte_tokenizer(), messages)
+    for tools in ([len], {"name": "f"}):  # a function, where transformers would read its docstring; a lone schema
+        with pytest.raises(ValueError, match="tools= takes a list of dicts"):
+            mp.apply_chat_template(byte_tokenizer(), CONVERSATIONS[0], tools=tools)
