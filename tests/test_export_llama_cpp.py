@@ -296,3 +296,18 @@ def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, o
           f"{(back - ours).abs().max():.2e}; in llama.cpp {(theirs - ours).abs().max():.2e}")
     assert read.cfg.rope_scaling == overrides["rope_scaling"] and (back - ours).abs().max() < 1e-5
     assert (theirs - ours).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("flavor, overrides, method, fmt, message", [
+    ("llama", dict(o_bias=True), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
+                                                 r"blocks.0.attn.o.bias \(llama.cpp's llama architecture has no such "
+                                                 r"weight\), so format 'gguf' cannot hold it"),
+    ("llama", dict(norm="layernorm"), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
+                                                      r"blocks.0.ln1.bias"),
+])
+def test_a_model_llama_cpp_cannot_run_is_refused_in_one_sentence(flavor, overrides, method, fmt, message, tmp_path):
+    model, tokenizer = tiny_decoder(flavor, **overrides)
+    mp.apply(model, method)
+    with pytest.raises(ValueError, match=message):
+        mp.export(model, tmp_path / "out", format=fmt, tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()

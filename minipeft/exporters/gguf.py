@@ -264,6 +264,11 @@ def gguf_tensors(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for ours, w in weights.items():
         if ours.startswith("head.") and cfg.tie_embeddings:
             continue  # llama.cpp reads token_embd for a tied head
+        if ours not in names:  # a bias the architecture lacks (Llama's o_bias, a LayerNorm's)
+            arch = ARCHITECTURES[cfg.flavor]
+            raise ValueError(f"a GGUF {arch} file has no tensor for this model's {ours} (llama.cpp's {arch} "
+                             "architecture has no such weight), so format 'gguf' cannot hold it; keep it as an "
+                             "adapter on its base (mp.save_adapter)")
         theirs, transform = names[ours]
         tensors[theirs] = to_gguf(transform, w, cfg)
     if rope_type(cfg) == "llama3":  # each RoPE speed's divisor, as llama.cpp's converter
