@@ -304,6 +304,11 @@ def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, o
                                                  r"weight\), so format 'gguf' cannot hold it"),
     ("llama", dict(norm="layernorm"), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
                                                       r"blocks.0.ln1.bias"),
+    # llama.cpp has no virtual tokens: the merged gguf refuses them too, so gguf-lora names the formats that hold them
+    ("llama", {}, "prefix", "gguf-lora", r"prefix adds modules of its own .* so format 'gguf-lora' cannot carry it; "
+                                         r"export it with format 'peft'"),
+    ("qwen2", {}, "adapter", "gguf-lora", r"adapter adds modules of its own .* so format 'gguf-lora' cannot carry it; "
+                                          r"keep it as minipeft's own adapter"),
 ])
 def test_a_model_llama_cpp_cannot_run_is_refused_in_one_sentence(flavor, overrides, method, fmt, message, tmp_path):
     model, tokenizer = tiny_decoder(flavor, **overrides)
