@@ -298,6 +298,29 @@ def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, o
     assert (theirs - ours).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("flavor, overrides, options", [
+    ("llama", dict(tie_embeddings=False), dict(rank=3, alpha=5, rslora=True, targets=["q", "v"])),  # α/√r, odd rank
+    ("gemma3", dict(head_dim=32, sliding_window=6, layer_pattern="SF"), dict(rank=1, alpha=7, targets=["k", "gate"])),
+])
+def test_gguf_lora_on_a_tiny_base_gives_minipefts_logits_in_llama_cpp(flavor, overrides, options, tmp_path):
+    """The adapter on the fp32 base GGUF (the base's own gguf export): llama.cpp's logits are minipeft's, whatever
+    the scale (rsLoRA's α/√r is written as α = s·r) and whichever targets carry a LoRA."""
+    model, tokenizer = tiny_decoder(flavor, **overrides)
+    base = plain_model(model.cfg, {k: v.clone() for k, v in model.state_dict().items()})
+    mp.apply(model, "lora", **options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    mp.export(base, tmp_path / "base", format="gguf", tokenizer=tokenizer)
+    mp.export(model, tmp_path / "lora", format="gguf-lora")
+    ids = tokenizer.encode(HAMLET[1000:1040]).ids
+    theirs = llama_logits(tmp_path / "base" / "model.gguf", ids, tmp_path / "lora" / "adapter.gguf")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
+
+
 @pytest.mark.parametrize("flavor, overrides, method, fmt, message", [
     ("llama", dict(o_bias=True), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
                                                  r"blocks.0.attn.o.bias \(llama.cpp's llama architecture has no such "
