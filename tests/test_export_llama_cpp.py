@@ -327,6 +327,11 @@ def test_gguf_lora_on_a_tiny_base_gives_minipefts_logits_in_llama_cpp(flavor, ov
                                                  r"weight\), so format 'gguf' cannot hold it"),
     ("llama", dict(norm="layernorm"), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
                                                       r"blocks.0.ln1.bias"),
+    # the way out is the hf export only where transformers' config holds the setting (its Llama has no soft-cap)
+    ("llama", dict(attn_softcap=20.0), "lora", "gguf", r"a GGUF llama file cannot hold attn_softcap=20.0 .*; keep it "
+                                                       r"as an adapter on its base \(mp.save_adapter\)"),
+    ("llama", dict(act="gelu"), "lora", "gguf", r"a GGUF llama file cannot hold act='gelu' .*; export it with format "
+                                                r"'hf'"),
     # llama.cpp has no virtual tokens: the merged gguf refuses them too, so gguf-lora names the formats that hold them
     ("llama", {}, "prefix", "gguf-lora", r"prefix adds modules of its own .* so format 'gguf-lora' cannot carry it; "
                                          r"export it with format 'peft'"),
