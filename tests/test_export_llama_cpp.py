@@ -6,7 +6,10 @@
   pre-tokenizer the export names) minipeft's tokens;
 - gguf-lora: on the unmodified Q4_1 SmolLM2 base GGUF, the adapter changes llama.cpp's logits as it changes
   minipeft's (correlation ≥ 0.9, the same size), and llama.cpp's own convert_lora_to_gguf.py, run on
-  minipeft's peft export, gives the same logits as minipeft's file.
+  minipeft's peft export, gives the same logits as minipeft's file; on a tiny fp32 base, llama.cpp's logits
+  are minipeft's (rsLoRA, an odd rank, some targets only);
+- what llama.cpp cannot run (a weight or setting its architecture lacks, virtual tokens) is refused in one
+  sentence naming the format that holds it.
 
     python -m pytest tests/test_export_llama_cpp.py -s     # prints the agreement figures
 """
