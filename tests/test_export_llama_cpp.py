@@ -6,7 +6,10 @@
   pre-tokenizer the export names) minipeft's tokens;
 - gguf-lora: on the unmodified Q4_1 SmolLM2 base GGUF, the adapter changes llama.cpp's logits as it changes
   minipeft's (correlation ≥ 0.9, the same size), and llama.cpp's own convert_lora_to_gguf.py, run on
-  minipeft's peft export, gives the same logits as minipeft's file.
+  minipeft's peft export, gives the same logits as minipeft's file; on a tiny fp32 base, llama.cpp's logits
+  are minipeft's (rsLoRA, an odd rank, some targets only);
+- what llama.cpp cannot run (a weight or setting its architecture lacks, virtual tokens) is refused in one
+  sentence naming the format that holds it.
 
     python -m pytest tests/test_export_llama_cpp.py -s     # prints the agreement figures
 """
@@ -296,3 +299,51 @@ def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, o
           f"{(back - ours).abs().max():.2e}; in llama.cpp {(theirs - ours).abs().max():.2e}")
     assert read.cfg.rope_scaling == overrides["rope_scaling"] and (back - ours).abs().max() < 1e-5
     assert (theirs - ours).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("flavor, overrides, options", [
+    ("llama", dict(tie_embeddings=False), dict(rank=3, alpha=5, rslora=True, targets=["q", "v"])),  # α/√r, odd rank
+    ("gemma3", dict(head_dim=32, sliding_window=6, layer_pattern="SF"), dict(rank=1, alpha=7, targets=["k", "gate"])),
+])
+def test_gguf_lora_on_a_tiny_base_gives_minipefts_logits_in_llama_cpp(flavor, overrides, options, tmp_path):
+    """The adapter on the fp32 base GGUF (the base's own gguf export): llama.cpp's logits are minipeft's, whatever
+    the scale (rsLoRA's α/√r is written as α = s·r) and whichever targets carry a LoRA."""
+    model, tokenizer = tiny_decoder(flavor, **overrides)
+    base = plain_model(model.cfg, {k: v.clone() for k, v in model.state_dict().items()})
+    mp.apply(model, "lora", **options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    mp.export(base, tmp_path / "base", format="gguf", tokenizer=tokenizer)
+    mp.export(model, tmp_path / "lora", format="gguf-lora")
+    ids = tokenizer.encode(HAMLET[1000:1040]).ids
+    theirs = llama_logits(tmp_path / "base" / "model.gguf", ids, tmp_path / "lora" / "adapter.gguf")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 1e-3  # Gemma: llama.cpp's GELU reads a table of fp16 inputs
+
+
+@pytest.mark.parametrize("flavor, overrides, method, fmt, message", [
+    ("llama", dict(o_bias=True), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
+                                                 r"blocks.0.attn.o.bias \(llama.cpp's llama architecture has no such "
+                                                 r"weight\), so format 'gguf' cannot hold it"),
+    ("llama", dict(norm="layernorm"), "lora", "gguf", r"a GGUF llama file has no tensor for this model's "
+                                                      r"blocks.0.ln1.bias"),
+    # the way out is the hf export only where transformers' config holds the setting (its Llama has no soft-cap)
+    ("llama", dict(attn_softcap=20.0), "lora", "gguf", r"a GGUF llama file cannot hold attn_softcap=20.0 .*; keep it "
+                                                       r"as an adapter on its base \(mp.save_adapter\)"),
+    ("llama", dict(act="gelu"), "lora", "gguf", r"a GGUF llama file cannot hold act='gelu' .*; export it with format "
+                                                r"'hf'"),
+    # llama.cpp has no virtual tokens: the merged gguf refuses them too, so gguf-lora names the formats that hold them
+    ("llama", {}, "prefix", "gguf-lora", r"prefix adds modules of its own .* so format 'gguf-lora' cannot carry it; "
+                                         r"export it with format 'peft'"),
+    ("qwen2", {}, "adapter", "gguf-lora", r"adapter adds modules of its own .* so format 'gguf-lora' cannot carry it; "
+                                          r"keep it as minipeft's own adapter"),
+])
+def test_a_model_llama_cpp_cannot_run_is_refused_in_one_sentence(flavor, overrides, method, fmt, message, tmp_path):
+    model, tokenizer = tiny_decoder(flavor, **overrides)
+    mp.apply(model, method)
+    with pytest.raises(ValueError, match=message):
+        mp.export(model, tmp_path / "out", format=fmt, tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()

@@ -39,7 +39,7 @@ from minipeft.formats.gguf_model import (GGUF_ARCHITECTURES, PARTIAL_ROPE, ROPE_
                                          gguf_rules, minus_one)
 from minipeft.formats.pretrained import ASSET_MODELS
 from minipeft.formats.tokenization import QWEN2_SPLIT
-from .hf import unheld
+from .hf import check_config_holds, hf_config, unheld
 
 ARCHITECTURES = {family: arch for arch, family in GGUF_ARCHITECTURES.items()}  # our family -> llama.cpp's
 GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -228,7 +228,17 @@ def check_metadata_holds(cfg, arch: str, meta: dict, tensors: dict[str, torch.Te
         read_back["rope_scaling"] = cfg.rope_scaling
     if lost := unheld(cfg, read_back):
         raise ValueError(f"a GGUF {arch} file cannot hold {', '.join(lost)} (llama.cpp's {arch} architecture has no "
-                         "such setting); export it with format 'hf'")
+                         f"such setting); {elsewhere(cfg)}")
+
+
+def elsewhere(cfg) -> str:
+    """What to do with a model format 'gguf' cannot hold: the hf export if transformers' config.json holds
+    it (a Llama with GELU), else the adapter (a Llama with an attention soft-cap: transformers' has none)."""
+    try:
+        check_config_holds(cfg, hf_config(cfg, "fp32", {}), Path(cfg.flavor))
+    except ValueError:
+        return "keep it as an adapter on its base (mp.save_adapter)"
+    return "export it with format 'hf'"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +274,10 @@ def gguf_tensors(cfg, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for ours, w in weights.items():
         if ours.startswith("head.") and cfg.tie_embeddings:
             continue  # llama.cpp reads token_embd for a tied head
+        if ours not in names:  # a bias the architecture lacks (Llama's o_bias, a LayerNorm's)
+            arch = ARCHITECTURES[cfg.flavor]
+            raise ValueError(f"a GGUF {arch} file has no tensor for this model's {ours} (llama.cpp's {arch} "
+                             f"architecture has no such weight), so format 'gguf' cannot hold it; {elsewhere(cfg)}")
         theirs, transform = names[ours]
         tensors[theirs] = to_gguf(transform, w, cfg)
     if rope_type(cfg) == "llama3":  # each RoPE speed's divisor, as llama.cpp's converter
