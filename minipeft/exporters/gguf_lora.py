@@ -27,7 +27,7 @@ from minipeft.core import targets as linear_targets
 from minipeft.core.lora import RESIDUAL_INITS
 from minipeft.core.registry import apply
 from .gguf import architecture, gguf_names, to_gguf, write_tensors
-from .merged import merged_weights
+from .merged import check_mergeable
 
 LORA_METHODS = ("lora", "qlora")
 
@@ -37,7 +37,7 @@ def lora_layers(model) -> dict[str, torch.nn.Module]:
     config = model.peft_config
     method = config["method"] if config else None
     if method not in LORA_METHODS:
-        merged_weights(model, "gguf-lora")  # prefix, prompt, adapters: refused here, naming the formats that hold them
+        check_mergeable(model, "gguf-lora")  # prefix, prompt, adapters: refused here, naming the formats that hold them
         raise ValueError(f"format 'gguf-lora' holds LoRA and QLoRA adapters (llama.cpp applies B·A), not "
                          f"{method or 'a model without a method'}; export the merged model with format 'gguf'")
     if config["options"].get("init") in RESIDUAL_INITS:

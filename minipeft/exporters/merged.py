@@ -75,6 +75,8 @@ def _weights(model, with_method: bool, fmt: str) -> dict[str, torch.Tensor]:
     if model.adapters is not None:  # several adapters side by side: the active one, as if alone
         with multi.single_view(model, model.adapters.active):
             return _weights(model, with_method, fmt)
+    if with_method:
+        check_mergeable(model, fmt)
     names = plain_names(model)
     weights = {}
     for prefix, module in _method_layers(model).items():
@@ -82,18 +84,24 @@ def _weights(model, with_method: bool, fmt: str) -> dict[str, torch.Tensor]:
         weights[f"{prefix}.weight"] = weight
         if bias is not None:
             weights[f"{prefix}.bias"] = bias
-    folded = tuple(f"{prefix}." for prefix in _method_layers(model))
-    extra = []
     for name, tensor in model.state_dict().items():
         if name in names:
             weights.setdefault(name, tensor.detach().float())
-        elif not name.startswith(folded):
-            extra.append(name)
-    if extra and with_method:
+    return weights
+
+
+def check_mergeable(model, fmt: str):
+    """ValueError for a method that adds modules of its own, which no base weight can hold (prefix, prompt,
+    adapters): `fmt` names the format asked for, and the message the formats that carry the method."""
+    if model.adapters is not None:  # several adapters side by side: the active one, as if alone
+        with multi.single_view(model, model.adapters.active):
+            return check_mergeable(model, fmt)
+    names, folded = plain_names(model), tuple(f"{prefix}." for prefix in _method_layers(model))
+    extra = [name for name in model.state_dict() if name not in names and not name.startswith(folded)]
+    if extra:
         method = model.peft_config["method"]
         raise ValueError(f"{method} adds modules of its own ({extra[0]}, ...) that no weight of the base model "
                          f"can hold, so format {fmt!r} cannot carry it; {_formats_for(method)}")
-    return weights
 
 
 def _formats_for(method: str) -> str:
