@@ -67,6 +67,18 @@ def test_schedule_is_transformers_cosine_with_the_warmup_a_step_ahead(warmup, st
         assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("warmup", [1.0, 5, -0.1, math.nan])
+def test_a_warmup_that_is_not_a_fraction_is_refused(warmup, tmp_path):
+    """transformers reads a warmup of 1 or more as a number of steps (5: five of the run's 10); minipeft's warmup is
+    a fraction, and ⌈5 · 10⌉ = 50 warmup steps would have left the learning rate at a fifth of its peak at the end."""
+    if warmup >= 1:
+        assert reference_learning_rates(warmup, 10, 1.0, tmp_path)[1] == int(warmup)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match=r"^warmup is the fraction of the run's 10 steps that warm up the learning "
+                                         r"rate, in \[0, 1\), got .*; for n warmup steps pass n / 10$"):
+        loop.make_scheduler(optimizer, warmup, 10)
+
+
 def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     """train() itself: the learning rate the optimizer holds when each step is taken (an optimizer pre-step
     hook sees it), against transformers' schedule for the same warmup and steps."""
@@ -135,6 +147,85 @@ def test_fp16_mixed_clipped_step_equals_fp32():
     assert half.loss == pytest.approx(full.loss, rel=1e-4)
     assert full_update.norm().item() == pytest.approx(lr * max_grad_norm, rel=1e-4)  # clipped to the bound
     assert ((half_update - full_update).norm() / full_update.norm()).item() < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers' Trainer.train() itself: accumulation, clipping of the accumulated gradient, no clipping
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny transformers Llama (fixed seed): the Trainer trains it, minipeft loads the same weights."""
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=97, max_position_embeddings=64, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def instruction_rows(prompt_lengths, answer_lengths) -> list[dict]:
+    """Rows as the Trainer's collator takes them: token ids, and labels -100 on the prompt (not shifted)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, answer in zip(prompt_lengths, answer_lengths):
+        ids = torch.randint(1, 97, (prompt + answer,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def pad_rows(rows: list[dict]) -> dict:
+    """The Trainer's batch: right-padded with 0, labels -100 on the padding."""
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100)}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n], batch["attention_mask"][i, :n] = torch.tensor(row["input_ids"]), 1
+        batch["labels"][i, :n] = torch.tensor(row["labels"])
+    return batch
+
+
+class InOrderTrainer(transformers.Trainer):
+    """The Trainer, drawing the rows in order (its sampler shuffles), so that both sides see the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+# max_grad_norm: clipping active (the accumulated gradient's norm is 1.7 to 2.3), and 0 and -1, which the
+# Trainer reads as no clipping (clip_grad_norm_ zeroed the gradient for 0, and for -1 flipped it: the loss rose)
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0, -1.0])
+def test_steps_equal_transformers_trainer_with_accumulation_and_clipping(max_grad_norm, llama_folder, tmp_path):
+    """Trainer.train() (its own fused AdamW, cosine schedule and clipping) for one epoch of 10
+    instruction rows, batch 2, gradient accumulation 2 (steps of 2, 2 and 1 micro-batches, with 1 to 20
+    labelled tokens each) against train_step on the same micro-batches: the loss, ‖g‖₂ and learning rate
+    each step logs, and the trained model's logits."""
+    rows = instruction_rows([3, 5, 2, 4, 6, 3, 2, 5, 4, 3], [1, 2, 9, 12, 1, 20, 3, 1, 15, 4])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=1,
+        learning_rate=1e-2, lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=max_grad_norm,
+        logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_folder)
+    reference = InOrderTrainer(model=theirs, args=args, train_dataset=rows, data_collator=pad_rows)
+    reference.train()
+    logged = [row[key] for row in reference.state.log_history if "loss" in row
+              for key in ("loss", "grad_norm", "learning_rate")]
+
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    mp.apply(ours, "full").train()
+    optimizer = loop.make_optimizer(ours, lr=1e-2, weight_decay=0.1)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 3)
+    batches = iter([pad_rows(rows[i:i + 2]) for i in range(0, len(rows), 2)])
+    batches = ({**b, "labels": torch.cat([b["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)} for b in batches)
+    results = [loop.train_step(ours, optimizer, scheduler, batches, "sft", grad_accum=micro, max_grad_norm=max_grad_norm)
+               for micro in (2, 2, 1)]
+    assert [value for r in results for value in (r.loss, r.grad_norm, r.lr)] == pytest.approx(logged, rel=1e-5)
+    idx = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert ours.eval()(idx) == pytest.approx(theirs.eval()(idx).logits, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

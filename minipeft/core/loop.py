@@ -4,7 +4,7 @@ accumulation, clipping and a guard against non-finite steps, and evaluation.
     for step in 1..steps:                                                       (train_step: one step)
         N = labelled tokens (or examples) in all micro-batches of all processes
         for micro in 1..grad_accum:  loss = Σ_i ℓ_i(model(batch)) / N;  loss.backward()
-        if loss and ‖g‖₂ are finite:  clip ‖g‖₂ ≤ max_grad_norm;  AdamW step
+        if loss and ‖g‖₂ are finite:  clip ‖g‖₂ ≤ max_grad_norm (if > 0);  AdamW step
         else:                         skip the update
         lr ← schedule(step)
 
@@ -202,7 +202,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 def make_scheduler(optimizer, warmup: float, steps: int, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
     counted as transformers' TrainingArguments counts a ratio; 0: no warmup); `done` steps already taken (a
-    resumed optimizer, whose param_groups hold their initial_lr)."""
+    resumed optimizer, whose param_groups hold their initial_lr). transformers reads a warmup of 1 or more as
+    a number of steps; this one refuses it rather than warm up for that many times `steps`."""
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup is the fraction of the run's {steps} steps that warm up the learning rate, in "
+                         f"[0, 1), got {warmup}; for n warmup steps pass n / {steps}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps),
                                              last_epoch=done - 1)
 
@@ -259,6 +263,14 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, proce
     return loss_sum, examples, sums
 
 
+def clip_gradients(trainable, max_grad_norm: float | None, processes: OneProcess = ONE_PROCESS) -> float:
+    """‖g‖₂ of the whole model before clipping, the gradient scaled down to at most max_grad_norm. As in
+    transformers' Trainer, a max_grad_norm of 0, below 0 or None clips nothing (clip_grad_norm_ would zero
+    the gradient for 0 and flip its sign below 0); the norm is still measured, clipped to ∞ (a factor of 1)."""
+    limit = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
+    return processes.whole_norm(torch.nn.utils.clip_grad_norm_(trainable, limit))
+
+
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
                processes: OneProcess = ONE_PROCESS, stop_requested: bool = False,
                scaling: NoLossScaling = NO_LOSS_SCALING, objective: Objective | None = None) -> StepResult:
@@ -278,7 +290,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     metrics = None if sums is None else objective.step_metrics(processes.total(sums))
     trainable = [p for p in net.parameters() if p.requires_grad]
     scaling.unscale(optimizer)
-    grad_norm = processes.whole_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+    grad_norm = clip_gradients(trainable, max_grad_norm, processes)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     overflow = scaling.step(optimizer, loss, grad_norm)  # steps unless not finite (the step counts either way)
     step_scheduler(scheduler)
