@@ -69,8 +69,8 @@ def test_schedule_is_transformers_cosine_with_the_warmup_a_step_ahead(warmup, st
 
 @pytest.mark.parametrize("warmup", [1.0, 5, -0.1, math.nan])
 def test_a_warmup_that_is_not_a_fraction_is_refused(warmup, tmp_path):
-    """transformers reads a warmup of 1 or more as a number of steps (5: five of the run's 10); minipeft's warmup is
-    a fraction, and ⌈5 · 10⌉ = 50 warmup steps would have left the learning rate at a fifth of its peak at the end."""
+    """transformers reads a warmup of 1 or more as a number of steps (5: five of the run's 10); minipeft's warmup
+    is a fraction, and ⌈5 · 10⌉ = 50 warmup steps would have left the learning rate at a fifth of its peak."""
     if warmup >= 1:
         assert reference_learning_rates(warmup, 10, 1.0, tmp_path)[1] == int(warmup)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -220,8 +220,7 @@ def test_steps_equal_transformers_trainer_with_accumulation_and_clipping(max_gra
     scheduler = loop.make_scheduler(optimizer, 0.0, 3)
     batches = iter([pad_rows(rows[i:i + 2]) for i in range(0, len(rows), 2)])
     batches = ({**b, "labels": torch.cat([b["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)} for b in batches)
-    results = [loop.train_step(ours, optimizer, scheduler, batches, "sft", grad_accum=micro, max_grad_norm=max_grad_norm)
-               for micro in (2, 2, 1)]
+    results = [loop.train_step(ours, optimizer, scheduler, batches, "sft", micro, max_grad_norm) for micro in (2, 2, 1)]
     assert [value for r in results for value in (r.loss, r.grad_norm, r.lr)] == pytest.approx(logged, rel=1e-5)
     idx = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -299,15 +298,40 @@ def test_evaluation_scores_the_whole_split_in_eval_mode_and_puts_the_training_mo
             assert got == {"accuracy": right / len(rows)} and 0 < right < len(rows)
 
 
-@pytest.mark.parametrize("flavor", ["gpt2", "llama", "gemma2"])
-def test_weight_decay_falls_on_weight_matrices_and_embeddings_not_on_biases_or_norms(flavor):
+# a fully trained model of three flavours; and methods whose trainable tensors are 1-D vectors (DoRA's magnitude,
+# (IA)³'s and VeRA's scales, LLaMA-Adapter's gate), which were left undecayed as if they were biases, and the
+# adapter's own layer norms
+DECAY_CASES = [("gpt2", "full"), ("llama", "full"), ("gemma2", "full"), ("llama", "dora"), ("llama", "ia3"),
+               ("gpt2", "vera"), ("llama", "llama_adapter"), ("gpt2", "adapter")]
+
+
+@pytest.mark.parametrize("flavor, method", DECAY_CASES, ids=[f"{f}-{m}" for f, m in DECAY_CASES])
+def test_weight_decay_falls_on_every_tensor_but_biases_and_norms(flavor, method):
     """The rule of transformers' Trainer (get_decay_parameter_names: no decay for biases and the weights of
-    layer norms, which it finds by HF's module names), on every parameter of a fully trained model."""
-    model = mp.apply(tiny_model(flavor), "full")
+    layer norms, which it finds by HF's module names; everything else decays, peft's vectors too:
+    test_the_trainer_decays_peft_vectors), on every trainable parameter."""
+    model = mp.apply(tiny_model(flavor), method, tokenizer=tiny_tokenizer())
     optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.1)
     decayed = {id(p): group["weight_decay"] > 0 for group in optimizer.param_groups for p in group["params"]}
     expected = {}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            expected[id(p)] = not (name == "bias" or isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)))
-    assert decayed == expected and any(expected.values()) and not all(expected.values())
+            if p.requires_grad:
+                expected[id(p)] = not (name == "bias" or isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)))
+    assert decayed == expected and any(expected.values())
+    assert all(expected.values()) == (method in ("dora", "ia3", "vera", "llama_adapter"))
+
+
+def test_the_trainer_decays_peft_vectors(llama_folder):
+    """What the rule above follows: the Trainer decays the 1-D (or n × 1) tensors of peft's DoRA, IA³, VeRA and
+    adaption prompt, whose names hold neither "bias" nor "norm"."""
+    peft = pytest.importorskip("peft")
+    configs = [peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+               peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               peft.VeraConfig(r=4, target_modules=["q_proj"]),
+               peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM")]
+    for config in configs:
+        model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(llama_folder), config)
+        decayed = set(transformers.Trainer.get_decay_parameter_names(None, model))
+        vectors = [n for n, p in model.named_parameters() if p.requires_grad and (p.ndim == 1 or min(p.shape) == 1)]
+        assert vectors and set(vectors) <= decayed

@@ -29,7 +29,7 @@ gradient norm). Data parallel averages the processes' gradients, so each process
 the number of processes W before backward.
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
-no state for them. Biases and norm weights (1-D tensors) get no weight decay.
+no state for them. Biases and norm weights get no weight decay; every other tensor does (undecayed).
 
 Three hooks let the outer rings in without changing a line here: `processes` (OneProcess: the sums over
 the other processes, none here; scale/processes.py's Processes adds them up across torchrun's processes),
@@ -170,15 +170,25 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
+def undecayed(model) -> set[int]:
+    """The ids of the biases and the norms' weights: AdamW does not decay them (transformers' Trainer's rule,
+    get_decay_parameter_names). Every other tensor decays, a method's vectors too (DoRA's magnitude, (IA)³'s
+    and VeRA's scales, LLaMA-Adapter's gate), as the Trainer decays peft's."""
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    return {id(p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+            if name == "bias" or isinstance(module, norms)}
+
+
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: no parameter has requires_grad")
     factors = lr_factors(model)  # the method's per-parameter learning-rate factors (LoRA+: B × lr_ratio)
+    no_decay = undecayed(model)
     groups = []
-    for decay in (True, False):  # biases and norm weights (1-D) get no weight decay
+    for decay in (True, False):
         for factor in sorted({factors.get(n, 1.0) for n, _ in trainable}):
-            params = [p for n, p in trainable if (p.ndim >= 2) == decay and factors.get(n, 1.0) == factor]
+            params = [p for n, p in trainable if (id(p) not in no_decay) == decay and factors.get(n, 1.0) == factor]
             groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * factor})
     groups = [g for g in groups if g["params"]]
     try:  # one fused kernel per step (CPU: 36 instead of 157 ms for MiniLM's 22.6M parameters), as
