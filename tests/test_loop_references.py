@@ -101,6 +101,27 @@ def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     assert [r["lr"] for r in rows if r["event"] == "step"] == seen  # each step logs the rate it ran at
 
 
+# options given to train() in Python, which train.py's flag checks do not see: 0 steps or micro-batches trained
+# nothing, a batch size of 0 divided by zero, 2.5 steps raised a TypeError
+BAD_OPTIONS = [("batch_size", 0, "a whole number >= 1"), ("batch_size", 2.0, "a whole number >= 1"),
+               ("grad_accum", 0, "a whole number >= 1"), ("steps", 0, "a whole number >= 1"),
+               ("steps", 2.5, "a whole number >= 1"), ("epochs", 0, "a finite number > 0"),
+               ("lr", -1e-3, "a finite number > 0"), ("weight_decay", -0.1, "a finite number >= 0"),
+               ("eval_every", -2, "a whole number >= 0"), ("max_bad_steps", 0, "a whole number >= 1")]
+
+
+@pytest.mark.parametrize("name, value, allowed", BAD_OPTIONS, ids=[f"{n}={v}" for n, v, _ in BAD_OPTIONS])
+def test_train_refuses_an_option_that_makes_no_sense_before_writing(name, value, allowed, tmp_path):
+    model = mp.apply(tiny_model("llama"), "lora")
+    rows = [[1, 2, 3, 4]] * 8
+    split = data.Dataset("lm", rows, [row[1:] + [loop.IGNORE_INDEX] for row in rows], pad_id=0)
+    task = data.TaskData("lm", {"train": split, "validation": split, "test": split}, None, None, 0)
+    cfg = trainer.TrainConfig(**{"steps": 2, "batch_size": 2, "out": str(tmp_path / "run"), name: value})
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{name} must be {allowed}, got {value!r}$"):
+        trainer.train(model, task, cfg)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # fp16-mixed: the gradient is unscaled before it is measured and clipped
 
