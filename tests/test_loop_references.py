@@ -216,6 +216,24 @@ class InOrderTrainer(transformers.Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
+def test_evaluation_loss_is_the_trainers_eval_loss_over_the_split_in_one_batch(llama_folder, tmp_path):
+    """Trainer.evaluate's eval_loss is a mean of batch means weighted by examples (loop.evaluate's docstring);
+    over the split in one batch it is the mean over every labelled token, which evaluate gives in any batch size."""
+    rows = instruction_rows([3, 5, 2, 4, 6], [1, 2, 9, 12, 20])
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_folder)
+    eval_loss = {}
+    for batch_size in (1, len(rows)):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=batch_size,
+                                              use_cpu=True, report_to=[], disable_tqdm=True)
+        reference = InOrderTrainer(model=theirs, args=args, eval_dataset=rows, data_collator=pad_rows)
+        eval_loss[batch_size] = reference.evaluate()["eval_loss"]
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    split = data.Dataset("sft", [row["input_ids"] for row in rows], [row["labels"][1:] + [-100] for row in rows], 0)
+    for batch_size in (1, 2, len(rows)):
+        assert loop.evaluate(ours, split, "sft", batch_size)["loss"] == pytest.approx(eval_loss[len(rows)], rel=1e-6)
+    assert eval_loss[1] != pytest.approx(eval_loss[len(rows)], rel=1e-3)  # the Trainer's figure moves with its batches
+
+
 # max_grad_norm: clipping active (the accumulated gradient's norm is 1.7 to 2.3), and 0 and -1, which the
 # Trainer reads as no clipping (clip_grad_norm_ zeroed the gradient for 0, and for -1 flipped it: the loss rose)
 @pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0, -1.0])
