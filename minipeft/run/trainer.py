@@ -82,8 +82,8 @@ class TrainConfig:
     batching: str = "by-length"  # or "random" (see BATCHING)
     lr: float | None = None  # peak learning rate; None: the method's own (registry Method.lr), as train.py
     weight_decay: float = 0.01
-    warmup: float = 0.06  # fraction of the steps
-    max_grad_norm: float = 1.0
+    warmup: float = 0.06  # fraction of the steps, in [0, 1)
+    max_grad_norm: float = 1.0  # 0 or less: no clipping, as transformers' Trainer
     eval_every: int | None = None  # steps between validation passes (and the last); None: four per run; 0: none
     eval_batch_size: int = 64
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
