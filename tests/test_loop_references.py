@@ -234,6 +234,18 @@ def test_evaluation_loss_is_the_trainers_eval_loss_over_the_split_in_one_batch(l
     assert eval_loss[1] != pytest.approx(eval_loss[len(rows)], rel=1e-3)  # the Trainer's figure moves with its batches
 
 
+def test_a_split_without_a_labelled_token_has_no_loss_as_in_the_trainer(llama_folder, tmp_path):
+    """Rows whose answers are empty: Trainer.evaluate's eval_loss is nan; evaluate's was 0.0, perplexity 1.0."""
+    rows = instruction_rows([3, 5], [0, 0])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
+    reference = InOrderTrainer(model=transformers.LlamaForCausalLM.from_pretrained(llama_folder), args=args,
+                               eval_dataset=rows, data_collator=pad_rows)
+    assert math.isnan(reference.evaluate()["eval_loss"])
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    split = data.Dataset("sft", [row["input_ids"] for row in rows], [row["labels"][1:] + [-100] for row in rows], 0)
+    assert all(math.isnan(value) for value in loop.evaluate(ours, split, "sft").values())
+
+
 # max_grad_norm: clipping active (the accumulated gradient's norm is 1.7 to 2.3), and 0 and -1, which the
 # Trainer reads as no clipping (clip_grad_norm_ zeroed the gradient for 0, and for -1 flipped it: the loss rose)
 @pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0, -1.0])

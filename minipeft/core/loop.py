@@ -170,8 +170,8 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
     correct, total, loss_sum = sums.tolist()
     model.train(was_training)
     if kind == "classification":
-        return {"accuracy": correct / max(total, 1)}
-    loss = loss_sum / max(total, 1)
+        return {"accuracy": correct / total if total else math.nan}
+    loss = loss_sum / total if total else math.nan  # no labelled token scored: no loss (not a perfect 0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
