@@ -67,6 +67,18 @@ def test_schedule_is_transformers_cosine_with_the_warmup_a_step_ahead(warmup, st
         assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("warmup", [1.0, 5, -0.1, math.nan])
+def test_a_warmup_that_is_not_a_fraction_is_refused(warmup, tmp_path):
+    """transformers reads a warmup of 1 or more as a number of steps (5: five of the run's 10); minipeft's warmup
+    is a fraction, and ⌈5 · 10⌉ = 50 warmup steps would have left the learning rate at a fifth of its peak."""
+    if warmup >= 1:
+        assert reference_learning_rates(warmup, 10, 1.0, tmp_path)[1] == int(warmup)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match=r"^warmup is the fraction of the run's 10 steps that warm up the learning "
+                                         r"rate, in \[0, 1\), got .*; for n warmup steps pass n / 10$"):
+        loop.make_scheduler(optimizer, warmup, 10)
+
+
 def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     """train() itself: the learning rate the optimizer holds when each step is taken (an optimizer pre-step
     hook sees it), against transformers' schedule for the same warmup and steps."""
@@ -87,6 +99,27 @@ def test_train_steps_at_the_scheduled_learning_rates(tmp_path):
     assert seen == pytest.approx(expected_learning_rates(0.25, 8, 1e-3, tmp_path / "hf"), rel=1e-12, abs=0)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r["event"] == "step"] == seen  # each step logs the rate it ran at
+
+
+# options given to train() in Python, which train.py's flag checks do not see: 0 steps or micro-batches trained
+# nothing, a batch size of 0 divided by zero, 2.5 steps raised a TypeError
+BAD_OPTIONS = [("batch_size", 0, "a whole number >= 1"), ("batch_size", 2.0, "a whole number >= 1"),
+               ("grad_accum", 0, "a whole number >= 1"), ("steps", 0, "a whole number >= 1"),
+               ("steps", 2.5, "a whole number >= 1"), ("epochs", 0, "a finite number > 0"),
+               ("lr", -1e-3, "a finite number > 0"), ("weight_decay", -0.1, "a finite number >= 0"),
+               ("eval_every", -2, "a whole number >= 0"), ("max_bad_steps", 0, "a whole number >= 1")]
+
+
+@pytest.mark.parametrize("name, value, allowed", BAD_OPTIONS, ids=[f"{n}={v}" for n, v, _ in BAD_OPTIONS])
+def test_train_refuses_an_option_that_makes_no_sense_before_writing(name, value, allowed, tmp_path):
+    model = mp.apply(tiny_model("llama"), "lora")
+    rows = [[1, 2, 3, 4]] * 8
+    split = data.Dataset("lm", rows, [row[1:] + [loop.IGNORE_INDEX] for row in rows], pad_id=0)
+    task = data.TaskData("lm", {"train": split, "validation": split, "test": split}, None, None, 0)
+    cfg = trainer.TrainConfig(**{"steps": 2, "batch_size": 2, "out": str(tmp_path / "run"), name: value})
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{name} must be {allowed}, got {value!r}$"):
+        trainer.train(model, task, cfg)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,6 +168,114 @@ def test_fp16_mixed_clipped_step_equals_fp32():
     assert half.loss == pytest.approx(full.loss, rel=1e-4)
     assert full_update.norm().item() == pytest.approx(lr * max_grad_norm, rel=1e-4)  # clipped to the bound
     assert ((half_update - full_update).norm() / full_update.norm()).item() < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers' Trainer.train() itself: accumulation, clipping of the accumulated gradient, no clipping
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny transformers Llama (fixed seed): the Trainer trains it, minipeft loads the same weights."""
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=97, max_position_embeddings=64, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def instruction_rows(prompt_lengths, answer_lengths) -> list[dict]:
+    """Rows as the Trainer's collator takes them: token ids, and labels -100 on the prompt (not shifted)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, answer in zip(prompt_lengths, answer_lengths):
+        ids = torch.randint(1, 97, (prompt + answer,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def pad_rows(rows: list[dict]) -> dict:
+    """The Trainer's batch: right-padded with 0, labels -100 on the padding."""
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100)}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n], batch["attention_mask"][i, :n] = torch.tensor(row["input_ids"]), 1
+        batch["labels"][i, :n] = torch.tensor(row["labels"])
+    return batch
+
+
+class InOrderTrainer(transformers.Trainer):
+    """The Trainer, drawing the rows in order (its sampler shuffles), so that both sides see the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def test_evaluation_loss_is_the_trainers_eval_loss_over_the_split_in_one_batch(llama_folder, tmp_path):
+    """Trainer.evaluate's eval_loss is a mean of batch means weighted by examples (loop.evaluate's docstring);
+    over the split in one batch it is the mean over every labelled token, which evaluate gives in any batch size."""
+    rows = instruction_rows([3, 5, 2, 4, 6], [1, 2, 9, 12, 20])
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_folder)
+    eval_loss = {}
+    for batch_size in (1, len(rows)):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=batch_size,
+                                              use_cpu=True, report_to=[], disable_tqdm=True)
+        reference = InOrderTrainer(model=theirs, args=args, eval_dataset=rows, data_collator=pad_rows)
+        eval_loss[batch_size] = reference.evaluate()["eval_loss"]
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    split = data.Dataset("sft", [row["input_ids"] for row in rows], [row["labels"][1:] + [-100] for row in rows], 0)
+    for batch_size in (1, 2, len(rows)):
+        assert loop.evaluate(ours, split, "sft", batch_size)["loss"] == pytest.approx(eval_loss[len(rows)], rel=1e-6)
+    assert eval_loss[1] != pytest.approx(eval_loss[len(rows)], rel=1e-3)  # the Trainer's figure moves with its batches
+
+
+def test_a_split_without_a_labelled_token_has_no_loss_as_in_the_trainer(llama_folder, tmp_path):
+    """Rows whose answers are empty: Trainer.evaluate's eval_loss is nan; evaluate's was 0.0, perplexity 1.0."""
+    rows = instruction_rows([3, 5], [0, 0])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
+    reference = InOrderTrainer(model=transformers.LlamaForCausalLM.from_pretrained(llama_folder), args=args,
+                               eval_dataset=rows, data_collator=pad_rows)
+    assert math.isnan(reference.evaluate()["eval_loss"])
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    split = data.Dataset("sft", [row["input_ids"] for row in rows], [row["labels"][1:] + [-100] for row in rows], 0)
+    assert all(math.isnan(value) for value in loop.evaluate(ours, split, "sft").values())
+
+
+# max_grad_norm: clipping active (the accumulated gradient's norm is 1.7 to 2.3), and 0 and -1, which the
+# Trainer reads as no clipping (clip_grad_norm_ zeroed the gradient for 0, and for -1 flipped it: the loss rose)
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0, -1.0])
+def test_steps_equal_transformers_trainer_with_accumulation_and_clipping(max_grad_norm, llama_folder, tmp_path):
+    """Trainer.train() (its own fused AdamW, cosine schedule and clipping) for one epoch of 10
+    instruction rows, batch 2, gradient accumulation 2 (steps of 2, 2 and 1 micro-batches, with 1 to 20
+    labelled tokens each) against train_step on the same micro-batches: the loss, ‖g‖₂ and learning rate
+    each step logs, and the trained model's logits."""
+    rows = instruction_rows([3, 5, 2, 4, 6, 3, 2, 5, 4, 3], [1, 2, 9, 12, 1, 20, 3, 1, 15, 4])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=1,
+        learning_rate=1e-2, lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=max_grad_norm,
+        logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_folder)
+    reference = InOrderTrainer(model=theirs, args=args, train_dataset=rows, data_collator=pad_rows)
+    reference.train()
+    logged = [row[key] for row in reference.state.log_history if "loss" in row
+              for key in ("loss", "grad_norm", "learning_rate")]
+
+    ours, _ = mp.from_pretrained(llama_folder, dropout=0.0)
+    mp.apply(ours, "full").train()
+    optimizer = loop.make_optimizer(ours, lr=1e-2, weight_decay=0.1)
+    scheduler = loop.make_scheduler(optimizer, 0.0, 3)
+    batches = iter([pad_rows(rows[i:i + 2]) for i in range(0, len(rows), 2)])
+    batches = ({**b, "labels": torch.cat([b["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)} for b in batches)
+    results = [loop.train_step(ours, optimizer, scheduler, batches, "sft", micro, max_grad_norm) for micro in (2, 2, 1)]
+    assert [value for r in results for value in (r.loss, r.grad_norm, r.lr)] == pytest.approx(logged, rel=1e-5)
+    idx = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert ours.eval()(idx) == pytest.approx(theirs.eval()(idx).logits, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,15 +349,40 @@ def test_evaluation_scores_the_whole_split_in_eval_mode_and_puts_the_training_mo
             assert got == {"accuracy": right / len(rows)} and 0 < right < len(rows)
 
 
-@pytest.mark.parametrize("flavor", ["gpt2", "llama", "gemma2"])
-def test_weight_decay_falls_on_weight_matrices_and_embeddings_not_on_biases_or_norms(flavor):
+# a fully trained model of three flavours; and methods whose trainable tensors are 1-D vectors (DoRA's magnitude,
+# (IA)³'s and VeRA's scales, LLaMA-Adapter's gate), which were left undecayed as if they were biases, and the
+# adapter's own layer norms
+DECAY_CASES = [("gpt2", "full"), ("llama", "full"), ("gemma2", "full"), ("llama", "dora"), ("llama", "ia3"),
+               ("gpt2", "vera"), ("llama", "llama_adapter"), ("gpt2", "adapter")]
+
+
+@pytest.mark.parametrize("flavor, method", DECAY_CASES, ids=[f"{f}-{m}" for f, m in DECAY_CASES])
+def test_weight_decay_falls_on_every_tensor_but_biases_and_norms(flavor, method):
     """The rule of transformers' Trainer (get_decay_parameter_names: no decay for biases and the weights of
-    layer norms, which it finds by HF's module names), on every parameter of a fully trained model."""
-    model = mp.apply(tiny_model(flavor), "full")
+    layer norms, which it finds by HF's module names; everything else decays, peft's vectors too:
+    test_the_trainer_decays_peft_vectors), on every trainable parameter."""
+    model = mp.apply(tiny_model(flavor), method, tokenizer=tiny_tokenizer())
     optimizer = loop.make_optimizer(model, lr=1e-3, weight_decay=0.1)
     decayed = {id(p): group["weight_decay"] > 0 for group in optimizer.param_groups for p in group["params"]}
     expected = {}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            expected[id(p)] = not (name == "bias" or isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)))
-    assert decayed == expected and any(expected.values()) and not all(expected.values())
+            if p.requires_grad:
+                expected[id(p)] = not (name == "bias" or isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)))
+    assert decayed == expected and any(expected.values())
+    assert all(expected.values()) == (method in ("dora", "ia3", "vera", "llama_adapter"))
+
+
+def test_the_trainer_decays_peft_vectors(llama_folder):
+    """What the rule above follows: the Trainer decays the 1-D (or n × 1) tensors of peft's DoRA, IA³, VeRA and
+    adaption prompt, whose names hold neither "bias" nor "norm"."""
+    peft = pytest.importorskip("peft")
+    configs = [peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+               peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               peft.VeraConfig(r=4, target_modules=["q_proj"]),
+               peft.AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM")]
+    for config in configs:
+        model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(llama_folder), config)
+        decayed = set(transformers.Trainer.get_decay_parameter_names(None, model))
+        vectors = [n for n, p in model.named_parameters() if p.requires_grad and (p.ndim == 1 or min(p.shape) == 1)]
+        assert vectors and set(vectors) <= decayed

@@ -4,7 +4,7 @@ accumulation, clipping and a guard against non-finite steps, and evaluation.
     for step in 1..steps:                                                       (train_step: one step)
         N = labelled tokens (or examples) in all micro-batches of all processes
         for micro in 1..grad_accum:  loss = Σ_i ℓ_i(model(batch)) / N;  loss.backward()
-        if loss and ‖g‖₂ are finite:  clip ‖g‖₂ ≤ max_grad_norm;  AdamW step
+        if loss and ‖g‖₂ are finite:  clip ‖g‖₂ ≤ max_grad_norm (if > 0);  AdamW step
         else:                         skip the update
         lr ← schedule(step)
 
@@ -29,7 +29,7 @@ gradient norm). Data parallel averages the processes' gradients, so each process
 the number of processes W before backward.
 
 Only parameters with requires_grad reach the optimizer, so frozen weights cannot move and AdamW keeps
-no state for them. Biases and norm weights (1-D tensors) get no weight decay.
+no state for them. Biases and norm weights get no weight decay; every other tensor does (undecayed).
 
 Three hooks let the outer rings in without changing a line here: `processes` (OneProcess: the sums over
 the other processes, none here; scale/processes.py's Processes adds them up across torchrun's processes),
@@ -141,7 +141,12 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
              objective: Objective | None = None) -> dict:
     """Accuracy (classification) or mean token loss and perplexity (lm, sft: over the labelled tokens)
     over a whole split; with several processes each scores its shard and the sums are added up (every
-    process must call). Exact match of generated answers: run/exact_match.py. With an objective: its own."""
+    process must call). Exact match of generated answers: run/exact_match.py. With an objective: its own.
+
+    The loss weighs every labelled token of the split alike, whatever batch_size. transformers' Trainer.evaluate
+    reports the mean of its batches' token means weighted by their examples, which moves with its batch size
+    (5 rows with answers of 1 to 20 tokens: 4.5949 in batches of 1, 4.5929 of 2, 4.6089 of 5); it equals this
+    loss when it scores the split in one batch."""
     if objective is not None:
         return objective.evaluate(model, dataset, batch_size, processes)
     was_training = model.training
@@ -165,9 +170,18 @@ def evaluate(model, dataset, kind: str, batch_size: int = 64, processes: OneProc
     correct, total, loss_sum = sums.tolist()
     model.train(was_training)
     if kind == "classification":
-        return {"accuracy": correct / max(total, 1)}
-    loss = loss_sum / max(total, 1)
+        return {"accuracy": correct / total if total else math.nan}
+    loss = loss_sum / total if total else math.nan  # no labelled token scored: no loss (not a perfect 0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def undecayed(model) -> set[int]:
+    """The ids of the biases and the norms' weights: AdamW does not decay them (transformers' Trainer's rule,
+    get_decay_parameter_names). Every other tensor decays, a method's vectors too (DoRA's magnitude, (IA)³'s
+    and VeRA's scales, LLaMA-Adapter's gate), as the Trainer decays peft's."""
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    return {id(p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+            if name == "bias" or isinstance(module, norms)}
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -175,10 +189,11 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     if not trainable:
         raise ValueError("nothing to train: no parameter has requires_grad")
     factors = lr_factors(model)  # the method's per-parameter learning-rate factors (LoRA+: B × lr_ratio)
+    no_decay = undecayed(model)
     groups = []
-    for decay in (True, False):  # biases and norm weights (1-D) get no weight decay
+    for decay in (True, False):
         for factor in sorted({factors.get(n, 1.0) for n, _ in trainable}):
-            params = [p for n, p in trainable if (p.ndim >= 2) == decay and factors.get(n, 1.0) == factor]
+            params = [p for n, p in trainable if (id(p) not in no_decay) == decay and factors.get(n, 1.0) == factor]
             groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * factor})
     groups = [g for g in groups if g["params"]]
     try:  # one fused kernel per step (CPU: 36 instead of 157 ms for MiniLM's 22.6M parameters), as
@@ -202,7 +217,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 def make_scheduler(optimizer, warmup: float, steps: int, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """warmup_cosine over `steps`, warming up for ⌈warmup · steps⌉ of them (warmup: a fraction in [0, 1),
     counted as transformers' TrainingArguments counts a ratio; 0: no warmup); `done` steps already taken (a
-    resumed optimizer, whose param_groups hold their initial_lr)."""
+    resumed optimizer, whose param_groups hold their initial_lr). transformers reads a warmup of 1 or more as
+    a number of steps; this one refuses it rather than warm up for that many times `steps`."""
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup is the fraction of the run's {steps} steps that warm up the learning rate, in "
+                         f"[0, 1), got {warmup}; for n warmup steps pass n / {steps}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(math.ceil(warmup * steps), steps),
                                              last_epoch=done - 1)
 
@@ -259,6 +278,14 @@ def accumulate_gradients(net, batches, kind: str, grad_accum: int, device, proce
     return loss_sum, examples, sums
 
 
+def clip_gradients(trainable, max_grad_norm: float | None, processes: OneProcess = ONE_PROCESS) -> float:
+    """‖g‖₂ of the whole model before clipping, the gradient scaled down to at most max_grad_norm. As in
+    transformers' Trainer, a max_grad_norm of 0, below 0 or None clips nothing (clip_grad_norm_ would zero
+    the gradient for 0 and flip its sign below 0); the norm is still measured, clipped to ∞ (a factor of 1)."""
+    limit = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
+    return processes.whole_norm(torch.nn.utils.clip_grad_norm_(trainable, limit))
+
+
 def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 1, max_grad_norm: float = 1.0,
                processes: OneProcess = ONE_PROCESS, stop_requested: bool = False,
                scaling: NoLossScaling = NO_LOSS_SCALING, objective: Objective | None = None) -> StepResult:
@@ -278,7 +305,7 @@ def train_step(net, optimizer, scheduler, batches, kind: str, grad_accum: int = 
     metrics = None if sums is None else objective.step_metrics(processes.total(sums))
     trainable = [p for p in net.parameters() if p.requires_grad]
     scaling.unscale(optimizer)
-    grad_norm = processes.whole_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+    grad_norm = clip_gradients(trainable, max_grad_norm, processes)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     overflow = scaling.step(optimizer, loss, grad_norm)  # steps unless not finite (the step counts either way)
     step_scheduler(scheduler)

@@ -67,6 +67,12 @@ def preference_objective(cfg):
     return cfg.dpo or DPOLoss()
 
 
+# TrainConfig's whole-number options and their least values; of them, those that may be None
+WHOLE_NUMBERS = {"batch_size": 1, "grad_accum": 1, "steps": 1, "eval_every": 0, "eval_batch_size": 1,
+                 "eval_generate": 0, "save_every": 0, "max_bad_steps": 1, "stop_at": 1}
+MAY_BE_NONE = ("steps", "eval_every", "stop_at")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 1.0  # used when steps is None
@@ -76,8 +82,8 @@ class TrainConfig:
     batching: str = "by-length"  # or "random" (see BATCHING)
     lr: float | None = None  # peak learning rate; None: the method's own (registry Method.lr), as train.py
     weight_decay: float = 0.01
-    warmup: float = 0.06  # fraction of the steps
-    max_grad_norm: float = 1.0
+    warmup: float = 0.06  # fraction of the steps, in [0, 1)
+    max_grad_norm: float = 1.0  # 0 or less: no clipping, as transformers' Trainer
     eval_every: int | None = None  # steps between validation passes (and the last); None: four per run; 0: none
     eval_batch_size: int = 64
     eval_generate: int = 100  # sft: validation examples answered and scored by exact match each validation
@@ -97,6 +103,20 @@ class TrainConfig:
         """lr, or when lr is None the learning rate of the model's method for this kind of task
         (adapted.task_defaults, as train.py)."""
         return self.lr if self.lr is not None else task_defaults(model.peft_config["method"], kind)[0]
+
+    def check(self):
+        """Stop in one sentence on an option that makes no sense, naming it (train.py has checked its flags
+        already, under their own names: train_args.check_numbers). A whole number of 0 steps or micro-batches
+        trained nothing, and a batch of 0 divided by zero."""
+        for name, least in WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if not (value is None and name in MAY_BE_NONE) and (type(value) is not int or value < least):
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= {least}, got {value!r}")
+        for name, ok, allowed in [("epochs", 0 < self.epochs < math.inf, "a finite number > 0"),
+                                  ("lr", self.lr is None or 0 < self.lr < math.inf, "a finite number > 0"),
+                                  ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0")]:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
 
     @property
     def scores_test(self) -> bool:
@@ -262,6 +282,7 @@ class TrainingRun:
     checkpoint and the adapter and returns the summary."""
 
     def __init__(self, model, data, cfg: TrainConfig):
+        cfg.check()
         if cfg.batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {cfg.batching!r}")
         if cfg.batching == "by-length":
