@@ -177,12 +177,24 @@ def test_a_model_merged_in_memory_exports_as_before_and_is_still_checked_against
     assert largest_difference(model, transformers_model(tmp_path / "merged"), "llama") < 1e-4
 
 
-def test_a_method_that_trains_base_parameters_exports_without_a_base_to_compare(tmp_path):
-    model = tuned("gpt2", method="bitfit")  # the biases of the base itself train: no copy of the base is kept
+@pytest.mark.parametrize("family, method, n_classes, frozen", [
+    ("gpt2", "bitfit", None, False),  # the biases of the base itself train: no copy of the base is kept
+    ("llama", "head", None, False),  # an untied LM head is the base's own
+    ("llama", "head", 2, False),  # a fresh classifier head alone: no base model to compare with
+    ("llama", "full", None, True),  # trained, then frozen for serving: still no base kept
+])
+def test_a_method_that_trains_base_parameters_exports_without_a_base_to_compare(family, method, n_classes, frozen,
+                                                                                tmp_path):
+    model = tuned(family, n_classes=n_classes, method=method)
+    if n_classes:
+        with torch.no_grad():
+            model.head.bias.zero_()
+    if frozen:
+        model.requires_grad_(False)
     report = mp.export(model, tmp_path / "out", format="hf")
     assert report.check.adapter_change is None
-    assert largest_difference(model, transformers_model(tmp_path / "out"), "gpt2") < 1e-4
-    with pytest.raises(ValueError, match="bitfit trains the base model's own parameters, which a peft adapter"):
+    assert largest_difference(model, transformers_model(tmp_path / "out"), family, n_classes) < 1e-4
+    with pytest.raises(ValueError, match=f"{method} trains the base model's own parameters, which a peft adapter"):
         mp.export(model, tmp_path / "peft", format="peft")
 
 
