@@ -152,12 +152,15 @@ def test_token_ids_the_model_does_not_record_come_from_its_tokenizer(tmp_path):
     assert theirs.decode(theirs(text)["input_ids"]) == tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_exports_hold_that_dtype(dtype, tmp_path):
-    model = tuned("llama")
+@pytest.mark.parametrize("dtype, held_in", [
+    ("bf16", torch.float32), ("fp16", torch.float32),
+    ("fp32", torch.bfloat16),  # a model cast by hand (not set_precision): checked within its own bf16 rounding
+])
+def test_an_export_holds_the_dtype_asked_for(dtype, held_in, tmp_path):
+    model = tuned("llama").to(held_in)
     report = mp.export(model, tmp_path / "out", format="hf", dtype=dtype)
     hf = transformers_model(tmp_path / "out")
-    assert hf.config.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert hf.config.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert report.check.largest_difference < 0.1 * report.check.scale
 
 

@@ -126,7 +126,7 @@ def _compare_with_memory(model, reloaded, tokenizer, dtype: str) -> check.Check:
     ours = check.logits_on(reloaded, batch)
     base = base_weights(model)
     base_logits = None if base is None else check.logits_on(check.plain_model(model.cfg, base), batch)
-    return check.compare(batch.names, ours, memory, base_logits, dtype, getattr(model, "precision", "fp32"))
+    return check.compare(batch.names, ours, memory, base_logits, dtype, check.precision(model))
 
 
 def _write_peft(model, folder: Path, request: Request) -> check.Check:
@@ -146,7 +146,7 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
     base_logits = check.logits_on(reloaded, batch)
     load_adapter(reloaded, folder)
     return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
-                         getattr(model, "precision", "fp32"))
+                         check.precision(model))
 
 
 def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
@@ -168,7 +168,7 @@ def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
     base_logits = check.logits_on(reloaded, batch)
     gguf_lora.read_gguf_lora(reloaded, folder / GGUF_LORA_FILE)
     return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
-                         getattr(model, "precision", "fp32"))
+                         check.precision(model))
 
 
 WRITERS = {"hf": _write_merged_hf, "gguf": _write_merged_gguf, "gguf-lora": _write_gguf_lora, "peft": _write_peft}

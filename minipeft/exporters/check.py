@@ -8,9 +8,10 @@
 The export passes when
     1. the method changes the model at all: max |memory − base| > 0. An adapter that leaves the logits
        equal to the base model's (LoRA's B still zero: never trained, or not loaded) is an error, not a file;
-    2. the reloaded model computes the model in memory, up to the rounding of the dtype written:
-       max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and, where there is a base, the
-       reloaded logits are nearer the model in memory than the base's (the update outlived the rounding).
+    2. the reloaded model computes the model in memory, up to the rounding of the dtype written (or of the
+       one the model computes in, if wider): max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and,
+       where there is a base, the reloaded logits are nearer the model in memory than the base's (the
+       update outlived the rounding).
 The report names the sentence with the largest difference.
 """
 import copy
@@ -25,7 +26,8 @@ PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the q
 # largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'
 # order (merged W + ΔW against x Wᵀ + x ΔWᵀ); the others, their own rounding of every weight
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "q8_0": 1e-1}
-PRECISION_DTYPES = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "fp16-mixed": "fp16"}
+PRECISION_DTYPES = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "fp16-mixed": "fp16",
+                    "bf16": "bf16", "fp16": "fp16"}  # the last two: a model cast by hand (precision below)
 
 
 @dataclass
@@ -90,6 +92,15 @@ def plain_model(cfg, weights: dict[str, torch.Tensor]) -> Transformer:
     if cfg.tie_embeddings and not cfg.n_classes:
         model.head.weight = model.tok_emb.weight
     return model.eval()
+
+
+def precision(model) -> str:
+    """What the model in memory computes in: the precision set_precision recorded, else its weights' dtype (a
+    model cast with .to(torch.bfloat16) rounds its logits as bf16 does, and its export is checked so)."""
+    recorded = getattr(model, "precision", "fp32")
+    if recorded != "fp32":
+        return recorded
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
 
 
 def compare(names: list[str], reloaded: list, memory: list, base: list | None, dtype: str, precision: str) -> Check:
