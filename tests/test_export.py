@@ -354,6 +354,27 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(max_shard_bytes="2GB"), "max_shard_bytes must be a whole number of bytes >= 1, not '2GB'"),
+    (dict(max_shard_bytes=0), "max_shard_bytes must be a whole number of bytes >= 1, not 0"),
+    (dict(tokenizer="gpt2"), "tokenizer must be the tokenizers.Tokenizer that mp.from_pretrained returned with the "
+                             "model, not a str"),
+    (dict(chat_template="chat.jinja"), "a chat_template is written with the tokenizer, and this export writes none"),
+    (dict(format="peft", tokenizer="bytes", chat_template="chat.jinja"), "a chat_template is written with the"),
+    (dict(tokenizer="bytes", chat_template="chat.jinja"), "chat_template chat.jinja: no such file; give a jinja2"),
+    (dict(name="a"), "this model has no adapters loaded by name, so none is called 'a'; leave name out"),
+    (dict(tokenizer="bytes"), r"the tokenizer gives token id \d+, past the model's 97 embeddings, so it is not this"),
+])
+def test_export_options_it_cannot_use_are_refused_in_one_sentence(options, message, tmp_path):
+    """Each was a TypeError, AttributeError or IndexError, an option silently dropped, or (a missing template
+    file) a message about a full disk."""
+    if options.get("tokenizer") == "bytes":
+        options["tokenizer"] = byte_tokenizer()  # 257 tokens: another model's (this one has 97)
+    with pytest.raises(ValueError, match=message):
+        mp.export(tuned("llama"), tmp_path / "out", **options)
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_model_in_memory_is_not_touched(tmp_path):
     model = tuned("gemma2")
     before = {k: v.clone() for k, v in model.state_dict().items()}

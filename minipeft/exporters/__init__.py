@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
+from tokenizers import Tokenizer
 
 from minipeft.formats.adapter_io import load_adapter, save_adapter
 from minipeft.extras import multi
@@ -75,6 +76,25 @@ class Request:
     max_shard_bytes: int
 
 
+def check_options(model, fmt: str, request: Request, name: str | None) -> None:
+    """ValueError for an argument export cannot use as given, before anything is written."""
+    size = request.max_shard_bytes
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_shard_bytes must be a whole number of bytes >= 1, not {size!r}")
+    if request.tokenizer and not isinstance(request.tokenizer, Tokenizer):
+        raise ValueError(f"tokenizer must be the tokenizers.Tokenizer that mp.from_pretrained returned with the "
+                         f"model, not a {type(request.tokenizer).__name__}")
+    if request.chat_template is not None:
+        if fmt not in ("hf", "gguf") or not request.tokenizer:
+            raise ValueError("a chat_template is written with the tokenizer, and this export writes none (formats "
+                             "hf and gguf do, given the tokenizer mp.from_pretrained returned); leave it out")
+        if not Path(request.chat_template).is_file():
+            raise ValueError(f"chat_template {request.chat_template}: no such file; give a jinja2 template file")
+    if name is not None and model.adapters is None:
+        raise ValueError(f"this model has no adapters loaded by name, so none is called {name!r}; leave name out "
+                         "to export its method")
+
+
 def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None, chat_template=None,
            name: str | None = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ExportReport:
     """Write `model` (its method merged, or its adapter alone) to the new folder `path` in `format`,
@@ -84,10 +104,11 @@ def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None,
     (default: the active one). `max_shard_bytes`: hf's largest safetensors file."""
     path = Path(path)
     check_request(path, format, dtype)
+    request = Request(dtype, tokenizer, chat_template, max_shard_bytes)
+    check_options(model, format, request, name)
     if model.adapters is not None:
         with multi.single_view(model, name or model.adapters.active):
             return export(model, path, format, dtype, tokenizer, chat_template, None, max_shard_bytes)
-    request = Request(dtype, tokenizer, chat_template, max_shard_bytes)
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.export-{os.getpid()}"

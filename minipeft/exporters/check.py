@@ -57,6 +57,9 @@ def probes(model, tokenizer) -> Probes:
     cfg = model.cfg
     if tokenizer:
         names, rows = list(PROBES), [tokenizer.encode(text).ids[:cfg.max_seq_len] for text in PROBES]
+        if (largest := max(max(row, default=0) for row in rows)) >= cfg.vocab_size:
+            raise ValueError(f"the tokenizer gives token id {largest}, past the model's {cfg.vocab_size} embeddings, "
+                             "so it is not this model's tokenizer; pass the one mp.from_pretrained returned with it")
     else:
         g = torch.Generator().manual_seed(0)
         names = [f"random token ids #{k}" for k in range(len(PROBES))]
