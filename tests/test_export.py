@@ -454,6 +454,25 @@ def test_the_peft_export_runs_in_peft_on_the_hf_export_of_its_base(family, tmp_p
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_lora_that_rewrote_its_base_exports_merged_as_peft_merges_it(init, tmp_path):
+    """peft, given the adapter and the original base, recomputes the residual and merges: the hf export gives
+    its logits. The peft export cannot be checked on the residual base the model holds: refused, not failed."""
+    peft = pytest.importorskip("peft")
+    mp.export(tiny_model("llama"), tmp_path / "base", format="hf")  # the original base, before the residual
+    model = tuned("llama", init=init)
+    mp.export(model, tmp_path / "merged", format="hf")
+    mp.save_adapter(model, tmp_path / "adapter", format="peft")
+    theirs = peft.PeftModel.from_pretrained(transformers_model(tmp_path / "base"), tmp_path / "adapter")
+    ours, theirs = transformers_model(tmp_path / "merged"), theirs.merge_and_unload().eval()
+    idx, mask = tiny_batch()
+    with torch.no_grad():
+        assert (ours(idx, attention_mask=mask).logits - theirs(idx, attention_mask=mask).logits).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=f"this {init} LoRA rewrote the base weights it sits on, .* save it "
+                                         "unchecked with mp.save_adapter"):
+        mp.export(model, tmp_path / "peft", format="peft")
+
+
 def test_the_peft_export_of_a_named_model_names_its_hub_id(smollm2_lora, tmp_path):
     model, tokenizer = smollm2_lora
     mp.export(model, tmp_path / "out", format="peft", tokenizer=tokenizer)

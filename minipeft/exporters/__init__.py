@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from minipeft.formats.adapter_io import load_adapter, save_adapter
 from minipeft.extras import multi
+from minipeft.core.registry import get_method
 from minipeft.peft_format import PEFT_CONFIG
 from minipeft.formats.pretrained import from_pretrained
 from . import check, gguf, gguf_lora, hf
@@ -155,6 +156,11 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
     if base is None and model.peft_config:
         raise ValueError(f"{model.peft_config['method']} trains the base model's own parameters, which a peft "
                          "adapter does not hold; export the merged model (format 'hf' or 'gguf')")
+    if model.peft_config and get_method(model.peft_config["method"]).changes_base(**model.peft_config["options"]):
+        raise ValueError(f"this {model.peft_config['options']['init']} LoRA rewrote the base weights it sits on, and "
+                         "loading its adapter computes that residual again from the original base, which this model "
+                         "no longer holds to check the file on; save it unchecked with mp.save_adapter(model, path, "
+                         "format='peft'), or export the merged model (format 'hf')")
     save_adapter(model, folder, format="peft")
     config_file = folder / PEFT_CONFIG
     config = json.loads(config_file.read_text())
