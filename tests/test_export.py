@@ -24,7 +24,8 @@ from safetensors import safe_open
 
 import minipeft as mp
 from minipeft.core.model import FAMILIES
-from minipeft.exporters import check
+from minipeft.exporters import check, hf as hf_writer
+from minipeft.exporters.merged import base_weights
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from minipeft.formats.tokenization import byte_level_bpe, byte_tokenizer, bytes_to_unicode
@@ -291,6 +292,20 @@ def test_the_check_holds_an_export_to_the_model_within_the_rounding_of_its_dtype
         compare(0.0, "fp32", base=memory)
     without_base = compare(0.0, "fp32", base=None)
     assert without_base.adapter_change is None and "adapter" not in str(without_base)
+
+
+@pytest.mark.parametrize("dtype, lost", [("bf16", "blocks.0.mlp.down"), ("bf16", "blocks.1.attn.q"),
+                                         ("fp16", "blocks.1.attn.q")])
+def test_files_that_lose_a_layers_update_are_refused_in_any_dtype(dtype, lost, tmp_path, monkeypatch):
+    """A writer that drops one layer's update (made up here) stays within a half dtype's bound of the model
+    in memory, and nearer it than the base; the files are checked against the merged weights they should hold."""
+    model = tuned("llama")
+    base, write = base_weights(model), hf_writer.hf_tensors
+    monkeypatch.setattr(hf_writer, "hf_tensors", lambda cfg, weights: write(cfg, {**weights, f"{lost}.weight":
+                                                                            base[f"{lost}.weight"]}))
+    with pytest.raises(ValueError, match="the files, read back, do not hold the merged weights written"):
+        mp.export(model, tmp_path / "out", format="hf", dtype=dtype)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_model_left_in_training_mode_with_dropout_is_checked_without_it(tmp_path):

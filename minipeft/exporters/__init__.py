@@ -137,9 +137,16 @@ def _write_merged_hf(model, folder: Path, request: Request) -> check.Check:
     weights = merged_weights(model, "hf")
     hf.write_hf(model, weights, folder, request.dtype, request.tokenizer, request.max_shard_bytes,
                 request.chat_template)
+    batch, memory = _probe(model, request.tokenizer)
+    merged = check.logits_on(check.plain_model(model.cfg, weights), batch)
+    for name, tensor in weights.items():  # as the files hold them, one tensor at a time (no second model)
+        weights[name] = tensor.to(hf.DTYPES[request.dtype]).float()
+    written = check.logits_on(check.plain_model(model.cfg, weights), batch)
     del weights
     reloaded, _ = from_pretrained(folder)
-    return _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+    result = _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+    check.check_steps(batch.names, merged, written, check.logits_on(reloaded, batch), memory, check.precision(model))
+    return result
 
 
 def _compare_with_memory(model, reloaded, tokenizer, dtype: str) -> check.Check:

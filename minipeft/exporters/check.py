@@ -11,7 +11,10 @@ The export passes when
     2. the reloaded model computes the model in memory, up to the rounding of the dtype written (or of the
        one the model computes in, if wider): max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and,
        where there is a base, the reloaded logits are nearer the model in memory than the base's (the
-       update outlived the rounding).
+       update outlived the rounding);
+    3. for hf, whose merged weights are at hand, also step by step (check_steps): the merged weights compute
+       the model in memory, and the files give the same weights rounded to the dtype, both within fp32's bound;
+       rule 2's bound for a half dtype is loose enough to miss a layer lost on the way.
 The report names the sentence with the largest difference.
 """
 import copy
@@ -125,6 +128,27 @@ def compare(names: list[str], reloaded: list, memory: list, base: list | None, d
         raise ValueError(f"in {dtype} the adapter's change is lost in the rounding (the export is as near the base "
                          f"model as the tuned one: {check}); export in a wider dtype (fp32)")
     return check
+
+
+def check_steps(names: list[str], merged: list, written: list, reloaded: list, memory: list, precision: str) -> None:
+    """A merged export checked step by step, where its merged weights are at hand (hf): `merged`, their logits,
+    computes the model in memory, and `reloaded` gives `written`, the logits of the same weights rounded to the
+    dtype written, both within fp32's bound (the first: or the precision the model computes in). A layer lost
+    between the merge and the files shows however small it is; compare's bound for a dtype (a tenth of the
+    largest logit in bf16) would let the update of a layer or two go unseen."""
+    exact = TOLERANCES["fp32"]
+    _require_close(names, merged, memory, max(exact, TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")]),
+                   "the merged weights do not compute the model in memory")
+    _require_close(names, reloaded, written, exact, "the files, read back, do not hold the merged weights written")
+
+
+def _require_close(names: list[str], ours: list, theirs: list, tolerance: float, failure: str) -> None:
+    differences = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
+    worst = max(range(len(names)), key=differences.__getitem__)
+    scale = max(t.abs().max().item() for t in theirs)
+    if differences[worst] > tolerance * max(1.0, scale):
+        raise ValueError(f"{failure} (largest |logit difference| {differences[worst]:.3g}, logits up to {scale:.3g}, "
+                         f"on {names[worst]!r}), so nothing was kept: this is a bug in minipeft's export; report it")
 
 
 def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
