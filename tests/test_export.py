@@ -292,6 +292,21 @@ def test_the_check_holds_an_export_to_the_model_within_the_rounding_of_its_dtype
         compare(0.0, "fp32", base=memory)
     without_base = compare(0.0, "fp32", base=None)
     assert without_base.adapter_change is None and "adapter" not in str(without_base)
+    with pytest.raises(ValueError, match="the export, read back, computes nan or inf logits on 'probe': a weight"):
+        compare(float("nan"), "fp16")  # nan passed every bound: no comparison with it is true
+    with pytest.raises(ValueError, match="the model in memory computes nan or inf logits on 'probe': its weights"):
+        check.compare(["probe"], memory, [memory[0] * float("nan")], None, "fp32", "fp32")
+
+
+def test_a_weight_beyond_fp16_is_named_not_written_as_inf(tmp_path):
+    model = tuned("llama")
+    with torch.no_grad():
+        model.blocks[0].ln1.weight[0] = 1e5  # fp16 holds at most 65504
+    with pytest.raises(ValueError, match=r"model.layers.0.input_layernorm.weight holds 1e\+05, beyond fp16's largest "
+                                         "value 65504, so the file would hold inf; export in bf16 or fp32"):
+        mp.export(model, tmp_path / "out", format="hf", dtype="fp16")
+    assert not any(tmp_path.iterdir())
+    mp.export(model, tmp_path / "bf16", format="hf", dtype="bf16")
 
 
 @pytest.mark.parametrize("dtype, lost", [("bf16", "blocks.0.mlp.down"), ("bf16", "blocks.1.attn.q"),

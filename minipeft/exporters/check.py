@@ -111,6 +111,10 @@ def precision(model) -> str:
 
 def compare(names: list[str], reloaded: list, memory: list, base: list | None, dtype: str, precision: str) -> Check:
     """The Check of an export (ValueError when it fails, see the module docstring)."""
+    _require_finite(names, memory, "the model in memory", "its weights hold nan or inf (a training run that "
+                    "diverged?), so there is no model to export; load a checkpoint from before and export that")
+    _require_finite(names, reloaded, "the export, read back,", f"a weight is likely beyond what {dtype} holds; "
+                    "export in a wider dtype (bf16 or fp32)")
     differences = [(r - m).abs().max().item() for r, m in zip(reloaded, memory)]
     worst = max(range(len(names)), key=differences.__getitem__)
     scale = max(m.abs().max().item() for m in memory)
@@ -140,6 +144,13 @@ def check_steps(names: list[str], merged: list, written: list, reloaded: list, m
     _require_close(names, merged, memory, max(exact, TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")]),
                    "the merged weights do not compute the model in memory")
     _require_close(names, reloaded, written, exact, "the files, read back, do not hold the merged weights written")
+
+
+def _require_finite(names: list[str], logits: list, who: str, why: str) -> None:
+    """ValueError naming the first probe on which `who` computes nan or inf (a nan would pass every bound)."""
+    for name, row in zip(names, logits):
+        if not torch.isfinite(row).all():
+            raise ValueError(f"{who} computes nan or inf logits on {name!r}: {why}")
 
 
 def _require_close(names: list[str], ours: list, theirs: list, tolerance: float, failure: str) -> None:
