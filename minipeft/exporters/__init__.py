@@ -143,19 +143,17 @@ def _write_merged_hf(model, folder: Path, request: Request) -> check.Check:
         weights[name] = tensor.to(hf.DTYPES[request.dtype]).float()
     written = check.logits_on(check.plain_model(model.cfg, weights), batch)
     del weights
-    reloaded, _ = from_pretrained(folder)
-    result = _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
-    check.check_steps(batch.names, merged, written, check.logits_on(reloaded, batch), memory, check.precision(model))
+    reloaded = check.logits_on(from_pretrained(folder)[0], batch)
+    result = _compare_with_memory(model, reloaded, batch, memory, request.dtype)
+    check.check_steps(batch.names, merged, written, reloaded, memory, check.precision(model))
     return result
 
 
-def _compare_with_memory(model, reloaded, tokenizer, dtype: str) -> check.Check:
-    """Check a merged export (`reloaded`, read from the files) against the model and its base."""
-    batch, memory = _probe(model, tokenizer)
-    ours = check.logits_on(reloaded, batch)
+def _compare_with_memory(model, reloaded: list, batch: check.Probes, memory: list, dtype: str) -> check.Check:
+    """Check a merged export (`reloaded`: the logits of the files read back) against the model and its base."""
     base = base_weights(model)
     base_logits = None if base is None else check.logits_on(check.plain_model(model.cfg, base), batch)
-    return check.compare(batch.names, ours, memory, base_logits, dtype, check.precision(model))
+    return check.compare(batch.names, reloaded, memory, base_logits, dtype, check.precision(model))
 
 
 def _write_peft(model, folder: Path, request: Request) -> check.Check:
@@ -188,8 +186,9 @@ def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
     gguf.write_gguf(model, weights, folder / GGUF_FILE, request.dtype, request.tokenizer, request.chat_template)
     del weights
     (folder / "Modelfile").write_text(f"FROM ./{GGUF_FILE}\n")  # Ollama: ollama create NAME -f Modelfile
-    reloaded, _ = from_pretrained(folder / GGUF_FILE)
-    return _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+    batch, memory = _probe(model, request.tokenizer)
+    reloaded = check.logits_on(from_pretrained(folder / GGUF_FILE)[0], batch)
+    return _compare_with_memory(model, reloaded, batch, memory, request.dtype)
 
 
 def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
