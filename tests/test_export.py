@@ -24,7 +24,8 @@ from safetensors import safe_open
 
 import minipeft as mp
 from minipeft.core.model import FAMILIES
-from minipeft.exporters import check
+from minipeft.exporters import check, hf as hf_writer
+from minipeft.exporters.merged import base_weights
 from minipeft.formats import chat
 from minipeft.formats.assets import asset_path
 from minipeft.formats.tokenization import byte_level_bpe, byte_tokenizer, bytes_to_unicode
@@ -152,12 +153,15 @@ def test_token_ids_the_model_does_not_record_come_from_its_tokenizer(tmp_path):
     assert theirs.decode(theirs(text)["input_ids"]) == tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_exports_hold_that_dtype(dtype, tmp_path):
-    model = tuned("llama")
+@pytest.mark.parametrize("dtype, held_in", [
+    ("bf16", torch.float32), ("fp16", torch.float32),
+    ("fp32", torch.bfloat16),  # a model cast by hand (not set_precision): checked within its own bf16 rounding
+])
+def test_an_export_holds_the_dtype_asked_for(dtype, held_in, tmp_path):
+    model = tuned("llama").to(held_in)
     report = mp.export(model, tmp_path / "out", format="hf", dtype=dtype)
     hf = transformers_model(tmp_path / "out")
-    assert hf.config.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert hf.config.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert report.check.largest_difference < 0.1 * report.check.scale
 
 
@@ -177,12 +181,24 @@ def test_a_model_merged_in_memory_exports_as_before_and_is_still_checked_against
     assert largest_difference(model, transformers_model(tmp_path / "merged"), "llama") < 1e-4
 
 
-def test_a_method_that_trains_base_parameters_exports_without_a_base_to_compare(tmp_path):
-    model = tuned("gpt2", method="bitfit")  # the biases of the base itself train: no copy of the base is kept
+@pytest.mark.parametrize("family, method, n_classes, frozen", [
+    ("gpt2", "bitfit", None, False),  # the biases of the base itself train: no copy of the base is kept
+    ("llama", "head", None, False),  # an untied LM head is the base's own
+    ("llama", "head", 2, False),  # a fresh classifier head alone: no base model to compare with
+    ("llama", "full", None, True),  # trained, then frozen for serving: still no base kept
+])
+def test_a_method_that_trains_base_parameters_exports_without_a_base_to_compare(family, method, n_classes, frozen,
+                                                                                tmp_path):
+    model = tuned(family, n_classes=n_classes, method=method)
+    if n_classes:
+        with torch.no_grad():
+            model.head.bias.zero_()
+    if frozen:
+        model.requires_grad_(False)
     report = mp.export(model, tmp_path / "out", format="hf")
     assert report.check.adapter_change is None
-    assert largest_difference(model, transformers_model(tmp_path / "out"), "gpt2") < 1e-4
-    with pytest.raises(ValueError, match="bitfit trains the base model's own parameters, which a peft adapter"):
+    assert largest_difference(model, transformers_model(tmp_path / "out"), family, n_classes) < 1e-4
+    with pytest.raises(ValueError, match=f"{method} trains the base model's own parameters, which a peft adapter"):
         mp.export(model, tmp_path / "peft", format="peft")
 
 
@@ -276,6 +292,35 @@ def test_the_check_holds_an_export_to_the_model_within_the_rounding_of_its_dtype
         compare(0.0, "fp32", base=memory)
     without_base = compare(0.0, "fp32", base=None)
     assert without_base.adapter_change is None and "adapter" not in str(without_base)
+    with pytest.raises(ValueError, match="the export, read back, computes nan or inf logits on 'probe': a weight"):
+        compare(float("nan"), "fp16")  # nan passed every bound: no comparison with it is true
+    with pytest.raises(ValueError, match="the model in memory computes nan or inf logits on 'probe': its weights"):
+        check.compare(["probe"], memory, [memory[0] * float("nan")], None, "fp32", "fp32")
+
+
+def test_a_weight_beyond_fp16_is_named_not_written_as_inf(tmp_path):
+    model = tuned("llama")
+    with torch.no_grad():
+        model.blocks[0].ln1.weight[0] = 1e5  # fp16 holds at most 65504
+    with pytest.raises(ValueError, match=r"model.layers.0.input_layernorm.weight holds 1e\+05, beyond fp16's largest "
+                                         "value 65504, so the file would hold inf; export in bf16 or fp32"):
+        mp.export(model, tmp_path / "out", format="hf", dtype="fp16")
+    assert not any(tmp_path.iterdir())
+    mp.export(model, tmp_path / "bf16", format="hf", dtype="bf16")
+
+
+@pytest.mark.parametrize("dtype, lost", [("bf16", "blocks.0.mlp.down"), ("bf16", "blocks.1.attn.q"),
+                                         ("fp16", "blocks.1.attn.q")])
+def test_files_that_lose_a_layers_update_are_refused_in_any_dtype(dtype, lost, tmp_path, monkeypatch):
+    """A writer that drops one layer's update (made up here) stays within a half dtype's bound of the model
+    in memory, and nearer it than the base; the files are checked against the merged weights they should hold."""
+    model = tuned("llama")
+    base, write = base_weights(model), hf_writer.hf_tensors
+    monkeypatch.setattr(hf_writer, "hf_tensors", lambda cfg, weights: write(cfg, {**weights, f"{lost}.weight":
+                                                                            base[f"{lost}.weight"]}))
+    with pytest.raises(ValueError, match="the files, read back, do not hold the merged weights written"):
+        mp.export(model, tmp_path / "out", format="hf", dtype=dtype)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_model_left_in_training_mode_with_dropout_is_checked_without_it(tmp_path):
@@ -337,6 +382,27 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="unknown export format 'onnx'; choose one of hf, gguf, gguf-lora, peft"):
         mp.export(model, tmp_path / "out", format="onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_shard_bytes="2GB"), "max_shard_bytes must be a whole number of bytes >= 1, not '2GB'"),
+    (dict(max_shard_bytes=0), "max_shard_bytes must be a whole number of bytes >= 1, not 0"),
+    (dict(tokenizer="gpt2"), "tokenizer must be the tokenizers.Tokenizer that mp.from_pretrained returned with the "
+                             "model, not a str"),
+    (dict(chat_template="chat.jinja"), "a chat_template is written with the tokenizer, and this export writes none"),
+    (dict(format="peft", tokenizer="bytes", chat_template="chat.jinja"), "a chat_template is written with the"),
+    (dict(tokenizer="bytes", chat_template="chat.jinja"), "chat_template chat.jinja: no such file; give a jinja2"),
+    (dict(name="a"), "this model has no adapters loaded by name, so none is called 'a'; leave name out"),
+    (dict(tokenizer="bytes"), r"the tokenizer gives token id \d+, past the model's 97 embeddings, so it is not this"),
+])
+def test_export_options_it_cannot_use_are_refused_in_one_sentence(options, message, tmp_path):
+    """Each was a TypeError, AttributeError or IndexError, an option silently dropped, or (a missing template
+    file) a message about a full disk."""
+    if options.get("tokenizer") == "bytes":
+        options["tokenizer"] = byte_tokenizer()  # 257 tokens: another model's (this one has 97)
+    with pytest.raises(ValueError, match=message):
+        mp.export(tuned("llama"), tmp_path / "out", **options)
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_model_in_memory_is_not_touched(tmp_path):
@@ -416,6 +482,25 @@ def test_the_peft_export_runs_in_peft_on_the_hf_export_of_its_base(family, tmp_p
     diff = largest_difference(model, hf, family)
     print(f"\n{family}: peft on transformers' model of the hf export, largest |difference| {diff:.2e}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_lora_that_rewrote_its_base_exports_merged_as_peft_merges_it(init, tmp_path):
+    """peft, given the adapter and the original base, recomputes the residual and merges: the hf export gives
+    its logits. The peft export cannot be checked on the residual base the model holds: refused, not failed."""
+    peft = pytest.importorskip("peft")
+    mp.export(tiny_model("llama"), tmp_path / "base", format="hf")  # the original base, before the residual
+    model = tuned("llama", init=init)
+    mp.export(model, tmp_path / "merged", format="hf")
+    mp.save_adapter(model, tmp_path / "adapter", format="peft")
+    theirs = peft.PeftModel.from_pretrained(transformers_model(tmp_path / "base"), tmp_path / "adapter")
+    ours, theirs = transformers_model(tmp_path / "merged"), theirs.merge_and_unload().eval()
+    idx, mask = tiny_batch()
+    with torch.no_grad():
+        assert (ours(idx, attention_mask=mask).logits - theirs(idx, attention_mask=mask).logits).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=f"this {init} LoRA rewrote the base weights it sits on, .* save it "
+                                         "unchecked with mp.save_adapter"):
+        mp.export(model, tmp_path / "peft", format="peft")
 
 
 def test_the_peft_export_of_a_named_model_names_its_hub_id(smollm2_lora, tmp_path):

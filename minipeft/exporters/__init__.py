@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
+from tokenizers import Tokenizer
 
 from minipeft.formats.adapter_io import load_adapter, save_adapter
 from minipeft.extras import multi
+from minipeft.core.registry import get_method
 from minipeft.peft_format import PEFT_CONFIG
 from minipeft.formats.pretrained import from_pretrained
 from . import check, gguf, gguf_lora, hf
@@ -75,6 +77,25 @@ class Request:
     max_shard_bytes: int
 
 
+def check_options(model, fmt: str, request: Request, name: str | None) -> None:
+    """ValueError for an argument export cannot use as given, before anything is written."""
+    size = request.max_shard_bytes
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_shard_bytes must be a whole number of bytes >= 1, not {size!r}")
+    if request.tokenizer and not isinstance(request.tokenizer, Tokenizer):
+        raise ValueError(f"tokenizer must be the tokenizers.Tokenizer that mp.from_pretrained returned with the "
+                         f"model, not a {type(request.tokenizer).__name__}")
+    if request.chat_template is not None:
+        if fmt not in ("hf", "gguf") or not request.tokenizer:
+            raise ValueError("a chat_template is written with the tokenizer, and this export writes none (formats "
+                             "hf and gguf do, given the tokenizer mp.from_pretrained returned); leave it out")
+        if not Path(request.chat_template).is_file():
+            raise ValueError(f"chat_template {request.chat_template}: no such file; give a jinja2 template file")
+    if name is not None and model.adapters is None:
+        raise ValueError(f"this model has no adapters loaded by name, so none is called {name!r}; leave name out "
+                         "to export its method")
+
+
 def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None, chat_template=None,
            name: str | None = None, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ExportReport:
     """Write `model` (its method merged, or its adapter alone) to the new folder `path` in `format`,
@@ -84,10 +105,11 @@ def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None,
     (default: the active one). `max_shard_bytes`: hf's largest safetensors file."""
     path = Path(path)
     check_request(path, format, dtype)
+    request = Request(dtype, tokenizer, chat_template, max_shard_bytes)
+    check_options(model, format, request, name)
     if model.adapters is not None:
         with multi.single_view(model, name or model.adapters.active):
             return export(model, path, format, dtype, tokenizer, chat_template, None, max_shard_bytes)
-    request = Request(dtype, tokenizer, chat_template, max_shard_bytes)
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.export-{os.getpid()}"
@@ -115,18 +137,23 @@ def _write_merged_hf(model, folder: Path, request: Request) -> check.Check:
     weights = merged_weights(model, "hf")
     hf.write_hf(model, weights, folder, request.dtype, request.tokenizer, request.max_shard_bytes,
                 request.chat_template)
+    batch, memory = _probe(model, request.tokenizer)
+    merged = check.logits_on(check.plain_model(model.cfg, weights), batch)
+    for name, tensor in weights.items():  # as the files hold them, one tensor at a time (no second model)
+        weights[name] = tensor.to(hf.DTYPES[request.dtype]).float()
+    written = check.logits_on(check.plain_model(model.cfg, weights), batch)
     del weights
-    reloaded, _ = from_pretrained(folder)
-    return _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+    reloaded = check.logits_on(from_pretrained(folder)[0], batch)
+    result = _compare_with_memory(model, reloaded, batch, memory, request.dtype)
+    check.check_steps(batch.names, merged, written, reloaded, memory, check.precision(model))
+    return result
 
 
-def _compare_with_memory(model, reloaded, tokenizer, dtype: str) -> check.Check:
-    """Check a merged export (`reloaded`, read from the files) against the model and its base."""
-    batch, memory = _probe(model, tokenizer)
-    ours = check.logits_on(reloaded, batch)
+def _compare_with_memory(model, reloaded: list, batch: check.Probes, memory: list, dtype: str) -> check.Check:
+    """Check a merged export (`reloaded`: the logits of the files read back) against the model and its base."""
     base = base_weights(model)
     base_logits = None if base is None else check.logits_on(check.plain_model(model.cfg, base), batch)
-    return check.compare(batch.names, ours, memory, base_logits, dtype, getattr(model, "precision", "fp32"))
+    return check.compare(batch.names, reloaded, memory, base_logits, dtype, check.precision(model))
 
 
 def _write_peft(model, folder: Path, request: Request) -> check.Check:
@@ -134,6 +161,11 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
     if base is None and model.peft_config:
         raise ValueError(f"{model.peft_config['method']} trains the base model's own parameters, which a peft "
                          "adapter does not hold; export the merged model (format 'hf' or 'gguf')")
+    if model.peft_config and get_method(model.peft_config["method"]).changes_base(**model.peft_config["options"]):
+        raise ValueError(f"this {model.peft_config['options']['init']} LoRA rewrote the base weights it sits on, and "
+                         "loading its adapter computes that residual again from the original base, which this model "
+                         "no longer holds to check the file on; save it unchecked with mp.save_adapter(model, path, "
+                         "format='peft'), or export the merged model (format 'hf')")
     save_adapter(model, folder, format="peft")
     config_file = folder / PEFT_CONFIG
     config = json.loads(config_file.read_text())
@@ -146,7 +178,7 @@ def _write_peft(model, folder: Path, request: Request) -> check.Check:
     base_logits = check.logits_on(reloaded, batch)
     load_adapter(reloaded, folder)
     return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
-                         getattr(model, "precision", "fp32"))
+                         check.precision(model))
 
 
 def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
@@ -154,8 +186,9 @@ def _write_merged_gguf(model, folder: Path, request: Request) -> check.Check:
     gguf.write_gguf(model, weights, folder / GGUF_FILE, request.dtype, request.tokenizer, request.chat_template)
     del weights
     (folder / "Modelfile").write_text(f"FROM ./{GGUF_FILE}\n")  # Ollama: ollama create NAME -f Modelfile
-    reloaded, _ = from_pretrained(folder / GGUF_FILE)
-    return _compare_with_memory(model, reloaded, request.tokenizer, request.dtype)
+    batch, memory = _probe(model, request.tokenizer)
+    reloaded = check.logits_on(from_pretrained(folder / GGUF_FILE)[0], batch)
+    return _compare_with_memory(model, reloaded, batch, memory, request.dtype)
 
 
 def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
@@ -168,7 +201,7 @@ def _write_gguf_lora(model, folder: Path, request: Request) -> check.Check:
     base_logits = check.logits_on(reloaded, batch)
     gguf_lora.read_gguf_lora(reloaded, folder / GGUF_LORA_FILE)
     return check.compare(batch.names, check.logits_on(reloaded, batch), memory, base_logits, request.dtype,
-                         getattr(model, "precision", "fp32"))
+                         check.precision(model))
 
 
 WRITERS = {"hf": _write_merged_hf, "gguf": _write_merged_gguf, "gguf-lora": _write_gguf_lora, "peft": _write_peft}

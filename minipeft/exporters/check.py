@@ -8,9 +8,13 @@
 The export passes when
     1. the method changes the model at all: max |memory − base| > 0. An adapter that leaves the logits
        equal to the base model's (LoRA's B still zero: never trained, or not loaded) is an error, not a file;
-    2. the reloaded model computes the model in memory, up to the rounding of the dtype written:
-       max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and, where there is a base, the
-       reloaded logits are nearer the model in memory than the base's (the update outlived the rounding).
+    2. the reloaded model computes the model in memory, up to the rounding of the dtype written (or of the
+       one the model computes in, if wider): max |reloaded − memory| ≤ TOLERANCES[dtype] · max |memory|, and,
+       where there is a base, the reloaded logits are nearer the model in memory than the base's (the
+       update outlived the rounding);
+    3. for hf, whose merged weights are at hand, also step by step (check_steps): the merged weights compute
+       the model in memory, and the files give the same weights rounded to the dtype, both within fp32's bound;
+       rule 2's bound for a half dtype is loose enough to miss a layer lost on the way.
 The report names the sentence with the largest difference.
 """
 import copy
@@ -25,7 +29,8 @@ PROBES = ("The capital of France is Paris.", "To be, or not to be, that is the q
 # largest |reloaded − memory| allowed, as a fraction of the largest |logit|: fp32 leaves the sums'
 # order (merged W + ΔW against x Wᵀ + x ΔWᵀ); the others, their own rounding of every weight
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "q8_0": 1e-1}
-PRECISION_DTYPES = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "fp16-mixed": "fp16"}
+PRECISION_DTYPES = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "fp16-mixed": "fp16",
+                    "bf16": "bf16", "fp16": "fp16"}  # the last two: a model cast by hand (precision below)
 
 
 @dataclass
@@ -55,6 +60,9 @@ def probes(model, tokenizer) -> Probes:
     cfg = model.cfg
     if tokenizer:
         names, rows = list(PROBES), [tokenizer.encode(text).ids[:cfg.max_seq_len] for text in PROBES]
+        if (largest := max(max(row, default=0) for row in rows)) >= cfg.vocab_size:
+            raise ValueError(f"the tokenizer gives token id {largest}, past the model's {cfg.vocab_size} embeddings, "
+                             "so it is not this model's tokenizer; pass the one mp.from_pretrained returned with it")
     else:
         g = torch.Generator().manual_seed(0)
         names = [f"random token ids #{k}" for k in range(len(PROBES))]
@@ -92,8 +100,21 @@ def plain_model(cfg, weights: dict[str, torch.Tensor]) -> Transformer:
     return model.eval()
 
 
+def precision(model) -> str:
+    """What the model in memory computes in: the precision set_precision recorded, else its weights' dtype (a
+    model cast with .to(torch.bfloat16) rounds its logits as bf16 does, and its export is checked so)."""
+    recorded = getattr(model, "precision", "fp32")
+    if recorded != "fp32":
+        return recorded
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
+
+
 def compare(names: list[str], reloaded: list, memory: list, base: list | None, dtype: str, precision: str) -> Check:
     """The Check of an export (ValueError when it fails, see the module docstring)."""
+    _require_finite(names, memory, "the model in memory", "its weights hold nan or inf (a training run that "
+                    "diverged?), so there is no model to export; load a checkpoint from before and export that")
+    _require_finite(names, reloaded, "the export, read back,", f"a weight is likely beyond what {dtype} holds; "
+                    "export in a wider dtype (bf16 or fp32)")
     differences = [(r - m).abs().max().item() for r, m in zip(reloaded, memory)]
     worst = max(range(len(names)), key=differences.__getitem__)
     scale = max(m.abs().max().item() for m in memory)
@@ -111,6 +132,34 @@ def compare(names: list[str], reloaded: list, memory: list, base: list | None, d
         raise ValueError(f"in {dtype} the adapter's change is lost in the rounding (the export is as near the base "
                          f"model as the tuned one: {check}); export in a wider dtype (fp32)")
     return check
+
+
+def check_steps(names: list[str], merged: list, written: list, reloaded: list, memory: list, precision: str) -> None:
+    """A merged export checked step by step, where its merged weights are at hand (hf): `merged`, their logits,
+    computes the model in memory, and `reloaded` gives `written`, the logits of the same weights rounded to the
+    dtype written, both within fp32's bound (the first: or the precision the model computes in). A layer lost
+    between the merge and the files shows however small it is; compare's bound for a dtype (a tenth of the
+    largest logit in bf16) would let the update of a layer or two go unseen."""
+    exact = TOLERANCES["fp32"]
+    _require_close(names, merged, memory, max(exact, TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")]),
+                   "the merged weights do not compute the model in memory")
+    _require_close(names, reloaded, written, exact, "the files, read back, do not hold the merged weights written")
+
+
+def _require_finite(names: list[str], logits: list, who: str, why: str) -> None:
+    """ValueError naming the first probe on which `who` computes nan or inf (a nan would pass every bound)."""
+    for name, row in zip(names, logits):
+        if not torch.isfinite(row).all():
+            raise ValueError(f"{who} computes nan or inf logits on {name!r}: {why}")
+
+
+def _require_close(names: list[str], ours: list, theirs: list, tolerance: float, failure: str) -> None:
+    differences = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
+    worst = max(range(len(names)), key=differences.__getitem__)
+    scale = max(t.abs().max().item() for t in theirs)
+    if differences[worst] > tolerance * max(1.0, scale):
+        raise ValueError(f"{failure} (largest |logit difference| {differences[worst]:.3g}, logits up to {scale:.3g}, "
+                         f"on {names[worst]!r}), so nothing was kept: this is a bug in minipeft's export; report it")
 
 
 def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -226,10 +226,19 @@ def hf_tensors(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, 
     return theirs
 
 
+def _cast(key: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`tensor` in `dtype` (ValueError when a finite value overflows it: fp16 holds at most 65504)."""
+    cast = tensor.to(DTYPES[dtype]).contiguous()
+    if not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+        raise ValueError(f"{key} holds {tensor.abs().max().item():.3g}, beyond {dtype}'s largest value "
+                         f"{torch.finfo(DTYPES[dtype]).max:.0f}, so the file would hold inf; export in bf16 or fp32")
+    return cast
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, dtype: str,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """model.safetensors, or shards of at most max_shard_bytes and their index; returns the files."""
-    cast = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    cast = {key: _cast(key, tensor, dtype) for key, tensor in tensors.items()}
     shards, size = [{}], 0
     for key, tensor in cast.items():
         if shards[-1] and size + tensor.nbytes > max_shard_bytes:

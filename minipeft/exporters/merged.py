@@ -119,12 +119,16 @@ def merged_weights(model, fmt: str = "hf") -> dict[str, torch.Tensor]:
 
 def base_weights(model) -> dict[str, torch.Tensor] | None:
     """Our parameter name -> fp32 tensor of the base the model's method was applied to; None when the
-    model has no method, or its method trained base parameters in place (full, last_k, bitfit): the
-    base is not kept then. A classifier head counts as the method's."""
+    base is not kept: the model has no method, its method adds no parameters of its own (full, head,
+    last_k, bitfit train the base's in place, trainable still or frozen since), or base parameters train
+    next to the method's own. A fresh classifier head counts as the method's: the base model has none."""
     if not model.peft_config:
         return None
     names = plain_names(model)
-    if any(p.requires_grad and name in names and not name.startswith("head.")
+    if all(name in names for name, _ in model.named_parameters()):
+        return None
+    fresh_head = ("head.",) if model.cfg.n_classes else ()
+    if any(p.requires_grad and name in names and not name.startswith(fresh_head)
            for name, p in model.named_parameters()):
         return None
     return _weights(model, False, "")
