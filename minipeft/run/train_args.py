@@ -40,7 +40,9 @@ def build_parser(method: str | None = None):
 
 
 def add_training_flags(t):
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (unless --steps)")
+    t.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the training split (unless --steps), in whole batches: an epoch's last, partial "
+                        "batch is left out (transformers' Trainer trains on it), so every step sees as many examples")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     t.add_argument("--batch-size", type=int, default=16,
                    help="examples per micro-batch and process (a step sees batch-size × processes × grad-accum)")

@@ -198,8 +198,10 @@ def training_batches(dataset, cfg: TrainConfig, progress: Progress, rank: int = 
 
 
 def count_steps(train_split, cfg: TrainConfig, world_size: int) -> int:
-    """The run's optimizer steps: cfg.steps, or cfg.epochs over the training split; the split must
-    hold at least one global batch (batch_size × processes)."""
+    """The run's optimizer steps: cfg.steps, or cfg.epochs over the training split in whole global batches
+    (batch_size × processes; an epoch's partial last batch is left out, where transformers' Trainer trains on
+    it, so that every step sees as many examples; a step's micro-batches may span two epochs); the split must
+    hold at least one global batch."""
     batches_per_epoch = train_split.num_batches(cfg.batch_size, world_size, drop_last=True)
     if batches_per_epoch == 0:
         processes = f" ({cfg.batch_size} × {world_size} processes)" if world_size > 1 else ""
