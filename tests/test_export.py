@@ -405,6 +405,28 @@ def test_export_options_it_cannot_use_are_refused_in_one_sentence(options, messa
     assert not any(tmp_path.iterdir())
 
 
+def test_an_adapter_loaded_by_name_exports_as_if_alone(tmp_path):
+    """name= picks one of the adapters side by side (default: the active one); the others and the active
+    choice stay as they were."""
+    alone = {n: tuned("llama", method=m) for n, m in (("a", "lora"), ("d", "dora"))}
+    model = tiny_model("llama", **FAMILY_OVERRIDES.get("llama", {}))
+    for n, single in alone.items():
+        mp.save_adapter(single, tmp_path / n)
+        mp.load_adapter(model, tmp_path / n, name=n)
+    idx, mask = tiny_batch()
+    mp.export(model, tmp_path / "d-out", format="hf", name="d")
+    mp.export(model, tmp_path / "active-out", format="hf")
+    for folder, n in (("d-out", "d"), ("active-out", "a")):
+        exported = mp.from_pretrained(tmp_path / folder)[0].eval()
+        torch.testing.assert_close(exported(idx, attention_mask=mask), alone[n](idx, attention_mask=mask),
+                                   atol=1e-5, rtol=0)
+    assert model.adapters.active == "a"
+    for name in ("", "b"):  # "" named no adapter and exported the active one
+        with pytest.raises(ValueError, match=f"unknown adapter '{name}'; loaded: a, d"):
+            mp.export(model, tmp_path / "out", format="hf", name=name)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_model_in_memory_is_not_touched(tmp_path):
     model = tuned("gemma2")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -108,7 +108,7 @@ def export(model, path, format: str = "hf", dtype: str = "fp32", tokenizer=None,
     request = Request(dtype, tokenizer, chat_template, max_shard_bytes)
     check_options(model, format, request, name)
     if model.adapters is not None:
-        with multi.single_view(model, name or model.adapters.active):
+        with multi.single_view(model, model.adapters.active if name is None else name):
             return export(model, path, format, dtype, tokenizer, chat_template, None, max_shard_bytes)
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
