@@ -358,6 +358,21 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     assert by_one.info["truncated"] == 5  # every chosen sequence lost one token, no rejected one
 
 
+def test_an_implicit_prompt_is_the_turns_both_conversations_share(tmp_path):
+    """trl's implicit prompt: rows of two whole conversations (no "prompt") are split as trl's extract_prompt
+    splits them, and give the pairs of the same rows with the prompt written out (ROWS)."""
+    trl = pytest.importorskip("trl")
+    implicit = [{"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]} for row in ROWS]
+    for row, explicit in zip(implicit, ROWS):
+        assert preference._pair(row, "row")[1:] == preference._pair(explicit, "row")[1:]
+        assert trl.extract_prompt(row) == explicit
+    tokenizer = byte_tokenizer()
+    a = preference.load_preferences(pairs_folder(tmp_path / "implicit", implicit), tokenizer).splits["train"]
+    b = preference.load_preferences(pairs_folder(tmp_path / "explicit", ROWS), tokenizer).splits["train"]
+    assert (a.input_ids, a.labels, a.rejected_ids, a.rejected_labels) == \
+        (b.input_ids, b.labels, b.rejected_ids, b.rejected_labels)
+
+
 def test_pairs_ignore_the_tokenizers_own_padding_and_truncation(tmp_path):
     """The loader tokenizes whole sequences and pads batches itself, whatever the tokenizer was set to do."""
     rows = [{"prompt": f"Is {i} good?", "chosen": "yes, it is", "rejected": "no"} for i in range(10)]
@@ -410,6 +425,10 @@ def test_rotten_tomatoes_preference_is_the_instruction_task_with_the_other_label
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt ends with an assistant turn"),
     ({"prompt": [{"role": "robot", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt: message 0 is not"),
+    ({"chosen": "p a", "rejected": "p b"}, "line 2 has no 'prompt'; give the prompt its own field"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "line 2 has no 'prompt', and 'chosen' and 'rejected' do not start with the same turn"),
 ])
 def test_bad_rows_are_named_by_file_and_line(row, message, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, row])

@@ -4,6 +4,10 @@
     {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}                                  plain text
     {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],                                   messages
      "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    {"chosen": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "5"}]}
+
+The last is trl's implicit prompt: two whole conversations, whose shared first turns are the prompt.
 
 The source is a .jsonl file (split 80/10/10 in a shuffle fixed by the seed), a folder with train /
 validation / test .jsonl files, or "rotten_tomatoes_preference": each shipped review sentence asked as
@@ -165,6 +169,8 @@ def read_pairs(path: Path) -> tuple[str, list]:
 
 def _pair(record, where: str) -> tuple[str, list[dict], dict]:
     """(shape, prompt messages, {"chosen": text, "rejected": text}) of one row, or ValueError naming `where`."""
+    if isinstance(record, dict) and "prompt" not in record and "chosen" in record and "rejected" in record:
+        record = _implicit_prompt(record, where)
     if not isinstance(record, dict) or not all(key in record for key in ("prompt", "chosen", "rejected")):
         raise ValueError(f"{where} is not a preference row; give each line {ROW_HELP}")
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
@@ -189,6 +195,22 @@ def _pair(record, where: str) -> tuple[str, list[dict], dict]:
         raise ValueError(f"{where}: the chosen and the rejected answer are the same, so there is no preference "
                          "to learn; fix or remove the row")
     return shape, prompt, {"chosen": chosen, "rejected": rejected}
+
+
+def _implicit_prompt(record: dict, where: str) -> dict:
+    """A row without "prompt" whose chosen and rejected are whole conversations, split as trl's
+    extract_prompt splits it: the prompt is the turns both share from the start, each answer what follows."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise ValueError(f"{where} has no 'prompt'; give the prompt its own field (a shared prompt is read from "
+                         "'chosen' and 'rejected' only when both are lists of messages)")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if not shared:
+        raise ValueError(f"{where} has no 'prompt', and 'chosen' and 'rejected' do not start with the same turn to "
+                         "take as one; give the prompt its own field")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def _one_answer(messages, name: str, where: str) -> str:
