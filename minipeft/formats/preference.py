@@ -17,9 +17,16 @@ held-out pairs are about movies training never saw).
 Each answer follows its prompt in the model's chat template (chat.py; plain text becomes one user turn
 and one assistant turn, as instruction data does) and only the answer's tokens are labelled, its closing
 tokens included (<|im_end|>); the end-of-text token is added when the template does not write it. A
-sequence longer than max_len loses prompt tokens from its left (counted in info["truncated"]). These stop
-with the file and line: a row of another shape or a file mixing shapes, an empty answer, a chosen answer
-equal to the rejected one, an answer that leaves no room for its prompt at max_len.
+sequence longer than max_len loses prompt tokens from its left (counted in info["truncated"]), as trl's
+truncation_mode="keep_end" cuts it (trl's default, "keep_start", cuts the answer's end instead).
+
+Two things differ from trl's DPOTrainer, so that pairs are written as the instruction data of an SFT run
+before them is: trl joins a plain-text prompt and answer as they are (no template, the end-of-text token
+after the answer), and it adds no end-of-text token to a conversation, so under a template that closes a
+turn with a token of its own (Gemma's <end_of_turn>) each answer here scores one token more than trl's.
+
+These stop with the file and line: a row of another shape or a file mixing shapes, an empty answer, a
+chosen answer equal to the rejected one, an answer that leaves no room for its prompt at max_len.
 
 A batch of B pairs is 2B rows, the chosen answers first, so a pair's two answers run in one forward pass:
 
