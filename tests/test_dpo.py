@@ -358,6 +358,46 @@ def test_text_and_message_rows_give_the_same_pairs(tmp_path):
     assert by_one.info["truncated"] == 5  # every chosen sequence lost one token, no rejected one
 
 
+def test_an_implicit_prompt_is_the_turns_both_conversations_share(tmp_path):
+    """trl's implicit prompt: rows of two whole conversations (no "prompt") are split as trl's extract_prompt
+    splits them, and give the pairs of the same rows with the prompt written out (ROWS)."""
+    trl = pytest.importorskip("trl")
+    implicit = [{"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]} for row in ROWS]
+    for row, explicit in zip(implicit, ROWS):
+        assert preference._pair(row, "row")[1:] == preference._pair(explicit, "row")[1:]
+        assert trl.extract_prompt(row) == explicit
+    tokenizer = byte_tokenizer()
+    a = preference.load_preferences(pairs_folder(tmp_path / "implicit", implicit), tokenizer).splits["train"]
+    b = preference.load_preferences(pairs_folder(tmp_path / "explicit", ROWS), tokenizer).splits["train"]
+    assert (a.input_ids, a.labels, a.rejected_ids, a.rejected_labels) == \
+        (b.input_ids, b.labels, b.rejected_ids, b.rejected_labels)
+
+
+def test_a_cut_pair_scores_the_tokens_trls_keep_end_scores(tmp_path):
+    """Cut to max_len, each row of a batch holds the tokens trl's collator keeps with truncation_mode="keep_end"
+    (on the uncut pairs, tokenized as trl tokenizes them: test_one_step_equals_trls_dpo_trainer), and labels
+    exactly the answer tokens trl scores."""
+    trl = pytest.importorskip("trl")
+    tokenizer, max_len = byte_tokenizer(), 40
+    whole = preference.load_preferences(pairs_folder(tmp_path / "whole", ROWS), tokenizer).splits["train"]
+    cut = preference.load_preferences(pairs_folder(tmp_path / "cut", ROWS), tokenizer, max_len=max_len)
+    assert cut.info["truncated"] > 0
+    examples = []
+    for i in range(len(ROWS)):
+        prompt = whole.labels[i].count(-100) + 1
+        examples.append({"prompt_ids": whole.input_ids[i][:prompt], "chosen_ids": whole.labels[i][prompt - 1:],
+                         "rejected_ids": whole.rejected_labels[i][prompt - 1:]})
+    theirs = trl.trainer.dpo_trainer.DataCollatorForPreference(PAD, max_length=max_len, truncation_mode="keep_end")(
+        examples)
+    ours = cut.splits["train"].collate(list(range(len(ROWS))))
+    for row in range(2 * len(ROWS)):
+        kept = theirs["input_ids"][row][theirs["attention_mask"][row].bool()]
+        scored = theirs["completion_mask"][row][theirs["attention_mask"][row].bool()][1:].bool()
+        real = ours["attention_mask"][row].bool()
+        assert ours["input_ids"][row][real].tolist() == kept[:-1].tolist()
+        assert ours["labels"][row][real].tolist() == torch.where(scored, kept[1:], -100).tolist()
+
+
 def test_pairs_ignore_the_tokenizers_own_padding_and_truncation(tmp_path):
     """The loader tokenizes whole sequences and pads batches itself, whatever the tokenizer was set to do."""
     rows = [{"prompt": f"Is {i} good?", "chosen": "yes, it is", "rejected": "no"} for i in range(10)]
@@ -410,6 +450,10 @@ def test_rotten_tomatoes_preference_is_the_instruction_task_with_the_other_label
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt ends with an assistant turn"),
     ({"prompt": [{"role": "robot", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, "line 2: the prompt: message 0 is not"),
+    ({"chosen": "p a", "rejected": "p b"}, "line 2 has no 'prompt'; give the prompt its own field"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "line 2 has no 'prompt', and 'chosen' and 'rejected' do not start with the same turn"),
 ])
 def test_bad_rows_are_named_by_file_and_line(row, message, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, row])

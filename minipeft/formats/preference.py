@@ -4,6 +4,10 @@
     {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}                                  plain text
     {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],                                   messages
      "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    {"chosen": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "5"}]}
+
+The last is trl's implicit prompt: two whole conversations, whose shared first turns are the prompt.
 
 The source is a .jsonl file (split 80/10/10 in a shuffle fixed by the seed), a folder with train /
 validation / test .jsonl files, or "rotten_tomatoes_preference": each shipped review sentence asked as
@@ -13,9 +17,16 @@ held-out pairs are about movies training never saw).
 Each answer follows its prompt in the model's chat template (chat.py; plain text becomes one user turn
 and one assistant turn, as instruction data does) and only the answer's tokens are labelled, its closing
 tokens included (<|im_end|>); the end-of-text token is added when the template does not write it. A
-sequence longer than max_len loses prompt tokens from its left (counted in info["truncated"]). These stop
-with the file and line: a row of another shape or a file mixing shapes, an empty answer, a chosen answer
-equal to the rejected one, an answer that leaves no room for its prompt at max_len.
+sequence longer than max_len loses prompt tokens from its left (counted in info["truncated"]), as trl's
+truncation_mode="keep_end" cuts it (trl's default, "keep_start", cuts the answer's end instead).
+
+Two things differ from trl's DPOTrainer, so that pairs are written as the instruction data of an SFT run
+before them is: trl joins a plain-text prompt and answer as they are (no template, the end-of-text token
+after the answer), and it adds no end-of-text token to a conversation, so under a template that closes a
+turn with a token of its own (Gemma's <end_of_turn>) each answer here scores one token more than trl's.
+
+These stop with the file and line: a row of another shape or a file mixing shapes, an empty answer, a
+chosen answer equal to the rejected one, an answer that leaves no room for its prompt at max_len.
 
 A batch of B pairs is 2B rows, the chosen answers first, so a pair's two answers run in one forward pass:
 
@@ -165,6 +176,8 @@ def read_pairs(path: Path) -> tuple[str, list]:
 
 def _pair(record, where: str) -> tuple[str, list[dict], dict]:
     """(shape, prompt messages, {"chosen": text, "rejected": text}) of one row, or ValueError naming `where`."""
+    if isinstance(record, dict) and "prompt" not in record and "chosen" in record and "rejected" in record:
+        record = _implicit_prompt(record, where)
     if not isinstance(record, dict) or not all(key in record for key in ("prompt", "chosen", "rejected")):
         raise ValueError(f"{where} is not a preference row; give each line {ROW_HELP}")
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
@@ -189,6 +202,22 @@ def _pair(record, where: str) -> tuple[str, list[dict], dict]:
         raise ValueError(f"{where}: the chosen and the rejected answer are the same, so there is no preference "
                          "to learn; fix or remove the row")
     return shape, prompt, {"chosen": chosen, "rejected": rejected}
+
+
+def _implicit_prompt(record: dict, where: str) -> dict:
+    """A row without "prompt" whose chosen and rejected are whole conversations, split as trl's
+    extract_prompt splits it: the prompt is the turns both share from the start, each answer what follows."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise ValueError(f"{where} has no 'prompt'; give the prompt its own field (a shared prompt is read from "
+                         "'chosen' and 'rejected' only when both are lists of messages)")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if not shared:
+        raise ValueError(f"{where} has no 'prompt', and 'chosen' and 'rejected' do not start with the same turn to "
+                         "take as one; give the prompt its own field")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def _one_answer(messages, name: str, where: str) -> str:
