@@ -315,6 +315,52 @@ def test_a_trained_pooler_reads_the_first_token(tmp_path):
         from_pretrained(folder, pool="mean")
 
 
+def write_task(folder, texts: list[str], labels: list[int]):
+    """A classification task folder: the same text,label rows as its train, validation and test CSV files."""
+    folder.mkdir()
+    rows = "".join(f"{text},{label}\n" for text, label in zip(texts, labels))
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("text,label\n" + rows)
+    return folder
+
+
+def test_eval_scores_a_classification_task_with_the_checkpoints_head(tmp_path, capsys):
+    """eval.py on a fine-tuned classifier uses its trained head (it put a fresh one in its place: a chance-level
+    baseline whatever the checkpoint), and refuses a task of other classes or one for the LM head."""
+    import eval as eval_cli
+    hf, folder = fine_tuned_classifier("llama", tmp_path / "model")
+    texts = ["good film", "bad plot", "so so", "a fine cast", "dull", "it was fun", "meh", "great", "long"]
+    labels = [i % 3 for i in range(len(texts))]
+    with torch.no_grad():
+        predicted = [hf(input_ids=torch.tensor([list(text.encode())])).logits.argmax(-1).item() for text in texts]
+    accuracy = sum(p == label for p, label in zip(predicted, labels)) / len(texts)
+    eval_cli.main(["--model", str(folder), "--task", str(write_task(tmp_path / "task", texts, labels)),
+                   "--split", "validation"])
+    out = capsys.readouterr().out
+    assert "freshly initialized" not in out and f"accuracy {accuracy:.4f}" in out
+    with pytest.raises(ValueError, match="has 3 classes, but .* has 2; evaluate it on a task of its own classes"):
+        eval_cli.main(["--model", str(folder), "--task", str(write_task(tmp_path / "two", texts, [0, 1] * 4 + [0]))])
+    with pytest.raises(ValueError, match="is a classifier \\(3 classes\\) without an LM head, so it cannot score"):
+        eval_cli.main(["--model", str(folder), "--task", "hamlet"])
+
+
+def test_train_trains_the_checkpoints_head(tmp_path, capsys):
+    """train.py keeps a fine-tuned classifier's head for a task of its classes (it put a fresh one in its place),
+    puts a fresh one, saying so, for other classes, and refuses a task for the LM head."""
+    from types import SimpleNamespace
+    import train as train_cli
+    _, folder = fine_tuned_classifier("bert", tmp_path)
+    model, _ = from_pretrained(folder)
+    trained = model.head.weight.clone()
+    train_cli.prepare_head(model, SimpleNamespace(kind="classification", n_classes=3), "bert")
+    assert torch.equal(model.head.weight, trained)
+    train_cli.prepare_head(model, SimpleNamespace(kind="classification", n_classes=2), "bert")
+    assert model.head.weight.shape == (2, 32) and hasattr(model, "pooler")
+    assert "a fresh head takes its place" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bert is a classifier \\(2 classes\\) without an LM head, so it cannot train"):
+        train_cli.prepare_head(model, SimpleNamespace(kind="sft", n_classes=None), "bert")
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF written from a tiny transformers Llama
 
