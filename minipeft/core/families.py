@@ -110,7 +110,7 @@ class ModelConfig:
     attn_scale: float | None = None  # scores q·k / √attn_scale (Gemma 2/3: query_pre_attn_scalar); None = head_dim
     tie_embeddings: bool = True  # head.weight is tok_emb.weight (LM head only)
     dropout: float = 0.0  # residual, embedding and attention dropout
-    n_classes: int | None = None  # set: forward returns class logits from a fresh linear head
+    n_classes: int | None = None  # set: forward returns class logits from a linear head (fresh, or a checkpoint's)
     pool: str = "mean"  # encoder classifier pooling: "cls" or "mean" (causal models: the last real token)
     pooler: str = "none"  # a trained encoder classifier's dense layer before the head (the table above)
     pad_token_id: int = 0
