@@ -126,6 +126,26 @@ def load_model(args):
     return model.eval(), tokenizer, n_classes
 
 
+def check_head(model, task, args) -> None:
+    """The head must fit the task. A classification task is scored with the model's own classifier (the
+    adapter's, or a fine-tuned …ForSequenceClassification checkpoint's), which must have the task's classes,
+    else with a fresh head, said so; the other tasks need the LM head, which a classifier does not have."""
+    n_classes = model.cfg.n_classes
+    if n_classes and task.kind != "classification":
+        raise ValueError(f"{args.model} is a classifier ({n_classes} classes) without an LM head, so it cannot "
+                         f"score {args.task}, a {task.kind} task; evaluate its base language model instead")
+    if task.kind != "classification":
+        return
+    if n_classes and n_classes != task.n_classes:
+        raise ValueError(f"the classifier of {args.model}{' + ' + args.adapter if args.adapter else ''} has "
+                         f"{n_classes} classes, but {args.task} has {task.n_classes}; evaluate it on a task of its "
+                         "own classes")
+    if not n_classes:
+        model.add_classifier(task.n_classes)
+        print(f"note: {'the adapter' if args.adapter else 'the model'} has no classifier head, so the classifier "
+              "head is freshly initialized (a chance-level baseline)")
+
+
 def generation_options(args, tokenizer) -> dict:
     eos = chat.eos_token(tokenizer)
     return dict(sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
@@ -198,7 +218,7 @@ def main(argv):
     check_flags(args)
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad sampling flags stop before loading
     sources, columns = cli.task_flags(args)  # and bad --task weights or --columns
-    model, tokenizer, n_classes = load_model(args)
+    model, tokenizer, _ = load_model(args)
     if args.generate is not None:
         return print_continuation(model, tokenizer, args)
     if args.chat:
@@ -224,13 +244,10 @@ def main(argv):
         print(f"{args.model} {args.few_shot}-shot in context{' (calibrated)' if args.calibrate else ''} on "
               f"{args.task} {args.split} ({result['examples']} examples): accuracy {result['accuracy']:.4f}")
         return
+    check_head(model, task, args)
     if task.kind == "sft":
         return score_instructions(model, tokenizer, task, args)
     task.splits[args.split] = task.splits[args.split].head(args.limit)
-    if task.kind == "classification" and not n_classes:
-        model.add_classifier(task.n_classes)
-        print(f"note: {'the adapter has no classifier head' if args.adapter else 'no adapter given'}, so the "
-              "classifier head is freshly initialized (a chance-level baseline)")
     with torch.no_grad():
         objective = DPOLoss() if task.kind == "dpo" else None  # preference pairs: reward accuracy and margin
         metrics = loop.evaluate(model, task.splits[args.split], task.kind, args.batch_size, objective=objective)

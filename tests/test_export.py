@@ -110,11 +110,32 @@ def test_a_decoder_classifier_exports_as_sequence_classification(family, tmp_pat
     assert largest_difference(model, hf, family, n_classes=3) < 1e-4
 
 
+@pytest.mark.parametrize("family, pooler, class_name", [
+    ("bert", "dense_tanh", "BertForSequenceClassification"),
+    ("roberta", "drop_dense_tanh", "RobertaForSequenceClassification"),
+    ("distilbert", "dense_relu", "DistilBertForSequenceClassification"),
+])
+def test_a_fine_tuned_encoder_classifier_exports_as_sequence_classification(family, pooler, class_name, tmp_path):
+    """An encoder classifier with its family's pooler (a fine-tuned checkpoint's) is that family's
+    …ForSequenceClassification, with the same logits (it was refused), and reads back with its pooler."""
+    model = tuned(family, n_classes=3, config=dict(pooler=pooler, pool="cls"))
+    mp.export(model, tmp_path / "out", format="hf")
+    hf = transformers_model(tmp_path / "out")
+    assert type(hf).__name__ == class_name and hf.config.num_labels == 3
+    idx, mask = tiny_batch(vocab=model.cfg.vocab_size)
+    with torch.no_grad():
+        assert (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max() < 1e-5
+    assert mp.from_pretrained(tmp_path / "out")[0].cfg.pooler == pooler
+
+
 def test_a_classifier_head_with_a_bias_or_on_an_encoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="score layer has no bias"):
         mp.export(tuned("llama", n_classes=2), tmp_path / "llama", format="hf")
-    with pytest.raises(ValueError, match="bert classifier has no transformers class"):
+    with pytest.raises(ValueError, match="bert classifier with pooler 'none' has no transformers class"):
         mp.export(tuned("bert", n_classes=2), tmp_path / "bert", format="hf")
+    with pytest.raises(ValueError, match="bert classifier with pooler 'dense_relu' has no transformers class"):
+        mp.export(tuned("bert", n_classes=2, config=dict(pooler="dense_relu", pool="cls")), tmp_path / "bert",
+                  format="hf")
     assert not any(tmp_path.iterdir())  # nothing half-written stays
 
 

@@ -244,6 +244,123 @@ def test_a_classifier_without_a_pad_id_reads_the_last_token(tmp_path):
         assert (model(idx) - hf(input_ids=idx).logits).abs().max() < 1e-5
 
 
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=257)
+CLASSIFIERS = {  # family -> a tiny fine-tuned …ForSequenceClassification of 3 labels (pad id 256 for the decoders)
+    "bert": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        **SMALL, max_position_embeddings=64, num_labels=3)),
+    "roberta": lambda: transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        **SMALL, max_position_embeddings=66, num_labels=3)),
+    "distilbert": lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=257, max_position_embeddings=64, num_labels=3)),
+    "gpt2": lambda: transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=257, pad_token_id=256, num_labels=3)),
+    "llama": lambda: transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=256, num_labels=3)),
+}
+
+
+def fine_tuned_classifier(family: str, folder):
+    """A tiny …ForSequenceClassification whose classifier layers moved off their init (as training moves them:
+    an encoder's head and pooler start near 0, so a fresh head would be near them too), saved to `folder`."""
+    torch.manual_seed(0)
+    hf = CLASSIFIERS[family]().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.startswith(("classifier", "pre_classifier", "score", "bert.pooler")):
+                p.normal_(0, 0.5)
+    return hf, save_hf(hf, folder)
+
+
+@pytest.mark.parametrize("family", list(CLASSIFIERS))
+def test_a_fine_tuned_classifier_gives_transformers_logits(family, tmp_path):
+    """Its trained head is read (an encoder's with its pooler on the first token) and sets n_classes."""
+    hf, folder = fine_tuned_classifier(family, tmp_path)
+    idx, mask = padded("right")
+    for n_classes in (None, 3):
+        model, _ = from_pretrained(folder, n_classes=n_classes)
+        assert model.cfg.n_classes == 3
+        with torch.no_grad():
+            diff = (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max()
+        assert diff < 1e-5
+    with pytest.raises(ValueError, match=r"its trained classifier has 3 classes, not n_classes=2; leave n_classes "
+                                         r"out to use it, or call model.add_classifier\(2\) after loading"):
+        from_pretrained(folder, n_classes=2)  # was: a fresh head of 2 classes, silently
+    model, _ = from_pretrained(folder)
+    model.add_classifier(2)  # a fresh last layer, the pooler kept: transformers' ignore_mismatched_sizes=True
+    theirs = type(hf).from_pretrained(folder, num_labels=2, ignore_mismatched_sizes=True)
+    assert model(idx, attention_mask=mask).shape == theirs(input_ids=idx, attention_mask=mask).logits.shape
+
+
+@pytest.mark.parametrize("head, config, message", [
+    ("BertForTokenClassification", "BertConfig", r"its classifier \(classifier.bias, classifier.weight\) is not the "
+     r"…ForSequenceClassification head of a bert \(classifier.bias, classifier.weight, pooler.dense.bias, "
+     r"pooler.dense.weight\), the one classifier minipeft reads; save the body alone"),
+    ("RobertaForTokenClassification", "RobertaConfig", r"its classifier .* is not the …ForSequenceClassification "
+     r"head of a roberta"),
+], ids=["bert-token-classifier", "roberta-token-classifier"])
+def test_another_classifier_is_refused_not_dropped(head, config, message, tmp_path):
+    """A token classifier's head is no sequence classifier's: refused, where it was dropped and the body loaded."""
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(getattr(transformers, config)(**SMALL, max_position_embeddings=66, num_labels=3))
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(save_hf(hf, tmp_path))
+
+
+def test_a_trained_pooler_reads_the_first_token(tmp_path):
+    """transformers' encoder classifiers read [CLS]; mean pooling would compute another classifier."""
+    _, folder = fine_tuned_classifier("bert", tmp_path)
+    assert from_pretrained(folder)[0].cfg.pool == "cls"
+    with pytest.raises(ValueError, match="pooler 'dense_tanh' is an encoder classifier's layer on the first token: "
+                                         "it needs n_classes, pool='cls' and causal off"):
+        from_pretrained(folder, pool="mean")
+
+
+def write_task(folder, texts: list[str], labels: list[int]):
+    """A classification task folder: the same text,label rows as its train, validation and test CSV files."""
+    folder.mkdir()
+    rows = "".join(f"{text},{label}\n" for text, label in zip(texts, labels))
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("text,label\n" + rows)
+    return folder
+
+
+def test_eval_scores_a_classification_task_with_the_checkpoints_head(tmp_path, capsys):
+    """eval.py on a fine-tuned classifier uses its trained head (it put a fresh one in its place: a chance-level
+    baseline whatever the checkpoint), and refuses a task of other classes or one for the LM head."""
+    import eval as eval_cli
+    hf, folder = fine_tuned_classifier("llama", tmp_path / "model")
+    texts = ["good film", "bad plot", "so so", "a fine cast", "dull", "it was fun", "meh", "great", "long"]
+    labels = [i % 3 for i in range(len(texts))]
+    with torch.no_grad():
+        predicted = [hf(input_ids=torch.tensor([list(text.encode())])).logits.argmax(-1).item() for text in texts]
+    accuracy = sum(p == label for p, label in zip(predicted, labels)) / len(texts)
+    eval_cli.main(["--model", str(folder), "--task", str(write_task(tmp_path / "task", texts, labels)),
+                   "--split", "validation"])
+    out = capsys.readouterr().out
+    assert "freshly initialized" not in out and f"accuracy {accuracy:.4f}" in out
+    with pytest.raises(ValueError, match="has 3 classes, but .* has 2; evaluate it on a task of its own classes"):
+        eval_cli.main(["--model", str(folder), "--task", str(write_task(tmp_path / "two", texts, [0, 1] * 4 + [0]))])
+    with pytest.raises(ValueError, match="is a classifier \\(3 classes\\) without an LM head, so it cannot score"):
+        eval_cli.main(["--model", str(folder), "--task", "hamlet"])
+
+
+def test_train_trains_the_checkpoints_head(tmp_path, capsys):
+    """train.py keeps a fine-tuned classifier's head for a task of its classes (it put a fresh one in its place),
+    puts a fresh one, saying so, for other classes, and refuses a task for the LM head."""
+    from types import SimpleNamespace
+    import train as train_cli
+    _, folder = fine_tuned_classifier("bert", tmp_path)
+    model, _ = from_pretrained(folder)
+    trained = model.head.weight.clone()
+    train_cli.prepare_head(model, SimpleNamespace(kind="classification", n_classes=3), "bert")
+    assert torch.equal(model.head.weight, trained)
+    train_cli.prepare_head(model, SimpleNamespace(kind="classification", n_classes=2), "bert")
+    assert model.head.weight.shape == (2, 32) and hasattr(model, "pooler")
+    assert "a fresh head takes its place" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bert is a classifier \\(2 classes\\) without an LM head, so it cannot train"):
+        train_cli.prepare_head(model, SimpleNamespace(kind="sft", n_classes=None), "bert")
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF written from a tiny transformers Llama
 

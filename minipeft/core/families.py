@@ -40,10 +40,23 @@ query_pre_attn_scalar^-0.5 (attn_scale), from its config.
 
 Each switch is explained at its field of `ModelConfig` below. Grouped-query attention (n_kv_head < n_head), a tied
 head (tie_embeddings), head_dim and attn_scale are settings of every family.
+
+A classifier (n_classes) is one linear layer, `head`, on the pooled state; a fine-tuned encoder checkpoint
+(…ForSequenceClassification) also brings its `pooler`, a dense layer on the first token before the head:
+
+| pooler          | on the pooled state (B, d)          | transformers' classifier                                   |
+|-----------------|-------------------------------------|------------------------------------------------------------|
+| none            | drop → head (decoders: head)        | decoders, GPT-2: score (no bias)                           |
+| dense_tanh      | dense → tanh → drop → head          | BERT: bert.pooler.dense, classifier                        |
+| drop_dense_tanh | drop → dense → tanh → drop → head   | RoBERTa: classifier.dense, classifier.out_proj             |
+| dense_relu      | dense → ReLU → drop → head          | DistilBERT: pre_classifier, classifier                     |
+
+The encoders' poolers read the first token ([CLS], <s>): pool="cls". Dropout is off in eval mode.
 """
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 
 
@@ -72,8 +85,9 @@ FAMILIES = {name: {**LLAMA, **differences} for name, differences in {
 FLAVORS = tuple(FAMILIES)  # the public API's name for the families
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
+POOLERS = {"dense_tanh": torch.tanh, "drop_dense_tanh": torch.tanh, "dense_relu": F.relu}  # the pooler's activation
 CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm", "rmsnorm+1"),
-           "norm_place": ("pre", "post", "sandwich"), "act": tuple(ACTIVATIONS)}
+           "norm_place": ("pre", "post", "sandwich"), "act": tuple(ACTIVATIONS), "pooler": ("none", *POOLERS)}
 ROPE_SCALINGS = ("linear", "llama3")
 
 
@@ -96,8 +110,9 @@ class ModelConfig:
     attn_scale: float | None = None  # scores q·k / √attn_scale (Gemma 2/3: query_pre_attn_scalar); None = head_dim
     tie_embeddings: bool = True  # head.weight is tok_emb.weight (LM head only)
     dropout: float = 0.0  # residual, embedding and attention dropout
-    n_classes: int | None = None  # set: forward returns class logits from a fresh linear head
+    n_classes: int | None = None  # set: forward returns class logits from a linear head (fresh, or a checkpoint's)
     pool: str = "mean"  # encoder classifier pooling: "cls" or "mean" (causal models: the last real token)
+    pooler: str = "none"  # a trained encoder classifier's dense layer before the head (the table above)
     pad_token_id: int = 0
     # the family's switches (the tables above); None = the family's value
     positions: str | None = None  # "learned": a table pos_emb; "rope": rotary embeddings (Su et al. 2021) on q and k
@@ -141,6 +156,9 @@ class ModelConfig:
         problems = [
             (self.n_head % self.n_kv_head, f"n_head ({self.n_head}) must divide by n_kv_head ({self.n_kv_head})"),
             (self.pool not in ("cls", "mean"), f"pool must be 'cls' or 'mean', not {self.pool!r}"),
+            (self.pooler != "none" and (self.causal or self.pool != "cls" or not self.n_classes),
+             f"pooler {self.pooler!r} is an encoder classifier's layer on the first token: it needs n_classes, "
+             f"pool='cls' and causal off"),
             (not self.layer_pattern or set(self.layer_pattern) - set("SF"),
              f"layer_pattern is a string of S (sliding) and F (full), not {self.layer_pattern!r}"),
             (self.sliding_window is not None and self.sliding_window < 1,

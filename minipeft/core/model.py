@@ -9,13 +9,14 @@ never family names.
                 │ mlp:  up (and gate) → act → down                       │
                 └───────────────────────────┬───────────────────────────┘
                              ln_f (pre-norm families) ── head: LM logits (B, T, vocab) or class logits
+                                                         (pooled (B, d) ─ pooler, a trained encoder's ─ head)
 
     norm_place  pre:       x = x + attn(ln1(x));            x = x + mlp(ln2(x))
                 post:      x = ln1(x + attn(x));            x = ln2(x + mlp(x))
                 sandwich:  x = x + ln1_post(attn(ln1(x)));  x = x + ln2_post(mlp(ln2(x)))
 
 Module names are the same in every family (`blocks[i].attn.{q,k,v,o}`, `blocks[i].mlp.{up,gate,down}`,
-`blocks[i].{ln1,ln2}`, `tok_emb`, `pos_emb`, `ln_f`, `head`; sandwich blocks add `ln1_post`, `ln2_post`,
+`blocks[i].{ln1,ln2}`, `tok_emb`, `pos_emb`, `ln_f`, `head` (and `pooler`); sandwich blocks add `ln1_post`, `ln2_post`,
 qk_norm adds `attn.q_norm`, `attn.k_norm`), so a PEFT method that targets "q" finds the same projection in
 all of them. PEFT methods never edit the math here: LoRA and adapters replace `nn.Linear` modules by name;
 prefix tuning, LLaMA-Adapter and prompt tuning fill the slots `Attention.prefix`, `Attention.adaption` and
@@ -33,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .families import ACTIVATIONS, FAMILIES, FLAVORS, ROPE_SCALINGS, ModelConfig  # noqa: F401 (their home here too)
+from .families import (ACTIVATIONS, FAMILIES, FLAVORS, POOLERS, ROPE_SCALINGS,  # noqa: F401 (their home here too)
+                       ModelConfig)
 from .kv_cache import KVCache
 from .positions import apply_rope, attention_mask_for, rope_at, rope_tables, token_positions
 
@@ -290,6 +292,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.norm_place != "post" else None
         self.apply(init_weights)  # the trunk first, so its weights do not depend on the head
+        if cfg.pooler != "none":  # a fine-tuned encoder classifier's dense layer (B, d) -> (B, d): families.py
+            self.pooler = nn.Linear(d, d)
+            init_weights(self.pooler)
         if cfg.n_classes:
             self.add_classifier(cfg.n_classes)
         else:
@@ -317,7 +322,8 @@ class Transformer(nn.Module):
             self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     def add_classifier(self, n_classes: int):
-        """Replace the LM head by a fresh (n_classes × d_model) classifier head, in fp32 (it trains)."""
+        """Replace the LM head (or a classifier head) by a fresh (n_classes × d_model) classifier head, in fp32 (it
+        trains). A pooler stays: like transformers' ignore_mismatched_sizes, only the last layer is new."""
         self.cfg.n_classes = n_classes = check_n_classes(n_classes)
         self.head = nn.Linear(self.cfg.d_model, n_classes, device=self.tok_emb.weight.device)
         init_weights(self.head)
@@ -407,6 +413,17 @@ class Transformer(nn.Module):
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return hidden[torch.arange(B, device=hidden.device), last_real(idx, attention_mask, self.cfg.pad_token_id)]
 
+    def classify(self, pooled):
+        """(B, d) pooled states -> (B, n_classes) class logits, as the family's …ForSequenceClassification computes
+        them (families.py: the poolers): a trained encoder's pooler first, then dropout before an encoder's head;
+        a decoder's head (transformers' `score`) reads the state as it is."""
+        pooler = self.cfg.pooler
+        if pooler == "drop_dense_tanh":  # RoBERTa drops out before its dense layer too
+            pooled = self.drop(pooled)
+        if pooler != "none":
+            pooled = POOLERS[pooler](self.pooler(pooled))  # (B, d)
+        return self.head(pooled if self.cfg.causal else self.drop(pooled))
+
     @in_compute_context
     def forward(self, idx, attention_mask=None, token_type_ids=None, cache: KVCache | None = None,
                 position_ids=None, document_ids=None, adapter_names=None, labels=None, shift_labels=None,
@@ -419,9 +436,7 @@ class Transformer(nn.Module):
                              "transformers does: F.cross_entropy for class ids, F.mse_loss for one label (regression), "
                              "F.binary_cross_entropy_with_logits for multi-label 0/1 rows")
         if self.cfg.n_classes:
-            pooled = self.pool(hidden, idx, attention_mask)  # (B, d)
-            # dropout before an encoder's classifier (BERT's); a decoder's (transformers' `score`) reads it as it is
-            return self.head(pooled if self.cfg.causal else self.drop(pooled))
+            return self.classify(self.pool(hidden, idx, attention_mask))
         if labels is not None or shift_labels is not None:
             return lm_loss(hidden, self.head.weight, labels=labels, shift_labels=shift_labels,
                            softcap=self.cfg.final_softcap, causal=self.cfg.causal, reduction=reduction)

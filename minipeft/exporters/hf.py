@@ -16,8 +16,10 @@ tensors into one or more of ours, so its inverse joins ours back into one of the
 
 Which class: the language model (GPT2LMHeadModel, LlamaForCausalLM, Gemma3ForCausalLM, ...), the bare
 body for the encoders (BertModel, RobertaModel, DistilBertModel: our encoder LM head is the bare tied
-embedding, so only the hidden states are theirs), or a decoder's …ForSequenceClassification, whose
-`score` is our classifier head (it has no bias, so a head whose bias moved off zero is refused).
+embedding, so only the hidden states are theirs), or a …ForSequenceClassification: a decoder's, whose
+`score` is our classifier head (it has no bias, so a head whose bias moved off zero is refused), or an
+encoder's, whose classifier is our pooler and head (a fine-tuned checkpoint's: families.py, the poolers;
+a fresh one-layer head on the pooled state has no such class and is refused).
 
 Before any weight is written, the config is read back with pretrained.py's own reader: a setting the
 family's config cannot express (a sliding window on Llama, a q/k/v bias without o's on Llama, ...)
@@ -33,13 +35,15 @@ from safetensors.torch import save_file
 from minipeft.formats import chat
 from minipeft.core.model import ModelConfig
 from minipeft.peft_format import TRANSFORMERS_MODELS
-from minipeft.formats.pretrained import (HF_CONFIGS, HF_MODEL_TYPES, HF_PREFIXES, HF_RULES, _conv1d,
-    _split_c_attn_bias, _split_c_attn_weight, _split_gate_up, _split_qkv)
+from minipeft.formats.pretrained import (CLASSIFIER_RULES, HF_CONFIGS, HF_MODEL_TYPES, HF_PREFIXES, HF_RULES, POOLERS,
+    _conv1d, _split_c_attn_bias, _split_c_attn_weight, _split_gate_up, _split_qkv)
 
 MAX_SHARD_BYTES = 2 * 2**30  # a safetensors file holds at most this much; more goes into shards
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_TYPES = {family: model_type for model_type, family in HF_MODEL_TYPES.items()}
 ENCODERS = ("bert", "roberta", "distilbert")
+ENCODER_CLASSIFIERS = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+                       "distilbert": "DistilBertForSequenceClassification"}  # with the family's pooler (POOLERS)
 
 # each rule's transform (theirs -> ours) and its inverse (ours -> theirs: the tensors in the rule's order)
 INVERSES = {
@@ -58,12 +62,15 @@ INVERSES = {
 
 def class_name(cfg: ModelConfig) -> str:
     """The transformers class of the export (ValueError where transformers has none that fits)."""
+    if cfg.n_classes and cfg.pooler == POOLERS.get(cfg.flavor):  # a fine-tuned encoder classifier's
+        return ENCODER_CLASSIFIERS[cfg.flavor]
     key = (cfg.flavor, bool(cfg.n_classes))
-    if key not in TRANSFORMERS_MODELS:
-        raise ValueError(f"a {cfg.flavor} classifier has no transformers class that computes what minipeft's does "
-                         "(BertForSequenceClassification reads [CLS] through a pretrained pooler, RoBERTa's and "
-                         "DistilBERT's heads have two layers), so format 'hf' cannot hold it; keep it as an adapter "
-                         "(mp.save_adapter) or export the model without n_classes")
+    if key not in TRANSFORMERS_MODELS or cfg.pooler != "none":
+        raise ValueError(f"a {cfg.flavor} classifier with pooler {cfg.pooler!r} has no transformers class that "
+                         "computes what minipeft's does (an encoder's …ForSequenceClassification reads [CLS] through "
+                         "its family's pooler, which only a fine-tuned checkpoint's classifier brings), so format "
+                         "'hf' cannot hold it; keep it as an adapter (mp.save_adapter) or export the model without "
+                         "n_classes")
     return TRANSFORMERS_MODELS[key][0]
 
 
@@ -83,7 +90,8 @@ def _encoder_fields(cfg: ModelConfig) -> dict:
     if cfg.flavor == "distilbert":
         return dict(vocab_size=cfg.vocab_size, dim=cfg.d_model, n_layers=cfg.n_layer, n_heads=cfg.n_head,
                     hidden_dim=cfg.d_ff, max_position_embeddings=cfg.max_seq_len, activation=cfg.act,
-                    dropout=cfg.dropout, attention_dropout=cfg.dropout, sinusoidal_pos_embds=False)
+                    dropout=cfg.dropout, attention_dropout=cfg.dropout, seq_classif_dropout=cfg.dropout,
+                    sinusoidal_pos_embds=False)
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, hidden_act=_activation(cfg),
                 max_position_embeddings=cfg.max_seq_len + cfg.pos_offset, type_vocab_size=cfg.type_vocab_size,
@@ -170,7 +178,7 @@ def behaviour(cfg: ModelConfig) -> dict:
 
 def unheld(cfg: ModelConfig, read_back: dict) -> list[str]:
     """The settings of `cfg` that a config read back as `read_back` (ModelConfig fields) lost."""
-    again = behaviour(ModelConfig(**{**read_back, "n_classes": cfg.n_classes}))
+    again = behaviour(ModelConfig(**{**read_back, "n_classes": cfg.n_classes, "pooler": cfg.pooler}))
     return [f"{key}={value!r}" for key, value in behaviour(cfg).items() if again.get(key) != value]
 
 
@@ -200,14 +208,16 @@ def _expansions(their: str, cfg: ModelConfig) -> list[dict]:
 
 def hf_tensors(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights (merged_weights) -> transformers' state dict for class_name(cfg)."""
-    family, body = cfg.flavor, "" if cfg.flavor in ENCODERS else HF_PREFIXES[cfg.flavor]
+    family = cfg.flavor
+    body = "" if family in ENCODERS and not cfg.n_classes else HF_PREFIXES[family]  # BertModel's names: no prefix
     rules = [r for r in HF_RULES[family] if r[0] != "lm_head.weight"]
     if cfg.n_classes:
-        if weights["head.bias"].abs().max() > 0:
+        if family not in ENCODERS and weights["head.bias"].abs().max() > 0:
             raise ValueError(f"{class_name(cfg)}'s score layer has no bias, but this classifier head's bias is "
                              "non-zero, so format 'hf' would compute other logits; keep it as an adapter "
                              "(mp.save_adapter)")
-        rules += [("score.weight", "head.weight", None)]
+        # pretrained.py reads the classifier's last layer as "score" and puts it in as our head
+        rules += [(theirs, ours.replace("score.", "head."), t) for theirs, ours, t in CLASSIFIER_RULES[family]]
     elif not cfg.tie_embeddings:
         rules += [r for r in HF_RULES[family] if r[0] == "lm_head.weight"]
     theirs, used = {}, set()
@@ -218,7 +228,7 @@ def hf_tensors(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, 
             if not all(n in weights for n in names):
                 continue
             key = _placed(their, values)
-            outside_body = key.startswith(("lm_head.", "score."))
+            outside_body = key.startswith(("lm_head.", "score.", "classifier.", "pre_classifier."))
             theirs[key if outside_body else body + key] = INVERSES[transform]([weights[n] for n in names], cfg)
             used.update(names)
     left = sorted(weights.keys() - used - {"head.weight", "head.bias"})

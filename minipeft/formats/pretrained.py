@@ -18,10 +18,11 @@ What each source is
                  sharded model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True);
                  a tokenizer (tokenization.folder_tokenizer: tokenizer.json, vocab.txt or vocab.json +
                  merges.txt; without any the model loads and only tokenizing text stops). A
-                 `…ForSequenceClassification` checkpoint of a decoder family (and GPT-2) loads its
-                 classifier `score` as our head (bias 0) and sets n_classes; the encoders' classifiers
-                 (BERT's pooler + classifier, RoBERTa's two-layer head, DistilBERT's pre_classifier) are
-                 not our one-layer head, so they are skipped and the head starts fresh.
+                 `…ForSequenceClassification` checkpoint loads its trained classifier and sets n_classes:
+                 a decoder's (and GPT-2's) `score` is our head (bias 0); an encoder's is our pooler and
+                 head (BERT's pooler.dense + classifier, RoBERTa's classifier.dense + out_proj,
+                 DistilBERT's pre_classifier + classifier: families.py). Another classifier (a token
+                 classifier's, ...) is refused.
                  Saved in bitsandbytes 4-bit (config.json's quantization_config): the block layers
                  become Linear4bit over the file's codes and state (bnb_weights.py).
     .gguf        general.architecture llama, qwen2, qwen3 or gemma3 (gguf_model.py)
@@ -61,13 +62,15 @@ GPT-2 stores its projections as `Conv1D`, weight (in, out): we transpose to nn.L
 cut the fused c_attn (d, 3d) into q, k, v.
 
 The LM head: tied heads are `tok_emb` itself; an untied head is loaded from lm_head / output. With
-`n_classes` the model gets a classifier head instead (from the checkpoint's `score` when it has one of
-that shape, else fresh) and no LM head weights are loaded. BERT-style pretraining heads (the MLM
-transform, the pooler) are skipped: our encoder LM head is the bare tied embedding, so its MLM logits
-differ from BertForMaskedLM's while the hidden states of `encode` match BertModel's exactly.
+`n_classes` the model gets a classifier head instead (the checkpoint's classifier when it has one, which
+must have n_classes rows, else fresh) and no LM head weights are loaded. BERT-style pretraining heads (the
+MLM transform, and the pooler unless a classifier reads it) are skipped: our encoder LM head is the bare
+tied embedding, so its MLM logits differ from BertForMaskedLM's while the hidden states of `encode` match
+BertModel's exactly.
 """
 import json
 import pickle
+import re
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import fields
@@ -105,9 +108,10 @@ def from_pretrained(name_or_path: str | Path, n_classes: int | None = None, drop
     """A named model, an HF folder, a .gguf file or a hub id (ORG/NAME, from the local Hugging Face cache:
     hub.py) -> (Transformer in eval mode, tokenizers.Tokenizer).
 
-    n_classes: replace the LM head with a (n_classes × d_model) classifier: a checkpoint's own classifier
-        (`score`, …ForSequenceClassification) when it has that shape, else a fresh one; LM head weights
-        in the checkpoint are then not loaded. Such a checkpoint sets n_classes by itself.
+    n_classes: replace the LM head with a (n_classes × d_model) classifier, fresh; LM head weights in the
+        checkpoint are then not loaded. A …ForSequenceClassification checkpoint brings its trained classifier
+        and sets n_classes by itself (a given n_classes must agree; model.add_classifier(n) after loading
+        puts a fresh head of n classes in its place).
     dropout: overrides the checkpoint's dropout (residual, embedding and attention).
     pool: "cls" or "mean", the encoder classifier pooling; by default a sentence-transformers folder's
         1_Pooling/config.json decides, else "cls".
@@ -282,21 +286,28 @@ HF_RULES = {
 # transformers' base-model prefix; keys outside it (lm_head.*, score.*, cls.*) are kept as they are
 HF_PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.",
                **{family: "model." for family in HF_RULES if family not in ("gpt2", "bert", "roberta", "distilbert")}}
-# a …ForSequenceClassification's classifier (GPT-2 and the decoder families): our head, with bias 0
-CLASSIFIER_RULES: list[Rule] = [("score.weight", "score.weight", None)]
+# a …ForSequenceClassification's classifier, read when the checkpoint has one: its last layer is our head (loaded
+# as "score": weights.py puts it in; the decoders' has no bias, so ours is 0), an encoder's dense layer before it
+# our pooler (families.py)
+CLASSIFIER_RULES: dict[str, list[Rule]] = {
+    "bert": [("pooler.dense.{p}", "pooler.{p}", None), ("classifier.{p}", "score.{p}", None)],
+    "roberta": [("classifier.dense.{p}", "pooler.{p}", None), ("classifier.out_proj.{p}", "score.{p}", None)],
+    "distilbert": [("pre_classifier.{p}", "pooler.{p}", None), ("classifier.{p}", "score.{p}", None)],
+    **{family: [("score.weight", "score.weight", None)] for family in HF_RULES
+       if family not in ("bert", "roberta", "distilbert")},
+}
+POOLERS = {"bert": "dense_tanh", "roberta": "drop_dense_tanh", "distilbert": "dense_relu"}  # their classifiers'
+CLASSIFIER_KEYS = r"(pre_)?classifier\..*|score\..*"  # the keys of any classifier (full match, prefix removed)
 
 _ROTARY = [r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"]  # RoPE frequencies, rebuilt from rope_theta
 IGNORED = {  # full-match regexes of keys skipped on purpose, and why
     "gpt2": [r"h\.\d+\.attn\.(bias|masked_bias)"],  # causal-mask buffers of older checkpoints
     "bert": [r"embeddings\.position_ids",  # a buffer 0..P-1
-             r"pooler\..*",  # the [CLS] tanh layer of next-sentence prediction; not part of encode()
-             r"cls\..*",  # MLM / NSP pretraining heads; our BERT LM head is the bare tied embedding
-             r"classifier\..*"],  # BertForSequenceClassification's head, on the pooler: not ours
+             r"pooler\..*",  # the [CLS] tanh layer of next-sentence prediction (read only with a classifier)
+             r"cls\..*"],  # MLM / NSP pretraining heads; our BERT LM head is the bare tied embedding
     "roberta": [r"embeddings\.(position_ids|token_type_ids)", r"pooler\..*",
-                r"lm_head\..*",  # RobertaForMaskedLM's dense + LayerNorm + decoder: not our bare tied head
-                r"classifier\..*"],  # RobertaForSequenceClassification's two-layer head on <s>: not ours
-    "distilbert": [r"embeddings\.position_ids", r"vocab_(transform|layer_norm|projector)\..*",  # the MLM head
-                   r"(pre_)?classifier\..*"],  # DistilBertForSequenceClassification's two layers: not ours
+                r"lm_head\..*"],  # RobertaForMaskedLM's dense + LayerNorm + decoder: not our bare tied head
+    "distilbert": [r"embeddings\.position_ids", r"vocab_(transform|layer_norm|projector)\..*"],  # the MLM head
     **{family: _ROTARY for family in HF_RULES if family not in ("gpt2", "bert", "roberta", "distilbert")},
 }
 
@@ -546,16 +557,41 @@ def _load_hf_folder(folder: Path, overrides: dict, source: str) -> tuple[Transfo
                                                       IGNORED[family], source)
     if checkpoint_config["tie_embeddings"] and _own_lm_head(weights, family):
         checkpoint_config["tie_embeddings"] = False  # as transformers does, saying so in a warning
-    if "score.weight" in weights and "n_classes" not in overrides:  # a …ForSequenceClassification
-        overrides = {**overrides, "n_classes": weights["score.weight"].shape[0]}
+    classifier_rules = _trained_classifier(weights, family, checkpoint_config, overrides, source)
     model = build_model(checkpoint_config, overrides, source)
-    load_weights(model, weights, HF_RULES[family] + CLASSIFIER_RULES, IGNORED[family], source, HF_PREFIXES[family])
+    load_weights(model, weights, HF_RULES[family] + classifier_rules, IGNORED[family], source, HF_PREFIXES[family])
     if layers_4bit:
         bnb_weights.install_4bit(model, layers_4bit, source)
     tokenizer = folder_tokenizer(folder, family)
     for key, value in read_hf_chat_settings(folder).items():  # chat_template, bos/eos token
         setattr(tokenizer, key, value)
     return model, tokenizer
+
+
+def _trained_classifier(weights: Mapping[str, torch.Tensor], family: str, checkpoint_config: dict, overrides: dict,
+                        source: str) -> list[Rule]:
+    """The rules that read the checkpoint's classifier, [] without one. A …ForSequenceClassification's sets
+    n_classes (its rows; a given n_classes must agree) and, for an encoder, the pooler on the first token;
+    a classifier of another shape (a token classifier, ...) is refused rather than left out."""
+    prefix, rules = HF_PREFIXES[family], CLASSIFIER_RULES[family]
+    present = {key.removeprefix(prefix) for key in weights}
+    keys = {key for key in present if re.fullmatch(CLASSIFIER_KEYS, key)}
+    if not keys:
+        return []
+    wanted = {their.format(p=p) for their, _, _ in rules for p in ("weight", "bias")}
+    _require(keys <= wanted <= present, source, f"its classifier ({', '.join(sorted(keys))}) is not the "
+             f"…ForSequenceClassification head of a {family} ({', '.join(sorted(wanted))}), the one classifier "
+             "minipeft reads; save the body alone (transformers: model.base_model.save_pretrained(folder)) and "
+             "load that")
+    rows = weights[their_name("score.weight", rules)].shape[0]
+    _require(overrides.get("n_classes", rows) == rows, source, f"its trained classifier has {rows} classes, not "
+             f"n_classes={overrides.get('n_classes')}; leave n_classes out to use it, or call "
+             f"model.add_classifier({overrides.get('n_classes')}) after loading for a fresh head of that size (what "
+             "transformers' ignore_mismatched_sizes=True does)")
+    checkpoint_config["n_classes"] = rows
+    if family in POOLERS:  # transformers' encoder classifiers read the first token through a dense layer
+        checkpoint_config.update(pooler=POOLERS[family], pool="cls")
+    return rules
 
 
 def _own_lm_head(weights: Mapping[str, torch.Tensor], family: str) -> bool:

@@ -33,13 +33,12 @@ def our_names(template: str | tuple[str, ...]) -> tuple[str, ...]:
 def _rename(theirs: Mapping[str, torch.Tensor], rules: list[Rule], ignored: list[str], prefix: str,
             cfg: ModelConfig):
     """Their state dict -> (ours: our name -> fp32 tensor, origin: our name -> their key, unknown:
-    their keys that no rule claims). Rules and `ignored` match keys with `prefix` removed."""
+    their keys that no rule claims). Rules and `ignored` match keys with `prefix` removed; a key a rule claims
+    is read even if `ignored` matches it (BERT's pooler, ignored unless a classifier's rules read it)."""
     compiled = [(template_regex(their), our_names(ours), transform) for their, ours, transform in rules]
     ours, origin, unknown = {}, {}, []
     for key, tensor in theirs.items():
         short_key = key.removeprefix(prefix)
-        if any(re.fullmatch(pattern, short_key) for pattern in ignored):
-            continue
         for regex, our_templates, transform in compiled:
             if match := regex.fullmatch(short_key):
                 values = transform(tensor, cfg) if transform else tensor
@@ -49,7 +48,8 @@ def _rename(theirs: Mapping[str, torch.Tensor], rules: list[Rule], ignored: list
                     ours[name], origin[name] = value.float(), key
                 break
         else:
-            unknown.append(key)
+            if not any(re.fullmatch(pattern, short_key) for pattern in ignored):
+                unknown.append(key)
     return ours, origin, unknown
 
 
@@ -68,7 +68,7 @@ def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: lis
     Messages name keys as the checkpoint spells them; a missing key without `prefix`."""
     cfg = model.cfg
     ours, origin, unknown = _rename(theirs, rules, ignored, prefix, cfg)
-    score = ours.pop("score.weight", None)  # a …ForSequenceClassification's classifier
+    score = {p: ours.pop(f"score.{p}") for p in ("weight", "bias") if f"score.{p}" in ours}  # a classifier's head
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.n_classes or cfg.tie_embeddings:  # a classifier, or tok_emb itself: no LM head to load
         for name in ("head.weight", "head.bias"):
@@ -81,8 +81,11 @@ def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: lis
     missing = sorted({their_name(name, rules) for name in expected.keys() - ours.keys()})
     if missing:
         raise ValueError(f"{source}: key(s) missing from the checkpoint: {', '.join(missing)}")
+    head_shapes = {"weight": (cfg.n_classes, cfg.d_model), "bias": (cfg.n_classes,)}
     wrong = [f"{origin[name]} gives {tuple(ours[name].shape)} for {name}, which needs {shape}"
              for name, shape in expected.items() if tuple(ours[name].shape) != shape]
+    wrong += [f"{origin['score.' + p]} gives {tuple(t.shape)} for head.{p}, which needs {head_shapes[p]}"
+              for p, t in score.items() if tuple(t.shape) != head_shapes[p]]
     if wrong:
         raise ValueError(f"{source}: shape mismatch (does config.json describe these weights?): "
                          + "; ".join(wrong))
@@ -90,17 +93,17 @@ def load_weights(model: Transformer, theirs: dict[str, torch.Tensor], rules: lis
     _finish(model, score)
 
 
-def _finish(model: Transformer, score: torch.Tensor | None) -> None:
+def _finish(model: Transformer, score: dict[str, torch.Tensor]) -> None:
     """What a model built as shapes only still needs once its weights are in: its RoPE tables, the
-    tie of a tied head, and a classifier head (the checkpoint's `score` if it fits, else a fresh one)."""
+    tie of a tied head, and a classifier head (the checkpoint's, `score`, if it has one, else a fresh one)."""
     cfg = model.cfg
     model.reset_buffers()
     if cfg.n_classes:
         model.add_classifier(cfg.n_classes)
-        if score is not None and score.shape == model.head.weight.shape:
-            with torch.no_grad():  # a …ForSequenceClassification's classifier: score has no bias
-                model.head.weight.copy_(score)
-                model.head.bias.zero_()
+        if score:  # a …ForSequenceClassification's classifier (pretrained.py checked its rows are n_classes)
+            with torch.no_grad():
+                model.head.weight.copy_(score["weight"])
+                model.head.bias.copy_(score.get("bias", torch.zeros(cfg.n_classes)))  # a decoder's has no bias
     elif cfg.tie_embeddings:
         model.head.weight = model.tok_emb.weight
 
