@@ -403,7 +403,9 @@ def test_sequence_classification_checkpoint_loads_its_classifier(family, cls, fo
         diff = (model(idx, attention_mask=mask) - hf(input_ids=idx, attention_mask=mask).logits).abs().max()
     print(f"\n{cls}: largest |class logit difference|, right-padded batch: {diff:.2e}")
     assert diff < 1e-4
-    assert from_pretrained(tmp_path, n_classes=5)[0].head.weight.shape == (5, 32)  # another task: fresh
+    with pytest.raises(ValueError, match="its trained classifier has 3 classes, not n_classes=5"):
+        from_pretrained(tmp_path, n_classes=5)  # another task: a fresh head is asked for by add_classifier
+    assert model.add_classifier(5).head.weight.shape == (5, 32)
 
 
 def test_sharded_safetensors_and_a_missing_shard(folders, tmp_path):
