@@ -164,6 +164,20 @@ def test_family_matches_transformers(family, folders):
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_encoders_match_transformers_left_padded_at_every_position(family, folders):
+    """Left padding (a user's batch; ours pad on the right): RoBERTa numbers the non-pad tokens only, and a
+    padding query attends to the real tokens as in transformers, so position 0 of a left-padded row (what a
+    [CLS] pooler reads there) is transformers' too. Also pad ids without a mask, which RoBERTa skips too."""
+    hf, folder = folders[family]
+    model, _ = from_pretrained(folder)
+    idx, mask = batch()
+    idx, mask = idx.flip(1), mask.flip(1)  # rows of 12, 9 and 6 tokens, right-aligned
+    for attention_mask in (mask, None):
+        ours, theirs = outputs(family, hf, model, idx, attention_mask)
+        assert (ours - theirs).abs().max() < 1e-4, attention_mask
+
+
 def test_a_gpt2_config_without_n_inner_has_a_feed_forward_four_times_n_embd(tmp_path):
     """GPT-2's own config.json has "n_inner": null (transformers then uses 4 · n_embd); the configs above
     all set it."""

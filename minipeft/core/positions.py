@@ -92,9 +92,10 @@ def attention_mask_for(cfg: ModelConfig, attention_mask, T: int, past: int, wind
         allowed = allowed & F.pad(same, (past, 0), value=True)[:, None]  # (B, 1, T, total)
     if attention_mask is not None:
         keys_real = F.pad(attention_mask.bool(), (past, 0), value=True)[:, None, None, -total:]
-        # a padding query would otherwise see no key at all (NaN); seeing itself keeps the row finite
-        # and changes no real token's output
+        allowed = allowed & keys_real  # (B, 1, T, total)
+        # a query that sees no key (causal left padding) would give NaN; seeing itself keeps it finite and changes
+        # no real token's output (a padding query of an encoder sees the real tokens, as in transformers)
         itself = torch.zeros(T, total, dtype=torch.bool, device=device)
         itself[torch.arange(T), past + torch.arange(T)] = True
-        allowed = (allowed & keys_real) | itself  # (B, 1, T, total)
+        allowed = allowed | (itself & ~allowed.any(-1, keepdim=True))
     return allowed
