@@ -19,7 +19,7 @@ while without touching a single weight:
 So the reference model of preference tuning costs no second copy of the weights: the same tensors run
 once with the adapter and once without. What it cannot give back is a base that is not there any more:
 a method that trains base weights itself (full, head, last_k, bitfit, the layer norms of Houlsby
-adapters, a fresh classifier head) or rewrote them when it was applied (LoRA's PiSSA and OLoRA inits),
+adapters, a classifier head) or rewrote them when it was applied (LoRA's PiSSA and OLoRA inits),
 and an adapter merged into the weights (mp.unmerge first). Those stop with a ValueError saying why (a
 trained base weight is told by its name: mp.apply records the base model's parameter names).
 QLoRA's base is its 4-bit one, the weights it actually runs on. A model sharded with FSDP holds its
@@ -107,7 +107,7 @@ def check_can_disable(model):
     trained = [name for name, p in model.named_parameters() if p.requires_grad and name in base_names]
     if trained:
         method = model.peft_config["method"] if model.peft_config else "this model's method"
-        what = "a fresh classifier head, which the base model does not have" if model.cfg.n_classes and \
+        what = "the classifier head, whose values before training are not kept" if model.cfg.n_classes and \
             all(name.startswith("head.") for name in trained) else "weights of the base model itself"
         raise ValueError(f"{method} trains {what} ({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}), "
                          "so switching it off cannot give the base model's outputs; use a method (and options) "
