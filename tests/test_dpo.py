@@ -63,7 +63,7 @@ def test_adapters_disabled_gives_the_base_models_outputs(method, example, flavor
     trains_base = [n for n, p in model.named_parameters() if p.requires_grad and n in base_names]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if trains_base:
-        what = "a fresh classifier head" if head == "classifier" and all(n.startswith("head.") for n in trains_base) \
+        what = "the classifier head" if head == "classifier" and all(n.startswith("head.") for n in trains_base) \
             else "weights of the base model itself"
         with pytest.raises(ValueError, match=f"^{method} trains {what}.* switching it off cannot give the base "
                                              "model's outputs"):
