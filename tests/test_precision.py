@@ -22,6 +22,8 @@ from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.core import model as core_model
+from minipeft.core.lora import FrozenLinear
+from minipeft.core.nf4 import Linear4bit
 from minipeft.run import report, trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
@@ -262,6 +264,25 @@ def test_a_method_applied_to_a_model_in_low_precision_takes_its_dtypes(precision
     mp.apply(model, "lora", rank=2, targets=["all"])
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {trainable}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+@pytest.mark.parametrize("method", [m for m in mp.METHODS if "llama" in mp.METHODS[m].flavors])
+def test_a_method_hands_on_the_activations_dtype(method, precision):
+    """Under *-mixed every layer a method wraps, and LLaMA-Adapter's gated attention, returns the compute dtype,
+    as the frozen layer does under autocast and as peft casts its layers' outputs back: an fp32 trained tensor
+    (DoRA's magnitude, a gate) must not turn the output, and every activation after it, fp32 (DoRA on every
+    linear layer of a llama kept 1.3 times bf16-true's activations)."""
+    model = mp.apply(tiny_model("llama"), method, tokenizer=tiny_tokenizer(), **example_options(method, -1))
+    model = mp.set_precision(model, precision).train()
+    perturb_trainable(model)
+    dtypes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FrozenLinear, Linear4bit)) or name.endswith(".adaption"):
+            module.register_forward_hook(lambda module, args, out, name=name: dtypes.update({name: out.dtype}))
+    idx, mask = tiny_batch()
+    model(idx, attention_mask=mask)
+    assert {name: dtype for name, dtype in dtypes.items() if dtype != mp.PRECISIONS[precision].compute} == {}
 
 
 def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tmp_path, monkeypatch):
