@@ -285,6 +285,28 @@ def test_a_method_hands_on_the_activations_dtype(method, precision):
     assert {name: dtype for name, dtype in dtypes.items() if dtype != mp.PRECISIONS[precision].compute} == {}
 
 
+@pytest.mark.parametrize("precision", LOW)
+def test_vera_matrices_stay_fp32_so_merges_round_once_and_peft_files_come_back(precision, tmp_path):
+    """VeRA's shared random matrices stay fp32 in every precision, as peft keeps them: a merge in low precision
+    is the fp32 merge of the same weights rounded once (bit for bit; with bf16 copies 14% of a bf16-mixed
+    llama's merged elements differed from peft's), and an adapter saved in peft's format, which carries the
+    matrices, loads back (bf16 copies were saved, then refused as matrices the seed does not draw)."""
+    model = mp.set_precision(mp.apply(tiny_model("llama"), "vera", rank=4, targets=["q", "v", "down"]), precision)
+    perturb_trainable(model)
+    assert {b.dtype for b in model.blocks[0].attn.q.projections.buffers()} == {torch.float32}
+    mp.save_adapter(model, tmp_path / "adapter", format="peft")
+    back = mp.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    for name, p in mp.trainable_state_dict(back).items():
+        assert torch.equal(p, mp.trainable_state_dict(model)[name].float())
+    exact = mp.apply(tiny_model("llama"), "vera", rank=4, targets=["q", "v", "down"])
+    with torch.no_grad():  # the same values, held in fp32
+        for name, p in exact.named_parameters():
+            p.copy_(model.get_parameter(name))
+    mp.merge(model), mp.merge(exact)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, exact.get_parameter(name).to(p.dtype)), name
+
+
 def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tmp_path, monkeypatch):
     """The loss scale is part of a checkpoint: a run stopped after its scale came down from 2^30 resumes at
     the scale it had (as torch.amp.GradScaler's state_dict carries it), not at the initial one."""

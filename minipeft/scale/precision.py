@@ -28,8 +28,9 @@ runs under torch.autocast(device, compute dtype) (`compute`, entered by Transfor
 forward), which casts each matmul's inputs — bf16 activations against fp32 adapter weights — to the
 compute dtype; its gradient flows back to the fp32 parameter in fp32. What stays fp32, as in
 transformers: the RoPE tables (cast to the activations' dtype where used), RMSNorm's statistics,
-softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), and a
-4-bit layer's quantization state (dequantized into the compute dtype). Under bf16 on the CPU, attention
+softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), a
+4-bit layer's quantization state (dequantized into the compute dtype), and the buffers of a module that
+sets `keeps_fp32` (VeRA's shared random matrices, which peft keeps in fp32 too). Under bf16 on the CPU, attention
 itself runs in fp32 (AttentionInFP32: PyTorch's bf16 CPU kernel is slow and sums its gradients in
 bf16), keeping only bf16 q, k, v between the passes. Adapters are saved in fp32 and load into any
 precision.
@@ -197,7 +198,8 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
     """Cast the model's floating tensors for `precision` (a name of PRECISIONS or a torch dtype) and
     record it in `model.precision`; returns the model. Parameters with requires_grad take the trainable
     dtype, the others and the floating buffers the frozen dtype — except what stays fp32 whatever the
-    precision: 4-bit layers' quantization state and bias (quant.Linear4bit) and the RoPE tables. Tied
+    precision: 4-bit layers' quantization state and bias (quant.Linear4bit), the RoPE tables, and the buffers
+    of a module that sets `keeps_fp32` (a method's frozen tables that must stay exact). Tied
     parameters stay tied (each tensor is cast in place once). Call it again after changing which
     parameters train (mp.apply does)."""
     device = next(model.parameters(), torch.empty(0)).device
@@ -209,6 +211,7 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
     keep_fp32 = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or frozen parameters under FSDP
     keep_fp32 |= {id(b) for name, b in model.named_buffers() if name.endswith(("rope_cos", "rope_sin",
                                                                                   "rope_local_cos", "rope_local_sin"))}
+    keep_fp32 |= {id(b) for m in model.modules() if getattr(m, "keeps_fp32", False) for b in m.buffers()}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             dtype = chosen.trainable if p.requires_grad else chosen.frozen
