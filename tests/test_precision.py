@@ -22,6 +22,7 @@ from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.core import model as core_model
+from minipeft.core.kv_cache import KVCache
 from minipeft.core.lora import FrozenLinear
 from minipeft.core.nf4 import Linear4bit
 from minipeft.run import report, trainer
@@ -266,23 +267,32 @@ def test_a_method_applied_to_a_model_in_low_precision_takes_its_dtypes(precision
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
+LLAMA_EXAMPLES = [pytest.param(m, i, id=f"{m}-{i}") for m in mp.METHODS if "llama" in mp.METHODS[m].flavors
+                  for i in range(len(mp.METHODS[m].examples))]
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
-@pytest.mark.parametrize("method", [m for m in mp.METHODS if "llama" in mp.METHODS[m].flavors])
-def test_a_method_hands_on_the_activations_dtype(method, precision):
+@pytest.mark.parametrize("method, example", LLAMA_EXAMPLES)
+def test_a_method_hands_on_the_activations_dtype(method, example, precision):
     """Under *-mixed every layer a method wraps, and LLaMA-Adapter's gated attention, returns the compute dtype,
     as the frozen layer does under autocast and as peft casts its layers' outputs back: an fp32 trained tensor
     (DoRA's magnitude, a gate) must not turn the output, and every activation after it, fp32 (DoRA on every
-    linear layer of a llama kept 1.3 times bf16-true's activations)."""
-    model = mp.apply(tiny_model("llama"), method, tokenizer=tiny_tokenizer(), **example_options(method, -1))
+    linear layer of a llama kept 1.3 times bf16-true's activations). The KV cache too holds the compute dtype
+    (fp32 prefixes made it fp32, twice the bytes; peft casts its prefixes to the base model's dtype)."""
+    model = mp.apply(tiny_model("llama"), method, tokenizer=tiny_tokenizer(), **example_options(method, example))
     model = mp.set_precision(model, precision).train()
     perturb_trainable(model)
-    dtypes = {}
+    compute, dtypes = mp.PRECISIONS[precision].compute, {}
     for name, module in model.named_modules():
         if isinstance(module, (FrozenLinear, Linear4bit)) or name.endswith(".adaption"):
             module.register_forward_hook(lambda module, args, out, name=name: dtypes.update({name: out.dtype}))
     idx, mask = tiny_batch()
     model(idx, attention_mask=mask)
-    assert {name: dtype for name, dtype in dtypes.items() if dtype != mp.PRECISIONS[precision].compute} == {}
+    assert {name: dtype for name, dtype in dtypes.items() if dtype != compute} == {}
+    cache = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        model.eval()(idx[:1], cache=cache)
+    assert {t.dtype for layer in cache.layers for t in layer} == {compute}
 
 
 @pytest.mark.parametrize("precision", LOW)
