@@ -263,7 +263,7 @@ def attention_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
 def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
     """core.model.attention as set_precision installs it for a bf16 precision: AttentionInFP32 for bf16
     on the CPU, the core's own kernel for every other dtype and device. Shapes as the core's. Keys and
-    values come in bf16, as autocast hands them to the core's kernel (a prefix's fp32 keys among them)."""
+    values come in bf16, as autocast hands them to the core's kernel (prefixes included)."""
     if not attention_in_fp32(q.dtype, q.device):
         return CORE_ATTENTION(q, k, v, mask, is_causal, scale, gqa)
     if torch.compiler.is_compiling():  # --compile: the same product in a form it traces (not autograd.grad);
