@@ -30,7 +30,7 @@ compute dtype; its gradient flows back to the fp32 parameter in fp32. What stays
 transformers: the RoPE tables (cast to the activations' dtype where used), RMSNorm's statistics,
 softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), a
 4-bit layer's quantization state (dequantized into the compute dtype), and the buffers of a module that
-sets `keeps_fp32` (VeRA's shared random matrices, which peft keeps in fp32 too). Under bf16 on the CPU, attention
+sets `keeps_fp32` (a method's frozen tables that must stay exact). Under bf16 on the CPU, attention
 itself runs in fp32 (AttentionInFP32: PyTorch's bf16 CPU kernel is slow and sums its gradients in
 bf16), keeping only bf16 q, k, v between the passes. Adapters are saved in fp32 and load into any
 precision.
