@@ -181,11 +181,14 @@ def test_precision_resolution_and_bad_devices():
     assert mp.precision.resolve_precision("auto", cpu).name == "fp32"
     assert mp.precision.resolve_precision(torch.bfloat16, cpu).name == "bf16-mixed"
     assert mp.precision.resolve_precision(torch.float16, cpu).name == "fp16-mixed"
+    assert mp.precision.resolve_precision("bfloat16", cpu).name == "bf16-mixed"  # a dtype's name, as transformers
+    assert mp.precision.resolve_precision("float32", cpu).name == "fp32"
     assert mp.resolve_device("cpu") == cpu
     with pytest.raises(ValueError, match="not one of"):
         mp.precision.resolve_precision("fp8", cpu)
-    with pytest.raises(ValueError, match="not one minipeft trains in"):
-        mp.precision.resolve_precision(torch.float64, cpu)
+    for dtype in (torch.float64, "float64", "int8"):
+        with pytest.raises(ValueError, match="not one minipeft trains in"):
+            mp.precision.resolve_precision(dtype, cpu)
     with pytest.raises(ValueError, match="not a device name"):
         mp.resolve_device("tpu:0:1")
     if not torch.cuda.is_available():

@@ -139,8 +139,10 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
 
 def resolve_precision(name: str | torch.dtype | None, device: torch.device) -> Precision:
     """A precision by name ("auto"/None: default_precision) or by the frozen weights' torch dtype
-    (torch.bfloat16 -> bf16-mixed, torch.float16 -> fp16-mixed); ValueError if the device cannot run
-    it, naming what to use instead."""
+    (torch.bfloat16 -> bf16-mixed, torch.float16 -> fp16-mixed), or that dtype's name ("bfloat16", as
+    transformers' from_pretrained takes it); ValueError if the device cannot run it, naming what to use instead."""
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        name = getattr(torch, name)
     if isinstance(name, torch.dtype):
         if name not in DTYPE_PRECISION:
             raise ValueError(f"dtype {name} is not one minipeft trains in; use torch.float32, torch.bfloat16 "
