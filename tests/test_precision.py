@@ -8,6 +8,7 @@ non-finite guard counting it; bad devices and a resume in another precision stop
 Each axis runs in full against one representative of the others (methods × precisions on llama, or gpt2
 for methods without llama; families × precisions with LoRA); the product is under -m exhaustive.
 CUDA-only checks are in tests/test_cuda.py."""
+import copy
 import json
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from minipeft.formats import adapter_io
 from minipeft.extras import memory
 from minipeft.core import loop
 from minipeft.core import model as core_model
+from minipeft.core.kv_cache import KVCache
+from minipeft.core.lora import FrozenLinear
+from minipeft.core.nf4 import Linear4bit
 from minipeft.run import report, trainer
 from conftest import FAMILIES, example_options, perturb_trainable, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 from test_memory import saved_activation_bytes
@@ -178,11 +182,14 @@ def test_precision_resolution_and_bad_devices():
     assert mp.precision.resolve_precision("auto", cpu).name == "fp32"
     assert mp.precision.resolve_precision(torch.bfloat16, cpu).name == "bf16-mixed"
     assert mp.precision.resolve_precision(torch.float16, cpu).name == "fp16-mixed"
+    assert mp.precision.resolve_precision("bfloat16", cpu).name == "bf16-mixed"  # a dtype's name, as transformers
+    assert mp.precision.resolve_precision("float32", cpu).name == "fp32"
     assert mp.resolve_device("cpu") == cpu
     with pytest.raises(ValueError, match="not one of"):
         mp.precision.resolve_precision("fp8", cpu)
-    with pytest.raises(ValueError, match="not one minipeft trains in"):
-        mp.precision.resolve_precision(torch.float64, cpu)
+    for dtype in (torch.float64, "float64", "int8"):
+        with pytest.raises(ValueError, match="not one minipeft trains in"):
+            mp.precision.resolve_precision(dtype, cpu)
     with pytest.raises(ValueError, match="not a device name"):
         mp.resolve_device("tpu:0:1")
     if not torch.cuda.is_available():
@@ -262,6 +269,75 @@ def test_a_method_applied_to_a_model_in_low_precision_takes_its_dtypes(precision
     mp.apply(model, "lora", rank=2, targets=["all"])
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {trainable}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+LLAMA_EXAMPLES = [pytest.param(m, i, id=f"{m}-{i}") for m in mp.METHODS if "llama" in mp.METHODS[m].flavors
+                  for i in range(len(mp.METHODS[m].examples))]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+@pytest.mark.parametrize("method, example", LLAMA_EXAMPLES)
+def test_a_method_hands_on_the_activations_dtype(method, example, precision):
+    """Under *-mixed every layer a method wraps, and LLaMA-Adapter's gated attention, returns the compute dtype,
+    as the frozen layer does under autocast and as peft casts its layers' outputs back: an fp32 trained tensor
+    (DoRA's magnitude, a gate) must not turn the output, and every activation after it, fp32 (DoRA on every
+    linear layer of a llama kept 1.3 times bf16-true's activations). The KV cache too holds the compute dtype
+    (fp32 prefixes made it fp32, twice the bytes; peft casts its prefixes to the base model's dtype)."""
+    model = mp.apply(tiny_model("llama"), method, tokenizer=tiny_tokenizer(), **example_options(method, example))
+    model = mp.set_precision(model, precision).train()
+    perturb_trainable(model)
+    compute, dtypes = mp.PRECISIONS[precision].compute, {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FrozenLinear, Linear4bit)) or name.endswith(".adaption"):
+            module.register_forward_hook(lambda module, args, out, name=name: dtypes.update({name: out.dtype}))
+    idx, mask = tiny_batch()
+    model(idx, attention_mask=mask)
+    assert {name: dtype for name, dtype in dtypes.items() if dtype != compute} == {}
+    cache = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        model.eval()(idx[:1], cache=cache)
+    assert {t.dtype for layer in cache.layers for t in layer} == {compute}
+
+
+def test_ia3_scales_take_their_gradient_in_fp32_under_fp16():
+    """IA³ multiplies by its fp32 l in fp32 and casts the product back, as peft does, so the gradient of l sums
+    fp32 products: in fp16 products (no loss scale here) underflowed, and l's gradients were 5-7 times further
+    from float64's (median relative error 0.012, largest 0.26; now 0.002 and 0.04, as peft's)."""
+    model = mp.apply(tiny_model("llama"), "ia3", targets=["all"], feedforward=["down", "gate"])
+    perturb_trainable(model)
+    idx, mask = tiny_batch()
+
+    def gradients(model):
+        out = model(idx, attention_mask=mask)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.shape[-1])).mean(), trained)
+
+    exact = gradients(copy.deepcopy(model).double())
+    errors = sorted(((g.double() - e).norm() / e.norm()).item()
+                    for g, e in zip(gradients(mp.set_precision(model, "fp16-mixed")), exact))
+    assert errors[len(errors) // 2] < 5e-3 and errors[-1] < 0.1
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_vera_matrices_stay_fp32_so_merges_round_once_and_peft_files_come_back(precision, tmp_path):
+    """VeRA's shared random matrices stay fp32 in every precision, as peft keeps them: a merge in low precision
+    is the fp32 merge of the same weights rounded once (bit for bit; with bf16 copies 14% of a bf16-mixed
+    llama's merged elements differed from peft's), and an adapter saved in peft's format, which carries the
+    matrices, loads back (bf16 copies were saved, then refused as matrices the seed does not draw)."""
+    model = mp.set_precision(mp.apply(tiny_model("llama"), "vera", rank=4, targets=["q", "v", "down"]), precision)
+    perturb_trainable(model)
+    assert {b.dtype for b in model.blocks[0].attn.q.projections.buffers()} == {torch.float32}
+    mp.save_adapter(model, tmp_path / "adapter", format="peft")
+    back = mp.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    for name, p in mp.trainable_state_dict(back).items():
+        assert torch.equal(p, mp.trainable_state_dict(model)[name].float())
+    exact = mp.apply(tiny_model("llama"), "vera", rank=4, targets=["q", "v", "down"])
+    with torch.no_grad():  # the same values, held in fp32
+        for name, p in exact.named_parameters():
+            p.copy_(model.get_parameter(name))
+    mp.merge(model), mp.merge(exact)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, exact.get_parameter(name).to(p.dtype)), name
 
 
 def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ class DoRALinear(LoRALinear):
         if dropped is not x:  # training with dropout: the W path of the update sees d(x), as in peft
             base = F.linear(dropped, self.weight)
         update = F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scale  # s·d(x) Aᵀ Bᵀ
-        return y + (g - 1) * (base + update) + update  # = y + (g − 1)·base + g·update; exact at init
+        h = y + (g - 1) * (base + update) + update  # = y + (g − 1)·base + g·update; exact at init
+        return h.to(y.dtype)  # an fp32 m (bf16-mixed) must not turn the output, and all after it, fp32 (peft's)
 
     @torch.no_grad()
     def merge(self):

@@ -35,10 +35,12 @@ class IA3Linear(FrozenLinear):
     def forward(self, x):  # (…, in) -> (…, out)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        if self.scale_input:  # l in the activations' dtype: an fp32 l under bf16-mixed keeps x bf16
-            return F.linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
+        # the product in l's dtype, then back to the activations' (as peft): under fp16-mixed the gradient of an
+        # fp32 l sums fp32 products, which in fp16 underflow; an fp32 l still keeps bf16 activations bf16
+        if self.scale_input:
+            return F.linear((x * self.ia3_l).to(x.dtype), self.weight, self.bias)
         y = F.linear(x, self.weight, self.bias)
-        return y * self.ia3_l.to(y.dtype)
+        return (y * self.ia3_l).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -35,7 +35,7 @@ class AdaptionPrompt(nn.Module):
         keys, values = (proj(self.prompt).view(-1, self.n_kv_head, self.head_dim).transpose(0, 1)
                         .repeat_interleave(group, dim=0) for proj in (k_proj, v_proj))  # each (H, K, hd)
         scores = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)  # (B, H, T, K)
-        return self.gate.view(1, -1, 1, 1) * (scores @ values)
+        return (self.gate.view(1, -1, 1, 1) * (scores @ values)).to(q.dtype)  # an fp32 gate keeps bf16 y bf16
 
 
 def apply_llama_adapter(model, length: int, layers: int | None):

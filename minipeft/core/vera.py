@@ -28,7 +28,10 @@ from .lora import FrozenLinear
 
 
 class SharedProjections(nn.Module):
-    """The frozen random A (r × max in) and B (max out × r), one pair held by every VeRALinear of the model."""
+    """The frozen random A (r × max in) and B (max out × r), one pair held by every VeRALinear of the model.
+    They stay fp32 in every precision (`keeps_fp32`: set_precision leaves them be), as peft keeps them: bf16
+    copies would merge into other weights than peft's, and be saved as matrices the seed does not draw."""
+    keeps_fp32 = True
 
     def __init__(self, rank: int, max_in: int, max_out: int, seed: int, device=None):
         super().__init__()

@@ -28,8 +28,9 @@ runs under torch.autocast(device, compute dtype) (`compute`, entered by Transfor
 forward), which casts each matmul's inputs — bf16 activations against fp32 adapter weights — to the
 compute dtype; its gradient flows back to the fp32 parameter in fp32. What stays fp32, as in
 transformers: the RoPE tables (cast to the activations' dtype where used), RMSNorm's statistics,
-softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), and a
-4-bit layer's quantization state (dequantized into the compute dtype). Under bf16 on the CPU, attention
+softmax's accumulation inside scaled_dot_product_attention, the loss (logits are upcast first), a
+4-bit layer's quantization state (dequantized into the compute dtype), and the buffers of a module that
+sets `keeps_fp32` (a method's frozen tables that must stay exact). Under bf16 on the CPU, attention
 itself runs in fp32 (AttentionInFP32: PyTorch's bf16 CPU kernel is slow and sums its gradients in
 bf16), keeping only bf16 q, k, v between the passes. Adapters are saved in fp32 and load into any
 precision.
@@ -138,8 +139,10 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
 
 def resolve_precision(name: str | torch.dtype | None, device: torch.device) -> Precision:
     """A precision by name ("auto"/None: default_precision) or by the frozen weights' torch dtype
-    (torch.bfloat16 -> bf16-mixed, torch.float16 -> fp16-mixed); ValueError if the device cannot run
-    it, naming what to use instead."""
+    (torch.bfloat16 -> bf16-mixed, torch.float16 -> fp16-mixed), or that dtype's name ("bfloat16", as
+    transformers' from_pretrained takes it); ValueError if the device cannot run it, naming what to use instead."""
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        name = getattr(torch, name)
     if isinstance(name, torch.dtype):
         if name not in DTYPE_PRECISION:
             raise ValueError(f"dtype {name} is not one minipeft trains in; use torch.float32, torch.bfloat16 "
@@ -197,7 +200,8 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
     """Cast the model's floating tensors for `precision` (a name of PRECISIONS or a torch dtype) and
     record it in `model.precision`; returns the model. Parameters with requires_grad take the trainable
     dtype, the others and the floating buffers the frozen dtype — except what stays fp32 whatever the
-    precision: 4-bit layers' quantization state and bias (quant.Linear4bit) and the RoPE tables. Tied
+    precision: 4-bit layers' quantization state and bias (quant.Linear4bit), the RoPE tables, and the buffers
+    of a module that sets `keeps_fp32` (a method's frozen tables that must stay exact). Tied
     parameters stay tied (each tensor is cast in place once). Call it again after changing which
     parameters train (mp.apply does)."""
     device = next(model.parameters(), torch.empty(0)).device
@@ -209,6 +213,7 @@ def set_precision(model: nn.Module, precision: str | torch.dtype = "fp32") -> nn
     keep_fp32 = {id(t) for t in tensors_of_4bit_layers(model)}  # buffers, or frozen parameters under FSDP
     keep_fp32 |= {id(b) for name, b in model.named_buffers() if name.endswith(("rope_cos", "rope_sin",
                                                                                   "rope_local_cos", "rope_local_sin"))}
+    keep_fp32 |= {id(b) for m in model.modules() if getattr(m, "keeps_fp32", False) for b in m.buffers()}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             dtype = chosen.trainable if p.requires_grad else chosen.frozen
@@ -260,7 +265,7 @@ def attention_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
 def attention(q, k, v, mask, is_causal: bool, scale: float, gqa: bool) -> torch.Tensor:
     """core.model.attention as set_precision installs it for a bf16 precision: AttentionInFP32 for bf16
     on the CPU, the core's own kernel for every other dtype and device. Shapes as the core's. Keys and
-    values come in bf16, as autocast hands them to the core's kernel (a prefix's fp32 keys among them)."""
+    values come in bf16, as autocast hands them to the core's kernel (prefixes included)."""
     if not attention_in_fp32(q.dtype, q.device):
         return CORE_ATTENTION(q, k, v, mask, is_causal, scale, gqa)
     if torch.compiler.is_compiling():  # --compile: the same product in a form it traces (not autograd.grad);
