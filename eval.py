@@ -130,10 +130,8 @@ def check_head(model, task, args) -> None:
     """The head must fit the task. A classification task is scored with the model's own classifier (the
     adapter's, or a fine-tuned …ForSequenceClassification checkpoint's), which must have the task's classes,
     else with a fresh head, said so; the other tasks need the LM head, which a classifier does not have."""
+    cli.check_lm_head(model, task.kind, args.model, f"score {args.task},")
     n_classes = model.cfg.n_classes
-    if n_classes and task.kind != "classification":
-        raise ValueError(f"{args.model} is a classifier ({n_classes} classes) without an LM head, so it cannot "
-                         f"score {args.task}, a {task.kind} task; evaluate its base language model instead")
     if task.kind != "classification":
         return
     if n_classes and n_classes != task.n_classes:

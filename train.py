@@ -25,7 +25,7 @@ from minipeft.formats import tasks
 from minipeft.run import cli, report, runconfig, trainer, watch
 from minipeft.run.train_args import (DEFAULT_METHOD, build_parser, check_before_loading, check_context_length,
                                      check_numbers, check_task_flags, memory_ledger, pack_training_split,
-                                     precompute_reference, resolve_objective, train_config)
+                                     precompute_reference, prepare_head, resolve_objective, train_config)
 from minipeft.scale import output, precision, processes
 
 
@@ -121,22 +121,6 @@ def prepare(args, method, device: torch.device, precision_name: str, objective: 
     if args.compile:  # the forward pass compiled by torch.compile; backward follows through AOTAutograd
         model.compile()
     return model, task, method
-
-
-def prepare_head(model, task, source: str) -> None:
-    """The head the task trains: a classification task's classifier is the model's own when it has the task's
-    classes (a fine-tuned …ForSequenceClassification checkpoint's, trained further), else a fresh one (said
-    so when it takes the place of a trained one); the other tasks need the LM head, which a classifier lacks."""
-    n_classes = model.cfg.n_classes
-    if n_classes and task.kind != "classification":
-        raise ValueError(f"{source} is a classifier ({n_classes} classes) without an LM head, so it cannot train "
-                         f"on a {task.kind} task; train its base language model instead")
-    if task.kind != "classification" or n_classes == task.n_classes:
-        return
-    if n_classes:
-        print(f"note: {source}'s trained classifier has {n_classes} classes and the task {task.n_classes}, so a "
-              "fresh head takes its place (its pooler, if any, is kept: transformers' ignore_mismatched_sizes)")
-    model.add_classifier(task.n_classes)
 
 
 def auto_reason(args, device: torch.device) -> str:

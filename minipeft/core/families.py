@@ -53,6 +53,7 @@ A classifier (n_classes) is one linear layer, `head`, on the pooled state; a fin
 
 The encoders' poolers read the first token ([CLS], <s>): pool="cls". Dropout is off in eval mode.
 """
+import operator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -89,6 +90,19 @@ POOLERS = {"dense_tanh": torch.tanh, "drop_dense_tanh": torch.tanh, "dense_relu"
 CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm", "rmsnorm+1"),
            "norm_place": ("pre", "post", "sandwich"), "act": tuple(ACTIVATIONS), "pooler": ("none", *POOLERS)}
 ROPE_SCALINGS = ("linear", "llama3")
+
+
+def check_n_classes(n_classes) -> int:
+    """n_classes as an int, or a ValueError: a classifier needs a whole number of classes, at least 1 (1: one
+    score, as transformers' num_labels=1 regression head)."""
+    try:
+        number = None if isinstance(n_classes, bool) else operator.index(n_classes)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"n_classes must be a whole number >= 1 (the classes of the classifier head), "
+                         f"not {n_classes!r}")
+    return number
 
 
 @dataclass
@@ -153,6 +167,8 @@ class ModelConfig:
         for switch, choices in CHOICES.items():
             if getattr(self, switch) not in choices:
                 raise ValueError(f"{switch} must be one of {', '.join(choices)}, not {getattr(self, switch)!r}")
+        if self.n_classes is not None:
+            check_n_classes(self.n_classes)
         problems = [
             (self.n_head % self.n_kv_head, f"n_head ({self.n_head}) must divide by n_kv_head ({self.n_kv_head})"),
             (self.pool not in ("cls", "mean"), f"pool must be 'cls' or 'mean', not {self.pool!r}"),

@@ -26,7 +26,6 @@ Parameters (gpt2/bert, d = d_model, f = d_ff, V = vocab, P = positions):
     V·d + P·d + n_layer·(4d² + 4d  +  2fd + f + d  +  4d) + 2d        (+ types and emb_ln for bert)
 """
 import functools
-import operator
 from contextlib import nullcontext
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .families import (ACTIVATIONS, FAMILIES, FLAVORS, POOLERS, ROPE_SCALINGS,  # noqa: F401 (their home here too)
-                       ModelConfig)
+                       ModelConfig, check_n_classes)
 from .kv_cache import KVCache
 from .positions import apply_rope, attention_mask_for, rope_at, rope_tables, token_positions
 
@@ -153,7 +152,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.prefix is not None and (cache is None or cache.layers[layer_idx] is None):
             prefix_k, prefix_v = self.prefix(B)  # (B, Hkv, P, hd): keys/values of P virtual tokens
-            k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+            # in the keys' dtype, as peft casts them: an fp32 table must not turn bf16 keys (and the cache) fp32
+            k, v = torch.cat([prefix_k.to(k.dtype), k], dim=2), torch.cat([prefix_v.to(v.dtype), v], dim=2)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T_past + T, hd)
         is_causal = mask is None and cfg.causal and k.shape[2] == T
@@ -250,19 +250,6 @@ def last_real(idx, attention_mask, pad_token_id: int) -> torch.Tensor:
     real = (attention_mask != 0) & (idx != pad_token_id)  # (B, T)
     positions = torch.arange(idx.shape[1], device=idx.device)
     return (positions * real).argmax(-1)
-
-
-def check_n_classes(n_classes) -> int:
-    """n_classes as an int, or a ValueError: a classifier needs a whole number of classes, at least 1 (1: one
-    score, as transformers' num_labels=1 regression head)."""
-    try:
-        number = None if isinstance(n_classes, bool) else operator.index(n_classes)
-    except TypeError:
-        number = None
-    if number is None or number < 1:
-        raise ValueError(f"n_classes must be a whole number >= 1 (the classes of the classifier head), "
-                         f"not {n_classes!r}")
-    return number
 
 
 def in_compute_context(forward):
@@ -363,8 +350,9 @@ class Transformer(nn.Module):
                              f"than the model's {cfg.max_seq_len}; use a shorter --max-len")
         if cfg.pos_offset and position_ids is None and not with_prompt:  # RoBERTa counts the non-pad tokens only
             real = (idx != cfg.pad_token_id).long()  # (B, T)
-            position_ids = real.cumsum(1) * real - 1  # 0, 1, ... on tokens; -1 (row padding_idx) on padding
-        positions = token_positions(self, past, T, position_ids, idx.device, with_prompt)  # (T,) or (B, T)
+            positions = (past + real.cumsum(1)) * real - 1  # past, past + 1, ... on tokens; -1 (padding_idx) on pads
+        else:
+            positions = token_positions(self, past, T, position_ids, idx.device, with_prompt)  # (T,) or (B, T)
         if cfg.positions == "learned":
             x = x + self.pos_emb(positions + cfg.pos_offset)
         if cfg.type_vocab_size:

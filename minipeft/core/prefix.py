@@ -50,18 +50,7 @@ class PrefixTuning(nn.Module):
     def key_values(self, layer: int, batch: int):
         table = self.layer_table(layer).view(self.length, 2, self.n_kv_head, self.head_dim)
         k, v = table.permute(1, 2, 0, 3)  # each (Hkv, P, hd)
-        # cast after expanding, so that backward sums the rows' gradients in the table's dtype
-        return in_compute_dtype(k.expand(batch, -1, -1, -1)), in_compute_dtype(v.expand(batch, -1, -1, -1))
-
-
-def in_compute_dtype(prefixes: torch.Tensor) -> torch.Tensor:
-    """Keys or values of the prefixes (B, Hkv, P, hd) in the dtype autocast computes in on their device, as the
-    keys they join are (the MLP's output already is): an fp32 table under bf16-mixed must not turn the keys,
-    and a KV cache, fp32. peft, too, casts its prefixes to the base model's dtype."""
-    device = prefixes.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on "meta"
-        return prefixes.to(torch.get_autocast_dtype(device))
-    return prefixes
+        return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)  # (B, Hkv, P, hd)
 
 
 class LayerPrefix:

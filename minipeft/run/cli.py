@@ -82,6 +82,14 @@ def task_flags(args) -> tuple[list[tuple[str, float]], dict]:
     return parse_sources(args.task), parse_columns(args.columns)
 
 
+def check_lm_head(model, kind: str, who: str, what: str):
+    """A classifier checkpoint (a …ForSequenceClassification folder) has no LM head: only a classification task
+    runs on it. `who` names the model, `what` how the task was to be used ("train on", "score")."""
+    if model.cfg.n_classes and kind != "classification":
+        raise ValueError(f"{who} is a classifier ({model.cfg.n_classes} classes) without an LM head, so it cannot "
+                         f"{what} a {kind} task; use its base language model instead")
+
+
 def add_device_flags(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("device and precision")
     group.add_argument("--device", default="auto", metavar="DEVICE",

@@ -202,6 +202,20 @@ def check_task_flags(args, task):
                              f"{tasks.sources_text(args.task)} is a {task.kind} task")
 
 
+def prepare_head(model, task, source: str) -> None:
+    """The head the task trains: a classification task's classifier is the model's own when it has the task's
+    classes (a fine-tuned …ForSequenceClassification checkpoint's, trained further), else a fresh one (said
+    so when it takes the place of a trained one); the other tasks need the LM head, which a classifier lacks."""
+    cli.check_lm_head(model, task.kind, source, "train on")
+    n_classes = model.cfg.n_classes
+    if task.kind != "classification" or n_classes == task.n_classes:
+        return
+    if n_classes:
+        print(f"note: {source}'s trained classifier has {n_classes} classes and the task {task.n_classes}, so a "
+              "fresh head takes its place (its pooler, if any, is kept: transformers' ignore_mismatched_sizes)")
+    model.add_classifier(task.n_classes)
+
+
 def resolve_objective(args) -> str | None:
     """The objective: "dpo" for preference pairs (or --objective dpo), else None (the task's own loss). Checked
     before anything loads: the objective must fit the data, and the DPO flags need it."""
