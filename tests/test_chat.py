@@ -126,6 +126,25 @@ def test_what_transformers_hands_a_template(smollm2_tokenizers, tmp_path, messag
     assert ("<think>It says rain.</think>" in expected) == (len(messages) > 1)
 
 
+@pytest.fixture(scope="module")
+def minilm_tokenizers():  # an HF folder's WordPiece tokenizer: [CLS], [SEP], [MASK], ..., but no bos or eos
+    transformers = pytest.importorskip("transformers")
+    return mp.from_pretrained("minilm")[1], transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))
+
+
+# The named special tokens transformers hands a template: each its tokenizer has; one it lacks stays undefined
+SPECIALS_TEMPLATE = ("{% for token in [bos_token, unk_token, sep_token, pad_token, cls_token, mask_token] %}"
+                     "{{ token is defined }}:{{ token }} {% endfor %}{{ eos_token }}")
+
+
+@pytest.mark.parametrize("pair", ["smollm2_tokenizers", "minilm_tokenizers"])  # from a GGUF file, an HF folder
+def test_templates_see_the_special_tokens_transformers_hands_them(pair, request):
+    ours, theirs = request.getfixturevalue(pair)
+    expected = theirs.apply_chat_template(CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False)
+    assert mp.apply_chat_template(ours, CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False) == expected
+    assert expected.count("True:") == (3 if pair == "smollm2_tokenizers" else 5)  # bos, unk, pad / all but bos
+
+
 PREFILLED = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "Yes, because  "}]
 
 

@@ -11,7 +11,9 @@
                                        style BPE ("llama": tokens with scores, merges recovered from them)
     byte_tokenizer()                   ids 0-255 are the bytes, 256 is <|endoftext|> (the tiny models)
 
-Every tokenizer comes back with padding and truncation off (data.py pads batches itself).
+Every tokenizer comes back with padding and truncation off (data.py pads batches itself). Those of HF folders and
+GGUF files carry their named special tokens as transformers names them (tokenizer.bos_token, .eos_token,
+.unk_token, ...: None where there is none), which chat templates see and exports write.
 
 SentencePiece BPE without merges. A SentencePiece BPE model keeps only its pieces and a score per
 piece; encoding repeatedly joins the adjacent pair whose joined piece scores highest. A BPE tokenizer
@@ -141,8 +143,9 @@ def folder_tokenizer(folder: Path, family: str):
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(_corrupt(tokenizer_file, error)) from None
-        _add_special_tokens(tokenizer, _special_tokens(settings, {}))
-        return _finish(tokenizer)
+        specials = _special_tokens(settings, {})
+        _add_special_tokens(tokenizer, specials)
+        return _finish(_named(tokenizer, specials))
     if (folder / "vocab.txt").exists():
         kind, vocab = "wordpiece", _wordpiece_vocab(folder / "vocab.txt")
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
@@ -157,7 +160,7 @@ def folder_tokenizer(folder: Path, family: str):
     _add_configured_tokens(tokenizer, settings)
     _add_special_tokens(tokenizer, specials)
     tokenizer.post_processor = _post_processor(tokenizer, kind, settings, specials)
-    return _finish(tokenizer)
+    return _finish(_named(tokenizer, specials))
 
 
 def _json(path: Path) -> dict:
@@ -208,6 +211,14 @@ def _add_special_tokens(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -
         if token.content not in added:
             new.setdefault(token.content, token)
     tokenizer.add_special_tokens(list(new.values()))
+
+
+def _named(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -> Tokenizer:
+    """The tokenizer with its named special tokens recorded as transformers' tokenizer names them
+    (tokenizer.unk_token = "[UNK]", ...; None where it has none): chat templates see them, exports write them."""
+    for name in SPECIAL_TOKEN_NAMES:
+        setattr(tokenizer, name, specials[name].content if name in specials else None)
+    return tokenizer
 
 
 def _wordpiece_vocab(vocab_file: Path) -> dict[str, int]:
@@ -299,6 +310,8 @@ GGUF_PRE_TOKENIZERS = {
                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+# the named special tokens transformers reads from a GGUF file's metadata: name -> tokenizer.ggml.{key}_token_id
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
 
 def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
@@ -320,7 +333,18 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
                           if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
     tokenizer.post_processor = _ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
                                              _gguf_end(meta, tokens, "eos", False))
-    return _finish(tokenizer)
+    return _finish(_named(tokenizer, _gguf_special_tokens(meta)))
+
+
+def _gguf_special_tokens(meta: dict) -> dict[str, AddedToken]:
+    """name -> special token, for the GGUF_SPECIAL_TOKENS whose id the metadata records (an id beyond the
+    vocabulary names none: llama.cpp ignores it)."""
+    tokens, specials = meta["tokenizer.ggml.tokens"], {}
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            specials[name] = AddedToken(tokens[token_id], special=True)
+    return specials
 
 
 def _gguf_end(meta: dict, tokens: list[str], end: str, default: bool) -> tuple[str, int] | None:
