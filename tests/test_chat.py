@@ -312,6 +312,7 @@ def test_hf_folder_settings(tmp_path):
 @pytest.mark.parametrize("config", [
     {"eos_token": "</s>"},  # special_tokens_map.json's tokens override these (a folder from before transformers 4.34)
     {"eos_token": "</s>", "added_tokens_decoder": {}},  # but not a newer folder's
+    {"tokenizer_class": "GPT2Tokenizer", "added_tokens_decoder": {}},  # the class names <|endoftext|> bos and eos
 ])
 def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -323,6 +324,7 @@ def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     settings = tokenization.read_hf_chat_settings(tmp_path)
     assert (settings["bos_token"], settings["eos_token"]) == (theirs.bos_token, theirs.eos_token)
+    assert tokenization.folder_tokenizer(tmp_path, "llama").unk_token == theirs.unk_token
 
 
 def test_bad_messages():

@@ -129,6 +129,12 @@ CLASS_SPECIAL_TOKENS = {
     "qwen2": dict(eos_token=END_OF_TEXT, unk_token=END_OF_TEXT, pad_token=END_OF_TEXT),
 }
 BPE_CLASSES = {"roberta": "roberta", "qwen2": "qwen2", "qwen3": "qwen2"}  # family -> its vocab.json tokenizer's
+# The class transformers picks for a folder: tokenizer_config.json's tokenizer_class (without "Fast"), else the one
+# of config.json's model_type; those of CLASS_SPECIAL_TOKENS name their tokens where the folder does not
+CLASS_KINDS = {"GPT2Tokenizer": "gpt2", "BertTokenizer": "wordpiece", "DistilBertTokenizer": "wordpiece",
+               "RobertaTokenizer": "roberta", "Qwen2Tokenizer": "qwen2"}
+MODEL_TYPE_CLASSES = {"gpt2": "GPT2Tokenizer", "bert": "BertTokenizer", "distilbert": "BertTokenizer",
+                      "roberta": "RobertaTokenizer", "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
 
 
 def folder_tokenizer(folder: Path, family: str):
@@ -143,7 +149,7 @@ def folder_tokenizer(folder: Path, family: str):
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(_corrupt(tokenizer_file, error)) from None
-        specials = _special_tokens(settings, {})
+        specials = _special_tokens(settings, class_special_tokens(folder, settings))
         _add_special_tokens(tokenizer, specials)
         return _finish(_named(tokenizer, specials))
     if (folder / "vocab.txt").exists():
@@ -170,6 +176,13 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(_corrupt(path, error)) from None
+
+
+def class_special_tokens(folder: Path, settings: dict) -> dict:
+    """The special tokens of the tokenizer class transformers picks for the folder (CLASS_KINDS), which stand
+    where tokenizer_config.json names none: GPT-2's <|endoftext|> as bos, eos and unk; {} for other classes."""
+    name = settings.get("tokenizer_class") or MODEL_TYPE_CLASSES.get(_json(folder / "config.json").get("model_type"))
+    return CLASS_SPECIAL_TOKENS.get(CLASS_KINDS.get(str(name).removesuffix("Fast")), {})
 
 
 def tokenizer_settings(folder: Path) -> dict:
@@ -410,16 +423,14 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def read_hf_chat_settings(folder: Path) -> dict:
     """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
-    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them);
-    missing ones are None."""
+    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them, else
+    the tokenizer class's); missing ones are None."""
     config = tokenizer_settings(folder)
-
-    def token(value):  # a string, or an AddedToken written as {"content": ...}
-        return value.get("content") if isinstance(value, dict) else value
+    specials = _special_tokens(config, class_special_tokens(folder, config))
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates [{"name", "template"}]: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return {"chat_template": template, "bos_token": token(config.get("bos_token")),
-            "eos_token": token(config.get("eos_token"))}
+    return {"chat_template": template, **{name: specials[name].content if name in specials else None
+                                          for name in ("bos_token", "eos_token")}}
