@@ -608,9 +608,11 @@ def test_minilm_from_its_hf_folder_exports_to_transformers(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     encoded = theirs(text, return_tensors="pt")
     assert encoded["input_ids"][0].tolist() == tokenizer.encode(text).ids
-    # [CLS], [SEP], [MASK], ... as transformers names them in the source folder (a fill-mask pipeline needs them)
+    # [CLS], [SEP], [MASK], ... as transformers names them in the source folder (a fill-mask pipeline needs them),
+    # and a pair's token types (0 for the first text, 1 for the second), which BertModel would otherwise take as 0s
     original = transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))
     assert theirs.special_tokens_map == original.special_tokens_map
+    assert theirs(text, "It is a film.") == original(text, "It is a film.")
     with torch.no_grad():
         diff = (model.encode(encoded["input_ids"]) - hf(**encoded).last_hidden_state).abs().max().item()
     print(f"\nMiniLM + LoRA, hf export in BertModel: largest |hidden-state difference| {diff:.2e}")

@@ -283,11 +283,13 @@ def named_special_tokens(tokenizer, cfg: ModelConfig) -> dict:
 
 def write_tokenizer(tokenizer, cfg: ModelConfig, folder: Path, chat_template=None) -> None:
     """tokenizer.json (the tokenizers library's own file) and tokenizer_config.json: its special tokens,
-    the model's context length and the chat template minipeft renders conversations with (the file
+    the model's context length, its inputs (token types too, for a model that has them) and the chat template minipeft renders conversations with (the file
     `chat_template`, else the model's own, else the plain fallback a base model is tuned with)."""
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                 "clean_up_tokenization_spaces": False, **named_special_tokens(tokenizer, cfg)}
+    if cfg.type_vocab_size > 1:  # BERT's segments: transformers' tokenizer hands the model a pair's token types
+        settings["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     settings["chat_template"] = chat.chat_format(tokenizer, chat_template).template
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
