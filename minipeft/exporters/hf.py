@@ -274,9 +274,10 @@ def special_token_ids(cfg: ModelConfig, tokenizer) -> dict:
 
 def named_special_tokens(tokenizer, cfg: ModelConfig) -> dict:
     """{"bos_token": ..., "unk_token": ..., ...}: the named special tokens the loader recorded (chat.special_tokens),
-    so that transformers names the same ones; the pad token, if none is recorded, the model's pad id's."""
+    so that transformers names the same ones; the pad token the model's pad id's (batches pad as the model was
+    trained), where the vocabulary has it."""
     named = {k: v for k, v in chat.special_tokens(tokenizer).items() if v}
-    if "pad_token" not in named and cfg.pad_token_id < tokenizer.get_vocab_size():
+    if cfg.pad_token_id < tokenizer.get_vocab_size():
         named["pad_token"] = tokenizer.id_to_token(cfg.pad_token_id)
     return named
 
