@@ -132,17 +132,30 @@ def minilm_tokenizers():  # an HF folder's WordPiece tokenizer: [CLS], [SEP], [M
     return mp.from_pretrained("minilm")[1], transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))
 
 
+@pytest.fixture(scope="module")
+def named_extra_tokenizers(tmp_path_factory):  # special tokens named beyond bos, eos, ... (Gemma 3's image_token)
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("named_extra")
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "extra_special_tokens": {"image_token": "<|endoftext|>"}}))
+    return tokenization.folder_tokenizer(folder, "llama"), transformers.AutoTokenizer.from_pretrained(folder)
+
+
 # The named special tokens transformers hands a template: each its tokenizer has; one it lacks stays undefined
-SPECIALS_TEMPLATE = ("{% for token in [bos_token, unk_token, sep_token, pad_token, cls_token, mask_token] %}"
-                     "{{ token is defined }}:{{ token }} {% endfor %}{{ eos_token }}")
+SPECIALS_TEMPLATE = ("{% for token in [bos_token, unk_token, sep_token, pad_token, cls_token, mask_token, "
+                     "image_token] %}{{ token is defined }}:{{ token }} {% endfor %}{{ eos_token }}")
 
 
-@pytest.mark.parametrize("pair", ["smollm2_tokenizers", "minilm_tokenizers"])  # from a GGUF file, an HF folder
-def test_templates_see_the_special_tokens_transformers_hands_them(pair, request):
+@pytest.mark.parametrize("pair, defined", [("smollm2_tokenizers", 3),  # from a GGUF file: bos, unk, pad
+                                           ("minilm_tokenizers", 5),  # an HF folder's: all but bos
+                                           ("named_extra_tokenizers", 1)])
+def test_templates_see_the_special_tokens_transformers_hands_them(pair, defined, request):
     ours, theirs = request.getfixturevalue(pair)
     expected = theirs.apply_chat_template(CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False)
     assert mp.apply_chat_template(ours, CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False) == expected
-    assert expected.count("True:") == (3 if pair == "smollm2_tokenizers" else 5)  # bos, unk, pad / all but bos
+    assert expected.count("True:") == defined
 
 
 PREFILLED = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "Yes, because  "}]

@@ -191,9 +191,10 @@ def eos_token(tokenizer) -> str | None:
 
 def special_tokens(tokenizer) -> dict[str, str]:
     """The named special tokens a template sees, as transformers hands them over: each the tokenizer has
-    (SPECIAL_TOKEN_NAMES; one it lacks stays undefined), and eos_token always (eos_token(); "" if none: the
-    plain fallback ends each answer with it)."""
+    (SPECIAL_TOKEN_NAMES and its extra_named_tokens; one it lacks stays undefined), and eos_token always
+    (eos_token(); "" if none: the plain fallback ends each answer with it)."""
     named = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_NAMES}
+    named.update(getattr(tokenizer, "extra_named_tokens", {}))
     return {**{name: token for name, token in named.items() if token}, "eos_token": eos_token(tokenizer) or ""}
 
 

@@ -207,12 +207,13 @@ def _added_token(value, special: bool = True) -> AddedToken:
 
 def _special_tokens(settings: dict, defaults: dict) -> dict[str, AddedToken]:
     """name -> special token: the named ones (tokenizer_config.json's, else the class's `defaults`; a null
-    setting removes the default), then `additional_special_tokens` / `extra_special_tokens` as extra_0, ..."""
+    setting removes the default), then `additional_special_tokens` / `extra_special_tokens`: a list as extra_0, ...,
+    a dict under its own names (transformers 5 names them so: {"image_token": "<image>"})."""
     named = {name: settings.get(name, defaults.get(name)) for name in SPECIAL_TOKEN_NAMES}
     extra = settings.get("additional_special_tokens") or settings.get("extra_special_tokens") or []
-    if isinstance(extra, dict):  # transformers 5 may name them: {"image_token": "<image>"}
-        extra = list(extra.values())
-    tokens = {**named, **{f"extra_{i}": token for i, token in enumerate(extra)}}
+    if not isinstance(extra, dict):
+        extra = {f"extra_{i}": token for i, token in enumerate(extra)}
+    tokens = {**named, **extra}
     return {name: _added_token(token) for name, token in tokens.items() if token is not None}
 
 
@@ -228,9 +229,12 @@ def _add_special_tokens(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -
 
 def _named(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -> Tokenizer:
     """The tokenizer with its named special tokens recorded as transformers' tokenizer names them
-    (tokenizer.unk_token = "[UNK]", ...; None where it has none): chat templates see them, exports write them."""
+    (tokenizer.unk_token = "[UNK]", ...; None where it has none), and in tokenizer.extra_named_tokens those named
+    beyond SPECIAL_TOKEN_NAMES ({"image_token": "<image>"}): chat templates see them, exports write them."""
     for name in SPECIAL_TOKEN_NAMES:
         setattr(tokenizer, name, specials[name].content if name in specials else None)
+    tokenizer.extra_named_tokens = {name: token.content for name, token in specials.items()
+                                    if name not in SPECIAL_TOKEN_NAMES and not name.startswith("extra_")}
     return tokenizer
 
 
