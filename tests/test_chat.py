@@ -126,6 +126,38 @@ def test_what_transformers_hands_a_template(smollm2_tokenizers, tmp_path, messag
     assert ("<think>It says rain.</think>" in expected) == (len(messages) > 1)
 
 
+@pytest.fixture(scope="module")
+def minilm_tokenizers():  # an HF folder's WordPiece tokenizer: [CLS], [SEP], [MASK], ..., but no bos or eos
+    transformers = pytest.importorskip("transformers")
+    return mp.from_pretrained("minilm")[1], transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))
+
+
+@pytest.fixture(scope="module")
+def named_extra_tokenizers(tmp_path_factory):  # special tokens named beyond bos, eos, ... (Gemma 3's image_token)
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("named_extra")
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "extra_special_tokens": {"image_token": "<|endoftext|>"}}))
+    return tokenization.folder_tokenizer(folder, "llama"), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+# The named special tokens transformers hands a template: each its tokenizer has; one it lacks stays undefined
+SPECIALS_TEMPLATE = ("{% for token in [bos_token, unk_token, sep_token, pad_token, cls_token, mask_token, "
+                     "image_token] %}{{ token is defined }}:{{ token }} {% endfor %}{{ eos_token }}")
+
+
+@pytest.mark.parametrize("pair, defined", [("smollm2_tokenizers", 3),  # from a GGUF file: bos, unk, pad
+                                           ("minilm_tokenizers", 5),  # an HF folder's: all but bos
+                                           ("named_extra_tokenizers", 1)])
+def test_templates_see_the_special_tokens_transformers_hands_them(pair, defined, request):
+    ours, theirs = request.getfixturevalue(pair)
+    expected = theirs.apply_chat_template(CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False)
+    assert mp.apply_chat_template(ours, CONVERSATIONS[0], chat_template=SPECIALS_TEMPLATE, tokenize=False) == expected
+    assert expected.count("True:") == defined
+
+
 PREFILLED = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "Yes, because  "}]
 
 
@@ -293,6 +325,7 @@ def test_hf_folder_settings(tmp_path):
 @pytest.mark.parametrize("config", [
     {"eos_token": "</s>"},  # special_tokens_map.json's tokens override these (a folder from before transformers 4.34)
     {"eos_token": "</s>", "added_tokens_decoder": {}},  # but not a newer folder's
+    {"tokenizer_class": "GPT2Tokenizer", "added_tokens_decoder": {}},  # the class names <|endoftext|> bos and eos
 ])
 def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -304,6 +337,7 @@ def test_hf_folder_bos_and_eos_are_the_ones_transformers_reads(config, tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     settings = tokenization.read_hf_chat_settings(tmp_path)
     assert (settings["bos_token"], settings["eos_token"]) == (theirs.bos_token, theirs.eos_token)
+    assert tokenization.folder_tokenizer(tmp_path, "llama").unk_token == theirs.unk_token
 
 
 def test_bad_messages():

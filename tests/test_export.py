@@ -476,7 +476,9 @@ def real_model_parity(model, tokenizer, folder, text) -> tuple[float, float]:
     messages = [{"role": "user", "content": "Is this review positive? 'A delight.'"}]
     ids = tokenizer.encode(text).ids
     assert theirs_tok(text)["input_ids"] == ids
-    assert (theirs_tok.bos_token, theirs_tok.eos_token) == (tokenizer.bos_token, chat.eos_token(tokenizer))
+    # every named special token the loader read (bos, eos, unk, pad), as transformers reads the source (test_chat.py)
+    assert theirs_tok.special_tokens_map == {name: token for name, token in chat.special_tokens(tokenizer).items()
+                                             if token}
     assert theirs_tok.pad_token_id == model.cfg.pad_token_id  # batches pad as the model was trained
     assert theirs_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
         mp.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
@@ -646,8 +648,14 @@ def test_minilm_from_its_hf_folder_exports_to_transformers(tmp_path):
     assert pooling["pooling_mode_mean_tokens"] and pooling == {key: source[key] for key in pooling}
     hf = transformers_model(tmp_path / "out")
     text = "A gripping, beautifully shot film; the ending falls flat."
-    encoded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text, return_tensors="pt")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    encoded = theirs(text, return_tensors="pt")
     assert encoded["input_ids"][0].tolist() == tokenizer.encode(text).ids
+    # [CLS], [SEP], [MASK], ... as transformers names them in the source folder (a fill-mask pipeline needs them),
+    # and a pair's token types (0 for the first text, 1 for the second), which BertModel would otherwise take as 0s
+    original = transformers.AutoTokenizer.from_pretrained(asset_path("minilm"))
+    assert theirs.special_tokens_map == original.special_tokens_map
+    assert theirs(text, "It is a film.") == original(text, "It is a film.")
     with torch.no_grad():
         diff = (model.encode(encoded["input_ids"]) - hf(**encoded).last_hidden_state).abs().max().item()
     print(f"\nMiniLM + LoRA, hf export in BertModel: largest |hidden-state difference| {diff:.2e}")

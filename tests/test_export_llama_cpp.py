@@ -299,6 +299,13 @@ def test_llama_cpps_converter_on_the_hf_export_reads_back_as_the_model(flavor, o
           f"{(back - ours).abs().max():.2e}; in llama.cpp {(theirs - ours).abs().max():.2e}")
     assert read.cfg.rope_scaling == overrides["rope_scaling"] and (back - ours).abs().max() < 1e-5
     assert (theirs - ours).abs().max() < 1e-3
+    # the gguf export writes the vocabulary and its special tokens' ids (unk too) as the converter does
+    mp.export(model, tmp_path / "gguf", format="gguf", tokenizer=smollm2_tokenizer)
+    written, converter_wrote = ({k: v for k, v in GGUFFile(file).metadata.items() if k.startswith("tokenizer.")}
+                                for file in (tmp_path / "gguf" / "model.gguf", converted))
+    key = "tokenizer.ggml.add_bos_token"  # the converter leaves it out for gemma3: llama.cpp adds no <bos> then
+    assert written.pop(key) == converter_wrote.pop(key, False)
+    assert written == converter_wrote and converter_wrote.get("tokenizer.ggml.unknown_token_id") == 0
 
 
 @pytest.mark.parametrize("flavor, overrides, options", [

@@ -185,7 +185,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
 
 def byte_level_vocabulary(tokenizer, cfg) -> dict:
     """llama.cpp's "gpt2" vocabulary from a byte-level BPE tokenizers.Tokenizer: tokens by id, merges,
-    token types (special added tokens are control tokens) and the pre-tokenizer's name."""
+    token types (special added tokens are control tokens), the pre-tokenizer's name and the special tokens' ids."""
     spec = json.loads(tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
@@ -204,12 +204,12 @@ def byte_level_vocabulary(tokenizer, cfg) -> dict:
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(spec.get("pre_tokenizer")),
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
             "tokenizer.ggml.padding_token_id": cfg.pad_token_id}
-    for name in ("bos", "eos"):
-        token_id = cfg.extra.get(f"{name}_token_id")
-        token = getattr(tokenizer, f"{name}_token", None) if name == "bos" else chat.eos_token(tokenizer)
+    named = chat.special_tokens(tokenizer)
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown")):  # the model's own ids, else the tokens'
+        token_id, token = cfg.extra.get(f"{name}_token_id"), named.get(f"{name}_token")
         token_id = token_id if token_id is not None else tokenizer.token_to_id(token) if token else None
         if token_id is not None:
-            meta[f"tokenizer.ggml.{name}_token_id"] = token_id
+            meta[f"tokenizer.ggml.{key}_token_id"] = token_id
     first = tokenizer.encode("a").ids[:1]  # a post-processor that puts <bos> first (Llama 3) asks llama.cpp to
     meta["tokenizer.ggml.add_bos_token"] = first == [meta.get("tokenizer.ggml.bos_token_id")]
     return meta

@@ -282,18 +282,26 @@ def special_token_ids(cfg: ModelConfig, tokenizer) -> dict:
     return ids
 
 
+def named_special_tokens(tokenizer, cfg: ModelConfig) -> dict:
+    """{"bos_token": ..., "unk_token": ..., ...}: the named special tokens the loader recorded (chat.special_tokens),
+    so that transformers names the same ones; the pad token the model's pad id's (batches pad as the model was
+    trained), where the vocabulary has it."""
+    named = {k: v for k, v in chat.special_tokens(tokenizer).items() if v}
+    if cfg.pad_token_id < tokenizer.get_vocab_size():
+        named["pad_token"] = tokenizer.id_to_token(cfg.pad_token_id)
+    return named
+
+
 def write_tokenizer(tokenizer, cfg: ModelConfig, folder: Path, chat_template=None) -> None:
     """tokenizer.json (the tokenizers library's own file) and tokenizer_config.json: its special tokens,
-    the model's context length and the chat template minipeft renders conversations with (the file
+    the model's context length, its inputs (token types too, for a model that has them) and the chat template minipeft renders conversations with (the file
     `chat_template`, else the model's own, else the plain fallback a base model is tuned with)."""
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
-                "clean_up_tokenization_spaces": False,
-                "bos_token": getattr(tokenizer, "bos_token", None), "eos_token": chat.eos_token(tokenizer)}
-    pad = tokenizer.id_to_token(cfg.pad_token_id) if cfg.pad_token_id < tokenizer.get_vocab_size() else None
-    settings["pad_token"] = pad
+                "clean_up_tokenization_spaces": False, **named_special_tokens(tokenizer, cfg)}
+    if cfg.type_vocab_size > 1:  # BERT's segments: transformers' tokenizer hands the model a pair's token types
+        settings["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     settings["chat_template"] = chat.chat_format(tokenizer, chat_template).template
-    settings = {k: v for k, v in settings.items() if v is not None}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 

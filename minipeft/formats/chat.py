@@ -8,8 +8,8 @@ An instruct model learns one way of writing a conversation down, e.g. SmolLM2's 
 
 and ships that recipe as a jinja2 template: `chat_template` in an HF folder's tokenizer_config.json (or a
 chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's metadata. The loader
-(pretrained.py) leaves it on the tokenizer as `tokenizer.chat_template`, with `tokenizer.bos_token` and
-`tokenizer.eos_token`. Prompting or fine-tuning the model in any other format wastes what it learned.
+(pretrained.py) leaves it on the tokenizer as `tokenizer.chat_template`, with the special tokens the template
+sees (`tokenizer.bos_token`, `.eos_token`, `.pad_token`, `.unk_token`, ...). Prompting or fine-tuning the model in any other format wastes what it learned.
 
     text = render(template, messages, add_generation_prompt=True, bos_token=..., eos_token=...)
     ids  = apply_chat_template(tokenizer, messages, add_generation_prompt=True)   # mp.apply_chat_template
@@ -41,6 +41,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from .tokenization import SPECIAL_TOKEN_NAMES
 
 ROLES = ("system", "user", "assistant")
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' mark for where a message to continue ends
@@ -160,12 +162,11 @@ def unmarked(marked: str) -> tuple[str, list[tuple[int, int]]]:
 
 
 class ChatFormat:
-    """A template with its name (for messages) and the special tokens it may write."""
+    """A template with its name (for messages) and the special tokens it may write: {"bos_token": ..., ...}."""
 
-    def __init__(self, template: str, name: str, bos_token: str | None, eos_token: str | None):
-        self.template, self.name = template, name
-        self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
-        self.eos_token = eos_token
+    def __init__(self, template: str, name: str, special: dict[str, str]):
+        self.template, self.name, self.special = template, name, special
+        self.eos_token = special.get("eos_token") or None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
         """render() with this template; variables: tools=, documents=, marked=."""
@@ -186,6 +187,15 @@ def eos_token(tokenizer) -> str | None:
     if recorded:
         return recorded
     return next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
+
+
+def special_tokens(tokenizer) -> dict[str, str]:
+    """The named special tokens a template sees, as transformers hands them over: each the tokenizer has
+    (SPECIAL_TOKEN_NAMES and its extra_named_tokens; one it lacks stays undefined), and eos_token always
+    (eos_token(); "" if none: the plain fallback ends each answer with it)."""
+    named = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_NAMES}
+    named.update(getattr(tokenizer, "extra_named_tokens", {}))
+    return {**{name: token for name, token in named.items() if token}, "eos_token": eos_token(tokenizer) or ""}
 
 
 def given_template(given: str | Path) -> tuple[str, str]:
@@ -217,7 +227,7 @@ def chat_format(tokenizer, template_file: str | Path | None = None) -> ChatForma
     except jinja2.TemplateSyntaxError as error:
         raise TemplateError(f"chat template {name} is not valid jinja2 (line {error.lineno}: {error.message})") \
             from None
-    return ChatFormat(template, name, getattr(tokenizer, "bos_token", None), eos_token(tokenizer))
+    return ChatFormat(template, name, special_tokens(tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------

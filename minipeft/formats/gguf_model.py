@@ -94,16 +94,11 @@ def load_gguf(path: Path, overrides: dict, source: str) -> tuple[Transformer, To
     model.cfg.extra.update(bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     tokenizer = gguf_tokenizer(meta, path)
-    tokens = meta["tokenizer.ggml.tokens"]
     tokenizer.chat_template = meta.get("tokenizer.chat_template")  # jinja2 text that chat.py renders
-    for name in ("bos", "eos"):  # the special tokens a chat template writes
-        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
-        setattr(tokenizer, f"{name}_token", tokens[token_id] if token_id is not None else None)
     # the vocabulary's Python lists (Gemma 3: 262,144 tokens, scores and types) are in the tokenizer
     # now; dropped before the weights arrive, they do not add to loading's peak
     for key in [k for k in meta if k.startswith("tokenizer.ggml.") and isinstance(meta[k], list)]:
         del meta[key]
-    del tokens
     load_weights(model, gguf.dequantized(), gguf_rules(architecture), [re.escape(ROPE_FREQS)], source)
     return model, tokenizer
 

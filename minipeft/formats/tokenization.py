@@ -11,7 +11,9 @@
                                        style BPE ("llama": tokens with scores, merges recovered from them)
     byte_tokenizer()                   ids 0-255 are the bytes, 256 is <|endoftext|> (the tiny models)
 
-Every tokenizer comes back with padding and truncation off (data.py pads batches itself).
+Every tokenizer comes back with padding and truncation off (data.py pads batches itself). Those of HF folders and
+GGUF files carry their named special tokens as transformers names them (tokenizer.bos_token, .eos_token,
+.unk_token, ...: None where there is none), which chat templates see and exports write.
 
 SentencePiece BPE without merges. A SentencePiece BPE model keeps only its pieces and a score per
 piece; encoding repeatedly joins the adjacent pair whose joined piece scores highest. A BPE tokenizer
@@ -127,6 +129,12 @@ CLASS_SPECIAL_TOKENS = {
     "qwen2": dict(eos_token=END_OF_TEXT, unk_token=END_OF_TEXT, pad_token=END_OF_TEXT),
 }
 BPE_CLASSES = {"roberta": "roberta", "qwen2": "qwen2", "qwen3": "qwen2"}  # family -> its vocab.json tokenizer's
+# The class transformers picks for a folder: tokenizer_config.json's tokenizer_class (without "Fast"), else the one
+# of config.json's model_type; those of CLASS_SPECIAL_TOKENS name their tokens where the folder does not
+CLASS_KINDS = {"GPT2Tokenizer": "gpt2", "BertTokenizer": "wordpiece", "DistilBertTokenizer": "wordpiece",
+               "RobertaTokenizer": "roberta", "Qwen2Tokenizer": "qwen2"}
+MODEL_TYPE_CLASSES = {"gpt2": "GPT2Tokenizer", "bert": "BertTokenizer", "distilbert": "BertTokenizer",
+                      "roberta": "RobertaTokenizer", "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
 
 
 def folder_tokenizer(folder: Path, family: str):
@@ -141,8 +149,9 @@ def folder_tokenizer(folder: Path, family: str):
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
             raise ValueError(_corrupt(tokenizer_file, error)) from None
-        _add_special_tokens(tokenizer, _special_tokens(settings, {}))
-        return _finish(tokenizer)
+        specials = _special_tokens(settings, class_special_tokens(folder, settings))
+        _add_special_tokens(tokenizer, specials)
+        return _finish(_named(tokenizer, specials))
     if (folder / "vocab.txt").exists():
         kind, vocab = "wordpiece", _wordpiece_vocab(folder / "vocab.txt")
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
@@ -157,7 +166,7 @@ def folder_tokenizer(folder: Path, family: str):
     _add_configured_tokens(tokenizer, settings)
     _add_special_tokens(tokenizer, specials)
     tokenizer.post_processor = _post_processor(tokenizer, kind, settings, specials)
-    return _finish(tokenizer)
+    return _finish(_named(tokenizer, specials))
 
 
 def _json(path: Path) -> dict:
@@ -167,6 +176,13 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(_corrupt(path, error)) from None
+
+
+def class_special_tokens(folder: Path, settings: dict) -> dict:
+    """The special tokens of the tokenizer class transformers picks for the folder (CLASS_KINDS), which stand
+    where tokenizer_config.json names none: GPT-2's <|endoftext|> as bos, eos and unk; {} for other classes."""
+    name = settings.get("tokenizer_class") or MODEL_TYPE_CLASSES.get(_json(folder / "config.json").get("model_type"))
+    return CLASS_SPECIAL_TOKENS.get(CLASS_KINDS.get(str(name).removesuffix("Fast")), {})
 
 
 def tokenizer_settings(folder: Path) -> dict:
@@ -191,12 +207,13 @@ def _added_token(value, special: bool = True) -> AddedToken:
 
 def _special_tokens(settings: dict, defaults: dict) -> dict[str, AddedToken]:
     """name -> special token: the named ones (tokenizer_config.json's, else the class's `defaults`; a null
-    setting removes the default), then `additional_special_tokens` / `extra_special_tokens` as extra_0, ..."""
+    setting removes the default), then `additional_special_tokens` / `extra_special_tokens`: a list as extra_0, ...,
+    a dict under its own names (transformers 5 names them so: {"image_token": "<image>"})."""
     named = {name: settings.get(name, defaults.get(name)) for name in SPECIAL_TOKEN_NAMES}
     extra = settings.get("additional_special_tokens") or settings.get("extra_special_tokens") or []
-    if isinstance(extra, dict):  # transformers 5 may name them: {"image_token": "<image>"}
-        extra = list(extra.values())
-    tokens = {**named, **{f"extra_{i}": token for i, token in enumerate(extra)}}
+    if not isinstance(extra, dict):
+        extra = {f"extra_{i}": token for i, token in enumerate(extra)}
+    tokens = {**named, **extra}
     return {name: _added_token(token) for name, token in tokens.items() if token is not None}
 
 
@@ -208,6 +225,17 @@ def _add_special_tokens(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -
         if token.content not in added:
             new.setdefault(token.content, token)
     tokenizer.add_special_tokens(list(new.values()))
+
+
+def _named(tokenizer: Tokenizer, specials: dict[str, AddedToken]) -> Tokenizer:
+    """The tokenizer with its named special tokens recorded as transformers' tokenizer names them
+    (tokenizer.unk_token = "[UNK]", ...; None where it has none), and in tokenizer.extra_named_tokens those named
+    beyond SPECIAL_TOKEN_NAMES ({"image_token": "<image>"}): chat templates see them, exports write them."""
+    for name in SPECIAL_TOKEN_NAMES:
+        setattr(tokenizer, name, specials[name].content if name in specials else None)
+    tokenizer.extra_named_tokens = {name: token.content for name, token in specials.items()
+                                    if name not in SPECIAL_TOKEN_NAMES and not name.startswith("extra_")}
+    return tokenizer
 
 
 def _wordpiece_vocab(vocab_file: Path) -> dict[str, int]:
@@ -299,6 +327,8 @@ GGUF_PRE_TOKENIZERS = {
                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+# the named special tokens transformers reads from a GGUF file's metadata: name -> tokenizer.ggml.{key}_token_id
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
 
 def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
@@ -320,7 +350,18 @@ def gguf_tokenizer(meta: dict, path: Path) -> Tokenizer:
                           if kind == GGUF_USER_DEFINED and tokenizer.token_to_id(t) is not None])
     tokenizer.post_processor = _ends_template(_gguf_end(meta, tokens, "bos", kind == "llama"),
                                              _gguf_end(meta, tokens, "eos", False))
-    return _finish(tokenizer)
+    return _finish(_named(tokenizer, _gguf_special_tokens(meta)))
+
+
+def _gguf_special_tokens(meta: dict) -> dict[str, AddedToken]:
+    """name -> special token, for the GGUF_SPECIAL_TOKENS whose id the metadata records (an id beyond the
+    vocabulary names none: llama.cpp ignores it)."""
+    tokens, specials = meta["tokenizer.ggml.tokens"], {}
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            specials[name] = AddedToken(tokens[token_id], special=True)
+    return specials
 
 
 def _gguf_end(meta: dict, tokens: list[str], end: str, default: bool) -> tuple[str, int] | None:
@@ -386,16 +427,14 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def read_hf_chat_settings(folder: Path) -> dict:
     """{"chat_template", "bos_token", "eos_token"} from an HF folder's tokenizer_config.json (and
-    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them);
-    missing ones are None."""
+    chat_template.jinja, which newer transformers write instead; bos and eos as tokenizer_settings reads them, else
+    the tokenizer class's); missing ones are None."""
     config = tokenizer_settings(folder)
-
-    def token(value):  # a string, or an AddedToken written as {"content": ...}
-        return value.get("content") if isinstance(value, dict) else value
+    specials = _special_tokens(config, class_special_tokens(folder, config))
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates [{"name", "template"}]: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return {"chat_template": template, "bos_token": token(config.get("bos_token")),
-            "eos_token": token(config.get("eos_token"))}
+    return {"chat_template": template, **{name: specials[name].content if name in specials else None
+                                          for name in ("bos_token", "eos_token")}}
