@@ -294,8 +294,9 @@ def named_special_tokens(tokenizer, cfg: ModelConfig) -> dict:
 
 def write_tokenizer(tokenizer, cfg: ModelConfig, folder: Path, chat_template=None) -> None:
     """tokenizer.json (the tokenizers library's own file) and tokenizer_config.json: its special tokens,
-    the model's context length, its inputs (token types too, for a model that has them) and the chat template minipeft renders conversations with (the file
-    `chat_template`, else the model's own, else the plain fallback a base model is tuned with)."""
+    the model's context length, its inputs (token types too, for a model that has them) and the chat template
+    minipeft renders conversations with (the file `chat_template`, else the model's own, else the plain
+    fallback a base model is tuned with)."""
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                 "clean_up_tokenization_spaces": False, **named_special_tokens(tokenizer, cfg)}

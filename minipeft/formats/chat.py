@@ -9,7 +9,8 @@ An instruct model learns one way of writing a conversation down, e.g. SmolLM2's 
 and ships that recipe as a jinja2 template: `chat_template` in an HF folder's tokenizer_config.json (or a
 chat_template.jinja file beside it), `tokenizer.chat_template` in a GGUF file's metadata. The loader
 (pretrained.py) leaves it on the tokenizer as `tokenizer.chat_template`, with the special tokens the template
-sees (`tokenizer.bos_token`, `.eos_token`, `.pad_token`, `.unk_token`, ...). Prompting or fine-tuning the model in any other format wastes what it learned.
+sees (`tokenizer.bos_token`, `.eos_token`, `.pad_token`, `.unk_token`, ...). Prompting or fine-tuning the
+model in any other format wastes what it learned.
 
     text = render(template, messages, add_generation_prompt=True, bos_token=..., eos_token=...)
     ids  = apply_chat_template(tokenizer, messages, add_generation_prompt=True)   # mp.apply_chat_template
