@@ -119,7 +119,8 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], split: 
 
 
 # The special tokens tokenizer_config.json may name, and those transformers' tokenizer classes name when it
-# does not (BertTokenizer for vocab.txt; GPT2Tokenizer, RobertaTokenizer, Qwen2Tokenizer for vocab.json).
+# does not (BertTokenizer for vocab.txt; GPT2Tokenizer, RobertaTokenizer, Qwen2Tokenizer for vocab.json;
+# GemmaTokenizer's own five).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CLASS_SPECIAL_TOKENS = {
     "wordpiece": dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]"),
@@ -127,14 +128,16 @@ CLASS_SPECIAL_TOKENS = {
     "roberta": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", sep_token="</s>", pad_token="<pad>",
                     cls_token="<s>", mask_token="<mask>"),
     "qwen2": dict(eos_token=END_OF_TEXT, unk_token=END_OF_TEXT, pad_token=END_OF_TEXT),
+    "gemma": dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>"),
 }
 BPE_CLASSES = {"roberta": "roberta", "qwen2": "qwen2", "qwen3": "qwen2"}  # family -> its vocab.json tokenizer's
 # The class transformers picks for a folder: tokenizer_config.json's tokenizer_class (without "Fast"), else the one
 # of config.json's model_type; those of CLASS_SPECIAL_TOKENS name their tokens where the folder does not
 CLASS_KINDS = {"GPT2Tokenizer": "gpt2", "BertTokenizer": "wordpiece", "DistilBertTokenizer": "wordpiece",
-               "RobertaTokenizer": "roberta", "Qwen2Tokenizer": "qwen2"}
+               "RobertaTokenizer": "roberta", "Qwen2Tokenizer": "qwen2", "GemmaTokenizer": "gemma"}
 MODEL_TYPE_CLASSES = {"gpt2": "GPT2Tokenizer", "bert": "BertTokenizer", "distilbert": "BertTokenizer",
-                      "roberta": "RobertaTokenizer", "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
+                      "roberta": "RobertaTokenizer", "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+                      **{gemma: "GemmaTokenizer" for gemma in ("gemma", "gemma2", "gemma3", "gemma3_text")}}
 
 
 def folder_tokenizer(folder: Path, family: str):
