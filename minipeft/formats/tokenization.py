@@ -183,7 +183,8 @@ def _json(path: Path) -> dict:
 
 def class_special_tokens(folder: Path, settings: dict) -> dict:
     """The special tokens of the tokenizer class transformers picks for the folder (CLASS_KINDS), which stand
-    where tokenizer_config.json names none: GPT-2's <|endoftext|> as bos, eos and unk; {} for other classes."""
+    where tokenizer_config.json names none (GPT-2's <|endoftext|> as bos, eos and unk, ...); {} for the classes
+    CLASS_KINDS does not hold."""
     name = settings.get("tokenizer_class") or MODEL_TYPE_CLASSES.get(_json(folder / "config.json").get("model_type"))
     return CLASS_SPECIAL_TOKENS.get(CLASS_KINDS.get(str(name).removesuffix("Fast")), {})
 
