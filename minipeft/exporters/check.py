@@ -115,18 +115,15 @@ def compare(names: list[str], reloaded: list, memory: list, base: list | None, d
                     "diverged?), so there is no model to export; load a checkpoint from before and export that")
     _require_finite(names, reloaded, "the export, read back,", f"a weight is likely beyond what {dtype} holds; "
                     "export in a wider dtype (bf16 or fp32)")
-    differences = [(r - m).abs().max().item() for r, m in zip(reloaded, memory)]
-    worst = max(range(len(names)), key=differences.__getitem__)
-    scale = max(m.abs().max().item() for m in memory)
+    difference, worst, scale = _largest_difference(names, reloaded, memory)
     agree = torch.cat([(r.argmax(-1) == m.argmax(-1)).flatten() for r, m in zip(reloaded, memory)]).float().mean()
     change = None if base is None else max((m - b).abs().max().item() for m, b in zip(memory, base))
-    check = Check(differences[worst], names[worst], scale, change, agree.item())
+    check = Check(difference, worst, scale, change, agree.item())
     if change is not None and change <= 1e-7 * max(1.0, scale):
         raise ValueError("the model's method leaves its logits equal to the base model's (an untrained adapter, "
                          "e.g. LoRA's B still zero, or one that was never loaded), so the export would serve the "
                          "base model; train or load the adapter first")
-    tolerance = max(TOLERANCES[dtype], TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")])
-    if check.largest_difference > tolerance * max(1.0, scale):
+    if check.largest_difference > _bound(dtype, precision) * max(1.0, scale):
         raise ValueError(f"the export, read back, does not compute the model in memory: {check}")
     if base is not None and _distance(reloaded, memory) >= _distance(reloaded, base):
         raise ValueError(f"in {dtype} the adapter's change is lost in the rounding (the export is as near the base "
@@ -140,10 +137,22 @@ def check_steps(names: list[str], merged: list, written: list, reloaded: list, m
     dtype written, both within fp32's bound (the first: or the precision the model computes in). A layer lost
     between the merge and the files shows however small it is; compare's bound for a dtype (a tenth of the
     largest logit in bf16) would let the update of a layer or two go unseen."""
-    exact = TOLERANCES["fp32"]
-    _require_close(names, merged, memory, max(exact, TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")]),
-                   "the merged weights do not compute the model in memory")
-    _require_close(names, reloaded, written, exact, "the files, read back, do not hold the merged weights written")
+    _require_close(names, merged, memory, _bound("fp32", precision), "the merged weights do not compute the model in "
+                   "memory")
+    _require_close(names, reloaded, written, TOLERANCES["fp32"], "the files, read back, do not hold the merged weights "
+                   "written")
+
+
+def _bound(dtype: str, precision: str) -> float:
+    """The tolerance of an export in `dtype` of a model computing in `precision`: the wider of the two roundings."""
+    return max(TOLERANCES[dtype], TOLERANCES[PRECISION_DTYPES.get(precision, "fp32")])
+
+
+def _largest_difference(names: list[str], ours: list, theirs: list) -> tuple[float, str, float]:
+    """(largest |ours − theirs| over the probes, the probe it is on, the largest |logit| of theirs)."""
+    differences = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
+    worst = max(range(len(names)), key=differences.__getitem__)
+    return differences[worst], names[worst], max(t.abs().max().item() for t in theirs)
 
 
 def _require_finite(names: list[str], logits: list, who: str, why: str) -> None:
@@ -154,12 +163,10 @@ def _require_finite(names: list[str], logits: list, who: str, why: str) -> None:
 
 
 def _require_close(names: list[str], ours: list, theirs: list, tolerance: float, failure: str) -> None:
-    differences = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
-    worst = max(range(len(names)), key=differences.__getitem__)
-    scale = max(t.abs().max().item() for t in theirs)
-    if differences[worst] > tolerance * max(1.0, scale):
-        raise ValueError(f"{failure} (largest |logit difference| {differences[worst]:.3g}, logits up to {scale:.3g}, "
-                         f"on {names[worst]!r}), so nothing was kept: this is a bug in minipeft's export; report it")
+    difference, worst, scale = _largest_difference(names, ours, theirs)
+    if difference > tolerance * max(1.0, scale):
+        raise ValueError(f"{failure} (largest |logit difference| {difference:.3g}, logits up to {scale:.3g}, "
+                         f"on {worst!r}), so nothing was kept: this is a bug in minipeft's export; report it")
 
 
 def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
