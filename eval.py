@@ -26,7 +26,7 @@ from minipeft.run import report
 from minipeft.extras import fewshot
 from minipeft.extras.dpo import DPOLoss
 from minipeft.formats.atomic import atomic_write
-from minipeft.core.generate import Sampling, TextStreamer, generate
+from minipeft.core.generate import Sampling, TextStreamer, cut_at_stop, generate
 
 DEFAULT_NEW_TOKENS = 128  # --generate and --chat
 DEFAULT_MODEL = "minilm"  # without --model and --adapter
@@ -188,8 +188,7 @@ def chat_loop(model, tokenizer, args, lines=None):
         streamer.end()
         print()
         text = tokenizer.decode(answer)
-        messages.append({"role": "assistant", "content": min((text.split(s)[0] for s in args.stop), key=len)
-                         if args.stop else text})
+        messages.append({"role": "assistant", "content": cut_at_stop(text, args.stop)})
 
 
 def score_instructions(model, tokenizer, task, args):

@@ -209,10 +209,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
 
 def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop=(), **options) -> list[str]:
     """The decoded answers of `generate`, each cut before the first stop string it contains."""
-    stop = _stop_strings(stop)
     outputs = generate(model, prompts, max_new_tokens, stop=stop, tokenizer=tokenizer, **options)
-    texts = [tokenizer.decode(tokens) for tokens in outputs]
-    return [min((t[:t.index(s)] for s in stop if s in t), key=len, default=t) for t in texts]
+    return [cut_at_stop(tokenizer.decode(tokens), stop) for tokens in outputs]
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """The text before the first of the stop strings it contains (all of it when it contains none)."""
+    return min((text[:text.index(s)] for s in _stop_strings(stop) if s in text), key=len, default=text)
 
 
 def greedy(model, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
