@@ -348,11 +348,7 @@ class Transformer(nn.Module):
         if past + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens (virtual tokens and cache included) is longer "
                              f"than the model's {cfg.max_seq_len}; use a shorter --max-len")
-        if cfg.pos_offset and position_ids is None and not with_prompt:  # RoBERTa counts the non-pad tokens only
-            real = (idx != cfg.pad_token_id).long()  # (B, T)
-            positions = (past + real.cumsum(1)) * real - 1  # past, past + 1, ... on tokens; -1 (padding_idx) on pads
-        else:
-            positions = token_positions(self, past, T, position_ids, idx.device, with_prompt)  # (T,) or (B, T)
+        positions = token_positions(self, idx, past, T, position_ids, with_prompt)  # (T,) or (B, T)
         if cfg.positions == "learned":
             x = x + self.pos_emb(positions + cfg.pos_offset)
         if cfg.type_vocab_size:

@@ -45,14 +45,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def token_positions(model, past: int, T: int, position_ids, device, with_prompt: bool):
+def token_positions(model, idx, past: int, T: int, position_ids, with_prompt: bool):
     """Each token's position: past, past + 1, ... (T,), or per row (B, T) from position_ids, which count a sequence's
-    own tokens (packed rows restart them; left-padded rows skip the padding)."""
+    own tokens (packed rows restart them; left-padded rows skip the padding). RoBERTa (pos_offset) counts only the
+    tokens of idx (B, T) that are not its pad id, as transformers does (its padding takes -1: row padding_idx)."""
+    if model.cfg.pos_offset and position_ids is None and not with_prompt:
+        real = (idx != model.cfg.pad_token_id).long()  # (B, T)
+        return (past + real.cumsum(1)) * real - 1  # (B, T): past, past + 1, ... on tokens; -1 on padding
     if position_ids is None:
-        return torch.arange(past, past + T, device=device)
+        return torch.arange(past, past + T, device=idx.device)
     positions = position_ids + model.virtual_tokens  # the method's virtual tokens (prefix, soft prompt) first
     if with_prompt:  # this call inserts the soft prompt: its tokens take the positions before the text
-        at, soft = model.prompt.insert_at, torch.arange(model.prefix_length, model.virtual_tokens, device=device)
+        at, soft = model.prompt.insert_at, torch.arange(model.prefix_length, model.virtual_tokens, device=idx.device)
         positions = torch.cat([positions[:, :at], soft.expand(len(positions), -1), positions[:, at:]], dim=1)
     if int(positions.max()) >= model.cfg.max_seq_len:
         raise ValueError(f"position {int(positions.max())} is beyond the model's {model.cfg.max_seq_len} "
